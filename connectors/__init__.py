@@ -1,0 +1,1 @@
+"""One module per external system (Kafka, Redis, vLLM); no policy decisions here."""

@@ -1,0 +1,1 @@
+"""The cptd process: wiring, loops, state, training and evaluation entry points."""
