@@ -118,13 +118,13 @@ def _char_classes() -> np.ndarray:
 
 @njit(cache=True, nogil=True)
 def _char_class(cp: int, table: np.ndarray) -> int:
-    if cp < 0x20000:
+    if cp < _TABLE_SIZE:
         return table[cp]
     if 0xE0000 <= cp < 0xE0080:  # language tags: invisible
-        return 2
+        return _DROP
     if cp >= 0xF0000:  # supplementary private use
-        return 1
-    return 0
+        return _SEPARATOR
+    return _WORD
 
 
 @njit(cache=True, nogil=True)
@@ -139,7 +139,7 @@ def _normalize_kernel(buf, starts, ends, table, out, out_starts, out_ends, non_a
         while i < end:
             lead = buf[i]
             if lead < 0x80:  # fast path: most text is ASCII
-                if table[lead] == 0:
+                if table[lead] == _WORD:
                     if pending_space and pos > out_starts[d]:
                         out[pos] = 0x20
                         pos += 1
@@ -165,7 +165,7 @@ def _normalize_kernel(buf, starts, ends, table, out, out_starts, out_ends, non_a
                     | (np.int64(buf[i + 3]) & 0x3F)
                 )
             cls = _char_class(cp, table)
-            if cls == 0:
+            if cls == _WORD:
                 if pending_space and pos > out_starts[d]:
                     out[pos] = 0x20
                     pos += 1
@@ -174,7 +174,7 @@ def _normalize_kernel(buf, starts, ends, table, out, out_starts, out_ends, non_a
                 for k in range(n):
                     out[pos] = buf[i + k]
                     pos += 1
-            elif cls == 1:
+            elif cls == _SEPARATOR:
                 pending_space = True
             i += n
         out_ends[d] = pos
