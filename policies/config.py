@@ -18,7 +18,11 @@ from pydantic import Field, ValidationError, model_validator
 
 from policies.base import Section
 from policies.dedup import DedupPolicy
+from policies.drift import DriftPolicy
 from policies.quality import QualityPolicy
+from policies.replay import ReplayPolicy
+from policies.schedule import SchedulePolicy
+from policies.train import TrainPolicy
 
 
 class IngestPolicy(Section):
@@ -50,6 +54,10 @@ class Policy(Section):
     buffer: BufferPolicy = BufferPolicy()
     quality: QualityPolicy = QualityPolicy()
     dedup: DedupPolicy = DedupPolicy()
+    schedule: SchedulePolicy = SchedulePolicy()
+    replay: ReplayPolicy = ReplayPolicy()
+    drift: DriftPolicy = DriftPolicy()
+    train: TrainPolicy = TrainPolicy()
 
     @model_validator(mode="after")
     def _dead_letter_not_consumed(self) -> "Policy":
