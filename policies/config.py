@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from policies.base import Section
 from policies.dedup import DedupPolicy
+from policies.gates import GatePolicy
 from policies.drift import DriftPolicy
 from policies.quality import QualityPolicy
 from policies.replay import ReplayPolicy
@@ -37,7 +38,17 @@ class IngestPolicy(Section):
     max_message_bytes: int = Field(default=1_048_576, ge=64, le=64 * 1_048_576, description="larger messages are dead-lettered as oversize")
     batch_max_docs: int = Field(default=500, ge=1, le=100_000, description="documents per Redis transaction / offset commit")
     batch_max_wait_ms: int = Field(default=500, ge=1, le=60_000, description="longest wait to fill a batch")
+    fetch_max_bytes: int = Field(default=16 * 1_048_576, ge=1_048_576, le=512 * 1_048_576, description="most bytes fetched from Kafka and not yet processed")
+    session_timeout_ms: int = Field(default=10_000, ge=1_000, le=300_000, description="Kafka group session timeout")
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100, le=60_000)
+    max_poll_interval_ms: int = Field(default=300_000, ge=5_000, le=3_600_000)
     redis_retry_max_s: float = Field(default=30.0, gt=0, le=3600, description="longest back-off between Redis write retries")
+
+    @model_validator(mode="after")
+    def _heartbeat_below_session(self) -> "IngestPolicy":
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError("ingest.heartbeat_interval_ms must be at most a third of ingest.session_timeout_ms")
+        return self
 
 
 class BufferPolicy(Section):
@@ -54,6 +65,7 @@ class Policy(Section):
     buffer: BufferPolicy = BufferPolicy()
     quality: QualityPolicy = QualityPolicy()
     dedup: DedupPolicy = DedupPolicy()
+    gates: GatePolicy = GatePolicy()
     schedule: SchedulePolicy = SchedulePolicy()
     replay: ReplayPolicy = ReplayPolicy()
     drift: DriftPolicy = DriftPolicy()

@@ -1,0 +1,105 @@
+"""Mixed Kafka message streams with the outcome each message must end as.
+
+The expected outcome of a message follows from how it was built: a malformed
+payload from its defect, a copy from its original, a junk page from the filter
+verdict, so a test can compare the daemon's counts with these exactly.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+from bench.corpus import english_docs, mixed_corpus
+from policies.config import Policy
+from policies.dedup import band_keys, content_key, minhash_signatures
+from policies.quality import build_filters, judge
+
+
+@dataclass(frozen=True)
+class Msg:
+    value: bytes
+    outcome: str
+    reason: str = ""
+    key: str = ""  # content key of an accepted original
+
+
+def good_docs(n: int, policy: Policy, seed: int = 0) -> list[str]:
+    """Documents our filters accept and that are not near-duplicates of each other."""
+    filters = build_filters(policy.quality)
+    pool = [d for d in english_docs(n * 3, seed=seed) if judge(d, filters).accepted]
+    bands = band_keys(minhash_signatures(pool, policy.dedup), policy.dedup)
+    seen_bands: set[str] = set()
+    seen_keys: set[str] = set()
+    out = []
+    for text, bk in zip(pool, bands):
+        k = content_key(text)
+        if k in seen_keys or seen_bands & set(bk):
+            continue
+        seen_keys.add(k)
+        seen_bands |= set(bk)
+        out.append(text)
+        if len(out) == n:
+            return out
+    raise AssertionError(f"only {len(out)} distinct good documents available, wanted {n}")
+
+
+def _near_copy(text: str, rng: random.Random) -> str:
+    words = text.split(" ")
+    i = rng.randrange(len(words) // 2, len(words))
+    words[i] = "modified"
+    return " ".join(words)
+
+
+def mixed_stream(policy: Policy, n_good: int = 300, seed: int = 0) -> tuple[list[Msg], list[Msg]]:
+    """Two waves: originals, junk and malformed first; exact and near copies of the originals second.
+
+    Copies go in a second wave because partitions interleave in any order, and
+    which of a near-duplicate pair is kept depends on which arrives first.
+    """
+    rng = random.Random(seed)
+    filters = build_filters(policy.quality)
+    goods = good_docs(n_good, policy, seed)
+    msgs: list[Msg] = []
+    copies: list[Msg] = []
+    for i, t in enumerate(goods):
+        payload = json.dumps({"text": t, "id": f"g{i}", "source": "test"}) if i % 2 else t
+        msgs.append(Msg(payload.encode(), "accepted", key=content_key(t)))
+    for t in goods[: n_good // 5]:  # exact copies, some re-cased / re-spaced (same normalized text)
+        variant = t if rng.random() < 0.5 else "  " + t.upper() + "\n"
+        copies.append(Msg(json.dumps({"text": variant, "id": "dup"}).encode(), "duplicate", "exact_match"))
+    for t in goods[n_good // 5 : n_good // 5 + n_good // 10]:
+        copies.append(Msg(_near_copy(t, rng).encode(), "near_duplicate", "minhash_lsh"))
+    junk = [d for d in mixed_corpus(n_good * 2, seed=seed + 1) if not judge(d, filters).accepted][: n_good // 2]
+    for t in junk:
+        msgs.append(Msg(t.encode(), "rejected", judge(t, filters).reason or ""))
+    big = json.dumps({"text": "word " * (policy.ingest.max_message_bytes // 5 + 10)}).encode()
+    malformed = [
+        (b"\xff\xfe not utf-8 \xc3\x28", "invalid_utf8"),
+        (b'{"text": "unterminated', "invalid_json"),
+        (b'{"title": "no text here"}', "missing_text"),
+        (b'{"text": 42}', "invalid_field"),
+        (big, "oversize"),
+        (b"   \n ", "empty_text"),
+    ]
+    for i in range(n_good // 10):
+        v, r = malformed[i % len(malformed)]
+        msgs.append(Msg(v, "dead_lettered", r))
+    rng.shuffle(msgs)
+    rng.shuffle(copies)
+    return msgs, copies
+
+
+def expected_counts(msgs: list[Msg]) -> Counter:
+    return Counter((m.outcome, m.reason) for m in msgs)
+
+
+def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    from kafka import KafkaProducer
+
+    p = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=8 * 1024 * 1024, linger_ms=5)
+    for v in values:
+        p.send(topic, v)
+    p.flush(timeout=60)
+    p.close()
