@@ -1,0 +1,138 @@
+"""Eval results + thresholds -> accept or reject a round, and which checkpoint to ship.
+
+Pure: the scores come in as values (daemon/evaluate.py measures them), the
+thresholds from the policy file's `gates` section. A round is rejected with
+*every* reason, not the first, so an operator fixes the data or the policy
+once. Several checkpoints of one round may be scored because loss on old data
+often spikes early in a round and recovers (the "stability gap"): the best
+checkpoint that passes is chosen, not simply the last one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+from pydantic import Field
+
+from policies.base import Section
+
+
+class GatePolicy(Section):
+    max_forgetting_nats: float | None = Field(
+        default=0.05, ge=0,
+        description="largest allowed rise of held-out replay loss (candidate - serving), nats/token; null disables",
+    )
+    max_forgetting_relative: float | None = Field(
+        default=0.03, ge=0, le=1,
+        description="largest allowed rise of replay loss relative to the serving loss; null disables. "
+        "A candidate passes if it is within EITHER bound (the absolute one keeps noise on low-loss models from "
+        "rejecting, the relative one scales to models whose loss is large)",
+    )
+    min_adaptation_nats: float = Field(
+        default=0.0, ge=-10, le=10,
+        description="smallest required drop of held-out new-data loss (serving - candidate), nats/token",
+    )
+    max_suite_drop: float = Field(
+        default=0.02, ge=0, le=1, description="largest allowed accuracy drop on any regression suite (absolute)"
+    )
+    suite_max_drop: dict[str, float] = Field(
+        default_factory=dict, description="per-suite overrides of max_suite_drop, by suite name"
+    )
+    canaries_must_pass: bool = Field(default=True, description="every canary prompt keeps its exact greedy continuation")
+    select_by: Literal["net_gain", "adaptation", "forgetting"] = Field(
+        default="net_gain",
+        description="how to rank passing checkpoints: net_gain = adaptation - forgetting, adaptation = largest "
+        "new-data gain, forgetting = least replay-loss rise",
+    )
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    """What evaluation measured for one model; the serving model is scored the same way."""
+
+    name: str
+    new_nll: float  # held-out new documents, nats/token
+    replay_nll: float  # held-out replay documents, nats/token
+    suites: dict[str, float] = field(default_factory=dict)  # suite name -> accuracy in [0, 1]
+    canaries: int = 0
+    canary_failures: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckpointVerdict:
+    name: str
+    passed: bool
+    reasons: tuple[str, ...]
+    adaptation: float
+    forgetting: float
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    accepted: bool
+    reasons: tuple[str, ...]
+    chosen: str | None
+    verdicts: tuple[CheckpointVerdict, ...] = ()
+
+
+def _fmt(x: float) -> str:
+    return f"{x:+.4f}"
+
+
+def judge(policy: GatePolicy, serving: ModelScores, cand: ModelScores) -> CheckpointVerdict:
+    reasons: list[str] = []
+    adaptation = serving.new_nll - cand.new_nll
+    forgetting = cand.replay_nll - serving.replay_nll
+    if not all(math.isfinite(x) for x in (serving.new_nll, serving.replay_nll, cand.new_nll, cand.replay_nll)):
+        reasons.append("non-finite loss (nan/inf) in held-out evaluation")
+    else:
+        bounds = []
+        if policy.max_forgetting_nats is not None:
+            bounds.append(policy.max_forgetting_nats)
+        if policy.max_forgetting_relative is not None:
+            bounds.append(policy.max_forgetting_relative * abs(serving.replay_nll))
+        if bounds and forgetting > max(bounds):
+            reasons.append(
+                f"forgetting {_fmt(forgetting)} nats on replay ({forgetting / serving.replay_nll:+.2%}) exceeds "
+                f"the allowed {max(bounds):.4f} nats (max of {policy.max_forgetting_nats} nats, "
+                f"{policy.max_forgetting_relative} relative)"
+            )
+        if adaptation < policy.min_adaptation_nats:
+            reasons.append(f"adaptation {_fmt(adaptation)} nats on new data is below the required {policy.min_adaptation_nats}")
+    for suite, base_acc in sorted(serving.suites.items()):
+        limit = policy.suite_max_drop.get(suite, policy.max_suite_drop)
+        acc = cand.suites.get(suite)
+        if acc is None:
+            reasons.append(f"suite {suite}: not scored for the candidate")
+        elif base_acc - acc > limit:
+            reasons.append(f"suite {suite}: accuracy {acc:.4f} dropped {base_acc - acc:.4f} from {base_acc:.4f} (max {limit})")
+    if policy.canaries_must_pass and cand.canary_failures:
+        reasons.append(f"{len(cand.canary_failures)}/{cand.canaries} canaries failed: " + ", ".join(cand.canary_failures))
+    return CheckpointVerdict(cand.name, not reasons, tuple(reasons), adaptation, forgetting)
+
+
+def _rank(policy: GatePolicy, v: CheckpointVerdict) -> float:
+    if policy.select_by == "adaptation":
+        return v.adaptation
+    if policy.select_by == "forgetting":
+        return -v.forgetting
+    return v.adaptation - v.forgetting
+
+
+def decide(policy: GatePolicy, serving: ModelScores, candidates: Sequence[ModelScores]) -> GateDecision:
+    """Judge every checkpoint; accept the best that passes, else reject with every checkpoint's reasons."""
+    if not candidates:
+        return GateDecision(False, ("no candidate checkpoint was scored",), None)
+    verdicts = tuple(judge(policy, serving, c) for c in candidates)
+    passing = [v for v in verdicts if v.passed]
+    failing = [f"{v.name}: {r}" for v in verdicts for r in v.reasons]
+    if not passing:
+        return GateDecision(False, tuple(failing), None, verdicts)
+    # Later checkpoints win ties: they saw more data.
+    best = max(reversed(passing), key=lambda v: _rank(policy, v))
+    why = (
+        f"chose {best.name}: adaptation {_fmt(best.adaptation)} nats, forgetting {_fmt(best.forgetting)} nats "
+        f"(best {policy.select_by} of {len(passing)} passing / {len(verdicts)} scored)",
+    )
+    return GateDecision(True, why + tuple(failing), best.name, verdicts)
