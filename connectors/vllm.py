@@ -1,0 +1,745 @@
+"""Serving control for vLLM replicas: validate, hot-swap, verify, roll back, watch, reconcile.
+
+Thin clients over the HTTP endpoints vLLM 0.32 really exposes (dev mode):
+`/pause`, `/collective_rpc`, `/reset_prefix_cache`, `/resume`,
+`/update_weight_version`, `/weight_info`, `/weight_checker`, and the LoRA
+endpoints. No policy decisions are made here: the daemon decides *what* to
+deploy; this module makes the replicas serve it, or puts them back, and always
+writes down which version each replica serves, because after a crash the
+daemon has nothing else to go on (see `ServingState` and `reconcile`).
+
+Deviations from DESIGN.md §4 are recorded in docs/serving.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import httpx
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ServingError(RuntimeError):
+    """A step failed on one replica; the daemon stores replica + step with the round."""
+
+    def __init__(self, replica: str, step: str, message: str):
+        super().__init__(f"vLLM replica {replica}: step {step!r} failed: {message}")
+        self.replica = replica
+        self.step = step
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        return {"replica": self.replica, "step": self.step, "message": self.message}
+
+
+class CheckpointError(ValueError):
+    """A candidate that must not reach a server; carries every problem found, not just the first."""
+
+    def __init__(self, path: str, problems: list[str]):
+        super().__init__(f"checkpoint {path} rejected: " + "; ".join(problems))
+        self.path = path
+        self.problems = problems
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class ReplicaState:
+    """What the daemon believes one replica serves; written before and after every step."""
+
+    url: str
+    version: str | None = None  # last verified live version; None = unknown
+    checkpoint: str | None = None
+    fingerprint: str | None = None  # hash of the server's weight checksums for `version`
+    status: str = "unknown"  # serving | swapping | rolling_back | failed | unknown
+    step: str | None = None  # step in progress (or the one that failed)
+    target_version: str | None = None
+    error: str | None = None
+    smoke_text: str | None = None  # greedy smoke completion recorded at verification
+    adapters: list[str] = field(default_factory=list)  # LoRA names loaded, oldest first
+    updated_at: float = 0.0
+
+
+@dataclass
+class KnownVersion:
+    version: str
+    checkpoint: str
+    fingerprint: str | None = None
+
+
+@dataclass
+class ServingState:
+    """JSON-serialisable serving truth as the daemon last saw it (persisted in Redis by the caller)."""
+
+    replicas: dict[str, ReplicaState] = field(default_factory=dict)
+    versions: dict[str, KnownVersion] = field(default_factory=dict)
+    desired_version: str | None = None  # last fully deployed version
+    previous_version: str | None = None  # what a rollback goes back to
+    lora_active: str | None = None  # adapter name clients should route to
+    lora_versions: list[str] = field(default_factory=list)  # adapter names loaded everywhere, oldest first
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ServingState":
+        d = json.loads(text)
+        return cls(
+            replicas={k: ReplicaState(**v) for k, v in d.get("replicas", {}).items()},
+            versions={k: KnownVersion(**v) for k, v in d.get("versions", {}).items()},
+            desired_version=d.get("desired_version"),
+            previous_version=d.get("previous_version"),
+            lora_active=d.get("lora_active"),
+            lora_versions=list(d.get("lora_versions", [])),
+        )
+
+
+StateCallback = Callable[[ServingState], None]
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class StepRecord:
+    step: str
+    ok: bool
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class ReplicaSwapRecord:
+    replica: str
+    from_version: str | None
+    to_version: str
+    ok: bool = False
+    steps: list[StepRecord] = field(default_factory=list)
+    pause_seconds: float | None = None  # requests held: /pause accepted -> /resume answered
+    fingerprint: str | None = None
+    smoke_text: str | None = None
+    error: dict[str, str] | None = None
+
+
+@dataclass
+class DeployRecord:
+    """What the round stores about one deploy (or rollback) across all replicas."""
+
+    kind: str  # deploy | rollback | lora
+    version: str
+    checkpoint: str
+    ok: bool = False
+    replicas: list[ReplicaSwapRecord] = field(default_factory=list)
+    rolled_back: list[ReplicaSwapRecord] = field(default_factory=list)
+    error: dict[str, str] | None = None
+    rejected: list[str] = field(default_factory=list)  # validation problems (server untouched)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    route_model: str | None = None  # LoRA: the model name clients must send
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ProbeRecord:
+    replica: str
+    at: float
+    ok: bool
+    seconds: float
+    new_errors: int = 0
+    detail: str = ""
+
+
+@dataclass
+class WatchRecord:
+    window_s: float
+    probes: list[ProbeRecord] = field(default_factory=list)
+    regression: str | None = None
+    rollback: DeployRecord | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ReconcileRecord:
+    live: dict[str, str | None]  # replica -> version read from the server (None: unknown/unreachable)
+    diverged: list[str]  # replicas whose live version differs from desired_version
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    timeout_s: float = 30.0
+    reload_timeout_s: float = 600.0  # reading a large checkpoint from a volume takes a while
+    retries: int = 2  # extra attempts on connection errors / 5xx
+    retry_backoff_s: float = 0.5
+    smoke_prompt: str = "The"
+    smoke_max_tokens: int = 8
+    lora_prefix: str = "cptd"
+    lora_keep: int = 2  # adapter versions kept loaded (the active one and its predecessor)
+    watch_interval_s: float = 1.0
+    watch_max_new_errors: int = 0
+
+
+# --------------------------------------------------------------------------- checkpoint validation
+
+_IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "use_cache"}
+
+
+def _safetensors_files(d: Path) -> list[Path]:
+    return sorted(d.glob("*.safetensors"))
+
+
+def tensor_inventory(ckpt: str | Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], list[str]]:
+    """name -> (shape, dtype) from safetensors headers only, plus problems (truncation, bad header).
+
+    The byte-length check matters: a partly copied file still has a valid
+    header, and vLLM would find out only half-way through loading it.
+    """
+    from safetensors import safe_open
+
+    d = Path(ckpt)
+    inv: dict[str, tuple[tuple[int, ...], str]] = {}
+    problems: list[str] = []
+    files = _safetensors_files(d)
+    if not files:
+        problems.append(f"no *.safetensors file in {d}")
+    for f in files:
+        try:
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"header length {n} exceeds file size {size}")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end != size:
+                problems.append(f"{f.name}: truncated or padded ({size} bytes on disk, header describes {8 + n + end})")
+                continue
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    sl = st.get_slice(k)
+                    inv[k] = (tuple(sl.get_shape()), str(sl.get_dtype()))
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a reason to reject
+            problems.append(f"{f.name}: unreadable safetensors ({e})")
+    return inv, problems
+
+
+def validate_checkpoint(candidate: str | Path, reference: str | Path) -> None:
+    """Reject a candidate before any server sees it: same config, every tensor, same shapes and dtypes."""
+    cand, ref = Path(candidate), Path(reference)
+    problems: list[str] = []
+    try:
+        c_cfg = json.loads((cand / "config.json").read_text())
+        r_cfg = json.loads((ref / "config.json").read_text())
+        keys = (set(c_cfg) | set(r_cfg)) - _IGNORED_CONFIG_KEYS
+        for k in sorted(keys):
+            if c_cfg.get(k) != r_cfg.get(k):
+                problems.append(f"config.json {k}: {c_cfg.get(k)!r} != served {r_cfg.get(k)!r}")
+    except (OSError, ValueError) as e:
+        problems.append(f"config.json unreadable: {e}")
+    c_inv, c_probs = tensor_inventory(cand)
+    r_inv, r_probs = tensor_inventory(ref)
+    problems += c_probs
+    if r_probs:
+        problems += [f"reference {p}" for p in r_probs]
+    if not c_probs and not r_probs:
+        for name in sorted(set(r_inv) - set(c_inv)):
+            problems.append(f"missing tensor {name}")
+        for name in sorted(set(c_inv) - set(r_inv)):
+            problems.append(f"unexpected tensor {name}")
+        for name in sorted(set(c_inv) & set(r_inv)):
+            if c_inv[name] != r_inv[name]:
+                problems.append(f"tensor {name}: shape/dtype {c_inv[name]} != served {r_inv[name]}")
+    if problems:
+        raise CheckpointError(str(cand), problems)
+
+
+def validate_lora_adapter(adapter: str | Path, max_rank: int | None = None) -> None:
+    d = Path(adapter)
+    problems: list[str] = []
+    try:
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        if max_rank is not None and int(cfg.get("r", 0)) > max_rank:
+            problems.append(f"adapter rank {cfg.get('r')} > server max_lora_rank {max_rank}")
+    except (OSError, ValueError) as e:
+        problems.append(f"adapter_config.json unreadable: {e}")
+    inv, probs = tensor_inventory(d)
+    problems += probs
+    if not probs and not inv:
+        problems.append("adapter has no tensors")
+    if problems:
+        raise CheckpointError(str(d), problems)
+
+
+# --------------------------------------------------------------------------- one replica
+
+_RETRYABLE = (httpx.TransportError,)
+
+
+class Replica:
+    """Thin client for one vLLM server; every failure names this replica and the step."""
+
+    def __init__(self, url: str, config: ServingConfig = ServingConfig()):
+        self.url = url.rstrip("/")
+        self.config = config
+        self._http = httpx.Client(base_url=self.url, timeout=config.timeout_s)
+        self._model: str | None = None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def call(self, step: str, method: str, path: str, *, json_body: Any = None, params: dict | None = None,
+             timeout: float | None = None, retries: int | None = None) -> httpx.Response:
+        attempts = 1 + (self.config.retries if retries is None else retries)
+        last = ""
+        for i in range(attempts):
+            try:
+                r = self._http.request(method, path, json=json_body, params=params, timeout=timeout or self.config.timeout_s)
+            except _RETRYABLE as e:
+                last = f"{type(e).__name__}: {e}"
+            else:
+                if r.status_code < 500:
+                    if r.status_code >= 400:
+                        raise ServingError(self.url, step, f"HTTP {r.status_code} from {method} {path}: {r.text[:500]}")
+                    return r
+                last = f"HTTP {r.status_code} from {method} {path}: {r.text[:500]}"
+            if i + 1 < attempts:
+                time.sleep(self.config.retry_backoff_s * (2**i))
+        raise ServingError(self.url, step, f"{last} (after {attempts} attempt(s))")
+
+    # --- endpoints -----------------------------------------------------------
+    def health(self) -> bool:
+        try:
+            return self._http.get("/health", timeout=5.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def model_name(self) -> str:
+        if self._model is None:
+            data = self.call("models", "GET", "/v1/models").json()["data"]
+            base = [m for m in data if not m.get("parent")]
+            self._model = (base or data)[0]["id"]
+        return self._model
+
+    def models(self) -> list[dict]:
+        return self.call("models", "GET", "/v1/models").json()["data"]
+
+    def pause(self) -> None:
+        self.call("pause", "POST", "/pause", params={"mode": "keep"})
+
+    def resume(self) -> None:
+        self.call("resume", "POST", "/resume")
+
+    def is_paused(self) -> bool:
+        return bool(self.call("is_paused", "GET", "/is_paused").json().get("is_paused"))
+
+    def reload_weights(self, weights_path: str) -> None:
+        r = self.call("reload_weights", "POST", "/collective_rpc",
+                      json_body={"method": "reload_weights", "kwargs": {"weights_path": weights_path}},
+                      timeout=self.config.reload_timeout_s)
+        if r.content:
+            body = r.json()
+            if isinstance(body, dict) and body.get("error"):
+                raise ServingError(self.url, "reload_weights", str(body["error"]))
+
+    def reset_prefix_cache(self) -> None:
+        # Requests frozen by pause(keep) hold KV blocks computed with the old weights; preempting
+        # them makes the reset succeed and makes them recompute with the new weights on resume.
+        r = self.call("reset_prefix_cache", "POST", "/reset_prefix_cache", params={"reset_running_requests": "true"})
+        if r.content and r.json().get("success") is False:
+            raise ServingError(self.url, "reset_prefix_cache", "server reported success=false")
+
+    def set_weight_version(self, version: str) -> None:
+        self.call("update_weight_version", "POST", "/update_weight_version", json_body={"new_version": version})
+
+    def weight_version(self) -> str:
+        return str(self.call("weight_info", "GET", "/weight_info").json()["weight_version"])
+
+    def checksums(self) -> dict[str, str]:
+        return dict(self.call("weight_checker", "POST", "/weight_checker", json_body={"action": "checksum"}).json()["checksums"])
+
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.checksums())
+
+    def complete(self, prompt: str, max_tokens: int, model: str | None = None, step: str = "smoke") -> str:
+        r = self.call(step, "POST", "/v1/completions", json_body={
+            "model": model or self.model_name(), "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": 0.0, "seed": 0,
+        })
+        choices = r.json().get("choices") or []
+        if not choices:
+            raise ServingError(self.url, step, f"completion without choices: {r.text[:300]}")
+        return str(choices[0].get("text", ""))
+
+    def metrics_text(self) -> str:
+        return self.call("metrics", "GET", "/metrics").text
+
+    def load_lora(self, name: str, path: str) -> None:
+        self.call("load_lora_adapter", "POST", "/v1/load_lora_adapter", json_body={"lora_name": name, "lora_path": path})
+
+    def unload_lora(self, name: str) -> None:
+        self.call("unload_lora_adapter", "POST", "/v1/unload_lora_adapter", json_body={"lora_name": name})
+
+
+def fingerprint_of(checksums: dict[str, str]) -> str:
+    """One hash over the per-tensor checksums; the worker-rank prefix is dropped so replicas compare."""
+    # With --enable-lora vLLM wraps layers and names their weights "...base_layer..."; strip that too.
+    items = sorted((k.split(":")[-1].replace(".base_layer", ""), v) for k, v in checksums.items())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+_SERVER_ERROR_RE = re.compile(r'^http_requests_total\{([^}]*)\}\s+([0-9.eE+-]+)', re.M)
+_INFERENCE_HANDLERS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages")
+
+
+def request_errors(metrics_text: str) -> int:
+    """Failed inference requests so far: 5xx answers on the inference routes (prometheus-fastapi-instrumentator)."""
+    total = 0.0
+    for labels, value in _SERVER_ERROR_RE.findall(metrics_text):
+        lab = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if lab.get("status", "").startswith("5") and lab.get("handler") in _INFERENCE_HANDLERS:
+            total += float(value)
+    return int(total)
+
+
+# --------------------------------------------------------------------------- controller
+
+
+class ServingController:
+    """Deploys checkpoints to a set of replicas and keeps `state` true at every step.
+
+    `on_state` is called with the whole state before and after each step; the
+    daemon persists it (Redis), so whatever kills the daemon or a server, the
+    last record says which step was in flight where.
+    """
+
+    def __init__(self, urls: Iterable[str], state: ServingState | None = None, on_state: StateCallback | None = None,
+                 config: ServingConfig = ServingConfig(), metrics: Any = None):
+        self.config = config
+        # daemon/metrics.py is passed in (connectors must not import daemon/); None = no metrics.
+        self.metrics = metrics
+        self.replicas = [Replica(u, config) for u in urls]
+        self.state = state or ServingState()
+        for r in self.replicas:
+            self.state.replicas.setdefault(r.url, ReplicaState(url=r.url))
+        self._on_state = on_state
+
+    def close(self) -> None:
+        for r in self.replicas:
+            r.close()
+
+    # --- state helpers ---------------------------------------------------------
+    def _save(self) -> None:
+        if self._on_state is not None:
+            self._on_state(self.state)
+
+    def _mark(self, url: str, **changes: Any) -> None:
+        rs = self.state.replicas[url]
+        for k, v in changes.items():
+            setattr(rs, k, v)
+        rs.updated_at = time.time()
+        if "version" in changes and changes["version"] is not None:
+            self._metric("LIVE_VERSION", "info", {"version": str(changes["version"])}, replica=url)
+        self._save()
+
+    def _metric(self, name: str, op: str, value: Any, **labels: str) -> None:
+        if self.metrics is None:
+            return
+        m = getattr(self.metrics, name).labels(**labels)
+        getattr(m, op)(*(() if value is None else (value,)))
+
+    def live_version(self, url: str) -> str | None:
+        return self.state.replicas[url.rstrip("/")].version
+
+    # --- adopt -----------------------------------------------------------------
+    def adopt(self, checkpoint: str, version: str) -> None:
+        """Take over servers that were started with `checkpoint`: label them `version` and remember its fingerprint."""
+        for r in self.replicas:
+            fp = r.fingerprint()
+            r.set_weight_version(version)
+            smoke = r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens)
+            self.state.versions[version] = KnownVersion(version, str(checkpoint), fp)
+            self._mark(r.url, version=version, checkpoint=str(checkpoint), fingerprint=fp, status="serving",
+                       step=None, target_version=None, error=None, smoke_text=smoke)
+        self.state.desired_version = version
+        self._save()
+
+    # --- full-weight swap ------------------------------------------------------
+    def _step(self, rec: ReplicaSwapRecord, r: Replica, step: str, fn: Callable[[], Any]) -> Any:
+        self._mark(r.url, step=step)
+        t = time.monotonic()
+        try:
+            out = fn()
+        except ServingError as e:
+            rec.steps.append(StepRecord(step, False, time.monotonic() - t, e.message))
+            raise
+        except Exception as e:  # noqa: BLE001 - anything else still names replica + step
+            rec.steps.append(StepRecord(step, False, time.monotonic() - t, repr(e)))
+            raise ServingError(r.url, step, repr(e)) from e
+        rec.steps.append(StepRecord(step, True, time.monotonic() - t))
+        return out
+
+    def _swap_one(self, r: Replica, checkpoint: str, version: str, status: str,
+                  expect_fingerprint: str | None = None) -> ReplicaSwapRecord:
+        rs = self.state.replicas[r.url]
+        rec = ReplicaSwapRecord(replica=r.url, from_version=rs.version, to_version=version)
+        old_fp = rs.fingerprint
+        self._mark(r.url, status=status, target_version=version, error=None)
+        paused_at: float | None = None
+        try:
+            if old_fp is None:
+                old_fp = self._step(rec, r, "checksum_before", r.fingerprint)
+            self._step(rec, r, "pause", r.pause)
+            paused_at = time.monotonic()
+            # From here the replica's weights are in flux: the state must not claim a version.
+            self._mark(r.url, version=None)
+            self._step(rec, r, "reload_weights", lambda: r.reload_weights(checkpoint))
+            self._step(rec, r, "reset_prefix_cache", r.reset_prefix_cache)
+            self._step(rec, r, "resume", r.resume)
+            rec.pause_seconds = time.monotonic() - paused_at
+            paused_at = None
+            self._metric("SWAP_PAUSE_SECONDS", "observe", rec.pause_seconds, replica=r.url)
+            self._step(rec, r, "update_weight_version", lambda: r.set_weight_version(version))
+            live = self._step(rec, r, "verify_weight_info", r.weight_version)
+            if live != version:
+                raise ServingError(r.url, "verify_weight_info", f"server reports {live!r}, expected {version!r}")
+            fp = self._step(rec, r, "verify_checksum", r.fingerprint)
+            if expect_fingerprint is not None and fp != expect_fingerprint:
+                raise ServingError(r.url, "verify_checksum", f"fingerprint {fp} != recorded {expect_fingerprint} for {version}")
+            if expect_fingerprint is None and fp == old_fp and Path(checkpoint).resolve() != Path(rs.checkpoint or "").resolve():
+                raise ServingError(r.url, "verify_checksum", "weight checksums unchanged after reload")
+            smoke = self._step(rec, r, "verify_smoke", lambda: r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens))
+        except ServingError as e:
+            if paused_at is not None:
+                # Never leave a replica holding client requests: resume even though the swap failed.
+                try:
+                    r.resume()
+                    rec.pause_seconds = time.monotonic() - paused_at
+                except ServingError:
+                    pass
+            rec.error = e.to_dict()
+            self._mark(r.url, status="failed", step=e.step, error=str(e))
+            return rec
+        rec.ok, rec.fingerprint, rec.smoke_text = True, fp, smoke
+        self.state.versions.setdefault(version, KnownVersion(version, str(checkpoint), fp)).fingerprint = fp
+        self._mark(r.url, status="serving", version=version, checkpoint=str(checkpoint), fingerprint=fp, step=None,
+                   target_version=None, error=None, smoke_text=smoke)
+        return rec
+
+    def deploy(self, checkpoint: str | Path, version: str, reference: str | Path | None = None) -> DeployRecord:
+        """Swap every replica, one at a time; if any fails, every replica touched goes back."""
+        checkpoint = str(Path(checkpoint).resolve())
+        rec = DeployRecord(kind="deploy", version=version, checkpoint=checkpoint, started_at=time.time())
+        prev = self.state.desired_version
+        ref = reference or (self.state.versions[prev].checkpoint if prev in self.state.versions else None)
+        if ref is None:
+            raise ValueError("no reference checkpoint: adopt() the serving checkpoint first or pass reference=")
+        try:
+            validate_checkpoint(checkpoint, ref)
+        except CheckpointError as e:
+            rec.rejected = e.problems
+            rec.error = {"replica": "", "step": "validate", "message": str(e)}
+            rec.finished_at = time.time()
+            return rec
+        touched: list[Replica] = []
+        for r in self.replicas:
+            touched.append(r)
+            one = self._swap_one(r, checkpoint, version, "swapping")
+            rec.replicas.append(one)
+            self._metric("SWAPS", "inc", None, replica=r.url, result="ok" if one.ok else "failed")
+            if not one.ok:
+                rec.error = one.error
+                break
+        else:
+            rec.ok = True
+            if prev != version:
+                self.state.previous_version = prev
+            self.state.desired_version = version
+            self._save()
+            rec.finished_at = time.time()
+            return rec
+        self._metric("ROLLBACKS", "inc", None, trigger="swap_failed")
+        if prev is not None:
+            rec.rolled_back = self._restore(reversed(touched), prev)
+        rec.finished_at = time.time()
+        return rec
+
+    def _restore(self, replicas: Iterable[Replica], version: str) -> list[ReplicaSwapRecord]:
+        kv = self.state.versions[version]
+        out = []
+        for r in replicas:
+            one = self._swap_one(r, kv.checkpoint, version, "rolling_back", expect_fingerprint=kv.fingerprint)
+            self._metric("SWAPS", "inc", None, replica=r.url, result="rolled_back" if one.ok else "failed")
+            out.append(one)
+        return out
+
+    def rollback(self, trigger: str = "operator", to_version: str | None = None) -> DeployRecord:
+        """Put every replica back on `to_version` (default: the version before the last deploy)."""
+        target = to_version or self.state.previous_version
+        if target is None or target not in self.state.versions:
+            raise ValueError(f"nothing to roll back to (target {target!r} unknown)")
+        kv = self.state.versions[target]
+        self._metric("ROLLBACKS", "inc", None, trigger=trigger)
+        rec = DeployRecord(kind="rollback", version=target, checkpoint=kv.checkpoint, started_at=time.time())
+        rec.replicas = self._restore(self.replicas, target)
+        rec.ok = all(x.ok for x in rec.replicas)
+        if not rec.ok:
+            rec.error = next(x.error for x in rec.replicas if not x.ok)
+        else:
+            if self.state.desired_version != target:
+                self.state.previous_version, self.state.desired_version = None, target
+            self._save()
+        rec.finished_at = time.time()
+        return rec
+
+    # --- post-deploy watch ---------------------------------------------------------
+    def watch(self, window_s: float, rollback: bool = True) -> WatchRecord:
+        """Probe every replica for `window_s`; a failed probe, a changed greedy smoke text or new 5xx roll back."""
+        rec = WatchRecord(window_s=window_s)
+        base: dict[str, int] = {}
+        for r in self.replicas:
+            try:
+                base[r.url] = request_errors(r.metrics_text())
+            except ServingError:
+                base[r.url] = 0
+        deadline = time.monotonic() + window_s
+        while rec.regression is None:
+            for r in self.replicas:
+                t = time.monotonic()
+                probe = ProbeRecord(replica=r.url, at=time.time(), ok=True, seconds=0.0)
+                try:
+                    text = r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens, step="watch_smoke")
+                    probe.new_errors = request_errors(r.metrics_text()) - base[r.url]
+                    expected = self.state.replicas[r.url].smoke_text
+                    if expected is not None and text != expected:
+                        probe.ok, probe.detail = False, f"greedy smoke completion changed: {text!r} != {expected!r}"
+                    elif probe.new_errors > self.config.watch_max_new_errors:
+                        probe.ok, probe.detail = False, f"{probe.new_errors} new failed requests"
+                except ServingError as e:
+                    probe.ok, probe.detail = False, str(e)
+                probe.seconds = time.monotonic() - t
+                rec.probes.append(probe)
+                if not probe.ok:
+                    rec.regression = f"{r.url}: {probe.detail}"
+                    break
+            if time.monotonic() >= deadline:
+                break
+            # Pace the probes without sleeping past the window's end.
+            time.sleep(max(0.0, min(self.config.watch_interval_s, deadline - time.monotonic())))
+        if rec.regression and rollback and self.state.previous_version is not None:
+            rec.rollback = self.rollback(trigger="watch")
+        return rec
+
+    # --- reconcile -------------------------------------------------------------
+    def reconcile(self) -> ReconcileRecord:
+        """Read the truth from each server (after a daemon or server crash) and make the state say it.
+
+        A restarted server reports weight_version "default" and serves its boot
+        checkpoint; the version is then identified by its weight fingerprint.
+        """
+        out = ReconcileRecord(live={}, diverged=[])
+        by_fp = {kv.fingerprint: kv for kv in self.state.versions.values() if kv.fingerprint}
+        for r in self.replicas:
+            try:
+                reported = r.weight_version()
+                fp = r.fingerprint()
+            except ServingError as e:
+                out.live[r.url] = None
+                out.errors[r.url] = str(e)
+                self._mark(r.url, version=None, status="unknown", error=str(e))
+                continue
+            kv = self.state.versions.get(reported)
+            if kv is None or (kv.fingerprint is not None and kv.fingerprint != fp):
+                kv = by_fp.get(fp)
+            if kv is None:
+                out.live[r.url] = None
+                self._mark(r.url, version=None, fingerprint=fp, status="unknown",
+                           error=f"server weights (version {reported!r}, fingerprint {fp}) match no known version")
+            else:
+                if reported != kv.version:
+                    r.set_weight_version(kv.version)
+                out.live[r.url] = kv.version
+                self._mark(r.url, version=kv.version, checkpoint=kv.checkpoint, fingerprint=fp, status="serving",
+                           step=None, target_version=None, error=None,
+                           smoke_text=r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens))
+            if out.live[r.url] != self.state.desired_version:
+                out.diverged.append(r.url)
+        return out
+
+    # --- LoRA ------------------------------------------------------------------
+    def lora_name(self, version: str) -> str:
+        return f"{self.config.lora_prefix}-{version}"
+
+    def deploy_lora(self, adapter_dir: str | Path, version: str, max_rank: int | None = None) -> DeployRecord:
+        """Load the round's adapter under a new versioned name everywhere, then unload versions beyond `lora_keep`.
+
+        A name is never reused: vLLM keys its prefix cache by adapter name, so
+        reloading under the same name could serve KV computed by the old adapter.
+        """
+        path = str(Path(adapter_dir).resolve())
+        name = self.lora_name(version)
+        rec = DeployRecord(kind="lora", version=version, checkpoint=path, started_at=time.time(), route_model=name)
+        try:
+            validate_lora_adapter(path, max_rank)
+            if name in self.state.lora_versions:
+                raise CheckpointError(path, [f"adapter name {name} already used; a new round needs a new name"])
+        except CheckpointError as e:
+            rec.rejected, rec.error, rec.finished_at = e.problems, {"replica": "", "step": "validate", "message": str(e)}, time.time()
+            return rec
+        done: list[Replica] = []
+        for r in self.replicas:
+            one = ReplicaSwapRecord(replica=r.url, from_version=self.state.lora_active, to_version=name)
+            rec.replicas.append(one)
+            try:
+                self._mark(r.url, step="load_lora_adapter", target_version=name)
+                self._step(one, r, "load_lora_adapter", lambda: r.load_lora(name, path))
+                done.append(r)
+                listed = self._step(one, r, "verify_models", lambda: [m["id"] for m in r.models()])
+                if name not in listed:
+                    raise ServingError(r.url, "verify_models", f"{name} not listed in /v1/models")
+                one.smoke_text = self._step(one, r, "verify_smoke",
+                                            lambda: r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens, model=name))
+                one.ok = True
+                self._mark(r.url, adapters=self.state.replicas[r.url].adapters + [name], step=None, target_version=None)
+            except ServingError as e:
+                one.error = rec.error = e.to_dict()
+                self._mark(r.url, step=e.step, error=str(e))
+                break
+        if rec.error:
+            for r in done:  # clients keep routing to the previous adapter; remove the half-deployed one
+                try:
+                    r.unload_lora(name)
+                    self._mark(r.url, adapters=[a for a in self.state.replicas[r.url].adapters if a != name])
+                except ServingError:
+                    pass
+            rec.finished_at = time.time()
+            return rec
+        self.state.lora_versions.append(name)
+        self.state.lora_active = name
+        self._save()
+        while len(self.state.lora_versions) > self.config.lora_keep:
+            old = self.state.lora_versions.pop(0)
+            for r in self.replicas:
+                try:
+                    r.unload_lora(old)
+                except ServingError as e:
+                    rec.rejected.append(f"unload {old} on {r.url}: {e}")  # stale but harmless: noted, not fatal
+                self._mark(r.url, adapters=[a for a in self.state.replicas[r.url].adapters if a != old])
+        rec.ok = True
+        rec.finished_at = time.time()
+        return rec

@@ -1,0 +1,176 @@
+"""Start a real vLLM OpenAI-compatible server (CPU build) on a free loopback port.
+
+Shared by the test fixtures, the swap bench and `cptd demo`, so all three run
+the server exactly the same way: the dev endpoints needed for hot swap
+(`VLLM_SERVER_DEV_MODE=1`), runtime LoRA loading, a small KV cache, float32.
+The server runs in its own process group so stopping it also ends the engine
+core child process; a stop never leaves a stray server holding RAM and CPU on
+a shared machine.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def poll_until(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.1,
+               proc: subprocess.Popen | None = None, log_path: Path | None = None) -> object:
+    """Wait for a condition with a deadline; a dead process fails at once instead of at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with code {proc.returncode}" + _log_tail(log_path))
+        try:
+            v = cond()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - the condition may fail until it holds
+            last = e
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last})" if last else "") + _log_tail(log_path))
+
+
+def _log_tail(log_path: Path | None, n: int = 3000) -> str:
+    if log_path is None or not log_path.exists():
+        return ""
+    return "\n--- server log tail ---\n" + log_path.read_bytes()[-n:].decode("utf-8", "replace")
+
+
+@dataclass
+class VLLMServer:
+    """One vLLM server process; `url` is what connectors talk to."""
+
+    model: str
+    port: int = 0
+    served_model_name: str | None = None
+    enable_lora: bool = False
+    max_lora_rank: int = 8
+    max_loras: int = 2
+    max_model_len: int = 256
+    extra_args: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def argv(self) -> list[str]:
+        a = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--dtype", "float32",
+            "--gpu-memory-utilization", "0.3",
+            "--max-model-len", str(self.max_model_len),
+            "--max-num-seqs", "16",
+            "--disable-log-stats",
+        ]
+        if self.served_model_name:
+            a += ["--served-model-name", self.served_model_name]
+        if self.enable_lora:
+            a += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras)]
+        return a + list(self.extra_args)
+
+    def env(self) -> dict[str, str]:
+        e = dict(os.environ)
+        e.update(
+            VLLM_CPU_KVCACHE_SPACE="1",
+            VLLM_SERVER_DEV_MODE="1",
+            VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+            VLLM_LOGGING_LEVEL=e.get("VLLM_LOGGING_LEVEL", "WARNING"),
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+        )
+        return e
+
+    def start(self, timeout: float = 240.0) -> "VLLMServer":
+        if not self.port:
+            self.port = free_port()
+        if self.log_path is None:
+            self.log_path = Path(self.model) / f"vllm-{self.port}.log"
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv(), env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        try:
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_healthy(self, timeout: float = 240.0) -> None:
+        poll_until(self.healthy, timeout, f"vLLM at {self.url} /health", interval=0.25, proc=self.proc, log_path=self.log_path)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: what a crash or an OOM kill looks like to the daemon."""
+        self._signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(timeout=30)
+
+    def stop(self, grace: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None and not _group_alive(self.proc.pid):
+            return
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        # The engine core is a child in the same group; make sure nothing of it survives.
+        self._signal(signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def restart(self, model: str | None = None, timeout: float = 240.0) -> "VLLMServer":
+        """Stop and start again on the same port (a fresh process, as after a crash or a redeploy)."""
+        self.stop()
+        if model is not None:
+            self.model = model
+        return self.start(timeout)
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False

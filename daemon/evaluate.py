@@ -1,0 +1,331 @@
+"""Score the serving checkpoint and a round's candidate checkpoints on the same data.
+
+Adaptation is held-out loss on new documents, forgetting held-out loss on
+replay documents (both via daemon/lm_loss.py, the same scorer drift uses).
+Regression suites come as files: multiple-choice JSONL scored like
+lm-evaluation-harness `loglikelihood` requests, and canary prompts whose
+greedy continuation must not change. The serving model is scored in the same
+run rather than reused from an earlier round, because the held-out sets
+differ per round and only same-data numbers compare. The report is plain
+JSON so it is stored with the round and read back by the gate and the API.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from daemon.lm_loss import mean_token_loss
+from policies.gates import GateDecision, ModelScores
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class MCItem:
+    context: str
+    choices: list[str]
+    answer: int
+
+
+@dataclass(frozen=True)
+class Canary:
+    prompt: str
+    expected: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class EvalData:
+    new_docs: Sequence[str]
+    replay_docs: Sequence[str]
+    suites: dict[str, str] = field(default_factory=dict)  # suite name -> JSONL path
+    canaries: str | None = None  # JSONL path: {"prompt", "expected", "name"?}
+    max_len: int = 512
+    target_delimiter: str = " "  # lm-eval-harness default between context and choice
+
+
+def _read_jsonl(path: str | Path) -> list[dict]:
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON: {e}") from None
+    return out
+
+
+def load_mc_suite(path: str | Path) -> list[MCItem]:
+    items = []
+    for n, d in enumerate(_read_jsonl(path), 1):
+        try:
+            item = MCItem(str(d["context"]), [str(c) for c in d["choices"]], int(d["answer"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{n}: expected {{'context', 'choices': [...], 'answer': i}}: {e!r}") from None
+        if not 0 <= item.answer < len(item.choices):
+            raise ValueError(f"{path}:{n}: answer {item.answer} out of range for {len(item.choices)} choices")
+        items.append(item)
+    return items
+
+
+def load_canaries(path: str | Path) -> list[Canary]:
+    return [Canary(str(d["prompt"]), str(d["expected"]), str(d.get("name") or f"canary-{i}"))
+            for i, d in enumerate(_read_jsonl(path), 1)]
+
+
+def save_canaries(canaries: Sequence[Canary], path: str | Path) -> Path:
+    p = Path(path)
+    p.write_text("".join(json.dumps(asdict(c)) + "\n" for c in canaries), encoding="utf-8")
+    return p
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class LossSummary:
+    mean_nll: float
+    perplexity: float
+    tokens: int
+
+
+@dataclass
+class SuiteResult:
+    name: str
+    n: int
+    accuracy: float  # argmax of summed log-likelihood (harness `acc`)
+    accuracy_norm: float  # argmax of log-likelihood per character of the choice (harness `acc_norm`)
+    predictions: list[int] = field(default_factory=list)
+
+
+@dataclass
+class CanaryResult:
+    name: str
+    prompt: str
+    expected: str
+    got: str
+    passed: bool
+
+
+@dataclass
+class ModelReport:
+    name: str
+    path: str
+    new: LossSummary
+    replay: LossSummary
+    suites: dict[str, SuiteResult] = field(default_factory=dict)
+    canaries: list[CanaryResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def scores(self) -> ModelScores:
+        return ModelScores(
+            name=self.name,
+            new_nll=self.new.mean_nll,
+            replay_nll=self.replay.mean_nll,
+            suites={k: v.accuracy for k, v in self.suites.items()},
+            canaries=len(self.canaries),
+            canary_failures=tuple(c.name for c in self.canaries if not c.passed),
+        )
+
+
+@dataclass
+class EvalReport:
+    round_id: str
+    serving: ModelReport
+    candidates: list[ModelReport]
+    created_at: float = 0.0
+
+    def gate_inputs(self) -> tuple[ModelScores, list[ModelScores]]:
+        return self.serving.scores(), [c.scores() for c in self.candidates]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        # NaN is not JSON: a model with no scorable token is stored as null.
+        return json.dumps(_nan_to_none(self.to_dict()), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EvalReport":
+        d = json.loads(text)
+        return cls(round_id=d["round_id"], serving=_model_report(d["serving"]),
+                   candidates=[_model_report(c) for c in d["candidates"]], created_at=d.get("created_at", 0.0))
+
+
+def _nan_to_none(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
+def _loss(d: dict) -> LossSummary:
+    return LossSummary(mean_nll=math.nan if d["mean_nll"] is None else d["mean_nll"],
+                       perplexity=math.nan if d["perplexity"] is None else d["perplexity"], tokens=d["tokens"])
+
+
+def _model_report(d: dict) -> ModelReport:
+    return ModelReport(name=d["name"], path=d["path"], new=_loss(d["new"]), replay=_loss(d["replay"]),
+                       suites={k: SuiteResult(**v) for k, v in d["suites"].items()},
+                       canaries=[CanaryResult(**c) for c in d["canaries"]], seconds=d.get("seconds", 0.0))
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def load_model(path: str | Path):
+    """safetensors only: a checkpoint written by a round is never unpickled."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval-harness `_encode_pair`: trailing context spaces move to the continuation, and the
+    continuation tokens are those of the whole string after the context's, so BPE merges across
+    the boundary are scored the way the model would see the full text."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], max_len: int = 512) -> list[float]:
+    """Summed log-probability of each continuation given its context (harness `loglikelihood`)."""
+    import torch
+
+    bos = tokenizer.bos_token_id
+    out = []
+    with torch.no_grad():
+        for context, continuation in requests:
+            ctx, cont = encode_pair(tokenizer, context, continuation)
+            if not cont:
+                out.append(0.0)
+                continue
+            seq = ([bos] if bos is not None else []) + ctx + cont
+            seq = seq[-(max_len + 1):]  # left-truncate like the harness; the continuation is kept whole
+            inp = torch.tensor([seq[:-1]])
+            logp = torch.log_softmax(model(input_ids=inp).logits[0].float(), dim=-1)
+            tgt = torch.tensor(seq[1:])
+            tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+            out.append(float(tok_lp[-len(cont):].sum()))
+    return out
+
+
+def score_mc(model, tokenizer, name: str, items: Sequence[MCItem], delimiter: str = " ", max_len: int = 512) -> SuiteResult:
+    preds, preds_norm, correct, correct_norm = [], [], 0, 0
+    for it in items:
+        lls = loglikelihoods(model, tokenizer, [(it.context, delimiter + c) for c in it.choices], max_len)
+        p = max(range(len(lls)), key=lambda i: lls[i])
+        pn = max(range(len(lls)), key=lambda i: lls[i] / max(len(it.choices[i]), 1))
+        preds.append(p)
+        correct += p == it.answer
+        correct_norm += pn == it.answer
+    n = len(items)
+    return SuiteResult(name, n, correct / n if n else math.nan, correct_norm / n if n else math.nan, preds)
+
+
+def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    import torch
+
+    bos = tokenizer.bos_token_id
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = ([bos] if bos is not None else []) + tokenizer(p, add_special_tokens=False)["input_ids"]
+            inp = torch.tensor([ids])
+            gen = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+            outs.append(tokenizer.decode(gen[0, len(ids):], skip_special_tokens=False))
+    return outs
+
+
+def record_canaries(model_path: str | Path, prompts: Sequence[str], max_new_tokens: int = 8) -> list[Canary]:
+    """Freeze the serving model's greedy continuations as canaries (how a deployment bootstraps them)."""
+    model, tok = load_model(model_path)
+    return [Canary(p, c, f"canary-{i}") for i, (p, c) in
+            enumerate(zip(prompts, greedy_continuations(model, tok, prompts, max_new_tokens)), 1)]
+
+
+def check_canaries(model, tokenizer, canaries: Sequence[Canary]) -> list[CanaryResult]:
+    out = []
+    for c in canaries:
+        n = len(tokenizer(c.expected, add_special_tokens=False)["input_ids"]) + 2
+        got = greedy_continuations(model, tokenizer, [c.prompt], n)[0]
+        out.append(CanaryResult(c.name, c.prompt, c.expected, got, got.startswith(c.expected)))
+    return out
+
+
+def _summary(model, tok, docs: Sequence[str], max_len: int) -> LossSummary:
+    r = mean_token_loss(model, tok, list(docs), max_len=max_len)
+    return LossSummary(r.mean_nll, math.exp(r.mean_nll) if math.isfinite(r.mean_nll) else math.nan, r.tokens)
+
+
+def score_checkpoint(path: str | Path, data: EvalData, name: str | None = None) -> ModelReport:
+    t = time.monotonic()
+    model, tok = load_model(path)
+    suites = {s: score_mc(model, tok, s, load_mc_suite(p), data.target_delimiter, data.max_len) for s, p in sorted(data.suites.items())}
+    canaries = check_canaries(model, tok, load_canaries(data.canaries)) if data.canaries else []
+    return ModelReport(
+        name=name or Path(path).name, path=str(path),
+        new=_summary(model, tok, data.new_docs, data.max_len),
+        replay=_summary(model, tok, data.replay_docs, data.max_len),
+        suites=suites, canaries=canaries, seconds=time.monotonic() - t,
+    )
+
+
+def evaluate_round(round_id: str, serving: str | Path, candidates: Sequence[str | Path], data: EvalData,
+                   names: Sequence[str] | None = None) -> EvalReport:
+    """Score the serving checkpoint and every candidate of the round on the same held-out data."""
+    names = list(names) if names is not None else [Path(c).name for c in candidates]
+    if len(names) != len(candidates) or len(set(names)) != len(names):
+        raise ValueError(f"candidate names must be unique, one per checkpoint: {names}")
+    report = EvalReport(round_id=round_id, serving=score_checkpoint(serving, data, "serving"),
+                        candidates=[score_checkpoint(c, data, n) for c, n in zip(candidates, names)],
+                        created_at=time.time())
+    return report
+
+
+def save_report(report: EvalReport, round_dir: str | Path) -> Path:
+    p = Path(round_dir) / "eval_report.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(report.to_json(), encoding="utf-8")
+    return p
+
+
+def record_metrics(report: EvalReport, decision: GateDecision) -> None:
+    """Export the chosen checkpoint's losses and the decision (metrics are defined in daemon/metrics.py)."""
+    from daemon import metrics as M
+
+    M.EVAL_LOSS.labels(split="new", model="serving").set(report.serving.new.mean_nll)
+    M.EVAL_LOSS.labels(split="replay", model="serving").set(report.serving.replay.mean_nll)
+    shown = next((c for c in report.candidates if c.name == decision.chosen), report.candidates[-1] if report.candidates else None)
+    if shown is not None:
+        M.EVAL_LOSS.labels(split="new", model="candidate").set(shown.new.mean_nll)
+        M.EVAL_LOSS.labels(split="replay", model="candidate").set(shown.replay.mean_nll)
+        M.EVAL_FORGETTING.set(shown.replay.mean_nll - report.serving.replay.mean_nll)
+        M.EVAL_ADAPTATION.set(report.serving.new.mean_nll - shown.new.mean_nll)
+    # The label is the kind of the first reason, kept coarse so label cardinality stays small.
+    reason = "" if decision.accepted else _reason_kind(decision.reasons[0]) if decision.reasons else "none"
+    M.GATE_DECISIONS.labels(decision="accept" if decision.accepted else "reject", reason=reason).inc()
+
+
+def _reason_kind(reason: str) -> str:
+    text = reason.split(": ", 1)[-1]
+    for kind in ("forgetting", "adaptation", "suite", "canaries", "non-finite", "no candidate"):
+        if kind in text:
+            return kind.replace(" ", "_")
+    return "other"
