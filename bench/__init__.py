@@ -1,0 +1,1 @@
+"""Benchmarks and the deterministic corpora they (and some tests) share."""
