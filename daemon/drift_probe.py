@@ -1,0 +1,77 @@
+"""Measure drift of new documents against the reference (replay) set under the serving model.
+
+`python -m daemon.drift_probe --model DIR --new NEW.jsonl --ref REF.jsonl` prints
+one JSON line with the statistics; the daemon calls `measure_drift` at SNAPSHOT
+and hands the result to policies.drift.decide. Both sets are scored by the
+shared token-loss function, the same one evaluation uses, so "loss" means the
+same thing in the drift record and the eval record.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections import Counter
+from dataclasses import asdict
+from typing import Sequence
+
+from daemon.lm_loss import mean_token_loss
+from daemon.train import read_texts
+from policies.drift import DriftStats, js_distance
+
+
+def sample(texts: Sequence[str], n: int, seed: int) -> list[str]:
+    """A seeded sample, so a re-measured round gets the same statistics."""
+    if len(texts) <= n:
+        return list(texts)
+    return random.Random(seed).sample(list(texts), n)
+
+
+def unigram_counts(tokenizer, texts: Sequence[str]) -> Counter:
+    counts: Counter = Counter()
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        counts.update(ids)
+    return counts
+
+
+def drift_stats(model, tokenizer, new: Sequence[str], ref: Sequence[str], max_len: int = 512) -> DriftStats:
+    ln = mean_token_loss(model, tokenizer, new, max_len=max_len)
+    lr = mean_token_loss(model, tokenizer, ref, max_len=max_len)
+    return DriftStats(
+        loss_new=ln.mean_nll, loss_ref=lr.mean_nll,
+        js_distance=js_distance(unigram_counts(tokenizer, new), unigram_counts(tokenizer, ref)),
+        tokens_new=ln.tokens, tokens_ref=lr.tokens,
+    )
+
+
+def load_model(model_dir: str, device: str = "cpu"):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def measure_drift(model_dir: str, new: Sequence[str], ref: Sequence[str], max_docs: int = 256, max_len: int = 512,
+                  seed: int = 0, device: str = "cpu") -> DriftStats:
+    model, tokenizer = load_model(model_dir, device)
+    return drift_stats(model, tokenizer, sample(new, max_docs, seed), sample(ref, max_docs, seed + 1), max_len)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--new", required=True, help="JSONL of {'text': ...}")
+    ap.add_argument("--ref", required=True, help="JSONL of {'text': ...}")
+    ap.add_argument("--max-docs", type=int, default=256)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args(argv)
+    s = measure_drift(a.model, read_texts(a.new), read_texts(a.ref), a.max_docs, a.max_len, a.seed, a.device)
+    print(json.dumps({**asdict(s), "ppl_gap": s.ppl_gap}))
+
+
+if __name__ == "__main__":
+    main()

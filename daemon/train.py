@@ -1,0 +1,428 @@
+"""One CPT round: `python -m daemon.train SPEC.json` (or `torchrun --nproc-per-node N -m daemon.train SPEC.json`).
+
+The daemon writes a TrainSpec, runs this in a child process so a crash or OOM
+never takes the daemon down, and follows OUT/progress.jsonl (also echoed on
+stdout). The trainer never talks to Redis or Kafka: its whole input is the spec
+and the files it names, so a rerun of the same spec is the same round. Killed
+at any step, a rerun resumes from the newest complete checkpoint and ends with
+the same weights as an uninterrupted run: the data order is a pure function of
+(data_seed, step) and the schedule a pure function of the step.
+
+Output layout (OUT = spec.out_dir):
+  spec.json              the spec this directory belongs to (a different spec is refused)
+  progress.jsonl         start / eval / step / checkpoint / mainline / done events
+  checkpoints/step-N/    resumable state after N steps: weights (safetensors; full: HF dir with
+                         tokenizer, lora: adapter), trainer_state.pt (optimizer + RNG), state.json
+  mainline/              infinite only: main-line state at the end of this round's main-line
+                         steps, same format; the next round's spec names it as mainline_in
+  final/                 the release candidate (infinite: the end of the anneal branch);
+                         full: HF dir (model.safetensors, config.json, tokenizer),
+                         lora: adapter_config.json + adapter_model.safetensors (vLLM LoRA layout)
+  result.json            written last; its presence means the round finished
+
+Packing: each document is BOS + tokens + EOS, documents are concatenated and
+cut into seq_len blocks (the tail shorter than one block is dropped), so no
+token is padding. position_ids restart at every document start; with no 2-D
+attention mask, transformers turns that into a block-diagonal causal mask
+(sdpa/eager/flex) or varlen attention (flash-attention), so attention never
+crosses documents. Targets that would predict a BOS across a boundary are masked.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from daemon.lm_loss import mean_token_loss
+from policies.replay import replay_tokens_for
+from policies.schedule import SchedulePolicy, anneal_steps_for, round_lr
+from policies.train import TrainPolicy
+
+IGNORE = -100
+
+
+@dataclass
+class TrainSpec:
+    parent_dir: str  # HF checkpoint the round starts from (weights unless resuming / mainline_in); base model in lora mode
+    out_dir: str
+    new_path: str  # JSONL {"text": ...} per line
+    replay_path: str | None = None
+    heldout_new_path: str | None = None
+    heldout_replay_path: str | None = None
+    replay_ratio: float = 0.0  # fraction of the round's training tokens drawn from replay
+    schedule: dict = field(default_factory=dict)  # SchedulePolicy fields
+    train: dict = field(default_factory=dict)  # TrainPolicy fields
+    mainline_in: str | None = None  # infinite: previous round's OUT/mainline; None on the first round
+    data_seed: int = 0  # mixture draw, document shuffle, block order
+    init_seed: int = 0  # LoRA init, dropout
+    round_id: str = ""
+    compile: bool = False  # torch.compile the model (GPU runs)
+    cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default. 1 wins on a shared, oversubscribed box
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainSpec":
+        return cls(**json.loads(text))
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- data
+
+def read_texts(path: str | None) -> list[str]:
+    if not path:
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def tokenize_docs(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [([bos] if bos is not None else []) + d + [eos] for d in ids]
+
+
+def mix_documents(new: list[list[int]], replay: list[list[int]], ratio: float, rng: random.Random) -> tuple[list[list[int]], int]:
+    """New documents plus replay documents making up `ratio` of the tokens, shuffled. Returns (docs, replay tokens)."""
+    target = replay_tokens_for(sum(map(len, new)), ratio) if replay else 0
+    chosen, got = [], 0
+    while got < target:  # cycle through shuffled replay passes when the replay set is small
+        order = list(range(len(replay)))
+        rng.shuffle(order)
+        for i in order:
+            if got >= target:
+                break
+            chosen.append(replay[i])
+            got += len(replay[i])
+    docs = new + chosen
+    rng.shuffle(docs)
+    return docs, got
+
+
+def pack(docs: list[list[int]], seq_len: int, bos: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, position ids, targets), each [n_blocks, seq_len]; see the module docstring."""
+    flat = torch.tensor([t for d in docs for t in d], dtype=torch.long)
+    starts = torch.zeros(len(flat), dtype=torch.bool)
+    offsets = torch.tensor([0] + [len(d) for d in docs[:-1]], dtype=torch.long).cumsum(0)
+    starts[offsets[offsets < len(flat)]] = True
+    n = len(flat) // seq_len
+    if n == 0:
+        raise ValueError(f"round has {len(flat)} tokens, fewer than one sequence of {seq_len}")
+    ids = flat[: n * seq_len].view(n, seq_len)
+    starts = starts[: n * seq_len].view(n, seq_len).clone()
+    starts[:, 0] = True  # a block's first token starts a new attention context
+    idx = torch.arange(seq_len).expand(n, seq_len)
+    last_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    pos = idx - last_start
+    tgt = ids.clone()
+    if bos is not None:
+        tgt[ids == bos] = IGNORE
+    return ids, pos, tgt
+
+
+def block_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_blocks, generator=g)
+
+
+def blocks_at(n_blocks: int, seed: int, start: int, count: int) -> list[int]:
+    """Blocks for stream positions [start, start+count): an endless sequence of seeded epoch permutations."""
+    out, cache = [], {}
+    for p in range(start, start + count):
+        e = p // n_blocks
+        if e not in cache:
+            cache[e] = block_order(n_blocks, seed, e)
+        out.append(int(cache[e][p % n_blocks]))
+    return out
+
+
+# ---------------------------------------------------------------- model + state
+
+def pick_device(want: str) -> torch.device:
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(want)
+
+
+def load_model(spec: TrainSpec, tp: TrainPolicy, state_dir: str | None, device: torch.device):
+    """Parent weights, or the weights saved in state_dir (a checkpoint or main line); lora wraps the parent."""
+    from transformers import AutoModelForCausalLM
+
+    attn = "flash_attention_2" if device.type == "cuda" and _has_flash_attn() else "sdpa"
+    if tp.mode == "full":
+        model = AutoModelForCausalLM.from_pretrained(state_dir or spec.parent_dir, dtype=torch.float32, attn_implementation=attn)
+    else:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        base = AutoModelForCausalLM.from_pretrained(spec.parent_dir, dtype=torch.float32, attn_implementation=attn)
+        if state_dir:
+            model = PeftModel.from_pretrained(base, state_dir, is_trainable=True)
+        else:
+            torch.manual_seed(spec.init_seed)
+            cfg = LoraConfig(r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
+                             target_modules=list(tp.lora_targets), task_type="CAUSAL_LM")
+            model = get_peft_model(base, cfg)
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def _has_flash_attn() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def packed_logits(model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Forward over packed blocks. No attention mask and no KV cache: that is what lets transformers
+    derive the per-document causal mask from the restarting position_ids."""
+    return model(input_ids=ids, position_ids=pos, use_cache=False).logits
+
+
+def make_optimizer(model, tp: TrainPolicy, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on vectors (norms, biases), as in nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tp.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=0.0, betas=(tp.beta1, tp.beta2), eps=tp.adam_eps, fused=device.type == "cuda")
+
+
+def trainable_digest(model) -> str:
+    """sha256 over the trainable tensors in name order: lets a caller check which weights a round started from."""
+    h = hashlib.sha256()
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_state(dst: Path, model, tokenizer, opt, tp: TrainPolicy, state: dict) -> None:
+    """Write a complete state dir atomically (tmp dir + rename), so a kill leaves either nothing or all of it."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_weights(tmp, model, tokenizer, tp)
+    torch.save({"optimizer": opt.state_dict(), "cpu_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+
+
+def save_weights(dst: Path, model, tokenizer, tp: TrainPolicy) -> None:
+    """full: an HF checkpoint dir (safetensors + config + tokenizer); lora: adapter_config.json + adapter_model.safetensors."""
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(dst), safe_serialization=True)
+    if tp.mode == "full":
+        tokenizer.save_pretrained(str(dst))
+
+
+def load_trainer_state(src: Path, opt) -> dict:
+    blob = torch.load(src / "trainer_state.pt", weights_only=True)
+    opt.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["cpu_rng"])
+    return json.loads((src / "state.json").read_text())
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    done = sorted(p for p in ckpt_dir.glob("step-*") if not p.name.endswith(".tmp") and (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+# ---------------------------------------------------------------- the round
+
+class Progress:
+    """JSON lines to OUT/progress.jsonl and stdout; on a resume, records for re-run steps appear again (take the last)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.f = open(path, "a", encoding="utf-8") if enabled else None
+
+    def __call__(self, event: str, **kw) -> None:
+        if self.f is None:
+            return
+        line = json.dumps({"event": event, "time": round(time.time(), 3), **kw})
+        self.f.write(line + "\n")
+        self.f.flush()
+        print(line, flush=True)
+
+
+def run(spec: TrainSpec) -> dict:
+    tp = TrainPolicy.model_validate(spec.train)
+    sp = SchedulePolicy.model_validate(spec.schedule)
+    out = Path(spec.out_dir)
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    main_proc = rank == 0
+    device = pick_device(tp.device)
+    if spec.cpu_threads:
+        torch.set_num_threads(spec.cpu_threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    out.mkdir(parents=True, exist_ok=True)
+    spec_file = out / "spec.json"
+    if spec_file.exists() and TrainSpec.from_json(spec_file.read_text()).digest() != spec.digest():
+        raise SystemExit(f"{out} belongs to a different spec; refusing to mix rounds")
+    if main_proc:
+        spec_file.write_text(spec.to_json())
+    if (out / "result.json").exists():  # finished already: a rerun is a no-op
+        return json.loads((out / "result.json").read_text())
+    log = Progress(out / "progress.jsonl", main_proc)
+
+    # Data: a pure function of the spec, rebuilt identically on every (re)run.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.parent_dir)
+    rng = random.Random(spec.data_seed)
+    new_docs = tokenize_docs(tokenizer, read_texts(spec.new_path))
+    docs, replay_tok = mix_documents(new_docs, tokenize_docs(tokenizer, read_texts(spec.replay_path)), spec.replay_ratio, rng)
+    ids, pos, tgt = pack(docs, tp.seq_len, tokenizer.bos_token_id)
+    n_blocks = ids.shape[0]
+    per_step = tp.micro_batch_size * tp.grad_accum * world
+    main_steps = tp.max_steps or max(1, math.floor(tp.epochs * n_blocks / per_step))
+    anneal_steps = anneal_steps_for(sp, main_steps)
+    total_steps = main_steps + anneal_steps
+    heldout = {"new": read_texts(spec.heldout_new_path)[: tp.eval_max_docs], "replay": read_texts(spec.heldout_replay_path)[: tp.eval_max_docs]}
+
+    # State: newest checkpoint of this round, else the main line it continues, else the parent.
+    ckpt_dir = out / "checkpoints"
+    ckpt = latest_checkpoint(ckpt_dir)
+    mainline_in = Path(spec.mainline_in) if (sp.kind == "infinite" and spec.mainline_in) else None
+    state_dir = ckpt or mainline_in
+    model = load_model(spec, tp, str(state_dir) if state_dir else None, device)
+    opt = make_optimizer(model, tp, device)
+    torch.manual_seed(spec.init_seed)  # before loading state, which restores the RNG of a resumed run
+    global_step0, step, tokens = 0, 0, 0
+    if mainline_in:
+        global_step0 = json.loads((mainline_in / "state.json").read_text())["global_step"]
+    if state_dir:
+        st = load_trainer_state(state_dir, opt)
+        if ckpt:
+            step, tokens = st["step"], st["tokens"]
+    init_from = "checkpoint" if ckpt else ("mainline" if mainline_in else "parent")
+    opt_steps0 = max((int(s["step"]) for s in opt.state_dict()["state"].values()), default=0)
+    log("start", round_id=spec.round_id, spec=spec.digest(), init_from=init_from, resumed_at=step, init_digest=trainable_digest(model),
+        optimizer_steps=opt_steps0, global_step0=global_step0, main_steps=main_steps, anneal_steps=anneal_steps,
+        total_steps=total_steps, n_blocks=n_blocks, tokens_per_step=per_step * tp.seq_len, replay_tokens=replay_tok,
+        new_tokens=sum(map(len, new_docs)), schedule=sp.kind, mode=tp.mode, device=str(device), world_size=world)
+
+    raw_model = model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd = torch.compile(model) if spec.compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    ckpt_dir.mkdir(exist_ok=True)
+
+    def evaluate(at: int) -> None:
+        if main_proc and (heldout["new"] or heldout["replay"]):
+            losses = {f"loss_heldout_{k}": mean_token_loss(raw_model, tokenizer, v, max_len=tp.seq_len).mean_nll for k, v in heldout.items() if v}
+            log("eval", step=at, global_step=global_step0 + min(at, main_steps), **losses)
+
+    def state(at: int) -> dict:
+        return {"step": at, "tokens": tokens, "global_step": global_step0 + min(at, main_steps), "spec": spec.digest(), "round_id": spec.round_id}
+
+    def checkpoint(at: int) -> None:
+        if main_proc:
+            save_state(ckpt_dir / f"step-{at:08d}", raw_model, tokenizer, opt, tp, state(at))
+            for old in sorted(ckpt_dir.glob("step-*"))[: -tp.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            log("checkpoint", step=at, path=str(ckpt_dir / f"step-{at:08d}"))
+        if ddp:
+            torch.distributed.barrier()
+
+    if step == 0:
+        evaluate(0)
+    model.train()
+    while step < total_steps:
+        if sp.kind == "infinite" and step == main_steps and main_proc and not (out / "mainline" / "state.json").exists():
+            save_state(out / "mainline", raw_model, tokenizer, opt, tp, state(step))
+            log("mainline", path=str(out / "mainline"), global_step=global_step0 + main_steps)
+        lr, phase = round_lr(sp, step, main_steps, global_step0)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # Main line reads the round's stream; the anneal branch a re-shuffled pass of the same mixture.
+        stream_seed, stream_pos = (spec.data_seed, step) if phase == "main" else (spec.data_seed + 1, step - main_steps)
+        blocks = blocks_at(n_blocks, stream_seed, stream_pos * per_step, per_step)
+        mine = blocks[rank::world]
+        n_tgt = int((tgt[mine][:, 1:] != IGNORE).sum())
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for m in range(tp.grad_accum):
+            b = mine[m * tp.micro_batch_size:(m + 1) * tp.micro_batch_size]
+            x, p, y = ids[b].to(device), pos[b].to(device), tgt[b].to(device)
+            sync = nullcontext() if (not ddp or m == tp.grad_accum - 1) else model.no_sync()
+            with sync, autocast:
+                logits = packed_logits(fwd, x, p)
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+            with sync:
+                (loss / n_tgt).backward()
+            loss_sum += float(loss.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tp.grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens += n_tgt * world
+        dt = time.perf_counter() - t0
+        log("step", step=step, global_step=global_step0 + min(step, main_steps), phase=phase, tokens=tokens, loss=loss_sum / n_tgt,
+            lr=lr, grad_norm=grad_norm, tokens_per_s=n_tgt * world / dt)
+        if step % tp.eval_interval == 0 or step in (main_steps, total_steps):
+            evaluate(step)
+        if step % tp.checkpoint_interval == 0 or step in (main_steps, total_steps):
+            checkpoint(step)
+
+    result = {"round_id": spec.round_id, "spec": spec.digest(), "steps": total_steps, "main_steps": main_steps, "anneal_steps": anneal_steps,
+              "tokens": tokens, "final": str(out / "final"), "mainline": str(out / "mainline") if sp.kind == "infinite" else None,
+              "global_step": global_step0 + main_steps, "mode": tp.mode}
+    if main_proc:
+        for d in ("final", "final.tmp"):
+            shutil.rmtree(out / d, ignore_errors=True)
+        save_weights(out / "final.tmp", raw_model, tokenizer, tp)
+        os.replace(out / "final.tmp", out / "final")
+        if sp.kind == "infinite" and not (out / "mainline" / "state.json").exists():  # an anneal of 0 steps cannot happen, but be sure
+            raise RuntimeError("main line was not saved")
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+        log("done", **result)
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m daemon.train SPEC.json")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stdout carries progress JSON lines only
+    run(TrainSpec.from_json(Path(argv[0]).read_text()))
+
+
+if __name__ == "__main__":
+    main()
