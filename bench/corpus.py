@@ -82,10 +82,9 @@ def _unwrap(par: str) -> str:
 def _is_prose(par: str) -> bool:
     """A paragraph a careful reader would call running English text."""
     words = par.split()
-    if len(words) < 12 or "{" in par or ">>>" in par or "lorem" in par.lower():
+    if len(words) < 12 or "{" in par or ">>>" in par or "`" in par or "lorem" in par.lower():
         return False
-    letters = sum(c.isalpha() for c in par)
-    if letters < 0.75 * len(par.replace(" ", "").replace("\n", "")):
+    if sum(w.rstrip(".,;:!?").isalpha() for w in words) < 0.9 * len(words):
         return False
     return par.rstrip().endswith((".", "?", "!")) and par[0].isupper()
 
