@@ -510,11 +510,13 @@ class ServingController:
             self._mark(r.url, version=None)
             self._step(rec, r, "reload_weights", lambda: r.reload_weights(checkpoint))
             self._step(rec, r, "reset_prefix_cache", r.reset_prefix_cache)
+            # Labelled before resume (DESIGN.md §4 does it after): no output of the new weights
+            # ever carries the old version.
+            self._step(rec, r, "update_weight_version", lambda: r.set_weight_version(version))
             self._step(rec, r, "resume", r.resume)
             rec.pause_seconds = time.monotonic() - paused_at
             paused_at = None
             self._metric("SWAP_PAUSE_SECONDS", "observe", rec.pause_seconds, replica=r.url)
-            self._step(rec, r, "update_weight_version", lambda: r.set_weight_version(version))
             live = self._step(rec, r, "verify_weight_info", r.weight_version)
             if live != version:
                 raise ServingError(r.url, "verify_weight_info", f"server reports {live!r}, expected {version!r}")

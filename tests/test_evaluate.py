@@ -31,8 +31,10 @@ OLD_DOCS = [f"an old story about a {a} cat that sleeps {n} hours near the river"
             for n in ("two", "ten", "many")]
 
 
-def _fine_tune(src: Path, out: Path, texts: list[str], steps: int, lr: float = 3e-3) -> Path:
-    """A real CPT round in miniature: the candidate has actually learned the new documents."""
+def _fine_tune(src: Path, root: Path, texts: list[str], save_at: tuple[int, ...], lr: float = 3e-3) -> list[Path]:
+    """A real CPT round in miniature: the candidates have actually learned the new documents.
+
+    One run, checkpoints saved along the way, like the trainer's mid-round checkpoints."""
     import torch
 
     model, tok = load_model(src)
@@ -41,13 +43,17 @@ def _fine_tune(src: Path, out: Path, texts: list[str], steps: int, lr: float = 3
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     batch = tok([tok.bos_token + t for t in texts], return_tensors="pt", padding=True, add_special_tokens=False)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    for _ in range(steps):
+    out = []
+    for step in range(1, max(save_at) + 1):
         loss = model(**batch, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
-    shutil.copytree(src, out)
-    model.save_pretrained(str(out), safe_serialization=True)
+        if step in save_at:
+            d = root / f"step-{step}"
+            shutil.copytree(src, d)
+            model.save_pretrained(str(d), safe_serialization=True)
+            out.append(d)
     return out
 
 
@@ -55,8 +61,7 @@ def _fine_tune(src: Path, out: Path, texts: list[str], steps: int, lr: float = 3
 def round_dir(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
     base = build_tiny_llama(root / "serving", NEW_DOCS * 3 + OLD_DOCS * 3, seed=0)
-    early = _fine_tune(base, root / "step-10", NEW_DOCS, steps=10)
-    late = _fine_tune(base, root / "step-60", NEW_DOCS, steps=60)
+    early, late = _fine_tune(base, root, NEW_DOCS, save_at=(10, 60))
     suite = root / "colors.jsonl"
     suite.write_text("".join(json.dumps({"context": f"in the new town the {t} is", "choices": COLORS,
                                          "answer": COLORS.index(c)}) + "\n" for t, c in FACTS))
