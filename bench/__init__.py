@@ -1,1 +1,1 @@
-"""Benchmarks and the deterministic corpora they (and some tests) share."""
+"""Benchmarks: each prints ours vs a named baseline, as a ratio, in one run."""

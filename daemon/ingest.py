@@ -60,6 +60,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.ing = ingestor
 
     def on_partitions_revoked(self, revoked):
+        self.ing.state.assigned = []
         log.info("partitions revoked", extra={"partitions": [f"{tp.topic}/{tp.partition}" for tp in revoked]})
 
     def on_partitions_assigned(self, assigned):
@@ -133,6 +134,7 @@ class Ingestor:
                 self._apply_policy()
                 if self._should_pause():
                     self._hold(self.consumer.poll(timeout_ms=500))
+                    self._report_lag()  # lag keeps growing while paused: that is what operators watch
                     continue
                 polled = self.consumer.poll(timeout_ms=self.policy.ingest.batch_max_wait_ms, max_records=self.policy.ingest.batch_max_docs)
                 msgs = [m for recs in polled.values() for m in recs]

@@ -11,7 +11,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from bench.corpus import english_docs, mixed_corpus
+from daemon.sample_corpus import english_docs, mixed_corpus
 from policies.config import Policy
 from policies.dedup import band_keys, content_key, minhash_signatures
 from policies.quality import build_filters, judge
@@ -65,9 +65,10 @@ def mixed_stream(policy: Policy, n_good: int = 300, seed: int = 0) -> tuple[list
     copies: list[Msg] = []
     for i, t in enumerate(goods):
         payload = json.dumps({"text": t, "id": f"g{i}", "source": "test"}) if i % 2 else t
-        msgs.append(Msg(payload.encode(), "accepted", key=content_key(t)))
-    for t in goods[: n_good // 5]:  # exact copies, some re-cased / re-spaced (same normalized text)
-        variant = t if rng.random() < 0.5 else "  " + t.upper() + "\n"
+        stored = judge(t, filters).text or t  # the buffer keeps the C4-cleaned text
+        msgs.append(Msg(payload.encode(), "accepted", key=content_key(stored)))
+    for t in goods[: n_good // 5]:  # exact copies, some re-spaced (same normalized text, same filter verdict)
+        variant = t if rng.random() < 0.5 else t.replace(". ", ".  ") + "  "
         copies.append(Msg(json.dumps({"text": variant, "id": "dup"}).encode(), "duplicate", "exact_match"))
     for t in goods[n_good // 5 : n_good // 5 + n_good // 10]:
         copies.append(Msg(_near_copy(t, rng).encode(), "near_duplicate", "minhash_lsh"))
@@ -95,11 +96,12 @@ def expected_counts(msgs: list[Msg]) -> Counter:
     return Counter((m.outcome, m.reason) for m in msgs)
 
 
-def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+def produce(bootstrap: str, topic: str, values: list[bytes], partitions: int | None = None) -> None:
+    """Send and wait for acks; with `partitions`, spread round-robin so every partition gets its share."""
     from kafka import KafkaProducer
 
     p = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=8 * 1024 * 1024, linger_ms=5)
-    for v in values:
-        p.send(topic, v)
+    for i, v in enumerate(values):
+        p.send(topic, v, partition=None if partitions is None else i % partitions)
     p.flush(timeout=60)
     p.close()

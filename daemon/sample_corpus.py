@@ -1,4 +1,4 @@
-"""A deterministic, offline, mixed corpus for the quality-filter tests and benches.
+"""A deterministic, offline, mixed corpus for the demo, the quality-filter tests and the benches.
 
 Real text comes from the installed Python's standard library: the docstrings
 and comment blocks of its modules, which are English prose written by many
