@@ -163,7 +163,9 @@ def test_corrupt_candidates_rejected_before_server_is_touched(controller, tiny_m
 
 
 def test_lora_round_adapters_get_new_names_and_old_ones_unload(vllm_server, tiny_models):
+    _reset_to_base(vllm_server.url, tiny_models.base)
     c = ServingController([vllm_server.url], config=ServingConfig(lora_prefix=f"t{int(time.time())}", lora_keep=2))
+    c.adopt(str(tiny_models.base), "base")
     r = c.replicas[0]
     base = r.complete(PROMPT, 12)
     names, outs = [], []
@@ -188,6 +190,13 @@ def test_lora_round_adapters_get_new_names_and_old_ones_unload(vllm_server, tiny
         r.complete(PROMPT, 4, model=names[0])
     assert e.value.replica == vllm_server.url
     assert c.state.lora_active == rec.route_model and c.state.lora_versions == [names[1], rec.route_model]
+    # A full-weight swap resets the worker's LoRA state; the active adapter must still serve, on the new base.
+    on_old_base = r.complete(PROMPT, 12, model=rec.route_model)
+    assert c.deploy(tiny_models.other, "lora-base-2").ok
+    on_new_base = r.complete(PROMPT, 12, model=rec.route_model)
+    assert on_new_base != on_old_base
+    assert on_new_base != r.complete(PROMPT, 12)  # the adapter is still applied, not silently dropped
+    assert c.rollback().ok and r.complete(PROMPT, 12, model=rec.route_model) == on_old_base
     for n in c.state.lora_versions:
         r.unload_lora(n)
     c.close()
