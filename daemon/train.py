@@ -69,6 +69,7 @@ class TrainSpec:
     init_seed: int = 0  # LoRA init, dropout
     round_id: str = ""
     compile: bool = False  # torch.compile the model (GPU runs)
+    attn_implementation: str = "auto"  # auto: CUDA flash_attention_2 if installed else flex_attention; CPU sdpa
     cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default. 1 wins on a shared, oversubscribed box
 
     def to_json(self) -> str:
@@ -158,8 +159,8 @@ def blocks_at(n_blocks: int, seed: int, start: int, count: int) -> list[int]:
 def pick_device(want: str) -> torch.device:
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if want == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(want)
 
 
@@ -167,7 +168,10 @@ def load_model(spec: TrainSpec, tp: TrainPolicy, state_dir: str | None, device: 
     """Parent weights, or the weights saved in state_dir (a checkpoint or main line); lora wraps the parent."""
     from transformers import AutoModelForCausalLM
 
-    attn = "flash_attention_2" if device.type == "cuda" and _has_flash_attn() else "sdpa"
+    attn = spec.attn_implementation
+    if attn == "auto":
+        # flex builds a sparse block mask from the per-document positions; sdpa would need a dense mask (H100, 0.5B: 18% vs 34% MFU compiled)
+        attn = ("flash_attention_2" if _has_flash_attn() else "flex_attention") if device.type == "cuda" else "sdpa"
     if tp.mode == "full":
         model = AutoModelForCausalLM.from_pretrained(state_dir or spec.parent_dir, dtype=torch.float32, attn_implementation=attn)
     else:
