@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from connectors.vllm import ServingController
-from daemon.embedded_vllm import poll_until
+from daemon.embedded import wait_for
 from tests.vllm_fixtures import SERVED_NAME, build_tiny_models, start_server
 
 
@@ -65,7 +65,7 @@ class Load:
     def __enter__(self) -> "Load":
         for t in self.threads:
             t.start()
-        poll_until(lambda: self.counts()[0] >= len(self.threads), 60, "first completions of every client")
+        wait_for(lambda: self.counts()[0] >= len(self.threads), 60, "first completions of every client")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -104,7 +104,7 @@ def main() -> None:
             server.stop()
             t_down = time.monotonic()
             server.restart(model=str(models.other), timeout=300)
-            first = poll_until(lambda: load.first_ok_sent_after(t_down), 120, "first successful completion after restart")
+            first = wait_for(lambda: load.first_ok_sent_after(t_down), 120, "first successful completion after restart")
             restart_s = first - t0
             ok2, failed2 = load.counts()
             restart_failed = failed2 - failed1

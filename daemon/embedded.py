@@ -24,13 +24,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(cond, timeout: float, what: str, interval: float = 0.05, proc: subprocess.Popen | None = None):
-    """Poll `cond` until it returns a truthy value; fail with `what` after `timeout` seconds."""
+def wait_for(cond, timeout: float, what: str, interval: float = 0.05, proc: subprocess.Popen | None = None,
+             log_path: Path | None = None):
+    """Poll `cond` until it returns a truthy value; fail with `what` (and the log's tail) after `timeout` seconds.
+
+    A watched process that dies fails the wait at once instead of at the deadline.
+    """
     deadline = time.monotonic() + timeout
     last_err: Exception | None = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with code {proc.returncode}")
+            raise RuntimeError(f"{what}: process exited with code {proc.returncode}" + _log_tail(log_path))
         try:
             v = cond()
             if v:
@@ -38,7 +42,14 @@ def wait_for(cond, timeout: float, what: str, interval: float = 0.05, proc: subp
         except Exception as e:  # noqa: BLE001 - the condition is allowed to fail until it holds
             last_err = e
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_err})" if last_err else ""))
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_err})" if last_err else "")
+                       + _log_tail(log_path))
+
+
+def _log_tail(log_path: Path | None, n: int = 3000) -> str:
+    if log_path is None or not log_path.exists():
+        return ""
+    return "\n--- log tail ---\n" + log_path.read_bytes()[-n:].decode("utf-8", "replace")
 
 
 def _port_open(port: int) -> bool:
@@ -59,7 +70,7 @@ class Service:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        wait_for(lambda: _port_open(self.port), timeout, f"{self.name} on port {self.port} (log: {self.log_path})", proc=self.proc)
+        wait_for(lambda: _port_open(self.port), timeout, f"{self.name} on port {self.port}", proc=self.proc, log_path=self.log_path)
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

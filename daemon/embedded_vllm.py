@@ -11,45 +11,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def poll_until(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.1,
-               proc: subprocess.Popen | None = None, log_path: Path | None = None) -> object:
-    """Wait for a condition with a deadline; a dead process fails at once instead of at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with code {proc.returncode}" + _log_tail(log_path))
-        try:
-            v = cond()
-            if v:
-                return v
-        except Exception as e:  # noqa: BLE001 - the condition may fail until it holds
-            last = e
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last})" if last else "") + _log_tail(log_path))
-
-
-def _log_tail(log_path: Path | None, n: int = 3000) -> str:
-    if log_path is None or not log_path.exists():
-        return ""
-    return "\n--- server log tail ---\n" + log_path.read_bytes()[-n:].decode("utf-8", "replace")
+from daemon.embedded import free_port, wait_for
 
 
 @dataclass
@@ -123,7 +92,7 @@ class VLLMServer:
             return False
 
     def wait_healthy(self, timeout: float = 240.0) -> None:
-        poll_until(self.healthy, timeout, f"vLLM at {self.url} /health", interval=0.25, proc=self.proc, log_path=self.log_path)
+        wait_for(self.healthy, timeout, f"vLLM at {self.url} /health", interval=0.25, proc=self.proc, log_path=self.log_path)
 
     def kill(self) -> None:
         """SIGKILL the whole process group: what a crash or an OOM kill looks like to the daemon."""

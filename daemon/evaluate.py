@@ -226,7 +226,7 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], max_le
 
 
 def score_mc(model, tokenizer, name: str, items: Sequence[MCItem], delimiter: str = " ", max_len: int = 512) -> SuiteResult:
-    preds, preds_norm, correct, correct_norm = [], [], 0, 0
+    preds, correct, correct_norm = [], 0, 0
     for it in items:
         lls = loglikelihoods(model, tokenizer, [(it.context, delimiter + c) for c in it.choices], max_len)
         p = max(range(len(lls)), key=lambda i: lls[i])

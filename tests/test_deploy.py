@@ -19,7 +19,6 @@ a field name, a wrong type or a missing required field fails the check.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess

@@ -9,7 +9,6 @@ poll on a condition with a deadline; both processes are stopped at teardown.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,11 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon.embedded import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
 JOB = "cptd-daemon"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(what: str, check, timeout: float, procs: list[tuple[subprocess.Popen, Path]]):
@@ -70,7 +65,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def daemon(tmp_path):
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "daemon.log"
     proc = _start([sys.executable, "-m", "daemon.api", "--port", str(port)], log)
     try:
@@ -87,7 +82,7 @@ def prometheus(tmp_path, daemon):
     if binary is None:
         pytest.fail("prometheus not found on PATH. Install it: apt-get install -y prometheus", pytrace=False)
     daemon_url, daemon_proc, daemon_log = daemon
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
