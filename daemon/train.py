@@ -382,10 +382,10 @@ def run(spec: TrainSpec) -> dict:
             b = mine[m * tp.micro_batch_size:(m + 1) * tp.micro_batch_size]
             x, p, y = ids[b].to(device), pos[b].to(device), tgt[b].to(device)
             sync = nullcontext() if (not ddp or m == tp.grad_accum - 1) else model.no_sync()
-            with sync, autocast:
-                logits = packed_logits(fwd, x, p)
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
-            with sync:
+            with sync:  # DDP all-reduces gradients only on the last micro-batch
+                with autocast:
+                    logits = packed_logits(fwd, x, p)
+                loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
                 (loss / n_tgt).backward()
             loss_sum += float(loss.detach())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tp.grad_clip))
