@@ -18,13 +18,18 @@ Keys:
   lsh       HASH  band key -> content key (near-dedup index of live documents)
   counters  HASH  "outcome|reason" -> messages
   offsets   HASH  "topic|partition" -> next offset not yet accounted for
-  stats     HASH  buffer_docs, buffer_bytes, seq, redelivered
+  stats     HASH  buffer_docs, buffer_bytes, seq, redelivered, replay_seen
+  replay    HASH  reservoir slot -> content key (replay reservoir, Algorithm R, capped)
+  replay_members SET content keys in the reservoir
+
+A document record lives in `docs` while the buffer or the reservoir holds it;
+its LSH bands live exactly as long, so near-dedup covers both (DESIGN.md §2).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import redis
 
@@ -85,26 +90,63 @@ out[#out + 1] = redis.call('HGET', stats, 'buffer_bytes') or '0'
 return out
 """
 
-# KEYS as above; ARGV: content keys to drop from the buffer and the store (their LSH bands too).
+# KEYS: docs, buffer, lsh, stats, replay_members; ARGV: content keys to drop from the buffer.
+# A document the replay reservoir also holds keeps its record and bands.
 _REMOVE_DOCS = """
-local docs, buffer, lsh, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local docs, buffer, lsh, stats, members = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local removed = 0
 for _, key in ipairs(ARGV) do
   local raw = redis.call('HGET', docs, key)
   if raw then
     local d = cjson.decode(raw)
-    for _, b in ipairs(d.bands or {}) do
-      if redis.call('HGET', lsh, b) == key then redis.call('HDEL', lsh, b) end
-    end
-    redis.call('HDEL', docs, key)
     if redis.call('ZREM', buffer, key) == 1 then
       redis.call('HINCRBY', stats, 'buffer_docs', -1)
       redis.call('HINCRBY', stats, 'buffer_bytes', -d.bytes)
+    end
+    if redis.call('SISMEMBER', members, key) == 0 then
+      for _, b in ipairs(d.bands or {}) do
+        if redis.call('HGET', lsh, b) == key then redis.call('HDEL', lsh, b) end
+      end
+      redis.call('HDEL', docs, key)
     end
     removed = removed + 1
   end
 end
 return removed
+"""
+
+# KEYS: docs, buffer, lsh, stats, replay, replay_members
+# ARGV[1]: replay_seen the caller computed slots from; ARGV[2]: replay_seen after; then (slot, key, blob) triples.
+# Returns -1 if another writer moved replay_seen meanwhile (the caller recomputes), else the documents placed.
+_REPLAY_PLACE = """
+local docs, buffer, lsh, stats, slots, members = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+if tonumber(redis.call('HGET', stats, 'replay_seen') or '0') ~= tonumber(ARGV[1]) then return -1 end
+local placed = 0
+for i = 3, #ARGV, 3 do
+  local slot, key, blob = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local old = redis.call('HGET', slots, slot)
+  if old then
+    redis.call('SREM', members, old)
+    if not redis.call('ZSCORE', buffer, old) then
+      local raw = redis.call('HGET', docs, old)
+      if raw then
+        for _, b in ipairs(cjson.decode(raw).bands or {}) do
+          if redis.call('HGET', lsh, b) == old then redis.call('HDEL', lsh, b) end
+        end
+        redis.call('HDEL', docs, old)
+      end
+    end
+  end
+  redis.call('HSET', slots, slot, key)
+  redis.call('SADD', members, key)
+  if redis.call('HEXISTS', docs, key) == 0 then
+    redis.call('HSET', docs, key, blob)
+    for _, b in ipairs(cjson.decode(blob).bands or {}) do redis.call('HSET', lsh, b, key) end
+  end
+  placed = placed + 1
+end
+redis.call('HSET', stats, 'replay_seen', ARGV[2])
+return placed
 """
 
 
@@ -145,8 +187,10 @@ class RedisStore:
         p = f"cptd:{{{name}}}:"
         self.k_docs, self.k_buffer, self.k_exact, self.k_lsh = p + "docs", p + "buffer", p + "exact", p + "lsh"
         self.k_counters, self.k_offsets, self.k_stats = p + "counters", p + "offsets", p + "stats"
+        self.k_replay, self.k_replay_members = p + "replay", p + "replay_members"
         self._write = client.register_script(_WRITE_BATCH)
         self._remove = client.register_script(_REMOVE_DOCS)
+        self._replay_place = client.register_script(_REPLAY_PLACE)
 
     @classmethod
     def from_url(cls, url: str, name: str, **kw: Any) -> "RedisStore":
@@ -203,10 +247,44 @@ class RedisStore:
         return [json.loads(v) for v in self.r.hmget(self.k_docs, keys) if v is not None]
 
     def remove_docs(self, keys: Sequence[str]) -> int:
-        """Drop documents from the buffer and store, with their near-dedup bands (their exact key stays remembered)."""
+        """Drop documents from the buffer, and from the store with their near-dedup bands unless the replay
+        reservoir holds them (their exact key stays remembered either way)."""
         if not keys:
             return 0
-        return int(self._remove(keys=[self.k_docs, self.k_buffer, self.k_lsh, self.k_stats], args=list(keys)))
+        return int(self._remove(keys=[self.k_docs, self.k_buffer, self.k_lsh, self.k_stats, self.k_replay_members], args=list(keys)))
+
+    # --- replay reservoir ---------------------------------------------------
+    def replay_offer(self, docs: Sequence[dict[str, Any]], cap: int, draw: Callable[[], float], slot_of: Callable[[int, int, float], int | None]) -> int:
+        """Offer documents (records with "key" and "bands") to the reservoir; returns how many were placed.
+
+        `slot_of(seen, cap, u)` is the sampling decision (policies.replay.reservoir_slot) and `draw()` its
+        uniform draw; documents already in the reservoir are not offered twice.
+        """
+        fresh: dict[str, dict[str, Any]] = {}
+        for d in docs:
+            fresh.setdefault(d["key"], d)
+        keys = list(fresh)
+        if keys:
+            member = self.r.smismember(self.k_replay_members, keys)
+            keys = [k for k, m in zip(keys, member) if not m]
+        while True:
+            seen0 = int(self.r.hget(self.k_stats, "replay_seen") or 0)
+            seen, args = seen0, []
+            for k in keys:
+                slot = slot_of(seen, cap, draw())
+                seen += 1
+                if slot is not None:
+                    args += [slot, k, json.dumps(fresh[k], ensure_ascii=False, separators=(",", ":"))]
+            keys6 = [self.k_docs, self.k_buffer, self.k_lsh, self.k_stats, self.k_replay, self.k_replay_members]
+            placed = int(self._replay_place(keys=keys6, args=[seen0, seen, *args]))
+            if placed >= 0:
+                return placed
+
+    def replay_stats(self) -> dict[str, int]:
+        return {"replay_docs": self.r.hlen(self.k_replay), "replay_seen": int(self.r.hget(self.k_stats, "replay_seen") or 0)}
+
+    def replay_keys(self) -> list[str]:
+        return [k.decode() for k in self.r.hvals(self.k_replay)]
 
     def ping(self) -> bool:
         return bool(self.r.ping())

@@ -47,6 +47,9 @@ class Daemon:
         try:
             out["counts"] = ingest_counts(self.store)
             out["buffer"] = self.store.buffer_stats()
+            out["replay"] = {**self.store.replay_stats(), "cap": self.policy.replay.reservoir_docs}
+            M.REPLAY_DOCS.set(out["replay"]["replay_docs"])
+            M.REPLAY_CAP_DOCS.set(out["replay"]["cap"])
         except Exception as e:  # noqa: BLE001 - status must answer even when Redis is down
             out["redis_error"] = str(e)
         return out

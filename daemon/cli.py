@@ -24,6 +24,8 @@ def _print_status(st: dict[str, Any]) -> None:
     b = st.get("buffer", {})
     print(f"buffer      {b.get('buffer_docs', 0):,} docs   {b.get('buffer_bytes', 0) / 1e6:,.1f} MB   "
           f"dedup keys exact {b.get('exact_keys', 0):,} / lsh {b.get('lsh_keys', 0):,}")
+    rp = st.get("replay", {})
+    print(f"replay      {rp.get('replay_docs', 0):,} / {rp.get('cap', 0):,} docs (reservoir over {rp.get('replay_seen', 0):,} seen)")
     c = st.get("counts", {})
     print(f"\n{'outcome:reason':<40} {'messages':>12}")
     for k, n in c.get("by_reason", {}).items():
@@ -72,6 +74,43 @@ def cmd_run(a: argparse.Namespace) -> int:
     return run(s)
 
 
+def cmd_seed_replay(a: argparse.Namespace) -> int:
+    """Exit 0: all lines seeded; 1: some lines invalid (named, the rest seeded); 2: nothing could be read."""
+    import random
+    from pathlib import Path
+
+    from connectors.redis_store import RedisStore
+    from daemon.seed_replay import seed_replay
+    from daemon.settings import Settings
+    from policies.config import PolicyError, load_policy
+
+    s = Settings() if a.policy is None else Settings(policy=a.policy)
+    try:
+        policy = load_policy(s.policy)
+    except PolicyError as e:
+        print(f"invalid policy: {e}", file=sys.stderr)
+        return 2
+    path = Path(a.file)
+    if not path.is_file():
+        print(f"{path}: no such file", file=sys.stderr)
+        return 2
+    store = RedisStore.from_url(s.redis_url.get_secret_value(), policy.name)
+    rep = seed_replay(path, store, policy, random.Random(a.seed))
+    st = store.replay_stats()
+    out = {"lines": rep.lines, "offered": rep.offered, "placed": rep.placed, "invalid": len(rep.invalid),
+           "reservoir_docs": st["replay_docs"], "reservoir_cap": policy.replay.reservoir_docs, "seen": st["replay_seen"]}
+    if a.json:
+        print(json.dumps({**out, "invalid_lines": [{"line": n, "reason": r, "detail": d} for n, r, d in rep.invalid]}))
+    else:
+        print(f"{path}: {rep.offered:,} documents offered, {rep.placed:,} placed; reservoir now "
+              f"{st['replay_docs']:,}/{policy.replay.reservoir_docs:,} (Algorithm R over {st['replay_seen']:,} seen)")
+        for n, r, d in rep.invalid[:20]:
+            print(f"  line {n}: {r}: {d}", file=sys.stderr)
+        if len(rep.invalid) > 20:
+            print(f"  ... and {len(rep.invalid) - 20} more invalid lines", file=sys.stderr)
+    return 1 if rep.invalid else 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from daemon.demo import run_demo
 
@@ -92,6 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("status", help="ingest counts, buffer and state of a running daemon")
     p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("seed-replay", help="seed the replay reservoir from a JSONL corpus (the original pre-training mix)")
+    p.add_argument("file")
+    p.add_argument("--policy", default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed of the reservoir's draws (default: random)")
+    p.set_defaults(fn=cmd_seed_replay)
     p = sub.add_parser("validate-policy", help="check a policy file; exit 1 and name the field if invalid")
     p.add_argument("file")
     p.set_defaults(fn=cmd_validate_policy)
