@@ -7,6 +7,7 @@ adaptation and forgetting are large and clear on a 2-layer model in seconds.
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -234,3 +235,20 @@ def test_drift_same_distribution_scores_lower_than_shifted(world):
     d_same, d_shift = decide(same, p, r), decide(shifted, p, r)
     assert d_same.score < d_shift.score
     assert d_same.replay_ratio < d_shift.replay_ratio and d_same.peak_lr < d_shift.peak_lr
+
+
+def test_torchrun_two_ranks_trains_one_consistent_model(world):
+    """DDP under torchrun (gloo on CPU): both ranks step together; the saved candidate learned the new domain."""
+    d = world["dir"]
+    spec = make_spec(parent_dir=world["model_a"], out_dir=str(d / "ddp"), new_path=world["b_train"], heldout_new_path=world["b_held"],
+                     data_seed=5, schedule={"kind": "rewarm_cosine", "peak_lr": 3e-3, "warmup_frac": 0.05},
+                     train={**TRAIN, "max_steps": 12, "eval_interval": 100})
+    (d / "ddp.json").write_text(spec.to_json())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "daemon.train", str(d / "ddp.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((d / "ddp" / "result.json").read_text())
+    start = events(d / "ddp", "start")[-1]
+    assert start["tokens_per_step"] == 2 * TRAIN["micro_batch_size"] * TRAIN["seq_len"]  # two ranks' micro-batches per step
+    assert result["steps"] == 12
+    assert heldout_loss(result["final"], world["b_held"]) < 0.8 * heldout_loss(world["model_a"], world["b_held"])
