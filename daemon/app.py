@@ -18,6 +18,7 @@ from connectors.redis_store import RedisStore
 from daemon import metrics as M
 from daemon.api import create_app
 from daemon.ingest import Ingestor
+from daemon.policy_watch import PolicyWatcher
 from daemon.settings import Settings
 from policies.config import Policy, load_policy, policy_hash
 
@@ -32,8 +33,13 @@ class Daemon:
         self.ingestor = Ingestor(policy, settings.kafka_bootstrap, self.store)
         self.stop = threading.Event()
         self.started = time.time()
+        self.watcher = PolicyWatcher(settings.policy, policy, self._apply_policy)
         M.UP_SINCE.set(self.started)
-        M.POLICY_INFO.info({"hash": policy_hash(policy), "name": policy.name})
+
+    def _apply_policy(self, policy: Policy) -> None:
+        """Ingest picks it up at its next batch boundary (the safe point)."""
+        self.policy = policy
+        self.ingestor.set_policy(policy)
 
     # --- the Engine protocol of daemon.api -------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -41,6 +47,7 @@ class Daemon:
         out: dict[str, Any] = {
             "name": self.policy.name,
             "policy_hash": policy_hash(self.policy),
+            "policy_error": self.watcher.last_error,
             "uptime_s": round(time.time() - self.started, 1),
             "ingest": {"paused": s.paused_cause, "assigned": s.assigned, "batches": s.batches, "last_commit": s.last_commit, "last_error": s.last_error},
         }
@@ -61,6 +68,9 @@ class Daemon:
             return False, f"redis unreachable: {e}"
         return True, "ok"
 
+    def reload_policy(self) -> tuple[bool, str]:
+        return self.watcher.check(force=True)
+
     def pause_ingest(self, paused: bool) -> None:
         (self.ingestor.operator_paused.set if paused else self.ingestor.operator_paused.clear)()
 
@@ -74,6 +84,7 @@ class Daemon:
         server.install_signal_handlers = lambda: None  # signals are ours
         http = threading.Thread(target=server.run, name="http", daemon=True)
         http.start()
+        threading.Thread(target=self.watcher.run, args=(self.stop,), name="policy-watch", daemon=True).start()
         log.info("cptd started", extra={"policy_hash": policy_hash(self.policy), "http_port": self.settings.http_port})
         try:
             self.ingestor.run(self.stop)
