@@ -37,7 +37,7 @@ OUTCOMES = ("accepted", "duplicate", "near_duplicate", "rejected", "dead_lettere
 
 # ARGV[1]: JSON header {max_exact, items: [[tp, offset, outcome, reason, key, bytes, [band keys]] ...]}
 # ARGV[2..]: one document JSON blob per item whose outcome is "candidate" (in order).
-# Returns {outcomes..., buffer_docs, buffer_bytes}; outcome "skipped" = already accounted.
+# Returns {"outcome|reason" per item..., buffer_docs, buffer_bytes}; outcome "skipped" = already accounted.
 _WRITE_BATCH = """
 local docs, buffer, exact, lsh, counters, offsets, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local hdr = cjson.decode(ARGV[1])
@@ -50,7 +50,7 @@ for i, it in ipairs(hdr.items) do
   local stored = next_off[tp]
   if stored == nil then stored = tonumber(redis.call('HGET', offsets, tp) or '-1') end
   if off < stored then
-    out[i] = 'skipped'
+    out[i] = 'skipped|'
     redis.call('HINCRBY', stats, 'redelivered', 1)
   else
     if outcome == 'candidate' then
@@ -76,8 +76,8 @@ for i, it in ipairs(hdr.items) do
         redis.call('HINCRBY', stats, 'buffer_bytes', nbytes)
       end
     end
-    redis.call('HINCRBY', counters, outcome .. '|' .. reason, 1)
-    out[i] = outcome
+    out[i] = outcome .. '|' .. reason
+    redis.call('HINCRBY', counters, out[i], 1)
     stored = off + 1
   end
   next_off[tp] = stored
@@ -90,9 +90,19 @@ out[#out + 1] = redis.call('HGET', stats, 'buffer_bytes') or '0'
 return out
 """
 
+# Shared by the scripts that let a document go: its record and the LSH bands still pointing at it.
+_LUA_DROP_DOC = """
+local function drop_doc(docs, lsh, key, raw)
+  for _, b in ipairs(cjson.decode(raw).bands or {}) do
+    if redis.call('HGET', lsh, b) == key then redis.call('HDEL', lsh, b) end
+  end
+  redis.call('HDEL', docs, key)
+end
+"""
+
 # KEYS: docs, buffer, lsh, stats, replay_members; ARGV: content keys to drop from the buffer.
 # A document the replay reservoir also holds keeps its record and bands.
-_REMOVE_DOCS = """
+_REMOVE_DOCS = _LUA_DROP_DOC + """
 local docs, buffer, lsh, stats, members = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local removed = 0
 for _, key in ipairs(ARGV) do
@@ -103,12 +113,7 @@ for _, key in ipairs(ARGV) do
       redis.call('HINCRBY', stats, 'buffer_docs', -1)
       redis.call('HINCRBY', stats, 'buffer_bytes', -d.bytes)
     end
-    if redis.call('SISMEMBER', members, key) == 0 then
-      for _, b in ipairs(d.bands or {}) do
-        if redis.call('HGET', lsh, b) == key then redis.call('HDEL', lsh, b) end
-      end
-      redis.call('HDEL', docs, key)
-    end
+    if redis.call('SISMEMBER', members, key) == 0 then drop_doc(docs, lsh, key, raw) end
     removed = removed + 1
   end
 end
@@ -118,7 +123,7 @@ return removed
 # KEYS: docs, buffer, lsh, stats, replay, replay_members
 # ARGV[1]: replay_seen the caller computed slots from; ARGV[2]: replay_seen after; then (slot, key, blob) triples.
 # Returns -1 if another writer moved replay_seen meanwhile (the caller recomputes), else the documents placed.
-_REPLAY_PLACE = """
+_REPLAY_PLACE = _LUA_DROP_DOC + """
 local docs, buffer, lsh, stats, slots, members = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 if tonumber(redis.call('HGET', stats, 'replay_seen') or '0') ~= tonumber(ARGV[1]) then return -1 end
 local placed = 0
@@ -129,12 +134,7 @@ for i = 3, #ARGV, 3 do
     redis.call('SREM', members, old)
     if not redis.call('ZSCORE', buffer, old) then
       local raw = redis.call('HGET', docs, old)
-      if raw then
-        for _, b in ipairs(cjson.decode(raw).bands or {}) do
-          if redis.call('HGET', lsh, b) == old then redis.call('HDEL', lsh, b) end
-        end
-        redis.call('HDEL', docs, old)
-      end
+      if raw then drop_doc(docs, lsh, old, raw) end
     end
   end
   redis.call('HSET', slots, slot, key)
@@ -172,6 +172,7 @@ class BatchItem:
 @dataclass(frozen=True)
 class BatchResult:
     outcomes: list[str]  # per item: an OUTCOMES value or "skipped"
+    reasons: list[str]  # per item: the reason counted with it ("" for accepted and skipped)
     buffer_docs: int
     buffer_bytes: int
 
@@ -208,7 +209,9 @@ class RedisStore:
         keys = [self.k_docs, self.k_buffer, self.k_exact, self.k_lsh, self.k_counters, self.k_offsets, self.k_stats]
         res = self._write(keys=keys, args=[json.dumps(header, separators=(",", ":")), *blobs])
         res = [x.decode() if isinstance(x, bytes) else x for x in res]
-        return BatchResult(outcomes=res[:-2], buffer_docs=int(res[-2]), buffer_bytes=int(res[-1]))
+        pairs = [r.partition("|")[::2] for r in res[:-2]]
+        return BatchResult(outcomes=[o for o, _ in pairs], reasons=[r for _, r in pairs],
+                           buffer_docs=int(res[-2]), buffer_bytes=int(res[-1]))
 
     def stored_offsets(self) -> dict[tuple[str, int], int]:
         out = {}

@@ -21,7 +21,7 @@ class Engine(Protocol):
     def status(self) -> dict[str, Any]: ...
     def ready(self) -> tuple[bool, str]: ...
     def pause_ingest(self, paused: bool) -> None: ...
-    def reload_policy(self) -> tuple[bool, str]: ...
+    def reload_policy(self) -> dict[str, Any]: ...
 
 
 def create_app(engine: Engine | None = None, token: str | None = None) -> FastAPI:
@@ -69,11 +69,10 @@ def create_app(engine: Engine | None = None, token: str | None = None) -> FastAP
     @app.post("/policy/reload", dependencies=[Depends(require_token)])
     def policy_reload() -> JSONResponse:
         """Read the policy file now; 422 with the field named if it is invalid (the old policy stays)."""
-        changed, msg = _need(engine).reload_policy()
-        status = engine.status() if engine else {}
-        if status.get("policy_error"):
-            return JSONResponse({"error": msg, "policy_hash": status.get("policy_hash")}, status_code=422)
-        return JSONResponse({"changed": changed, "policy_hash": status.get("policy_hash"), "message": msg})
+        r = _need(engine).reload_policy()
+        if r["error"]:
+            return JSONResponse({"error": r["error"], "policy_hash": r["policy_hash"]}, status_code=422)
+        return JSONResponse({"changed": r["changed"], "policy_hash": r["policy_hash"], "message": r["message"]})
 
     return app
 

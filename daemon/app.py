@@ -68,8 +68,9 @@ class Daemon:
             return False, f"redis unreachable: {e}"
         return True, "ok"
 
-    def reload_policy(self) -> tuple[bool, str]:
-        return self.watcher.check(force=True)
+    def reload_policy(self) -> dict[str, Any]:
+        changed, msg = self.watcher.check(force=True)
+        return {"changed": changed, "message": msg, "policy_hash": policy_hash(self.policy), "error": self.watcher.last_error}
 
     def pause_ingest(self, paused: bool) -> None:
         (self.ingestor.operator_paused.set if paused else self.ingestor.operator_paused.clear)()

@@ -69,29 +69,30 @@ class _Rebalance(ConsumerRebalanceListener):
 
 class Ingestor:
     def __init__(self, policy: Policy, bootstrap: str, store: RedisStore, client_id: str = "cptd-ingest"):
-        self.policy = policy
         self.store = store
-        self.filters = build_filters(policy.quality)
+        self._use_policy(policy)
         self.consumer: KafkaConsumer = make_consumer(bootstrap, policy.ingest, client_id)
         self.producer: KafkaProducer = make_dead_letter_producer(bootstrap, policy.ingest.max_message_bytes, client_id + "-dlq")
         self.state = IngestState()
         self.operator_paused = threading.Event()
         self._next_policy: Policy | None = None
         self._last_lag = 0.0
-        M.BUFFER_CAP_DOCS.set(policy.buffer.max_docs)
-        M.BUFFER_CAP_BYTES.set(policy.buffer.max_bytes)
 
     # --- control -------------------------------------------------------------
     def set_policy(self, policy: Policy) -> None:
         """Takes effect at the next batch boundary (topics and group changes need a restart)."""
         self._next_policy = policy
 
+    def _use_policy(self, policy: Policy) -> None:
+        self.policy = policy
+        self.filters = build_filters(policy.quality)
+        M.BUFFER_CAP_DOCS.set(policy.buffer.max_docs)
+        M.BUFFER_CAP_BYTES.set(policy.buffer.max_bytes)
+
     def _apply_policy(self) -> None:
         if self._next_policy is not None:
-            self.policy, self._next_policy = self._next_policy, None
-            self.filters = build_filters(self.policy.quality)
-            M.BUFFER_CAP_DOCS.set(self.policy.buffer.max_docs)
-            M.BUFFER_CAP_BYTES.set(self.policy.buffer.max_bytes)
+            policy, self._next_policy = self._next_policy, None
+            self._use_policy(policy)
 
     def on_assigned(self, assigned) -> None:
         stored = self._try(self.store.stored_offsets, "stored_offsets") or {}
@@ -183,10 +184,12 @@ class Ingestor:
                 break
             except (redis.RedisError, KafkaDeliveryError) as e:
                 self.state.last_error = str(e)
-                M.REDIS_ERRORS.labels("write_batch").inc() if isinstance(e, redis.RedisError) else M.DEAD_LETTER_PRODUCE_ERRORS.inc()
+                if isinstance(e, redis.RedisError):
+                    M.REDIS_ERRORS.labels("write_batch").inc()
+                else:
+                    M.DEAD_LETTER_PRODUCE_ERRORS.inc()
                 log.warning("batch write failed, holding batch and retrying", extra={"error": str(e), "retry_in_s": delay})
-                if self.state.paused_cause != "redis_down":
-                    self._set_paused("redis_down")
+                self._set_paused("redis_down")
                 if stop.wait(delay):
                     log.warning("stopping with an unwritten batch; it will be redelivered", extra={"docs": len(msgs)})
                     return
@@ -235,7 +238,7 @@ class Ingestor:
                     dead.append((m, "rejected", verdict.reason or "rejected", ""))
                 items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", verdict.reason or "rejected"))
                 continue
-            text = getattr(verdict, "text", None) or parsed.text
+            text = verdict.text or parsed.text  # the C4-cleaned text when the C4 rules ran
             candidates.append((m, parsed, text))
         self._send_dead_letters(dead)
         for m, outcome, reason, _ in dead:
@@ -255,9 +258,9 @@ class Ingestor:
                 items.append(BatchItem(m.topic, m.partition, m.offset, "candidate", "", key, nbytes, tuple(bk), doc))
         items.sort(key=lambda i: (i.topic, i.partition, i.offset))
         result = self.store.write_batch(items, pol.dedup.max_exact_keys)
-        for it, outcome in zip(items, result.outcomes):
+        for outcome, reason in zip(result.outcomes, result.reasons):
             if outcome != "skipped":
-                M.INGEST_DOCS.labels(outcome, "" if outcome in ("accepted",) else (it.reason or _redis_reason(outcome))).inc()
+                M.INGEST_DOCS.labels(outcome, reason).inc()
         M.INGEST_BATCH_SECONDS.observe(time.perf_counter() - t0)
         return result
 
@@ -302,7 +305,3 @@ class Ingestor:
 
 class KafkaDeliveryError(RuntimeError):
     """The dead-letter topic did not acknowledge a record."""
-
-
-def _redis_reason(outcome: str) -> str:
-    return {"duplicate": "exact_match", "near_duplicate": "minhash_lsh"}.get(outcome, "")

@@ -20,6 +20,7 @@ def test_outcomes_offsets_and_redelivery(redis_client):
     ]
     r = s.write_batch(batch, max_exact_keys=1000)
     assert r.outcomes == ["accepted", "duplicate", "near_duplicate", "rejected", "dead_lettered", "accepted"]
+    assert r.reasons == ["", "exact_match", "minhash_lsh", "gopher_below_min_words", "invalid_json", ""]
     assert (r.buffer_docs, r.buffer_bytes) == (2, 20)
     assert s.stored_offsets() == {("t", 0): 6}
     # Redelivery of the same offsets (crash before the Kafka commit) changes nothing.
