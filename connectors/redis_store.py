@@ -21,6 +21,19 @@ Keys:
   stats     HASH  buffer_docs, buffer_bytes, seq, redelivered, replay_seen
   replay    HASH  reservoir slot -> content key (replay reservoir, Algorithm R, capped)
   replay_members SET content keys in the reservoir
+  lease     STRING owner id of the daemon that runs rounds (PX = lease TTL)
+  epoch     STRING fencing token: incremented every time the lease changes hands
+  rounds    HASH  round id -> round record JSON (lineage); round_seq STRING last round number
+  round:ID:docs LIST content keys a round took from the buffer at SNAPSHOT
+  serving   STRING ServingState JSON (what each vLLM replica serves)
+  requests  HASH  request id -> JSON (round requests from the API, taken by the lease holder)
+  request_results HASH request id -> JSON (the round it started, or why not)
+  cancel    SET   round ids an operator asked to cancel
+
+Round state is written only by the lease holder, and every such write checks
+(in the same Lua call) that the lease and the epoch are still the writer's:
+a daemon that lost the lease while paused (GC, network) cannot overwrite the
+new holder's state.
 
 A document record lives in `docs` while the buffer or the reservoir holds it;
 its LSH bands live exactly as long, so near-dedup covers both (DESIGN.md §2).
@@ -150,6 +163,94 @@ return placed
 """
 
 
+# The fencing check every lease-holder write starts with. KEYS[1] lease, KEYS[2] epoch; ARGV[1] owner, ARGV[2] epoch.
+_LUA_FENCE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  return redis.error_reply('FENCED lease lost: held by ' .. tostring(redis.call('GET', KEYS[1])))
+end
+"""
+
+# KEYS: lease, epoch; ARGV: owner, ttl ms. Returns the epoch held (new or renewed), or 0 if another owner holds it.
+_LEASE_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(redis.call('GET', KEYS[2]))
+end
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return redis.call('INCR', KEYS[2])
+"""
+
+# KEYS: lease, epoch, rounds, [serving]; ARGV: owner, epoch, round id, record JSON, [serving JSON]
+_PUT_ROUND = _LUA_FENCE + """
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[3], ARGV[4]) end
+if ARGV[5] then redis.call('SET', KEYS[4], ARGV[5]) end
+return 1
+"""
+
+# KEYS: lease, epoch, docs, buffer, stats, round list; ARGV: owner, epoch, budget bytes, max docs.
+# Moves the oldest buffered documents, up to the byte budget (at least one), into the round's list.
+# Idempotent: a round that already has its list gets the same list back, nothing moves twice.
+_SNAPSHOT = _LUA_FENCE + """
+local docs, buffer, stats, lst = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+if redis.call('EXISTS', lst) == 1 then return redis.call('LRANGE', lst, 0, -1) end
+local budget, max_docs = tonumber(ARGV[3]), tonumber(ARGV[4])
+local taken, used = {}, 0
+local batch = 256
+local start = 0
+while #taken < max_docs do
+  local keys = redis.call('ZRANGE', buffer, start, start + batch - 1)
+  if #keys == 0 then break end
+  for _, key in ipairs(keys) do
+    local raw = redis.call('HGET', docs, key)
+    local n = raw and cjson.decode(raw).bytes or 0
+    if #taken > 0 and used + n > budget then max_docs = #taken break end
+    taken[#taken + 1] = key
+    used = used + n
+    if #taken >= max_docs then break end
+  end
+  start = start + batch
+end
+for _, key in ipairs(taken) do
+  local raw = redis.call('HGET', docs, key)
+  redis.call('ZREM', buffer, key)
+  redis.call('HINCRBY', stats, 'buffer_docs', -1)
+  if raw then redis.call('HINCRBY', stats, 'buffer_bytes', -cjson.decode(raw).bytes) end
+  redis.call('RPUSH', lst, key)
+end
+return taken
+"""
+
+# KEYS: lease, epoch, docs, buffer, stats, round list; ARGV: owner, epoch.
+# A round that failed before it could be used gives its documents back to the front of the buffer.
+_REQUEUE = _LUA_FENCE + """
+local docs, buffer, stats, lst = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local keys = redis.call('LRANGE', lst, 0, -1)
+local back = 0
+for i, key in ipairs(keys) do
+  local raw = redis.call('HGET', docs, key)
+  if raw and redis.call('ZADD', buffer, 'NX', -#keys + i - 1, key) == 1 then
+    redis.call('HINCRBY', stats, 'buffer_docs', 1)
+    redis.call('HINCRBY', stats, 'buffer_bytes', cjson.decode(raw).bytes)
+    back = back + 1
+  end
+end
+redis.call('DEL', lst)
+return back
+"""
+
+
+class Fenced(RuntimeError):
+    """This daemon no longer holds the round lease; the write was refused."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    owner: str
+    epoch: int
+
+
 @dataclass(frozen=True)
 class BatchItem:
     """One consumed message, with the outcome decided so far.
@@ -192,6 +293,13 @@ class RedisStore:
         self._write = client.register_script(_WRITE_BATCH)
         self._remove = client.register_script(_REMOVE_DOCS)
         self._replay_place = client.register_script(_REPLAY_PLACE)
+        self.k_lease, self.k_epoch, self.k_rounds, self.k_round_seq = p + "lease", p + "epoch", p + "rounds", p + "round_seq"
+        self.k_serving, self.k_requests, self.k_request_results, self.k_cancel = p + "serving", p + "requests", p + "request_results", p + "cancel"
+        self._prefix = p
+        self._lease_acquire = client.register_script(_LEASE_ACQUIRE)
+        self._put_round = client.register_script(_PUT_ROUND)
+        self._snapshot = client.register_script(_SNAPSHOT)
+        self._requeue = client.register_script(_REQUEUE)
 
     @classmethod
     def from_url(cls, url: str, name: str, **kw: Any) -> "RedisStore":
@@ -249,6 +357,12 @@ class RedisStore:
             return []
         return [json.loads(v) for v in self.r.hmget(self.k_docs, keys) if v is not None]
 
+    def get_docs_by_key(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Records in the order of `keys`, None where a record is gone."""
+        if not keys:
+            return []
+        return [json.loads(v) if v is not None else None for v in self.r.hmget(self.k_docs, list(keys))]
+
     def remove_docs(self, keys: Sequence[str]) -> int:
         """Drop documents from the buffer, and from the store with their near-dedup bands unless the replay
         reservoir holds them (their exact key stays remembered either way)."""
@@ -288,6 +402,98 @@ class RedisStore:
 
     def replay_keys(self) -> list[str]:
         return [k.decode() for k in self.r.hvals(self.k_replay)]
+
+    # --- lease (one round runner per deployment) ------------------------------
+    def lease_acquire(self, owner: str, ttl_s: float) -> Fence | None:
+        """Take or renew the lease; None while another owner holds it."""
+        epoch = int(self._lease_acquire(keys=[self.k_lease, self.k_epoch], args=[owner, max(1, int(ttl_s * 1000))]))
+        return Fence(owner, epoch) if epoch else None
+
+    def lease_release(self, fence: Fence) -> None:
+        """Hand the lease back at shutdown so another daemon takes over at once instead of after the TTL."""
+        self.r.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+                    1, self.k_lease, fence.owner)
+
+    def lease_holder(self) -> tuple[str | None, int]:
+        holder, epoch = self.r.mget(self.k_lease, self.k_epoch)
+        return (holder.decode() if holder else None), int(epoch or 0)
+
+    def _fenced(self, script, fence: Fence, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return script(keys=[self.k_lease, self.k_epoch, *keys], args=[fence.owner, fence.epoch, *args])
+        except redis.ResponseError as e:
+            if "FENCED" in str(e):
+                raise Fenced(str(e).split("FENCED ", 1)[-1]) from None
+            raise
+
+    # --- rounds -----------------------------------------------------------------
+    def next_round_number(self) -> int:
+        return int(self.r.incr(self.k_round_seq))
+
+    def put_round(self, fence: Fence, round_id: str, record: dict[str, Any], serving: str | None = None) -> None:
+        args: list[Any] = [round_id, json.dumps(record, sort_keys=True, default=str)]
+        keys = [self.k_rounds]
+        if serving is not None:
+            args.append(serving)
+            keys.append(self.k_serving)
+        self._fenced(self._put_round, fence, keys, args)
+
+    def put_serving(self, fence: Fence, serving: str) -> None:
+        self._fenced(self._put_round, fence, [self.k_rounds, self.k_serving], ["", "", serving])
+
+    def get_serving(self) -> str | None:
+        v = self.r.get(self.k_serving)
+        return v.decode() if v else None
+
+    def get_round(self, round_id: str) -> dict[str, Any] | None:
+        v = self.r.hget(self.k_rounds, round_id)
+        return json.loads(v) if v else None
+
+    def list_rounds(self) -> list[dict[str, Any]]:
+        """All round records, oldest first (ids sort by their number)."""
+        return sorted((json.loads(v) for v in self.r.hvals(self.k_rounds)), key=lambda r: r.get("number", 0))
+
+    def round_list_key(self, round_id: str) -> str:
+        return f"{self._prefix}round:{round_id}:docs"
+
+    def snapshot_take(self, fence: Fence, round_id: str, budget_bytes: int, max_docs: int = 10_000_000) -> list[str]:
+        keys = [self.k_docs, self.k_buffer, self.k_stats, self.round_list_key(round_id)]
+        return [k.decode() for k in self._fenced(self._snapshot, fence, keys, [int(budget_bytes), int(max_docs)])]
+
+    def round_docs(self, round_id: str) -> list[str]:
+        return [k.decode() for k in self.r.lrange(self.round_list_key(round_id), 0, -1)]
+
+    def requeue_round(self, fence: Fence, round_id: str) -> int:
+        return int(self._fenced(self._requeue, fence, [self.k_docs, self.k_buffer, self.k_stats, self.round_list_key(round_id)], []))
+
+    def drop_round_list(self, fence: Fence, round_id: str) -> None:
+        """After the round's documents were released (replay offer + remove_docs)."""
+        self._fenced(self._put_round, fence, [self.k_rounds], ["", ""])  # fencing check only
+        self.r.delete(self.round_list_key(round_id))
+
+    # --- operator requests (any daemon accepts them, the lease holder acts) -------
+    def add_request(self, request_id: str, request: dict[str, Any]) -> None:
+        self.r.hset(self.k_requests, request_id, json.dumps(request))
+
+    def take_requests(self) -> dict[str, dict[str, Any]]:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hgetall(self.k_requests)
+        pipe.delete(self.k_requests)
+        raw, _ = pipe.execute()
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def set_request_result(self, request_id: str, result: dict[str, Any]) -> None:
+        self.r.hset(self.k_request_results, request_id, json.dumps(result))
+
+    def request_result(self, request_id: str) -> dict[str, Any] | None:
+        v = self.r.hget(self.k_request_results, request_id)
+        return json.loads(v) if v else None
+
+    def request_cancel(self, round_id: str) -> None:
+        self.r.sadd(self.k_cancel, round_id)
+
+    def cancel_requested(self, round_id: str) -> bool:
+        return bool(self.r.sismember(self.k_cancel, round_id))
 
     def ping(self) -> bool:
         return bool(self.r.ping())

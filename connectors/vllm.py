@@ -192,6 +192,7 @@ class ServingConfig:
     lora_keep: int = 2  # adapter versions kept loaded (the active one and its predecessor)
     watch_interval_s: float = 1.0
     watch_max_new_errors: int = 0
+    api_key: str | None = field(default=None, repr=False)  # vLLM --api-key / VLLM_API_KEY; sent as a bearer token
 
 
 # --------------------------------------------------------------------------- checkpoint validation
@@ -296,7 +297,8 @@ class Replica:
     def __init__(self, url: str, config: ServingConfig = ServingConfig()):
         self.url = url.rstrip("/")
         self.config = config
-        self._http = httpx.Client(base_url=self.url, timeout=config.timeout_s)
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
+        self._http = httpx.Client(base_url=self.url, timeout=config.timeout_s, headers=headers)
         self._model: str | None = None
 
     def close(self) -> None:
@@ -522,7 +524,10 @@ class ServingController:
             fp = self._step(rec, r, "verify_checksum", r.fingerprint)
             if expect_fingerprint is not None and fp != expect_fingerprint:
                 raise ServingError(r.url, "verify_checksum", f"fingerprint {fp} != recorded {expect_fingerprint} for {version}")
-            if expect_fingerprint is None and fp == old_fp and Path(checkpoint).resolve() != Path(rs.checkpoint or "").resolve():
+            # Unchanged checksums mean a silent no-op reload, unless the replica's weights were unknown before
+            # (a swap cut off by a daemon crash may already have loaded exactly these weights).
+            if (expect_fingerprint is None and fp == old_fp and rec.from_version is not None
+                    and Path(checkpoint).resolve() != Path(rs.checkpoint or "").resolve()):
                 raise ServingError(r.url, "verify_checksum", "weight checksums unchanged after reload")
             smoke = self._step(rec, r, "verify_smoke", lambda: r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens))
         except ServingError as e:
@@ -657,6 +662,8 @@ class ServingController:
         by_fp = {kv.fingerprint: kv for kv in self.state.versions.values() if kv.fingerprint}
         for r in self.replicas:
             try:
+                if r.is_paused():  # a daemon killed mid-swap leaves the replica holding requests
+                    r.resume()
                 reported = r.weight_version()
                 fp = r.fingerprint()
             except ServingError as e:

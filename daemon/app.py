@@ -1,8 +1,10 @@
 """The cptd process: builds everything from the policy file and runs until SIGTERM.
 
-Today it runs the ingest loop and the HTTP API; the scheduler and round runner
-join here as they land. On SIGTERM it stops taking new work, lets the current
-ingest batch commit, and exits 0.
+Threads: the ingest loop (main thread), the HTTP API, the policy watcher, the
+APScheduler triggers and the round runner (with its lease renewer). On SIGTERM
+it stops taking new work, lets the current ingest batch commit, stops a running
+trainer (the round resumes from its checkpoint and persisted phase on the next
+start), hands the round lease back, and exits 0.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from daemon import metrics as M
 from daemon.api import create_app
 from daemon.ingest import Ingestor
 from daemon.policy_watch import PolicyWatcher
+from daemon.rounds import RoundRunner
+from daemon.scheduler import Scheduler
 from daemon.settings import Settings
 from policies.config import Policy, load_policy, policy_hash
 
@@ -34,12 +38,24 @@ class Daemon:
         self.stop = threading.Event()
         self.started = time.time()
         self.watcher = PolicyWatcher(settings.policy, policy, self._apply_policy)
+        self.runner = RoundRunner(self.store, settings, lambda: self.policy)
+        self.scheduler = Scheduler(self.runner.request)
         M.UP_SINCE.set(self.started)
 
     def _apply_policy(self, policy: Policy) -> None:
-        """Ingest picks it up at its next batch boundary (the safe point)."""
+        """Ingest picks it up at its next batch boundary (the safe point), the scheduler at once, rounds at their next start."""
         self.policy = policy
         self.ingestor.set_policy(policy)
+        self._apply_triggers()
+
+    def _apply_triggers(self) -> None:
+        if self.runner.disabled is None:
+            self.scheduler.apply(self.policy.triggers, self._buffer_tokens, self.runner.probe_drift)
+
+    def _buffer_tokens(self) -> int:
+        from policies.rounds import estimate_tokens
+
+        return estimate_tokens(self.store.buffer_stats()["buffer_bytes"], self.policy.rounds)
 
     # --- the Engine protocol of daemon.api -------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -57,9 +73,62 @@ class Daemon:
             out["replay"] = {**self.store.replay_stats(), "cap": self.policy.replay.reservoir_docs}
             M.REPLAY_DOCS.set(out["replay"]["replay_docs"])
             M.REPLAY_CAP_DOCS.set(out["replay"]["cap"])
+            out["rounds"] = self.runner.status()
+            out["rounds"]["triggers"] = self.scheduler.jobs()
+            latest = self.store.list_rounds()[-1:]
+            out["rounds"]["latest"] = {k: latest[0].get(k) for k in ("id", "state", "error", "created_at", "updated_at")} if latest else None
         except Exception as e:  # noqa: BLE001 - status must answer even when Redis is down
             out["redis_error"] = str(e)
         return out
+
+    def rounds(self, limit: int = 50) -> list[dict[str, Any]]:
+        return [summarize(r) for r in self.store.list_rounds()[-limit:]][::-1]
+
+    def round(self, round_id: str) -> dict[str, Any] | None:
+        rec = self.store.get_round(round_id)
+        if rec is not None:
+            rec.pop("policy", None)  # the full policy copy is large; its hash is there
+        return rec
+
+    def round_manifest(self, round_id: str) -> list[dict[str, Any]] | None:
+        import json as _json
+        from pathlib import Path
+
+        rec = self.store.get_round(round_id)
+        if rec is None or "snapshot" not in rec:
+            return None
+        p = Path(rec["snapshot"]["manifest"])
+        return [_json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+    def trigger(self, reason: str, wait_s: float = 5.0) -> dict[str, Any]:
+        if self.runner.disabled:
+            raise RuntimeError(f"rounds are disabled: {self.runner.disabled}")
+        req = self.runner.request_manual(reason)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            res = self.store.request_result(req)
+            if res is not None:
+                return {"request_id": req, **res}
+            time.sleep(0.1)
+        holder, _ = self.store.lease_holder()
+        return {"request_id": req, "round": None, "queued": True, "lease_holder": holder}
+
+    def cancel(self, round_id: str) -> dict[str, Any]:
+        from daemon.rounds import TERMINAL
+
+        rec = self.store.get_round(round_id)
+        if rec is None:
+            raise KeyError(round_id)
+        if rec["state"] in TERMINAL:
+            raise ValueError(f"round {round_id} already ended {rec['state']}")
+        if rec["state"] == "DEPLOYING" and "deploy_wait" not in rec:
+            raise ValueError(f"round {round_id} is swapping weights; use rollback after it ends")
+        self.store.request_cancel(round_id)
+        self.runner.wake.set()
+        return {"round": round_id, "cancel_requested": True, "state": rec["state"]}
+
+    def rollback(self, to: str | None) -> dict[str, Any]:
+        return self.runner.rollback(to)
 
     def ready(self) -> tuple[bool, str]:
         try:
@@ -86,14 +155,34 @@ class Daemon:
         http = threading.Thread(target=server.run, name="http", daemon=True)
         http.start()
         threading.Thread(target=self.watcher.run, args=(self.stop,), name="policy-watch", daemon=True).start()
-        log.info("cptd started", extra={"policy_hash": policy_hash(self.policy), "http_port": self.settings.http_port})
+        rounds = threading.Thread(target=self.runner.run, args=(self.stop,), name="rounds", daemon=True)
+        rounds.start()
+        self._apply_triggers()
+        self.scheduler.start()
+        log.info("cptd started", extra={"policy_hash": policy_hash(self.policy), "http_port": self.settings.http_port,
+                                        "rounds": self.runner.disabled or "enabled", "owner": self.runner.owner})
         try:
             self.ingestor.run(self.stop)
         finally:
+            self.stop.set()
+            self.scheduler.shutdown(wait=False)
+            rounds.join(timeout=60)
             server.should_exit = True
             http.join(timeout=5)
         log.info("cptd stopped")
         return 0
+
+
+def summarize(rec: dict[str, Any]) -> dict[str, Any]:
+    """One line of `cptd rounds`."""
+    snap, gate, prog = rec.get("snapshot") or {}, rec.get("gate") or {}, (rec.get("train") or {}).get("progress") or {}
+    return {
+        "id": rec["id"], "state": rec["state"], "trigger": rec["trigger"]["kind"], "created_at": rec["created_at"],
+        "updated_at": rec["updated_at"], "docs": snap.get("docs"), "tokens_estimate": snap.get("tokens_estimate"),
+        "drift_score": (rec.get("drift") or {}).get("score"), "replay_ratio": rec.get("replay_ratio"),
+        "step": prog.get("step"), "total_steps": prog.get("total_steps"), "gate": gate.get("accepted"),
+        "chosen": gate.get("chosen"), "deployed_at": rec.get("deployed_at"), "error": rec.get("error"),
+    }
 
 
 def ingest_counts(store: RedisStore) -> dict[str, Any]:

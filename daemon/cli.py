@@ -26,6 +26,20 @@ def _print_status(st: dict[str, Any]) -> None:
           f"dedup keys exact {b.get('exact_keys', 0):,} / lsh {b.get('lsh_keys', 0):,}")
     rp = st.get("replay", {})
     print(f"replay      {rp.get('replay_docs', 0):,} / {rp.get('cap', 0):,} docs (reservoir over {rp.get('replay_seen', 0):,} seen)")
+    rd = st.get("rounds") or {}
+    if not rd.get("enabled", True):
+        print(f"rounds      disabled: {rd.get('disabled_reason')}")
+    elif rd:
+        role = "leader" if rd.get("leader") else f"standby (lease held by {rd.get('lease_holder')})"
+        latest = rd.get("latest") or {}
+        print(f"rounds      {role}, epoch {rd.get('epoch')}   latest {latest.get('id', '-')} {latest.get('state', '')}"
+              + (f"   active {rd['active']}" if rd.get("active") else ""))
+        sv = rd.get("serving") or {}
+        if sv:
+            reps = ", ".join(f"{u} {r['version']} ({r['status']})" for u, r in sv.get("replicas", {}).items())
+            print(f"serving     {sv.get('desired_version')} (rollback target {sv.get('previous_version')})   {reps}")
+        for j in rd.get("triggers") or []:
+            print(f"trigger     {j['id']:<9} next {j.get('next_run_time') or '-'}")
     c = st.get("counts", {})
     print(f"\n{'outcome:reason':<40} {'messages':>12}")
     for k, n in c.get("by_reason", {}).items():
@@ -48,20 +62,150 @@ def cmd_validate_policy(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(a: argparse.Namespace) -> int:
+class ApiError(Exception):
+    pass
+
+
+def _api(a: argparse.Namespace, method: str, path: str, body: dict | None = None, timeout: float = 30) -> Any:
+    """One call to a running daemon; mutating calls send the token from $CPTD_API_TOKEN or $CPTD_API_TOKEN_FILE."""
     import httpx
 
+    headers = {}
+    token = os.environ.get("CPTD_API_TOKEN")
+    if not token and os.environ.get("CPTD_API_TOKEN_FILE"):
+        token = open(os.environ["CPTD_API_TOKEN_FILE"]).read().strip()
+    if method != "GET" and token:
+        headers["Authorization"] = f"Bearer {token}"
     try:
-        r = httpx.get(a.url.rstrip("/") + "/status", timeout=10)
+        r = httpx.request(method, a.url.rstrip("/") + path, json=body, headers=headers, timeout=timeout)
     except httpx.HTTPError as e:
-        print(f"cannot reach cptd at {a.url}: {e}", file=sys.stderr)
-        return 2
-    if r.status_code != 200:
-        print(f"cptd at {a.url} answered {r.status_code}: {r.text}", file=sys.stderr)
-        return 2
-    st = r.json()
+        raise ApiError(f"cannot reach cptd at {a.url}: {e}") from None
+    try:
+        data = r.json()
+    except ValueError:
+        data = {"error": r.text}
+    if r.status_code >= 400:
+        raise ApiError(f"cptd answered {r.status_code}: {data.get('error', data) if isinstance(data, dict) else data}")
+    return data
+
+
+def _calling(fn):
+    def run(a: argparse.Namespace) -> int:
+        try:
+            return fn(a)
+        except ApiError as e:
+            print(e, file=sys.stderr)
+            return 2
+    return run
+
+
+@_calling
+def cmd_status(a: argparse.Namespace) -> int:
+    st = _api(a, "GET", "/status")
     print(json.dumps(st, indent=2)) if a.json else _print_status(st)
     return 0
+
+
+def _ts(t: float | None) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def _f(x: Any, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _print_rounds(rows: list[dict[str, Any]]) -> None:
+    print(f"{'round':<8} {'state':<12} {'trigger':<9} {'started':<19} {'docs':>6} {'tokens':>9} {'drift':>6} {'replay':>6} "
+          f"{'steps':>9} {'gate':<6} error")
+    for r in rows:
+        steps = f"{r['step'] or 0}/{r['total_steps']}" if r.get("total_steps") else "-"
+        gate = {True: "pass", False: "fail"}.get(r.get("gate"), "-")
+        print(f"{r['id']:<8} {r['state']:<12} {r['trigger']:<9} {_ts(r['created_at']):<19} {_f(r.get('docs'), ','):>6} "
+              f"{_f(r.get('tokens_estimate'), ','):>9} {_f(r.get('drift_score'), '.2f'):>6} {_f(r.get('replay_ratio'), '.2f'):>6} "
+              f"{steps:>9} {gate:<6} {r.get('error') or ''}")
+
+
+def print_round(rec: dict[str, Any]) -> None:
+    """The lineage of one round, for people (the same record --json prints whole)."""
+    print(f"round {rec['id']}  {rec['state']}   trigger {rec['trigger']['kind']} ({rec['trigger'].get('reason')})   policy {rec['policy_hash']}")
+    print(f"  parent      {rec['parent'].get('version')}  {rec['parent'].get('checkpoint')}")
+    for ph, t in rec.get("phases", {}).items():
+        dur = f"{t['finished_at'] - t['started_at']:.1f} s" if "finished_at" in t else "..."
+        print(f"  {ph:<11} {_ts(t['started_at'])}  {dur}")
+    if snap := rec.get("snapshot"):
+        print(f"  data        {snap['docs']:,} docs ({snap['train_docs']:,} trained, {snap['heldout_docs']:,} held out), "
+              f"~{snap['tokens_estimate']:,} tokens, manifest sha256 {snap['manifest_sha256'][:16]}")
+        for tp, o in snap.get("kafka_offsets", {}).items():
+            print(f"              {tp}: offsets {o['first']}..{o['last']} ({o['docs']} docs)")
+    if d := rec.get("drift"):
+        st = d.get("stats") or {}
+        print(f"  drift       score {_f(d.get('score'), '.3f')} ({d['level']})  ppl gap {_f(st.get('ppl_gap'), '.3f')}  "
+              f"JS {_f(st.get('js_distance'), '.3f')}  -> replay {rec.get('replay_ratio', 0):.2f}, peak LR {d['peak_lr']:.2e}")
+    if sc := rec.get("schedule"):
+        print(f"  schedule    {sc['kind']}  peak {sc['peak_lr']:.2e}  warmup {sc['warmup_frac']:.2%}")
+    if tr := rec.get("train"):
+        p = tr.get("progress") or {}
+        print(f"  training    step {p.get('step', 0)}/{p.get('total_steps', '?')}  loss {_f(p.get('loss'), '.3f')}  "
+              f"lr {_f(p.get('lr'), '.2e')}  {_f(p.get('tokens_per_s'), ',.0f')} tok/s  (from {p.get('init_from', '-')})")
+    if ev := rec.get("eval"):
+        s = ev["serving"]
+        print(f"  eval        serving  new {s['new_nll']:.3f}  replay {s['replay_nll']:.3f}")
+        for c in ev["candidates"]:
+            print(f"              {c['name']:<8} new {c['new_nll']:.3f}  replay {c['replay_nll']:.3f}")
+    if g := rec.get("gate"):
+        print(f"  gate        {'ACCEPTED ' + str(g['chosen']) if g['accepted'] else 'REJECTED'}")
+        for reason in g["reasons"]:
+            print(f"              {reason}")
+    if dp := rec.get("deploy"):
+        print(f"  deploy      {'ok' if dp['ok'] else 'FAILED'}  pause max {_f(dp.get('pause_seconds_max'), '.3f')} s  at {_ts(rec.get('deployed_at'))}")
+    if rb := rec.get("rollback"):
+        print(f"  rollback    to {rb.get('to')} ({rb.get('trigger')}) at {_ts(rb.get('at'))}")
+    if rec.get("error"):
+        print(f"  error       {rec['error']}")
+
+
+@_calling
+def cmd_rounds(a: argparse.Namespace) -> int:
+    if a.round:
+        rec = _api(a, "GET", f"/rounds/{a.round}")
+        print(json.dumps(rec, indent=2)) if a.json else print_round(rec)
+        return 0
+    rows = _api(a, "GET", f"/rounds?limit={a.limit}")
+    print(json.dumps(rows, indent=2)) if a.json else _print_rounds(rows)
+    return 0
+
+
+@_calling
+def cmd_trigger(a: argparse.Namespace) -> int:
+    out = _api(a, "POST", "/rounds", {"reason": a.reason})
+    if a.json:
+        print(json.dumps(out))
+    elif out.get("round"):
+        print(f"round {out['round']} started" + (f" ({out['note']})" if out.get("note") else ""))
+    elif out.get("refused"):
+        print(f"no round started: {out['refused']}")
+    else:
+        print(f"request {out['request_id']} queued for the lease holder {out.get('lease_holder')!r}")
+    return 0 if out.get("round") or out.get("queued") else 1
+
+
+@_calling
+def cmd_cancel(a: argparse.Namespace) -> int:
+    out = _api(a, "POST", f"/rounds/{a.round}/cancel")
+    print(json.dumps(out)) if a.json else print(f"cancel requested for round {a.round} (was {out['state']})")
+    return 0
+
+
+@_calling
+def cmd_rollback(a: argparse.Namespace) -> int:
+    out = _api(a, "POST", "/rollback", {"to": a.round}, timeout=600)
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print(f"rolled back from {out['from']} to {out['to']}" if out["ok"] else f"rollback FAILED: {out['error']}")
+    return 0 if out["ok"] else 1
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -114,7 +258,7 @@ def cmd_seed_replay(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from daemon.demo import run_demo
 
-    return run_demo(workdir=a.workdir, docs=a.docs)
+    return run_demo(workdir=a.workdir, docs=a.docs, pretrain_steps=a.pretrain_steps, round_steps=a.round_steps)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,10 +271,25 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("demo", help="run everything on embedded services with a sample stream")
     p.add_argument("--workdir", default=None, help="where to keep the demo's files (default: a temp dir)")
-    p.add_argument("--docs", type=int, default=3000, help="sample messages to stream")
+    p.add_argument("--docs", type=int, default=1200, help="sample messages to stream")
+    p.add_argument("--pretrain-steps", type=int, default=300, help="steps of general pre-training of the demo's base model")
+    p.add_argument("--round-steps", type=int, default=80, help="optimizer steps of the demo's round")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("status", help="ingest counts, buffer and state of a running daemon")
     p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("rounds", help="list rounds, or show one round's lineage")
+    p.add_argument("round", nargs="?")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(fn=cmd_rounds)
+    p = sub.add_parser("trigger", help="start a round now (token from $CPTD_API_TOKEN[_FILE])")
+    p.add_argument("--reason", default="cli")
+    p.set_defaults(fn=cmd_trigger)
+    p = sub.add_parser("cancel", help="cancel a running round (its documents go back to the buffer)")
+    p.add_argument("round")
+    p.set_defaults(fn=cmd_cancel)
+    p = sub.add_parser("rollback", help="serve the previous version again, or the named round (or 'base')")
+    p.add_argument("round", nargs="?")
+    p.set_defaults(fn=cmd_rollback)
     p = sub.add_parser("seed-replay", help="seed the replay reservoir from a JSONL corpus (the original pre-training mix)")
     p.add_argument("file")
     p.add_argument("--policy", default=None)

@@ -323,9 +323,39 @@ def record_metrics(report: EvalReport, decision: GateDecision) -> None:
     M.GATE_DECISIONS.labels(decision="accept" if decision.accepted else "reject", reason=reason).inc()
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`python -m daemon.evaluate SPEC.json`: the daemon scores a round in a child process, like training,
+    so a model that does not fit or a crash in scoring never takes the daemon down.
+
+    SPEC: {"round_id", "serving", "candidates": [[name, path], ...], "new_path", "replay_path",
+           "suites": {name: path}, "canaries": path|null, "max_len", "out"}; writes SPEC["out"] atomically.
+    """
+    import os
+    import sys
+
+    from daemon.train import read_texts
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m daemon.evaluate SPEC.json")
+    spec = json.loads(Path(argv[0]).read_text())
+    data = EvalData(new_docs=read_texts(spec["new_path"]), replay_docs=read_texts(spec["replay_path"]),
+                    suites=spec.get("suites") or {}, canaries=spec.get("canaries"), max_len=int(spec.get("max_len", 512)))
+    names, paths = zip(*spec["candidates"]) if spec["candidates"] else ((), ())
+    report = evaluate_round(spec["round_id"], spec["serving"], list(paths), data, list(names))
+    out = Path(spec["out"])
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(report.to_json(), encoding="utf-8")
+    os.replace(tmp, out)
+
+
 def _reason_kind(reason: str) -> str:
     text = reason.split(": ", 1)[-1]
     for kind in ("forgetting", "adaptation", "suite", "canaries", "non-finite", "no candidate"):
         if kind in text:
             return kind.replace(" ", "_")
     return "other"
+
+
+if __name__ == "__main__":
+    main()

@@ -333,10 +333,46 @@ def mixed_corpus(n: int, seed: int = 0) -> list[str]:
     return docs
 
 
+@functools.lru_cache(maxsize=4)
+def _package_prose_pool(packages: tuple[str, ...]) -> tuple[str, ...]:
+    """Prose paragraphs of installed packages' docstrings: a second, real domain (ML library documentation)."""
+    import importlib.util
+
+    seen: set[str] = set()
+    pool = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(list(spec.submodule_search_locations)[0])
+        files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "tests" not in p.parts)[:_MAX_FILES]
+        for p in files:
+            try:
+                paras = _paragraphs_of(p.read_text(encoding="utf-8", errors="replace"))
+            except OSError:
+                continue
+            for par in paras:
+                text = _unwrap(par)
+                if _is_prose(par) and text not in seen:
+                    seen.add(text)
+                    pool.append(text)
+    if len(pool) < 50:
+        raise RuntimeError(f"too little documentation prose in packages {packages}")
+    return tuple(pool)
+
+
+def domain_docs(n: int, packages: tuple[str, ...] = ("torch", "transformers"), target_bytes: int = 2048, seed: int = 0) -> list[str]:
+    """`n` prose documents from the docstrings of `packages`: a shifted domain (tensors, gradients, tokenizers)
+    against the standard library's general prose, for showing drift and adaptation offline."""
+    return _compose(random.Random(seed), _package_prose_pool(tuple(packages)), n, target_bytes)
+
+
 def english_docs(n: int, target_bytes: int = 4096, seed: int = 0) -> list[str]:
     """`n` clean English prose documents of about `target_bytes` each (what a throughput bench should chew)."""
-    rng = random.Random(seed)
-    pool = _prose_pool()
+    return _compose(random.Random(seed), _prose_pool(), n, target_bytes)
+
+
+def _compose(rng: random.Random, pool: tuple[str, ...], n: int, target_bytes: int) -> list[str]:
     docs = []
     for _ in range(n):
         order = rng.sample(range(len(pool)), k=min(len(pool), 200))

@@ -23,6 +23,32 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(default=None, description="CPTD_API_TOKEN; bearer token for mutating routes")
     api_token_file: Path | None = Field(default=None, description="CPTD_API_TOKEN_FILE; a mounted Secret")
     log_level: str = "INFO"
+    # --- rounds and serving ---
+    checkpoint_dir: Path = Field(default=Path("/checkpoints"), description="CPTD_CHECKPOINT_DIR; round data and checkpoints, on a volume vLLM also mounts")
+    base_checkpoint: Path | None = Field(default=None, description="CPTD_BASE_CHECKPOINT; what vLLM booted with (default CHECKPOINT_DIR/base)")
+    vllm_urls: str = Field(default="", description="CPTD_VLLM_URLS; comma-separated replica URLs")
+    vllm_control_url: str | None = Field(
+        default=None, description="CPTD_VLLM_CONTROL_URL; a headless Service URL, resolved to one URL per replica address")
+    vllm_api_key: SecretStr | None = Field(default=None, description="CPTD_VLLM_API_KEY; vLLM's --api-key")
+    train_launcher: str = Field(default="subprocess", description="CPTD_TRAIN_LAUNCHER: subprocess | torchrun:N (kubernetes-job: not yet)")
+    train_cpu_threads: int = Field(default=0, description="CPTD_TRAIN_CPU_THREADS; torch threads of a CPU trainer (0 = torch default)")
+    pod_name: str | None = Field(default=None, validation_alias="POD_NAME", description="POD_NAME; names this daemon as lease holder")
+
+    def base_checkpoint_path(self) -> Path:
+        return self.base_checkpoint or self.checkpoint_dir / "base"
+
+    def replica_urls(self) -> list[str]:
+        """Explicit URLs, else one per address the control Service resolves to (a headless Service lists every pod)."""
+        urls = [u.strip().rstrip("/") for u in self.vllm_urls.split(",") if u.strip()]
+        if urls or not self.vllm_control_url:
+            return urls
+        import socket
+        from urllib.parse import urlsplit
+
+        u = urlsplit(self.vllm_control_url)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        addrs = sorted({a[4][0] for a in socket.getaddrinfo(u.hostname, port, proto=socket.IPPROTO_TCP)})
+        return [f"{u.scheme}://{f'[{a}]' if ':' in a else a}:{port}" for a in addrs]
 
     def token(self) -> str | None:
         if self.api_token_file is not None:

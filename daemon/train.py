@@ -30,6 +30,7 @@ crosses documents. Targets that would predict a BOS across a boundary are masked
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -288,6 +289,9 @@ def run(spec: TrainSpec) -> dict:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     out.mkdir(parents=True, exist_ok=True)
+    if main_proc:  # one trainer per out dir: a rerun waits until one left over from a killed daemon has died
+        lock = open(out / ".lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
     spec_file = out / "spec.json"
     if spec_file.exists() and TrainSpec.from_json(spec_file.read_text()).digest() != spec.digest():
         raise SystemExit(f"{out} belongs to a different spec; refusing to mix rounds")

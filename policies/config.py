@@ -22,6 +22,7 @@ from policies.gates import GatePolicy
 from policies.drift import DriftPolicy
 from policies.quality import QualityPolicy
 from policies.replay import ReplayPolicy
+from policies.rounds import RoundsPolicy, TriggerPolicy
 from policies.schedule import SchedulePolicy
 from policies.train import TrainPolicy
 
@@ -70,6 +71,8 @@ class Policy(Section):
     replay: ReplayPolicy = ReplayPolicy()
     drift: DriftPolicy = DriftPolicy()
     train: TrainPolicy = TrainPolicy()
+    rounds: RoundsPolicy = RoundsPolicy()
+    triggers: TriggerPolicy = TriggerPolicy()
 
     @model_validator(mode="after")
     def _dead_letter_not_consumed(self) -> "Policy":

@@ -85,10 +85,10 @@ def make_policy(tmp_path: Path, topics: dict, partitions: int = 2, **overrides) 
 class IngestProcess:
     """`cptd run` as a child process, so tests can SIGKILL it like Kubernetes would."""
 
-    def __init__(self, policy: Path, redis_url: str, bootstrap: str, log: Path):
+    def __init__(self, policy: Path, redis_url: str, bootstrap: str, log: Path, extra_env: dict[str, str] | None = None):
         self.port = free_port()
         env = dict(os.environ, CPTD_POLICY=str(policy), CPTD_REDIS_URL=redis_url, CPTD_KAFKA_BOOTSTRAP=bootstrap,
-                   CPTD_HTTP_HOST="127.0.0.1", CPTD_HTTP_PORT=str(self.port), CPTD_API_TOKEN="test-token")
+                   CPTD_HTTP_HOST="127.0.0.1", CPTD_HTTP_PORT=str(self.port), CPTD_API_TOKEN="test-token", **(extra_env or {}))
         self.log = log
         with open(log, "ab") as f:
             self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run"], env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -112,8 +112,8 @@ class IngestProcess:
 def ingest_procs(tmp_path: Path):
     started: list[IngestProcess] = []
 
-    def start(policy: Path, redis_url: str, bootstrap: str) -> IngestProcess:
-        p = IngestProcess(policy, redis_url, bootstrap, tmp_path / f"ingest-{len(started)}.log")
+    def start(policy: Path, redis_url: str, bootstrap: str, extra_env: dict[str, str] | None = None) -> IngestProcess:
+        p = IngestProcess(policy, redis_url, bootstrap, tmp_path / f"ingest-{len(started)}.log", extra_env)
         started.append(p)
         return p
 

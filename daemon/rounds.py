@@ -1,0 +1,702 @@
+"""The round state machine (DESIGN.md §3), persisted in Redis, resumable, run by one lease holder.
+
+    PENDING -> SNAPSHOT -> TRAINING -> EVALUATING -> DEPLOYING -> DEPLOYED
+    exits: REJECTED (the gate said no), FAILED (error, with cause), ROLLED_BACK
+
+A round's record is written before each phase starts, and each phase is
+idempotent, so a daemon killed anywhere resumes the round from its persisted
+phase: SNAPSHOT's document move is one Lua call that returns the same list when
+repeated, the trainer resumes from its newest checkpoint, an evaluation is
+rerun, and a deploy first reconciles what the replicas really serve. Every
+write checks the lease's fencing token in the same Redis call, so a daemon that
+lost the lease cannot overwrite the new holder's state.
+
+Where documents go: SNAPSHOT moves them from the buffer into the round. After
+training was used (DEPLOYED, REJECTED, ROLLED_BACK) they are offered to the
+replay reservoir and leave the buffer for good; a round that FAILED gives them
+back to the front of the buffer, so the next round trains them.
+
+The round keeps a copy of the policy it started under: a reload during a round
+changes the next round, never the running one (so a resumed round is the same round).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from connectors.redis_store import Fence, Fenced, RedisStore
+from connectors.vllm import ServingConfig, ServingController, ServingError, ServingState
+from daemon import failpoints
+from daemon import metrics as M
+from daemon.settings import Settings
+from policies.config import Policy, policy_hash
+from policies.drift import DriftStats, apply_to_schedule, decide as drift_decide, drift_score
+from policies.gates import decide as gate_decide
+from policies.replay import reservoir_slot
+from policies.rounds import blackout_match, estimate_tokens, next_swap_allowed, prune_rounds, should_start, split_heldout
+
+log = logging.getLogger("cptd.rounds")
+
+PHASES = ("PENDING", "SNAPSHOT", "TRAINING", "EVALUATING", "DEPLOYING")
+TERMINAL = ("DEPLOYED", "REJECTED", "FAILED", "ROLLED_BACK")
+BASE_VERSION = "base"
+
+
+class Stop(Exception):
+    """The daemon is stopping (SIGTERM) or lost the lease: leave the round where it is, resumable."""
+
+
+class RoundFailed(Exception):
+    def __init__(self, cause: str, requeue: bool = True):
+        super().__init__(cause)
+        self.cause, self.requeue = cause, requeue
+
+
+def _pdeathsig() -> None:
+    """Child processes die with the daemon (Linux), so a restarted daemon never races a leftover trainer."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    """Atomic write; returns the sha256 of the content (the manifest hash of the lineage)."""
+    blob = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+    return hashlib.sha256(blob).hexdigest()
+
+
+class RoundRunner:
+    def __init__(self, store: RedisStore, settings: Settings, get_policy: Callable[[], Policy], owner: str | None = None):
+        self.store, self.settings, self.get_policy = store, settings, get_policy
+        self.owner = owner or settings.pod_name or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.fence: Fence | None = None
+        self.serving: ServingController | None = None
+        self.serving_lock = threading.Lock()  # one deploy or rollback at a time
+        self.wake = threading.Event()
+        self.auto: tuple[str, str] | None = None  # latest automatic trigger not acted on yet
+        self.child: subprocess.Popen | None = None
+        self.active: str | None = None
+        self._taken_over_epoch = 0
+        urls = settings.replica_urls()
+        self.disabled = None if urls else "no vLLM replicas configured (CPTD_VLLM_URLS or CPTD_VLLM_CONTROL_URL)"
+        self.urls = urls
+
+    # ------------------------------------------------------------------ lease
+    def leader(self) -> bool:
+        return self.fence is not None
+
+    def _lease_loop(self, stop: threading.Event) -> None:
+        last_ok = 0.0
+        while not stop.is_set():
+            ttl = self.get_policy().rounds.lease_ttl_s
+            try:
+                f = self.store.lease_acquire(self.owner, ttl)
+                last_ok = time.monotonic()
+            except Exception as e:  # noqa: BLE001 - Redis down: we keep the lease only until it would have expired
+                log.warning("lease renewal failed", extra={"error": str(e)})
+                f = self.fence if time.monotonic() - last_ok < ttl * 0.8 else None
+            if f is not None and (self.fence is None or f.epoch != self.fence.epoch):
+                log.info("took the round lease", extra={"owner": self.owner, "epoch": f.epoch})
+                self.fence = f
+                self.wake.set()
+            elif f is None and self.fence is not None:
+                log.warning("lost the round lease", extra={"owner": self.owner})
+                M.LEASE_LOST.inc()
+                self.fence = None
+                self._kill_child()
+            M.LEADER.set(1 if self.fence else 0)
+            stop.wait(ttl / 3)
+        if self.fence is not None:  # hand over at once rather than after the TTL
+            try:
+                self.store.lease_release(self.fence)
+            except Exception:  # noqa: BLE001
+                pass
+            self.fence = None
+            M.LEADER.set(0)
+
+    def _fence(self) -> Fence:
+        f = self.fence
+        if f is None:
+            raise Stop("lease lost")
+        return f
+
+    # ------------------------------------------------------------------ requests
+    def request(self, kind: str, detail: str) -> None:
+        """Automatic triggers (scheduler jobs) land here; only the lease holder acts on them."""
+        if self.leader():
+            self.auto = (kind, detail)
+            self.wake.set()
+
+    def request_manual(self, reason: str = "operator") -> str:
+        rid = uuid.uuid4().hex[:12]
+        self.store.add_request(rid, {"kind": "manual", "detail": reason, "at": time.time()})
+        self.wake.set()
+        return rid
+
+    def _last_start(self) -> float | None:
+        starts = [r["created_at"] for r in self.store.list_rounds()]
+        return max(starts) if starts else None
+
+    def _buffer_tokens(self, policy: Policy) -> int:
+        return estimate_tokens(self.store.buffer_stats()["buffer_bytes"], policy.rounds)
+
+    def _next_round(self) -> str | None:
+        """Act on waiting requests: start a round for the first one that may start, answer the rest."""
+        policy = self.get_policy()
+        manual = self.store.take_requests()
+        auto, self.auto = self.auto, None
+        asks = [(rid, r["kind"], r.get("detail", "")) for rid, r in sorted(manual.items(), key=lambda kv: kv[1].get("at", 0))]
+        if auto:
+            asks.append((None, *auto))
+        started: str | None = None
+        for req_id, kind, detail in asks:
+            if started:
+                if req_id:
+                    self.store.set_request_result(req_id, {"round": started, "note": "merged into the round just started"})
+                continue
+            chk = should_start(kind, time.time(), self._last_start(), False, self._buffer_tokens(policy), policy.rounds, policy.triggers)
+            if not chk.start:
+                if req_id:
+                    self.store.set_request_result(req_id, {"round": None, "refused": chk.reason})
+                log.info("trigger not acted on", extra={"trigger": kind, "reason": chk.reason})
+                continue
+            started = self._create(policy, kind, chk.reason, req_id)
+            if req_id:
+                self.store.set_request_result(req_id, {"round": started})
+        return started
+
+    def _create(self, policy: Policy, kind: str, reason: str, req_id: str | None) -> str:
+        n = self.store.next_round_number()
+        rid = f"r{n:05d}"
+        st = self.serving.state if self.serving else ServingState()
+        live = st.desired_version
+        rec = {
+            "id": rid, "number": n, "state": "PENDING", "created_at": time.time(), "updated_at": time.time(),
+            "trigger": {"kind": kind, "reason": reason, "request_id": req_id},
+            "policy_hash": policy_hash(policy), "policy": policy.model_dump(mode="json"),
+            "parent": {"version": live, "checkpoint": st.versions[live].checkpoint if live in st.versions else None},
+            "phases": {"PENDING": {"started_at": time.time()}}, "error": None, "owner": self.owner,
+        }
+        self._put(rec)
+        log.info("round created", extra={"round_id": rid, "trigger": kind, "reason": reason})
+        return rid
+
+    # ------------------------------------------------------------------ persistence
+    def _put(self, rec: dict[str, Any]) -> None:
+        rec["updated_at"] = time.time()
+        self.store.put_round(self._fence(), rec["id"], rec)
+
+    def _enter(self, rec: dict[str, Any], state: str) -> None:
+        now = time.time()
+        prev = rec["state"]
+        if prev in rec["phases"] and "finished_at" not in rec["phases"][prev]:
+            rec["phases"][prev]["finished_at"] = now
+            M.ROUND_PHASE_SECONDS.labels(phase=prev).observe(now - rec["phases"][prev]["started_at"])
+        rec["state"] = state
+        rec["phases"].setdefault(state, {"started_at": now})
+        self._put(rec)
+        for p in PHASES:
+            M.ROUND_PHASE.labels(phase=p).set(1 if p == state else 0)
+        if state in TERMINAL:
+            M.ROUNDS.labels(state=state).inc()
+        log.info("round phase", extra={"round_id": rec["id"], "state": state})
+
+    def _save_serving(self, state: ServingState) -> None:
+        for url, rs in state.replicas.items():
+            if rs.status == "swapping" and rs.step:
+                failpoints.hit(f"deploy.{rs.step}")
+        self.store.put_serving(self._fence(), state.to_json())
+
+    # ------------------------------------------------------------------ taking over
+    def _take_over(self) -> None:
+        """New lease holder: learn what the replicas serve (a predecessor may have died mid-swap)."""
+        raw = self.store.get_serving()
+        state = ServingState.from_json(raw) if raw else ServingState()
+        if self.serving is not None:
+            self.serving.close()
+        cfg = ServingConfig(api_key=self.settings.vllm_api_key.get_secret_value() if self.settings.vllm_api_key else None)
+        self.serving = ServingController(self.urls, state, on_state=self._save_serving, config=cfg, metrics=M)
+        if state.desired_version is None:
+            base = str(self.settings.base_checkpoint_path().resolve())
+            self.serving.adopt(base, BASE_VERSION)
+            log.info("adopted the serving model", extra={"checkpoint": base, "version": BASE_VERSION})
+            return
+        rec = self.serving.reconcile()
+        log.info("reconciled serving state", extra={"live": rec.live, "diverged": rec.diverged, "errors": rec.errors})
+        unfinished = [r for r in self.store.list_rounds() if r["state"] == "DEPLOYING"]
+        if rec.diverged and not unfinished and not rec.errors:
+            out = self.serving.rollback("reconcile", to_version=state.desired_version)
+            log.info("brought diverged replicas back to the deployed version",
+                     extra={"version": state.desired_version, "ok": out.ok})
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, stop: threading.Event) -> None:
+        if self.disabled:
+            log.warning("rounds disabled", extra={"reason": self.disabled})
+            return
+        threading.Thread(target=self._lease_loop, args=(stop,), name="lease", daemon=True).start()
+        while not stop.is_set():
+            f = self.fence
+            if f is None:
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            try:
+                if self._taken_over_epoch != f.epoch:
+                    self._take_over()
+                    self._taken_over_epoch = f.epoch
+                rid = next((r["id"] for r in self.store.list_rounds() if r["state"] not in TERMINAL), None) or self._next_round()
+                if rid is None:
+                    self.wake.wait(1.0)
+                    self.wake.clear()
+                    continue
+                self.drive(rid, stop)
+            except (Stop, Fenced) as e:
+                log.warning("round runner paused", extra={"reason": str(e)})
+            except Exception as e:  # noqa: BLE001 - the loop must survive Redis/vLLM outages; it retries
+                log.exception("round runner error", extra={"error": repr(e)})
+                stop.wait(5.0)
+        self._kill_child()
+
+    def drive(self, rid: str, stop: threading.Event) -> dict[str, Any]:
+        rec = self.store.get_round(rid)
+        if rec is None:
+            raise KeyError(rid)
+        self.active = rid
+        steps = {"PENDING": self._pending, "SNAPSHOT": self._snapshot, "TRAINING": self._training,
+                 "EVALUATING": self._evaluating, "DEPLOYING": self._deploying}
+        try:
+            while rec["state"] not in TERMINAL:
+                if stop.is_set():
+                    raise Stop("stopping")
+                if self.store.cancel_requested(rid) and rec["state"] != "DEPLOYING":
+                    raise RoundFailed("cancelled by operator", requeue=True)
+                try:
+                    steps[rec["state"]](rec, stop)
+                except (Stop, Fenced):
+                    raise
+                except RoundFailed:
+                    raise
+                except ServingError as e:
+                    raise RoundFailed(f"{rec['state']}: {e}") from e
+                except Exception as e:  # noqa: BLE001 - any error ends the round with its cause, never the daemon
+                    log.exception("round phase failed", extra={"round_id": rid, "state": rec["state"]})
+                    raise RoundFailed(f"{rec['state']}: {type(e).__name__}: {e}") from e
+        except RoundFailed as e:
+            rec["error"] = e.cause
+            rec["docs"] = self._requeue(rec) if e.requeue else self._release(rec)
+            self._enter(rec, "FAILED")
+        finally:
+            self.active = None
+            self._kill_child()
+        return rec
+
+    # ------------------------------------------------------------------ paths
+    def round_dir(self, rid: str) -> Path:
+        return self.settings.checkpoint_dir / "rounds" / rid
+
+    def _policy(self, rec: dict[str, Any]) -> Policy:
+        return Policy.model_validate(rec["policy"])
+
+    # ------------------------------------------------------------------ phases
+    def _pending(self, rec: dict[str, Any], stop: threading.Event) -> None:
+        self._enter(rec, "SNAPSHOT")
+
+    def _snapshot(self, rec: dict[str, Any], stop: threading.Event) -> None:
+        pol = self._policy(rec)
+        rid = rec["id"]
+        keys = self.store.snapshot_take(self._fence(), rid, int(pol.rounds.budget_tokens * pol.rounds.bytes_per_token))
+        failpoints.hit("snapshot.taken")
+        if not keys:
+            raise RoundFailed("SNAPSHOT: the buffer is empty", requeue=False)
+        docs = {d["key"]: d for d in self._docs_with_keys(keys)}
+        missing = [k for k in keys if k not in docs]
+        if missing:
+            raise RoundFailed(f"SNAPSHOT: {len(missing)} document records missing from Redis (e.g. {missing[0]})")
+        train_keys, held_keys = split_heldout(keys, pol.rounds.heldout_frac, pol.rounds.heldout_max_docs, rid)
+        replay_all = sorted(self.store.replay_keys())
+        replay_train, replay_held = split_heldout(
+            replay_all, 0.5, pol.rounds.replay_heldout_docs, rid + ":replay") if len(replay_all) >= 2 else (replay_all, [])
+        replay_docs = {d["key"]: d for d in self._docs_with_keys(replay_train + replay_held)}
+        data = self.round_dir(rid) / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        held = set(held_keys)
+        manifest = [{"key": k, "topic": docs[k].get("topic"), "partition": docs[k].get("partition"), "offset": docs[k].get("offset"),
+                     "id": docs[k].get("id"), "source": docs[k].get("source"), "heldout": k in held} for k in keys]
+        sha = _write_jsonl(data / "manifest.jsonl", manifest)
+        _write_jsonl(data / "new.jsonl", [{"text": docs[k]["text"]} for k in train_keys])
+        _write_jsonl(data / "heldout_new.jsonl", [{"text": docs[k]["text"]} for k in held_keys])
+        _write_jsonl(data / "replay.jsonl", [{"text": replay_docs[k]["text"]} for k in replay_train if k in replay_docs])
+        _write_jsonl(data / "heldout_replay.jsonl", [{"text": replay_docs[k]["text"]} for k in replay_held if k in replay_docs])
+        offsets: dict[str, list[int]] = {}
+        for m in manifest:
+            if m["topic"] is not None:
+                tp = f"{m['topic']}|{m['partition']}"
+                lo, hi, n = offsets.get(tp, [m["offset"], m["offset"], 0])
+                offsets[tp] = [min(lo, m["offset"]), max(hi, m["offset"]), n + 1]
+        nbytes = sum(docs[k]["bytes"] for k in keys)
+        stats = self._measure_drift(pol, data / "new.jsonl", data / "replay.jsonl", rec)
+        decision = drift_decide(stats, pol.drift, pol.replay)
+        schedule = apply_to_schedule(pol.schedule, decision)
+        rec["snapshot"] = {
+            "docs": len(keys), "train_docs": len(train_keys), "heldout_docs": len(held_keys), "bytes": nbytes,
+            "tokens_estimate": estimate_tokens(nbytes, pol.rounds), "manifest": str(data / "manifest.jsonl"),
+            "manifest_sha256": sha, "kafka_offsets": {tp: {"first": v[0], "last": v[1], "docs": v[2]} for tp, v in sorted(offsets.items())},
+            "replay_docs": len(replay_train), "replay_heldout_docs": len(replay_held),
+        }
+        rec["drift"] = decision.to_record()
+        rec["replay_ratio"] = decision.replay_ratio if replay_train else 0.0
+        rec["schedule"] = schedule.model_dump(mode="json")
+        if decision.score is not None:
+            M.DRIFT_SCORE.labels(statistic="score").set(decision.score)
+            M.DRIFT_SCORE.labels(statistic="ppl_gap").set(decision.stats.ppl_gap)
+            M.DRIFT_SCORE.labels(statistic="js_distance").set(decision.stats.js_distance)
+        M.REPLAY_RATIO.set(rec["replay_ratio"])
+        self._enter(rec, "TRAINING")
+
+    def _docs_with_keys(self, keys: list[str]) -> list[dict[str, Any]]:
+        out = []
+        for i in range(0, len(keys), 1000):
+            chunk = keys[i:i + 1000]
+            for k, d in zip(chunk, self.store.get_docs_by_key(chunk)):
+                if d is not None:
+                    out.append({**d, "key": k})
+        return out
+
+    def _measure_drift(self, pol: Policy, new: Path, ref: Path, rec: dict[str, Any]) -> DriftStats | None:
+        """Under the serving model, in a child process; no reference set or a failed probe = unmeasured."""
+        parent = rec["parent"]["checkpoint"]
+        if not parent or ref.stat().st_size == 0 or new.stat().st_size == 0:
+            return None
+        cmd = [sys.executable, "-m", "daemon.drift_probe", "--model", parent, "--new", str(new), "--ref", str(ref),
+               "--max-docs", str(pol.drift.probe_docs), "--max-len", str(pol.drift.probe_max_len), "--seed", str(rec["number"])]
+        out = self._child(cmd, self.round_dir(rec["id"]) / "drift.log", rec, timeout=1800)
+        if out != 0:
+            rec["drift_error"] = f"drift probe exited with {out}; see drift.log"
+            return None
+        line = (self.round_dir(rec["id"]) / "drift.log").read_text().strip().splitlines()[-1]
+        d = json.loads(line)
+        return DriftStats(d["loss_new"], d["loss_ref"], d["js_distance"], d["tokens_new"], d["tokens_ref"])
+
+    def _training(self, rec: dict[str, Any], stop: threading.Event) -> None:
+        from daemon.train import TrainSpec
+
+        pol = self._policy(rec)
+        rid = rec["id"]
+        rd = self.round_dir(rid)
+        if "spec" not in rec.get("train", {}):
+            seed = int(hashlib.sha256(f"{pol.train.seed}:{rid}".encode()).hexdigest()[:8], 16)
+            mainline = None
+            if pol.schedule.kind == "infinite" and rec["parent"]["version"] not in (None, BASE_VERSION):
+                prev = self.store.get_round(rec["parent"]["version"]) or {}
+                mainline = (prev.get("train", {}).get("result") or {}).get("mainline")
+            parent = rec["parent"]["checkpoint"] if pol.train.mode == "full" else str(self.settings.base_checkpoint_path().resolve())
+            spec = TrainSpec(parent_dir=parent, out_dir=str(rd / "train"), new_path=str(rd / "data/new.jsonl"),
+                             replay_path=str(rd / "data/replay.jsonl"), heldout_new_path=str(rd / "data/heldout_new.jsonl"),
+                             heldout_replay_path=str(rd / "data/heldout_replay.jsonl"), replay_ratio=rec["replay_ratio"],
+                             schedule=rec["schedule"], train=pol.train.model_dump(mode="json"), mainline_in=mainline,
+                             data_seed=seed, init_seed=seed + 1, round_id=rid, cpu_threads=self.settings.train_cpu_threads)
+            rec["train"] = {"spec": json.loads(spec.to_json()), "spec_digest": spec.digest(), "out_dir": spec.out_dir, "launcher": self.settings.train_launcher}
+            self._put(rec)
+        spec = TrainSpec(**rec["train"]["spec"])
+        spec_path = rd / "train-spec.json"
+        spec_path.write_text(spec.to_json())
+        launcher = self.settings.train_launcher
+        if launcher in ("subprocess", "process"):
+            cmd = [sys.executable, "-m", "daemon.train", str(spec_path)]
+        elif launcher.startswith("torchrun:"):
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={int(launcher.split(':', 1)[1])}",
+                   "-m", "daemon.train", str(spec_path)]
+        else:
+            raise RoundFailed(f"TRAINING: launcher {launcher!r} is not supported by this version (use subprocess or torchrun:N)")
+        progress = Path(spec.out_dir) / "progress.jsonl"
+        follower = _ProgressFollower(progress, rec, self)
+        rc = self._child(cmd, rd / "train.log", rec, timeout=None, on_tick=follower.tick)
+        follower.tick(final=True)
+        result_file = Path(spec.out_dir) / "result.json"
+        if rc != 0 or not result_file.exists():
+            tail = "".join((rd / "train.log").read_text(errors="replace").splitlines(True)[-5:])[-800:]
+            raise RoundFailed(f"TRAINING: trainer exited with code {rc}: {tail.strip()}")
+        rec["train"]["result"] = json.loads(result_file.read_text())
+        self._enter(rec, "EVALUATING")
+
+    def _evaluating(self, rec: dict[str, Any], stop: threading.Event) -> None:
+        from daemon.evaluate import EvalReport, record_metrics
+
+        pol = self._policy(rec)
+        rd = self.round_dir(rec["id"])
+        out = Path(rec["train"]["out_dir"])
+        steps = sorted(p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+        last = rec["train"]["result"]["steps"]
+        mids = [p for p in steps if int(p.name.split("-")[1]) != last][-pol.rounds.eval_checkpoints:] if pol.rounds.eval_checkpoints else []
+        cands = [[p.name, str(p)] for p in mids] + [["final", str(out / "final")]]
+        report_path = rd / "eval_report.json"
+        spec = {"round_id": rec["id"], "serving": rec["parent"]["checkpoint"], "candidates": cands,
+                "new_path": str(rd / "data/heldout_new.jsonl"), "replay_path": str(rd / "data/heldout_replay.jsonl"),
+                "suites": pol.rounds.suites, "canaries": pol.rounds.canaries, "max_len": pol.train.seq_len, "out": str(report_path)}
+        (rd / "eval-spec.json").write_text(json.dumps(spec, indent=1))
+        if not report_path.exists():
+            rc = self._child([sys.executable, "-m", "daemon.evaluate", str(rd / "eval-spec.json")], rd / "eval.log", rec,
+                             timeout=None, hit="evaluating.child_started")
+            if rc != 0 or not report_path.exists():
+                tail = (rd / "eval.log").read_text(errors="replace")[-800:]
+                raise RoundFailed(f"EVALUATING: evaluation exited with code {rc}: {tail.strip()}")
+        report = EvalReport.from_json(report_path.read_text())
+        serving, candidates = report.gate_inputs()
+        decision = gate_decide(pol.gates, serving, candidates)
+        record_metrics(report, decision)
+        rec["eval"] = {
+            "report": str(report_path),
+            "serving": {"new_nll": report.serving.new.mean_nll, "replay_nll": report.serving.replay.mean_nll},
+            "candidates": [{"name": c.name, "new_nll": c.new.mean_nll, "replay_nll": c.replay.mean_nll,
+                            "suites": {k: v.accuracy for k, v in c.suites.items()}} for c in report.candidates],
+        }
+        rec["gate"] = {"accepted": decision.accepted, "reasons": list(decision.reasons), "chosen": decision.chosen,
+                       "verdicts": [{"name": v.name, "passed": v.passed, "reasons": list(v.reasons), "adaptation": v.adaptation,
+                                     "forgetting": v.forgetting} for v in decision.verdicts]}
+        if not decision.accepted:
+            rec["docs"] = self._release(rec)
+            self._enter(rec, "REJECTED")
+            return
+        rec["candidate"] = dict(cands)[decision.chosen]
+        self._enter(rec, "DEPLOYING")
+
+    def _deploying(self, rec: dict[str, Any], stop: threading.Event) -> None:
+        pol = self._policy(rec)
+        rid = rec["id"]
+        while (expr := blackout_match(datetime.now(timezone.utc), self.get_policy().triggers)) is not None:
+            until = next_swap_allowed(datetime.now(timezone.utc), self.get_policy().triggers)
+            if rec.get("deploy_wait", {}).get("blackout") != expr:
+                rec["deploy_wait"] = {"blackout": expr, "until": until.isoformat() if until else None}
+                self._put(rec)
+                log.info("deploy waits for a blackout window to end", extra={"round_id": rid, "blackout": expr})
+            if self.store.cancel_requested(rid):
+                raise RoundFailed("cancelled by operator while waiting for a blackout window", requeue=True)
+            if stop.wait(5.0):
+                raise Stop("stopping")
+        assert self.serving is not None
+        with self.serving_lock:
+            st = self.serving.state
+            if st.desired_version != rid or any(r.version != rid for r in st.replicas.values()):
+                d = self.serving.deploy(rec["candidate"], rid)
+                rec["deploy"] = _deploy_summary(d.to_dict())
+                if not d.ok:
+                    e = d.error or {}
+                    raise RoundFailed(f"DEPLOYING: replica {e.get('replica') or '-'} step {e.get('step')}: {e.get('message')}; "
+                                      f"serving stays on {self.serving.state.desired_version}", requeue=True)
+            if pol.rounds.watch_s > 0 and not rec.get("watch"):
+                w = self.serving.watch(pol.rounds.watch_s)
+                rec["watch"] = {"window_s": w.window_s, "probes": len(w.probes), "regression": w.regression}
+                if w.regression:
+                    rec["rollback"] = {"at": time.time(), "trigger": "watch", "reason": w.regression,
+                                       "to": w.rollback.version if w.rollback else None, "ok": bool(w.rollback and w.rollback.ok)}
+                    rec["docs"] = self._release(rec)
+                    self._enter(rec, "ROLLED_BACK")
+                    return
+        rec["deployed_at"] = time.time()
+        rec["docs"] = self._release(rec)
+        M.ROUND_LAST_SUCCESS.set(rec["deployed_at"])
+        self._enter(rec, "DEPLOYED")
+        self._prune(pol)
+
+    # ------------------------------------------------------------------ documents
+    def _requeue(self, rec: dict[str, Any]) -> dict[str, Any]:
+        n = self.store.requeue_round(self._fence(), rec["id"])
+        return {"fate": "requeued", "docs": n}
+
+    def _release(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """Trained documents become replay candidates (Algorithm R under the cap) and leave the buffer."""
+        pol = self._policy(rec)
+        keys = self.store.round_docs(rec["id"])
+        docs = self._docs_with_keys(keys)
+        rng = random.Random(f"{rec['id']}:replay")
+        placed = self.store.replay_offer(docs, pol.replay.reservoir_docs, rng.random, reservoir_slot) if docs else 0
+        self.store.remove_docs(keys)
+        self.store.drop_round_list(self._fence(), rec["id"])
+        return {"fate": "released", "docs": len(keys), "replay_placed": placed}
+
+    # ------------------------------------------------------------------ retention
+    def _prune(self, pol: Policy) -> None:
+        """Delete old round directories; never the live one, its rollback target, or an unfinished round."""
+        assert self.serving is not None
+        st = self.serving.state
+        rounds = self.store.list_rounds()
+        protected = {v for v in (st.desired_version, st.previous_version) if v} | {r["id"] for r in rounds if r["state"] not in TERMINAL}
+        finished = [r["id"] for r in rounds if r["state"] in TERMINAL and self.round_dir(r["id"]).exists()]
+        for rid in prune_rounds(finished, protected, pol.rounds.keep_rounds):
+            shutil.rmtree(self.round_dir(rid), ignore_errors=True)
+            st.versions.pop(rid, None)
+            log.info("pruned round checkpoints", extra={"round_id": rid})
+
+    # ------------------------------------------------------------------ operator actions
+    def rollback(self, to: str | None = None) -> dict[str, Any]:
+        if not self.leader() or self.serving is None:
+            holder, _ = self.store.lease_holder()
+            raise PermissionError(f"this daemon does not run rounds; the lease holder is {holder!r}")
+        if not self.serving_lock.acquire(blocking=False):
+            raise RuntimeError("a deploy or rollback is in progress")
+        try:
+            st = self.serving.state
+            live = st.desired_version
+            target = to or st.previous_version
+            if target is None or target not in st.versions:
+                raise ValueError(f"cannot roll back to {target!r}: known versions are {sorted(st.versions)}")
+            d = self.serving.rollback("operator", to_version=target)
+            if d.ok and live and live != target:
+                rec = self.store.get_round(live)
+                if rec is not None and rec["state"] == "DEPLOYED":
+                    rec["rollback"] = {"at": time.time(), "trigger": "operator", "to": target, "ok": True}
+                    self._enter(rec, "ROLLED_BACK")
+            return {"ok": d.ok, "from": live, "to": target, "error": d.error, "record": _deploy_summary(d.to_dict())}
+        finally:
+            self.serving_lock.release()
+
+    def probe_drift(self) -> float | None:
+        """The drift trigger's periodic probe: buffered documents vs the replay reservoir under the serving model."""
+        if not self.leader() or self.serving is None or self.active:
+            return None
+        pol = self.get_policy()
+        live = self.serving.state.desired_version
+        kv = self.serving.state.versions.get(live or "")
+        new = self._docs_with_keys(self.store.buffer_keys(pol.drift.probe_docs))
+        ref = self._docs_with_keys(sorted(self.store.replay_keys())[: pol.drift.probe_docs])
+        if kv is None or not new or not ref:
+            return None
+        d = self.settings.checkpoint_dir / "probe"
+        d.mkdir(parents=True, exist_ok=True)
+        _write_jsonl(d / "new.jsonl", [{"text": x["text"]} for x in new])
+        _write_jsonl(d / "ref.jsonl", [{"text": x["text"]} for x in ref])
+        cmd = [sys.executable, "-m", "daemon.drift_probe", "--model", kv.checkpoint, "--new", str(d / "new.jsonl"),
+               "--ref", str(d / "ref.jsonl"), "--max-docs", str(pol.drift.probe_docs), "--max-len", str(pol.drift.probe_max_len)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, preexec_fn=_pdeathsig)
+        if r.returncode != 0:
+            log.warning("drift probe failed", extra={"error": r.stderr[-500:]})
+            return None
+        x = json.loads(r.stdout.strip().splitlines()[-1])
+        score = drift_score(DriftStats(x["loss_new"], x["loss_ref"], x["js_distance"], x["tokens_new"], x["tokens_ref"]), pol.drift)
+        M.DRIFT_SCORE.labels(statistic="probe_score").set(score)
+        return score
+
+    # ------------------------------------------------------------------ children
+    def _child(self, cmd: list[str], log_path: Path, rec: dict[str, Any], timeout: float | None,
+               on_tick: Callable[[], None] | None = None, hit: str | None = None) -> int:
+        with open(log_path, "ab") as out:
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            self.child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_pdeathsig)
+            if hit:
+                failpoints.hit(hit)
+            t0 = time.monotonic()
+            while True:
+                try:
+                    rc = self.child.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if on_tick:
+                    on_tick()
+                if self.fence is None:
+                    self._kill_child()
+                    raise Stop("lease lost")
+                if self.store.cancel_requested(rec["id"]):
+                    self._kill_child()
+                    raise RoundFailed("cancelled by operator", requeue=True)
+                if timeout and time.monotonic() - t0 > timeout:
+                    self._kill_child()
+                    raise RoundFailed(f"{cmd[2]} ran past {timeout} s")
+        self.child = None
+        return rc
+
+    def _kill_child(self) -> None:
+        c = self.child
+        if c is not None and c.poll() is None:
+            c.terminate()
+            try:
+                c.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                c.kill()
+        self.child = None
+
+    # ------------------------------------------------------------------ reading
+    def status(self) -> dict[str, Any]:
+        holder, epoch = self.store.lease_holder()
+        out: dict[str, Any] = {"enabled": self.disabled is None, "disabled_reason": self.disabled, "leader": self.leader(),
+                               "lease_holder": holder, "epoch": epoch, "owner": self.owner, "active": self.active}
+        raw = self.store.get_serving()
+        if raw:
+            st = ServingState.from_json(raw)
+            out["serving"] = {"desired_version": st.desired_version, "previous_version": st.previous_version,
+                              "replicas": {u: {"version": r.version, "status": r.status, "step": r.step} for u, r in st.replicas.items()}}
+        return out
+
+
+class _ProgressFollower:
+    """Reads the trainer's progress.jsonl as it grows: metrics every tick, the record every few seconds."""
+
+    def __init__(self, path: Path, rec: dict[str, Any], runner: RoundRunner):
+        self.path, self.rec, self.runner = path, rec, runner
+        self.pos, self.last_put = 0, 0.0
+        self.last_tokens = 0
+
+    def tick(self, final: bool = False) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8") as f:
+            f.seek(self.pos)
+            chunk = f.read()
+        lines = chunk.split("\n")
+        self.pos += len(chunk) - len(lines[-1])
+        prog = self.rec["train"].setdefault("progress", {})
+        for line in lines[:-1]:
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if ev["event"] == "start":
+                prog.update(total_steps=ev["total_steps"], main_steps=ev["main_steps"], resumed_at=ev["resumed_at"],
+                            init_from=ev["init_from"], new_tokens=ev["new_tokens"], replay_tokens=ev["replay_tokens"])
+            elif ev["event"] == "step":
+                prog.update(step=ev["step"], loss=ev["loss"], lr=ev["lr"], tokens=ev["tokens"], tokens_per_s=ev["tokens_per_s"])
+                curve = self.rec["train"].setdefault("curve", [])
+                curve[:] = [c for c in curve if c[0] < ev["step"]] + [[ev["step"], round(ev["loss"], 4), ev["lr"]]]
+                M.TRAIN_LOSS.set(ev["loss"])
+                M.TRAIN_LR.set(ev["lr"])
+                M.TRAIN_STEP.set(ev["step"])
+                M.TRAIN_TOKENS_PER_SECOND.set(ev["tokens_per_s"])
+                if ev["tokens"] > self.last_tokens:
+                    M.TRAIN_TOKENS.inc(ev["tokens"] - self.last_tokens)
+                self.last_tokens = ev["tokens"]
+            elif ev["event"] == "eval":
+                evals = self.rec["train"].setdefault("evals", [])
+                evals[:] = [e for e in evals if e["step"] != ev["step"]] + [{k: v for k, v in ev.items() if k not in ("event", "time")}]
+        if final or time.monotonic() - self.last_put > 2.0:
+            self.last_put = time.monotonic()
+            self.runner._put(self.rec)
+
+
+def _deploy_summary(d: dict[str, Any]) -> dict[str, Any]:
+    pauses = [r["pause_seconds"] for r in d.get("replicas", []) if r.get("pause_seconds") is not None]
+    return {"ok": d["ok"], "kind": d["kind"], "version": d["version"], "checkpoint": d["checkpoint"], "error": d.get("error"),
+            "rejected": d.get("rejected"), "started_at": d.get("started_at"), "finished_at": d.get("finished_at"),
+            "pause_seconds_max": max(pauses) if pauses else None,
+            "replicas": [{"replica": r["replica"], "ok": r["ok"], "pause_seconds": r.get("pause_seconds"),
+                          "error": r.get("error")} for r in d.get("replicas", [])],
+            "rolled_back": [{"replica": r["replica"], "ok": r["ok"]} for r in d.get("rolled_back", [])]}

@@ -1,0 +1,298 @@
+"""The whole daemon against real Redis, a real Kafka-protocol broker and a real vLLM CPU server.
+
+Documents produced to Kafka are filtered into the buffer, a round snapshots
+them, trains a tiny Llama in a child process, evaluates it against the serving
+model, passes the gate and is hot-swapped into vLLM. The crash matrix SIGKILLs
+the daemon once in each of SNAPSHOT, TRAINING, EVALUATING and DEPLOYING (with a
+replica paused mid-swap) and checks that the restarted daemon finishes the
+round, that vLLM serves what the daemon says, and that document accounting is exact.
+"""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from connectors.redis_store import RedisStore
+from connectors.vllm import Replica
+from daemon.embedded import wait_for
+from daemon.embedded_vllm import VLLMServer
+from daemon.sample_corpus import domain_docs, english_docs
+from daemon.seed_replay import seed_replay
+from policies.config import load_policy
+from tests.conftest import make_policy
+from tests.streams import produce
+
+TOKEN = {"Authorization": "Bearer test-token"}
+TERMINAL = {"DEPLOYED", "REJECTED", "FAILED", "ROLLED_BACK"}
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    from daemon.tiny_model import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("round-models")
+    return build_tiny_llama(root / "base", english_docs(150, 2048, seed=11) + domain_docs(150, seed=12), seed=0)
+
+
+@pytest.fixture(scope="module")
+def vllm(base_model: Path):
+    server = VLLMServer(model=str(base_model), served_model_name="tiny", log_path=base_model.parent / "vllm.log").start(timeout=300)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fresh_vllm(vllm: VLLMServer, base_model: Path) -> VLLMServer:
+    """Each test starts from the boot weights, whatever an earlier test deployed."""
+    r = Replica(vllm.url)
+    if r.is_paused():
+        r.resume()
+    r.reload_weights(str(base_model))
+    r.set_weight_version("boot")
+    r.close()
+    return vllm
+
+
+def round_policy(tmp_path: Path, topics: dict, **over) -> Path:
+    sections = {
+        "train": {"seq_len": 64, "micro_batch_size": 4, "grad_accum": 1, "max_steps": 12, "eval_interval": 4,
+                  "checkpoint_interval": 4, "keep_checkpoints": 3, "device": "cpu"},
+        "schedule": {"kind": "rewarm_cosine", "peak_lr": 3e-3, "warmup_frac": 0.1},
+        "drift": {"peak_lr_min": 2e-3, "peak_lr_max": 4e-3, "probe_docs": 16, "probe_max_len": 64},
+        "replay": {"mode": "fixed", "fixed_ratio": 0.2, "reservoir_docs": 500},
+        "rounds": {"heldout_frac": 0.2, "heldout_max_docs": 12, "replay_heldout_docs": 12, "eval_checkpoints": 2, "lease_ttl_s": 4},
+        "gates": {"max_forgetting_nats": 1.0, "min_adaptation_nats": 0.0},
+        "triggers": {"min_gap_s": 0},
+    }
+    for k, v in over.items():
+        sections.setdefault(k, {}).update(v)
+    return make_policy(tmp_path, topics, **sections)
+
+
+class Deployment:
+    """One deployment: its policy, Redis namespace, checkpoint volume and daemon processes."""
+
+    def __init__(self, tmp_path: Path, topics: dict, redis_url: str, bootstrap: str, vllm: VLLMServer, base: Path, start, **over):
+        self.tmp, self.topics, self.redis_url, self.bootstrap, self.vllm, self.base, self._start = tmp_path, topics, redis_url, bootstrap, vllm, base, start
+        self.policy_path = round_policy(tmp_path, topics, **over)
+        self.policy = load_policy(self.policy_path)
+        self.store = RedisStore.from_url(redis_url, self.policy.name)
+        self.ckpt = tmp_path / "checkpoints"
+        self.ckpt.mkdir()
+        self.produced: list[bytes] = []
+        seed_file = tmp_path / "seed.jsonl"
+        seed_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in english_docs(40, 1024, seed=21)))
+        assert seed_replay(seed_file, self.store, self.policy, random.Random(0)).placed == 40
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {"CPTD_VLLM_URLS": self.vllm.url, "CPTD_CHECKPOINT_DIR": str(self.ckpt), "CPTD_BASE_CHECKPOINT": str(self.base),
+                "CPTD_TRAIN_CPU_THREADS": "1", **extra}
+
+    def start(self, **extra: str):
+        d = self._start(self.policy_path, self.redis_url, self.bootstrap, self.env(**extra))
+        d.wait_assigned(90)
+        return d
+
+    def produce(self, n: int, seed: int) -> list[bytes]:
+        msgs = [json.dumps({"text": t, "id": f"s{seed}-{i}"}).encode() for i, t in enumerate(domain_docs(n, seed=seed))]
+        produce(self.bootstrap, self.topics["docs"], msgs)
+        self.produced += msgs
+        return msgs
+
+    def wait_accounted(self, d, timeout: float = 120) -> dict:
+        n = len(self.produced)
+        return wait_for(lambda: (s := d.status()).get("counts", {}).get("total") == n and s, timeout, f"{n} messages accounted", 0.3, d.proc)
+
+    def trigger(self, d) -> str:
+        before = len(self.store.list_rounds())
+        try:
+            r = httpx.post(f"http://127.0.0.1:{d.port}/rounds", headers=TOKEN, json={"reason": "test"}, timeout=30)
+        except httpx.TransportError:  # a failpoint may kill the daemon before it answers; the round is in Redis
+            rounds = self.store.list_rounds()
+            assert len(rounds) == before + 1, "the daemon died without creating the round"
+            return rounds[-1]["id"]
+        assert r.status_code == 202, r.text
+        body = r.json()
+        assert body.get("round"), body
+        return body["round"]
+
+    def round(self, rid: str) -> dict | None:
+        return self.store.get_round(rid)
+
+    def wait_state(self, rid: str, states: set[str], timeout: float, proc=None) -> dict:
+        return wait_for(lambda: (r := self.round(rid)) and r["state"] in states and r, timeout,
+                        f"round {rid} to reach {sorted(states)}", 0.2, proc)
+
+    def check_accounting(self) -> None:
+        """Every accepted document is in the buffer or in exactly one round's manifest; none twice, none lost."""
+        counts = self.store.counters()
+        accepted = sum(n for (o, _), n in counts.items() if o == "accepted")
+        assert sum(counts.values()) == len(self.produced)
+        in_rounds: list[str] = []
+        for rec in self.store.list_rounds():
+            snap = rec.get("snapshot")
+            if snap and rec["state"] != "FAILED":
+                keys = [json.loads(x)["key"] for x in Path(snap["manifest"]).read_text().splitlines()]
+                assert len(keys) == len(set(keys)) == snap["docs"]
+                in_rounds += keys
+        buffered = self.store.buffer_keys()
+        assert len(in_rounds) == len(set(in_rounds)), "a document was trained in two rounds"
+        assert not set(in_rounds) & set(buffered)
+        assert len(in_rounds) + len(buffered) == accepted
+
+
+def served_version(vllm: VLLMServer) -> str:
+    r = Replica(vllm.url)
+    try:
+        return r.weight_version()
+    finally:
+        r.close()
+
+
+@pytest.fixture
+def deployment(tmp_path, topics, redis_url, bootstrap, fresh_vllm, base_model, ingest_procs):
+    def make(**over) -> Deployment:
+        return Deployment(tmp_path, topics, redis_url, bootstrap, fresh_vllm, base_model, ingest_procs, **over)
+    return make
+
+
+def test_documents_from_kafka_are_trained_into_a_deployed_round(deployment):
+    dep = deployment()
+    d = dep.start()
+    dep.produce(48, seed=1)
+    dep.wait_accounted(d)
+    buffered = set(dep.store.buffer_keys())
+    assert len(buffered) >= 40
+    rid = dep.trigger(d)
+    rec = dep.wait_state(rid, TERMINAL, 400, d.proc)
+    assert rec["state"] == "DEPLOYED", rec.get("error") or rec.get("gate")
+
+    # Lineage names exactly the documents that were buffered, with their Kafka coordinates.
+    manifest = httpx.get(f"http://127.0.0.1:{d.port}/rounds/{rid}/manifest", timeout=10).json()
+    assert {m["key"] for m in manifest} == buffered
+    assert all(m["topic"] == dep.topics["docs"] and m["offset"] is not None for m in manifest)
+    assert sum(v["docs"] for v in rec["snapshot"]["kafka_offsets"].values()) == len(buffered)
+    assert rec["parent"]["version"] == "base" and rec["policy_hash"] == d.status()["policy_hash"]
+    assert rec["gate"]["accepted"] and rec["eval"]["candidates"] and rec["train"]["result"]["steps"] == 12
+    assert rec["deploy"]["ok"] and rec["deploy"]["pause_seconds_max"] is not None
+    assert 0 < rec["snapshot"]["heldout_docs"] < len(buffered)
+    assert rec["replay_ratio"] == pytest.approx(0.2)
+
+    # vLLM serves what the daemon says; the buffer is drained into the replay reservoir.
+    assert served_version(dep.vllm) == rid
+    st = d.status()
+    assert st["rounds"]["serving"]["desired_version"] == rid and st["rounds"]["leader"]
+    assert st["buffer"]["buffer_docs"] == 0
+    dep.check_accounting()
+
+    # An invalid policy edit is refused with the field named; a valid one changes the next round's replay ratio.
+    good = yaml.safe_load(dep.policy_path.read_text())
+    bad = {**good, "replay": {**good["replay"], "fixed_ratio": 7}}
+    dep.policy_path.write_text(yaml.safe_dump(bad))
+    wait_for(lambda: "replay.fixed_ratio" in (d.status().get("policy_error") or ""), 30, "the bad edit to be refused")
+    assert d.proc.poll() is None
+    good["replay"]["fixed_ratio"] = 0.4
+    dep.policy_path.write_text(yaml.safe_dump(good))
+    wait_for(lambda: d.status()["policy_error"] is None and d.status()["policy_hash"] != rec["policy_hash"], 30, "the good edit")
+    dep.produce(24, seed=2)
+    dep.wait_accounted(d)
+    rid2 = dep.trigger(d)
+    rec2 = dep.wait_state(rid2, TERMINAL, 400, d.proc)
+    assert rec2["replay_ratio"] == pytest.approx(0.4)
+    assert rec2["parent"]["version"] == rid
+    dep.check_accounting()
+
+    # Rollback through the API puts the previous round back and marks the rolled-back one.
+    if rec2["state"] == "DEPLOYED":
+        r = httpx.post(f"http://127.0.0.1:{d.port}/rollback", headers=TOKEN, json={}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert served_version(dep.vllm) == rid
+        assert dep.round(rid2)["state"] == "ROLLED_BACK"
+
+
+def test_mutating_routes_need_the_token(deployment):
+    dep = deployment()
+    d = dep.start()
+    base = f"http://127.0.0.1:{d.port}"
+    for path in ("/rounds", "/rollback", "/rounds/r00001/cancel", "/ingest/pause", "/policy/reload"):
+        assert httpx.post(base + path, timeout=10).status_code == 401, path
+        assert httpx.post(base + path, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401, path
+    r = httpx.post(base + "/rounds", headers=TOKEN, timeout=30)  # with the token: refused for a reason, not for auth
+    assert r.status_code == 202 and r.json()["refused"] == "buffer is empty"
+    assert httpx.post(base + "/rounds/nope/cancel", headers=TOKEN, timeout=10).status_code == 404
+    assert httpx.get(base + "/rounds/nope", timeout=10).json() == {"error": "no round 'nope'"}
+    assert "/rounds/{round_id}" in httpx.get(base + "/openapi.json", timeout=10).json()["paths"]
+
+
+CRASHES = {
+    "SNAPSHOT": {"CPTD_FAILPOINTS": "snapshot.taken=kill"},
+    "EVALUATING": {"CPTD_FAILPOINTS": "evaluating.child_started=kill"},
+    "DEPLOYING": {"CPTD_FAILPOINTS": "deploy.reload_weights=kill"},  # the replica is paused: mid-swap
+    "TRAINING": {},  # killed from outside once the trainer has written a checkpoint
+}
+
+
+@pytest.mark.parametrize("phase", list(CRASHES))
+def test_sigkill_in_each_phase_resumes_the_round(deployment, phase):
+    dep = deployment()
+    d = dep.start(**CRASHES[phase])
+    dep.produce(40, seed=3)
+    dep.wait_accounted(d)
+    rid = dep.trigger(d)
+    if phase == "TRAINING":
+        ckpts = dep.ckpt / "rounds" / rid / "train" / "checkpoints"
+        wait_for(lambda: any(ckpts.glob("step-*/state.json")), 300, "a training checkpoint", 0.1, d.proc)
+        d.kill(signal.SIGKILL)
+    else:
+        assert d.proc.wait(timeout=300) == -signal.SIGKILL  # the failpoint killed it
+    assert dep.round(rid)["state"] == phase
+    if phase == "DEPLOYING":
+        r = Replica(dep.vllm.url)
+        assert r.is_paused()  # died holding client requests
+        r.close()
+
+    d2 = dep.start()  # no failpoints: a plain restart
+    rec = dep.wait_state(rid, TERMINAL, 400, d2.proc)
+    assert rec["state"] == "DEPLOYED", rec.get("error") or rec.get("gate")
+    if phase == "TRAINING":
+        assert rec["train"]["progress"]["init_from"] == "checkpoint" and rec["train"]["progress"]["resumed_at"] > 0
+    wait_for(lambda: d2.status()["rounds"]["serving"]["desired_version"] == rid, 30, "status to show the round")
+    st = d2.status()["rounds"]["serving"]
+    assert served_version(dep.vllm) == rid and all(r["version"] == rid for r in st["replicas"].values())
+    assert not Replica(dep.vllm.url).is_paused()
+    dep.check_accounting()
+
+
+def test_two_daemons_one_lease_and_failover(deployment):
+    dep = deployment(rounds={"lease_ttl_s": 4})
+    a = dep.start()
+    b = dep.start()
+    wait_for(lambda: a.status()["rounds"]["lease_holder"] is not None, 30, "a lease holder")
+    holder = a.status()["rounds"]["lease_holder"]
+    leaders = [p for p in (a, b) if p.status()["rounds"]["leader"]]
+    assert len(leaders) == 1 and leaders[0].status()["rounds"]["owner"] == holder
+    follower = b if leaders[0] is a else a
+    epoch = a.status()["rounds"]["epoch"]
+    leaders[0].kill(signal.SIGKILL)
+    t0 = time.monotonic()
+    wait_for(lambda: follower.status()["rounds"]["leader"], 15, "the follower to take the lease", 0.1, follower.proc)
+    took = time.monotonic() - t0
+    assert took <= 4 + 2, f"failover took {took:.1f}s, lease TTL is 4s"
+    assert follower.status()["rounds"]["epoch"] > epoch  # the fencing token moved on
+    # The new holder runs rounds; a manual trigger on it is acted on.
+    dep.produce(24, seed=4)
+    dep.wait_accounted(follower)
+    rid = dep.trigger(follower)
+    rec = dep.wait_state(rid, TERMINAL, 400, follower.proc)
+    assert rec["owner"] == follower.status()["rounds"]["owner"]
+    assert rec["state"] == "DEPLOYED", rec.get("error")
+    assert served_version(dep.vllm) == rid
