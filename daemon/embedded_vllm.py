@@ -71,6 +71,16 @@ class VLLMServer:
         return e
 
     def start(self, timeout: float = 240.0) -> "VLLMServer":
+        self.launch()
+        try:
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def launch(self) -> "VLLMServer":
+        """Start the process and return at once (the demo does other work while vLLM loads)."""
         if not self.port:
             self.port = free_port()
         if self.log_path is None:
@@ -78,11 +88,6 @@ class VLLMServer:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv(), env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        try:
-            self.wait_healthy(timeout)
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def healthy(self) -> bool:

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from daemon.lm_loss import mean_token_loss
 from policies.gates import GateDecision, ModelScores
@@ -288,15 +288,23 @@ def score_checkpoint(path: str | Path, data: EvalData, name: str | None = None) 
 
 
 def evaluate_round(round_id: str, serving: str | Path, candidates: Sequence[str | Path], data: EvalData,
-                   names: Sequence[str] | None = None) -> EvalReport:
-    """Score the serving checkpoint and every candidate of the round on the same held-out data."""
+                   names: Sequence[str] | None = None, on_scored: Callable[[int, int, str], None] | None = None) -> EvalReport:
+    """Score the serving checkpoint and every candidate of the round on the same held-out data.
+
+    `on_scored(done, total, name)` is called after each model (progress for the daemon and the demo)."""
     names = list(names) if names is not None else [Path(c).name for c in candidates]
     if len(names) != len(candidates) or len(set(names)) != len(names):
         raise ValueError(f"candidate names must be unique, one per checkpoint: {names}")
-    report = EvalReport(round_id=round_id, serving=score_checkpoint(serving, data, "serving"),
-                        candidates=[score_checkpoint(c, data, n) for c, n in zip(candidates, names)],
-                        created_at=time.time())
-    return report
+    total = 1 + len(candidates)
+    tell = on_scored or (lambda *_: None)
+    tell(0, total, "")
+    serving_report = score_checkpoint(serving, data, "serving")
+    tell(1, total, "serving")
+    scored = []
+    for c, n in zip(candidates, names):
+        scored.append(score_checkpoint(c, data, n))
+        tell(1 + len(scored), total, n)
+    return EvalReport(round_id=round_id, serving=serving_report, candidates=scored, created_at=time.time())
 
 
 def save_report(report: EvalReport, round_dir: str | Path) -> Path:
@@ -342,8 +350,14 @@ def main(argv: list[str] | None = None) -> None:
     data = EvalData(new_docs=read_texts(spec["new_path"]), replay_docs=read_texts(spec["replay_path"]),
                     suites=spec.get("suites") or {}, canaries=spec.get("canaries"), max_len=int(spec.get("max_len", 512)))
     names, paths = zip(*spec["candidates"]) if spec["candidates"] else ((), ())
-    report = evaluate_round(spec["round_id"], spec["serving"], list(paths), data, list(names))
     out = Path(spec["out"])
+    progress = open(out.with_name("eval_progress.jsonl"), "a", encoding="utf-8")
+
+    def tell(done: int, total: int, name: str) -> None:
+        progress.write(json.dumps({"scored": done, "total": total, "model": name, "time": time.time()}) + "\n")
+        progress.flush()
+
+    report = evaluate_round(spec["round_id"], spec["serving"], list(paths), data, list(names), on_scored=tell)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(report.to_json(), encoding="utf-8")
     os.replace(tmp, out)

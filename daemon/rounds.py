@@ -96,6 +96,7 @@ class RoundRunner:
         self.child: subprocess.Popen | None = None
         self.active: str | None = None
         self._taken_over_epoch = 0
+        self._stop = threading.Event()
         urls = settings.replica_urls()
         self.disabled = None if urls else "no vLLM replicas configured (CPTD_VLLM_URLS or CPTD_VLLM_CONTROL_URL)"
         self.urls = urls
@@ -253,6 +254,7 @@ class RoundRunner:
         if self.disabled:
             log.warning("rounds disabled", extra={"reason": self.disabled})
             return
+        self._stop = stop
         threading.Thread(target=self._lease_loop, args=(stop,), name="lease", daemon=True).start()
         while not stop.is_set():
             f = self.fence
@@ -455,8 +457,18 @@ class RoundRunner:
                 "suites": pol.rounds.suites, "canaries": pol.rounds.canaries, "max_len": pol.train.seq_len, "out": str(report_path)}
         (rd / "eval-spec.json").write_text(json.dumps(spec, indent=1))
         if not report_path.exists():
+            progress = rd / "eval_progress.jsonl"
+            last_put = [0.0]
+
+            def follow() -> None:
+                lines = progress.read_text().splitlines() if progress.exists() else []
+                if lines and time.monotonic() - last_put[0] > 2.0:
+                    rec["eval_progress"] = json.loads(lines[-1])
+                    last_put[0] = time.monotonic()
+                    self._put(rec)
+
             rc = self._child([sys.executable, "-m", "daemon.evaluate", str(rd / "eval-spec.json")], rd / "eval.log", rec,
-                             timeout=None, hit="evaluating.child_started")
+                             timeout=None, on_tick=follow, hit="evaluating.child_started")
             if rc != 0 or not report_path.exists():
                 tail = (rd / "eval.log").read_text(errors="replace")[-800:]
                 raise RoundFailed(f"EVALUATING: evaluation exited with code {rc}: {tail.strip()}")
@@ -613,9 +625,9 @@ class RoundRunner:
                     pass
                 if on_tick:
                     on_tick()
-                if self.fence is None:
-                    self._kill_child()
-                    raise Stop("lease lost")
+                if self.fence is None or self._stop.is_set():
+                    self._kill_child()  # the trainer resumes from its last checkpoint on the next start
+                    raise Stop("lease lost" if self.fence is None else "stopping")
                 if self.store.cancel_requested(rec["id"]):
                     self._kill_child()
                     raise RoundFailed("cancelled by operator", requeue=True)

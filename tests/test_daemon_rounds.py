@@ -238,6 +238,7 @@ CRASHES = {
     "EVALUATING": {"CPTD_FAILPOINTS": "evaluating.child_started=kill"},
     "DEPLOYING": {"CPTD_FAILPOINTS": "deploy.reload_weights=kill"},  # the replica is paused: mid-swap
     "TRAINING": {},  # killed from outside once the trainer has written a checkpoint
+    "TRAINING-SIGTERM": {},  # a clean stop (rolling update): exit 0, the round stays resumable
 }
 
 
@@ -248,12 +249,18 @@ def test_sigkill_in_each_phase_resumes_the_round(deployment, phase):
     dep.produce(40, seed=3)
     dep.wait_accounted(d)
     rid = dep.trigger(d)
-    if phase == "TRAINING":
+    if phase.startswith("TRAINING"):
         ckpts = dep.ckpt / "rounds" / rid / "train" / "checkpoints"
         wait_for(lambda: any(ckpts.glob("step-*/state.json")), 300, "a training checkpoint", 0.1, d.proc)
-        d.kill(signal.SIGKILL)
+        if phase == "TRAINING":
+            d.kill(signal.SIGKILL)
+        else:
+            d.proc.send_signal(signal.SIGTERM)
+            assert d.proc.wait(timeout=90) == 0
+            assert dep.store.lease_holder()[0] is None  # handed back at once, not left to expire
     else:
         assert d.proc.wait(timeout=300) == -signal.SIGKILL  # the failpoint killed it
+    phase = phase.split("-")[0]
     assert dep.round(rid)["state"] == phase
     if phase == "DEPLOYING":
         r = Replica(dep.vllm.url)
