@@ -131,7 +131,7 @@ def print_round(rec: dict[str, Any]) -> None:
     """The lineage of one round, for people (the same record --json prints whole)."""
     print(f"round {rec['id']}  {rec['state']}   trigger {rec['trigger']['kind']} ({rec['trigger'].get('reason')})   policy {rec['policy_hash']}")
     print(f"  parent      {rec['parent'].get('version')}  {rec['parent'].get('checkpoint')}")
-    for ph, t in rec.get("phases", {}).items():
+    for ph, t in sorted(rec.get("phases", {}).items(), key=lambda kv: kv[1]["started_at"]):
         dur = f"{t['finished_at'] - t['started_at']:.1f} s" if "finished_at" in t else "..."
         print(f"  {ph:<11} {_ts(t['started_at'])}  {dur}")
     if snap := rec.get("snapshot"):
