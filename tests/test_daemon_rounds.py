@@ -21,7 +21,7 @@ import yaml
 
 from connectors.redis_store import RedisStore
 from connectors.vllm import Replica
-from daemon.embedded import wait_for
+from daemon.embedded import create_topics, wait_for
 from daemon.embedded_vllm import VLLMServer
 from daemon.sample_corpus import domain_docs, english_docs
 from daemon.seed_replay import seed_replay
@@ -83,6 +83,7 @@ class Deployment:
 
     def __init__(self, tmp_path: Path, topics: dict, redis_url: str, bootstrap: str, vllm: VLLMServer, base: Path, start, **over):
         self.tmp, self.topics, self.redis_url, self.bootstrap, self.vllm, self.base, self._start = tmp_path, topics, redis_url, bootstrap, vllm, base, start
+        create_topics(bootstrap, {topics["docs"]: 2, topics["dlq"]: 1})  # before any daemon joins the group
         self.policy_path = round_policy(tmp_path, topics, **over)
         self.policy = load_policy(self.policy_path)
         self.store = RedisStore.from_url(redis_url, self.policy.name)
