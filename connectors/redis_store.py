@@ -213,12 +213,11 @@ while #taken < max_docs do
   start = start + batch
 end
 for _, key in ipairs(taken) do
-  local raw = redis.call('HGET', docs, key)
   redis.call('ZREM', buffer, key)
-  redis.call('HINCRBY', stats, 'buffer_docs', -1)
-  if raw then redis.call('HINCRBY', stats, 'buffer_bytes', -cjson.decode(raw).bytes) end
   redis.call('RPUSH', lst, key)
 end
+redis.call('HINCRBY', stats, 'buffer_docs', -#taken)
+redis.call('HINCRBY', stats, 'buffer_bytes', -used)
 return taken
 """
 

@@ -50,12 +50,7 @@ class Daemon:
 
     def _apply_triggers(self) -> None:
         if self.runner.disabled is None:
-            self.scheduler.apply(self.policy.triggers, self._buffer_tokens, self.runner.probe_drift)
-
-    def _buffer_tokens(self) -> int:
-        from policies.rounds import estimate_tokens
-
-        return estimate_tokens(self.store.buffer_stats()["buffer_bytes"], self.policy.rounds)
+            self.scheduler.apply(self.policy.triggers, self.runner.buffer_tokens, self.runner.probe_drift)
 
     # --- the Engine protocol of daemon.api -------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -153,12 +153,9 @@ class RoundRunner:
         self.wake.set()
         return rid
 
-    def _last_start(self) -> float | None:
-        starts = [r["created_at"] for r in self.store.list_rounds()]
-        return max(starts) if starts else None
-
-    def _buffer_tokens(self, policy: Policy) -> int:
-        return estimate_tokens(self.store.buffer_stats()["buffer_bytes"], policy.rounds)
+    def buffer_tokens(self) -> int:
+        """Estimated tokens waiting (the buffer trigger and should_start read the same figure)."""
+        return estimate_tokens(self.store.buffer_stats()["buffer_bytes"], self.get_policy().rounds)
 
     def _next_round(self) -> str | None:
         """Act on waiting requests: start a round for the first one that may start, answer the rest."""
@@ -169,12 +166,15 @@ class RoundRunner:
         if auto:
             asks.append((None, *auto))
         started: str | None = None
+        if asks:  # read once: nothing changes them until a round starts, and then the rest are merged
+            last_start = max((r["created_at"] for r in self.store.list_rounds()), default=None)
+            tokens = self.buffer_tokens()
         for req_id, kind, detail in asks:
             if started:
                 if req_id:
                     self.store.set_request_result(req_id, {"round": started, "note": "merged into the round just started"})
                 continue
-            chk = should_start(kind, time.time(), self._last_start(), False, self._buffer_tokens(policy), policy.rounds, policy.triggers)
+            chk = should_start(kind, time.time(), last_start, False, tokens, policy.rounds, policy.triggers)
             if not chk.start:
                 if req_id:
                     self.store.set_request_result(req_id, {"round": None, "refused": chk.reason})
@@ -228,8 +228,12 @@ class RoundRunner:
         self.store.put_serving(self._fence(), state.to_json())
 
     # ------------------------------------------------------------------ taking over
-    def _take_over(self) -> None:
-        """New lease holder: learn what the replicas serve (a predecessor may have died mid-swap)."""
+    def _take_over(self) -> str | None:
+        """New lease holder: learn what the replicas serve (a predecessor may have died mid-swap).
+
+        Returns the round a predecessor left unfinished, if any: only a lease holder creates rounds,
+        so after this the runner knows every unfinished round without reading the round list again."""
+        unfinished = next((r for r in self.store.list_rounds() if r["state"] not in TERMINAL), None)
         raw = self.store.get_serving()
         state = ServingState.from_json(raw) if raw else ServingState()
         if self.serving is not None:
@@ -240,14 +244,15 @@ class RoundRunner:
             base = str(self.settings.base_checkpoint_path().resolve())
             self.serving.adopt(base, BASE_VERSION)
             log.info("adopted the serving model", extra={"checkpoint": base, "version": BASE_VERSION})
-            return
-        rec = self.serving.reconcile()
-        log.info("reconciled serving state", extra={"live": rec.live, "diverged": rec.diverged, "errors": rec.errors})
-        unfinished = [r for r in self.store.list_rounds() if r["state"] == "DEPLOYING"]
-        if rec.diverged and not unfinished and not rec.errors:
-            out = self.serving.rollback("reconcile", to_version=state.desired_version)
-            log.info("brought diverged replicas back to the deployed version",
-                     extra={"version": state.desired_version, "ok": out.ok})
+        else:
+            rec = self.serving.reconcile()
+            log.info("reconciled serving state", extra={"live": rec.live, "diverged": rec.diverged, "errors": rec.errors})
+            deploying = unfinished is not None and unfinished["state"] == "DEPLOYING"  # its resumed deploy converges them
+            if rec.diverged and not deploying and not rec.errors:
+                out = self.serving.rollback("reconcile", to_version=state.desired_version)
+                log.info("brought diverged replicas back to the deployed version",
+                         extra={"version": state.desired_version, "ok": out.ok})
+        return unfinished["id"] if unfinished else None
 
     # ------------------------------------------------------------------ main loop
     def run(self, stop: threading.Event) -> None:
@@ -256,6 +261,7 @@ class RoundRunner:
             return
         self._stop = stop
         threading.Thread(target=self._lease_loop, args=(stop,), name="lease", daemon=True).start()
+        resume: str | None = None  # a round to (re)drive: left by a predecessor, or interrupted by an error here
         while not stop.is_set():
             f = self.fence
             if f is None:
@@ -264,14 +270,15 @@ class RoundRunner:
                 continue
             try:
                 if self._taken_over_epoch != f.epoch:
-                    self._take_over()
+                    resume = self._take_over()
                     self._taken_over_epoch = f.epoch
-                rid = next((r["id"] for r in self.store.list_rounds() if r["state"] not in TERMINAL), None) or self._next_round()
-                if rid is None:
+                resume = resume or self._next_round()
+                if resume is None:
                     self.wake.wait(1.0)
                     self.wake.clear()
                     continue
-                self.drive(rid, stop)
+                self.drive(resume, stop)
+                resume = None
             except (Stop, Fenced) as e:
                 log.warning("round runner paused", extra={"reason": str(e)})
             except Exception as e:  # noqa: BLE001 - the loop must survive Redis/vLLM outages; it retries
@@ -294,9 +301,7 @@ class RoundRunner:
                     raise RoundFailed("cancelled by operator", requeue=True)
                 try:
                     steps[rec["state"]](rec, stop)
-                except (Stop, Fenced):
-                    raise
-                except RoundFailed:
+                except (Stop, Fenced, RoundFailed):
                     raise
                 except ServingError as e:
                     raise RoundFailed(f"{rec['state']}: {e}") from e
