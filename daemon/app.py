@@ -21,8 +21,8 @@ from daemon import metrics as M
 from daemon.api import create_app
 from daemon.ingest import Ingestor
 from daemon.policy_watch import PolicyWatcher
-from daemon.rounds import RoundRunner
-from daemon.scheduler import Scheduler
+from daemon.round_runner import RoundRunner
+from daemon.round_triggers import Scheduler
 from daemon.settings import Settings
 from policies.config import Policy, load_policy, policy_hash
 
@@ -109,7 +109,7 @@ class Daemon:
         return {"request_id": req, "round": None, "queued": True, "lease_holder": holder}
 
     def cancel(self, round_id: str) -> dict[str, Any]:
-        from daemon.rounds import TERMINAL
+        from daemon.round_runner import TERMINAL
 
         rec = self.store.get_round(round_id)
         if rec is None:

@@ -256,7 +256,7 @@ def cmd_seed_replay(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from daemon.demo import run_demo
+    from daemon.dev.demo import run_demo
 
     return run_demo(workdir=a.workdir, docs=a.docs, pretrain_steps=a.pretrain_steps, round_steps=a.round_steps)
 

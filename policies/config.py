@@ -22,8 +22,8 @@ from policies.gates import GatePolicy
 from policies.drift import DriftPolicy
 from policies.quality import QualityPolicy
 from policies.replay import ReplayPolicy
-from policies.rounds import RoundsPolicy, TriggerPolicy
-from policies.schedule import SchedulePolicy
+from policies.round_policy import RoundsPolicy, TriggerPolicy
+from policies.lr_schedule import SchedulePolicy
 from policies.train import TrainPolicy
 
 

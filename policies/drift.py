@@ -1,6 +1,6 @@
 """Drift of a round's new data against the replay/reference set -> replay ratio and peak LR.
 
-The daemon measures two statistics (daemon/drift_probe.py):
+The daemon measures two statistics (daemon/jobs/drift_probe.py):
 
 * perplexity gap s = (L(new) - L(ref)) / L(ref), mean token NLL under the
   serving model. It asks the question that matters: how much does the model
@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from policies.base import Section
 from policies.replay import ReplayPolicy, interpolate_anchors, replay_ratio
-from policies.schedule import SchedulePolicy
+from policies.lr_schedule import SchedulePolicy
 
 
 class DriftPolicy(Section):

@@ -1,6 +1,6 @@
 """Eval results + thresholds -> accept or reject a round, and which checkpoint to ship.
 
-Pure: the scores come in as values (daemon/evaluate.py measures them), the
+Pure: the scores come in as values (daemon/jobs/evaluator.py measures them), the
 thresholds from the policy file's `gates` section. A round is rejected with
 *every* reason, not the first, so an operator fixes the data or the policy
 once. Several checkpoints of one round may be scored because loss on old data

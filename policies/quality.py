@@ -34,7 +34,7 @@ Why it is fast
       rules share, so a document rejected early pays only for what it used.
 
 Agreement with datatrove
-    Verdicts agree with datatrove's chain on >= 97% of `daemon.sample_corpus.mixed_corpus`
+    Verdicts agree with datatrove's chain on >= 97% of `daemon.dev.sample_corpus.mixed_corpus`
     (tests/test_quality_datatrove.py). The remaining differences come from
     tokenization corner cases (spaCy's long exception list, URLs, emoticons) on
     documents that sit on a threshold, and from n-grams compared by word ids

@@ -17,7 +17,7 @@ import pytest
 import redis as redis_lib
 import yaml
 
-from daemon.embedded import Service, create_topics, free_port, kafka_service, redis_service, wait_for
+from daemon.dev.services import Service, create_topics, free_port, kafka_service, redis_service, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from daemon.sample_corpus import english_docs, mixed_corpus
+from daemon.dev.sample_corpus import english_docs, mixed_corpus
 from policies.config import Policy
 from policies.dedup import band_keys, content_key, minhash_signatures
 from policies.quality import build_filters, judge

@@ -417,7 +417,7 @@ def test_overlays_differ_where_they_should():
     job = template["spec"]["jobTemplate"]["spec"]
     assert job["backoffLimit"] == 0
     trainer = job["template"]["spec"]["containers"][0]
-    assert trainer["command"][0] == "torchrun" and trainer["command"][-2:] == ["-m", "daemon.train"]
+    assert trainer["command"][0] == "torchrun" and trainer["command"][-2:] == ["-m", "daemon.jobs.trainer"]
     nproc = int(re.search(r"--nproc-per-node=(\d+)", " ".join(trainer["command"])).group(1))
     assert trainer["resources"]["limits"]["nvidia.com/gpu"] == str(nproc)
     assert trainer["args"][0].endswith("spec.json")

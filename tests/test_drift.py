@@ -4,7 +4,7 @@ from pydantic import ValidationError
 
 from policies.drift import DriftPolicy, DriftStats, apply_to_schedule, decide, drift_score, js_distance
 from policies.replay import ReplayPolicy
-from policies.schedule import SchedulePolicy
+from policies.lr_schedule import SchedulePolicy
 
 
 def stats(gap, js):

@@ -9,7 +9,7 @@ import pytest
 from kafka import KafkaConsumer
 
 from connectors.redis_store import RedisStore
-from daemon.embedded import create_topics, redis_service, wait_for
+from daemon.dev.services import create_topics, redis_service, wait_for
 from policies.config import load_policy
 from tests.conftest import make_policy
 from tests.streams import expected_counts, mixed_stream, produce

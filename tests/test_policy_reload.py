@@ -6,7 +6,7 @@ import os
 import httpx
 
 from daemon import metrics as M
-from daemon.embedded import create_topics, wait_for
+from daemon.dev.services import create_topics, wait_for
 from daemon.policy_watch import PolicyWatcher
 from policies.config import load_policy, policy_hash
 from tests.conftest import make_policy

@@ -7,7 +7,7 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from daemon.sample_corpus import english_docs
+from daemon.dev.sample_corpus import english_docs
 from policies.config import PolicyError, parse_policy
 from policies.quality import REASONS, QualityPolicy, Verdict, build_filters, judge
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from daemon.sample_corpus import mixed_corpus
+from daemon.dev.sample_corpus import mixed_corpus
 from policies.quality import QualityPolicy, build_filters, judge
 
 N_DOCS = 5000

@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 
 from connectors.redis_store import BatchItem, RedisStore
-from daemon.sample_corpus import english_docs
+from daemon.dev.sample_corpus import english_docs
 from policies.config import Policy
 from policies.dedup import document_keys
 from policies.replay import reservoir_slot

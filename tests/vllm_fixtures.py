@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.embedded_vllm import VLLMServer
+from daemon.dev.vllm_server import VLLMServer
 
 CORPUS = [
     f"the {a} {b} of round {i} jumps over the {c} dog and reads {i * 7} new documents"
@@ -56,7 +56,7 @@ def _build_lora(base: Path, out: Path, seed: int) -> Path:
 
 
 def build_tiny_models(root: Path) -> TinyModels:
-    from daemon.tiny_model import build_tiny_llama
+    from daemon.dev.tiny_model import build_tiny_llama
 
     base = build_tiny_llama(root / "base", CORPUS, seed=0)
     other = root / "other"

@@ -41,12 +41,13 @@ from connectors.redis_store import Fence, Fenced, RedisStore
 from connectors.vllm import ServingConfig, ServingController, ServingError, ServingState
 from daemon import failpoints
 from daemon import metrics as M
+from daemon.jobs.specs import DriftSpec, EvalReport, EvalSpec, TrainSpec
 from daemon.settings import Settings
 from policies.config import Policy, policy_hash
 from policies.drift import DriftStats, apply_to_schedule, decide as drift_decide, drift_score
-from policies.gates import decide as gate_decide
+from policies.gates import GateDecision, decide as gate_decide
 from policies.replay import reservoir_slot
-from policies.rounds import blackout_match, estimate_tokens, next_swap_allowed, prune_rounds, should_start, split_heldout
+from policies.round_policy import blackout_match, estimate_tokens, next_swap_allowed, prune_rounds, should_start, split_heldout
 
 log = logging.getLogger("cptd.rounds")
 
@@ -394,8 +395,9 @@ class RoundRunner:
         parent = rec["parent"]["checkpoint"]
         if not parent or ref.stat().st_size == 0 or new.stat().st_size == 0:
             return None
-        cmd = [sys.executable, "-m", "daemon.drift_probe", "--model", parent, "--new", str(new), "--ref", str(ref),
-               "--max-docs", str(pol.drift.probe_docs), "--max-len", str(pol.drift.probe_max_len), "--seed", str(rec["number"])]
+        spec = DriftSpec(model=parent, new_path=str(new), ref_path=str(ref), max_docs=pol.drift.probe_docs,
+                         max_len=pol.drift.probe_max_len, seed=rec["number"])
+        cmd = [sys.executable, "-m", "daemon.jobs.drift_probe", str(spec.write(self.round_dir(rec["id"]) / "drift-spec.json"))]
         out = self._child(cmd, self.round_dir(rec["id"]) / "drift.log", rec, timeout=1800)
         if out != 0:
             rec["drift_error"] = f"drift probe exited with {out}; see drift.log"
@@ -405,8 +407,6 @@ class RoundRunner:
         return DriftStats(d["loss_new"], d["loss_ref"], d["js_distance"], d["tokens_new"], d["tokens_ref"])
 
     def _training(self, rec: dict[str, Any], stop: threading.Event) -> None:
-        from daemon.train import TrainSpec
-
         pol = self._policy(rec)
         rid = rec["id"]
         rd = self.round_dir(rid)
@@ -429,10 +429,10 @@ class RoundRunner:
         spec_path.write_text(spec.to_json())
         launcher = self.settings.train_launcher
         if launcher in ("subprocess", "process"):
-            cmd = [sys.executable, "-m", "daemon.train", str(spec_path)]
+            cmd = [sys.executable, "-m", "daemon.jobs.trainer", str(spec_path)]
         elif launcher.startswith("torchrun:"):
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={int(launcher.split(':', 1)[1])}",
-                   "-m", "daemon.train", str(spec_path)]
+                   "-m", "daemon.jobs.trainer", str(spec_path)]
         else:
             raise RoundFailed(f"TRAINING: launcher {launcher!r} is not supported by this version (use subprocess or torchrun:N)")
         progress = Path(spec.out_dir) / "progress.jsonl"
@@ -447,8 +447,6 @@ class RoundRunner:
         self._enter(rec, "EVALUATING")
 
     def _evaluating(self, rec: dict[str, Any], stop: threading.Event) -> None:
-        from daemon.evaluate import EvalReport, record_metrics
-
         pol = self._policy(rec)
         rd = self.round_dir(rec["id"])
         out = Path(rec["train"]["out_dir"])
@@ -457,12 +455,12 @@ class RoundRunner:
         mids = [p for p in steps if int(p.name.split("-")[1]) != last][-pol.rounds.eval_checkpoints:] if pol.rounds.eval_checkpoints else []
         cands = [[p.name, str(p)] for p in mids] + [["final", str(out / "final")]]
         report_path = rd / "eval_report.json"
-        spec = {"round_id": rec["id"], "serving": rec["parent"]["checkpoint"], "candidates": cands,
-                "new_path": str(rd / "data/heldout_new.jsonl"), "replay_path": str(rd / "data/heldout_replay.jsonl"),
-                "suites": pol.rounds.suites, "canaries": pol.rounds.canaries, "max_len": pol.train.seq_len, "out": str(report_path)}
-        (rd / "eval-spec.json").write_text(json.dumps(spec, indent=1))
+        spec = EvalSpec(round_id=rec["id"], serving=rec["parent"]["checkpoint"], candidates=cands,
+                        new_path=str(rd / "data/heldout_new.jsonl"), replay_path=str(rd / "data/heldout_replay.jsonl"),
+                        suites=dict(pol.rounds.suites), canaries=pol.rounds.canaries, max_len=pol.train.seq_len, out=str(report_path))
+        spec.write(rd / "eval-spec.json")
         if not report_path.exists():
-            progress = rd / "eval_progress.jsonl"
+            progress = spec.progress_path
             last_put = [0.0]
 
             def follow() -> None:
@@ -472,7 +470,7 @@ class RoundRunner:
                     last_put[0] = time.monotonic()
                     self._put(rec)
 
-            rc = self._child([sys.executable, "-m", "daemon.evaluate", str(rd / "eval-spec.json")], rd / "eval.log", rec,
+            rc = self._child([sys.executable, "-m", "daemon.jobs.evaluator", str(rd / "eval-spec.json")], rd / "eval.log", rec,
                              timeout=None, on_tick=follow, hit="evaluating.child_started")
             if rc != 0 or not report_path.exists():
                 tail = (rd / "eval.log").read_text(errors="replace")[-800:]
@@ -480,7 +478,7 @@ class RoundRunner:
         report = EvalReport.from_json(report_path.read_text())
         serving, candidates = report.gate_inputs()
         decision = gate_decide(pol.gates, serving, candidates)
-        record_metrics(report, decision)
+        record_eval_metrics(report, decision)
         rec["eval"] = {
             "report": str(report_path),
             "serving": {"new_nll": report.serving.new.mean_nll, "replay_nll": report.serving.replay.mean_nll},
@@ -602,8 +600,9 @@ class RoundRunner:
         d.mkdir(parents=True, exist_ok=True)
         _write_jsonl(d / "new.jsonl", [{"text": x["text"]} for x in new])
         _write_jsonl(d / "ref.jsonl", [{"text": x["text"]} for x in ref])
-        cmd = [sys.executable, "-m", "daemon.drift_probe", "--model", kv.checkpoint, "--new", str(d / "new.jsonl"),
-               "--ref", str(d / "ref.jsonl"), "--max-docs", str(pol.drift.probe_docs), "--max-len", str(pol.drift.probe_max_len)]
+        spec = DriftSpec(model=kv.checkpoint, new_path=str(d / "new.jsonl"), ref_path=str(d / "ref.jsonl"),
+                         max_docs=pol.drift.probe_docs, max_len=pol.drift.probe_max_len)
+        cmd = [sys.executable, "-m", "daemon.jobs.drift_probe", str(spec.write(d / "drift-spec.json"))]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, preexec_fn=_pdeathsig)
         if r.returncode != 0:
             log.warning("drift probe failed", extra={"error": r.stderr[-500:]})
@@ -707,6 +706,29 @@ class _ProgressFollower:
         if final or time.monotonic() - self.last_put > 2.0:
             self.last_put = time.monotonic()
             self.runner._put(self.rec)
+
+
+def record_eval_metrics(report: EvalReport, decision: GateDecision) -> None:
+    """Export the chosen checkpoint's losses and the decision (metrics are defined in daemon/metrics.py)."""
+    M.EVAL_LOSS.labels(split="new", model="serving").set(report.serving.new.mean_nll)
+    M.EVAL_LOSS.labels(split="replay", model="serving").set(report.serving.replay.mean_nll)
+    shown = next((c for c in report.candidates if c.name == decision.chosen), report.candidates[-1] if report.candidates else None)
+    if shown is not None:
+        M.EVAL_LOSS.labels(split="new", model="candidate").set(shown.new.mean_nll)
+        M.EVAL_LOSS.labels(split="replay", model="candidate").set(shown.replay.mean_nll)
+        M.EVAL_FORGETTING.set(shown.replay.mean_nll - report.serving.replay.mean_nll)
+        M.EVAL_ADAPTATION.set(report.serving.new.mean_nll - shown.new.mean_nll)
+    # The label is the kind of the first reason, kept coarse so label cardinality stays small.
+    reason = "" if decision.accepted else _reason_kind(decision.reasons[0]) if decision.reasons else "none"
+    M.GATE_DECISIONS.labels(decision="accept" if decision.accepted else "reject", reason=reason).inc()
+
+
+def _reason_kind(reason: str) -> str:
+    text = reason.split(": ", 1)[-1]
+    for kind in ("forgetting", "adaptation", "suite", "canaries", "non-finite", "no candidate"):
+        if kind in text:
+            return kind.replace(" ", "_")
+    return "other"
 
 
 def _deploy_summary(d: dict[str, Any]) -> dict[str, Any]:

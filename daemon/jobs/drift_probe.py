@@ -1,22 +1,21 @@
 """Measure drift of new documents against the reference (replay) set under the serving model.
 
-`python -m daemon.drift_probe --model DIR --new NEW.jsonl --ref REF.jsonl` prints
-one JSON line with the statistics; the daemon calls `measure_drift` at SNAPSHOT
+`python -m daemon.jobs.drift_probe SPEC.json` (a DriftSpec) prints one JSON line
+with the statistics; the daemon calls `measure_drift` at SNAPSHOT
 and hands the result to policies.drift.decide. Both sets are scored by the
 shared token-loss function, the same one evaluation uses, so "loss" means the
 same thing in the drift record and the eval record.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from collections import Counter
 from dataclasses import asdict
 from typing import Sequence
 
-from daemon.lm_loss import mean_token_loss
-from daemon.train import read_texts
+from daemon.jobs.lm_loss import mean_token_loss
+from daemon.jobs.specs import DriftSpec, read_texts
 from policies.drift import DriftStats, js_distance
 
 
@@ -60,16 +59,14 @@ def measure_drift(model_dir: str, new: Sequence[str], ref: Sequence[str], max_do
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--new", required=True, help="JSONL of {'text': ...}")
-    ap.add_argument("--ref", required=True, help="JSONL of {'text': ...}")
-    ap.add_argument("--max-docs", type=int, default=256)
-    ap.add_argument("--max-len", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
-    a = ap.parse_args(argv)
-    s = measure_drift(a.model, read_texts(a.new), read_texts(a.ref), a.max_docs, a.max_len, a.seed, a.device)
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m daemon.jobs.drift_probe SPEC.json")
+    spec = DriftSpec.read(argv[0])
+    s = measure_drift(spec.model, read_texts(spec.new_path), read_texts(spec.ref_path), spec.max_docs, spec.max_len,
+                      spec.seed, spec.device)
     print(json.dumps({**asdict(s), "ppl_gap": s.ppl_gap}))
 
 

@@ -1,7 +1,7 @@
-"""Useful-token throughput of daemon.train against the Hugging Face Trainer; MFU on a GPU.
+"""Useful-token throughput of daemon.jobs.trainer against the Hugging Face Trainer; MFU on a GPU.
 
-    python bench/train.py                                  # CPU, small Llama, both trainers, prints a ratio
-    python bench/train.py --device cuda --config 0.5b      # GPU: adds model FLOPs utilisation (bf16)
+    python bench/train_throughput.py                                  # CPU, small Llama, both trainers, prints a ratio
+    python bench/train_throughput.py --device cuda --config 0.5b      # GPU: adds model FLOPs utilisation (bf16)
 
 Both trainers get the same model (same init), the same documents, the same
 sequences per step, the same number of steps, AdamW with the same settings and
@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from daemon.tiny_model import train_tokenizer  # noqa: E402
-from daemon.train import TrainSpec, pack, run, tokenize_docs  # noqa: E402
+from daemon.dev.tiny_model import train_tokenizer  # noqa: E402
+from daemon.jobs.specs import TrainSpec  # noqa: E402
+from daemon.jobs.trainer import pack, run, tokenize_docs  # noqa: E402
 
 CONFIGS = {
     # name: (hidden, intermediate, layers, heads, kv heads, vocab, seq_len, micro batch)
@@ -128,7 +129,7 @@ def hf_trainer(model_dir: Path, texts: list[str], out: Path, steps: int, seq_len
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="daemon.train vs HF Trainer, useful tokens/s")
+    ap = argparse.ArgumentParser(description="daemon.jobs.trainer vs HF Trainer, useful tokens/s")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--config", default="small", choices=sorted(CONFIGS))
     ap.add_argument("--steps", type=int, default=20)

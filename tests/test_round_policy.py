@@ -1,11 +1,11 @@
-"""Round triggering and shaping decisions (policies/rounds.py)."""
+"""Round triggering and shaping decisions (policies/round_policy.py)."""
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import ValidationError
 
-from policies.rounds import (
+from policies.round_policy import (
     RoundsPolicy,
     TriggerCheck,
     TriggerPolicy,

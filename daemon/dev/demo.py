@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from daemon.embedded import Service, create_topics, free_port, kafka_service, redis_service, wait_for
+from daemon.dev.services import Service, create_topics, free_port, kafka_service, redis_service, wait_for
 
 PROMPT = "The model computes the gradient of the"
 TOKEN = "demo-token"
@@ -39,7 +39,7 @@ DEMO_SHAPE = dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_h
 
 def sample_stream(n: int, seed: int = 0) -> list[bytes]:
     """A day of a messy producer: mostly new-domain prose, some junk, copies and broken messages."""
-    from daemon.sample_corpus import domain_docs, mixed_corpus
+    from daemon.dev.sample_corpus import domain_docs, mixed_corpus
 
     rng = random.Random(seed)
     good = domain_docs(int(n * 0.7), seed=seed)
@@ -94,9 +94,9 @@ def _follow_child(cmd: list[str], progress: Path, log: Path, label: str, total: 
 
 def build_base_model(root: Path, steps: int) -> Path:
     """A small Llama with its own tokenizer, pre-trained briefly on general prose by the same trainer rounds use."""
-    from daemon.sample_corpus import domain_docs, english_docs
-    from daemon.tiny_model import TinyLlamaShape, build_tiny_llama
-    from daemon.train import TrainSpec
+    from daemon.dev.sample_corpus import domain_docs, english_docs
+    from daemon.dev.tiny_model import TinyLlamaShape, build_tiny_llama
+    from daemon.jobs.specs import TrainSpec
 
     general = english_docs(400, 2048, seed=1)
     init = build_tiny_llama(root / "init", general + domain_docs(150, seed=99), TinyLlamaShape(**DEMO_SHAPE), seed=0)
@@ -108,7 +108,7 @@ def build_base_model(root: Path, steps: int) -> Path:
                             "checkpoint_interval": 10**6, "device": "cpu"}, round_id="pretrain", cpu_threads=1)
     spec_path = root / "pretrain-spec.json"
     spec_path.write_text(spec.to_json())
-    _follow_child([sys.executable, "-m", "daemon.train", str(spec_path)], root / "pretrain" / "progress.jsonl",
+    _follow_child([sys.executable, "-m", "daemon.jobs.trainer", str(spec_path)], root / "pretrain" / "progress.jsonl",
                   root / "pretrain.log", "pre-train", steps)
     base = root / "checkpoints" / "base"
     shutil.copytree(root / "pretrain" / "final", base)
@@ -138,7 +138,7 @@ def _complete(url: str, prompt: str) -> str:
 
 
 def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int = 300, round_steps: int = 80) -> int:
-    from daemon.embedded_vllm import VLLMServer
+    from daemon.dev.vllm_server import VLLMServer
 
     from transformers.utils import logging as hf_logging
 
@@ -168,7 +168,7 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
         policy = root / "policy.yaml"
         demo_policy(policy, round_steps)
         from connectors.redis_store import RedisStore
-        from daemon.sample_corpus import english_docs
+        from daemon.dev.sample_corpus import english_docs
         from daemon.seed_replay import seed_replay
         from policies.config import load_policy
 

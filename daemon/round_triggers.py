@@ -1,7 +1,7 @@
 """APScheduler wiring of the trigger policy: jobs that *ask* for a round, never start one.
 
 Each job calls `request(kind, detail)`; the round engine decides with
-policies.rounds.should_start (one round at a time, minimum gap, minimum size),
+policies.round_policy.should_start (one round at a time, minimum gap, minimum size),
 so two triggers firing together cost one round. Four jobs at most:
 
 * cron      CronTrigger (crontab(5) weekday meaning, policy time zone) -> request("cron", expr)
@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from policies.rounds import TriggerPolicy, cron_trigger
+from policies.round_policy import TriggerPolicy, cron_trigger
 
 log = logging.getLogger("cptd.scheduler")
 

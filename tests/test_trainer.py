@@ -18,13 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from daemon.drift_probe import measure_drift
-from daemon.lm_loss import mean_token_loss
-from daemon.tiny_model import TinyLlamaShape, build_tiny_llama
-from daemon.train import TrainSpec, pack, packed_logits, run, trainable_digest
+from daemon.jobs.drift_probe import measure_drift
+from daemon.jobs.lm_loss import mean_token_loss
+from daemon.dev.tiny_model import TinyLlamaShape, build_tiny_llama
+from daemon.jobs.specs import TrainSpec
+from daemon.jobs.trainer import pack, packed_logits, run, trainable_digest
 from policies.drift import DriftPolicy, decide
 from policies.replay import ReplayPolicy
-from policies.schedule import SchedulePolicy, round_lr
+from policies.lr_schedule import SchedulePolicy, round_lr
 
 NOUNS = "cat dog river house garden teacher child window mountain city forest letter market bridge song".split()
 ADJS = "quiet old bright small green happy dark warm long gentle".split()
@@ -155,7 +156,7 @@ def test_kill_mid_round_and_resume_gives_identical_weights(world):
                          train={**TRAIN, "max_steps": 40, "checkpoint_interval": 5, "eval_interval": 100})
     killed = spec("killed")
     (d / "killed.json").write_text(killed.to_json())
-    cmd = [sys.executable, "-m", "daemon.train", str(d / "killed.json")]
+    cmd = [sys.executable, "-m", "daemon.jobs.trainer", str(d / "killed.json")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:  # blocks until the trainer reports its first checkpoint
         if json.loads(line)["event"] == "checkpoint":
@@ -244,7 +245,7 @@ def test_torchrun_two_ranks_trains_one_consistent_model(world):
                      data_seed=5, schedule={"kind": "rewarm_cosine", "peak_lr": 3e-3, "warmup_frac": 0.05},
                      train={**TRAIN, "max_steps": 12, "eval_interval": 100})
     (d / "ddp.json").write_text(spec.to_json())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "daemon.train", str(d / "ddp.json")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "daemon.jobs.trainer", str(d / "ddp.json")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((d / "ddp" / "result.json").read_text())

@@ -1,7 +1,7 @@
 """Score the serving checkpoint and a round's candidate checkpoints on the same data.
 
 Adaptation is held-out loss on new documents, forgetting held-out loss on
-replay documents (both via daemon/lm_loss.py, the same scorer drift uses).
+replay documents (both via daemon/jobs/lm_loss.py, the same scorer drift uses).
 Regression suites come as files: multiple-choice JSONL scored like
 lm-evaluation-harness `loglikelihood` requests, and canary prompts whose
 greedy continuation must not change. The serving model is scored in the same
@@ -18,8 +18,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from daemon.lm_loss import mean_token_loss
-from policies.gates import GateDecision, ModelScores
+from daemon.jobs.lm_loss import mean_token_loss
+from daemon.jobs.specs import (
+    CanaryResult,
+    EvalReport,
+    EvalSpec,
+    LossSummary,
+    ModelReport,
+    SuiteResult,
+    read_texts,
+)
 
 # --------------------------------------------------------------------------- inputs
 
@@ -81,100 +89,6 @@ def save_canaries(canaries: Sequence[Canary], path: str | Path) -> Path:
     p = Path(path)
     p.write_text("".join(json.dumps(asdict(c)) + "\n" for c in canaries), encoding="utf-8")
     return p
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class LossSummary:
-    mean_nll: float
-    perplexity: float
-    tokens: int
-
-
-@dataclass
-class SuiteResult:
-    name: str
-    n: int
-    accuracy: float  # argmax of summed log-likelihood (harness `acc`)
-    accuracy_norm: float  # argmax of log-likelihood per character of the choice (harness `acc_norm`)
-    predictions: list[int] = field(default_factory=list)
-
-
-@dataclass
-class CanaryResult:
-    name: str
-    prompt: str
-    expected: str
-    got: str
-    passed: bool
-
-
-@dataclass
-class ModelReport:
-    name: str
-    path: str
-    new: LossSummary
-    replay: LossSummary
-    suites: dict[str, SuiteResult] = field(default_factory=dict)
-    canaries: list[CanaryResult] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def scores(self) -> ModelScores:
-        return ModelScores(
-            name=self.name,
-            new_nll=self.new.mean_nll,
-            replay_nll=self.replay.mean_nll,
-            suites={k: v.accuracy for k, v in self.suites.items()},
-            canaries=len(self.canaries),
-            canary_failures=tuple(c.name for c in self.canaries if not c.passed),
-        )
-
-
-@dataclass
-class EvalReport:
-    round_id: str
-    serving: ModelReport
-    candidates: list[ModelReport]
-    created_at: float = 0.0
-
-    def gate_inputs(self) -> tuple[ModelScores, list[ModelScores]]:
-        return self.serving.scores(), [c.scores() for c in self.candidates]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        # NaN is not JSON: a model with no scorable token is stored as null.
-        return json.dumps(_nan_to_none(self.to_dict()), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "EvalReport":
-        d = json.loads(text)
-        return cls(round_id=d["round_id"], serving=_model_report(d["serving"]),
-                   candidates=[_model_report(c) for c in d["candidates"]], created_at=d.get("created_at", 0.0))
-
-
-def _nan_to_none(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
-    return x
-
-
-def _loss(d: dict) -> LossSummary:
-    return LossSummary(mean_nll=math.nan if d["mean_nll"] is None else d["mean_nll"],
-                       perplexity=math.nan if d["perplexity"] is None else d["perplexity"], tokens=d["tokens"])
-
-
-def _model_report(d: dict) -> ModelReport:
-    return ModelReport(name=d["name"], path=d["path"], new=_loss(d["new"]), replay=_loss(d["replay"]),
-                       suites={k: SuiteResult(**v) for k, v in d["suites"].items()},
-                       canaries=[CanaryResult(**c) for c in d["canaries"]], seconds=d.get("seconds", 0.0))
 
 
 # --------------------------------------------------------------------------- scoring
@@ -314,61 +228,30 @@ def save_report(report: EvalReport, round_dir: str | Path) -> Path:
     return p
 
 
-def record_metrics(report: EvalReport, decision: GateDecision) -> None:
-    """Export the chosen checkpoint's losses and the decision (metrics are defined in daemon/metrics.py)."""
-    from daemon import metrics as M
-
-    M.EVAL_LOSS.labels(split="new", model="serving").set(report.serving.new.mean_nll)
-    M.EVAL_LOSS.labels(split="replay", model="serving").set(report.serving.replay.mean_nll)
-    shown = next((c for c in report.candidates if c.name == decision.chosen), report.candidates[-1] if report.candidates else None)
-    if shown is not None:
-        M.EVAL_LOSS.labels(split="new", model="candidate").set(shown.new.mean_nll)
-        M.EVAL_LOSS.labels(split="replay", model="candidate").set(shown.replay.mean_nll)
-        M.EVAL_FORGETTING.set(shown.replay.mean_nll - report.serving.replay.mean_nll)
-        M.EVAL_ADAPTATION.set(report.serving.new.mean_nll - shown.new.mean_nll)
-    # The label is the kind of the first reason, kept coarse so label cardinality stays small.
-    reason = "" if decision.accepted else _reason_kind(decision.reasons[0]) if decision.reasons else "none"
-    M.GATE_DECISIONS.labels(decision="accept" if decision.accepted else "reject", reason=reason).inc()
-
-
 def main(argv: list[str] | None = None) -> None:
-    """`python -m daemon.evaluate SPEC.json`: the daemon scores a round in a child process, like training,
-    so a model that does not fit or a crash in scoring never takes the daemon down.
-
-    SPEC: {"round_id", "serving", "candidates": [[name, path], ...], "new_path", "replay_path",
-           "suites": {name: path}, "canaries": path|null, "max_len", "out"}; writes SPEC["out"] atomically.
-    """
+    """`python -m daemon.jobs.evaluator SPEC.json` (an EvalSpec): the daemon scores a round in a child process,
+    like training, so a model that does not fit or a crash in scoring never takes the daemon down."""
     import os
     import sys
 
-    from daemon.train import read_texts
-
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python -m daemon.evaluate SPEC.json")
-    spec = json.loads(Path(argv[0]).read_text())
-    data = EvalData(new_docs=read_texts(spec["new_path"]), replay_docs=read_texts(spec["replay_path"]),
-                    suites=spec.get("suites") or {}, canaries=spec.get("canaries"), max_len=int(spec.get("max_len", 512)))
-    names, paths = zip(*spec["candidates"]) if spec["candidates"] else ((), ())
-    out = Path(spec["out"])
-    progress = open(out.with_name("eval_progress.jsonl"), "a", encoding="utf-8")
+        raise SystemExit("usage: python -m daemon.jobs.evaluator SPEC.json")
+    spec = EvalSpec.read(argv[0])
+    data = EvalData(new_docs=read_texts(spec.new_path), replay_docs=read_texts(spec.replay_path),
+                    suites=spec.suites, canaries=spec.canaries, max_len=spec.max_len)
+    names, paths = zip(*spec.candidates) if spec.candidates else ((), ())
+    out = Path(spec.out)
+    progress = open(spec.progress_path, "a", encoding="utf-8")
 
     def tell(done: int, total: int, name: str) -> None:
         progress.write(json.dumps({"scored": done, "total": total, "model": name, "time": time.time()}) + "\n")
         progress.flush()
 
-    report = evaluate_round(spec["round_id"], spec["serving"], list(paths), data, list(names), on_scored=tell)
+    report = evaluate_round(spec.round_id, spec.serving, list(paths), data, list(names), on_scored=tell)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(report.to_json(), encoding="utf-8")
     os.replace(tmp, out)
-
-
-def _reason_kind(reason: str) -> str:
-    text = reason.split(": ", 1)[-1]
-    for kind in ("forgetting", "adaptation", "suite", "canaries", "non-finite", "no candidate"):
-        if kind in text:
-            return kind.replace(" ", "_")
-    return "other"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""One CPT round: `python -m daemon.train SPEC.json` (or `torchrun --nproc-per-node N -m daemon.train SPEC.json`).
+"""One CPT round: `python -m daemon.jobs.trainer SPEC.json` (or `torchrun --nproc-per-node N -m daemon.jobs.trainer SPEC.json`).
 
 The daemon writes a TrainSpec, runs this in a child process so a crash or OOM
 never takes the daemon down, and follows OUT/progress.jsonl (also echoed on
@@ -46,52 +46,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from daemon.lm_loss import mean_token_loss
+from daemon.jobs.lm_loss import mean_token_loss
+from daemon.jobs.specs import TrainSpec, read_texts
 from policies.replay import replay_tokens_for
-from policies.schedule import SchedulePolicy, anneal_steps_for, round_lr
+from policies.lr_schedule import SchedulePolicy, anneal_steps_for, round_lr
 from policies.train import TrainPolicy
 
 IGNORE = -100
 
 
-@dataclass
-class TrainSpec:
-    parent_dir: str  # HF checkpoint the round starts from (weights unless resuming / mainline_in); base model in lora mode
-    out_dir: str
-    new_path: str  # JSONL {"text": ...} per line
-    replay_path: str | None = None
-    heldout_new_path: str | None = None
-    heldout_replay_path: str | None = None
-    replay_ratio: float = 0.0  # fraction of the round's training tokens drawn from replay
-    schedule: dict = field(default_factory=dict)  # SchedulePolicy fields
-    train: dict = field(default_factory=dict)  # TrainPolicy fields
-    mainline_in: str | None = None  # infinite: previous round's OUT/mainline; None on the first round
-    data_seed: int = 0  # mixture draw, document shuffle, block order
-    init_seed: int = 0  # LoRA init, dropout
-    round_id: str = ""
-    compile: bool = False  # torch.compile the model (GPU runs)
-    attn_implementation: str = "auto"  # auto: CUDA flash_attention_2 if installed else flex_attention; CPU sdpa
-    cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default. 1 wins on a shared, oversubscribed box
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainSpec":
-        return cls(**json.loads(text))
-
-    def digest(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
-
-
 # ---------------------------------------------------------------- data
-
-def read_texts(path: str | None) -> list[str]:
-    if not path:
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
-
 
 def tokenize_docs(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
@@ -425,7 +389,7 @@ def run(spec: TrainSpec) -> dict:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python -m daemon.train SPEC.json")
+        raise SystemExit("usage: python -m daemon.jobs.trainer SPEC.json")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stdout carries progress JSON lines only

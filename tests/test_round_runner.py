@@ -21,9 +21,9 @@ import yaml
 
 from connectors.redis_store import RedisStore
 from connectors.vllm import Replica
-from daemon.embedded import create_topics, wait_for
-from daemon.embedded_vllm import VLLMServer
-from daemon.sample_corpus import domain_docs, english_docs
+from daemon.dev.services import create_topics, wait_for
+from daemon.dev.vllm_server import VLLMServer
+from daemon.dev.sample_corpus import domain_docs, english_docs
 from daemon.seed_replay import seed_replay
 from policies.config import load_policy
 from tests.conftest import make_policy
@@ -35,7 +35,7 @@ TERMINAL = {"DEPLOYED", "REJECTED", "FAILED", "ROLLED_BACK"}
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> Path:
-    from daemon.tiny_model import build_tiny_llama
+    from daemon.dev.tiny_model import build_tiny_llama
 
     root = tmp_path_factory.mktemp("round-models")
     return build_tiny_llama(root / "base", english_docs(150, 2048, seed=11) + domain_docs(150, seed=12), seed=0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from daemon.embedded import free_port, wait_for
+from daemon.dev.services import free_port, wait_for
 
 
 @dataclass

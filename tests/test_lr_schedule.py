@@ -1,10 +1,10 @@
-"""Shape checks of the learning-rate schedules (policies/schedule.py)."""
+"""Shape checks of the learning-rate schedules (policies/lr_schedule.py)."""
 import math
 
 import pytest
 from pydantic import ValidationError
 
-from policies.schedule import (
+from policies.lr_schedule import (
     SchedulePolicy, anneal, anneal_steps_for, constant, infinite, infinite_main, rewarm_cosine, round_lr, wsd,
 )
 

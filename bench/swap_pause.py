@@ -1,6 +1,6 @@
 """Hot swap vs restarting vLLM with the new checkpoint, on the same server and model, under load.
 
-    python -m bench.swap [--swaps 5] [--clients 4]
+    python -m bench.swap_pause [--swaps 5] [--clients 4]
 
 Baseline: what an operator does without cptd — stop the server and start it
 on the new checkpoint. Measured: the time requests are held by our swap
@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from connectors.vllm import ServingController
-from daemon.embedded import wait_for
+from daemon.dev.services import wait_for
 from tests.vllm_fixtures import SERVED_NAME, build_tiny_models, start_server
 
 

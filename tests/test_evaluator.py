@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.evaluate import (
+from daemon.jobs.evaluator import (
     EvalData,
     EvalReport,
     encode_pair,
@@ -20,7 +20,7 @@ from daemon.evaluate import (
     save_canaries,
     save_report,
 )
-from daemon.tiny_model import build_tiny_llama
+from daemon.dev.tiny_model import build_tiny_llama
 from policies.gates import GatePolicy, decide
 
 COLORS = ["blue", "green", "red", "black", "white", "yellow"]

@@ -1,10 +1,10 @@
-"""daemon/scheduler.py with a real APScheduler BackgroundScheduler: which jobs ask for a round, and when."""
+"""daemon/round_triggers.py with a real APScheduler BackgroundScheduler: which jobs ask for a round, and when."""
 import threading
 
 import pytest
 
-from daemon.scheduler import Scheduler
-from policies.rounds import TriggerPolicy
+from daemon.round_triggers import Scheduler
+from policies.round_policy import TriggerPolicy
 
 
 class Requests:

@@ -6,7 +6,7 @@
 3. End to end, Kafka -> Redis, ~4 KB documents: one `cptd run` process, then two in one group.
    Target >= 1,000 docs/s for one process, > 1.6x that with two.
 
-    python bench/ingest.py [--docs N] [--e2e-docs N] [--skip-e2e]
+    python bench/ingest_throughput.py [--docs N] [--e2e-docs N] [--skip-e2e]
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from daemon.sample_corpus import english_docs  # noqa: E402
+from daemon.dev.sample_corpus import english_docs  # noqa: E402
 from policies.config import Policy  # noqa: E402
 
 
@@ -90,7 +90,7 @@ def bench_e2e(n_docs: int, processes: int, workdir: Path) -> float:
     import yaml
     from kafka import KafkaProducer
 
-    from daemon.embedded import create_topics, free_port, kafka_service, redis_service, wait_for
+    from daemon.dev.services import create_topics, free_port, kafka_service, redis_service, wait_for
 
     work = Path(tempfile.mkdtemp(dir=workdir))
     rs = redis_service(work / "redis", appendonly=True).start()

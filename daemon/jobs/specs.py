@@ -1,0 +1,206 @@
+"""What each torch job reads and writes: the daemon's only import from `daemon/jobs/`.
+
+The daemon runs training, evaluation and the drift probe as child processes
+(docs/architecture.md §3) and talks to them through files: a spec in, a result
+out. This module holds those file formats and nothing that needs torch, so the
+daemon process (and its image without a GPU) imports it cheaply and a spec
+written by one version is read by the job of the same version.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from policies.gates import ModelScores
+
+
+def read_texts(path: str | Path | None) -> list[str]:
+    """The `text` of every line of a JSONL file (how the daemon hands documents to a job)."""
+    if not path:
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+class _JsonSpec:
+    """to_json / from_json / write / read for the spec dataclasses below."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, text: str):  # noqa: ANN206 - returns cls
+        return cls(**json.loads(text))
+
+    def write(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.write_text(self.to_json(), encoding="utf-8")
+        return p
+
+    @classmethod
+    def read(cls, path: str | Path):  # noqa: ANN206
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainSpec(_JsonSpec):
+    """Input of `python -m daemon.jobs.trainer SPEC.json` (docs/round-engine.md)."""
+
+    parent_dir: str  # HF checkpoint the round starts from (weights unless resuming / mainline_in); base model in lora mode
+    out_dir: str
+    new_path: str  # JSONL {"text": ...} per line
+    replay_path: str | None = None
+    heldout_new_path: str | None = None
+    heldout_replay_path: str | None = None
+    replay_ratio: float = 0.0  # fraction of the round's training tokens drawn from replay
+    schedule: dict = field(default_factory=dict)  # SchedulePolicy fields
+    train: dict = field(default_factory=dict)  # TrainPolicy fields
+    mainline_in: str | None = None  # infinite: previous round's OUT/mainline; None on the first round
+    data_seed: int = 0  # mixture draw, document shuffle, block order
+    init_seed: int = 0  # LoRA init, dropout
+    round_id: str = ""
+    compile: bool = False  # torch.compile the model (GPU runs)
+    attn_implementation: str = "auto"  # auto: CUDA flash_attention_2 if installed else flex_attention; CPU sdpa
+    cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default. 1 wins on a shared, oversubscribed box
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalSpec(_JsonSpec):
+    """Input of `python -m daemon.jobs.evaluator SPEC.json`: the serving model and every candidate, same data."""
+
+    round_id: str
+    serving: str  # checkpoint directory of the serving model
+    candidates: list[list[str]]  # [[name, checkpoint directory], ...]
+    new_path: str  # held-out new documents (JSONL)
+    replay_path: str  # held-out replay documents (JSONL)
+    out: str  # where the EvalReport is written (atomically)
+    suites: dict[str, str] = field(default_factory=dict)  # suite name -> multiple-choice JSONL
+    canaries: str | None = None  # JSONL of {"prompt", "expected", "name"?}
+    max_len: int = 512
+
+    @property
+    def progress_path(self) -> Path:
+        return Path(self.out).with_name("eval_progress.jsonl")
+
+
+@dataclass
+class LossSummary:
+    mean_nll: float
+    perplexity: float
+    tokens: int
+
+
+@dataclass
+class SuiteResult:
+    name: str
+    n: int
+    accuracy: float  # argmax of summed log-likelihood (harness `acc`)
+    accuracy_norm: float  # argmax of log-likelihood per character of the choice (harness `acc_norm`)
+    predictions: list[int] = field(default_factory=list)
+
+
+@dataclass
+class CanaryResult:
+    name: str
+    prompt: str
+    expected: str
+    got: str
+    passed: bool
+
+
+@dataclass
+class ModelReport:
+    name: str
+    path: str
+    new: LossSummary
+    replay: LossSummary
+    suites: dict[str, SuiteResult] = field(default_factory=dict)
+    canaries: list[CanaryResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def scores(self) -> ModelScores:
+        return ModelScores(
+            name=self.name,
+            new_nll=self.new.mean_nll,
+            replay_nll=self.replay.mean_nll,
+            suites={k: v.accuracy for k, v in self.suites.items()},
+            canaries=len(self.canaries),
+            canary_failures=tuple(c.name for c in self.canaries if not c.passed),
+        )
+
+
+@dataclass
+class EvalReport:
+    """Output of the evaluator: what the gate (policies/gates.py) decides on."""
+
+    round_id: str
+    serving: ModelReport
+    candidates: list[ModelReport]
+    created_at: float = 0.0
+
+    def gate_inputs(self) -> tuple[ModelScores, list[ModelScores]]:
+        return self.serving.scores(), [c.scores() for c in self.candidates]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        # NaN is not JSON: a model with no scorable token is stored as null.
+        return json.dumps(_nan_to_none(self.to_dict()), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EvalReport:
+        d = json.loads(text)
+        return cls(round_id=d["round_id"], serving=_model_report(d["serving"]),
+                   candidates=[_model_report(c) for c in d["candidates"]], created_at=d.get("created_at", 0.0))
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
+def _loss(d: dict[str, Any]) -> LossSummary:
+    return LossSummary(mean_nll=math.nan if d["mean_nll"] is None else d["mean_nll"],
+                       perplexity=math.nan if d["perplexity"] is None else d["perplexity"], tokens=d["tokens"])
+
+
+def _model_report(d: dict[str, Any]) -> ModelReport:
+    return ModelReport(name=d["name"], path=d["path"], new=_loss(d["new"]), replay=_loss(d["replay"]),
+                       suites={k: SuiteResult(**v) for k, v in d["suites"].items()},
+                       canaries=[CanaryResult(**c) for c in d["canaries"]], seconds=d.get("seconds", 0.0))
+
+
+# --------------------------------------------------------------------------- drift
+
+
+@dataclass
+class DriftSpec(_JsonSpec):
+    """Input of `python -m daemon.jobs.drift_probe SPEC.json`; it prints one JSON line of DriftStats fields."""
+
+    model: str  # checkpoint directory of the serving model
+    new_path: str  # new documents (JSONL)
+    ref_path: str  # reference documents: the replay reservoir (JSONL)
+    max_docs: int = 256
+    max_len: int = 512
+    seed: int = 0
+    device: str = "cpu"
