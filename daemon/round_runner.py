@@ -44,8 +44,8 @@ from daemon import metrics as M
 from daemon.jobs.specs import DriftSpec, EvalReport, EvalSpec, TrainSpec
 from daemon.settings import Settings
 from policies.config import Policy, policy_hash
-from policies.drift import DriftStats, apply_to_schedule, decide as drift_decide, drift_score
-from policies.gates import GateDecision, decide as gate_decide
+from policies.drift import DriftStats, adjust_for_drift, apply_to_schedule, drift_score
+from policies.gates import GateDecision, gate_round
 from policies.replay import reservoir_slot
 from policies.round_policy import blackout_match, estimate_tokens, next_swap_allowed, prune_rounds, should_start, split_heldout
 
@@ -363,7 +363,7 @@ class RoundRunner:
                 offsets[tp] = [min(lo, m["offset"]), max(hi, m["offset"]), n + 1]
         nbytes = sum(docs[k]["bytes"] for k in keys)
         stats = self._measure_drift(pol, data / "new.jsonl", data / "replay.jsonl", rec)
-        decision = drift_decide(stats, pol.drift, pol.replay)
+        decision = adjust_for_drift(stats, pol.drift, pol.replay)
         schedule = apply_to_schedule(pol.schedule, decision)
         rec["snapshot"] = {
             "docs": len(keys), "train_docs": len(train_keys), "heldout_docs": len(held_keys), "bytes": nbytes,
@@ -477,7 +477,7 @@ class RoundRunner:
                 raise RoundFailed(f"EVALUATING: evaluation exited with code {rc}: {tail.strip()}")
         report = EvalReport.from_json(report_path.read_text())
         serving, candidates = report.gate_inputs()
-        decision = gate_decide(pol.gates, serving, candidates)
+        decision = gate_round(pol.gates, serving, candidates)
         record_eval_metrics(report, decision)
         rec["eval"] = {
             "report": str(report_path),

@@ -117,7 +117,7 @@ def drift_score(stats: DriftStats, policy: DriftPolicy) -> float:
     )
 
 
-def decide(stats: DriftStats | None, policy: DriftPolicy, replay: ReplayPolicy) -> DriftDecision:
+def adjust_for_drift(stats: DriftStats | None, policy: DriftPolicy, replay: ReplayPolicy) -> DriftDecision:
     """Drift -> (replay ratio, peak LR, re-warm length). No measurement counts as a weak shift."""
     score = None if stats is None else drift_score(stats, policy)
     s = 0.5 if score is None else score

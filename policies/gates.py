@@ -59,11 +59,34 @@ class ModelScores:
     canary_failures: tuple[str, ...] = ()
 
 
+# One code per rule, like the quality filters' reason codes: metrics and alerts key on the code, people read the message.
+REASONS = {
+    "non_finite_loss": "a held-out loss is nan/inf: forgetting or adaptation cannot be measured",
+    "forgetting_exceeded": "held-out replay loss rose more than max_forgetting_nats / max_forgetting_relative allow",
+    "adaptation_below_min": "held-out new-data loss fell less than min_adaptation_nats",
+    "suite_not_scored": "a regression suite scored for the serving model was not scored for the candidate",
+    "suite_accuracy_dropped": "a regression suite's accuracy dropped more than max_suite_drop (or its override)",
+    "canaries_failed": "a canary prompt lost its exact greedy continuation",
+    "no_candidate": "the round produced no scored checkpoint",
+    "chosen": "accepted: the best passing checkpoint by select_by",
+}
+
+
+@dataclass(frozen=True)
+class GateReason:
+    code: str  # a key of REASONS
+    message: str
+    checkpoint: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.checkpoint}: {self.message}" if self.checkpoint else self.message
+
+
 @dataclass(frozen=True)
 class CheckpointVerdict:
     name: str
     passed: bool
-    reasons: tuple[str, ...]
+    reasons: tuple[GateReason, ...]
     adaptation: float
     forgetting: float
 
@@ -71,7 +94,7 @@ class CheckpointVerdict:
 @dataclass(frozen=True)
 class GateDecision:
     accepted: bool
-    reasons: tuple[str, ...]
+    reasons: tuple[GateReason, ...]  # accepted: ("chosen", then every failing checkpoint's reasons); rejected: all reasons
     chosen: str | None
     verdicts: tuple[CheckpointVerdict, ...] = ()
 
@@ -80,12 +103,17 @@ def _fmt(x: float) -> str:
     return f"{x:+.4f}"
 
 
-def judge(policy: GatePolicy, serving: ModelScores, cand: ModelScores) -> CheckpointVerdict:
-    reasons: list[str] = []
+def check_checkpoint(policy: GatePolicy, serving: ModelScores, cand: ModelScores) -> CheckpointVerdict:
+    """Every rule of the gate against one checkpoint; all failing rules are reported, not the first."""
+    reasons: list[GateReason] = []
+
+    def fail(code: str, message: str) -> None:
+        reasons.append(GateReason(code, message, cand.name))
+
     adaptation = serving.new_nll - cand.new_nll
     forgetting = cand.replay_nll - serving.replay_nll
     if not all(math.isfinite(x) for x in (serving.new_nll, serving.replay_nll, cand.new_nll, cand.replay_nll)):
-        reasons.append("non-finite loss (nan/inf) in held-out evaluation")
+        fail("non_finite_loss", "non-finite loss (nan/inf) in held-out evaluation")
     else:
         bounds = []
         if policy.max_forgetting_nats is not None:
@@ -93,22 +121,23 @@ def judge(policy: GatePolicy, serving: ModelScores, cand: ModelScores) -> Checkp
         if policy.max_forgetting_relative is not None:
             bounds.append(policy.max_forgetting_relative * abs(serving.replay_nll))
         if bounds and forgetting > max(bounds):
-            reasons.append(
+            fail(
+                "forgetting_exceeded",
                 f"forgetting {_fmt(forgetting)} nats on replay ({forgetting / serving.replay_nll:+.2%}) exceeds "
                 f"the allowed {max(bounds):.4f} nats (max of {policy.max_forgetting_nats} nats, "
                 f"{policy.max_forgetting_relative} relative)"
             )
         if adaptation < policy.min_adaptation_nats:
-            reasons.append(f"adaptation {_fmt(adaptation)} nats on new data is below the required {policy.min_adaptation_nats}")
+            fail("adaptation_below_min", f"adaptation {_fmt(adaptation)} nats on new data is below the required {policy.min_adaptation_nats}")
     for suite, base_acc in sorted(serving.suites.items()):
         limit = policy.suite_max_drop.get(suite, policy.max_suite_drop)
         acc = cand.suites.get(suite)
         if acc is None:
-            reasons.append(f"suite {suite}: not scored for the candidate")
+            fail("suite_not_scored", f"suite {suite}: not scored for the candidate")
         elif base_acc - acc > limit:
-            reasons.append(f"suite {suite}: accuracy {acc:.4f} dropped {base_acc - acc:.4f} from {base_acc:.4f} (max {limit})")
+            fail("suite_accuracy_dropped", f"suite {suite}: accuracy {acc:.4f} dropped {base_acc - acc:.4f} from {base_acc:.4f} (max {limit})")
     if policy.canaries_must_pass and cand.canary_failures:
-        reasons.append(f"{len(cand.canary_failures)}/{cand.canaries} canaries failed: " + ", ".join(cand.canary_failures))
+        fail("canaries_failed", f"{len(cand.canary_failures)}/{cand.canaries} canaries failed: " + ", ".join(cand.canary_failures))
     return CheckpointVerdict(cand.name, not reasons, tuple(reasons), adaptation, forgetting)
 
 
@@ -120,19 +149,20 @@ def _rank(policy: GatePolicy, v: CheckpointVerdict) -> float:
     return v.adaptation - v.forgetting
 
 
-def decide(policy: GatePolicy, serving: ModelScores, candidates: Sequence[ModelScores]) -> GateDecision:
-    """Judge every checkpoint; accept the best that passes, else reject with every checkpoint's reasons."""
+def gate_round(policy: GatePolicy, serving: ModelScores, candidates: Sequence[ModelScores]) -> GateDecision:
+    """Check every checkpoint; accept the best that passes, else reject with every checkpoint's reasons."""
     if not candidates:
-        return GateDecision(False, ("no candidate checkpoint was scored",), None)
-    verdicts = tuple(judge(policy, serving, c) for c in candidates)
+        return GateDecision(False, (GateReason("no_candidate", "no candidate checkpoint was scored"),), None)
+    verdicts = tuple(check_checkpoint(policy, serving, c) for c in candidates)
     passing = [v for v in verdicts if v.passed]
-    failing = [f"{v.name}: {r}" for v in verdicts for r in v.reasons]
+    failing = tuple(r for v in verdicts for r in v.reasons)
     if not passing:
-        return GateDecision(False, tuple(failing), None, verdicts)
+        return GateDecision(False, failing, None, verdicts)
     # Later checkpoints win ties: they saw more data.
     best = max(reversed(passing), key=lambda v: _rank(policy, v))
-    why = (
+    why = GateReason(
+        "chosen",
         f"chose {best.name}: adaptation {_fmt(best.adaptation)} nats, forgetting {_fmt(best.forgetting)} nats "
         f"(best {policy.select_by} of {len(passing)} passing / {len(verdicts)} scored)",
     )
-    return GateDecision(True, why + tuple(failing), best.name, verdicts)
+    return GateDecision(True, (why,) + failing, best.name, verdicts)

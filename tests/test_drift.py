@@ -2,7 +2,7 @@
 import pytest
 from pydantic import ValidationError
 
-from policies.drift import DriftPolicy, DriftStats, apply_to_schedule, decide, drift_score, js_distance
+from policies.drift import DriftPolicy, DriftStats, apply_to_schedule, adjust_for_drift, drift_score, js_distance
 from policies.replay import ReplayPolicy
 from policies.lr_schedule import SchedulePolicy
 
@@ -35,7 +35,7 @@ def test_score_anchors_and_either_statistic_counts():
 def test_more_drift_means_more_replay_and_higher_peak():
     p, r = DriftPolicy(), ReplayPolicy()
     levels = [stats(g, j) for g, j in ((0.0, 0.01), (0.06, 0.1), (0.3, 0.3), (2.0, 0.6))]
-    ds = [decide(s, p, r) for s in levels]
+    ds = [adjust_for_drift(s, p, r) for s in levels]
     assert [d.level for d in ds] == ["none", "weak", "strong", "strong"]
     assert all(b.replay_ratio > a.replay_ratio for a, b in zip(ds, ds[1:3]))
     assert all(b.peak_lr > a.peak_lr for a, b in zip(ds, ds[1:3]))
@@ -46,12 +46,12 @@ def test_more_drift_means_more_replay_and_higher_peak():
 
 
 def test_unmeasured_is_treated_as_weak():
-    d = decide(None, DriftPolicy(), ReplayPolicy())
+    d = adjust_for_drift(None, DriftPolicy(), ReplayPolicy())
     assert d.level == "unmeasured" and d.replay_ratio == pytest.approx(0.05)
 
 
 def test_apply_to_schedule_moves_rewarm_but_not_the_infinite_main_line():
-    d = decide(stats(2.0, 0.6), DriftPolicy(peak_lr_max=4e-4, warmup_frac_max=0.05), ReplayPolicy())
+    d = adjust_for_drift(stats(2.0, 0.6), DriftPolicy(peak_lr_max=4e-4, warmup_frac_max=0.05), ReplayPolicy())
     s = apply_to_schedule(SchedulePolicy(kind="rewarm_cosine", peak_lr=1e-4), d)
     assert s.peak_lr == pytest.approx(4e-4) and s.warmup_frac == pytest.approx(0.05)
     inf = SchedulePolicy(kind="infinite")

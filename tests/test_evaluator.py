@@ -21,7 +21,7 @@ from daemon.jobs.evaluator import (
     save_report,
 )
 from daemon.dev.tiny_model import build_tiny_llama
-from policies.gates import GatePolicy, decide
+from policies.gates import GatePolicy, gate_round
 
 COLORS = ["blue", "green", "red", "black", "white", "yellow"]
 THINGS = ["sky", "grass", "rose", "night", "snow", "sun", "sea", "leaf"]
@@ -98,9 +98,9 @@ def test_round_report_measures_adaptation_suites_and_canaries(round_dir):
 
     # The gate sees the same numbers; with canaries waived the best net gain wins.
     s, cands = report.gate_inputs()
-    strict = decide(GatePolicy(max_forgetting_nats=100.0, max_forgetting_relative=None), s, cands)
+    strict = gate_round(GatePolicy(max_forgetting_nats=100.0, max_forgetting_relative=None), s, cands)
     assert strict.accepted and strict.chosen == "same"  # the only one whose canaries all hold
-    lenient = decide(GatePolicy(max_forgetting_nats=100.0, max_forgetting_relative=None, canaries_must_pass=False), s, cands)
+    lenient = gate_round(GatePolicy(max_forgetting_nats=100.0, max_forgetting_relative=None, canaries_must_pass=False), s, cands)
     assert lenient.chosen in ("step-10", "step-60")
 
     path = save_report(report, round_dir["root"] / "round-r1")

@@ -23,7 +23,7 @@ from daemon.jobs.lm_loss import mean_token_loss
 from daemon.dev.tiny_model import TinyLlamaShape, build_tiny_llama
 from daemon.jobs.specs import TrainSpec
 from daemon.jobs.trainer import pack, packed_logits, run, trainable_digest
-from policies.drift import DriftPolicy, decide
+from policies.drift import DriftPolicy, adjust_for_drift
 from policies.replay import ReplayPolicy
 from policies.lr_schedule import SchedulePolicy, round_lr
 
@@ -233,7 +233,7 @@ def test_drift_same_distribution_scores_lower_than_shifted(world):
     print(f"same: gap {same.ppl_gap:.3f} js {same.js_distance:.3f}; shifted: gap {shifted.ppl_gap:.3f} js {shifted.js_distance:.3f}")
     assert same.ppl_gap < shifted.ppl_gap and same.js_distance < shifted.js_distance
     p, r = DriftPolicy(), ReplayPolicy()
-    d_same, d_shift = decide(same, p, r), decide(shifted, p, r)
+    d_same, d_shift = adjust_for_drift(same, p, r), adjust_for_drift(shifted, p, r)
     assert d_same.score < d_shift.score
     assert d_same.replay_ratio < d_shift.replay_ratio and d_same.peak_lr < d_shift.peak_lr
 

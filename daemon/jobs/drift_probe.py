@@ -2,7 +2,7 @@
 
 `python -m daemon.jobs.drift_probe SPEC.json` (a DriftSpec) prints one JSON line
 with the statistics; the daemon calls `measure_drift` at SNAPSHOT
-and hands the result to policies.drift.decide. Both sets are scored by the
+and hands the result to policies.drift.adjust_for_drift. Both sets are scored by the
 shared token-loss function, the same one evaluation uses, so "loss" means the
 same thing in the drift record and the eval record.
 """
