@@ -1,8 +1,8 @@
 """Everything cptd keeps in Redis, under `cptd:{name}:`.
 
 The braces make `{name}` a Redis Cluster hash tag: every key of one
-deployment lands in one slot, so the multi-key Lua scripts below work on a
-cluster too, and several deployments can share one Redis.
+deployment lands in one slot, so the multi-key Lua scripts (connectors/lua/) work
+on a cluster too, and several deployments can share one Redis.
 
 Ingest writes a whole batch in one Lua call (documents, dedup keys, counters
 and per-partition offsets together), so Redis either has all of a batch or
@@ -40,7 +40,9 @@ its LSH bands live exactly as long, so near-dedup covers both (DESIGN.md §2).
 """
 from __future__ import annotations
 
+import functools
 import json
+from importlib import resources
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -48,196 +50,17 @@ import redis
 
 OUTCOMES = ("accepted", "duplicate", "near_duplicate", "rejected", "dead_lettered")
 
-# ARGV[1]: JSON header {max_exact, items: [[tp, offset, outcome, reason, key, bytes, [band keys]] ...]}
-# ARGV[2..]: one document JSON blob per item whose outcome is "candidate" (in order).
-# Returns {"outcome|reason" per item..., buffer_docs, buffer_bytes}; outcome "skipped" = already accounted.
-_WRITE_BATCH = """
-local docs, buffer, exact, lsh, counters, offsets, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local hdr = cjson.decode(ARGV[1])
-local out = {}
-local blob = 1
-local next_off = {}
-for i, it in ipairs(hdr.items) do
-  local tp, off, outcome, reason, key, nbytes, bands = it[1], it[2], it[3], it[4], it[5], it[6], it[7]
-  if outcome == 'candidate' then blob = blob + 1 end
-  local stored = next_off[tp]
-  if stored == nil then stored = tonumber(redis.call('HGET', offsets, tp) or '-1') end
-  if off < stored then
-    out[i] = 'skipped|'
-    redis.call('HINCRBY', stats, 'redelivered', 1)
-  else
-    if outcome == 'candidate' then
-      if redis.call('HEXISTS', docs, key) == 1 or redis.call('ZSCORE', exact, key) then
-        outcome, reason = 'duplicate', 'exact_match'
-      else
-        for _, b in ipairs(bands) do
-          local other = redis.call('HGET', lsh, b)
-          if other and redis.call('HEXISTS', docs, other) == 1 then
-            outcome, reason = 'near_duplicate', 'minhash_lsh'
-            break
-          end
-        end
-      end
-      if outcome == 'candidate' then
-        outcome, reason = 'accepted', ''
-        local seq = redis.call('HINCRBY', stats, 'seq', 1)
-        redis.call('HSET', docs, key, ARGV[blob])
-        redis.call('ZADD', buffer, seq, key)
-        redis.call('ZADD', exact, seq, key)
-        for _, b in ipairs(bands) do redis.call('HSET', lsh, b, key) end
-        redis.call('HINCRBY', stats, 'buffer_docs', 1)
-        redis.call('HINCRBY', stats, 'buffer_bytes', nbytes)
-      end
-    end
-    out[i] = outcome .. '|' .. reason
-    redis.call('HINCRBY', counters, out[i], 1)
-    stored = off + 1
-  end
-  next_off[tp] = stored
-  redis.call('HSET', offsets, tp, stored)
-end
-local excess = redis.call('ZCARD', exact) - hdr.max_exact
-if excess > 0 then redis.call('ZREMRANGEBYRANK', exact, 0, excess - 1) end
-out[#out + 1] = redis.call('HGET', stats, 'buffer_docs') or '0'
-out[#out + 1] = redis.call('HGET', stats, 'buffer_bytes') or '0'
-return out
-"""
-
-# Shared by the scripts that let a document go: its record and the LSH bands still pointing at it.
-_LUA_DROP_DOC = """
-local function drop_doc(docs, lsh, key, raw)
-  for _, b in ipairs(cjson.decode(raw).bands or {}) do
-    if redis.call('HGET', lsh, b) == key then redis.call('HDEL', lsh, b) end
-  end
-  redis.call('HDEL', docs, key)
-end
-"""
-
-# KEYS: docs, buffer, lsh, stats, replay_members; ARGV: content keys to drop from the buffer.
-# A document the replay reservoir also holds keeps its record and bands.
-_REMOVE_DOCS = _LUA_DROP_DOC + """
-local docs, buffer, lsh, stats, members = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local removed = 0
-for _, key in ipairs(ARGV) do
-  local raw = redis.call('HGET', docs, key)
-  if raw then
-    local d = cjson.decode(raw)
-    if redis.call('ZREM', buffer, key) == 1 then
-      redis.call('HINCRBY', stats, 'buffer_docs', -1)
-      redis.call('HINCRBY', stats, 'buffer_bytes', -d.bytes)
-    end
-    if redis.call('SISMEMBER', members, key) == 0 then drop_doc(docs, lsh, key, raw) end
-    removed = removed + 1
-  end
-end
-return removed
-"""
-
-# KEYS: docs, buffer, lsh, stats, replay, replay_members
-# ARGV[1]: replay_seen the caller computed slots from; ARGV[2]: replay_seen after; then (slot, key, blob) triples.
-# Returns -1 if another writer moved replay_seen meanwhile (the caller recomputes), else the documents placed.
-_REPLAY_PLACE = _LUA_DROP_DOC + """
-local docs, buffer, lsh, stats, slots, members = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-if tonumber(redis.call('HGET', stats, 'replay_seen') or '0') ~= tonumber(ARGV[1]) then return -1 end
-local placed = 0
-for i = 3, #ARGV, 3 do
-  local slot, key, blob = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local old = redis.call('HGET', slots, slot)
-  if old then
-    redis.call('SREM', members, old)
-    if not redis.call('ZSCORE', buffer, old) then
-      local raw = redis.call('HGET', docs, old)
-      if raw then drop_doc(docs, lsh, old, raw) end
-    end
-  end
-  redis.call('HSET', slots, slot, key)
-  redis.call('SADD', members, key)
-  if redis.call('HEXISTS', docs, key) == 0 then
-    redis.call('HSET', docs, key, blob)
-    for _, b in ipairs(cjson.decode(blob).bands or {}) do redis.call('HSET', lsh, b, key) end
-  end
-  placed = placed + 1
-end
-redis.call('HSET', stats, 'replay_seen', ARGV[2])
-return placed
-"""
+# The Lua scripts live in connectors/lua/, one file each (its header says KEYS, ARGV and the return value).
+# A script that needs a shared helper gets the helper's file prepended here, so each helper has one source.
+_LUA_DIR = resources.files("connectors") / "lua"
+_DROP_DOC = "_drop_doc.lua"  # drop_doc(): a document's record and the LSH bands still pointing at it
+_FENCE = "_fence.lua"  # the fencing check every lease-holder write starts with
 
 
-# The fencing check every lease-holder write starts with. KEYS[1] lease, KEYS[2] epoch; ARGV[1] owner, ARGV[2] epoch.
-_LUA_FENCE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then
-  return redis.error_reply('FENCED lease lost: held by ' .. tostring(redis.call('GET', KEYS[1])))
-end
-"""
-
-# KEYS: lease, epoch; ARGV: owner, ttl ms. Returns the epoch held (new or renewed), or 0 if another owner holds it.
-_LEASE_ACQUIRE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(redis.call('GET', KEYS[2]))
-end
-if holder then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return redis.call('INCR', KEYS[2])
-"""
-
-# KEYS: lease, epoch, rounds, [serving]; ARGV: owner, epoch, round id, record JSON, [serving JSON]
-_PUT_ROUND = _LUA_FENCE + """
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[3], ARGV[4]) end
-if ARGV[5] then redis.call('SET', KEYS[4], ARGV[5]) end
-return 1
-"""
-
-# KEYS: lease, epoch, docs, buffer, stats, round list; ARGV: owner, epoch, budget bytes, max docs.
-# Moves the oldest buffered documents, up to the byte budget (at least one), into the round's list.
-# Idempotent: a round that already has its list gets the same list back, nothing moves twice.
-_SNAPSHOT = _LUA_FENCE + """
-local docs, buffer, stats, lst = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-if redis.call('EXISTS', lst) == 1 then return redis.call('LRANGE', lst, 0, -1) end
-local budget, max_docs = tonumber(ARGV[3]), tonumber(ARGV[4])
-local taken, used = {}, 0
-local batch = 256
-local start = 0
-while #taken < max_docs do
-  local keys = redis.call('ZRANGE', buffer, start, start + batch - 1)
-  if #keys == 0 then break end
-  for _, key in ipairs(keys) do
-    local raw = redis.call('HGET', docs, key)
-    local n = raw and cjson.decode(raw).bytes or 0
-    if #taken > 0 and used + n > budget then max_docs = #taken break end
-    taken[#taken + 1] = key
-    used = used + n
-    if #taken >= max_docs then break end
-  end
-  start = start + batch
-end
-for _, key in ipairs(taken) do
-  redis.call('ZREM', buffer, key)
-  redis.call('RPUSH', lst, key)
-end
-redis.call('HINCRBY', stats, 'buffer_docs', -#taken)
-redis.call('HINCRBY', stats, 'buffer_bytes', -used)
-return taken
-"""
-
-# KEYS: lease, epoch, docs, buffer, stats, round list; ARGV: owner, epoch.
-# A round that failed before it could be used gives its documents back to the front of the buffer.
-_REQUEUE = _LUA_FENCE + """
-local docs, buffer, stats, lst = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local keys = redis.call('LRANGE', lst, 0, -1)
-local back = 0
-for i, key in ipairs(keys) do
-  local raw = redis.call('HGET', docs, key)
-  if raw and redis.call('ZADD', buffer, 'NX', -#keys + i - 1, key) == 1 then
-    redis.call('HINCRBY', stats, 'buffer_docs', 1)
-    redis.call('HINCRBY', stats, 'buffer_bytes', cjson.decode(raw).bytes)
-    back = back + 1
-  end
-end
-redis.call('DEL', lst)
-return back
-"""
+@functools.cache
+def lua_source(name: str, *preludes: str) -> str:
+    """The text of connectors/lua/`name`, after the text of each prelude file, in order."""
+    return "".join((_LUA_DIR / f).read_text(encoding="utf-8") for f in (*preludes, name))
 
 
 class Fenced(RuntimeError):
@@ -289,16 +112,17 @@ class RedisStore:
         self.k_docs, self.k_buffer, self.k_exact, self.k_lsh = p + "docs", p + "buffer", p + "exact", p + "lsh"
         self.k_counters, self.k_offsets, self.k_stats = p + "counters", p + "offsets", p + "stats"
         self.k_replay, self.k_replay_members = p + "replay", p + "replay_members"
-        self._write = client.register_script(_WRITE_BATCH)
-        self._remove = client.register_script(_REMOVE_DOCS)
-        self._replay_place = client.register_script(_REPLAY_PLACE)
+        self._write = client.register_script(lua_source("write_batch.lua"))
+        self._remove = client.register_script(lua_source("remove_docs.lua", _DROP_DOC))
+        self._replay_place = client.register_script(lua_source("replay_place.lua", _DROP_DOC))
         self.k_lease, self.k_epoch, self.k_rounds, self.k_round_seq = p + "lease", p + "epoch", p + "rounds", p + "round_seq"
         self.k_serving, self.k_requests, self.k_request_results, self.k_cancel = p + "serving", p + "requests", p + "request_results", p + "cancel"
         self._prefix = p
-        self._lease_acquire = client.register_script(_LEASE_ACQUIRE)
-        self._put_round = client.register_script(_PUT_ROUND)
-        self._snapshot = client.register_script(_SNAPSHOT)
-        self._requeue = client.register_script(_REQUEUE)
+        self._lease_acquire = client.register_script(lua_source("lease_acquire.lua"))
+        self._lease_release = client.register_script(lua_source("lease_release.lua"))
+        self._put_round = client.register_script(lua_source("put_round.lua", _FENCE))
+        self._snapshot = client.register_script(lua_source("snapshot_take.lua", _FENCE))
+        self._requeue = client.register_script(lua_source("requeue_round.lua", _FENCE))
 
     @classmethod
     def from_url(cls, url: str, name: str, **kw: Any) -> "RedisStore":
@@ -410,8 +234,7 @@ class RedisStore:
 
     def lease_release(self, fence: Fence) -> None:
         """Hand the lease back at shutdown so another daemon takes over at once instead of after the TTL."""
-        self.r.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-                    1, self.k_lease, fence.owner)
+        self._lease_release(keys=[self.k_lease], args=[fence.owner])
 
     def lease_holder(self) -> tuple[str | None, int]:
         holder, epoch = self.r.mget(self.k_lease, self.k_epoch)

@@ -1,0 +1,55 @@
+-- write_batch: one ingest batch in one call (documents, dedup keys, counters and per-partition offsets),
+-- so Redis has all of a batch or none of it.
+-- KEYS: docs, buffer, exact, lsh, counters, offsets, stats
+-- ARGV[1]: JSON header {max_exact, items: [[tp, offset, outcome, reason, key, bytes, [band keys]] ...]}
+-- ARGV[2..]: one document JSON blob per item whose outcome is "candidate" (in order).
+-- Returns {"outcome|reason" per item..., buffer_docs, buffer_bytes}; outcome "skipped" = already accounted.
+local docs, buffer, exact, lsh, counters, offsets, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local hdr = cjson.decode(ARGV[1])
+local out = {}
+local blob = 1
+local next_off = {}
+for i, it in ipairs(hdr.items) do
+  local tp, off, outcome, reason, key, nbytes, bands = it[1], it[2], it[3], it[4], it[5], it[6], it[7]
+  if outcome == 'candidate' then blob = blob + 1 end
+  local stored = next_off[tp]
+  if stored == nil then stored = tonumber(redis.call('HGET', offsets, tp) or '-1') end
+  if off < stored then
+    out[i] = 'skipped|'
+    redis.call('HINCRBY', stats, 'redelivered', 1)
+  else
+    if outcome == 'candidate' then
+      if redis.call('HEXISTS', docs, key) == 1 or redis.call('ZSCORE', exact, key) then
+        outcome, reason = 'duplicate', 'exact_match'
+      else
+        for _, b in ipairs(bands) do
+          local other = redis.call('HGET', lsh, b)
+          if other and redis.call('HEXISTS', docs, other) == 1 then
+            outcome, reason = 'near_duplicate', 'minhash_lsh'
+            break
+          end
+        end
+      end
+      if outcome == 'candidate' then
+        outcome, reason = 'accepted', ''
+        local seq = redis.call('HINCRBY', stats, 'seq', 1)
+        redis.call('HSET', docs, key, ARGV[blob])
+        redis.call('ZADD', buffer, seq, key)
+        redis.call('ZADD', exact, seq, key)
+        for _, b in ipairs(bands) do redis.call('HSET', lsh, b, key) end
+        redis.call('HINCRBY', stats, 'buffer_docs', 1)
+        redis.call('HINCRBY', stats, 'buffer_bytes', nbytes)
+      end
+    end
+    out[i] = outcome .. '|' .. reason
+    redis.call('HINCRBY', counters, out[i], 1)
+    stored = off + 1
+  end
+  next_off[tp] = stored
+  redis.call('HSET', offsets, tp, stored)
+end
+local excess = redis.call('ZCARD', exact) - hdr.max_exact
+if excess > 0 then redis.call('ZREMRANGEBYRANK', exact, 0, excess - 1) end
+out[#out + 1] = redis.call('HGET', stats, 'buffer_docs') or '0'
+out[#out + 1] = redis.call('HGET', stats, 'buffer_bytes') or '0'
+return out
