@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import httpx
+from tenacity import RetryError, Retrying, retry_if_exception_type, retry_if_result, stop_after_attempt, wait_exponential
 
 
 # --------------------------------------------------------------------------- errors
@@ -291,6 +292,10 @@ def validate_lora_adapter(adapter: str | Path, max_rank: int | None = None) -> N
 _RETRYABLE = (httpx.TransportError,)
 
 
+def _http_error(r: httpx.Response, method: str, path: str) -> str:
+    return f"HTTP {r.status_code} from {method} {path}: {r.text[:500]}"
+
+
 class Replica:
     """Thin client for one vLLM server; every failure names this replica and the step."""
 
@@ -306,22 +311,22 @@ class Replica:
 
     def call(self, step: str, method: str, path: str, *, json_body: Any = None, params: dict | None = None,
              timeout: float | None = None, retries: int | None = None) -> httpx.Response:
+        """One request; connection errors and 5xx are retried (`retries` extra attempts, exponential back-off)."""
         attempts = 1 + (self.config.retries if retries is None else retries)
-        last = ""
-        for i in range(attempts):
-            try:
-                r = self._http.request(method, path, json=json_body, params=params, timeout=timeout or self.config.timeout_s)
-            except _RETRYABLE as e:
-                last = f"{type(e).__name__}: {e}"
-            else:
-                if r.status_code < 500:
-                    if r.status_code >= 400:
-                        raise ServingError(self.url, step, f"HTTP {r.status_code} from {method} {path}: {r.text[:500]}")
-                    return r
-                last = f"HTTP {r.status_code} from {method} {path}: {r.text[:500]}"
-            if i + 1 < attempts:
-                time.sleep(self.config.retry_backoff_s * (2**i))
-        raise ServingError(self.url, step, f"{last} (after {attempts} attempt(s))")
+        retrying = Retrying(
+            stop=stop_after_attempt(attempts),
+            wait=wait_exponential(multiplier=self.config.retry_backoff_s),  # backoff * 2**i before attempt i + 2
+            retry=retry_if_exception_type(_RETRYABLE) | retry_if_result(lambda r: r.status_code >= 500),
+        )
+        try:
+            r = retrying(self._http.request, method, path, json=json_body, params=params, timeout=timeout or self.config.timeout_s)
+        except RetryError as e:
+            exc = e.last_attempt.exception()
+            last = f"{type(exc).__name__}: {exc}" if exc is not None else _http_error(e.last_attempt.result(), method, path)
+            raise ServingError(self.url, step, f"{last} (after {attempts} attempt(s))") from None
+        if r.status_code >= 400:
+            raise ServingError(self.url, step, _http_error(r, method, path))
+        return r
 
     # --- endpoints -----------------------------------------------------------
     def health(self) -> bool:
