@@ -4,6 +4,7 @@ kafka-python is used directly; this module only builds the clients with the
 settings at-least-once delivery needs (no auto-commit, bounded fetches) and
 writes dead-letter records in one documented shape.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -13,8 +14,16 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from policies.config import IngestPolicy
 
-__all__ = ["KafkaConsumer", "KafkaProducer", "TopicPartition", "ConsumerRebalanceListener",
-           "make_consumer", "make_dead_letter_producer", "dead_letter_headers", "consumer_lag"]
+__all__ = [
+    "KafkaConsumer",
+    "KafkaProducer",
+    "TopicPartition",
+    "ConsumerRebalanceListener",
+    "make_consumer",
+    "make_dead_letter_producer",
+    "dead_letter_headers",
+    "consumer_lag",
+]
 
 
 def make_consumer(bootstrap: str, ingest: IngestPolicy, client_id: str = "cptd-ingest") -> KafkaConsumer:

@@ -38,6 +38,7 @@ new holder's state.
 A document record lives in `docs` while the buffer or the reservoir holds it;
 its LSH bands live exactly as long, so near-dedup covers both (DESIGN.md §2).
 """
+
 from __future__ import annotations
 
 import functools
@@ -116,7 +117,12 @@ class RedisStore:
         self._remove = client.register_script(lua_source("remove_docs.lua", _DROP_DOC))
         self._replay_place = client.register_script(lua_source("replay_place.lua", _DROP_DOC))
         self.k_lease, self.k_epoch, self.k_rounds, self.k_round_seq = p + "lease", p + "epoch", p + "rounds", p + "round_seq"
-        self.k_serving, self.k_requests, self.k_request_results, self.k_cancel = p + "serving", p + "requests", p + "request_results", p + "cancel"
+        self.k_serving, self.k_requests, self.k_request_results, self.k_cancel = (
+            p + "serving",
+            p + "requests",
+            p + "request_results",
+            p + "cancel",
+        )
         self._prefix = p
         self._lease_acquire = client.register_script(lua_source("lease_acquire.lua"))
         self._lease_release = client.register_script(lua_source("lease_release.lua"))
@@ -141,8 +147,9 @@ class RedisStore:
         res = self._write(keys=keys, args=[json.dumps(header, separators=(",", ":")), *blobs])
         res = [x.decode() if isinstance(x, bytes) else x for x in res]
         pairs = [r.partition("|")[::2] for r in res[:-2]]
-        return BatchResult(outcomes=[o for o, _ in pairs], reasons=[r for _, r in pairs],
-                           buffer_docs=int(res[-2]), buffer_bytes=int(res[-1]))
+        return BatchResult(
+            outcomes=[o for o, _ in pairs], reasons=[r for _, r in pairs], buffer_docs=int(res[-2]), buffer_bytes=int(res[-1])
+        )
 
     def stored_offsets(self) -> dict[tuple[str, int], int]:
         out = {}
@@ -194,7 +201,9 @@ class RedisStore:
         return int(self._remove(keys=[self.k_docs, self.k_buffer, self.k_lsh, self.k_stats, self.k_replay_members], args=list(keys)))
 
     # --- replay reservoir ---------------------------------------------------
-    def replay_offer(self, docs: Sequence[dict[str, Any]], cap: int, draw: Callable[[], float], slot_of: Callable[[int, int, float], int | None]) -> int:
+    def replay_offer(
+        self, docs: Sequence[dict[str, Any]], cap: int, draw: Callable[[], float], slot_of: Callable[[int, int, float], int | None]
+    ) -> int:
         """Offer documents (records with "key" and "bands") to the reservoir; returns how many were placed.
 
         `slot_of(seen, cap, u)` is the sampling decision (policies.replay.reservoir_slot) and `draw()` its

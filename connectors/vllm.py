@@ -10,6 +10,7 @@ daemon has nothing else to go on (see `ServingState` and `reconcile`).
 
 Deviations from DESIGN.md §4 are recorded in docs/serving.md.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -309,8 +310,17 @@ class Replica:
     def close(self) -> None:
         self._http.close()
 
-    def call(self, step: str, method: str, path: str, *, json_body: Any = None, params: dict | None = None,
-             timeout: float | None = None, retries: int | None = None) -> httpx.Response:
+    def call(
+        self,
+        step: str,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: dict | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> httpx.Response:
         """One request; connection errors and 5xx are retried (`retries` extra attempts, exponential back-off)."""
         attempts = 1 + (self.config.retries if retries is None else retries)
         retrying = Retrying(
@@ -355,9 +365,13 @@ class Replica:
         return bool(self.call("is_paused", "GET", "/is_paused").json().get("is_paused"))
 
     def reload_weights(self, weights_path: str) -> None:
-        r = self.call("reload_weights", "POST", "/collective_rpc",
-                      json_body={"method": "reload_weights", "kwargs": {"weights_path": weights_path}},
-                      timeout=self.config.reload_timeout_s)
+        r = self.call(
+            "reload_weights",
+            "POST",
+            "/collective_rpc",
+            json_body={"method": "reload_weights", "kwargs": {"weights_path": weights_path}},
+            timeout=self.config.reload_timeout_s,
+        )
         if r.content:
             body = r.json()
             if isinstance(body, dict) and body.get("error"):
@@ -383,10 +397,18 @@ class Replica:
         return fingerprint_of(self.checksums())
 
     def complete(self, prompt: str, max_tokens: int, model: str | None = None, step: str = "smoke") -> str:
-        r = self.call(step, "POST", "/v1/completions", json_body={
-            "model": model or self.model_name(), "prompt": prompt, "max_tokens": max_tokens,
-            "temperature": 0.0, "seed": 0,
-        })
+        r = self.call(
+            step,
+            "POST",
+            "/v1/completions",
+            json_body={
+                "model": model or self.model_name(),
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+                "seed": 0,
+            },
+        )
         choices = r.json().get("choices") or []
         if not choices:
             raise ServingError(self.url, step, f"completion without choices: {r.text[:300]}")
@@ -409,7 +431,7 @@ def fingerprint_of(checksums: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
-_SERVER_ERROR_RE = re.compile(r'^http_requests_total\{([^}]*)\}\s+([0-9.eE+-]+)', re.M)
+_SERVER_ERROR_RE = re.compile(r"^http_requests_total\{([^}]*)\}\s+([0-9.eE+-]+)", re.M)
 _INFERENCE_HANDLERS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages")
 
 
@@ -434,8 +456,14 @@ class ServingController:
     last record says which step was in flight where.
     """
 
-    def __init__(self, urls: Iterable[str], state: ServingState | None = None, on_state: StateCallback | None = None,
-                 config: ServingConfig = ServingConfig(), metrics: Any = None):
+    def __init__(
+        self,
+        urls: Iterable[str],
+        state: ServingState | None = None,
+        on_state: StateCallback | None = None,
+        config: ServingConfig = ServingConfig(),
+        metrics: Any = None,
+    ):
         self.config = config
         # daemon/metrics.py is passed in (connectors must not import daemon/); None = no metrics.
         self.metrics = metrics
@@ -480,8 +508,17 @@ class ServingController:
             r.set_weight_version(version)
             smoke = r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens)
             self.state.versions[version] = KnownVersion(version, str(checkpoint), fp)
-            self._mark(r.url, version=version, checkpoint=str(checkpoint), fingerprint=fp, status="serving",
-                       step=None, target_version=None, error=None, smoke_text=smoke)
+            self._mark(
+                r.url,
+                version=version,
+                checkpoint=str(checkpoint),
+                fingerprint=fp,
+                status="serving",
+                step=None,
+                target_version=None,
+                error=None,
+                smoke_text=smoke,
+            )
         self.state.desired_version = version
         self._save()
 
@@ -500,8 +537,7 @@ class ServingController:
         rec.steps.append(StepRecord(step, True, time.monotonic() - t))
         return out
 
-    def _swap_one(self, r: Replica, checkpoint: str, version: str, status: str,
-                  expect_fingerprint: str | None = None) -> ReplicaSwapRecord:
+    def _swap_one(self, r: Replica, checkpoint: str, version: str, status: str, expect_fingerprint: str | None = None) -> ReplicaSwapRecord:
         rs = self.state.replicas[r.url]
         rec = ReplicaSwapRecord(replica=r.url, from_version=rs.version, to_version=version)
         old_fp = rs.fingerprint
@@ -531,8 +567,12 @@ class ServingController:
                 raise ServingError(r.url, "verify_checksum", f"fingerprint {fp} != recorded {expect_fingerprint} for {version}")
             # Unchanged checksums mean a silent no-op reload, unless the replica's weights were unknown before
             # (a swap cut off by a daemon crash may already have loaded exactly these weights).
-            if (expect_fingerprint is None and fp == old_fp and rec.from_version is not None
-                    and Path(checkpoint).resolve() != Path(rs.checkpoint or "").resolve()):
+            if (
+                expect_fingerprint is None
+                and fp == old_fp
+                and rec.from_version is not None
+                and Path(checkpoint).resolve() != Path(rs.checkpoint or "").resolve()
+            ):
                 raise ServingError(r.url, "verify_checksum", "weight checksums unchanged after reload")
             smoke = self._step(rec, r, "verify_smoke", lambda: r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens))
         except ServingError as e:
@@ -548,8 +588,17 @@ class ServingController:
             return rec
         rec.ok, rec.fingerprint, rec.smoke_text = True, fp, smoke
         self.state.versions.setdefault(version, KnownVersion(version, str(checkpoint), fp)).fingerprint = fp
-        self._mark(r.url, status="serving", version=version, checkpoint=str(checkpoint), fingerprint=fp, step=None,
-                   target_version=None, error=None, smoke_text=smoke)
+        self._mark(
+            r.url,
+            status="serving",
+            version=version,
+            checkpoint=str(checkpoint),
+            fingerprint=fp,
+            step=None,
+            target_version=None,
+            error=None,
+            smoke_text=smoke,
+        )
         return rec
 
     def deploy(self, checkpoint: str | Path, version: str, reference: str | Path | None = None) -> DeployRecord:
@@ -681,15 +730,28 @@ class ServingController:
                 kv = by_fp.get(fp)
             if kv is None:
                 out.live[r.url] = None
-                self._mark(r.url, version=None, fingerprint=fp, status="unknown",
-                           error=f"server weights (version {reported!r}, fingerprint {fp}) match no known version")
+                self._mark(
+                    r.url,
+                    version=None,
+                    fingerprint=fp,
+                    status="unknown",
+                    error=f"server weights (version {reported!r}, fingerprint {fp}) match no known version",
+                )
             else:
                 if reported != kv.version:
                     r.set_weight_version(kv.version)
                 out.live[r.url] = kv.version
-                self._mark(r.url, version=kv.version, checkpoint=kv.checkpoint, fingerprint=fp, status="serving",
-                           step=None, target_version=None, error=None,
-                           smoke_text=r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens))
+                self._mark(
+                    r.url,
+                    version=kv.version,
+                    checkpoint=kv.checkpoint,
+                    fingerprint=fp,
+                    status="serving",
+                    step=None,
+                    target_version=None,
+                    error=None,
+                    smoke_text=r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens),
+                )
             if out.live[r.url] != self.state.desired_version:
                 out.diverged.append(r.url)
         return out
@@ -725,8 +787,9 @@ class ServingController:
                 listed = self._step(one, r, "verify_models", lambda: [m["id"] for m in r.models()])
                 if name not in listed:
                     raise ServingError(r.url, "verify_models", f"{name} not listed in /v1/models")
-                one.smoke_text = self._step(one, r, "verify_smoke",
-                                            lambda: r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens, model=name))
+                one.smoke_text = self._step(
+                    one, r, "verify_smoke", lambda: r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens, model=name)
+                )
                 one.ok = True
                 self._mark(r.url, adapters=self.state.replicas[r.url].adapters + [name], step=None, target_version=None)
             except ServingError as e:

@@ -1,4 +1,5 @@
 """The base of every policy-file section model."""
+
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict

@@ -6,6 +6,7 @@ into the whole file, loads and validates it, and computes its content hash.
 Errors name the field path and the allowed range, because operators edit this
 file by hand in a ConfigMap and must see at once what they got wrong.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +40,9 @@ class IngestPolicy(Section):
     max_message_bytes: int = Field(default=1_048_576, ge=64, le=64 * 1_048_576, description="larger messages are dead-lettered as oversize")
     batch_max_docs: int = Field(default=500, ge=1, le=100_000, description="documents per Redis transaction / offset commit")
     batch_max_wait_ms: int = Field(default=500, ge=1, le=60_000, description="longest wait to fill a batch")
-    fetch_max_bytes: int = Field(default=16 * 1_048_576, ge=1_048_576, le=512 * 1_048_576, description="most bytes fetched from Kafka and not yet processed")
+    fetch_max_bytes: int = Field(
+        default=16 * 1_048_576, ge=1_048_576, le=512 * 1_048_576, description="most bytes fetched from Kafka and not yet processed"
+    )
     session_timeout_ms: int = Field(default=10_000, ge=1_000, le=300_000, description="Kafka group session timeout")
     heartbeat_interval_ms: int = Field(default=3_000, ge=100, le=60_000)
     max_poll_interval_ms: int = Field(default=300_000, ge=5_000, le=3_600_000)
@@ -61,7 +64,9 @@ class BufferPolicy(Section):
 class Policy(Section):
     """The whole policy file. Sections default to the documented defaults."""
 
-    name: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="deployment name; Redis keys live under cptd:{name}:")
+    name: str = Field(
+        default="default", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="deployment name; Redis keys live under cptd:{name}:"
+    )
     ingest: IngestPolicy = IngestPolicy()
     buffer: BufferPolicy = BufferPolicy()
     quality: QualityPolicy = QualityPolicy()

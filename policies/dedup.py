@@ -18,6 +18,7 @@ blake2b call.
 Normalization has no options on purpose: ``content_key`` is the document id, and a
 policy edit must never silently re-key every stored document.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,9 +54,7 @@ class DedupPolicy(Section):
 
     near: bool = Field(default=True, description="drop documents that share a MinHash/LSH band key with one seen before")
     ngram_size: int = Field(default=5, ge=1, le=32, description="words per shingle (FineWeb: 5)")
-    bands: int = Field(
-        default=14, ge=1, le=64, description="LSH bands = Redis keys per document; threshold ~ (1/bands)**(1/rows_per_band)"
-    )
+    bands: int = Field(default=14, ge=1, le=64, description="LSH bands = Redis keys per document; threshold ~ (1/bands)**(1/rows_per_band)")
     rows_per_band: int = Field(default=8, ge=1, le=32, description="MinHash values per band; permutations = bands * rows_per_band")
     seed: int = Field(default=1, ge=0, le=2**32 - 1, description="seed of the permutation family; changing it invalidates the LSH index")
     max_exact_keys: int = Field(

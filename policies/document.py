@@ -7,6 +7,7 @@ plain text (so prose that starts with "[citation needed]" is not misread as a
 broken JSON array). Every way a message can fail has its own reason code, so
 the dead-letter topic tells an operator exactly what their producer got wrong.
 """
+
 from __future__ import annotations
 
 import json

@@ -17,6 +17,7 @@ round's peak LR (the re-warm height) between DriftPolicy bounds: more drift,
 more to learn (higher LR, Gupta et al. 2023) and more to forget (more replay,
 Ibrahim et al. 2024). Evidence for each default is in docs/round-engine.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -128,7 +129,9 @@ def adjust_for_drift(stats: DriftStats | None, policy: DriftPolicy, replay: Repl
         level=level,
         replay_ratio=replay_ratio(replay, score),
         peak_lr=policy.peak_lr_min + (policy.peak_lr_max - policy.peak_lr_min) * s,
-        warmup_frac=interpolate_anchors(s, policy.warmup_frac_min, 0.5 * (policy.warmup_frac_min + policy.warmup_frac_max), policy.warmup_frac_max),
+        warmup_frac=interpolate_anchors(
+            s, policy.warmup_frac_min, 0.5 * (policy.warmup_frac_min + policy.warmup_frac_max), policy.warmup_frac_max
+        ),
     )
 
 

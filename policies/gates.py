@@ -7,6 +7,7 @@ once. Several checkpoints of one round may be scored because loss on old data
 often spikes early in a round and recovers (the "stability gap"): the best
 checkpoint that passes is chosen, not simply the last one.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,25 +21,26 @@ from policies.base import Section
 
 class GatePolicy(Section):
     max_forgetting_nats: float | None = Field(
-        default=0.05, ge=0,
+        default=0.05,
+        ge=0,
         description="largest allowed rise of held-out replay loss (candidate - serving), nats/token; null disables",
     )
     max_forgetting_relative: float | None = Field(
-        default=0.03, ge=0, le=1,
+        default=0.03,
+        ge=0,
+        le=1,
         description="largest allowed rise of replay loss relative to the serving loss; null disables. "
         "A candidate passes if it is within EITHER bound (the absolute one keeps noise on low-loss models from "
         "rejecting, the relative one scales to models whose loss is large)",
     )
     min_adaptation_nats: float = Field(
-        default=0.0, ge=-10, le=10,
+        default=0.0,
+        ge=-10,
+        le=10,
         description="smallest required drop of held-out new-data loss (serving - candidate), nats/token",
     )
-    max_suite_drop: float = Field(
-        default=0.02, ge=0, le=1, description="largest allowed accuracy drop on any regression suite (absolute)"
-    )
-    suite_max_drop: dict[str, float] = Field(
-        default_factory=dict, description="per-suite overrides of max_suite_drop, by suite name"
-    )
+    max_suite_drop: float = Field(default=0.02, ge=0, le=1, description="largest allowed accuracy drop on any regression suite (absolute)")
+    suite_max_drop: dict[str, float] = Field(default_factory=dict, description="per-suite overrides of max_suite_drop, by suite name")
     canaries_must_pass: bool = Field(default=True, description="every canary prompt keeps its exact greedy continuation")
     select_by: Literal["net_gain", "adaptation", "forgetting"] = Field(
         default="net_gain",
@@ -125,17 +127,22 @@ def check_checkpoint(policy: GatePolicy, serving: ModelScores, cand: ModelScores
                 "forgetting_exceeded",
                 f"forgetting {_fmt(forgetting)} nats on replay ({forgetting / serving.replay_nll:+.2%}) exceeds "
                 f"the allowed {max(bounds):.4f} nats (max of {policy.max_forgetting_nats} nats, "
-                f"{policy.max_forgetting_relative} relative)"
+                f"{policy.max_forgetting_relative} relative)",
             )
         if adaptation < policy.min_adaptation_nats:
-            fail("adaptation_below_min", f"adaptation {_fmt(adaptation)} nats on new data is below the required {policy.min_adaptation_nats}")
+            fail(
+                "adaptation_below_min", f"adaptation {_fmt(adaptation)} nats on new data is below the required {policy.min_adaptation_nats}"
+            )
     for suite, base_acc in sorted(serving.suites.items()):
         limit = policy.suite_max_drop.get(suite, policy.max_suite_drop)
         acc = cand.suites.get(suite)
         if acc is None:
             fail("suite_not_scored", f"suite {suite}: not scored for the candidate")
         elif base_acc - acc > limit:
-            fail("suite_accuracy_dropped", f"suite {suite}: accuracy {acc:.4f} dropped {base_acc - acc:.4f} from {base_acc:.4f} (max {limit})")
+            fail(
+                "suite_accuracy_dropped",
+                f"suite {suite}: accuracy {acc:.4f} dropped {base_acc - acc:.4f} from {base_acc:.4f} (max {limit})",
+            )
     if policy.canaries_must_pass and cand.canary_failures:
         fail("canaries_failed", f"{len(cand.canary_failures)}/{cand.canaries} canaries failed: " + ", ".join(cand.canary_failures))
     return CheckpointVerdict(cand.name, not reasons, tuple(reasons), adaptation, forgetting)

@@ -15,6 +15,7 @@ Three families (evidence and defaults in docs/round-engine.md):
 Steps are 0-based; the LR returned for step `s` is the one used for the
 optimizer update of step `s`.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,8 +62,13 @@ def rewarm_cosine(step: int, total_steps: int, peak: float, floor: float | None 
 
 
 def wsd(
-    step: int, total_steps: int, peak: float, warmup_frac: float = 0.01, decay_frac: float = 0.2,
-    decay: Decay = "1-sqrt", floor: float = 0.0,
+    step: int,
+    total_steps: int,
+    peak: float,
+    warmup_frac: float = 0.01,
+    decay_frac: float = 0.2,
+    decay: Decay = "1-sqrt",
+    floor: float = 0.0,
 ) -> float:
     """Warmup, stable at `peak`, then decay over the last `decay_frac` of the round to `floor`."""
     warmup = max(1, round(warmup_frac * total_steps))
@@ -76,8 +82,13 @@ def wsd(
 
 
 def infinite_main(
-    step: int, warmup_steps: int, cooldown_steps: int, eta_max: float, eta_const: float,
-    cooldown: Literal["cosine", "inv_sqrt"] = "cosine", timescale: float = 10.0,
+    step: int,
+    warmup_steps: int,
+    cooldown_steps: int,
+    eta_max: float,
+    eta_const: float,
+    cooldown: Literal["cosine", "inv_sqrt"] = "cosine",
+    timescale: float = 10.0,
 ) -> float:
     """The main line of the infinite schedule at *global* step `step` (counted across rounds).
 
@@ -99,7 +110,9 @@ def infinite_main(
     raise ValueError(f"unknown cooldown {cooldown!r}")
 
 
-def anneal(step: int, anneal_steps: int, eta_start: float, eta_min: float, kind: Literal["exp", "1-sqrt", "linear", "cosine"] = "1-sqrt") -> float:
+def anneal(
+    step: int, anneal_steps: int, eta_start: float, eta_min: float, kind: Literal["exp", "1-sqrt", "linear", "cosine"] = "1-sqrt"
+) -> float:
     """The release branch: from eta_start down to eta_min at the branch's last step (`step` counts within the branch)."""
     frac = (step + 1) / max(1, anneal_steps)
     if kind == "exp":
@@ -108,9 +121,17 @@ def anneal(step: int, anneal_steps: int, eta_start: float, eta_min: float, kind:
 
 
 def infinite(
-    step: int, warmup_steps: int, cooldown_steps: int, eta_max: float, eta_const: float, eta_min: float,
-    anneal_start: int, anneal_steps: int, cooldown: Literal["cosine", "inv_sqrt"] = "cosine",
-    timescale: float = 10.0, anneal_kind: Literal["exp", "1-sqrt", "linear", "cosine"] = "exp",
+    step: int,
+    warmup_steps: int,
+    cooldown_steps: int,
+    eta_max: float,
+    eta_const: float,
+    eta_min: float,
+    anneal_start: int,
+    anneal_steps: int,
+    cooldown: Literal["cosine", "inv_sqrt"] = "cosine",
+    timescale: float = 10.0,
+    anneal_kind: Literal["exp", "1-sqrt", "linear", "cosine"] = "exp",
 ) -> float:
     """The whole single-run infinite schedule: main line until `anneal_start`, then the anneal to eta_min."""
     if step < anneal_start:
@@ -123,9 +144,13 @@ class SchedulePolicy(Section):
     """How a round's learning rate moves. `peak_lr` and `warmup_frac` are the drift-adjustable knobs."""
 
     kind: Literal["rewarm_cosine", "infinite", "wsd", "constant"] = Field(default="rewarm_cosine")
-    peak_lr: float = Field(default=3e-4, gt=0, le=1e-1, description="re-warm height (rewarm_cosine/wsd/constant); drift may move it within drift.peak_lr_*")
+    peak_lr: float = Field(
+        default=3e-4, gt=0, le=1e-1, description="re-warm height (rewarm_cosine/wsd/constant); drift may move it within drift.peak_lr_*"
+    )
     floor_frac: float = Field(default=0.1, ge=0, le=1, description="rewarm_cosine/wsd: final LR as a fraction of peak_lr")
-    warmup_frac: float = Field(default=0.01, ge=0, le=0.5, description="rewarm_cosine/wsd/constant: re-warm length as a fraction of the round's steps")
+    warmup_frac: float = Field(
+        default=0.01, ge=0, le=0.5, description="rewarm_cosine/wsd/constant: re-warm length as a fraction of the round's steps"
+    )
     decay_frac: float = Field(default=0.2, gt=0, le=1, description="wsd: decay length as a fraction of the round")
     decay: Decay = Field(default="1-sqrt", description="wsd decay shape")
     # infinite: the main line (global steps, counted across rounds)
@@ -136,7 +161,9 @@ class SchedulePolicy(Section):
     cooldown_steps: int = Field(default=1000, ge=0, le=100_000_000, description="infinite: eta_max -> eta_const, global steps")
     cooldown: Literal["cosine", "inv_sqrt"] = Field(default="cosine")
     timescale: float = Field(default=10.0, gt=0, le=1000, description="infinite inv_sqrt cooldown timescale (alpha)")
-    anneal_frac: float = Field(default=0.15, ge=0.01, le=0.5, description="infinite: anneal branch length as a fraction of the round's main-line steps")
+    anneal_frac: float = Field(
+        default=0.15, ge=0.01, le=0.5, description="infinite: anneal branch length as a fraction of the round's main-line steps"
+    )
     anneal: Literal["exp", "1-sqrt", "linear", "cosine"] = Field(default="1-sqrt", description="infinite: anneal branch shape")
 
     @model_validator(mode="after")

@@ -56,6 +56,7 @@ Threading
     The word memo is process-global and not locked; call `judge` from one
     thread per process (the ingest loop does).
 """
+
 from __future__ import annotations
 
 import math
@@ -143,8 +144,13 @@ class LanguagePolicy(Section):
     enabled: bool = True
     languages: list[str] = Field(default=["en"], min_length=1, description="ISO 639-1 codes to accept")
     min_score: float = Field(default=0.65, ge=0.0, le=1.0, description="lowest probability of the detected language")
-    max_chars: int = Field(default=600, ge=50, le=10_000_000, description="classify only the first N characters "
-                           "(the model walks every byte through a 40 MB table; accuracy saturates long before this)")
+    max_chars: int = Field(
+        default=600,
+        ge=50,
+        le=10_000_000,
+        description="classify only the first N characters "
+        "(the model walks every byte through a 40 MB table; accuracy saturates long before this)",
+    )
 
     @field_validator("languages")
     @classmethod
@@ -176,9 +182,16 @@ class Verdict:
 _PUNCT = set(",:;!?¿؟¡()[]{}<>_#*&。？！，、；：～·।،۔؛٪…")
 _QUOTES = set("'\"”“`‘´’‚,„»«「」『』（）〔〕【】《》〈〉⟦⟧")
 _CURRENCY = set("$£€¥฿₽﷼₴₠₡₢₣₤₥₦₧₨₩₪₫₭₮₯₰₱₲₳₵₶₷₸₹₺₻₼₾₿")
-_UNITS = tuple(sorted(
-    ("km km² km³ m m² m³ dm dm² dm³ cm cm² cm³ mm mm² mm³ ha µm nm yd in ft kg g mg µg t lb oz m/s km/h kmh "
-     "mph hPa Pa mbar mb MB kb KB gb GB tb TB T G M K %").split(), key=len, reverse=True))
+_UNITS = tuple(
+    sorted(
+        (
+            "km km² km³ m m² m³ dm dm² dm³ cm cm² cm³ mm mm² mm³ ha µm nm yd in ft kg g mg µg t lb oz m/s km/h kmh "
+            "mph hPa Pa mbar mb MB kb KB gb GB tb TB T G M K %"
+        ).split(),
+        key=len,
+        reverse=True,
+    )
+)
 _PREFIX_ONLY = set("§%=—–")
 _CONTRACTIONS = ("n't", "n’t", "'m", "’m", "'re", "’re", "'ve", "’ve", "'ll", "’ll", "'d", "’d")
 _SPECIAL = {
@@ -261,7 +274,7 @@ def _special(s: str) -> tuple[str, ...] | None:
     if not s.isupper():
         for c in _CONTRACTIONS:
             if s.endswith(c) and len(s) > len(c) and s[-len(c) - 1].isalpha():
-                return (s[: -len(c)], s[-len(c):])
+                return (s[: -len(c)], s[-len(c) :])
     return None
 
 
@@ -411,7 +424,7 @@ class _Vocab:
                     self.multi_offsets = np.concatenate([self.multi_offsets, np.zeros_like(self.multi_offsets)])
                 while start + len(ids) > len(self.multi_flat):
                     self.multi_flat = np.concatenate([self.multi_flat, np.zeros_like(self.multi_flat)])
-                self.multi_flat[start:start + len(ids)] = ids
+                self.multi_flat[start : start + len(ids)] = ids
                 self.multi_offsets[k + 1] = start + len(ids)
                 self.n_multi = k + 1
                 code = -k - 1
@@ -531,8 +544,16 @@ def _word_counts(ids: np.ndarray, lens: np.ndarray, flags: np.ndarray, stop_ids:
 
 
 @njit(cache=True)
-def _lang_scores(data: np.ndarray, nextmove: np.ndarray, rowbase: np.ndarray, output: np.ndarray,
-                 ptc: np.ndarray, pc: np.ndarray, counts: np.ndarray, touched: np.ndarray) -> np.ndarray:
+def _lang_scores(
+    data: np.ndarray,
+    nextmove: np.ndarray,
+    rowbase: np.ndarray,
+    output: np.ndarray,
+    ptc: np.ndarray,
+    pc: np.ndarray,
+    counts: np.ndarray,
+    touched: np.ndarray,
+) -> np.ndarray:
     """Naive-Bayes class scores: sum over byte n-gram features of log1p(count) * log P(feature | class) + prior."""
     state = 0
     k = 0
@@ -821,8 +842,7 @@ def _quality_filters(p: GopherQualityPolicy) -> list[Filter]:
         Filter("gopher_below_min_mean_word_length", lambda d: mean_len(d) < p.min_mean_word_length),
         Filter("gopher_above_max_mean_word_length", lambda d: mean_len(d) > p.max_mean_word_length),
         Filter("gopher_hash_ratio", lambda d: per_word(d.text.count("#"), d) > p.max_symbol_word_ratio),
-        Filter("gopher_ellipsis_ratio",
-               lambda d: per_word(d.text.count("...") + d.text.count("…"), d) > p.max_symbol_word_ratio),
+        Filter("gopher_ellipsis_ratio", lambda d: per_word(d.text.count("...") + d.text.count("…"), d) > p.max_symbol_word_ratio),
         Filter("gopher_bullet_lines", lambda d: line_frac(bullet, d) > p.max_bullet_lines_ratio),
         Filter("gopher_ellipsis_lines", lambda d: line_frac(ellipsis, d) > p.max_ellipsis_lines_ratio),
         Filter("gopher_below_alpha_words", lambda d: per_word(wc(d)[3], d) < p.min_alpha_words_ratio),

@@ -9,6 +9,7 @@ go to new data, so the ratio follows the measured drift between those anchors
 The ratio is the *fraction of the round's training tokens* that are replay:
 ratio 0.25 means one replay token for every three new ones.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -19,7 +20,9 @@ from policies.base import Section
 
 
 class ReplayPolicy(Section):
-    mode: Literal["fixed", "drift"] = Field(default="drift", description="fixed: always fixed_ratio; drift: interpolate between the anchors by drift score")
+    mode: Literal["fixed", "drift"] = Field(
+        default="drift", description="fixed: always fixed_ratio; drift: interpolate between the anchors by drift score"
+    )
     fixed_ratio: float = Field(default=0.05, ge=0, le=0.9)
     ratio_no_drift: float = Field(default=0.01, ge=0, le=0.9, description="ratio at drift score 0")
     ratio_weak: float = Field(default=0.05, ge=0, le=0.9, description="ratio at drift score 0.5 (weak shift; Ibrahim et al. 2024: 5%)")
@@ -47,7 +50,9 @@ def replay_ratio(policy: ReplayPolicy, drift_score: float | None) -> float:
     if policy.mode == "fixed":
         ratio = policy.fixed_ratio
     else:
-        ratio = interpolate_anchors(0.5 if drift_score is None else drift_score, policy.ratio_no_drift, policy.ratio_weak, policy.ratio_strong)
+        ratio = interpolate_anchors(
+            0.5 if drift_score is None else drift_score, policy.ratio_no_drift, policy.ratio_weak, policy.ratio_strong
+        )
     return min(ratio, policy.cap)
 
 

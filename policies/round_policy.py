@@ -24,6 +24,7 @@ restricting both is refused (write two expressions instead).
 
 All functions here are pure: `now` is passed in, nothing is read from a clock.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -98,8 +99,7 @@ def cron_trigger(expr: str, tz: str | timezone | ZoneInfo = "UTC") -> CronTrigge
         )
     zone = ZoneInfo(tz) if isinstance(tz, str) else tz
     try:
-        return CronTrigger(minute=minute, hour=hour, day=day, month=month,
-                           day_of_week=_crontab_weekdays(dow, expr), timezone=zone)
+        return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=_crontab_weekdays(dow, expr), timezone=zone)
     except ValueError as e:
         if repr(expr) in str(e):
             raise
@@ -119,14 +119,30 @@ def _check_cron(expr: str) -> str:
 class TriggerPolicy(Section):
     """What may start a round. Every trigger left unset (None) is off; with all off, only manual rounds run."""
 
-    cron: str | None = Field(default=None, description='5-field crontab expression (crontab(5) meaning, weekday 0 = Sunday) that starts a round, e.g. "0 3 * * *"')
+    cron: str | None = Field(
+        default=None,
+        description='5-field crontab expression (crontab(5) meaning, weekday 0 = Sunday) that starts a round, e.g. "0 3 * * *"',
+    )
     interval_s: float | None = Field(default=None, gt=0, description="start a round every this many seconds")
-    buffer_tokens: int | None = Field(default=None, ge=1, description="start a round when at least this many estimated tokens wait in the buffer")
-    drift_score: float | None = Field(default=None, gt=0, le=1, description="start a round when a periodic probe's drift score reaches this")
-    drift_probe_interval_s: float = Field(default=600, ge=10, description="how often the drift trigger probes the buffer against the replay set (a probe costs GPU time)")
+    buffer_tokens: int | None = Field(
+        default=None, ge=1, description="start a round when at least this many estimated tokens wait in the buffer"
+    )
+    drift_score: float | None = Field(
+        default=None, gt=0, le=1, description="start a round when a periodic probe's drift score reaches this"
+    )
+    drift_probe_interval_s: float = Field(
+        default=600, ge=10, description="how often the drift trigger probes the buffer against the replay set (a probe costs GPU time)"
+    )
     buffer_check_interval_s: float = Field(default=10, ge=0.5, description="how often the buffer trigger reads the buffer size")
-    min_gap_s: float = Field(default=3600, ge=0, description="least time between the start of one round and the start of the next, for automatic triggers; manual triggers ignore it")
-    blackout: list[str] = Field(default=[], description="crontab expressions; any minute one of them matches is a blackout minute in which no checkpoint swap may happen")
+    min_gap_s: float = Field(
+        default=3600,
+        ge=0,
+        description="least time between the start of one round and the start of the next, for automatic triggers; manual triggers ignore it",
+    )
+    blackout: list[str] = Field(
+        default=[],
+        description="crontab expressions; any minute one of them matches is a blackout minute in which no checkpoint swap may happen",
+    )
     timezone: str = Field(default="UTC", description="IANA time zone in which cron and blackout expressions are read")
 
     @field_validator("cron")
@@ -156,14 +172,28 @@ class RoundsPolicy(Section):
 
     budget_tokens: int = Field(default=2_000_000, ge=1, description="most estimated tokens of new data one round takes from the buffer")
     min_tokens: int = Field(default=1, ge=1, description="automatic triggers do not start a round with fewer estimated tokens waiting")
-    bytes_per_token: float = Field(default=4.0, gt=0, description="tokens are estimated as bytes / bytes_per_token, as in the cptd_buffer_tokens_estimate metric")
-    heldout_frac: float = Field(default=0.05, ge=0, lt=0.5, description="fraction of the round's new documents held out for evaluation, never trained on")
+    bytes_per_token: float = Field(
+        default=4.0, gt=0, description="tokens are estimated as bytes / bytes_per_token, as in the cptd_buffer_tokens_estimate metric"
+    )
+    heldout_frac: float = Field(
+        default=0.05, ge=0, lt=0.5, description="fraction of the round's new documents held out for evaluation, never trained on"
+    )
     heldout_max_docs: int = Field(default=256, ge=0, description="cap on the held-out new documents")
     replay_heldout_docs: int = Field(default=256, ge=0, description="replay documents held out for the forgetting eval")
-    eval_checkpoints: int = Field(default=2, ge=0, description="newest mid-round checkpoints scored besides the final one (measures the stability gap)")
-    keep_rounds: int = Field(default=3, ge=1, description="finished rounds whose checkpoints stay on disk, besides the live one and its rollback target, which are never deleted")
-    watch_s: float = Field(default=0, ge=0, le=3600, description="post-deploy watch window in seconds before a round counts as settled (0: none)")
-    lease_ttl_s: float = Field(default=30, ge=3, le=600, description="time to live of the round lease; a daemon that stops renewing it loses the round to another")
+    eval_checkpoints: int = Field(
+        default=2, ge=0, description="newest mid-round checkpoints scored besides the final one (measures the stability gap)"
+    )
+    keep_rounds: int = Field(
+        default=3,
+        ge=1,
+        description="finished rounds whose checkpoints stay on disk, besides the live one and its rollback target, which are never deleted",
+    )
+    watch_s: float = Field(
+        default=0, ge=0, le=3600, description="post-deploy watch window in seconds before a round counts as settled (0: none)"
+    )
+    lease_ttl_s: float = Field(
+        default=30, ge=3, le=600, description="time to live of the round lease; a daemon that stops renewing it loses the round to another"
+    )
     suites: dict[str, str] = Field(default={}, description="regression suite name -> JSONL path")
     canaries: str | None = Field(default=None, description="JSONL path of canary prompts checked after a swap")
 
@@ -251,7 +281,9 @@ def should_start(
         since = now - last_round_start
         if since < policy_triggers.min_gap_s:
             remaining = math.ceil(policy_triggers.min_gap_s - since)
-            return TriggerCheck(False, f"last round started {since:.0f} s ago; {remaining} s of the {policy_triggers.min_gap_s:g} s minimum gap remain")
+            return TriggerCheck(
+                False, f"last round started {since:.0f} s ago; {remaining} s of the {policy_triggers.min_gap_s:g} s minimum gap remain"
+            )
     if kind == "buffer":
         if threshold is None:
             return TriggerCheck(True, f"buffer trigger ({buffer_tokens} tokens in the buffer)")
@@ -260,7 +292,9 @@ def should_start(
         return TriggerCheck(True, f"drift trigger (score reached {policy_triggers.drift_score})")
     if kind == "cron":
         return TriggerCheck(True, f"cron trigger ({policy_triggers.cron})")
-    return TriggerCheck(True, f"interval trigger (every {policy_triggers.interval_s:g} s)" if policy_triggers.interval_s else "interval trigger")
+    return TriggerCheck(
+        True, f"interval trigger (every {policy_triggers.interval_s:g} s)" if policy_triggers.interval_s else "interval trigger"
+    )
 
 
 def _rank(seed: str, key: str) -> bytes:

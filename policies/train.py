@@ -1,4 +1,5 @@
 """The trainer's knobs as the operator sets them; the daemon copies them into each round's TrainSpec."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -28,7 +29,8 @@ class TrainPolicy(Section):
     lora_alpha: int = Field(default=32, ge=1, le=4096)
     lora_dropout: float = Field(default=0.0, ge=0, le=0.9)
     lora_targets: list[str] = Field(
-        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1,
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
         description="module names LoRA adapts; vLLM serves adapters on these",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto")
