@@ -43,9 +43,10 @@ from __future__ import annotations
 
 import functools
 import json
-from importlib import resources
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from importlib import resources
+from typing import Any
 
 import redis
 
@@ -131,7 +132,7 @@ class RedisStore:
         self._requeue = client.register_script(lua_source("requeue_round.lua", _FENCE))
 
     @classmethod
-    def from_url(cls, url: str, name: str, **kw: Any) -> "RedisStore":
+    def from_url(cls, url: str, name: str, **kw: Any) -> RedisStore:
         kw.setdefault("socket_timeout", 10)
         kw.setdefault("socket_connect_timeout", 5)
         return cls(redis.Redis.from_url(url, **kw), name)

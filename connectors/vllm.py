@@ -17,13 +17,13 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import httpx
 from tenacity import RetryError, Retrying, retry_if_exception_type, retry_if_result, stop_after_attempt, wait_exponential
-
 
 # --------------------------------------------------------------------------- errors
 
@@ -92,7 +92,7 @@ class ServingState:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ServingState":
+    def from_json(cls, text: str) -> ServingState:
         d = json.loads(text)
         return cls(
             replicas={k: ReplicaState(**v) for k, v in d.get("replicas", {}).items()},

@@ -19,12 +19,12 @@ from pydantic import Field, ValidationError, model_validator
 
 from policies.base import Section
 from policies.dedup import DedupPolicy
-from policies.gates import GatePolicy
 from policies.drift import DriftPolicy
+from policies.gates import GatePolicy
+from policies.lr_schedule import SchedulePolicy
 from policies.quality import QualityPolicy
 from policies.replay import ReplayPolicy
 from policies.round_policy import RoundsPolicy, TriggerPolicy
-from policies.lr_schedule import SchedulePolicy
 from policies.train import TrainPolicy
 
 
@@ -49,7 +49,7 @@ class IngestPolicy(Section):
     redis_retry_max_s: float = Field(default=30.0, gt=0, le=3600, description="longest back-off between Redis write retries")
 
     @model_validator(mode="after")
-    def _heartbeat_below_session(self) -> "IngestPolicy":
+    def _heartbeat_below_session(self) -> IngestPolicy:
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             raise ValueError("ingest.heartbeat_interval_ms must be at most a third of ingest.session_timeout_ms")
         return self
@@ -80,7 +80,7 @@ class Policy(Section):
     triggers: TriggerPolicy = TriggerPolicy()
 
     @model_validator(mode="after")
-    def _dead_letter_not_consumed(self) -> "Policy":
+    def _dead_letter_not_consumed(self) -> Policy:
         if self.ingest.dead_letter_topic in self.ingest.topics:
             raise ValueError("ingest.dead_letter_topic must not be one of ingest.topics (it would loop)")
         return self

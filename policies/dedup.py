@@ -195,7 +195,7 @@ class _Normalized:
     ends: np.ndarray
 
     @staticmethod
-    def pack(parts: Sequence[bytes]) -> "_Normalized":
+    def pack(parts: Sequence[bytes]) -> _Normalized:
         lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
         ends = np.cumsum(lengths)
         return _Normalized(np.frombuffer(b"".join(parts), dtype=np.uint8), ends - lengths, ends)

@@ -21,14 +21,14 @@ Ibrahim et al. 2024). Evidence for each default is in docs/round-engine.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Mapping
 
 from pydantic import Field, model_validator
 
 from policies.base import Section
-from policies.replay import ReplayPolicy, interpolate_anchors, replay_ratio
 from policies.lr_schedule import SchedulePolicy
+from policies.replay import ReplayPolicy, interpolate_anchors, replay_ratio
 
 
 class DriftPolicy(Section):
@@ -46,7 +46,7 @@ class DriftPolicy(Section):
     probe_max_len: int = Field(default=512, ge=16, le=32_768, description="token window of the probe")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "DriftPolicy":
+    def _ordered(self) -> DriftPolicy:
         if not self.ppl_gap_none < self.ppl_gap_weak < self.ppl_gap_strong:
             raise ValueError("drift: need ppl_gap_none < ppl_gap_weak < ppl_gap_strong")
         if not self.js_none < self.js_weak < self.js_strong:

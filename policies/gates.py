@@ -11,8 +11,9 @@ checkpoint that passes is chosen, not simply the last one.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 from pydantic import Field
 

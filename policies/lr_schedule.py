@@ -167,7 +167,7 @@ class SchedulePolicy(Section):
     anneal: Literal["exp", "1-sqrt", "linear", "cosine"] = Field(default="1-sqrt", description="infinite: anneal branch shape")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "SchedulePolicy":
+    def _ordered(self) -> SchedulePolicy:
         if not self.eta_min <= self.eta_const <= self.eta_max:
             raise ValueError("schedule: need eta_min <= eta_const <= eta_max")
         return self

@@ -31,7 +31,7 @@ class ReplayPolicy(Section):
     reservoir_docs: int = Field(default=100_000, ge=1, le=100_000_000, description="size cap of the replay reservoir, in documents")
 
     @model_validator(mode="after")
-    def _monotone(self) -> "ReplayPolicy":
+    def _monotone(self) -> ReplayPolicy:
         if not self.ratio_no_drift <= self.ratio_weak <= self.ratio_strong:
             raise ValueError("replay: need ratio_no_drift <= ratio_weak <= ratio_strong")
         return self

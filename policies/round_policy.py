@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
-from typing import Sequence
 from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.cron import CronTrigger
@@ -299,7 +299,7 @@ def should_start(
 
 def _rank(seed: str, key: str) -> bytes:
     # NUL between seed and key, so ("ab", "c") and ("a", "bc") rank differently.
-    return hashlib.blake2b(f"{seed}\x00{key}".encode("utf-8"), digest_size=16).digest()
+    return hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=16).digest()
 
 
 def split_heldout(keys: Sequence[str], frac: float, max_docs: int, seed: str) -> tuple[list[str], list[str]]:
