@@ -46,9 +46,10 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis
+from redis.commands.core import Script
 
 OUTCOMES = ("accepted", "duplicate", "near_duplicate", "rejected", "dead_lettered")
 
@@ -106,6 +107,11 @@ def tp_key(topic: str, partition: int) -> str:
     return f"{topic}|{partition}"
 
 
+def _text(v: bytes | str) -> str:
+    """A Redis reply as text (the client may or may not decode replies itself)."""
+    return v.decode() if isinstance(v, bytes) else v
+
+
 class RedisStore:
     def __init__(self, client: redis.Redis, name: str):
         self.r = client
@@ -146,7 +152,7 @@ class RedisStore:
         blobs = [json.dumps(i.doc, ensure_ascii=False, separators=(",", ":")) for i in items if i.outcome == "candidate"]
         keys = [self.k_docs, self.k_buffer, self.k_exact, self.k_lsh, self.k_counters, self.k_offsets, self.k_stats]
         res = self._write(keys=keys, args=[json.dumps(header, separators=(",", ":")), *blobs])
-        res = [x.decode() if isinstance(x, bytes) else x for x in res]
+        res = [_text(x) for x in res]
         pairs = [r.partition("|")[::2] for r in res[:-2]]
         return BatchResult(
             outcomes=[o for o, _ in pairs], reasons=[r for _, r in pairs], buffer_docs=int(res[-2]), buffer_bytes=int(res[-1])
@@ -155,20 +161,20 @@ class RedisStore:
     def stored_offsets(self) -> dict[tuple[str, int], int]:
         out = {}
         for k, v in self.r.hgetall(self.k_offsets).items():
-            topic, _, part = k.decode().rpartition("|")
+            topic, _, part = _text(k).rpartition("|")
             out[(topic, int(part))] = int(v)
         return out
 
     def counters(self) -> dict[tuple[str, str], int]:
         out = {}
         for k, v in self.r.hgetall(self.k_counters).items():
-            outcome, _, reason = k.decode().partition("|")
+            outcome, _, reason = _text(k).partition("|")
             out[(outcome, reason)] = int(v)
         return out
 
     def buffer_stats(self) -> dict[str, int]:
         raw = self.r.hgetall(self.k_stats)
-        s = {k.decode(): int(v) for k, v in raw.items()}
+        s = {_text(k): int(v) for k, v in raw.items()}
         return {
             "buffer_docs": s.get("buffer_docs", 0),
             "buffer_bytes": s.get("buffer_bytes", 0),
@@ -180,7 +186,8 @@ class RedisStore:
     # --- reading and draining the buffer ----------------------------------
     def buffer_keys(self, limit: int | None = None) -> list[str]:
         end = -1 if limit is None else limit - 1
-        return [k.decode() for k in self.r.zrange(self.k_buffer, 0, end)]
+        members = cast("list[bytes | str]", self.r.zrange(self.k_buffer, 0, end))  # without scores: members only
+        return [_text(k) for k in members]
 
     def get_docs(self, keys: Iterable[str]) -> list[dict[str, Any]]:
         keys = list(keys)
@@ -216,10 +223,11 @@ class RedisStore:
         keys = list(fresh)
         if keys:
             member = self.r.smismember(self.k_replay_members, keys)
-            keys = [k for k, m in zip(keys, member) if not m]
+            keys = [k for k, m in zip(keys, member, strict=True) if not m]
         while True:
             seen0 = int(self.r.hget(self.k_stats, "replay_seen") or 0)
-            seen, args = seen0, []
+            seen = seen0
+            args: list[int | str] = []  # (slot, key, blob) triples
             for k in keys:
                 slot = slot_of(seen, cap, draw())
                 seen += 1
@@ -234,7 +242,7 @@ class RedisStore:
         return {"replay_docs": self.r.hlen(self.k_replay), "replay_seen": int(self.r.hget(self.k_stats, "replay_seen") or 0)}
 
     def replay_keys(self) -> list[str]:
-        return [k.decode() for k in self.r.hvals(self.k_replay)]
+        return [_text(k) for k in self.r.hvals(self.k_replay)]
 
     # --- lease (one round runner per deployment) ------------------------------
     def lease_acquire(self, owner: str, ttl_s: float) -> Fence | None:
@@ -248,9 +256,9 @@ class RedisStore:
 
     def lease_holder(self) -> tuple[str | None, int]:
         holder, epoch = self.r.mget(self.k_lease, self.k_epoch)
-        return (holder.decode() if holder else None), int(epoch or 0)
+        return (_text(holder) if holder else None), int(epoch or 0)
 
-    def _fenced(self, script, fence: Fence, keys: list[str], args: list[Any]) -> Any:
+    def _fenced(self, script: Script, fence: Fence, keys: list[str], args: list[Any]) -> Any:
         try:
             return script(keys=[self.k_lease, self.k_epoch, *keys], args=[fence.owner, fence.epoch, *args])
         except redis.ResponseError as e:
@@ -275,7 +283,7 @@ class RedisStore:
 
     def get_serving(self) -> str | None:
         v = self.r.get(self.k_serving)
-        return v.decode() if v else None
+        return _text(v) if v else None
 
     def get_round(self, round_id: str) -> dict[str, Any] | None:
         v = self.r.hget(self.k_rounds, round_id)
@@ -290,10 +298,10 @@ class RedisStore:
 
     def snapshot_take(self, fence: Fence, round_id: str, budget_bytes: int, max_docs: int = 10_000_000) -> list[str]:
         keys = [self.k_docs, self.k_buffer, self.k_stats, self.round_list_key(round_id)]
-        return [k.decode() for k in self._fenced(self._snapshot, fence, keys, [int(budget_bytes), int(max_docs)])]
+        return [_text(k) for k in self._fenced(self._snapshot, fence, keys, [int(budget_bytes), int(max_docs)])]
 
     def round_docs(self, round_id: str) -> list[str]:
-        return [k.decode() for k in self.r.lrange(self.round_list_key(round_id), 0, -1)]
+        return [_text(k) for k in self.r.lrange(self.round_list_key(round_id), 0, -1)]
 
     def requeue_round(self, fence: Fence, round_id: str) -> int:
         return int(self._fenced(self._requeue, fence, [self.k_docs, self.k_buffer, self.k_stats, self.round_list_key(round_id)], []))
@@ -312,7 +320,7 @@ class RedisStore:
         pipe.hgetall(self.k_requests)
         pipe.delete(self.k_requests)
         raw, _ = pipe.execute()
-        return {k.decode(): json.loads(v) for k, v in raw.items()}
+        return {_text(k): json.loads(v) for k, v in raw.items()}
 
     def set_request_result(self, request_id: str, result: dict[str, Any]) -> None:
         self.r.hset(self.k_request_results, request_id, json.dumps(result))

@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -354,6 +355,9 @@ class Replica:
 
     def models(self) -> list[dict]:
         return self.call("models", "GET", "/v1/models").json()["data"]
+
+    def model_ids(self) -> list[str]:
+        return [m["id"] for m in self.models()]
 
     def pause(self) -> None:
         self.call("pause", "POST", "/pause", params={"mode": "keep"})
@@ -782,14 +786,13 @@ class ServingController:
             rec.replicas.append(one)
             try:
                 self._mark(r.url, step="load_lora_adapter", target_version=name)
-                self._step(one, r, "load_lora_adapter", lambda: r.load_lora(name, path))
+                self._step(one, r, "load_lora_adapter", partial(r.load_lora, name, path))
                 done.append(r)
-                listed = self._step(one, r, "verify_models", lambda: [m["id"] for m in r.models()])
+                listed = self._step(one, r, "verify_models", r.model_ids)
                 if name not in listed:
                     raise ServingError(r.url, "verify_models", f"{name} not listed in /v1/models")
-                one.smoke_text = self._step(
-                    one, r, "verify_smoke", lambda: r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens, model=name)
-                )
+                smoke = partial(r.complete, self.config.smoke_prompt, self.config.smoke_max_tokens, model=name)
+                one.smoke_text = self._step(one, r, "verify_smoke", smoke)
                 one.ok = True
                 self._mark(r.url, adapters=self.state.replicas[r.url].adapters + [name], step=None, target_version=None)
             except ServingError as e:

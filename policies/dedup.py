@@ -405,7 +405,7 @@ def band_keys(signatures: np.ndarray, policy: DedupPolicy) -> list[list[str]]:
     hashes = np.empty((sigs.shape[0], policy.bands), dtype=np.uint64)
     _band_hash_kernel(sigs, policy.bands, policy.rows_per_band, hashes)
     prefixes = [f"{j:02x}" for j in range(policy.bands)]
-    return [[p + format(h, "016x") for p, h in zip(prefixes, row)] for row in hashes.tolist()]
+    return [[p + format(h, "016x") for p, h in zip(prefixes, row, strict=True)] for row in hashes.tolist()]
 
 
 # --------------------------------------------------------------------------- one call for ingest
@@ -429,7 +429,7 @@ def document_keys(texts: Sequence[str], policy: DedupPolicy) -> list[DocumentKey
     if not policy.near or not texts:
         return [DocumentKeys(k, ()) for k in keys]
     bands = band_keys(_signatures_of(norm, policy), policy)
-    return [DocumentKeys(k, tuple(b)) for k, b in zip(keys, bands)]
+    return [DocumentKeys(k, tuple(b)) for k, b in zip(keys, bands, strict=True)]
 
 
 __all__ = [

@@ -796,8 +796,8 @@ def _language_filters(p: LanguagePolicy) -> list[Filter]:
 
 
 def _repetition_filters(p: GopherRepetitionPolicy) -> list[Filter]:
-    def frac(i: int) -> Callable[[Doc], float]:
-        return lambda d: d.ngram_chars[i] / len(d.text)
+    def frac_over(i: int, lim: float) -> Callable[[Doc], bool]:
+        return lambda d: d.ngram_chars[i] / len(d.text) > lim
 
     out = [
         Filter("gopher_dup_para_frac", lambda d: d.para_dups[1] / d.para_dups[0] > p.max_dup_para_frac),
@@ -806,11 +806,9 @@ def _repetition_filters(p: GopherRepetitionPolicy) -> list[Filter]:
         Filter("gopher_dup_line_char_frac", lambda d: d.line_dups[2] / len(d.text) > p.max_dup_line_char_frac),
     ]
     for n in range(2, 5):
-        lim = getattr(p, f"max_top_{n}_gram_frac")
-        out.append(Filter(f"gopher_top_{n}_gram", lambda d, f=frac(n - 2), lim=lim: f(d) > lim))
+        out.append(Filter(f"gopher_top_{n}_gram", frac_over(n - 2, getattr(p, f"max_top_{n}_gram_frac"))))
     for n in range(5, 11):
-        lim = getattr(p, f"max_dup_{n}_gram_frac")
-        out.append(Filter(f"gopher_dup_{n}_gram", lambda d, f=frac(n - 2), lim=lim: f(d) > lim))
+        out.append(Filter(f"gopher_dup_{n}_gram", frac_over(n - 2, getattr(p, f"max_dup_{n}_gram_frac"))))
     return out
 
 

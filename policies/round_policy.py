@@ -137,7 +137,8 @@ class TriggerPolicy(Section):
     min_gap_s: float = Field(
         default=3600,
         ge=0,
-        description="least time between the start of one round and the start of the next, for automatic triggers; manual triggers ignore it",
+        description="least time between the start of one round and the start of the next, for automatic triggers; "
+        "manual triggers ignore it",
     )
     blackout: list[str] = Field(
         default=[],
