@@ -256,6 +256,10 @@ def cmd_seed_replay(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    if a.preflight:
+        from daemon.dev.preflight import run_preflight
+
+        return run_preflight()
     from daemon.dev.demo import run_demo
 
     return run_demo(workdir=a.workdir, docs=a.docs, pretrain_steps=a.pretrain_steps, round_steps=a.round_steps)
@@ -274,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--docs", type=int, default=1200, help="sample messages to stream")
     p.add_argument("--pretrain-steps", type=int, default=300, help="steps of general pre-training of the demo's base model")
     p.add_argument("--round-steps", type=int, default=80, help="optimizer steps of the demo's round")
+    p.add_argument("--preflight", action="store_true", help="only check that this install can run the demo, then exit")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("status", help="ingest counts, buffer and state of a running daemon")
     p.set_defaults(fn=cmd_status)
