@@ -36,7 +36,7 @@ a daemon that lost the lease while paused (GC, network) cannot overwrite the
 new holder's state.
 
 A document record lives in `docs` while the buffer or the reservoir holds it;
-its LSH bands live exactly as long, so near-dedup covers both (DESIGN.md §2).
+its LSH bands live exactly as long, so near-dedup covers both (docs/architecture.md §2).
 """
 
 from __future__ import annotations

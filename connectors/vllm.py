@@ -8,7 +8,7 @@ deploy; this module makes the replicas serve it, or puts them back, and always
 writes down which version each replica serves, because after a crash the
 daemon has nothing else to go on (see `ServingState` and `reconcile`).
 
-Deviations from DESIGN.md §4 are recorded in docs/serving.md.
+The swap sequence is docs/architecture.md §4; docs/serving.md says why each step is as it is.
 """
 
 from __future__ import annotations
@@ -556,7 +556,7 @@ class ServingController:
             self._mark(r.url, version=None)
             self._step(rec, r, "reload_weights", lambda: r.reload_weights(checkpoint))
             self._step(rec, r, "reset_prefix_cache", r.reset_prefix_cache)
-            # Labelled before resume (DESIGN.md §4 does it after): no output of the new weights
+            # Labelled before resume (the original design did it after): no output of the new weights
             # ever carries the old version.
             self._step(rec, r, "update_weight_version", lambda: r.set_weight_version(version))
             self._step(rec, r, "resume", r.resume)

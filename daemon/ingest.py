@@ -1,6 +1,6 @@
 """The ingest loop: Kafka -> parse -> quality filters -> dedup -> Redis, then commit.
 
-Promises (DESIGN.md §2):
+Promises (docs/architecture.md §2; mechanisms in docs/ingest.md):
 * Every consumed offset ends as exactly one of accepted / duplicate /
   near_duplicate / rejected(reason) / dead_lettered(reason), counted once in
   Redis, in the same Lua call that stores the documents and the partition's

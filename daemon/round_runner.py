@@ -1,4 +1,4 @@
-"""The round state machine (DESIGN.md §3), persisted in Redis, resumable, run by one lease holder.
+"""The round state machine (docs/architecture.md §3), persisted in Redis, resumable, run by one lease holder.
 
     PENDING -> SNAPSHOT -> TRAINING -> EVALUATING -> DEPLOYING -> DEPLOYED
     exits: REJECTED (the gate said no), FAILED (error, with cause), ROLLED_BACK
