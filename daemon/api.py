@@ -1,9 +1,10 @@
 """HTTP surface: a thin layer over the running daemon (health, metrics, status, rounds, control).
 
 Shaped like vLLM's entrypoints: the routes only translate HTTP to calls on an
-engine object and back; all behaviour lives in the daemon. Mutating routes
-require the bearer token; errors are JSON {"error": message}. FastAPI serves
-the OpenAPI description at /openapi.json (and /docs).
+engine object and back; all behaviour lives in the daemon. Responses are the
+typed models of daemon/round_record.py, so /openapi.json (and /docs) shows
+real schemas. Domain exceptions map to HTTP statuses once, in ERROR_STATUS.
+Mutating routes require the bearer token; errors are JSON {"error": message}.
 """
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from pydantic import BaseModel
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from daemon import metrics as M
+from daemon.round_record import CancelResult, RollbackResult, RoundRecord, RoundSummary, TriggerResult
+
+
+class UnknownRound(KeyError):
+    """No round with that id."""
 
 
 class Engine(Protocol):
@@ -24,12 +30,21 @@ class Engine(Protocol):
     def ready(self) -> tuple[bool, str]: ...
     def pause_ingest(self, paused: bool) -> None: ...
     def reload_policy(self) -> dict[str, Any]: ...
-    def rounds(self, limit: int = 50) -> list[dict[str, Any]]: ...
-    def round(self, round_id: str) -> dict[str, Any] | None: ...
+    def rounds(self, limit: int = 50) -> list[RoundSummary]: ...
+    def round(self, round_id: str) -> RoundRecord | None: ...
     def round_manifest(self, round_id: str) -> list[dict[str, Any]] | None: ...
-    def trigger(self, reason: str, wait_s: float = 5.0) -> dict[str, Any]: ...
-    def cancel(self, round_id: str) -> dict[str, Any]: ...
-    def rollback(self, to: str | None) -> dict[str, Any]: ...
+    def trigger(self, reason: str, wait_s: float = 5.0) -> TriggerResult: ...
+    def cancel(self, round_id: str) -> CancelResult: ...
+    def rollback(self, to: str | None) -> RollbackResult: ...
+
+
+# The engine's refusals, mapped to HTTP once (vLLM maps its domain errors on the app the same way).
+ERROR_STATUS: dict[type[Exception], int] = {
+    UnknownRound: 404,
+    PermissionError: 409,  # this daemon does not hold the round lease
+    ValueError: 409,  # the request contradicts the state (round already ended, unknown rollback target)
+    RuntimeError: 409,  # busy (a deploy or rollback in progress) or rounds disabled
+}
 
 
 class TriggerBody(BaseModel):
@@ -54,6 +69,16 @@ def create_app(engine: Engine | None = None, token: str | None = None) -> FastAP
     @app.exception_handler(HTTPException)
     async def _json_errors(_req: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    def _domain_error(status: int):  # noqa: ANN202
+        async def handler(_req: Request, exc: Exception) -> JSONResponse:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            return JSONResponse({"error": msg}, status_code=status)
+
+        return handler
+
+    for exc_type, status in ERROR_STATUS.items():
+        app.add_exception_handler(exc_type, _domain_error(status))
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -91,16 +116,16 @@ def create_app(engine: Engine | None = None, token: str | None = None) -> FastAP
         return JSONResponse({"changed": r["changed"], "policy_hash": r["policy_hash"], "message": r["message"]})
 
     @app.get("/rounds")
-    def rounds(limit: int = 50) -> list[dict[str, Any]]:
+    def rounds(limit: int = 50) -> list[RoundSummary]:
         """Newest first, one summary per round."""
         return _need(engine).rounds(limit)
 
-    @app.get("/rounds/{round_id}")
-    def round_(round_id: str) -> dict[str, Any]:
+    @app.get("/rounds/{round_id}", response_model_exclude={"policy"})
+    def round_(round_id: str) -> RoundRecord:
         """The whole record: lineage, phases, drift, schedule, training progress, eval, gate, deploy."""
         rec = _need(engine).round(round_id)
         if rec is None:
-            raise HTTPException(404, f"no round {round_id!r}")
+            raise UnknownRound(f"no round {round_id!r}")
         return rec
 
     @app.get("/rounds/{round_id}/manifest")
@@ -108,35 +133,26 @@ def create_app(engine: Engine | None = None, token: str | None = None) -> FastAP
         """The documents the round took: content hash, Kafka topic/partition/offset, held out or trained."""
         m = _need(engine).round_manifest(round_id)
         if m is None:
-            raise HTTPException(404, f"round {round_id!r} has no snapshot")
+            raise UnknownRound(f"round {round_id!r} has no snapshot")
         return m
 
     @app.post("/rounds", dependencies=[Depends(require_token)], status_code=202)
-    def trigger(body: TriggerBody | None = None) -> dict[str, Any]:
+    def trigger(body: TriggerBody | None = None) -> TriggerResult:
         """Start a round now (one at a time; ignores the minimum gap, not an empty buffer)."""
-        try:
-            return _need(engine).trigger((body or TriggerBody()).reason)
-        except RuntimeError as e:
-            raise HTTPException(409, str(e)) from None
+        return _need(engine).trigger((body or TriggerBody()).reason)
 
     @app.post("/rounds/{round_id}/cancel", dependencies=[Depends(require_token)])
-    def cancel(round_id: str) -> dict[str, Any]:
+    def cancel(round_id: str) -> CancelResult:
         try:
             return _need(engine).cancel(round_id)
         except KeyError:
-            raise HTTPException(404, f"no round {round_id!r}") from None
-        except ValueError as e:
-            raise HTTPException(409, str(e)) from None
+            raise UnknownRound(f"no round {round_id!r}") from None
 
-    @app.post("/rollback", dependencies=[Depends(require_token)])
+    @app.post("/rollback", dependencies=[Depends(require_token)], response_model=RollbackResult,
+              responses={502: {"model": RollbackResult, "description": "the rollback failed on a replica"}})
     def rollback(body: RollbackBody | None = None) -> JSONResponse:
-        try:
-            out = _need(engine).rollback((body or RollbackBody()).to)
-        except PermissionError as e:
-            raise HTTPException(409, str(e)) from None
-        except (RuntimeError, ValueError) as e:
-            raise HTTPException(409, str(e)) from None
-        return JSONResponse(out, status_code=200 if out["ok"] else 502)
+        out = _need(engine).rollback((body or RollbackBody()).to)
+        return JSONResponse(out.model_dump(mode="json", by_alias=True), status_code=200 if out.ok else 502)
 
     return app
 

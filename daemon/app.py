@@ -21,6 +21,7 @@ from daemon import metrics as M
 from daemon.api import create_app
 from daemon.ingest import Ingestor
 from daemon.policy_watch import PolicyWatcher
+from daemon.round_record import TERMINAL, CancelResult, RollbackResult, RoundRecord, RoundState, RoundSummary, TriggerResult
 from daemon.round_runner import RoundRunner
 from daemon.round_triggers import Scheduler
 from daemon.settings import Settings
@@ -70,32 +71,32 @@ class Daemon:
             M.REPLAY_CAP_DOCS.set(out["replay"]["cap"])
             out["rounds"] = self.runner.status()
             out["rounds"]["triggers"] = self.scheduler.jobs()
-            latest = self.store.list_rounds()[-1:]
-            out["rounds"]["latest"] = {k: latest[0].get(k) for k in ("id", "state", "error", "created_at", "updated_at")} if latest else None
+            latest = self.runner.list_rounds()[-1:]
+            out["rounds"]["latest"] = latest[0].model_dump(mode="json", include={"id", "state", "error", "created_at", "updated_at"}) if latest else None
         except Exception as e:  # noqa: BLE001 - status must answer even when Redis is down
             out["redis_error"] = str(e)
         return out
 
-    def rounds(self, limit: int = 50) -> list[dict[str, Any]]:
-        return [summarize(r) for r in self.store.list_rounds()[-limit:]][::-1]
+    def rounds(self, limit: int = 50) -> list[RoundSummary]:
+        return [RoundSummary.of(r) for r in self.runner.list_rounds()[-limit:]][::-1]
 
-    def round(self, round_id: str) -> dict[str, Any] | None:
-        rec = self.store.get_round(round_id)
+    def round(self, round_id: str) -> RoundRecord | None:
+        rec = self.runner.get_round(round_id)
         if rec is not None:
-            rec.pop("policy", None)  # the full policy copy is large; its hash is there
+            rec.policy = None  # the full policy copy is large; its hash is there
         return rec
 
     def round_manifest(self, round_id: str) -> list[dict[str, Any]] | None:
         import json as _json
         from pathlib import Path
 
-        rec = self.store.get_round(round_id)
-        if rec is None or "snapshot" not in rec:
+        rec = self.runner.get_round(round_id)
+        if rec is None or rec.snapshot is None:
             return None
-        p = Path(rec["snapshot"]["manifest"])
+        p = Path(rec.snapshot.manifest)
         return [_json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
 
-    def trigger(self, reason: str, wait_s: float = 5.0) -> dict[str, Any]:
+    def trigger(self, reason: str, wait_s: float = 5.0) -> TriggerResult:
         if self.runner.disabled:
             raise RuntimeError(f"rounds are disabled: {self.runner.disabled}")
         req = self.runner.request_manual(reason)
@@ -103,34 +104,50 @@ class Daemon:
         while time.monotonic() < deadline:
             res = self.store.request_result(req)
             if res is not None:
-                return {"request_id": req, **res}
+                return TriggerResult(request_id=req, **res)
             time.sleep(0.1)
         holder, _ = self.store.lease_holder()
-        return {"request_id": req, "round": None, "queued": True, "lease_holder": holder}
+        return TriggerResult(request_id=req, queued=True, lease_holder=holder)
 
-    def cancel(self, round_id: str) -> dict[str, Any]:
-        from daemon.round_runner import TERMINAL
-
-        rec = self.store.get_round(round_id)
+    def cancel(self, round_id: str) -> CancelResult:
+        rec = self.runner.get_round(round_id)
         if rec is None:
             raise KeyError(round_id)
-        if rec["state"] in TERMINAL:
-            raise ValueError(f"round {round_id} already ended {rec['state']}")
-        if rec["state"] == "DEPLOYING" and "deploy_wait" not in rec:
+        if rec.state in TERMINAL:
+            raise ValueError(f"round {round_id} already ended {rec.state.value}")
+        if rec.state == RoundState.DEPLOYING and rec.deploy_wait is None:
             raise ValueError(f"round {round_id} is swapping weights; use rollback after it ends")
         self.store.request_cancel(round_id)
         self.runner.wake.set()
-        return {"round": round_id, "cancel_requested": True, "state": rec["state"]}
+        return CancelResult(round=round_id, cancel_requested=True, state=rec.state)
 
-    def rollback(self, to: str | None) -> dict[str, Any]:
+    def rollback(self, to: str | None) -> RollbackResult:
         return self.runner.rollback(to)
 
     def ready(self) -> tuple[bool, str]:
+        """Readiness as docs/kubernetes.md states it: Redis answers a PING, the Kafka consumer is connected to a
+        bootstrap broker, and (when rounds are on) every vLLM replica answers /health. The reason names each one down."""
+        import httpx
+
+        down: list[str] = []
         try:
             self.store.ping()
+        except Exception as e:  # noqa: BLE001 - any failure means not ready; the message says which
+            down.append(f"redis unreachable: {e}")
+        try:
+            if not self.ingestor.consumer.bootstrap_connected():
+                down.append(f"kafka: no connection to a bootstrap broker ({self.settings.kafka_bootstrap})")
         except Exception as e:  # noqa: BLE001
-            return False, f"redis unreachable: {e}"
-        return True, "ok"
+            down.append(f"kafka: {e}")
+        if self.runner.disabled is None:
+            for url in self.runner.urls:
+                try:
+                    code = httpx.get(url + "/health", timeout=2.0).status_code
+                    if code != 200:
+                        down.append(f"vllm {url}: /health answered {code}")
+                except httpx.HTTPError as e:
+                    down.append(f"vllm {url} unreachable: {e}")
+        return (False, "; ".join(down)) if down else (True, "ok")
 
     def reload_policy(self) -> dict[str, Any]:
         changed, msg = self.watcher.check(force=True)
@@ -166,18 +183,6 @@ class Daemon:
             http.join(timeout=5)
         log.info("cptd stopped")
         return 0
-
-
-def summarize(rec: dict[str, Any]) -> dict[str, Any]:
-    """One line of `cptd rounds`."""
-    snap, gate, prog = rec.get("snapshot") or {}, rec.get("gate") or {}, (rec.get("train") or {}).get("progress") or {}
-    return {
-        "id": rec["id"], "state": rec["state"], "trigger": rec["trigger"]["kind"], "created_at": rec["created_at"],
-        "updated_at": rec["updated_at"], "docs": snap.get("docs"), "tokens_estimate": snap.get("tokens_estimate"),
-        "drift_score": (rec.get("drift") or {}).get("score"), "replay_ratio": rec.get("replay_ratio"),
-        "step": prog.get("step"), "total_steps": prog.get("total_steps"), "gate": gate.get("accepted"),
-        "chosen": gate.get("chosen"), "deployed_at": rec.get("deployed_at"), "error": rec.get("error"),
-    }
 
 
 def ingest_counts(store: RedisStore) -> dict[str, Any]:

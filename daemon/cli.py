@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any
 
+from daemon.round_record import RoundRecord
+
 
 def _print_status(st: dict[str, Any]) -> None:
     ing = st.get("ingest", {})
@@ -127,50 +129,49 @@ def _print_rounds(rows: list[dict[str, Any]]) -> None:
               f"{steps:>9} {gate:<6} {r.get('error') or ''}")
 
 
-def print_round(rec: dict[str, Any]) -> None:
+def print_round(rec: RoundRecord) -> None:
     """The lineage of one round, for people (the same record --json prints whole)."""
-    print(f"round {rec['id']}  {rec['state']}   trigger {rec['trigger']['kind']} ({rec['trigger'].get('reason')})   policy {rec['policy_hash']}")
-    print(f"  parent      {rec['parent'].get('version')}  {rec['parent'].get('checkpoint')}")
-    for ph, t in sorted(rec.get("phases", {}).items(), key=lambda kv: kv[1]["started_at"]):
-        dur = f"{t['finished_at'] - t['started_at']:.1f} s" if "finished_at" in t else "..."
-        print(f"  {ph:<11} {_ts(t['started_at'])}  {dur}")
-    if snap := rec.get("snapshot"):
-        print(f"  data        {snap['docs']:,} docs ({snap['train_docs']:,} trained, {snap['heldout_docs']:,} held out), "
-              f"~{snap['tokens_estimate']:,} tokens, manifest sha256 {snap['manifest_sha256'][:16]}")
-        for tp, o in snap.get("kafka_offsets", {}).items():
-            print(f"              {tp}: offsets {o['first']}..{o['last']} ({o['docs']} docs)")
-    if d := rec.get("drift"):
-        st = d.get("stats") or {}
-        print(f"  drift       score {_f(d.get('score'), '.3f')} ({d['level']})  ppl gap {_f(st.get('ppl_gap'), '.3f')}  "
-              f"JS {_f(st.get('js_distance'), '.3f')}  -> replay {rec.get('replay_ratio', 0):.2f}, peak LR {d['peak_lr']:.2e}")
-    if sc := rec.get("schedule"):
+    print(f"round {rec.id}  {rec.state.value}   trigger {rec.trigger.kind} ({rec.trigger.reason})   policy {rec.policy_hash}")
+    print(f"  parent      {rec.parent.version}  {rec.parent.checkpoint}")
+    for ph, t in sorted(rec.phases.items(), key=lambda kv: kv[1].started_at):
+        dur = f"{t.finished_at - t.started_at:.1f} s" if t.finished_at is not None else "..."
+        print(f"  {ph.value:<11} {_ts(t.started_at)}  {dur}")
+    if snap := rec.snapshot:
+        print(f"  data        {snap.docs:,} docs ({snap.train_docs:,} trained, {snap.heldout_docs:,} held out), "
+              f"~{snap.tokens_estimate:,} tokens, manifest sha256 {snap.manifest_sha256[:16]}")
+        for tp, o in snap.kafka_offsets.items():
+            print(f"              {tp}: offsets {o.first}..{o.last} ({o.docs} docs)")
+    if d := rec.drift:
+        st = d.stats
+        print(f"  drift       score {_f(d.score, '.3f')} ({d.level})  ppl gap {_f(st.ppl_gap if st else None, '.3f')}  "
+              f"JS {_f(st.js_distance if st else None, '.3f')}  -> replay {rec.replay_ratio or 0:.2f}, peak LR {d.peak_lr:.2e}")
+    if sc := rec.schedule:
         print(f"  schedule    {sc['kind']}  peak {sc['peak_lr']:.2e}  warmup {sc['warmup_frac']:.2%}")
-    if tr := rec.get("train"):
-        p = tr.get("progress") or {}
-        print(f"  training    step {p.get('step', 0)}/{p.get('total_steps', '?')}  loss {_f(p.get('loss'), '.3f')}  "
-              f"lr {_f(p.get('lr'), '.2e')}  {_f(p.get('tokens_per_s'), ',.0f')} tok/s  (from {p.get('init_from', '-')})")
-    if ev := rec.get("eval"):
-        s = ev["serving"]
-        print(f"  eval        serving  new {s['new_nll']:.3f}  replay {s['replay_nll']:.3f}")
-        for c in ev["candidates"]:
-            print(f"              {c['name']:<8} new {c['new_nll']:.3f}  replay {c['replay_nll']:.3f}")
-    if g := rec.get("gate"):
-        print(f"  gate        {'ACCEPTED ' + str(g['chosen']) if g['accepted'] else 'REJECTED'}")
-        for reason in g["reasons"]:
-            print(f"              {reason}")
-    if dp := rec.get("deploy"):
-        print(f"  deploy      {'ok' if dp['ok'] else 'FAILED'}  pause max {_f(dp.get('pause_seconds_max'), '.3f')} s  at {_ts(rec.get('deployed_at'))}")
-    if rb := rec.get("rollback"):
-        print(f"  rollback    to {rb.get('to')} ({rb.get('trigger')}) at {_ts(rb.get('at'))}")
-    if rec.get("error"):
-        print(f"  error       {rec['error']}")
+    if tr := rec.train:
+        p = tr.progress
+        print(f"  training    step {p.step or 0}/{p.total_steps or '?'}  loss {_f(p.loss, '.3f')}  "
+              f"lr {_f(p.lr, '.2e')}  {_f(p.tokens_per_s, ',.0f')} tok/s  (from {p.init_from or '-'})")
+    if ev := rec.eval:
+        print(f"  eval        serving  new {_f(ev.serving.new_nll, '.3f')}  replay {_f(ev.serving.replay_nll, '.3f')}")
+        for c in ev.candidates:
+            print(f"              {c.name:<8} new {_f(c.new_nll, '.3f')}  replay {_f(c.replay_nll, '.3f')}")
+    if g := rec.gate:
+        print(f"  gate        {'ACCEPTED ' + str(g.chosen) if g.accepted else 'REJECTED'}")
+        for r in g.reasons:
+            print(f"              [{r.code}] {r.checkpoint + ': ' if r.checkpoint else ''}{r.message}")
+    if dp := rec.deploy:
+        print(f"  deploy      {'ok' if dp.ok else 'FAILED'}  pause max {_f(dp.pause_seconds_max, '.3f')} s  at {_ts(rec.deployed_at)}")
+    if rb := rec.rollback:
+        print(f"  rollback    to {rb.to} ({rb.trigger}) at {_ts(rb.at)}")
+    if rec.error:
+        print(f"  error       {rec.error}")
 
 
 @_calling
 def cmd_rounds(a: argparse.Namespace) -> int:
     if a.round:
         rec = _api(a, "GET", f"/rounds/{a.round}")
-        print(json.dumps(rec, indent=2)) if a.json else print_round(rec)
+        print(json.dumps(rec, indent=2)) if a.json else print_round(RoundRecord.model_validate(rec))
         return 0
     rows = _api(a, "GET", f"/rounds?limit={a.limit}")
     print(json.dumps(rows, indent=2)) if a.json else _print_rounds(rows)
@@ -269,38 +270,46 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="cptd", description="continual pre-training daemon")
     ap.add_argument("--url", default=os.environ.get("CPTD_URL", "http://127.0.0.1:8080"), help="API of a running daemon")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
+    # The same two options after the subcommand (`cptd status --json`); SUPPRESS keeps a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS, help="API of a running daemon")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("run", help="run the daemon (policy from --policy or $CPTD_POLICY)")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    p = add("run", help="run the daemon (policy from --policy or $CPTD_POLICY)")
     p.add_argument("--policy", default=None)
     p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("demo", help="run everything on embedded services with a sample stream")
+    p = add("demo", help="run everything on embedded services with a sample stream")
     p.add_argument("--workdir", default=None, help="where to keep the demo's files (default: a temp dir)")
     p.add_argument("--docs", type=int, default=1200, help="sample messages to stream")
     p.add_argument("--pretrain-steps", type=int, default=300, help="steps of general pre-training of the demo's base model")
     p.add_argument("--round-steps", type=int, default=80, help="optimizer steps of the demo's round")
     p.add_argument("--preflight", action="store_true", help="only check that this install can run the demo, then exit")
     p.set_defaults(fn=cmd_demo)
-    p = sub.add_parser("status", help="ingest counts, buffer and state of a running daemon")
+    p = add("status", help="ingest counts, buffer and state of a running daemon")
     p.set_defaults(fn=cmd_status)
-    p = sub.add_parser("rounds", help="list rounds, or show one round's lineage")
+    p = add("rounds", help="list rounds, or show one round's lineage")
     p.add_argument("round", nargs="?")
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(fn=cmd_rounds)
-    p = sub.add_parser("trigger", help="start a round now (token from $CPTD_API_TOKEN[_FILE])")
+    p = add("trigger", help="start a round now (token from $CPTD_API_TOKEN[_FILE])")
     p.add_argument("--reason", default="cli")
     p.set_defaults(fn=cmd_trigger)
-    p = sub.add_parser("cancel", help="cancel a running round (its documents go back to the buffer)")
+    p = add("cancel", help="cancel a running round (its documents go back to the buffer)")
     p.add_argument("round")
     p.set_defaults(fn=cmd_cancel)
-    p = sub.add_parser("rollback", help="serve the previous version again, or the named round (or 'base')")
+    p = add("rollback", help="serve the previous version again, or the named round (or 'base')")
     p.add_argument("round", nargs="?")
     p.set_defaults(fn=cmd_rollback)
-    p = sub.add_parser("seed-replay", help="seed the replay reservoir from a JSONL corpus (the original pre-training mix)")
+    p = add("seed-replay", help="seed the replay reservoir from a JSONL corpus (the original pre-training mix)")
     p.add_argument("file")
     p.add_argument("--policy", default=None)
     p.add_argument("--seed", type=int, default=None, help="seed of the reservoir's draws (default: random)")
     p.set_defaults(fn=cmd_seed_replay)
-    p = sub.add_parser("validate-policy", help="check a policy file; exit 1 and name the field if invalid")
+    p = add("validate-policy", help="check a policy file; exit 1 and name the field if invalid")
     p.add_argument("file")
     p.set_defaults(fn=cmd_validate_policy)
     a = ap.parse_args(argv)

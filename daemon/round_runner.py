@@ -42,6 +42,30 @@ from connectors.vllm import ServingConfig, ServingController, ServingError, Serv
 from daemon import failpoints
 from daemon import metrics as M
 from daemon.jobs.specs import DriftSpec, EvalReport, EvalSpec, TrainSpec
+from daemon.round_record import (
+    PHASES,
+    TERMINAL,
+    CandidateScores,
+    DeploySummary,
+    DeployWait,
+    DocsFate,
+    DriftRecord,
+    EvalProgress,
+    EvalSummary,
+    GateRecord,
+    ModelLosses,
+    OffsetRange,
+    Parent,
+    PhaseTimes,
+    RollbackRecord,
+    RollbackResult,
+    RoundRecord,
+    RoundState,
+    Snapshot,
+    TrainRecord,
+    Trigger,
+    WatchRecord,
+)
 from daemon.settings import Settings
 from policies.config import Policy, policy_hash
 from policies.drift import DriftStats, adjust_for_drift, apply_to_schedule, drift_score
@@ -51,8 +75,6 @@ from policies.round_policy import blackout_match, estimate_tokens, next_swap_all
 
 log = logging.getLogger("cptd.rounds")
 
-PHASES = ("PENDING", "SNAPSHOT", "TRAINING", "EVALUATING", "DEPLOYING")
-TERMINAL = ("DEPLOYED", "REJECTED", "FAILED", "ROLLED_BACK")
 BASE_VERSION = "base"
 
 
@@ -168,7 +190,7 @@ class RoundRunner:
             asks.append((None, *auto))
         started: str | None = None
         if asks:  # read once: nothing changes them until a round starts, and then the rest are merged
-            last_start = max((r["created_at"] for r in self.store.list_rounds()), default=None)
+            last_start = max((r.created_at for r in self.list_rounds()), default=None)
             tokens = self.buffer_tokens()
         for req_id, kind, detail in asks:
             if started:
@@ -191,36 +213,45 @@ class RoundRunner:
         rid = f"r{n:05d}"
         st = self.serving.state if self.serving else ServingState()
         live = st.desired_version
-        rec = {
-            "id": rid, "number": n, "state": "PENDING", "created_at": time.time(), "updated_at": time.time(),
-            "trigger": {"kind": kind, "reason": reason, "request_id": req_id},
-            "policy_hash": policy_hash(policy), "policy": policy.model_dump(mode="json"),
-            "parent": {"version": live, "checkpoint": st.versions[live].checkpoint if live in st.versions else None},
-            "phases": {"PENDING": {"started_at": time.time()}}, "error": None, "owner": self.owner,
-        }
+        now = time.time()
+        rec = RoundRecord(
+            id=rid, number=n, state=RoundState.PENDING, created_at=now, updated_at=now,
+            trigger=Trigger(kind=kind, reason=reason, request_id=req_id), owner=self.owner,
+            policy_hash=policy_hash(policy), policy=policy.model_dump(mode="json"),
+            parent=Parent(version=live, checkpoint=st.versions[live].checkpoint if live in st.versions else None),
+            phases={RoundState.PENDING: PhaseTimes(started_at=now)},
+        )
         self._put(rec)
         log.info("round created", extra={"round_id": rid, "trigger": kind, "reason": reason})
         return rid
 
     # ------------------------------------------------------------------ persistence
-    def _put(self, rec: dict[str, Any]) -> None:
-        rec["updated_at"] = time.time()
-        self.store.put_round(self._fence(), rec["id"], rec)
+    def _put(self, rec: RoundRecord) -> None:
+        rec.updated_at = time.time()
+        self.store.put_round(self._fence(), rec.id, rec.to_store())
 
-    def _enter(self, rec: dict[str, Any], state: str) -> None:
+    def get_round(self, rid: str) -> RoundRecord | None:
+        raw = self.store.get_round(rid)
+        return RoundRecord.model_validate(raw) if raw is not None else None
+
+    def list_rounds(self) -> list[RoundRecord]:
+        """Every round record, oldest first."""
+        return [RoundRecord.model_validate(r) for r in self.store.list_rounds()]
+
+    def _enter(self, rec: RoundRecord, state: RoundState) -> None:
         now = time.time()
-        prev = rec["state"]
-        if prev in rec["phases"] and "finished_at" not in rec["phases"][prev]:
-            rec["phases"][prev]["finished_at"] = now
-            M.ROUND_PHASE_SECONDS.labels(phase=prev).observe(now - rec["phases"][prev]["started_at"])
-        rec["state"] = state
-        rec["phases"].setdefault(state, {"started_at": now})
+        prev = rec.phases.get(rec.state)
+        if prev is not None and prev.finished_at is None:
+            prev.finished_at = now
+            M.ROUND_PHASE_SECONDS.labels(phase=rec.state.value).observe(now - prev.started_at)
+        rec.state = state
+        rec.phases.setdefault(state, PhaseTimes(started_at=now))
         self._put(rec)
         for p in PHASES:
-            M.ROUND_PHASE.labels(phase=p).set(1 if p == state else 0)
+            M.ROUND_PHASE.labels(phase=p.value).set(1 if p == state else 0)
         if state in TERMINAL:
-            M.ROUNDS.labels(state=state).inc()
-        log.info("round phase", extra={"round_id": rec["id"], "state": state})
+            M.ROUNDS.labels(state=state.value).inc()
+        log.info("round phase", extra={"round_id": rec.id, "state": state.value})
 
     def _save_serving(self, state: ServingState) -> None:
         for url, rs in state.replicas.items():
@@ -234,7 +265,7 @@ class RoundRunner:
 
         Returns the round a predecessor left unfinished, if any: only a lease holder creates rounds,
         so after this the runner knows every unfinished round without reading the round list again."""
-        unfinished = next((r for r in self.store.list_rounds() if r["state"] not in TERMINAL), None)
+        unfinished = next((r for r in self.list_rounds() if r.state not in TERMINAL), None)
         raw = self.store.get_serving()
         state = ServingState.from_json(raw) if raw else ServingState()
         if self.serving is not None:
@@ -248,12 +279,12 @@ class RoundRunner:
         else:
             rec = self.serving.reconcile()
             log.info("reconciled serving state", extra={"live": rec.live, "diverged": rec.diverged, "errors": rec.errors})
-            deploying = unfinished is not None and unfinished["state"] == "DEPLOYING"  # its resumed deploy converges them
+            deploying = unfinished is not None and unfinished.state == RoundState.DEPLOYING  # its resumed deploy converges them
             if rec.diverged and not deploying and not rec.errors:
                 out = self.serving.rollback("reconcile", to_version=state.desired_version)
                 log.info("brought diverged replicas back to the deployed version",
                          extra={"version": state.desired_version, "ok": out.ok})
-        return unfinished["id"] if unfinished else None
+        return unfinished.id if unfinished else None
 
     # ------------------------------------------------------------------ main loop
     def run(self, stop: threading.Event) -> None:
@@ -287,32 +318,32 @@ class RoundRunner:
                 stop.wait(5.0)
         self._kill_child()
 
-    def drive(self, rid: str, stop: threading.Event) -> dict[str, Any]:
-        rec = self.store.get_round(rid)
+    def drive(self, rid: str, stop: threading.Event) -> RoundRecord:
+        rec = self.get_round(rid)
         if rec is None:
             raise KeyError(rid)
         self.active = rid
-        steps = {"PENDING": self._pending, "SNAPSHOT": self._snapshot, "TRAINING": self._training,
-                 "EVALUATING": self._evaluating, "DEPLOYING": self._deploying}
+        steps = {RoundState.PENDING: self._pending, RoundState.SNAPSHOT: self._snapshot, RoundState.TRAINING: self._training,
+                 RoundState.EVALUATING: self._evaluating, RoundState.DEPLOYING: self._deploying}
         try:
-            while rec["state"] not in TERMINAL:
+            while rec.state not in TERMINAL:
                 if stop.is_set():
                     raise Stop("stopping")
-                if self.store.cancel_requested(rid) and rec["state"] != "DEPLOYING":
+                if self.store.cancel_requested(rid) and rec.state != RoundState.DEPLOYING:
                     raise RoundFailed("cancelled by operator", requeue=True)
                 try:
-                    steps[rec["state"]](rec, stop)
+                    steps[rec.state](rec, stop)
                 except (Stop, Fenced, RoundFailed):
                     raise
                 except ServingError as e:
-                    raise RoundFailed(f"{rec['state']}: {e}") from e
+                    raise RoundFailed(f"{rec.state.value}: {e}") from e
                 except Exception as e:  # noqa: BLE001 - any error ends the round with its cause, never the daemon
-                    log.exception("round phase failed", extra={"round_id": rid, "state": rec["state"]})
-                    raise RoundFailed(f"{rec['state']}: {type(e).__name__}: {e}") from e
+                    log.exception("round phase failed", extra={"round_id": rid, "state": rec.state.value})
+                    raise RoundFailed(f"{rec.state.value}: {type(e).__name__}: {e}") from e
         except RoundFailed as e:
-            rec["error"] = e.cause
-            rec["docs"] = self._requeue(rec) if e.requeue else self._release(rec)
-            self._enter(rec, "FAILED")
+            rec.error = e.cause
+            rec.docs = self._requeue(rec) if e.requeue else self._release(rec)
+            self._enter(rec, RoundState.FAILED)
         finally:
             self.active = None
             self._kill_child()
@@ -322,16 +353,16 @@ class RoundRunner:
     def round_dir(self, rid: str) -> Path:
         return self.settings.checkpoint_dir / "rounds" / rid
 
-    def _policy(self, rec: dict[str, Any]) -> Policy:
-        return Policy.model_validate(rec["policy"])
+    def _policy(self, rec: RoundRecord) -> Policy:
+        return Policy.model_validate(rec.policy)
 
     # ------------------------------------------------------------------ phases
-    def _pending(self, rec: dict[str, Any], stop: threading.Event) -> None:
-        self._enter(rec, "SNAPSHOT")
+    def _pending(self, rec: RoundRecord, stop: threading.Event) -> None:
+        self._enter(rec, RoundState.SNAPSHOT)
 
-    def _snapshot(self, rec: dict[str, Any], stop: threading.Event) -> None:
+    def _snapshot(self, rec: RoundRecord, stop: threading.Event) -> None:
         pol = self._policy(rec)
-        rid = rec["id"]
+        rid = rec.id
         keys = self.store.snapshot_take(self._fence(), rid, int(pol.rounds.budget_tokens * pol.rounds.bytes_per_token))
         failpoints.hit("snapshot.taken")
         if not keys:
@@ -365,21 +396,21 @@ class RoundRunner:
         stats = self._measure_drift(pol, data / "new.jsonl", data / "replay.jsonl", rec)
         decision = adjust_for_drift(stats, pol.drift, pol.replay)
         schedule = apply_to_schedule(pol.schedule, decision)
-        rec["snapshot"] = {
-            "docs": len(keys), "train_docs": len(train_keys), "heldout_docs": len(held_keys), "bytes": nbytes,
-            "tokens_estimate": estimate_tokens(nbytes, pol.rounds), "manifest": str(data / "manifest.jsonl"),
-            "manifest_sha256": sha, "kafka_offsets": {tp: {"first": v[0], "last": v[1], "docs": v[2]} for tp, v in sorted(offsets.items())},
-            "replay_docs": len(replay_train), "replay_heldout_docs": len(replay_held),
-        }
-        rec["drift"] = decision.to_record()
-        rec["replay_ratio"] = decision.replay_ratio if replay_train else 0.0
-        rec["schedule"] = schedule.model_dump(mode="json")
+        rec.snapshot = Snapshot(
+            docs=len(keys), train_docs=len(train_keys), heldout_docs=len(held_keys), bytes=nbytes,
+            tokens_estimate=estimate_tokens(nbytes, pol.rounds), manifest=str(data / "manifest.jsonl"), manifest_sha256=sha,
+            kafka_offsets={tp: OffsetRange(first=v[0], last=v[1], docs=v[2]) for tp, v in sorted(offsets.items())},
+            replay_docs=len(replay_train), replay_heldout_docs=len(replay_held),
+        )
+        rec.drift = DriftRecord.model_validate(decision.to_record())
+        rec.replay_ratio = decision.replay_ratio if replay_train else 0.0
+        rec.schedule = schedule.model_dump(mode="json")
         if decision.score is not None:
             M.DRIFT_SCORE.labels(statistic="score").set(decision.score)
             M.DRIFT_SCORE.labels(statistic="ppl_gap").set(decision.stats.ppl_gap)
             M.DRIFT_SCORE.labels(statistic="js_distance").set(decision.stats.js_distance)
-        M.REPLAY_RATIO.set(rec["replay_ratio"])
-        self._enter(rec, "TRAINING")
+        M.REPLAY_RATIO.set(rec.replay_ratio)
+        self._enter(rec, RoundState.TRAINING)
 
     def _docs_with_keys(self, keys: list[str]) -> list[dict[str, Any]]:
         out = []
@@ -390,41 +421,44 @@ class RoundRunner:
                     out.append({**d, "key": k})
         return out
 
-    def _measure_drift(self, pol: Policy, new: Path, ref: Path, rec: dict[str, Any]) -> DriftStats | None:
+    def _measure_drift(self, pol: Policy, new: Path, ref: Path, rec: RoundRecord) -> DriftStats | None:
         """Under the serving model, in a child process; no reference set or a failed probe = unmeasured."""
-        parent = rec["parent"]["checkpoint"]
+        parent = rec.parent.checkpoint
         if not parent or ref.stat().st_size == 0 or new.stat().st_size == 0:
             return None
         spec = DriftSpec(model=parent, new_path=str(new), ref_path=str(ref), max_docs=pol.drift.probe_docs,
-                         max_len=pol.drift.probe_max_len, seed=rec["number"])
-        cmd = [sys.executable, "-m", "daemon.jobs.drift_probe", str(spec.write(self.round_dir(rec["id"]) / "drift-spec.json"))]
-        out = self._child(cmd, self.round_dir(rec["id"]) / "drift.log", rec, timeout=1800)
+                         max_len=pol.drift.probe_max_len, seed=rec.number)
+        cmd = [sys.executable, "-m", "daemon.jobs.drift_probe", str(spec.write(self.round_dir(rec.id) / "drift-spec.json"))]
+        out = self._child(cmd, self.round_dir(rec.id) / "drift.log", rec, timeout=1800)
         if out != 0:
-            rec["drift_error"] = f"drift probe exited with {out}; see drift.log"
+            rec.drift_error = f"drift probe exited with {out}; see drift.log"
             return None
-        line = (self.round_dir(rec["id"]) / "drift.log").read_text().strip().splitlines()[-1]
+        line = (self.round_dir(rec.id) / "drift.log").read_text().strip().splitlines()[-1]
         d = json.loads(line)
         return DriftStats(d["loss_new"], d["loss_ref"], d["js_distance"], d["tokens_new"], d["tokens_ref"])
 
-    def _training(self, rec: dict[str, Any], stop: threading.Event) -> None:
+    def _training(self, rec: RoundRecord, stop: threading.Event) -> None:
         pol = self._policy(rec)
-        rid = rec["id"]
+        rid = rec.id
         rd = self.round_dir(rid)
-        if "spec" not in rec.get("train", {}):
+        if rec.train is None:
             seed = int(hashlib.sha256(f"{pol.train.seed}:{rid}".encode()).hexdigest()[:8], 16)
             mainline = None
-            if pol.schedule.kind == "infinite" and rec["parent"]["version"] not in (None, BASE_VERSION):
-                prev = self.store.get_round(rec["parent"]["version"]) or {}
-                mainline = (prev.get("train", {}).get("result") or {}).get("mainline")
-            parent = rec["parent"]["checkpoint"] if pol.train.mode == "full" else str(self.settings.base_checkpoint_path().resolve())
+            if pol.schedule.kind == "infinite" and rec.parent.version not in (None, BASE_VERSION):
+                prev = self.get_round(rec.parent.version)
+                mainline = ((prev.train.result if prev and prev.train else None) or {}).get("mainline")
+            parent = rec.parent.checkpoint if pol.train.mode == "full" else str(self.settings.base_checkpoint_path().resolve())
+            if parent is None:
+                raise RoundFailed("TRAINING: the serving version has no known checkpoint to train from")
             spec = TrainSpec(parent_dir=parent, out_dir=str(rd / "train"), new_path=str(rd / "data/new.jsonl"),
                              replay_path=str(rd / "data/replay.jsonl"), heldout_new_path=str(rd / "data/heldout_new.jsonl"),
-                             heldout_replay_path=str(rd / "data/heldout_replay.jsonl"), replay_ratio=rec["replay_ratio"],
-                             schedule=rec["schedule"], train=pol.train.model_dump(mode="json"), mainline_in=mainline,
+                             heldout_replay_path=str(rd / "data/heldout_replay.jsonl"), replay_ratio=rec.replay_ratio or 0.0,
+                             schedule=rec.schedule or {}, train=pol.train.model_dump(mode="json"), mainline_in=mainline,
                              data_seed=seed, init_seed=seed + 1, round_id=rid, cpu_threads=self.settings.train_cpu_threads)
-            rec["train"] = {"spec": json.loads(spec.to_json()), "spec_digest": spec.digest(), "out_dir": spec.out_dir, "launcher": self.settings.train_launcher}
+            rec.train = TrainRecord(spec=json.loads(spec.to_json()), spec_digest=spec.digest(), out_dir=spec.out_dir,
+                                    launcher=self.settings.train_launcher)
             self._put(rec)
-        spec = TrainSpec(**rec["train"]["spec"])
+        spec = TrainSpec(**rec.train.spec)
         spec_path = rd / "train-spec.json"
         spec_path.write_text(spec.to_json())
         launcher = self.settings.train_launcher
@@ -443,19 +477,20 @@ class RoundRunner:
         if rc != 0 or not result_file.exists():
             tail = "".join((rd / "train.log").read_text(errors="replace").splitlines(True)[-5:])[-800:]
             raise RoundFailed(f"TRAINING: trainer exited with code {rc}: {tail.strip()}")
-        rec["train"]["result"] = json.loads(result_file.read_text())
-        self._enter(rec, "EVALUATING")
+        rec.train.result = json.loads(result_file.read_text())
+        self._enter(rec, RoundState.EVALUATING)
 
-    def _evaluating(self, rec: dict[str, Any], stop: threading.Event) -> None:
+    def _evaluating(self, rec: RoundRecord, stop: threading.Event) -> None:
         pol = self._policy(rec)
-        rd = self.round_dir(rec["id"])
-        out = Path(rec["train"]["out_dir"])
+        rd = self.round_dir(rec.id)
+        assert rec.train is not None and rec.train.result is not None and rec.parent.checkpoint is not None
+        out = Path(rec.train.out_dir)
         steps = sorted(p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
-        last = rec["train"]["result"]["steps"]
+        last = rec.train.result["steps"]
         mids = [p for p in steps if int(p.name.split("-")[1]) != last][-pol.rounds.eval_checkpoints:] if pol.rounds.eval_checkpoints else []
         cands = [[p.name, str(p)] for p in mids] + [["final", str(out / "final")]]
         report_path = rd / "eval_report.json"
-        spec = EvalSpec(round_id=rec["id"], serving=rec["parent"]["checkpoint"], candidates=cands,
+        spec = EvalSpec(round_id=rec.id, serving=rec.parent.checkpoint, candidates=cands,
                         new_path=str(rd / "data/heldout_new.jsonl"), replay_path=str(rd / "data/heldout_replay.jsonl"),
                         suites=dict(pol.rounds.suites), canaries=pol.rounds.canaries, max_len=pol.train.seq_len, out=str(report_path))
         spec.write(rd / "eval-spec.json")
@@ -466,7 +501,7 @@ class RoundRunner:
             def follow() -> None:
                 lines = progress.read_text().splitlines() if progress.exists() else []
                 if lines and time.monotonic() - last_put[0] > 2.0:
-                    rec["eval_progress"] = json.loads(lines[-1])
+                    rec.eval_progress = EvalProgress.model_validate_json(lines[-1])
                     last_put[0] = time.monotonic()
                     self._put(rec)
 
@@ -479,29 +514,27 @@ class RoundRunner:
         serving, candidates = report.gate_inputs()
         decision = gate_round(pol.gates, serving, candidates)
         record_eval_metrics(report, decision)
-        rec["eval"] = {
-            "report": str(report_path),
-            "serving": {"new_nll": report.serving.new.mean_nll, "replay_nll": report.serving.replay.mean_nll},
-            "candidates": [{"name": c.name, "new_nll": c.new.mean_nll, "replay_nll": c.replay.mean_nll,
-                            "suites": {k: v.accuracy for k, v in c.suites.items()}} for c in report.candidates],
-        }
-        rec["gate"] = {"accepted": decision.accepted, "reasons": list(decision.reasons), "chosen": decision.chosen,
-                       "verdicts": [{"name": v.name, "passed": v.passed, "reasons": list(v.reasons), "adaptation": v.adaptation,
-                                     "forgetting": v.forgetting} for v in decision.verdicts]}
+        rec.eval = EvalSummary(
+            report=str(report_path),
+            serving=ModelLosses(new_nll=report.serving.new.mean_nll, replay_nll=report.serving.replay.mean_nll),
+            candidates=[CandidateScores(name=c.name, new_nll=c.new.mean_nll, replay_nll=c.replay.mean_nll,
+                                        suites={k: v.accuracy for k, v in c.suites.items()}) for c in report.candidates],
+        )
+        rec.gate = GateRecord.model_validate(asdict(decision))
         if not decision.accepted:
-            rec["docs"] = self._release(rec)
-            self._enter(rec, "REJECTED")
+            rec.docs = self._release(rec)
+            self._enter(rec, RoundState.REJECTED)
             return
-        rec["candidate"] = dict(cands)[decision.chosen]
-        self._enter(rec, "DEPLOYING")
+        rec.candidate = dict(cands)[decision.chosen]
+        self._enter(rec, RoundState.DEPLOYING)
 
-    def _deploying(self, rec: dict[str, Any], stop: threading.Event) -> None:
+    def _deploying(self, rec: RoundRecord, stop: threading.Event) -> None:
         pol = self._policy(rec)
-        rid = rec["id"]
+        rid = rec.id
         while (expr := blackout_match(datetime.now(timezone.utc), self.get_policy().triggers)) is not None:
             until = next_swap_allowed(datetime.now(timezone.utc), self.get_policy().triggers)
-            if rec.get("deploy_wait", {}).get("blackout") != expr:
-                rec["deploy_wait"] = {"blackout": expr, "until": until.isoformat() if until else None}
+            if rec.deploy_wait is None or rec.deploy_wait.blackout != expr:
+                rec.deploy_wait = DeployWait(blackout=expr, until=until.isoformat() if until else None)
                 self._put(rec)
                 log.info("deploy waits for a blackout window to end", extra={"round_id": rid, "blackout": expr})
             if self.store.cancel_requested(rid):
@@ -512,58 +545,59 @@ class RoundRunner:
         with self.serving_lock:
             st = self.serving.state
             if st.desired_version != rid or any(r.version != rid for r in st.replicas.values()):
-                d = self.serving.deploy(rec["candidate"], rid)
-                rec["deploy"] = _deploy_summary(d.to_dict())
+                assert rec.candidate is not None
+                d = self.serving.deploy(rec.candidate, rid)
+                rec.deploy = _deploy_summary(d.to_dict())
                 if not d.ok:
                     e = d.error or {}
                     raise RoundFailed(f"DEPLOYING: replica {e.get('replica') or '-'} step {e.get('step')}: {e.get('message')}; "
                                       f"serving stays on {self.serving.state.desired_version}", requeue=True)
-            if pol.rounds.watch_s > 0 and not rec.get("watch"):
+            if pol.rounds.watch_s > 0 and rec.watch is None:
                 w = self.serving.watch(pol.rounds.watch_s)
-                rec["watch"] = {"window_s": w.window_s, "probes": len(w.probes), "regression": w.regression}
+                rec.watch = WatchRecord(window_s=w.window_s, probes=len(w.probes), regression=w.regression)
                 if w.regression:
-                    rec["rollback"] = {"at": time.time(), "trigger": "watch", "reason": w.regression,
-                                       "to": w.rollback.version if w.rollback else None, "ok": bool(w.rollback and w.rollback.ok)}
-                    rec["docs"] = self._release(rec)
-                    self._enter(rec, "ROLLED_BACK")
+                    rec.rollback = RollbackRecord(at=time.time(), trigger="watch", reason=w.regression,
+                                                  to=w.rollback.version if w.rollback else None, ok=bool(w.rollback and w.rollback.ok))
+                    rec.docs = self._release(rec)
+                    self._enter(rec, RoundState.ROLLED_BACK)
                     return
-        rec["deployed_at"] = time.time()
-        rec["docs"] = self._release(rec)
-        M.ROUND_LAST_SUCCESS.set(rec["deployed_at"])
-        self._enter(rec, "DEPLOYED")
+        rec.deployed_at = time.time()
+        rec.docs = self._release(rec)
+        M.ROUND_LAST_SUCCESS.set(rec.deployed_at)
+        self._enter(rec, RoundState.DEPLOYED)
         self._prune(pol)
 
     # ------------------------------------------------------------------ documents
-    def _requeue(self, rec: dict[str, Any]) -> dict[str, Any]:
-        n = self.store.requeue_round(self._fence(), rec["id"])
-        return {"fate": "requeued", "docs": n}
+    def _requeue(self, rec: RoundRecord) -> DocsFate:
+        n = self.store.requeue_round(self._fence(), rec.id)
+        return DocsFate(fate="requeued", docs=n)
 
-    def _release(self, rec: dict[str, Any]) -> dict[str, Any]:
+    def _release(self, rec: RoundRecord) -> DocsFate:
         """Trained documents become replay candidates (Algorithm R under the cap) and leave the buffer."""
         pol = self._policy(rec)
-        keys = self.store.round_docs(rec["id"])
+        keys = self.store.round_docs(rec.id)
         docs = self._docs_with_keys(keys)
-        rng = random.Random(f"{rec['id']}:replay")
+        rng = random.Random(f"{rec.id}:replay")
         placed = self.store.replay_offer(docs, pol.replay.reservoir_docs, rng.random, reservoir_slot) if docs else 0
         self.store.remove_docs(keys)
-        self.store.drop_round_list(self._fence(), rec["id"])
-        return {"fate": "released", "docs": len(keys), "replay_placed": placed}
+        self.store.drop_round_list(self._fence(), rec.id)
+        return DocsFate(fate="released", docs=len(keys), replay_placed=placed)
 
     # ------------------------------------------------------------------ retention
     def _prune(self, pol: Policy) -> None:
         """Delete old round directories; never the live one, its rollback target, or an unfinished round."""
         assert self.serving is not None
         st = self.serving.state
-        rounds = self.store.list_rounds()
-        protected = {v for v in (st.desired_version, st.previous_version) if v} | {r["id"] for r in rounds if r["state"] not in TERMINAL}
-        finished = [r["id"] for r in rounds if r["state"] in TERMINAL and self.round_dir(r["id"]).exists()]
+        rounds = self.list_rounds()
+        protected = {v for v in (st.desired_version, st.previous_version) if v} | {r.id for r in rounds if r.state not in TERMINAL}
+        finished = [r.id for r in rounds if r.state in TERMINAL and self.round_dir(r.id).exists()]
         for rid in prune_rounds(finished, protected, pol.rounds.keep_rounds):
             shutil.rmtree(self.round_dir(rid), ignore_errors=True)
             st.versions.pop(rid, None)
             log.info("pruned round checkpoints", extra={"round_id": rid})
 
     # ------------------------------------------------------------------ operator actions
-    def rollback(self, to: str | None = None) -> dict[str, Any]:
+    def rollback(self, to: str | None = None) -> RollbackResult:
         if not self.leader() or self.serving is None:
             holder, _ = self.store.lease_holder()
             raise PermissionError(f"this daemon does not run rounds; the lease holder is {holder!r}")
@@ -577,11 +611,11 @@ class RoundRunner:
                 raise ValueError(f"cannot roll back to {target!r}: known versions are {sorted(st.versions)}")
             d = self.serving.rollback("operator", to_version=target)
             if d.ok and live and live != target:
-                rec = self.store.get_round(live)
-                if rec is not None and rec["state"] == "DEPLOYED":
-                    rec["rollback"] = {"at": time.time(), "trigger": "operator", "to": target, "ok": True}
-                    self._enter(rec, "ROLLED_BACK")
-            return {"ok": d.ok, "from": live, "to": target, "error": d.error, "record": _deploy_summary(d.to_dict())}
+                rec = self.get_round(live)
+                if rec is not None and rec.state == RoundState.DEPLOYED:
+                    rec.rollback = RollbackRecord(at=time.time(), trigger="operator", to=target, ok=True)
+                    self._enter(rec, RoundState.ROLLED_BACK)
+            return RollbackResult(ok=d.ok, from_version=live, to=target, error=d.error, record=_deploy_summary(d.to_dict()))
         finally:
             self.serving_lock.release()
 
@@ -613,7 +647,7 @@ class RoundRunner:
         return score
 
     # ------------------------------------------------------------------ children
-    def _child(self, cmd: list[str], log_path: Path, rec: dict[str, Any], timeout: float | None,
+    def _child(self, cmd: list[str], log_path: Path, rec: RoundRecord, timeout: float | None,
                on_tick: Callable[[], None] | None = None, hit: str | None = None) -> int:
         with open(log_path, "ab") as out:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -632,7 +666,7 @@ class RoundRunner:
                 if self.fence is None or self._stop.is_set():
                     self._kill_child()  # the trainer resumes from its last checkpoint on the next start
                     raise Stop("lease lost" if self.fence is None else "stopping")
-                if self.store.cancel_requested(rec["id"]):
+                if self.store.cancel_requested(rec.id):
                     self._kill_child()
                     raise RoundFailed("cancelled by operator", requeue=True)
                 if timeout and time.monotonic() - t0 > timeout:
@@ -667,7 +701,7 @@ class RoundRunner:
 class _ProgressFollower:
     """Reads the trainer's progress.jsonl as it grows: metrics every tick, the record every few seconds."""
 
-    def __init__(self, path: Path, rec: dict[str, Any], runner: RoundRunner):
+    def __init__(self, path: Path, rec: RoundRecord, runner: RoundRunner):
         self.path, self.rec, self.runner = path, rec, runner
         self.pos, self.last_put = 0, 0.0
         self.last_tokens = 0
@@ -680,19 +714,21 @@ class _ProgressFollower:
             chunk = f.read()
         lines = chunk.split("\n")
         self.pos += len(chunk) - len(lines[-1])
-        prog = self.rec["train"].setdefault("progress", {})
+        train = self.rec.train
+        assert train is not None
+        prog = train.progress
         for line in lines[:-1]:
             try:
                 ev = json.loads(line)
             except json.JSONDecodeError:
                 continue
             if ev["event"] == "start":
-                prog.update(total_steps=ev["total_steps"], main_steps=ev["main_steps"], resumed_at=ev["resumed_at"],
-                            init_from=ev["init_from"], new_tokens=ev["new_tokens"], replay_tokens=ev["replay_tokens"])
+                prog.total_steps, prog.main_steps, prog.resumed_at = ev["total_steps"], ev["main_steps"], ev["resumed_at"]
+                prog.init_from, prog.new_tokens, prog.replay_tokens = ev["init_from"], ev["new_tokens"], ev["replay_tokens"]
             elif ev["event"] == "step":
-                prog.update(step=ev["step"], loss=ev["loss"], lr=ev["lr"], tokens=ev["tokens"], tokens_per_s=ev["tokens_per_s"])
-                curve = self.rec["train"].setdefault("curve", [])
-                curve[:] = [c for c in curve if c[0] < ev["step"]] + [[ev["step"], round(ev["loss"], 4), ev["lr"]]]
+                prog.step, prog.loss, prog.lr = ev["step"], ev["loss"], ev["lr"]
+                prog.tokens, prog.tokens_per_s = ev["tokens"], ev["tokens_per_s"]
+                train.curve = [c for c in train.curve if c[0] < ev["step"]] + [(ev["step"], round(ev["loss"], 4), ev["lr"])]
                 M.TRAIN_LOSS.set(ev["loss"])
                 M.TRAIN_LR.set(ev["lr"])
                 M.TRAIN_STEP.set(ev["step"])
@@ -701,8 +737,8 @@ class _ProgressFollower:
                     M.TRAIN_TOKENS.inc(ev["tokens"] - self.last_tokens)
                 self.last_tokens = ev["tokens"]
             elif ev["event"] == "eval":
-                evals = self.rec["train"].setdefault("evals", [])
-                evals[:] = [e for e in evals if e["step"] != ev["step"]] + [{k: v for k, v in ev.items() if k not in ("event", "time")}]
+                train.evals = [e for e in train.evals if e["step"] != ev["step"]] + [
+                    {k: v for k, v in ev.items() if k not in ("event", "time")}]
         if final or time.monotonic() - self.last_put > 2.0:
             self.last_put = time.monotonic()
             self.runner._put(self.rec)
@@ -718,24 +754,11 @@ def record_eval_metrics(report: EvalReport, decision: GateDecision) -> None:
         M.EVAL_LOSS.labels(split="replay", model="candidate").set(shown.replay.mean_nll)
         M.EVAL_FORGETTING.set(shown.replay.mean_nll - report.serving.replay.mean_nll)
         M.EVAL_ADAPTATION.set(report.serving.new.mean_nll - shown.new.mean_nll)
-    # The label is the kind of the first reason, kept coarse so label cardinality stays small.
-    reason = "" if decision.accepted else _reason_kind(decision.reasons[0]) if decision.reasons else "none"
+    # The label is the first reason's code (policies.gates.REASONS): a small, fixed set of label values.
+    reason = "" if decision.accepted else decision.reasons[0].code if decision.reasons else "none"
     M.GATE_DECISIONS.labels(decision="accept" if decision.accepted else "reject", reason=reason).inc()
 
 
-def _reason_kind(reason: str) -> str:
-    text = reason.split(": ", 1)[-1]
-    for kind in ("forgetting", "adaptation", "suite", "canaries", "non-finite", "no candidate"):
-        if kind in text:
-            return kind.replace(" ", "_")
-    return "other"
-
-
-def _deploy_summary(d: dict[str, Any]) -> dict[str, Any]:
+def _deploy_summary(d: dict[str, Any]) -> DeploySummary:
     pauses = [r["pause_seconds"] for r in d.get("replicas", []) if r.get("pause_seconds") is not None]
-    return {"ok": d["ok"], "kind": d["kind"], "version": d["version"], "checkpoint": d["checkpoint"], "error": d.get("error"),
-            "rejected": d.get("rejected"), "started_at": d.get("started_at"), "finished_at": d.get("finished_at"),
-            "pause_seconds_max": max(pauses) if pauses else None,
-            "replicas": [{"replica": r["replica"], "ok": r["ok"], "pause_seconds": r.get("pause_seconds"),
-                          "error": r.get("error")} for r in d.get("replicas", [])],
-            "rolled_back": [{"replica": r["replica"], "ok": r["ok"]} for r in d.get("rolled_back", [])]}
+    return DeploySummary.model_validate({**d, "pause_seconds_max": max(pauses) if pauses else None})

@@ -1,0 +1,303 @@
+"""The round record: what a round is, as stored in Redis, served by the API and printed by the CLI.
+
+One pydantic model per part of a round's lineage (docs/architecture.md §3), so
+the runner, the API (OpenAPI shows these schemas), the CLI and the demo read
+the same fields by name. The record is written before each phase starts and
+read back after a restart, so every field a later phase needs is optional
+until the phase that fills it has run. Unknown fields are ignored on read, so
+a daemon reads records written by an older version.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RoundState(str, Enum):
+    PENDING = "PENDING"
+    SNAPSHOT = "SNAPSHOT"
+    TRAINING = "TRAINING"
+    EVALUATING = "EVALUATING"
+    DEPLOYING = "DEPLOYING"
+    DEPLOYED = "DEPLOYED"
+    REJECTED = "REJECTED"
+    FAILED = "FAILED"
+    ROLLED_BACK = "ROLLED_BACK"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+PHASES = (RoundState.PENDING, RoundState.SNAPSHOT, RoundState.TRAINING, RoundState.EVALUATING, RoundState.DEPLOYING)
+TERMINAL = frozenset({RoundState.DEPLOYED, RoundState.REJECTED, RoundState.FAILED, RoundState.ROLLED_BACK})
+
+
+class Part(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Trigger(Part):
+    kind: str  # cron | interval | buffer | drift | manual
+    reason: str = ""
+    request_id: str | None = None
+
+
+class Parent(Part):
+    version: str | None = None  # the version serving when the round was created ("base" or a round id)
+    checkpoint: str | None = None
+
+
+class PhaseTimes(Part):
+    started_at: float
+    finished_at: float | None = None
+
+
+class OffsetRange(Part):
+    first: int
+    last: int
+    docs: int
+
+
+class Snapshot(Part):
+    docs: int
+    train_docs: int
+    heldout_docs: int
+    bytes: int
+    tokens_estimate: int
+    manifest: str  # path of manifest.jsonl (content key, Kafka topic/partition/offset, held out or not)
+    manifest_sha256: str
+    kafka_offsets: dict[str, OffsetRange] = Field(default_factory=dict)  # "topic|partition" -> range
+    replay_docs: int = 0
+    replay_heldout_docs: int = 0
+
+
+class DriftStatsRecord(Part):
+    loss_new: float
+    loss_ref: float
+    js_distance: float
+    tokens_new: int
+    tokens_ref: int
+    ppl_gap: float | None = None
+
+
+class DriftRecord(Part):
+    stats: DriftStatsRecord | None = None
+    score: float | None = None
+    level: str  # none | weak | strong | unmeasured
+    replay_ratio: float
+    peak_lr: float
+    warmup_frac: float
+
+
+class TrainProgress(Part):
+    total_steps: int | None = None
+    main_steps: int | None = None
+    resumed_at: int | None = None
+    init_from: str | None = None
+    new_tokens: int | None = None
+    replay_tokens: int | None = None
+    step: int | None = None
+    loss: float | None = None
+    lr: float | None = None
+    tokens: int | None = None
+    tokens_per_s: float | None = None
+
+
+class TrainRecord(Part):
+    spec: dict[str, Any]  # the TrainSpec (daemon/jobs/specs.py) as written for the trainer
+    spec_digest: str
+    out_dir: str
+    launcher: str
+    progress: TrainProgress = Field(default_factory=TrainProgress)
+    curve: list[tuple[int, float, float]] = Field(default_factory=list)  # (step, loss, lr)
+    evals: list[dict[str, Any]] = Field(default_factory=list)  # held-out losses at eval steps, as the trainer logged them
+    result: dict[str, Any] | None = None  # the trainer's result.json
+
+
+class EvalProgress(Part):
+    scored: int
+    total: int
+    model: str = ""
+    time: float | None = None
+
+
+class ModelLosses(Part):
+    new_nll: float | None
+    replay_nll: float | None
+
+
+class CandidateScores(ModelLosses):
+    name: str
+    suites: dict[str, float | None] = Field(default_factory=dict)
+
+
+class EvalSummary(Part):
+    report: str  # path of the full EvalReport JSON
+    serving: ModelLosses
+    candidates: list[CandidateScores] = Field(default_factory=list)
+
+
+class GateReasonRecord(Part):
+    code: str  # a key of policies.gates.REASONS
+    message: str
+    checkpoint: str | None = None
+
+
+class VerdictRecord(Part):
+    name: str
+    passed: bool
+    reasons: list[GateReasonRecord] = Field(default_factory=list)
+    adaptation: float | None
+    forgetting: float | None
+
+
+class GateRecord(Part):
+    accepted: bool
+    reasons: list[GateReasonRecord] = Field(default_factory=list)
+    chosen: str | None = None
+    verdicts: list[VerdictRecord] = Field(default_factory=list)
+
+
+class DeployWait(Part):
+    blackout: str
+    until: str | None = None
+
+
+class ReplicaOutcome(Part):
+    replica: str
+    ok: bool
+    pause_seconds: float | None = None
+    error: dict[str, str] | None = None
+
+
+class DeploySummary(Part):
+    ok: bool
+    kind: str  # deploy | rollback | lora
+    version: str
+    checkpoint: str
+    error: dict[str, str] | None = None
+    rejected: list[str] = Field(default_factory=list)
+    started_at: float | None = None
+    finished_at: float | None = None
+    pause_seconds_max: float | None = None
+    replicas: list[ReplicaOutcome] = Field(default_factory=list)
+    rolled_back: list[ReplicaOutcome] = Field(default_factory=list)
+
+
+class WatchRecord(Part):
+    window_s: float
+    probes: int
+    regression: str | None = None
+
+
+class RollbackRecord(Part):
+    at: float
+    trigger: str  # operator | watch
+    to: str | None = None
+    ok: bool
+    reason: str | None = None
+
+
+class DocsFate(Part):
+    fate: str  # requeued (back to the buffer) | released (offered to replay, left the buffer)
+    docs: int
+    replay_placed: int | None = None
+
+
+class RoundRecord(Part):
+    id: str
+    number: int
+    state: RoundState
+    created_at: float
+    updated_at: float
+    trigger: Trigger
+    owner: str
+    policy_hash: str
+    policy: dict[str, Any] | None = Field(default=None, description="the policy the round started under (omitted by the API)")
+    parent: Parent = Field(default_factory=Parent)
+    phases: dict[RoundState, PhaseTimes] = Field(default_factory=dict)
+    error: str | None = None
+    snapshot: Snapshot | None = None
+    drift: DriftRecord | None = None
+    drift_error: str | None = None
+    replay_ratio: float | None = None
+    schedule: dict[str, Any] | None = None  # the SchedulePolicy after drift adjustments
+    train: TrainRecord | None = None
+    eval_progress: EvalProgress | None = None
+    eval: EvalSummary | None = None
+    gate: GateRecord | None = None
+    candidate: str | None = None  # checkpoint directory the gate chose
+    deploy_wait: DeployWait | None = None
+    deploy: DeploySummary | None = None
+    watch: WatchRecord | None = None
+    rollback: RollbackRecord | None = None
+    deployed_at: float | None = None
+    docs: DocsFate | None = None
+
+    def to_store(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class RoundSummary(BaseModel):
+    """One line of `GET /rounds` and `cptd rounds`."""
+
+    id: str
+    state: RoundState
+    trigger: str
+    created_at: float
+    updated_at: float
+    docs: int | None = None
+    tokens_estimate: int | None = None
+    drift_score: float | None = None
+    replay_ratio: float | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    gate: bool | None = None
+    chosen: str | None = None
+    deployed_at: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, rec: RoundRecord) -> RoundSummary:
+        prog = rec.train.progress if rec.train else TrainProgress()
+        return cls(
+            id=rec.id, state=rec.state, trigger=rec.trigger.kind, created_at=rec.created_at, updated_at=rec.updated_at,
+            docs=rec.snapshot.docs if rec.snapshot else None,
+            tokens_estimate=rec.snapshot.tokens_estimate if rec.snapshot else None,
+            drift_score=rec.drift.score if rec.drift else None, replay_ratio=rec.replay_ratio,
+            step=prog.step, total_steps=prog.total_steps,
+            gate=rec.gate.accepted if rec.gate else None, chosen=rec.gate.chosen if rec.gate else None,
+            deployed_at=rec.deployed_at, error=rec.error,
+        )
+
+
+class TriggerResult(BaseModel):
+    """Answer to `POST /rounds`: the round started, or why not, or queued for the lease holder."""
+
+    request_id: str
+    round: str | None = None
+    refused: str | None = None
+    note: str | None = None
+    queued: bool = False
+    lease_holder: str | None = None
+
+
+class CancelResult(BaseModel):
+    round: str
+    cancel_requested: bool
+    state: RoundState
+
+
+class RollbackResult(BaseModel):
+    """Answer to `POST /rollback` and `cptd rollback`."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    ok: bool
+    from_version: str | None = Field(default=None, alias="from")
+    to: str
+    error: dict[str, str] | None = None
+    record: DeploySummary
