@@ -38,6 +38,7 @@ from policies.config import Policy
 from policies.dedup import document_keys
 from policies.document import Document, Malformed, parse_message
 from policies.quality import build_filters, judge
+from policies.round_policy import estimate_tokens
 
 log = logging.getLogger("cptd.ingest")
 
@@ -135,13 +136,13 @@ class Ingestor:
                 self._apply_policy()
                 if self._should_pause():
                     self._hold(self.consumer.poll(timeout_ms=500))
-                    self._report_lag()  # lag keeps growing while paused: that is what operators watch
+                    self._report_gauges()  # lag keeps growing while paused: that is what operators watch
                     continue
                 polled = self.consumer.poll(timeout_ms=self.policy.ingest.batch_max_wait_ms, max_records=self.policy.ingest.batch_max_docs)
                 msgs = [m for recs in polled.values() for m in recs]
                 if msgs:
                     self._process_until_done(msgs, stop)
-                self._report_lag()
+                self._report_gauges()
         finally:
             self.close()
 
@@ -282,13 +283,18 @@ class Ingestor:
     def _export_buffer(self, docs: int, nbytes: int) -> None:
         M.BUFFER_DOCS.set(docs)
         M.BUFFER_BYTES.set(nbytes)
-        M.BUFFER_TOKENS.set(nbytes // 4)
+        M.BUFFER_TOKENS.set(estimate_tokens(nbytes, self.policy.rounds))
 
-    def _report_lag(self) -> None:
+    def _report_gauges(self) -> None:
+        """Every 5 s: consumer lag per partition and the dedup index sizes (reads that cost more than per-batch figures)."""
         now = time.monotonic()
         if now - self._last_lag < 5:
             return
         self._last_lag = now
+        stats = self._try(self.store.buffer_stats, "buffer_stats")
+        if stats is not None:
+            M.DEDUP_KEYS.labels(kind="exact").set(stats["exact_keys"])
+            M.DEDUP_KEYS.labels(kind="lsh").set(stats["lsh_keys"])
         try:
             for tp, lag in consumer_lag(self.consumer, self.consumer.assignment()).items():
                 M.INGEST_LAG.labels(tp.topic, str(tp.partition)).set(lag)

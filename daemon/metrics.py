@@ -39,12 +39,12 @@ DEAD_LETTER_PRODUCE_ERRORS = Counter(
 # --- buffer and replay store --------------------------------------------------
 BUFFER_DOCS = Gauge("cptd_buffer_docs", "Documents waiting in the buffer for the next round", registry=REGISTRY)
 BUFFER_BYTES = Gauge("cptd_buffer_bytes", "UTF-8 bytes of text waiting in the buffer", registry=REGISTRY)
-BUFFER_TOKENS = Gauge("cptd_buffer_tokens_estimate", "Estimated tokens waiting in the buffer (bytes / 4)", registry=REGISTRY)
+BUFFER_TOKENS = Gauge("cptd_buffer_tokens_estimate", "Estimated tokens waiting in the buffer (bytes / rounds.bytes_per_token)", registry=REGISTRY)
 BUFFER_CAP_DOCS = Gauge("cptd_buffer_cap_docs", "Buffer cap in documents from the policy file", registry=REGISTRY)
 BUFFER_CAP_BYTES = Gauge("cptd_buffer_cap_bytes", "Buffer cap in bytes from the policy file", registry=REGISTRY)
 REPLAY_DOCS = Gauge("cptd_replay_docs", "Documents in the replay reservoir", registry=REGISTRY)
 REPLAY_CAP_DOCS = Gauge("cptd_replay_cap_docs", "Replay reservoir cap in documents", registry=REGISTRY)
-DEDUP_KEYS = Gauge("cptd_dedup_keys", "Entries in the dedup indexes, by kind (exact, lsh)", ["kind"], registry=REGISTRY)
+DEDUP_KEYS = Gauge("cptd_dedup_keys", "Entries in the dedup indexes, by kind (exact, lsh); read every 5 s by each ingest process", ["kind"], registry=REGISTRY)
 
 # --- rounds -------------------------------------------------------------------
 ROUNDS = Counter(
