@@ -233,7 +233,7 @@ def tensor_inventory(ckpt: str | Path) -> tuple[dict[str, tuple[tuple[int, ...],
             if 8 + n + end != size:
                 problems.append(f"{f.name}: truncated or padded ({size} bytes on disk, header describes {8 + n + end})")
                 continue
-            with safe_open(str(f), framework="pt") as st:
+            with safe_open(str(f), framework="numpy") as st:  # headers only; "numpy" keeps torch out of the daemon
                 for k in st.keys():
                     sl = st.get_slice(k)
                     inv[k] = (tuple(sl.get_shape()), str(sl.get_dtype()))
