@@ -23,6 +23,8 @@ from daemon.jobs.evaluator import (
 from daemon.dev.tiny_model import build_tiny_llama
 from policies.gates import GatePolicy, gate_round
 
+pytestmark = pytest.mark.slow  # trains and scores tiny models
+
 COLORS = ["blue", "green", "red", "black", "white", "yellow"]
 THINGS = ["sky", "grass", "rose", "night", "snow", "sun", "sea", "leaf"]
 FACTS = [(t, COLORS[(i * 5) % len(COLORS)]) for i, t in enumerate(THINGS)]

@@ -21,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.dev.services import free_port
 
+pytestmark = pytest.mark.slow  # starts a real Prometheus and the API process
+
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
 JOB = "cptd-daemon"

@@ -11,6 +11,9 @@ from collections import Counter
 
 from daemon.dev.sample_corpus import mixed_corpus
 from policies.quality import QualityPolicy, build_filters, judge
+import pytest
+
+pytestmark = pytest.mark.slow  # runs datatrove's reference chain (spaCy) over 5,000 documents
 
 N_DOCS = 5000
 MIN_AGREEMENT = 0.97

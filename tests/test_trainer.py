@@ -27,6 +27,8 @@ from policies.drift import DriftPolicy, adjust_for_drift
 from policies.replay import ReplayPolicy
 from policies.lr_schedule import SchedulePolicy, round_lr
 
+pytestmark = pytest.mark.slow  # trains tiny models, SIGKILL/resume and torchrun runs
+
 NOUNS = "cat dog river house garden teacher child window mountain city forest letter market bridge song".split()
 ADJS = "quiet old bright small green happy dark warm long gentle".split()
 VERBS = "sees finds carries remembers follows paints visits watches builds opens".split()
