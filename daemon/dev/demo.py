@@ -9,7 +9,8 @@ installed ML libraries (torch, transformers), mixed with junk, copies and
 broken messages. Then it triggers a round and follows it through SNAPSHOT,
 TRAINING, EVALUATING and DEPLOYING, and ends with a report: what happened to
 every message, drift, replay ratio, the LR schedule, loss curves, the gate's
-decision, the swap pause, and one prompt completed by vLLM before and after.
+decision, the swap pause and how many of the completions it kept sending to
+vLLM meanwhile failed, and one prompt completed by vLLM before and after.
 Everything it started is stopped on exit or Ctrl-C.
 """
 from __future__ import annotations
@@ -22,8 +23,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import TextIO
+from urllib.parse import urlparse
 
 import httpx
 import yaml
@@ -56,9 +60,132 @@ def sample_stream(n: int, seed: int = 0) -> list[bytes]:
     return msgs
 
 
-def _bar(done: float, total: float, width: int = 32) -> str:
-    filled = int(width * min(done, total) / max(total, 1))
-    return "[" + "#" * filled + "." * (width - filled) + "]"
+class Progress:
+    """The demo's one progress display: a rich bar on a terminal; in a pipe or a file, plain lines.
+
+    Plain lines (no carriage return, so a log reads top to bottom): the first state, then one line
+    per tenth of the work (text changes when the total is unknown), at most one every `every_s`
+    seconds and at least one every `heartbeat_s` while the work goes on, and the final state.
+    """
+
+    def __init__(self, label: str, out: TextIO | None = None, interactive: bool | None = None,
+                 every_s: float = 2.0, heartbeat_s: float = 30.0):
+        self.label, self.out = label, out or sys.stdout
+        self.interactive = self.out.isatty() if interactive is None else interactive
+        self.every_s, self.heartbeat_s = every_s, heartbeat_s
+        self.t0 = time.monotonic()
+        self.state: tuple[float, float | None, str] = (0, None, "")
+        self.shown: tuple[float, float | None, str] | None = None
+        self.shown_at = 0.0
+        self._rich = None
+        if self.interactive:
+            from rich.console import Console
+            from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RichProgress
+
+            self._rich = RichProgress(TextColumn(f"   {label:<11}"), BarColumn(bar_width=32), TextColumn("{task.fields[text]}"),
+                                      TimeElapsedColumn(), console=Console(file=self.out), transient=False)
+            self._task = self._rich.add_task(label, total=None, text="")
+            self._rich.start()
+
+    def update(self, done: float, total: float | None = None, text: str = "") -> None:
+        self.state = (done, total, text)
+        if self._rich is not None:
+            self._rich.update(self._task, completed=done, total=total, text=text)
+            return
+        now = time.monotonic()
+        if self.shown is not None:
+            since = now - self.shown_at
+            moved = (int(10 * done / total) > int(10 * self.shown[0] / total) if total and self.shown[1] == total
+                     else self.state != self.shown)
+            if since < self.every_s or not (moved or since >= self.heartbeat_s):
+                return
+        self._line(now)
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+        elif self.state != self.shown:
+            self._line(time.monotonic())
+
+    def _line(self, now: float) -> None:
+        done, total, text = self.state
+        pct = f"{min(done / total, 1):4.0%}  " if total else ""
+        print(f"   {self.label:<11} {pct}{text}  ({now - self.t0:.0f} s)", file=self.out, flush=True)
+        self.shown, self.shown_at = self.state, now
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RequestLoop:
+    """Completions sent to vLLM while a round is evaluated and swapped in, as users of the model would send them.
+
+    `workers` clients, each with one request in flight and `gap_s` between requests, so a window of
+    `gap_s` or longer (a swap: pause, reload, verify, resume) always overlaps a request of each; a
+    few requests a second, so the evaluation it runs beside is barely slowed. Loopback only and
+    bounded: at most `max_requests` requests and `max_s` seconds, whichever comes first.
+    """
+
+    def __init__(self, url: str, workers: int = 2, gap_s: float = 0.4, max_requests: int = 5000, max_s: float = 1200.0):
+        if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"the demo's request loop only targets a loopback server, not {url}")
+        self.url, self.workers, self.gap_s, self.max_requests, self.max_s = url, workers, gap_s, max_requests, max_s
+        self.results: list[tuple[float, float, str | None]] = []  # (sent, answered or failed, error) as time.time()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._claimed = 0
+        self._deadline = 0.0
+
+    @property
+    def started(self) -> bool:
+        return bool(self._threads)
+
+    def start(self) -> None:
+        if self._threads:
+            return
+        self._deadline = time.monotonic() + self.max_s
+        self._threads = [threading.Thread(target=self._run, name=f"demo-requests-{i}", daemon=True) for i in range(self.workers)]
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=65)
+
+    def _claim(self) -> bool:
+        with self._lock:
+            if self._stop.is_set() or self._claimed >= self.max_requests or time.monotonic() >= self._deadline:
+                return False
+            self._claimed += 1
+            return True
+
+    def _run(self) -> None:
+        body = {"model": "cptd", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            while self._claim():
+                sent, err = time.time(), None
+                try:
+                    r = client.post("/v1/completions", json=body)
+                    if r.status_code != 200 or not r.json().get("choices"):
+                        err = f"HTTP {r.status_code}: {r.text[:200]}"
+                except (httpx.HTTPError, ValueError) as e:
+                    err = f"{type(e).__name__}: {e}"
+                with self._lock:
+                    self.results.append((sent, time.time(), err))
+                self._stop.wait(self.gap_s)
+
+    def count(self, t0: float | None = None, t1: float | None = None) -> tuple[int, int, str | None]:
+        """Requests in flight at some moment of [t0, t1] (all of them without a window): (requests, failed, first error)."""
+        with self._lock:
+            rs = [r for r in self.results if t0 is None or t1 is None or (r[0] <= t1 and r[1] >= t0)]
+        errors = [r[2] for r in rs if r[2] is not None]
+        return len(rs), len(errors), errors[0] if errors else None
 
 
 def _spark(values: list[float], width: int = 48) -> str:
@@ -72,22 +199,22 @@ def _spark(values: list[float], width: int = 48) -> str:
 
 
 def _follow_child(cmd: list[str], progress: Path, log: Path, label: str, total: int) -> None:
-    """Run a trainer child and draw its steps as a bar (the trainer writes progress.jsonl)."""
+    """Run a trainer child and show its steps (the trainer writes progress.jsonl)."""
     with open(log, "ab") as out:
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    step, loss, drawn = 0, float("nan"), ""
-    while p.poll() is None:
-        time.sleep(0.3)
-        if progress.exists():
-            for line in progress.read_text().splitlines():
-                ev = json.loads(line)
-                if ev["event"] == "step":
-                    step, loss = ev["step"], ev["loss"]
-        line = f"\r  {label} {_bar(step, total)} step {step}/{total}  loss {loss:.3f}"
-        if line != drawn:
-            print(line, end="", flush=True)
-            drawn = line
-    print()
+    step, loss = 0, float("nan")
+    with Progress(label) as bar:
+        while True:
+            exited = p.poll() is not None
+            if progress.exists():
+                for line in progress.read_text().splitlines():
+                    ev = json.loads(line)
+                    if ev["event"] == "step":
+                        step, loss = ev["step"], ev["loss"]
+            bar.update(step, total, f"step {step}/{total}  loss {loss:.3f}")
+            if exited:
+                break
+            time.sleep(0.3)
     if p.returncode != 0:
         raise RuntimeError(f"{label} failed (exit {p.returncode}); see {log}")
 
@@ -138,17 +265,21 @@ def _complete(url: str, prompt: str) -> str:
 
 
 def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int = 300, round_steps: int = 80) -> int:
-    from daemon.dev.vllm_server import VLLMServer
-
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our bars only
+    from daemon.dev.vllm_server import VLLMServer
+
+    hf_logging.disable_progress_bar()  # our progress display only
     root = Path(workdir or tempfile.mkdtemp(prefix="cptd-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     services: list[Service] = []
     vllm: VLLMServer | None = None
     daemon: subprocess.Popen | None = None
+    stopped: list[str] = []
     t_start = time.monotonic()
+    on_term = None
+    if threading.current_thread() is threading.main_thread():  # `kill` stops everything, as Ctrl-C does
+        on_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         print(f"cptd demo — working in {root}\n")
         redis = redis_service(root / "redis").start()
@@ -157,7 +288,13 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
         services.append(kafka)
         bootstrap = f"127.0.0.1:{kafka.port}"
         create_topics(bootstrap, {"cptd.documents": 2, "cptd.dead-letter": 1})
-        print(f"1. services     redis 127.0.0.1:{redis.port} (AOF on), Kafka-compatible broker (tansu) {bootstrap}")
+        import redis as redis_lib
+
+        rc = redis_lib.Redis(host="127.0.0.1", port=redis.port)
+        redis_version, aof = rc.info("server")["redis_version"], rc.config_get("appendonly")["appendonly"]
+        rc.close()
+        print(f"1. services     Redis {redis_version} 127.0.0.1:{redis.port} (appendonly {aof}), "
+              f"Kafka-compatible broker (tansu) {bootstrap}")
 
         print("2. base model   a 4-layer Llama pre-trained on general English (the Python standard library's prose)")
         base = build_base_model(root, pretrain_steps)
@@ -174,7 +311,8 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
 
         seed_file = root / "seed-replay.jsonl"
         seed_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in english_docs(300, 2048, seed=7)))
-        rep = seed_replay(seed_file, RedisStore.from_url(f"redis://127.0.0.1:{redis.port}/0", "demo"), load_policy(policy), random.Random(0))
+        store = RedisStore.from_url(f"redis://127.0.0.1:{redis.port}/0", "demo")
+        rep = seed_replay(seed_file, store, load_policy(policy), random.Random(0))
         print(f"4. replay       reservoir seeded with {rep.placed} general-English documents (what `cptd seed-replay` does)")
 
         port = free_port()
@@ -206,13 +344,13 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
         print(f"6. cptd         {api}  (logs: {root / 'cptd.log'}; try `CPTD_URL={api} cptd status`)")
         wait_for(lambda: status()["ingest"]["assigned"], 120, "the daemon to join the consumer group", 0.3, daemon)
 
-        def ingest_bar() -> bool:
-            done = status().get("counts", {}).get("total", 0)
-            print(f"\r   ingest    {_bar(done, len(msgs))} {done}/{len(msgs)} messages", end="", flush=True)
-            return done >= len(msgs)
+        with Progress("ingest") as bar:
+            def ingested() -> bool:
+                done = status().get("counts", {}).get("total", 0)
+                bar.update(done, len(msgs), f"{done}/{len(msgs)} messages")
+                return done >= len(msgs)
 
-        wait_for(ingest_bar, 300, "the daemon to account for every message", 0.3, daemon)
-        print()
+            wait_for(ingested, 300, "the daemon to account for every message", 0.3, daemon)
         st = status()
         wait_for(lambda: status()["rounds"]["leader"], 60, "the daemon to take the round lease", 0.3, daemon)
 
@@ -221,60 +359,105 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
         if not rid:
             raise RuntimeError(f"round not started: {r}")
         print(f"7. round {rid}  triggered (what `cptd trigger` does); following it:")
-        rec = _follow_round(api, rid, daemon)
+        requests = RequestLoop(vllm.url)
+        try:
+            rec = _follow_round(api, rid, daemon, requests)
+        finally:
+            requests.stop()
         after = _complete(vllm.url, PROMPT)
-        _report(st, len(msgs), rec, before, after, time.monotonic() - t_start)
+        vllm_pid = vllm.proc.pid if vllm.proc is not None and vllm.proc.poll() is None else None
+        _report(st, len(msgs), rec, requests, vllm_pid, before, after, time.monotonic() - t_start)
         return 0 if rec["state"] == "DEPLOYED" else 1
     except KeyboardInterrupt:
         print("\ninterrupted")
         return 130
     finally:
-        if daemon is not None and daemon.poll() is None:
-            os.killpg(daemon.pid, signal.SIGTERM)
-            try:
-                daemon.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(daemon.pid, signal.SIGKILL)
+        if daemon is not None:
+            if daemon.poll() is None:
+                os.killpg(daemon.pid, signal.SIGTERM)
+                try:
+                    daemon.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(daemon.pid, signal.SIGKILL)
+            stopped.append("the daemon")
         if vllm is not None and vllm.proc is not None:
             vllm.stop()
+            stopped.append("vLLM")
         for s in reversed(services):
             s.stop()
-        print("stopped the daemon, vLLM, Kafka and Redis")
+            stopped.append({"kafka": "Kafka", "redis": "Redis"}.get(s.name, s.name))
+        if stopped:
+            print("stopped " + (", ".join(stopped[:-1]) + " and " if len(stopped) > 1 else "") + stopped[-1])
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
 
 
-def _follow_round(api: str, rid: str, daemon: subprocess.Popen) -> dict:
-    shown, drawn = "", ""
-    while True:
-        if daemon.poll() is not None:
-            raise RuntimeError(f"the daemon exited with code {daemon.returncode}")
-        rec = httpx.get(f"{api}/rounds/{rid}", timeout=10).json()
-        state = rec["state"]
-        if state != shown and shown:
-            print()
-        if state != shown:
-            shown = state
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _follow_round(api: str, rid: str, daemon: subprocess.Popen, requests: RequestLoop) -> dict:
+    """Show each phase of the round until it ends; from EVALUATING on, keep `requests` sending completions to vLLM."""
+    shown, bar, t0 = "", None, time.monotonic()
+    try:
+        while True:
+            if daemon.poll() is not None:
+                raise RuntimeError(f"the daemon exited with code {daemon.returncode}")
+            rec = httpx.get(f"{api}/rounds/{rid}", timeout=10).json()
+            state = rec["state"]
+            if state in ("EVALUATING", "DEPLOYING", *TERMINAL):
+                requests.start()  # before the gate can decide, so the swap is covered however fast it is
+            if state != shown:
+                if bar is not None:
+                    bar.close()
+                bar = None if state in TERMINAL else Progress(state)
+                shown = state
+            if state in TERMINAL:
+                print(f"   {state:<11} after {time.monotonic() - t0:.0f} s")
+                return rec
+            done, total, text = _phase_progress(rec)
+            if requests.started:
+                n, failed, _ = requests.count()
+                text += f"  ({n} completions sent to vLLM meanwhile, {failed} failed)"
+            bar.update(done, total, text)
+            time.sleep(0.5)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _phase_progress(rec: dict) -> tuple[float, float | None, str]:
+    """(done, total, text) of the round's current phase, from its record."""
+    state = rec["state"]
+    if state == "TRAINING":
         p = (rec.get("train") or {}).get("progress") or {}
-        line = f"   {state:<11}"
-        if state == "TRAINING" and p.get("total_steps"):
-            line += f" {_bar(p.get('step', 0), p['total_steps'])} step {p.get('step', 0)}/{p['total_steps']}  loss {p.get('loss', float('nan')):.3f}"
-        elif state == "EVALUATING":
-            ep = rec.get("eval_progress") or {}
-            line += (f" {_bar(ep['scored'], ep['total'])} {ep['scored']}/{ep['total']} models scored (serving + checkpoints)"
-                     if ep.get("total") else " scoring the serving model and the round's checkpoints on held-out data")
-        elif state == "SNAPSHOT":
-            line += " moving the buffer into the round, holding out a slice, measuring drift, drawing replay"
-        elif state == "DEPLOYING":
-            line += " swapping weights into vLLM (pause, reload, verify, resume), then watching"
-        if line != drawn:
-            print("\r" + line.ljust(100), end="", flush=True)
-            drawn = line
-        if state in TERMINAL:
-            print()
-            return rec
-        time.sleep(0.5)
+        if p.get("total_steps"):
+            step = p.get("step") or 0
+            return step, p["total_steps"], f"step {step}/{p['total_steps']}  loss {_num(p.get('loss'), '.3f')}"
+        return 0, None, "starting the trainer"
+    if state == "EVALUATING":
+        ep = rec.get("eval_progress") or {}
+        if ep.get("total"):
+            return ep["scored"], ep["total"], f"{ep['scored']}/{ep['total']} models scored (serving + checkpoints)"
+        return 0, None, "scoring the serving model and the round's checkpoints on held-out data"
+    if state == "SNAPSHOT":
+        return 0, None, "moving the buffer into the round, holding out a slice, measuring drift, drawing replay"
+    if state == "DEPLOYING":
+        return 0, None, "swapping weights into vLLM (pause, reload, verify, resume), then watching"
+    return 0, None, ""
 
 
-def _report(st: dict, n_msgs: int, rec: dict, before: str, after: str, took: float) -> None:
+def _num(v: float | None, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _reason(r: str | dict) -> str:
+    return r if isinstance(r, str) else str(r.get("message") or r.get("code") or r)
+
+
+def _report(st: dict, n_msgs: int, rec: dict, requests: RequestLoop, vllm_pid: int | None, before: str, after: str,
+            took: float) -> None:
+    """Every line from the round record (GET /rounds/{id}), the daemon's /status or a measurement of the demo's own."""
     print("\n" + "=" * 78 + f"\nREPORT  round {rec['id']}: {rec['state']}" + (f"  ({rec['error']})" if rec.get("error") else ""))
     print("=" * 78)
     c = st["counts"]
@@ -287,32 +470,64 @@ def _report(st: dict, n_msgs: int, rec: dict, before: str, after: str, took: flo
     d = rec.get("drift") or {}
     s = d.get("stats") or {}
     if d:
-        print(f"drift          score {d['score'] if d.get('score') is None else round(d['score'], 3)} ({d['level']}): "
-              f"perplexity gap {s.get('ppl_gap', float('nan')):+.3f}, unigram JS distance {s.get('js_distance', float('nan')):.3f}")
-        print(f"replay ratio   {rec.get('replay_ratio', 0):.2f} of the round's tokens from the reservoir (policy: follow drift)")
-    sc = rec.get("schedule") or {}
+        print(f"drift          score {_num(d.get('score'), '.3f')} ({d['level']}): "
+              f"perplexity gap {_num(s.get('ppl_gap'), '+.3f')}, unigram JS distance {_num(s.get('js_distance'), '.3f')}")
     tr = rec.get("train") or {}
+    prog = tr.get("progress") or {}
+    if rec.get("replay_ratio") is not None:
+        line = f"replay ratio   {rec['replay_ratio']:.2f} planned"
+        if d.get("replay_ratio") == rec["replay_ratio"]:
+            line += f" (set by drift: {d['level']})"
+        new_tok, replay_tok = prog.get("new_tokens"), prog.get("replay_tokens")
+        if new_tok is not None and replay_tok is not None and new_tok + replay_tok:
+            line += f"; trained on {replay_tok:,} replay + {new_tok:,} new tokens = {replay_tok / (new_tok + replay_tok):.2f} replay"
+        print(line)
+    sc = rec.get("schedule") or {}
     curve = tr.get("curve") or []
     if sc and curve:
         lrs = [x[2] for x in curve]
-        print(f"LR schedule    {sc['kind']}: re-warm to {sc['peak_lr']:.2e} (drift-chosen) over {sc['warmup_frac']:.0%} of the round, "
-              f"cosine to {min(lrs):.2e}   {_spark(lrs)}")
+        set_by = [k for k, name in (("peak_lr", "peak"), ("warmup_frac", "warm-up")) if k in sc and d.get(k) == sc[k]]
+        print(f"LR schedule    {sc.get('kind')}: peak {_num(sc.get('peak_lr'), '.2e')}, warm-up {_num(sc.get('warmup_frac'), '.0%')}"
+              + (f" (set by drift: {d['level']})" if len(set_by) == 2 else "")
+              + f"; ran {max(lrs):.2e} max, {lrs[-1]:.2e} last   {_spark(lrs)}")
         losses = [x[1] for x in curve]
         print(f"train loss     {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps            {_spark(losses)}")
     for e in tr.get("evals") or []:
-        print(f"  held-out @ step {e['step']:>3}: new {e.get('loss_heldout_new', float('nan')):.3f}   replay {e.get('loss_heldout_replay', float('nan')):.3f}")
+        print(f"  held-out @ step {e['step']:>3}: new {_num(e.get('loss_heldout_new'), '.3f')}   "
+              f"replay {_num(e.get('loss_heldout_replay'), '.3f')}")
     ev = rec.get("eval") or {}
     if ev:
-        print(f"eval           serving model: new {ev['serving']['new_nll']:.3f}, replay {ev['serving']['replay_nll']:.3f} nats/token")
-        for cnd in ev["candidates"]:
-            print(f"               {cnd['name']:<14} new {cnd['new_nll']:.3f}, replay {cnd['replay_nll']:.3f}")
+        print(f"eval           serving model: new {_num(ev['serving'].get('new_nll'), '.3f')}, "
+              f"replay {_num(ev['serving'].get('replay_nll'), '.3f')} nats/token")
+        for cnd in ev.get("candidates") or []:
+            print(f"               {cnd['name']:<14} new {_num(cnd.get('new_nll'), '.3f')}, replay {_num(cnd.get('replay_nll'), '.3f')}")
     g = rec.get("gate") or {}
     if g:
-        print(f"gate           {'ACCEPTED' if g['accepted'] else 'REJECTED'}: {g['reasons'][0] if g['reasons'] else ''}")
+        print(f"gate           {'ACCEPTED' if g['accepted'] else 'REJECTED'}: {_reason(g['reasons'][0]) if g.get('reasons') else ''}")
     dp = rec.get("deploy") or {}
     if dp:
-        print(f"swap           {'ok' if dp['ok'] else 'failed'}; requests held for {dp['pause_seconds_max'] * 1000:.0f} ms "
-              f"(no restart, no dropped request)")
+        pause = dp.get("pause_seconds_max")
+        print(f"swap           {'ok' if dp['ok'] else 'failed'}"
+              + (f"; requests held for {pause * 1000:.0f} ms at most" if pause is not None else "")
+              + (f"; vLLM process {vllm_pid} served before and after" if vllm_pid is not None else ""))
+        t0, t1 = dp.get("started_at"), dp.get("finished_at")
+        if requests.started and t0 and t1:
+            n, failed, err = requests.count(t0, t1)
+            total, total_failed, _ = requests.count()
+            print(f"               {n} requests during the swap ({t1 - t0:.1f} s), {failed} failed" + (f" (first: {err})" if err else "")
+                  + f"; {total} sent from EVALUATING to {rec['state']}, {total_failed} failed")
+    w = rec.get("watch") or {}
+    if w:
+        print(f"watch          {w['window_s']:.0f} s after the swap, {w['probes']} probes: "
+              + (f"regression: {w['regression']}" if w.get("regression") else "no regression"))
+    rb = rec.get("rollback") or {}
+    if rb:
+        print(f"rollback       {rb.get('trigger')}: to {rb.get('to')}, {'ok' if rb.get('ok') else 'failed'}"
+              + (f" ({rb['reason']})" if rb.get("reason") else ""))
+    fate = rec.get("docs") or {}
+    if fate:
+        print(f"documents      {fate['docs']} {fate['fate']}" + (f", {fate['replay_placed']} placed in the replay reservoir"
+                                                                  if fate.get("replay_placed") is not None else ""))
     print(f"prompt         {PROMPT!r}")
     print(f"  before       {before!r}")
     print(f"  after        {after!r}")

@@ -68,7 +68,7 @@ class Service:
     log_path: Path
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
-    def start(self, timeout: float = 30.0) -> "Service":
+    def start(self, timeout: float = 30.0) -> Service:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
