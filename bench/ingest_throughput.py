@@ -8,6 +8,7 @@
 
     python bench/ingest_throughput.py [--docs N] [--e2e-docs N] [--skip-e2e]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,9 @@ def bench_filters(docs: list[str]) -> tuple[float, float]:
 
     from policies.quality import build_filters, judge
 
-    filters = build_filters(Policy().quality.model_copy(update={"language": Policy().quality.language.model_copy(update={"enabled": False})}))
+    filters = build_filters(
+        Policy().quality.model_copy(update={"language": Policy().quality.language.model_copy(update={"enabled": False})})
+    )
     judge(docs[0], filters)  # compile / warm caches
     ours = best_of(lambda: [judge(d, filters) for d in docs])
     chain = [GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(filter_no_terminal_punct=False), FineWebQualityFilter()]
@@ -106,21 +109,53 @@ def bench_e2e(n_docs: int, processes: int, workdir: Path) -> float:
         prod.flush()
         prod.close()
         policy = work / "policy.yaml"
-        policy.write_text(yaml.safe_dump({"name": "bench", "ingest": {
-            "topics": ["docs"], "dead_letter_topic": "dlq", "dead_letter_filtered": False,
-            "session_timeout_ms": 6000, "heartbeat_interval_ms": 500, "batch_max_docs": 500}}))
+        policy.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "bench",
+                    "ingest": {
+                        "topics": ["docs"],
+                        "dead_letter_topic": "dlq",
+                        "dead_letter_filtered": False,
+                        "session_timeout_ms": 6000,
+                        "heartbeat_interval_ms": 500,
+                        "batch_max_docs": 500,
+                    },
+                }
+            )
+        )
         ports = [free_port() for _ in range(processes)]
         for port in ports:
-            env = dict(os.environ, CPTD_POLICY=str(policy), CPTD_REDIS_URL=f"redis://127.0.0.1:{rs.port}/0",
-                       CPTD_KAFKA_BOOTSTRAP=bootstrap, CPTD_HTTP_HOST="127.0.0.1", CPTD_HTTP_PORT=str(port), CPTD_LOG_LEVEL="WARNING")
-            procs.append(subprocess.Popen([sys.executable, "-m", "daemon.cli", "run"], env=env, cwd=REPO,
-                                          stdout=open(work / f"cptd-{port}.log", "wb"), stderr=subprocess.STDOUT))
+            env = dict(
+                os.environ,
+                CPTD_POLICY=str(policy),
+                CPTD_REDIS_URL=f"redis://127.0.0.1:{rs.port}/0",
+                CPTD_KAFKA_BOOTSTRAP=bootstrap,
+                CPTD_HTTP_HOST="127.0.0.1",
+                CPTD_HTTP_PORT=str(port),
+                CPTD_LOG_LEVEL="WARNING",
+            )
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "daemon.cli", "run"],
+                    env=env,
+                    cwd=REPO,
+                    stdout=open(work / f"cptd-{port}.log", "wb"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
         r = redis.Redis(port=rs.port)
         total = lambda: sum(int(v) for v in r.hvals("cptd:{bench}:counters"))  # noqa: E731
         # Both members must own partitions before the clock starts (a join mid-run would rebalance).
-        wait_for(lambda: all(httpx.get(f"http://127.0.0.1:{p}/status", timeout=5).json()["ingest"]["assigned"] for p in ports)
-                 and sum(len(httpx.get(f"http://127.0.0.1:{p}/status", timeout=5).json()["ingest"]["assigned"]) for p in ports) == 4,
-                 120, "all members to own partitions", 0.05)
+        wait_for(
+            lambda: (
+                all(httpx.get(f"http://127.0.0.1:{p}/status", timeout=5).json()["ingest"]["assigned"] for p in ports)
+                and sum(len(httpx.get(f"http://127.0.0.1:{p}/status", timeout=5).json()["ingest"]["assigned"]) for p in ports) == 4
+            ),
+            120,
+            "all members to own partitions",
+            0.05,
+        )
         start_n, t0 = total(), time.perf_counter()
         wait_for(lambda: total() >= n_docs, 600, "all documents accounted", 0.05)
         return rate(n_docs - start_n, time.perf_counter() - t0)
@@ -143,9 +178,15 @@ def main() -> None:
     print(f"documents: {len(docs)} of {kb:.1f} KB on average, {os.cpu_count()} CPUs")
 
     ours, theirs = bench_filters(docs)
-    print(f"quality filters   ours {ours:9,.0f} docs/s   datatrove FineWeb chain {theirs:7,.0f} docs/s   ratio {ours / theirs:6.1f}x  (target >= 30x)")
+    print(
+        f"quality filters   ours {ours:9,.0f} docs/s   datatrove FineWeb chain {theirs:7,.0f} docs/s   "
+        f"ratio {ours / theirs:6.1f}x  (target >= 30x)"
+    )
     ours, theirs = bench_minhash(docs)
-    print(f"minhash 14x8/5-gr ours {ours:9,.0f} docs/s   datasketch              {theirs:7,.0f} docs/s   ratio {ours / theirs:6.1f}x  (target >= 10x)")
+    print(
+        f"minhash 14x8/5-gr ours {ours:9,.0f} docs/s   datasketch              {theirs:7,.0f} docs/s   "
+        f"ratio {ours / theirs:6.1f}x  (target >= 10x)"
+    )
     if a.skip_e2e:
         return
     with tempfile.TemporaryDirectory() as td:

@@ -8,6 +8,7 @@ on the new checkpoint. Measured: the time requests are held by our swap
 the first successful completion and its failed requests. Target: pause window
 <= 1% of the restart time, zero failed requests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ class Load:
             while not self.stop.is_set():
                 sent = time.monotonic()
                 try:
-                    r = http.post("/v1/completions", json={"model": SERVED_NAME, "prompt": f"the quick fox {i}",
-                                                           "max_tokens": 6, "temperature": 0})
+                    r = http.post(
+                        "/v1/completions", json={"model": SERVED_NAME, "prompt": f"the quick fox {i}", "max_tokens": 6, "temperature": 0}
+                    )
                     good = r.status_code == 200
                 except httpx.HTTPError:
                     good = False
@@ -62,7 +64,7 @@ class Load:
         with self._lock:
             return self.ok, self.failed
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self.threads:
             t.start()
         wait_for(lambda: self.counts()[0] >= len(self.threads), 60, "first completions of every client")
@@ -113,12 +115,16 @@ def main() -> None:
         server.stop()
 
     pause_med, pause_max = statistics.median(pauses), max(pauses)
-    print(f"hot swap ({args.swaps} swaps, {args.clients} clients): pause window median {pause_med * 1000:.1f} ms, "
-          f"max {pause_max * 1000:.1f} ms; whole swap incl. validation+verification median "
-          f"{statistics.median(swap_walls):.2f} s; {swap_ok} completions, {swap_failed} failed requests")
+    print(
+        f"hot swap ({args.swaps} swaps, {args.clients} clients): pause window median {pause_med * 1000:.1f} ms, "
+        f"max {pause_max * 1000:.1f} ms; whole swap incl. validation+verification median "
+        f"{statistics.median(swap_walls):.2f} s; {swap_ok} completions, {swap_failed} failed requests"
+    )
     print(f"restart baseline: {restart_s:.1f} s to first successful completion; {restart_failed} failed requests")
-    print(f"ratio pause/restart: median {pause_med / restart_s:.4%}, max {pause_max / restart_s:.4%} "
-          f"(target <= 1%, zero failed: {'MET' if pause_max / restart_s <= 0.01 and swap_failed == 0 else 'NOT MET'})")
+    print(
+        f"ratio pause/restart: median {pause_med / restart_s:.4%}, max {pause_max / restart_s:.4%} "
+        f"(target <= 1%, zero failed: {'MET' if pause_max / restart_s <= 0.01 and swap_failed == 0 else 'NOT MET'})"
+    )
 
 
 if __name__ == "__main__":

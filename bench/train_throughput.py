@@ -22,6 +22,7 @@ but the input embedding table), peak = 989e12 FLOP/s (H100 SXM bf16 dense).
 token (PaLM appendix B; it counts the full seq x seq score matrix, so it
 overstates work under causal/per-document masks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,10 @@ CONFIGS = {
     "small": (256, 688, 4, 4, 4, 2048, 256, 8),
     "0.5b": (1280, 3456, 20, 20, 20, 32000, 2048, 8),  # 478M parameters
 }
-WORDS = ("the of and to in is was for on that with as by at from it an be this are which or his her their river city market "
-         "model data learning system paper result method train value table number people house water light music").split()
+WORDS = (
+    "the of and to in is was for on that with as by at from it an be this are which or his her their river city market "
+    "model data learning system paper result method train value table number people house water light music"
+).split()
 PEAK_FLOPS = {"cuda": 989e12}
 
 
@@ -62,9 +65,19 @@ def build_model(out: Path, cfg: tuple, texts: list[str], seed: int = 0) -> Path:
 
     hidden, inter, layers, heads, kv, vocab, seq_len, _ = cfg
     tok = train_tokenizer(texts[:2000], min(vocab, 4096), out)  # the model's vocab may be larger than the tokenizer's
-    config = LlamaConfig(vocab_size=max(vocab, len(tok)), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=seq_len,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=max(vocab, len(tok)),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=seq_len,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
     return out
@@ -80,10 +93,26 @@ def matmul_params(model_dir: Path) -> tuple[int, int, int]:
     return per_layer * L + h * v, L, h
 
 
-def ours(model_dir: Path, data: Path, out: Path, steps: int, seq_len: int, batch: int, device: str, warm: int, compile_: bool, attn: str) -> dict:
-    spec = TrainSpec(parent_dir=str(model_dir), out_dir=str(out), new_path=str(data), schedule={"kind": "constant", "peak_lr": 3e-4},
-                     train={"seq_len": seq_len, "micro_batch_size": batch, "grad_accum": 1, "max_steps": steps, "eval_interval": 10**6,
-                            "checkpoint_interval": 10**6, "device": device}, compile=compile_, attn_implementation=attn)
+def ours(
+    model_dir: Path, data: Path, out: Path, steps: int, seq_len: int, batch: int, device: str, warm: int, compile_: bool, attn: str
+) -> dict:
+    spec = TrainSpec(
+        parent_dir=str(model_dir),
+        out_dir=str(out),
+        new_path=str(data),
+        schedule={"kind": "constant", "peak_lr": 3e-4},
+        train={
+            "seq_len": seq_len,
+            "micro_batch_size": batch,
+            "grad_accum": 1,
+            "max_steps": steps,
+            "eval_interval": 10**6,
+            "checkpoint_interval": 10**6,
+            "device": device,
+        },
+        compile=compile_,
+        attn_implementation=attn,
+    )
     run(spec)
     ev = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]
     st = [e for e in ev if e["event"] == "step"]
@@ -91,14 +120,26 @@ def ours(model_dir: Path, data: Path, out: Path, steps: int, seq_len: int, batch
     return {"useful_tokens": tokens, "seconds": st[-1]["time"] - st[warm - 1]["time"], "loss": st[-1]["loss"]}
 
 
-def hf_trainer(model_dir: Path, texts: list[str], out: Path, steps: int, seq_len: int, batch: int, device: str, warm: int, packed: bool) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+def hf_trainer(
+    model_dir: Path, texts: list[str], out: Path, steps: int, seq_len: int, batch: int, device: str, warm: int, packed: bool
+) -> dict:
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if packed:  # the very blocks our trainer sees (attention not masked per document: HF's default collator has no such notion)
         ids, _, tgt = pack(tokenize_docs(tok, texts), seq_len, tok.bos_token_id)
         dataset = [{"input_ids": a, "labels": b} for a, b in zip(ids, tgt)]
-        base_collate = lambda rows: {"input_ids": torch.stack([r["input_ids"] for r in rows]), "labels": torch.stack([r["labels"] for r in rows])}  # noqa: E731
+
+        def base_collate(rows):
+            return {"input_ids": torch.stack([r["input_ids"] for r in rows]), "labels": torch.stack([r["labels"] for r in rows])}
+
     else:
         enc = tok([t for t in texts], truncation=True, max_length=seq_len)
         dataset = [{"input_ids": x} for x in enc["input_ids"]]
@@ -119,10 +160,26 @@ def hf_trainer(model_dir: Path, texts: list[str], out: Path, steps: int, seq_len
             ends.append(time.time())
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa")
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, learning_rate=3e-4, lr_scheduler_type="constant",
-                             weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=10**6, save_strategy="no",
-                             report_to=[], use_cpu=device == "cpu", bf16=device == "cuda", dataloader_num_workers=0, disable_tqdm=True, seed=0,
-                             optim="adamw_torch_fused" if device == "cuda" else "adamw_torch")
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=3e-4,
+        lr_scheduler_type="constant",
+        weight_decay=0.1,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
+    )
     Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[Clock()]).train()
     # counts[i] is the batch of step i (no accumulation, no prefetch beyond one batch).
     return {"useful_tokens": sum(counts[warm:steps]), "seconds": ends[steps - 1] - ends[warm - 1]}
@@ -154,13 +211,28 @@ def main() -> None:
         data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         res = {"ours": ours(model_dir, data, d / "ours", a.steps, seq_len, batch, a.device, a.warmup_steps, a.compile, a.attn)}
         if not a.skip_hf:
-            res["hf_trainer_padded"] = hf_trainer(model_dir, texts, d / "hf", a.steps, seq_len, batch, a.device, a.warmup_steps, packed=False)
-            res["hf_trainer_packed"] = hf_trainer(model_dir, texts, d / "hfp", a.steps, seq_len, batch, a.device, a.warmup_steps, packed=True)
+            res["hf_trainer_padded"] = hf_trainer(
+                model_dir, texts, d / "hf", a.steps, seq_len, batch, a.device, a.warmup_steps, packed=False
+            )
+            res["hf_trainer_packed"] = hf_trainer(
+                model_dir, texts, d / "hfp", a.steps, seq_len, batch, a.device, a.warmup_steps, packed=True
+            )
         n_mm, layers, hidden = matmul_params(model_dir)
     for r in res.values():
         r["tokens_per_s"] = r["useful_tokens"] / r["seconds"]
-    report = {"device": a.device, "config": a.config, "attn": a.attn, "compile": a.compile, "seq_len": seq_len, "batch": batch, "steps": a.steps, "timed_steps": a.steps - a.warmup_steps,
-              "threads": torch.get_num_threads(), "matmul_params": n_mm, **res}
+    report = {
+        "device": a.device,
+        "config": a.config,
+        "attn": a.attn,
+        "compile": a.compile,
+        "seq_len": seq_len,
+        "batch": batch,
+        "steps": a.steps,
+        "timed_steps": a.steps - a.warmup_steps,
+        "threads": torch.get_num_threads(),
+        "matmul_params": n_mm,
+        **res,
+    }
     if not a.skip_hf:
         report["ratio_vs_hf_padded"] = res["ours"]["tokens_per_s"] / res["hf_trainer_padded"]["tokens_per_s"]
         report["ratio_vs_hf_packed"] = res["ours"]["tokens_per_s"] / res["hf_trainer_packed"]["tokens_per_s"]

@@ -6,6 +6,7 @@ typed models of daemon/round_record.py, so /openapi.json (and /docs) shows
 real schemas. Domain exceptions map to HTTP statuses once, in ERROR_STATUS.
 Mutating routes require the bearer token; errors are JSON {"error": message}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,8 @@ from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from daemon import metrics as M
 from daemon.round_record import CancelResult, RollbackResult, RoundRecord, RoundSummary, TriggerResult
@@ -148,8 +149,12 @@ def create_app(engine: Engine | None = None, token: str | None = None) -> FastAP
         except KeyError:
             raise UnknownRound(f"no round {round_id!r}") from None
 
-    @app.post("/rollback", dependencies=[Depends(require_token)], response_model=RollbackResult,
-              responses={502: {"model": RollbackResult, "description": "the rollback failed on a replica"}})
+    @app.post(
+        "/rollback",
+        dependencies=[Depends(require_token)],
+        response_model=RollbackResult,
+        responses={502: {"model": RollbackResult, "description": "the rollback failed on a replica"}},
+    )
     def rollback(body: RollbackBody | None = None) -> JSONResponse:
         out = _need(engine).rollback((body or RollbackBody()).to)
         return JSONResponse(out.model_dump(mode="json", by_alias=True), status_code=200 if out.ok else 502)

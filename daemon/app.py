@@ -6,6 +6,7 @@ it stops taking new work, lets the current ingest batch commit, stops a running
 trainer (the round resumes from its checkpoint and persisted phase on the next
 start), hands the round lease back, and exits 0.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,7 +62,13 @@ class Daemon:
             "policy_hash": policy_hash(self.policy),
             "policy_error": self.watcher.last_error,
             "uptime_s": round(time.time() - self.started, 1),
-            "ingest": {"paused": s.paused_cause, "assigned": s.assigned, "batches": s.batches, "last_commit": s.last_commit, "last_error": s.last_error},
+            "ingest": {
+                "paused": s.paused_cause,
+                "assigned": s.assigned,
+                "batches": s.batches,
+                "last_commit": s.last_commit,
+                "last_error": s.last_error,
+            },
         }
         try:
             out["counts"] = ingest_counts(self.store)
@@ -72,7 +79,9 @@ class Daemon:
             out["rounds"] = self.runner.status()
             out["rounds"]["triggers"] = self.scheduler.jobs()
             latest = self.runner.list_rounds()[-1:]
-            out["rounds"]["latest"] = latest[0].model_dump(mode="json", include={"id", "state", "error", "created_at", "updated_at"}) if latest else None
+            out["rounds"]["latest"] = (
+                latest[0].model_dump(mode="json", include={"id", "state", "error", "created_at", "updated_at"}) if latest else None
+            )
         except Exception as e:  # noqa: BLE001 - status must answer even when Redis is down
             out["redis_error"] = str(e)
         return out
@@ -160,9 +169,11 @@ class Daemon:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
-        server = uvicorn.Server(uvicorn.Config(
-            create_app(self, self.settings.token()), host=self.settings.http_host, port=self.settings.http_port, log_level="warning"
-        ))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(self, self.settings.token()), host=self.settings.http_host, port=self.settings.http_port, log_level="warning"
+            )
+        )
         server.install_signal_handlers = lambda: None  # signals are ours
         http = threading.Thread(target=server.run, name="http", daemon=True)
         http.start()
@@ -171,8 +182,15 @@ class Daemon:
         rounds.start()
         self._apply_triggers()
         self.scheduler.start()
-        log.info("cptd started", extra={"policy_hash": policy_hash(self.policy), "http_port": self.settings.http_port,
-                                        "rounds": self.runner.disabled or "enabled", "owner": self.runner.owner})
+        log.info(
+            "cptd started",
+            extra={
+                "policy_hash": policy_hash(self.policy),
+                "http_port": self.settings.http_port,
+                "rounds": self.runner.disabled or "enabled",
+                "owner": self.runner.owner,
+            },
+        )
         try:
             self.ingestor.run(self.stop)
         finally:

@@ -4,6 +4,7 @@ Commands that inspect or steer a running daemon talk to its HTTP API
 (--url, default $CPTD_URL or http://127.0.0.1:8080); the rest run locally.
 Tables for people by default, --json for scripts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,14 +19,18 @@ from daemon.round_record import RoundRecord
 def _print_status(st: dict[str, Any]) -> None:
     ing = st.get("ingest", {})
     print(f"deployment  {st.get('name')}   policy {st.get('policy_hash')}   up {st.get('uptime_s')} s")
-    print(f"ingest      {'paused (' + ing['paused'] + ')' if ing.get('paused') else 'running'}   "
-          f"partitions {', '.join(ing.get('assigned') or []) or '-'}   batches {ing.get('batches')}")
+    print(
+        f"ingest      {'paused (' + ing['paused'] + ')' if ing.get('paused') else 'running'}   "
+        f"partitions {', '.join(ing.get('assigned') or []) or '-'}   batches {ing.get('batches')}"
+    )
     if "redis_error" in st:
         print(f"redis       UNREACHABLE: {st['redis_error']}")
         return
     b = st.get("buffer", {})
-    print(f"buffer      {b.get('buffer_docs', 0):,} docs   {b.get('buffer_bytes', 0) / 1e6:,.1f} MB   "
-          f"dedup keys exact {b.get('exact_keys', 0):,} / lsh {b.get('lsh_keys', 0):,}")
+    print(
+        f"buffer      {b.get('buffer_docs', 0):,} docs   {b.get('buffer_bytes', 0) / 1e6:,.1f} MB   "
+        f"dedup keys exact {b.get('exact_keys', 0):,} / lsh {b.get('lsh_keys', 0):,}"
+    )
     rp = st.get("replay", {})
     print(f"replay      {rp.get('replay_docs', 0):,} / {rp.get('cap', 0):,} docs (reservoir over {rp.get('replay_seen', 0):,} seen)")
     rd = st.get("rounds") or {}
@@ -34,8 +39,10 @@ def _print_status(st: dict[str, Any]) -> None:
     elif rd:
         role = "leader" if rd.get("leader") else f"standby (lease held by {rd.get('lease_holder')})"
         latest = rd.get("latest") or {}
-        print(f"rounds      {role}, epoch {rd.get('epoch')}   latest {latest.get('id', '-')} {latest.get('state', '')}"
-              + (f"   active {rd['active']}" if rd.get("active") else ""))
+        print(
+            f"rounds      {role}, epoch {rd.get('epoch')}   latest {latest.get('id', '-')} {latest.get('state', '')}"
+            + (f"   active {rd['active']}" if rd.get("active") else "")
+        )
         sv = rd.get("serving") or {}
         if sv:
             reps = ", ".join(f"{u} {r['version']} ({r['status']})" for u, r in sv.get("replicas", {}).items())
@@ -98,6 +105,7 @@ def _calling(fn):
         except ApiError as e:
             print(e, file=sys.stderr)
             return 2
+
     return run
 
 
@@ -119,14 +127,18 @@ def _f(x: Any, fmt: str) -> str:
 
 
 def _print_rounds(rows: list[dict[str, Any]]) -> None:
-    print(f"{'round':<8} {'state':<12} {'trigger':<9} {'started':<19} {'docs':>6} {'tokens':>9} {'drift':>6} {'replay':>6} "
-          f"{'steps':>9} {'gate':<6} error")
+    print(
+        f"{'round':<8} {'state':<12} {'trigger':<9} {'started':<19} {'docs':>6} {'tokens':>9} {'drift':>6} {'replay':>6} "
+        f"{'steps':>9} {'gate':<6} error"
+    )
     for r in rows:
         steps = f"{r['step'] or 0}/{r['total_steps']}" if r.get("total_steps") else "-"
         gate = {True: "pass", False: "fail"}.get(r.get("gate"), "-")
-        print(f"{r['id']:<8} {r['state']:<12} {r['trigger']:<9} {_ts(r['created_at']):<19} {_f(r.get('docs'), ','):>6} "
-              f"{_f(r.get('tokens_estimate'), ','):>9} {_f(r.get('drift_score'), '.2f'):>6} {_f(r.get('replay_ratio'), '.2f'):>6} "
-              f"{steps:>9} {gate:<6} {r.get('error') or ''}")
+        print(
+            f"{r['id']:<8} {r['state']:<12} {r['trigger']:<9} {_ts(r['created_at']):<19} {_f(r.get('docs'), ','):>6} "
+            f"{_f(r.get('tokens_estimate'), ','):>9} {_f(r.get('drift_score'), '.2f'):>6} {_f(r.get('replay_ratio'), '.2f'):>6} "
+            f"{steps:>9} {gate:<6} {r.get('error') or ''}"
+        )
 
 
 def print_round(rec: RoundRecord) -> None:
@@ -137,20 +149,26 @@ def print_round(rec: RoundRecord) -> None:
         dur = f"{t.finished_at - t.started_at:.1f} s" if t.finished_at is not None else "..."
         print(f"  {ph.value:<11} {_ts(t.started_at)}  {dur}")
     if snap := rec.snapshot:
-        print(f"  data        {snap.docs:,} docs ({snap.train_docs:,} trained, {snap.heldout_docs:,} held out), "
-              f"~{snap.tokens_estimate:,} tokens, manifest sha256 {snap.manifest_sha256[:16]}")
+        print(
+            f"  data        {snap.docs:,} docs ({snap.train_docs:,} trained, {snap.heldout_docs:,} held out), "
+            f"~{snap.tokens_estimate:,} tokens, manifest sha256 {snap.manifest_sha256[:16]}"
+        )
         for tp, o in snap.kafka_offsets.items():
             print(f"              {tp}: offsets {o.first}..{o.last} ({o.docs} docs)")
     if d := rec.drift:
         st = d.stats
-        print(f"  drift       score {_f(d.score, '.3f')} ({d.level})  ppl gap {_f(st.ppl_gap if st else None, '.3f')}  "
-              f"JS {_f(st.js_distance if st else None, '.3f')}  -> replay {rec.replay_ratio or 0:.2f}, peak LR {d.peak_lr:.2e}")
+        print(
+            f"  drift       score {_f(d.score, '.3f')} ({d.level})  ppl gap {_f(st.ppl_gap if st else None, '.3f')}  "
+            f"JS {_f(st.js_distance if st else None, '.3f')}  -> replay {rec.replay_ratio or 0:.2f}, peak LR {d.peak_lr:.2e}"
+        )
     if sc := rec.schedule:
         print(f"  schedule    {sc['kind']}  peak {sc['peak_lr']:.2e}  warmup {sc['warmup_frac']:.2%}")
     if tr := rec.train:
         p = tr.progress
-        print(f"  training    step {p.step or 0}/{p.total_steps or '?'}  loss {_f(p.loss, '.3f')}  "
-              f"lr {_f(p.lr, '.2e')}  {_f(p.tokens_per_s, ',.0f')} tok/s  (from {p.init_from or '-'})")
+        print(
+            f"  training    step {p.step or 0}/{p.total_steps or '?'}  loss {_f(p.loss, '.3f')}  "
+            f"lr {_f(p.lr, '.2e')}  {_f(p.tokens_per_s, ',.0f')} tok/s  (from {p.init_from or '-'})"
+        )
     if ev := rec.eval:
         print(f"  eval        serving  new {_f(ev.serving.new_nll, '.3f')}  replay {_f(ev.serving.replay_nll, '.3f')}")
         for c in ev.candidates:
@@ -242,13 +260,22 @@ def cmd_seed_replay(a: argparse.Namespace) -> int:
     store = RedisStore.from_url(s.redis_url.get_secret_value(), policy.name)
     rep = seed_replay(path, store, policy, random.Random(a.seed))
     st = store.replay_stats()
-    out = {"lines": rep.lines, "offered": rep.offered, "placed": rep.placed, "invalid": len(rep.invalid),
-           "reservoir_docs": st["replay_docs"], "reservoir_cap": policy.replay.reservoir_docs, "seen": st["replay_seen"]}
+    out = {
+        "lines": rep.lines,
+        "offered": rep.offered,
+        "placed": rep.placed,
+        "invalid": len(rep.invalid),
+        "reservoir_docs": st["replay_docs"],
+        "reservoir_cap": policy.replay.reservoir_docs,
+        "seen": st["replay_seen"],
+    }
     if a.json:
         print(json.dumps({**out, "invalid_lines": [{"line": n, "reason": r, "detail": d} for n, r, d in rep.invalid]}))
     else:
-        print(f"{path}: {rep.offered:,} documents offered, {rep.placed:,} placed; reservoir now "
-              f"{st['replay_docs']:,}/{policy.replay.reservoir_docs:,} (Algorithm R over {st['replay_seen']:,} seen)")
+        print(
+            f"{path}: {rep.offered:,} documents offered, {rep.placed:,} placed; reservoir now "
+            f"{st['replay_docs']:,}/{policy.replay.reservoir_docs:,} (Algorithm R over {st['replay_seen']:,} seen)"
+        )
         for n, r, d in rep.invalid[:20]:
             print(f"  line {n}: {r}: {d}", file=sys.stderr)
         if len(rep.invalid) > 20:

@@ -6,6 +6,7 @@ outside timer can hit reliably. Like etcd's gofail, the daemon names those
 points and the environment says what happens there: `kill` (SIGKILL itself),
 `sleep:S`, or `error` (raise). Unset, every point is a no-op.
 """
+
 from __future__ import annotations
 
 import logging

@@ -11,6 +11,7 @@ Promises (docs/architecture.md §2; mechanisms in docs/ingest.md):
   assigned partitions are paused; at most one batch is held in memory.
 * SIGTERM (the `stop` event) lets the current batch finish and commit.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,7 +58,7 @@ class IngestState:
 class _Rebalance(ConsumerRebalanceListener):
     """On assignment, start each partition where Redis says accounting stopped (never before Kafka's commit)."""
 
-    def __init__(self, ingestor: "Ingestor"):
+    def __init__(self, ingestor: Ingestor):
         self.ing = ingestor
 
     def on_partitions_revoked(self, revoked):
@@ -248,18 +249,27 @@ class Ingestor:
         if candidates:
             keys = document_keys([t for _, _, t in candidates], pol.dedup)
             now = time.time()
-            for (m, d, text), dk in zip(candidates, keys):
+            for (m, d, text), dk in zip(candidates, keys, strict=False):
                 key, bk = dk.content_key, dk.band_keys
                 nbytes = len(text.encode("utf-8"))
                 doc = {
-                    "text": text, "id": d.id, "source": d.source, "lang": d.lang, "ts": d.ts, "meta": d.meta,
-                    "bytes": nbytes, "bands": list(bk), "topic": m.topic, "partition": m.partition, "offset": m.offset,
+                    "text": text,
+                    "id": d.id,
+                    "source": d.source,
+                    "lang": d.lang,
+                    "ts": d.ts,
+                    "meta": d.meta,
+                    "bytes": nbytes,
+                    "bands": list(bk),
+                    "topic": m.topic,
+                    "partition": m.partition,
+                    "offset": m.offset,
                     "ingested_at": now,
                 }
                 items.append(BatchItem(m.topic, m.partition, m.offset, "candidate", "", key, nbytes, tuple(bk), doc))
         items.sort(key=lambda i: (i.topic, i.partition, i.offset))
         result = self.store.write_batch(items, pol.dedup.max_exact_keys)
-        for outcome, reason in zip(result.outcomes, result.reasons):
+        for outcome, reason in zip(result.outcomes, result.reasons, strict=False):
             if outcome != "skipped":
                 M.INGEST_DOCS.labels(outcome, reason).inc()
         M.INGEST_BATCH_SECONDS.observe(time.perf_counter() - t0)
@@ -270,7 +280,9 @@ class Ingestor:
             return
         topic = self.policy.ingest.dead_letter_topic
         futures = [
-            self.producer.send(topic, value=m.value, key=m.key, headers=dead_letter_headers(outcome, reason, detail, m.topic, m.partition, m.offset))
+            self.producer.send(
+                topic, value=m.value, key=m.key, headers=dead_letter_headers(outcome, reason, detail, m.topic, m.partition, m.offset)
+            )
             for m, outcome, reason, detail in dead
         ]
         self.producer.flush(timeout=30)

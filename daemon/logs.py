@@ -3,6 +3,7 @@
 Operators grep and ship these logs; every line must parse as JSON and carry
 what it is about (round, partition, replica) as fields, not inside prose.
 """
+
 from __future__ import annotations
 
 import contextvars

@@ -3,6 +3,7 @@
 The Grafana dashboard and the alert rules in deploy/ query exactly these names
 (a test checks it), so a metric is renamed here or nowhere.
 """
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -27,10 +28,10 @@ INGEST_BATCH_SECONDS = Histogram(
 INGEST_PAUSED = Gauge(
     "cptd_ingest_paused", "1 while consumption is paused, by cause (buffer_full, redis_down, operator)", ["cause"], registry=REGISTRY
 )
-INGEST_LAST_COMMIT = Gauge(
-    "cptd_ingest_last_commit_timestamp_seconds", "Unix time of the last offset commit", registry=REGISTRY
+INGEST_LAST_COMMIT = Gauge("cptd_ingest_last_commit_timestamp_seconds", "Unix time of the last offset commit", registry=REGISTRY)
+INGEST_LAG = Gauge(
+    "cptd_ingest_consumer_lag", "Messages behind the end of each assigned partition", ["topic", "partition"], registry=REGISTRY
 )
-INGEST_LAG = Gauge("cptd_ingest_consumer_lag", "Messages behind the end of each assigned partition", ["topic", "partition"], registry=REGISTRY)
 REDIS_ERRORS = Counter("cptd_redis_errors_total", "Redis operations that failed (connection lost, timeout)", ["op"], registry=REGISTRY)
 DEAD_LETTER_PRODUCE_ERRORS = Counter(
     "cptd_dead_letter_produce_errors_total", "Dead-letter sends that failed (the batch is retried, nothing committed)", registry=REGISTRY
@@ -39,16 +40,26 @@ DEAD_LETTER_PRODUCE_ERRORS = Counter(
 # --- buffer and replay store --------------------------------------------------
 BUFFER_DOCS = Gauge("cptd_buffer_docs", "Documents waiting in the buffer for the next round", registry=REGISTRY)
 BUFFER_BYTES = Gauge("cptd_buffer_bytes", "UTF-8 bytes of text waiting in the buffer", registry=REGISTRY)
-BUFFER_TOKENS = Gauge("cptd_buffer_tokens_estimate", "Estimated tokens waiting in the buffer (bytes / rounds.bytes_per_token)", registry=REGISTRY)
+BUFFER_TOKENS = Gauge(
+    "cptd_buffer_tokens_estimate", "Estimated tokens waiting in the buffer (bytes / rounds.bytes_per_token)", registry=REGISTRY
+)
 BUFFER_CAP_DOCS = Gauge("cptd_buffer_cap_docs", "Buffer cap in documents from the policy file", registry=REGISTRY)
 BUFFER_CAP_BYTES = Gauge("cptd_buffer_cap_bytes", "Buffer cap in bytes from the policy file", registry=REGISTRY)
 REPLAY_DOCS = Gauge("cptd_replay_docs", "Documents in the replay reservoir", registry=REGISTRY)
 REPLAY_CAP_DOCS = Gauge("cptd_replay_cap_docs", "Replay reservoir cap in documents", registry=REGISTRY)
-DEDUP_KEYS = Gauge("cptd_dedup_keys", "Entries in the dedup indexes, by kind (exact, lsh); read every 5 s by each ingest process", ["kind"], registry=REGISTRY)
+DEDUP_KEYS = Gauge(
+    "cptd_dedup_keys",
+    "Entries in the dedup indexes, by kind (exact, lsh); read every 5 s by each ingest process",
+    ["kind"],
+    registry=REGISTRY,
+)
 
 # --- rounds -------------------------------------------------------------------
 ROUNDS = Counter(
-    "cptd_rounds_total", "Rounds that reached a terminal state, by state (DEPLOYED, REJECTED, FAILED, ROLLED_BACK)", ["state"], registry=REGISTRY
+    "cptd_rounds_total",
+    "Rounds that reached a terminal state, by state (DEPLOYED, REJECTED, FAILED, ROLLED_BACK)",
+    ["state"],
+    registry=REGISTRY,
 )
 ROUND_PHASE = Gauge(
     "cptd_round_phase", "1 for the phase the current round is in (PENDING ... DEPLOYING), 0 otherwise", ["phase"], registry=REGISTRY
@@ -75,10 +86,18 @@ EVAL_LOSS = Gauge(
 )
 
 # --- gates and serving -------------------------------------------------------------
-GATE_DECISIONS = Counter("cptd_gate_decisions_total", "Gate decisions, by decision (accept, reject) and first reason", ["decision", "reason"], registry=REGISTRY)
-EVAL_FORGETTING = Gauge("cptd_eval_forgetting_nats", "Candidate minus serving loss on held-out replay (positive = forgetting)", registry=REGISTRY)
-EVAL_ADAPTATION = Gauge("cptd_eval_adaptation_nats", "Serving minus candidate loss on held-out new data (positive = learned)", registry=REGISTRY)
-SWAPS = Counter("cptd_swaps_total", "Weight swaps per replica, by result (ok, failed, rolled_back)", ["replica", "result"], registry=REGISTRY)
+GATE_DECISIONS = Counter(
+    "cptd_gate_decisions_total", "Gate decisions, by decision (accept, reject) and first reason", ["decision", "reason"], registry=REGISTRY
+)
+EVAL_FORGETTING = Gauge(
+    "cptd_eval_forgetting_nats", "Candidate minus serving loss on held-out replay (positive = forgetting)", registry=REGISTRY
+)
+EVAL_ADAPTATION = Gauge(
+    "cptd_eval_adaptation_nats", "Serving minus candidate loss on held-out new data (positive = learned)", registry=REGISTRY
+)
+SWAPS = Counter(
+    "cptd_swaps_total", "Weight swaps per replica, by result (ok, failed, rolled_back)", ["replica", "result"], registry=REGISTRY
+)
 SWAP_PAUSE_SECONDS = Histogram(
     "cptd_swap_pause_seconds",
     "Time a replica held requests during a swap (pause to resume)",
@@ -92,7 +111,9 @@ LIVE_VERSION = Info("cptd_live_weight_version", "Weight version (round id) each 
 # --- control plane -------------------------------------------------------------------
 POLICY_INFO = Info("cptd_policy", "Hash of the policy in force", registry=REGISTRY)
 POLICY_RELOADS = Counter("cptd_policy_reloads_total", "Policy files accepted by hot-reload", registry=REGISTRY)
-POLICY_RELOAD_ERRORS = Counter("cptd_policy_reload_errors_total", "Policy files refused by hot-reload (the old one stays)", registry=REGISTRY)
+POLICY_RELOAD_ERRORS = Counter(
+    "cptd_policy_reload_errors_total", "Policy files refused by hot-reload (the old one stays)", registry=REGISTRY
+)
 LEADER = Gauge("cptd_leader", "1 while this process holds the round-runner lease", registry=REGISTRY)
 LEASE_LOST = Counter("cptd_leader_lease_lost_total", "Times this process lost the round-runner lease while holding it", registry=REGISTRY)
 UP_SINCE = Gauge("cptd_start_time_seconds", "Unix time this process started", registry=REGISTRY)

@@ -5,13 +5,14 @@ file's own mtime and inode can stay put while its content changes; the watcher
 therefore compares a hash of the bytes it reads (through every symlink) on a
 short poll, which sees plain edits, renames and symlink swaps alike.
 """
+
 from __future__ import annotations
 
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from daemon import metrics as M
 from policies.config import Policy, PolicyError, load_policy, policy_hash
@@ -51,7 +52,11 @@ class PolicyWatcher:
         old_hash, new_hash = policy_hash(self.current), policy_hash(new)
         if new_hash == old_hash:
             return False, "same policy (only formatting changed)"
-        if new.name != self.current.name or new.ingest.topics != self.current.ingest.topics or new.ingest.group_id != self.current.ingest.group_id:
+        if (
+            new.name != self.current.name
+            or new.ingest.topics != self.current.ingest.topics
+            or new.ingest.group_id != self.current.ingest.group_id
+        ):
             log.warning("name, topics and group_id change only on restart", extra={"policy_hash": new_hash})
         self.current = new
         self.on_change(new)

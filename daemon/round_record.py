@@ -7,6 +7,7 @@ read back after a restart, so every field a later phase needs is optional
 until the phase that fills it has run. Unknown fields are ignored on read, so
 a daemon reads records written by an older version.
 """
+
 from __future__ import annotations
 
 from enum import Enum
@@ -264,13 +265,21 @@ class RoundSummary(BaseModel):
     def of(cls, rec: RoundRecord) -> RoundSummary:
         prog = rec.train.progress if rec.train else TrainProgress()
         return cls(
-            id=rec.id, state=rec.state, trigger=rec.trigger.kind, created_at=rec.created_at, updated_at=rec.updated_at,
+            id=rec.id,
+            state=rec.state,
+            trigger=rec.trigger.kind,
+            created_at=rec.created_at,
+            updated_at=rec.updated_at,
             docs=rec.snapshot.docs if rec.snapshot else None,
             tokens_estimate=rec.snapshot.tokens_estimate if rec.snapshot else None,
-            drift_score=rec.drift.score if rec.drift else None, replay_ratio=rec.replay_ratio,
-            step=prog.step, total_steps=prog.total_steps,
-            gate=rec.gate.accepted if rec.gate else None, chosen=rec.gate.chosen if rec.gate else None,
-            deployed_at=rec.deployed_at, error=rec.error,
+            drift_score=rec.drift.score if rec.drift else None,
+            replay_ratio=rec.replay_ratio,
+            step=prog.step,
+            total_steps=prog.total_steps,
+            gate=rec.gate.accepted if rec.gate else None,
+            chosen=rec.gate.chosen if rec.gate else None,
+            deployed_at=rec.deployed_at,
+            error=rec.error,
         )
 
 

@@ -19,6 +19,7 @@ back to the front of the buffer, so the next round trains them.
 The round keeps a copy of the policy it started under: a reload during a round
 changes the next round, never the running one (so a resumed round is the same round).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,10 +34,11 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from connectors.redis_store import Fence, Fenced, RedisStore
 from connectors.vllm import ServingConfig, ServingController, ServingError, ServingState
@@ -193,7 +195,7 @@ class RoundRunner:
         if asks:  # read once: nothing changes them until a round starts, and then the rest are merged
             last_start = max((r.created_at for r in self.list_rounds()), default=None)
             tokens = self.buffer_tokens()
-        for req_id, kind, detail in asks:
+        for req_id, kind, _detail in asks:
             if started:
                 if req_id:
                     self.store.set_request_result(req_id, {"round": started, "note": "merged into the round just started"})
@@ -216,9 +218,15 @@ class RoundRunner:
         live = st.desired_version
         now = time.time()
         rec = RoundRecord(
-            id=rid, number=n, state=RoundState.PENDING, created_at=now, updated_at=now,
-            trigger=Trigger(kind=kind, reason=reason, request_id=req_id), owner=self.owner,
-            policy_hash=policy_hash(policy), policy=policy.model_dump(mode="json"),
+            id=rid,
+            number=n,
+            state=RoundState.PENDING,
+            created_at=now,
+            updated_at=now,
+            trigger=Trigger(kind=kind, reason=reason, request_id=req_id),
+            owner=self.owner,
+            policy_hash=policy_hash(policy),
+            policy=policy.model_dump(mode="json"),
             parent=Parent(version=live, checkpoint=st.versions[live].checkpoint if live in st.versions else None),
             phases={RoundState.PENDING: PhaseTimes(started_at=now)},
         )
@@ -255,7 +263,7 @@ class RoundRunner:
         log.info("round phase", extra={"round_id": rec.id, "state": state.value})
 
     def _save_serving(self, state: ServingState) -> None:
-        for url, rs in state.replicas.items():
+        for rs in state.replicas.values():
             if rs.status == "swapping" and rs.step:
                 failpoints.hit(f"deploy.{rs.step}")
         self.store.put_serving(self._fence(), state.to_json())
@@ -283,8 +291,7 @@ class RoundRunner:
             deploying = unfinished is not None and unfinished.state == RoundState.DEPLOYING  # its resumed deploy converges them
             if rec.diverged and not deploying and not rec.errors:
                 out = self.serving.rollback("reconcile", to_version=state.desired_version)
-                log.info("brought diverged replicas back to the deployed version",
-                         extra={"version": state.desired_version, "ok": out.ok})
+                log.info("brought diverged replicas back to the deployed version", extra={"version": state.desired_version, "ok": out.ok})
         return unfinished.id if unfinished else None
 
     # ------------------------------------------------------------------ main loop
@@ -324,8 +331,13 @@ class RoundRunner:
         if rec is None:
             raise KeyError(rid)
         self.active = rid
-        steps = {RoundState.PENDING: self._pending, RoundState.SNAPSHOT: self._snapshot, RoundState.TRAINING: self._training,
-                 RoundState.EVALUATING: self._evaluating, RoundState.DEPLOYING: self._deploying}
+        steps = {
+            RoundState.PENDING: self._pending,
+            RoundState.SNAPSHOT: self._snapshot,
+            RoundState.TRAINING: self._training,
+            RoundState.EVALUATING: self._evaluating,
+            RoundState.DEPLOYING: self._deploying,
+        }
         try:
             while rec.state not in TERMINAL:
                 if stop.is_set():
@@ -374,14 +386,25 @@ class RoundRunner:
             raise RoundFailed(f"SNAPSHOT: {len(missing)} document records missing from Redis (e.g. {missing[0]})")
         train_keys, held_keys = split_heldout(keys, pol.rounds.heldout_frac, pol.rounds.heldout_max_docs, rid)
         replay_all = sorted(self.store.replay_keys())
-        replay_train, replay_held = split_heldout(
-            replay_all, 0.5, pol.rounds.replay_heldout_docs, rid + ":replay") if len(replay_all) >= 2 else (replay_all, [])
+        replay_train, replay_held = (
+            split_heldout(replay_all, 0.5, pol.rounds.replay_heldout_docs, rid + ":replay") if len(replay_all) >= 2 else (replay_all, [])
+        )
         replay_docs = {d["key"]: d for d in self._docs_with_keys(replay_train + replay_held)}
         data = self.round_dir(rid) / "data"
         data.mkdir(parents=True, exist_ok=True)
         held = set(held_keys)
-        manifest = [{"key": k, "topic": docs[k].get("topic"), "partition": docs[k].get("partition"), "offset": docs[k].get("offset"),
-                     "id": docs[k].get("id"), "source": docs[k].get("source"), "heldout": k in held} for k in keys]
+        manifest = [
+            {
+                "key": k,
+                "topic": docs[k].get("topic"),
+                "partition": docs[k].get("partition"),
+                "offset": docs[k].get("offset"),
+                "id": docs[k].get("id"),
+                "source": docs[k].get("source"),
+                "heldout": k in held,
+            }
+            for k in keys
+        ]
         sha = _write_jsonl(data / "manifest.jsonl", manifest)
         _write_jsonl(data / "new.jsonl", [{"text": docs[k]["text"]} for k in train_keys])
         _write_jsonl(data / "heldout_new.jsonl", [{"text": docs[k]["text"]} for k in held_keys])
@@ -398,10 +421,16 @@ class RoundRunner:
         decision = adjust_for_drift(stats, pol.drift, pol.replay)
         schedule = apply_to_schedule(pol.schedule, decision)
         rec.snapshot = Snapshot(
-            docs=len(keys), train_docs=len(train_keys), heldout_docs=len(held_keys), bytes=nbytes,
-            tokens_estimate=estimate_tokens(nbytes, pol.rounds), manifest=str(data / "manifest.jsonl"), manifest_sha256=sha,
+            docs=len(keys),
+            train_docs=len(train_keys),
+            heldout_docs=len(held_keys),
+            bytes=nbytes,
+            tokens_estimate=estimate_tokens(nbytes, pol.rounds),
+            manifest=str(data / "manifest.jsonl"),
+            manifest_sha256=sha,
             kafka_offsets={tp: OffsetRange(first=v[0], last=v[1], docs=v[2]) for tp, v in sorted(offsets.items())},
-            replay_docs=len(replay_train), replay_heldout_docs=len(replay_held),
+            replay_docs=len(replay_train),
+            replay_heldout_docs=len(replay_held),
         )
         rec.drift = DriftRecord.model_validate(decision.to_record())
         rec.replay_ratio = decision.replay_ratio if replay_train else 0.0
@@ -416,8 +445,8 @@ class RoundRunner:
     def _docs_with_keys(self, keys: list[str]) -> list[dict[str, Any]]:
         out = []
         for i in range(0, len(keys), 1000):
-            chunk = keys[i:i + 1000]
-            for k, d in zip(chunk, self.store.get_docs_by_key(chunk)):
+            chunk = keys[i : i + 1000]
+            for k, d in zip(chunk, self.store.get_docs_by_key(chunk), strict=False):
                 if d is not None:
                     out.append({**d, "key": k})
         return out
@@ -427,8 +456,14 @@ class RoundRunner:
         parent = rec.parent.checkpoint
         if not parent or ref.stat().st_size == 0 or new.stat().st_size == 0:
             return None
-        spec = DriftSpec(model=parent, new_path=str(new), ref_path=str(ref), max_docs=pol.drift.probe_docs,
-                         max_len=pol.drift.probe_max_len, seed=rec.number)
+        spec = DriftSpec(
+            model=parent,
+            new_path=str(new),
+            ref_path=str(ref),
+            max_docs=pol.drift.probe_docs,
+            max_len=pol.drift.probe_max_len,
+            seed=rec.number,
+        )
         cmd = [sys.executable, "-m", "daemon.jobs.drift_probe", str(spec.write(self.round_dir(rec.id) / "drift-spec.json"))]
         out = self._child(cmd, self.round_dir(rec.id) / "drift.log", rec, timeout=1800)
         if out != 0:
@@ -451,13 +486,25 @@ class RoundRunner:
             parent = rec.parent.checkpoint if pol.train.mode == "full" else str(self.settings.base_checkpoint_path().resolve())
             if parent is None:
                 raise RoundFailed("TRAINING: the serving version has no known checkpoint to train from")
-            spec = TrainSpec(parent_dir=parent, out_dir=str(rd / "train"), new_path=str(rd / "data/new.jsonl"),
-                             replay_path=str(rd / "data/replay.jsonl"), heldout_new_path=str(rd / "data/heldout_new.jsonl"),
-                             heldout_replay_path=str(rd / "data/heldout_replay.jsonl"), replay_ratio=rec.replay_ratio or 0.0,
-                             schedule=rec.schedule or {}, train=pol.train.model_dump(mode="json"), mainline_in=mainline,
-                             data_seed=seed, init_seed=seed + 1, round_id=rid, cpu_threads=self.settings.train_cpu_threads)
-            rec.train = TrainRecord(spec=json.loads(spec.to_json()), spec_digest=spec.digest(), out_dir=spec.out_dir,
-                                    launcher=self.settings.train_launcher)
+            spec = TrainSpec(
+                parent_dir=parent,
+                out_dir=str(rd / "train"),
+                new_path=str(rd / "data/new.jsonl"),
+                replay_path=str(rd / "data/replay.jsonl"),
+                heldout_new_path=str(rd / "data/heldout_new.jsonl"),
+                heldout_replay_path=str(rd / "data/heldout_replay.jsonl"),
+                replay_ratio=rec.replay_ratio or 0.0,
+                schedule=rec.schedule or {},
+                train=pol.train.model_dump(mode="json"),
+                mainline_in=mainline,
+                data_seed=seed,
+                init_seed=seed + 1,
+                round_id=rid,
+                cpu_threads=self.settings.train_cpu_threads,
+            )
+            rec.train = TrainRecord(
+                spec=json.loads(spec.to_json()), spec_digest=spec.digest(), out_dir=spec.out_dir, launcher=self.settings.train_launcher
+            )
             self._put(rec)
         spec = TrainSpec(**rec.train.spec)
         spec_path = rd / "train-spec.json"
@@ -466,8 +513,15 @@ class RoundRunner:
         if launcher in ("subprocess", "process"):
             cmd = [sys.executable, "-m", "daemon.jobs.trainer", str(spec_path)]
         elif launcher.startswith("torchrun:"):
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={int(launcher.split(':', 1)[1])}",
-                   "-m", "daemon.jobs.trainer", str(spec_path)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc-per-node={int(launcher.split(':', 1)[1])}",
+                "-m",
+                "daemon.jobs.trainer",
+                str(spec_path),
+            ]
         else:
             raise RoundFailed(f"TRAINING: launcher {launcher!r} is not supported by this version (use subprocess or torchrun:N)")
         progress = Path(spec.out_dir) / "progress.jsonl"
@@ -488,12 +542,22 @@ class RoundRunner:
         out = Path(rec.train.out_dir)
         steps = sorted(p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
         last = rec.train.result["steps"]
-        mids = [p for p in steps if int(p.name.split("-")[1]) != last][-pol.rounds.eval_checkpoints:] if pol.rounds.eval_checkpoints else []
+        mids = (
+            [p for p in steps if int(p.name.split("-")[1]) != last][-pol.rounds.eval_checkpoints :] if pol.rounds.eval_checkpoints else []
+        )
         cands = [[p.name, str(p)] for p in mids] + [["final", str(out / "final")]]
         report_path = rd / "eval_report.json"
-        spec = EvalSpec(round_id=rec.id, serving=rec.parent.checkpoint, candidates=cands,
-                        new_path=str(rd / "data/heldout_new.jsonl"), replay_path=str(rd / "data/heldout_replay.jsonl"),
-                        suites=dict(pol.rounds.suites), canaries=pol.rounds.canaries, max_len=pol.train.seq_len, out=str(report_path))
+        spec = EvalSpec(
+            round_id=rec.id,
+            serving=rec.parent.checkpoint,
+            candidates=cands,
+            new_path=str(rd / "data/heldout_new.jsonl"),
+            replay_path=str(rd / "data/heldout_replay.jsonl"),
+            suites=dict(pol.rounds.suites),
+            canaries=pol.rounds.canaries,
+            max_len=pol.train.seq_len,
+            out=str(report_path),
+        )
         spec.write(rd / "eval-spec.json")
         if not report_path.exists():
             progress = spec.progress_path
@@ -506,8 +570,14 @@ class RoundRunner:
                     last_put[0] = time.monotonic()
                     self._put(rec)
 
-            rc = self._child([sys.executable, "-m", "daemon.jobs.evaluator", str(rd / "eval-spec.json")], rd / "eval.log", rec,
-                             timeout=None, on_tick=follow, hit="evaluating.child_started")
+            rc = self._child(
+                [sys.executable, "-m", "daemon.jobs.evaluator", str(rd / "eval-spec.json")],
+                rd / "eval.log",
+                rec,
+                timeout=None,
+                on_tick=follow,
+                hit="evaluating.child_started",
+            )
             if rc != 0 or not report_path.exists():
                 tail = (rd / "eval.log").read_text(errors="replace")[-800:]
                 raise RoundFailed(f"EVALUATING: evaluation exited with code {rc}: {tail.strip()}")
@@ -518,8 +588,12 @@ class RoundRunner:
         rec.eval = EvalSummary(
             report=str(report_path),
             serving=ModelLosses(new_nll=report.serving.new.mean_nll, replay_nll=report.serving.replay.mean_nll),
-            candidates=[CandidateScores(name=c.name, new_nll=c.new.mean_nll, replay_nll=c.replay.mean_nll,
-                                        suites={k: v.accuracy for k, v in c.suites.items()}) for c in report.candidates],
+            candidates=[
+                CandidateScores(
+                    name=c.name, new_nll=c.new.mean_nll, replay_nll=c.replay.mean_nll, suites={k: v.accuracy for k, v in c.suites.items()}
+                )
+                for c in report.candidates
+            ],
         )
         rec.gate = GateRecord.model_validate(asdict(decision))
         if not decision.accepted:
@@ -551,14 +625,22 @@ class RoundRunner:
                 rec.deploy = _deploy_summary(d.to_dict())
                 if not d.ok:
                     e = d.error or {}
-                    raise RoundFailed(f"DEPLOYING: replica {e.get('replica') or '-'} step {e.get('step')}: {e.get('message')}; "
-                                      f"serving stays on {self.serving.state.desired_version}", requeue=True)
+                    raise RoundFailed(
+                        f"DEPLOYING: replica {e.get('replica') or '-'} step {e.get('step')}: {e.get('message')}; "
+                        f"serving stays on {self.serving.state.desired_version}",
+                        requeue=True,
+                    )
             if pol.rounds.watch_s > 0 and rec.watch is None:
                 w = self.serving.watch(pol.rounds.watch_s)
                 rec.watch = WatchRecord(window_s=w.window_s, probes=len(w.probes), regression=w.regression)
                 if w.regression:
-                    rec.rollback = RollbackRecord(at=time.time(), trigger="watch", reason=w.regression,
-                                                  to=w.rollback.version if w.rollback else None, ok=bool(w.rollback and w.rollback.ok))
+                    rec.rollback = RollbackRecord(
+                        at=time.time(),
+                        trigger="watch",
+                        reason=w.regression,
+                        to=w.rollback.version if w.rollback else None,
+                        ok=bool(w.rollback and w.rollback.ok),
+                    )
                     rec.docs = self._release(rec)
                     self._enter(rec, RoundState.ROLLED_BACK)
                     return
@@ -635,8 +717,13 @@ class RoundRunner:
         d.mkdir(parents=True, exist_ok=True)
         _write_jsonl(d / "new.jsonl", [{"text": x["text"]} for x in new])
         _write_jsonl(d / "ref.jsonl", [{"text": x["text"]} for x in ref])
-        spec = DriftSpec(model=kv.checkpoint, new_path=str(d / "new.jsonl"), ref_path=str(d / "ref.jsonl"),
-                         max_docs=pol.drift.probe_docs, max_len=pol.drift.probe_max_len)
+        spec = DriftSpec(
+            model=kv.checkpoint,
+            new_path=str(d / "new.jsonl"),
+            ref_path=str(d / "ref.jsonl"),
+            max_docs=pol.drift.probe_docs,
+            max_len=pol.drift.probe_max_len,
+        )
         cmd = [sys.executable, "-m", "daemon.jobs.drift_probe", str(spec.write(d / "drift-spec.json"))]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, preexec_fn=_pdeathsig)
         if r.returncode != 0:
@@ -648,8 +735,15 @@ class RoundRunner:
         return score
 
     # ------------------------------------------------------------------ children
-    def _child(self, cmd: list[str], log_path: Path, rec: RoundRecord, timeout: float | None,
-               on_tick: Callable[[], None] | None = None, hit: str | None = None) -> int:
+    def _child(
+        self,
+        cmd: list[str],
+        log_path: Path,
+        rec: RoundRecord,
+        timeout: float | None,
+        on_tick: Callable[[], None] | None = None,
+        hit: str | None = None,
+    ) -> int:
         with open(log_path, "ab") as out:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             self.child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_pdeathsig)
@@ -689,13 +783,23 @@ class RoundRunner:
     # ------------------------------------------------------------------ reading
     def status(self) -> dict[str, Any]:
         holder, epoch = self.store.lease_holder()
-        out: dict[str, Any] = {"enabled": self.disabled is None, "disabled_reason": self.disabled, "leader": self.leader(),
-                               "lease_holder": holder, "epoch": epoch, "owner": self.owner, "active": self.active}
+        out: dict[str, Any] = {
+            "enabled": self.disabled is None,
+            "disabled_reason": self.disabled,
+            "leader": self.leader(),
+            "lease_holder": holder,
+            "epoch": epoch,
+            "owner": self.owner,
+            "active": self.active,
+        }
         raw = self.store.get_serving()
         if raw:
             st = ServingState.from_json(raw)
-            out["serving"] = {"desired_version": st.desired_version, "previous_version": st.previous_version,
-                              "replicas": {u: {"version": r.version, "status": r.status, "step": r.step} for u, r in st.replicas.items()}}
+            out["serving"] = {
+                "desired_version": st.desired_version,
+                "previous_version": st.previous_version,
+                "replicas": {u: {"version": r.version, "status": r.status, "step": r.step} for u, r in st.replicas.items()},
+            }
         return out
 
 
@@ -739,7 +843,8 @@ class _ProgressFollower:
                 self.last_tokens = ev["tokens"]
             elif ev["event"] == "eval":
                 train.evals = [e for e in train.evals if e["step"] != ev["step"]] + [
-                    {k: v for k, v in ev.items() if k not in ("event", "time")}]
+                    {k: v for k, v in ev.items() if k not in ("event", "time")}
+                ]
         if final or time.monotonic() - self.last_put > 2.0:
             self.last_put = time.monotonic()
             self.runner._put(self.rec)

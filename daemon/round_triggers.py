@@ -18,11 +18,13 @@ replacing it sees that its settings are no longer current and does nothing.
 Jobs never raise into APScheduler: an exception is logged and the job runs
 again at its next time.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -77,8 +79,15 @@ class Scheduler:
                     continue  # unchanged: keep its schedule
                 self._specs[job_id] = spec
                 self._sched.add_job(
-                    self._run, trigger, args=(job_id, spec), id=job_id, name=f"cptd {job_id} trigger",
-                    max_instances=1, coalesce=True, replace_existing=True, **opts,
+                    self._run,
+                    trigger,
+                    args=(job_id, spec),
+                    id=job_id,
+                    name=f"cptd {job_id} trigger",
+                    max_instances=1,
+                    coalesce=True,
+                    replace_existing=True,
+                    **opts,
                 )
         log.info("triggers applied", extra={"jobs": sorted(self._specs)})
 

@@ -6,6 +6,7 @@ Lines are validated exactly like Kafka messages (policies/document.py), but not
 quality-filtered: the seed is the operator's own reference. A bad line is
 reported with its number and reason and skipped; the rest is seeded.
 """
+
 from __future__ import annotations
 
 import random
@@ -38,9 +39,16 @@ def seed_replay(path: Path, store: RedisStore, policy: Policy, rng: random.Rando
         keys = document_keys([t for _, t, _ in pending], policy.dedup)
         now = time.time()
         records = [
-            {**meta, "key": k.content_key, "bands": list(k.band_keys), "bytes": len(t.encode("utf-8")), "text": t,
-             "ingested_at": now, "source": meta.get("source") or f"seed:{path.name}:{n}"}
-            for (n, t, meta), k in zip(pending, keys)
+            {
+                **meta,
+                "key": k.content_key,
+                "bands": list(k.band_keys),
+                "bytes": len(t.encode("utf-8")),
+                "text": t,
+                "ingested_at": now,
+                "source": meta.get("source") or f"seed:{path.name}:{n}",
+            }
+            for (n, t, meta), k in zip(pending, keys, strict=False)
         ]
         report.offered += len(records)
         report.placed += store.replay_offer(records, policy.replay.reservoir_docs, rng.random, reservoir_slot)

@@ -4,6 +4,7 @@ The policy file steers behaviour and is safe to show; connection strings may
 carry passwords and tokens are secrets, so they come from env or mounted files
 (Kubernetes Secrets) and are never logged.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,11 +25,16 @@ class Settings(BaseSettings):
     api_token_file: Path | None = Field(default=None, description="CPTD_API_TOKEN_FILE; a mounted Secret")
     log_level: str = "INFO"
     # --- rounds and serving ---
-    checkpoint_dir: Path = Field(default=Path("/checkpoints"), description="CPTD_CHECKPOINT_DIR; round data and checkpoints, on a volume vLLM also mounts")
-    base_checkpoint: Path | None = Field(default=None, description="CPTD_BASE_CHECKPOINT; what vLLM booted with (default CHECKPOINT_DIR/base)")
+    checkpoint_dir: Path = Field(
+        default=Path("/checkpoints"), description="CPTD_CHECKPOINT_DIR; round data and checkpoints, on a volume vLLM also mounts"
+    )
+    base_checkpoint: Path | None = Field(
+        default=None, description="CPTD_BASE_CHECKPOINT; what vLLM booted with (default CHECKPOINT_DIR/base)"
+    )
     vllm_urls: str = Field(default="", description="CPTD_VLLM_URLS; comma-separated replica URLs")
     vllm_control_url: str | None = Field(
-        default=None, description="CPTD_VLLM_CONTROL_URL; a headless Service URL, resolved to one URL per replica address")
+        default=None, description="CPTD_VLLM_CONTROL_URL; a headless Service URL, resolved to one URL per replica address"
+    )
     vllm_api_key: SecretStr | None = Field(default=None, description="CPTD_VLLM_API_KEY; vLLM's --api-key")
     train_launcher: str = Field(default="subprocess", description="CPTD_TRAIN_LAUNCHER: subprocess | torchrun:N (kubernetes-job: not yet)")
     train_cpu_threads: int = Field(default=0, description="CPTD_TRAIN_CPU_THREADS; torch threads of a CPU trainer (0 = torch default)")

@@ -3,6 +3,7 @@
 Redis (AOF on, fsync always, in a temp dir, so crash tests can restart it) and
 the tansu Kafka-compatible broker. No mocks of either anywhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -99,12 +100,21 @@ class IngestProcess:
 
     def __init__(self, policy: Path, redis_url: str, bootstrap: str, log: Path, extra_env: dict[str, str] | None = None):
         self.port = free_port()
-        env = dict(os.environ, CPTD_POLICY=str(policy), CPTD_REDIS_URL=redis_url, CPTD_KAFKA_BOOTSTRAP=bootstrap,
-                   CPTD_HTTP_HOST="127.0.0.1", CPTD_HTTP_PORT=str(self.port), CPTD_API_TOKEN="test-token", **(extra_env or {}))
+        env = dict(
+            os.environ,
+            CPTD_POLICY=str(policy),
+            CPTD_REDIS_URL=redis_url,
+            CPTD_KAFKA_BOOTSTRAP=bootstrap,
+            CPTD_HTTP_HOST="127.0.0.1",
+            CPTD_HTTP_PORT=str(self.port),
+            CPTD_API_TOKEN="test-token",
+            **(extra_env or {}),
+        )
         self.log = log
         with open(log, "ab") as f:
-            self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run"], env=env, stdout=f, stderr=subprocess.STDOUT,
-                                         cwd=REPO, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "daemon.cli", "run"], env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+            )
 
     def status(self) -> dict:
         import httpx

@@ -4,6 +4,7 @@ The expected outcome of a message follows from how it was built: a malformed
 payload from its defect, a copy from its original, a junk page from the filter
 verdict, so a test can compare the daemon's counts with these exactly.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Dedup keys: normalization, exact keys, MinHash accuracy against exact Jaccard and datasketch, LSH bands."""
+
 from __future__ import annotations
 
 import hashlib
@@ -73,7 +74,14 @@ def test_defaults_follow_fineweb() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value", "bound"),
-    [("bands", 0, "ge 1"), ("bands", 65, "le 64"), ("rows_per_band", 33, "le 32"), ("ngram_size", 0, "ge 1"), ("max_exact_keys", 999, "ge 1000"), ("seed", -1, "ge 0")],
+    [
+        ("bands", 0, "ge 1"),
+        ("bands", 65, "le 64"),
+        ("rows_per_band", 33, "le 32"),
+        ("ngram_size", 0, "ge 1"),
+        ("max_exact_keys", 999, "ge 1000"),
+        ("seed", -1, "ge 0"),
+    ],
 )
 def test_invalid_values_name_the_field_and_range(field: str, value: int, bound: str) -> None:
     with pytest.raises(ValidationError) as err:

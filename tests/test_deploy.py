@@ -16,6 +16,7 @@ schemas below: the fields cptd's manifests use, written from the CRDs
 required fields and additionalProperties: false where the CRD has it. A typo in
 a field name, a wrong type or a missing required field fails the check.
 """
+
 from __future__ import annotations
 
 import json
@@ -138,9 +139,9 @@ def pod_specs(docs: list[dict]) -> dict[str, dict]:
     for d in docs:
         spec = d.get("spec") or {}
         if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
-            out[f'{d["kind"]}/{d["metadata"]["name"]}'] = spec["template"]["spec"]
+            out[f"{d['kind']}/{d['metadata']['name']}"] = spec["template"]["spec"]
         elif d["kind"] == "CronJob":
-            out[f'CronJob/{d["metadata"]["name"]}'] = spec["jobTemplate"]["spec"]["template"]["spec"]
+            out[f"CronJob/{d['metadata']['name']}"] = spec["jobTemplate"]["spec"]["template"]["spec"]
     return out
 
 
@@ -162,7 +163,7 @@ def test_core_manifests_validate_against_kubernetes_schema(overlay, version):
         try:
             kubernetes_validate.validate(d, version, strict=True)
         except kubernetes_validate.ValidationError as e:
-            errors.append(f'{d["kind"]}/{d["metadata"]["name"]}: {e.message} at {list(e.path)}')
+            errors.append(f"{d['kind']}/{d['metadata']['name']}: {e.message} at {list(e.path)}")
     assert not errors, "\n".join(errors)
 
 
@@ -179,82 +180,201 @@ def test_validation_rejects_a_broken_manifest():
 
 
 # ---- structural schemas for the custom resources (see module docstring)
-_META = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}, "namespace": {"type": "string"},
-                                                                  "labels": {"type": "object"}, "annotations": {"type": "object"}}}
+_META = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object"},
+        "annotations": {"type": "object"},
+    },
+}
 _QTY = {"anyOf": [{"type": "string"}, {"type": "integer"}]}
-_RESOURCES = {"type": "object", "additionalProperties": False,
-              "properties": {"requests": {"type": "object", "additionalProperties": _QTY}, "limits": {"type": "object", "additionalProperties": _QTY}}}
+_RESOURCES = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "requests": {"type": "object", "additionalProperties": _QTY},
+        "limits": {"type": "object", "additionalProperties": _QTY},
+    },
+}
 
 
 def _cr(api_version: str, kind: str, spec: dict) -> dict:
-    return {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
-            "properties": {"apiVersion": {"const": api_version}, "kind": {"const": kind}, "metadata": _META, "spec": spec}}
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {"apiVersion": {"const": api_version}, "kind": {"const": kind}, "metadata": _META, "spec": spec},
+    }
 
 
 STRIMZI_LISTENER = {
-    "type": "object", "required": ["name", "port", "type", "tls"], "additionalProperties": False,
-    "properties": {"name": {"type": "string", "pattern": "^[a-z0-9]{1,11}$"}, "port": {"type": "integer", "minimum": 9092},
-                   "type": {"enum": ["internal", "route", "loadbalancer", "nodeport", "ingress", "cluster-ip"]},
-                   "tls": {"type": "boolean"}, "authentication": {"type": "object"}, "configuration": {"type": "object"},
-                   "networkPolicyPeers": {"type": "array"}},
+    "type": "object",
+    "required": ["name", "port", "type", "tls"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-z0-9]{1,11}$"},
+        "port": {"type": "integer", "minimum": 9092},
+        "type": {"enum": ["internal", "route", "loadbalancer", "nodeport", "ingress", "cluster-ip"]},
+        "tls": {"type": "boolean"},
+        "authentication": {"type": "object"},
+        "configuration": {"type": "object"},
+        "networkPolicyPeers": {"type": "array"},
+    },
 }
 STRIMZI_VOLUME = {
-    "type": "object", "required": ["type"], "additionalProperties": False,
-    "properties": {"id": {"type": "integer", "minimum": 0}, "type": {"enum": ["ephemeral", "persistent-claim"]},
-                   "size": {"type": "string"}, "class": {"type": "string"}, "deleteClaim": {"type": "boolean"},
-                   "kraftMetadata": {"enum": ["shared"]}, "sizeLimit": {"type": "string"}, "selector": {"type": "object"}},
+    "type": "object",
+    "required": ["type"],
+    "additionalProperties": False,
+    "properties": {
+        "id": {"type": "integer", "minimum": 0},
+        "type": {"enum": ["ephemeral", "persistent-claim"]},
+        "size": {"type": "string"},
+        "class": {"type": "string"},
+        "deleteClaim": {"type": "boolean"},
+        "kraftMetadata": {"enum": ["shared"]},
+        "sizeLimit": {"type": "string"},
+        "selector": {"type": "object"},
+    },
 }
 CR_SCHEMAS = {
-    ("kafka.strimzi.io/v1beta2", "Kafka"): _cr("kafka.strimzi.io/v1beta2", "Kafka", {
-        "type": "object", "required": ["kafka"], "additionalProperties": False,
-        "properties": {
-            "kafka": {"type": "object", "required": ["listeners"], "additionalProperties": False,
-                      "properties": {"version": {"type": "string"}, "metadataVersion": {"type": "string"},
-                                     "listeners": {"type": "array", "minItems": 1, "items": STRIMZI_LISTENER},
-                                     "config": {"type": "object"}, "authorization": {"type": "object"},
-                                     "rack": {"type": "object"}, "template": {"type": "object"},
-                                     "resources": _RESOURCES, "metricsConfig": {"type": "object"}}},
-            "entityOperator": {"type": "object", "additionalProperties": False,
-                               "properties": {"topicOperator": {"type": "object"}, "userOperator": {"type": "object"},
-                                              "template": {"type": "object"}}},
-            "cruiseControl": {"type": "object"}, "kafkaExporter": {"type": "object"},
-        }}),
-    ("kafka.strimzi.io/v1beta2", "KafkaNodePool"): _cr("kafka.strimzi.io/v1beta2", "KafkaNodePool", {
-        "type": "object", "required": ["replicas", "storage", "roles"], "additionalProperties": False,
-        "properties": {"replicas": {"type": "integer", "minimum": 0},
-                       "roles": {"type": "array", "minItems": 1, "items": {"enum": ["controller", "broker"]}},
-                       "storage": {"type": "object", "required": ["type"], "additionalProperties": False,
-                                   "properties": {"type": {"enum": ["ephemeral", "persistent-claim", "jbod"]},
-                                                  "volumes": {"type": "array", "items": STRIMZI_VOLUME},
-                                                  "size": {"type": "string"}, "deleteClaim": {"type": "boolean"}}},
-                       "resources": _RESOURCES, "jvmOptions": {"type": "object"}, "template": {"type": "object"}}}),
-    ("kafka.strimzi.io/v1beta2", "KafkaTopic"): _cr("kafka.strimzi.io/v1beta2", "KafkaTopic", {
-        "type": "object", "additionalProperties": False,
-        "properties": {"partitions": {"type": "integer", "minimum": 1}, "replicas": {"type": "integer", "minimum": 1, "maximum": 32767},
-                       "config": {"type": "object"}, "topicName": {"type": "string"}}}),
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): _cr("monitoring.coreos.com/v1", "ServiceMonitor", {
-        "type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
-        "properties": {
-            "selector": {"type": "object", "additionalProperties": False,
-                         "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
-                                        "matchExpressions": {"type": "array"}}},
-            "namespaceSelector": {"type": "object"}, "jobLabel": {"type": "string"},
-            "endpoints": {"type": "array", "minItems": 1, "items": {
-                "type": "object", "additionalProperties": False,
-                "properties": {"port": {"type": "string"}, "targetPort": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
-                               "path": {"type": "string"}, "scheme": {"enum": ["http", "https"]},
-                               "interval": {"type": "string", "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
-                               "scrapeTimeout": {"type": "string", "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
-                               "honorLabels": {"type": "boolean"}, "bearerTokenSecret": {"type": "object"},
-                               "authorization": {"type": "object"}, "tlsConfig": {"type": "object"},
-                               "relabelings": {"type": "array", "items": {
-                                   "type": "object", "additionalProperties": False,
-                                   "properties": {"sourceLabels": {"type": "array", "items": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"}},
-                                                  "targetLabel": {"type": "string"}, "regex": {"type": "string"},
-                                                  "replacement": {"type": "string"}, "separator": {"type": "string"},
-                                                  "action": {"enum": ["replace", "keep", "drop", "labelmap", "labeldrop", "labelkeep", "hashmod"]}}}},
-                               "metricRelabelings": {"type": "array"}}}},
-        }}),
+    ("kafka.strimzi.io/v1beta2", "Kafka"): _cr(
+        "kafka.strimzi.io/v1beta2",
+        "Kafka",
+        {
+            "type": "object",
+            "required": ["kafka"],
+            "additionalProperties": False,
+            "properties": {
+                "kafka": {
+                    "type": "object",
+                    "required": ["listeners"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "version": {"type": "string"},
+                        "metadataVersion": {"type": "string"},
+                        "listeners": {"type": "array", "minItems": 1, "items": STRIMZI_LISTENER},
+                        "config": {"type": "object"},
+                        "authorization": {"type": "object"},
+                        "rack": {"type": "object"},
+                        "template": {"type": "object"},
+                        "resources": _RESOURCES,
+                        "metricsConfig": {"type": "object"},
+                    },
+                },
+                "entityOperator": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"topicOperator": {"type": "object"}, "userOperator": {"type": "object"}, "template": {"type": "object"}},
+                },
+                "cruiseControl": {"type": "object"},
+                "kafkaExporter": {"type": "object"},
+            },
+        },
+    ),
+    ("kafka.strimzi.io/v1beta2", "KafkaNodePool"): _cr(
+        "kafka.strimzi.io/v1beta2",
+        "KafkaNodePool",
+        {
+            "type": "object",
+            "required": ["replicas", "storage", "roles"],
+            "additionalProperties": False,
+            "properties": {
+                "replicas": {"type": "integer", "minimum": 0},
+                "roles": {"type": "array", "minItems": 1, "items": {"enum": ["controller", "broker"]}},
+                "storage": {
+                    "type": "object",
+                    "required": ["type"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "type": {"enum": ["ephemeral", "persistent-claim", "jbod"]},
+                        "volumes": {"type": "array", "items": STRIMZI_VOLUME},
+                        "size": {"type": "string"},
+                        "deleteClaim": {"type": "boolean"},
+                    },
+                },
+                "resources": _RESOURCES,
+                "jvmOptions": {"type": "object"},
+                "template": {"type": "object"},
+            },
+        },
+    ),
+    ("kafka.strimzi.io/v1beta2", "KafkaTopic"): _cr(
+        "kafka.strimzi.io/v1beta2",
+        "KafkaTopic",
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "partitions": {"type": "integer", "minimum": 1},
+                "replicas": {"type": "integer", "minimum": 1, "maximum": 32767},
+                "config": {"type": "object"},
+                "topicName": {"type": "string"},
+            },
+        },
+    ),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): _cr(
+        "monitoring.coreos.com/v1",
+        "ServiceMonitor",
+        {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "matchExpressions": {"type": "array"},
+                    },
+                },
+                "namespaceSelector": {"type": "object"},
+                "jobLabel": {"type": "string"},
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "targetPort": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                            "path": {"type": "string"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "interval": {"type": "string", "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+                            "scrapeTimeout": {"type": "string", "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+                            "honorLabels": {"type": "boolean"},
+                            "bearerTokenSecret": {"type": "object"},
+                            "authorization": {"type": "object"},
+                            "tlsConfig": {"type": "object"},
+                            "relabelings": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "sourceLabels": {
+                                            "type": "array",
+                                            "items": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"},
+                                        },
+                                        "targetLabel": {"type": "string"},
+                                        "regex": {"type": "string"},
+                                        "replacement": {"type": "string"},
+                                        "separator": {"type": "string"},
+                                        "action": {"enum": ["replace", "keep", "drop", "labelmap", "labeldrop", "labelkeep", "hashmod"]},
+                                    },
+                                },
+                            },
+                            "metricRelabelings": {"type": "array"},
+                        },
+                    },
+                },
+            },
+        },
+    ),
 }
 
 
@@ -361,7 +481,14 @@ def test_references_resolve(overlay):
                 assert v["secret"]["secretName"] == "cptd-secrets"
                 secret_keys |= {i["key"] for i in v["secret"].get("items", [])}
         mounts = {m["name"] for c in spec["containers"] for m in c.get("volumeMounts", [])}
-        claim_templates = {t["metadata"]["name"] for t in by_kind(docs, "StatefulSet").get(name.split("/")[1], {}).get("spec", {}).get("volumeClaimTemplates", [])} if name.startswith("StatefulSet/") else set()
+        claim_templates = (
+            {
+                t["metadata"]["name"]
+                for t in by_kind(docs, "StatefulSet").get(name.split("/")[1], {}).get("spec", {}).get("volumeClaimTemplates", [])
+            }
+            if name.startswith("StatefulSet/")
+            else set()
+        )
         assert mounts <= {v["name"] for v in spec.get("volumes", [])} | claim_templates, name
         for c in spec["containers"]:
             for e in c.get("env", []):
@@ -483,8 +610,11 @@ def test_vllm_control_routes_reachable_only_by_the_daemon():
         assert allowed[8000] == [[{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "cptd-daemon"}}}]]
         assert all(src for src in allowed[8081]), "metrics port must not be open to everyone"
         # The selector really matches the daemon's pods (and only theirs).
-        labelled = [n for n, d in by_kind(docs, "Deployment").items()
-                    if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/name") == "cptd-daemon"]
+        labelled = [
+            n
+            for n, d in by_kind(docs, "Deployment").items()
+            if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/name") == "cptd-daemon"
+        ]
         assert labelled == ["cptd-daemon"]
 
 
@@ -497,15 +627,29 @@ def test_proxy_passes_inference_routes_and_blocks_control_routes():
 
     for ok in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/embeddings", "/v1/responses", "/v1/models/cptd"):
         assert passes(ok), ok
-    for blocked in ("/pause", "/resume", "/collective_rpc", "/reset_prefix_cache", "/update_weight_version",
-                    "/weight_info", "/weight_checker", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
-                    "/sleep", "/wake_up", "/metrics", "/v1/completionsX", "/v1//../pause", "/docs", "/"):
+    for blocked in (
+        "/pause",
+        "/resume",
+        "/collective_rpc",
+        "/reset_prefix_cache",
+        "/update_weight_version",
+        "/weight_info",
+        "/weight_checker",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/sleep",
+        "/wake_up",
+        "/metrics",
+        "/v1/completionsX",
+        "/v1//../pause",
+        "/docs",
+        "/",
+    ):
         assert not passes(blocked), blocked
 
 
 # --------------------------------------------------------------------------- PromQL names
-_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right",
-             "inf", "nan", "atan2"}
+_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right", "inf", "nan", "atan2"}
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -526,14 +670,27 @@ def promql_metric_names(expr: str) -> set[str]:
 def registry_sample_names() -> set[str]:
     from daemon.metrics import REGISTRY
 
-    suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created"),
-                "summary": ("", "_sum", "_count", "_created"), "info": ("_info",), "stateset": ("",), "gaugehistogram": ("_bucket", "_gsum", "_gcount")}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+        "info": ("_info",),
+        "stateset": ("",),
+        "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
+    }
     return {m.name + sfx for m in REGISTRY.collect() for sfx in suffixes[m.type]}
 
 
 def test_promql_parser_finds_metric_names():
-    assert promql_metric_names('sum by (le, outcome) (rate(cptd_a_bucket{outcome="cptd_not_a_metric", job=~"$job"}[$__rate_interval]))') == {"cptd_a_bucket"}
-    assert promql_metric_names("time() - max(cptd_x{a='b'} offset 1h) > 1e3 and on (pod) cptd_y unless cptd_z") == {"cptd_x", "cptd_y", "cptd_z"}
+    assert promql_metric_names(
+        'sum by (le, outcome) (rate(cptd_a_bucket{outcome="cptd_not_a_metric", job=~"$job"}[$__rate_interval]))'
+    ) == {"cptd_a_bucket"}
+    assert promql_metric_names("time() - max(cptd_x{a='b'} offset 1h) > 1e3 and on (pod) cptd_y unless cptd_z") == {
+        "cptd_x",
+        "cptd_y",
+        "cptd_z",
+    }
     assert promql_metric_names("histogram_quantile(0.9, sum(rate(foo_bucket[5m])) by (le)) / ignoring(le) bar") == {"foo_bucket", "bar"}
     assert "cptd_buffer_docs" in registry_sample_names() and "cptd_ingest_docs_total" in registry_sample_names()
     assert "cptd_swap_pause_seconds_bucket" in registry_sample_names() and "cptd_policy_info" in registry_sample_names()
@@ -572,10 +729,23 @@ def test_dashboard_queries_only_defined_metrics():
         assert not unknown, f"panel {title!r} queries metrics not in daemon/metrics.py: {sorted(unknown)}"
         used |= names
     # The panels the issue asks for are there.
-    for needed in ("cptd_ingest_docs_total", "cptd_buffer_docs", "cptd_replay_docs", "cptd_drift_score", "cptd_round_phase",
-                   "cptd_round_phase_seconds_bucket", "cptd_train_loss", "cptd_train_learning_rate", "cptd_train_tokens_per_second",
-                   "cptd_eval_forgetting_nats", "cptd_eval_adaptation_nats", "cptd_gate_decisions_total",
-                   "cptd_swap_pause_seconds_bucket", "cptd_rollbacks_total", "cptd_live_weight_version_info"):
+    for needed in (
+        "cptd_ingest_docs_total",
+        "cptd_buffer_docs",
+        "cptd_replay_docs",
+        "cptd_drift_score",
+        "cptd_round_phase",
+        "cptd_round_phase_seconds_bucket",
+        "cptd_train_loss",
+        "cptd_train_learning_rate",
+        "cptd_train_tokens_per_second",
+        "cptd_eval_forgetting_nats",
+        "cptd_eval_adaptation_nats",
+        "cptd_gate_decisions_total",
+        "cptd_swap_pause_seconds_bucket",
+        "cptd_rollbacks_total",
+        "cptd_live_weight_version_info",
+    ):
         assert needed in used, needed
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
@@ -592,8 +762,16 @@ def test_alert_rules_query_only_defined_metrics():
 
 
 # --------------------------------------------------------------------------- promtool
-REQUIRED_ALERTS = {"CptdIngestStalled", "CptdDeadLetterRatioHigh", "CptdBufferNearCap", "CptdRoundFailed", "CptdRollback",
-                   "CptdSwapSlow", "CptdPolicyReloadRefused", "CptdLeaderLeaseLost"}
+REQUIRED_ALERTS = {
+    "CptdIngestStalled",
+    "CptdDeadLetterRatioHigh",
+    "CptdBufferNearCap",
+    "CptdRoundFailed",
+    "CptdRollback",
+    "CptdSwapSlow",
+    "CptdPolicyReloadRefused",
+    "CptdLeaderLeaseLost",
+}
 
 
 def test_promtool_check_rules():

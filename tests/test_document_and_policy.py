@@ -1,4 +1,5 @@
 """Message parsing and policy-file validation: every bad input is named."""
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,7 @@ def test_malformed_messages_get_their_reason(raw, reason):
 def test_json_and_plain_text_documents():
     d = parse_message(json.dumps({"text": "hello", "id": "7", "source": "s", "lang": "en", "ts": 3, "meta": {"a": 1}}).encode(), 1000)
     assert d == Document(text="hello", id="7", source="s", lang="en", ts=3.0, meta={"a": 1})
-    assert parse_message("[citation needed] plain prose".encode(), 1000) == Document(text="[citation needed] plain prose")
+    assert parse_message(b"[citation needed] plain prose", 1000) == Document(text="[citation needed] plain prose")
 
 
 def test_policy_errors_name_the_field_and_range(tmp_path):

@@ -1,10 +1,11 @@
 """Drift statistics -> score -> replay ratio and peak LR (policies/drift.py). The probe on a real model is in test_train.py."""
+
 import pytest
 from pydantic import ValidationError
 
-from policies.drift import DriftPolicy, DriftStats, apply_to_schedule, adjust_for_drift, drift_score, js_distance
-from policies.replay import ReplayPolicy
+from policies.drift import DriftPolicy, DriftStats, adjust_for_drift, apply_to_schedule, drift_score, js_distance
 from policies.lr_schedule import SchedulePolicy
+from policies.replay import ReplayPolicy
 
 
 def stats(gap, js):

@@ -1,4 +1,5 @@
 """Evaluation of serving vs candidate checkpoints on real tiny Llamas (CPU, seconds)."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.dev.tiny_model import build_tiny_llama
 from daemon.jobs.evaluator import (
     EvalData,
     EvalReport,
@@ -20,7 +22,6 @@ from daemon.jobs.evaluator import (
     save_canaries,
     save_report,
 )
-from daemon.dev.tiny_model import build_tiny_llama
 from policies.gates import GatePolicy, gate_round
 
 pytestmark = pytest.mark.slow  # trains and scores tiny models
@@ -29,8 +30,11 @@ COLORS = ["blue", "green", "red", "black", "white", "yellow"]
 THINGS = ["sky", "grass", "rose", "night", "snow", "sun", "sea", "leaf"]
 FACTS = [(t, COLORS[(i * 5) % len(COLORS)]) for i, t in enumerate(THINGS)]
 NEW_DOCS = [f"in the new town the {t} is {c} today" for t, c in FACTS]
-OLD_DOCS = [f"an old story about a {a} cat that sleeps {n} hours near the river" for a in ("grey", "fat", "tiny", "lazy")
-            for n in ("two", "ten", "many")]
+OLD_DOCS = [
+    f"an old story about a {a} cat that sleeps {n} hours near the river"
+    for a in ("grey", "fat", "tiny", "lazy")
+    for n in ("two", "ten", "many")
+]
 
 
 def _fine_tune(src: Path, root: Path, texts: list[str], save_at: tuple[int, ...], lr: float = 3e-3) -> list[Path]:
@@ -65,10 +69,14 @@ def round_dir(tmp_path_factory) -> dict[str, Path]:
     base = build_tiny_llama(root / "serving", NEW_DOCS * 3 + OLD_DOCS * 3, seed=0)
     early, late = _fine_tune(base, root, NEW_DOCS, save_at=(10, 60))
     suite = root / "colors.jsonl"
-    suite.write_text("".join(json.dumps({"context": f"in the new town the {t} is", "choices": COLORS,
-                                         "answer": COLORS.index(c)}) + "\n" for t, c in FACTS))
-    canaries = save_canaries(record_canaries(base, ["an old story about", "the river", "in the new town the sky"], 6),
-                             root / "canaries.jsonl")
+    suite.write_text(
+        "".join(
+            json.dumps({"context": f"in the new town the {t} is", "choices": COLORS, "answer": COLORS.index(c)}) + "\n" for t, c in FACTS
+        )
+    )
+    canaries = save_canaries(
+        record_canaries(base, ["an old story about", "the river", "in the new town the sky"], 6), root / "canaries.jsonl"
+    )
     return {"root": root, "base": base, "early": early, "late": late, "suite": suite, "canaries": canaries}
 
 

@@ -1,4 +1,5 @@
 """Gate decisions: pure, from scores and the policy file's `gates` section."""
+
 from __future__ import annotations
 
 import math

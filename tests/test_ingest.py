@@ -1,4 +1,5 @@
 """Ingest acceptance against a real broker and a real Redis: nothing lost, nothing counted twice."""
+
 from __future__ import annotations
 
 import signal
@@ -20,14 +21,16 @@ def counts(store: RedisStore) -> Counter:
 
 
 def wait_total(store: RedisStore, n: int, proc=None, timeout: float = 120) -> None:
-    wait_for(lambda: sum(store.counters().values()) >= n, timeout, f"{n} messages accounted (have {sum(store.counters().values())})",
-             0.1, proc)
+    wait_for(
+        lambda: sum(store.counters().values()) >= n, timeout, f"{n} messages accounted (have {sum(store.counters().values())})", 0.1, proc
+    )
     assert sum(store.counters().values()) == n
 
 
 def read_topic(bootstrap: str, topic: str, n: int, timeout: float = 60) -> list:
-    c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
-                      group_id=None, consumer_timeout_ms=1000)
+    c = KafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None, consumer_timeout_ms=1000
+    )
     got: list = []
     wait_for(lambda: got.extend(m for recs in c.poll(500).values() for m in recs) or len(got) >= n, timeout, f"{n} records on {topic}")
     c.close()
@@ -43,6 +46,7 @@ def setup(tmp_path, topics, bootstrap, redis_url):
         policy = load_policy(policy_path)
         store = RedisStore.from_url(redis_url, policy.name)
         return policy_path, policy, store
+
     return make
 
 
@@ -118,7 +122,7 @@ def _rss_kb(pid: int) -> int:
 
 def _lag(proc) -> int:
     text = httpx.get(f"http://127.0.0.1:{proc.port}/metrics", timeout=5).text
-    return sum(int(float(l.rsplit(" ", 1)[1])) for l in text.splitlines() if l.startswith("cptd_ingest_consumer_lag{"))
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines() if line.startswith("cptd_ingest_consumer_lag{"))
 
 
 def test_buffer_cap_pauses_consumption_and_resumes_when_drained(setup, ingest_procs, redis_url, bootstrap, topics):
@@ -146,7 +150,13 @@ def test_buffer_cap_pauses_consumption_and_resumes_when_drained(setup, ingest_pr
         drained += store.remove_docs(keys)
         if sum(store.counters().values()) >= len(goods):
             break
-        wait_for(lambda: store.buffer_stats()["buffer_docs"] > 0 or sum(store.counters().values()) >= len(goods), 60, "more documents", 0.1, proc.proc)
+        wait_for(
+            lambda: store.buffer_stats()["buffer_docs"] > 0 or sum(store.counters().values()) >= len(goods),
+            60,
+            "more documents",
+            0.1,
+            proc.proc,
+        )
     wait_total(store, len(goods), proc.proc)
     assert counts(store)[("accepted", "")] == len(goods)
 
@@ -156,8 +166,16 @@ def test_two_processes_split_partitions_and_totals_add_up(setup, ingest_procs, r
     first, _ = mixed_stream(policy, n_good=300, seed=9)
     a = ingest_procs(policy_path, redis_url, bootstrap)
     b = ingest_procs(policy_path, redis_url, bootstrap)
-    wait_for(lambda: a.status()["ingest"]["assigned"] and b.status()["ingest"]["assigned"]
-             and len(a.status()["ingest"]["assigned"]) + len(b.status()["ingest"]["assigned"]) == 4, 90, "both members to own partitions", 0.2)
+    wait_for(
+        lambda: (
+            a.status()["ingest"]["assigned"]
+            and b.status()["ingest"]["assigned"]
+            and len(a.status()["ingest"]["assigned"]) + len(b.status()["ingest"]["assigned"]) == 4
+        ),
+        90,
+        "both members to own partitions",
+        0.2,
+    )
     pa, pb = set(a.status()["ingest"]["assigned"]), set(b.status()["ingest"]["assigned"])
     assert pa and pb and not (pa & pb)
     produce(bootstrap, topics["docs"], [m.value for m in first], partitions=4)

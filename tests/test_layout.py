@@ -1,4 +1,5 @@
 """The layout promises of docs/architecture.md §1, checked rather than hoped for."""
+
 from __future__ import annotations
 
 import ast
@@ -50,14 +51,19 @@ def test_import_arrows_point_one_way():
 
 
 def test_the_process_imports_neither_torch_nor_dev_tooling():
-    code = ("import sys, daemon.app, daemon.cli, daemon.api, daemon.round_runner, daemon.ingest, connectors.vllm; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft') or m.startswith('daemon.dev')))")
+    code = (
+        "import sys, daemon.app, daemon.cli, daemon.api, daemon.round_runner, daemon.ingest, connectors.vllm; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft') or m.startswith('daemon.dev')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 
 
 def test_nothing_points_outside_the_repository():
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    hits = [f for f in files if (REPO / f).is_file() and f != "tests/test_layout.py"
-            and "../shared" in (REPO / f).read_text(encoding="utf-8", errors="replace")]
+    hits = [
+        f
+        for f in files
+        if (REPO / f).is_file() and f != "tests/test_layout.py" and "../shared" in (REPO / f).read_text(encoding="utf-8", errors="replace")
+    ]
     assert hits == []

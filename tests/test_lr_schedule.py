@@ -1,11 +1,20 @@
 """Shape checks of the learning-rate schedules (policies/lr_schedule.py)."""
+
 import math
 
 import pytest
 from pydantic import ValidationError
 
 from policies.lr_schedule import (
-    SchedulePolicy, anneal, anneal_steps_for, constant, infinite, infinite_main, rewarm_cosine, round_lr, wsd,
+    SchedulePolicy,
+    anneal,
+    anneal_steps_for,
+    constant,
+    infinite,
+    infinite_main,
+    rewarm_cosine,
+    round_lr,
+    wsd,
 )
 
 
@@ -59,7 +68,9 @@ def test_constant_with_and_without_warmup():
 
 @pytest.mark.parametrize("cooldown", ["cosine", "inv_sqrt"])
 def test_infinite_warmup_cooldown_constant_anneal(cooldown):
-    kw = dict(warmup_steps=10, cooldown_steps=40, eta_max=1.0, eta_const=0.5, eta_min=0.05, anneal_start=150, anneal_steps=30, cooldown=cooldown)
+    kw = dict(
+        warmup_steps=10, cooldown_steps=40, eta_max=1.0, eta_const=0.5, eta_min=0.05, anneal_start=150, anneal_steps=30, cooldown=cooldown
+    )
     lrs = trace(lambda s: infinite(s, **kw), 180)
     assert increasing(lrs[:10]) and lrs[9] == pytest.approx(1.0)
     assert nonincreasing(lrs[10:50]) and lrs[10] == pytest.approx(1.0)
@@ -106,9 +117,11 @@ def test_round_lr_infinite_continues_the_main_line_across_rounds():
 
 
 def test_round_lr_dispatches_other_kinds():
-    for kind, fn in (("rewarm_cosine", lambda s: rewarm_cosine(s, 50, 2e-4, 2e-5, 0.02)),
-                     ("wsd", lambda s: wsd(s, 50, 2e-4, 0.02, 0.2, "1-sqrt", 2e-5)),
-                     ("constant", lambda s: constant(s, 2e-4, 1))):
+    for kind, fn in (
+        ("rewarm_cosine", lambda s: rewarm_cosine(s, 50, 2e-4, 2e-5, 0.02)),
+        ("wsd", lambda s: wsd(s, 50, 2e-4, 0.02, 0.2, "1-sqrt", 2e-5)),
+        ("constant", lambda s: constant(s, 2e-4, 1)),
+    ):
         p = SchedulePolicy(kind=kind, peak_lr=2e-4, warmup_frac=0.02)
         assert [round_lr(p, s, 50)[0] for s in range(50)] == trace(fn, 50)
         assert anneal_steps_for(p, 50) == 0

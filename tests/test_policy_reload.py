@@ -1,4 +1,5 @@
 """Policy hot-reload: valid edits apply, invalid ones are refused with the field named, ConfigMap symlink swaps are seen."""
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ daemon.metrics.REGISTRY) and the `prometheus` binary from the Debian package
 reads `cptd_` metrics back through Prometheus's HTTP query API. Every wait is a
 poll on a condition with a deadline; both processes are stopped at teardown.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -86,14 +87,26 @@ def prometheus(tmp_path, daemon):
     daemon_url, daemon_proc, daemon_log = daemon
     port = free_port()
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [daemon_url.removeprefix("http://")]}]}],
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(RULES)],
+                "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [daemon_url.removeprefix("http://")]}]}],
+            }
+        )
+    )
     log = tmp_path / "prometheus.log"
-    proc = _start([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                   f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], log)
+    proc = _start(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        log,
+    )
     procs = [(proc, log), (daemon_proc, daemon_log)]
     try:
         url = f"http://127.0.0.1:{port}"
@@ -119,12 +132,12 @@ def test_prometheus_scrapes_the_daemon_and_serves_cptd_metrics(daemon, prometheu
     _wait_for("up{job=cptd-daemon} == 1", lambda: [s for s in _query(prom, f'up{{job="{JOB}"}}') if s["value"][1] == "1"], 60, procs)
 
     # A cptd_ metric read back through the query API equals what the daemon serves.
-    result = _wait_for("cptd_start_time_seconds in Prometheus",
-                       lambda: _query(prom, f'cptd_start_time_seconds{{job="{JOB}"}}'), 60, procs)
+    result = _wait_for("cptd_start_time_seconds in Prometheus", lambda: _query(prom, f'cptd_start_time_seconds{{job="{JOB}"}}'), 60, procs)
     assert len(result) == 1
     assert result[0]["metric"]["__name__"] == "cptd_start_time_seconds"
-    served = {s.name: s.value for fam in text_string_to_metric_families(httpx.get(f"{daemon_url}/metrics", timeout=5).text)
-              for s in fam.samples}
+    served = {
+        s.name: s.value for fam in text_string_to_metric_families(httpx.get(f"{daemon_url}/metrics", timeout=5).text) for s in fam.samples
+    }
     assert float(result[0]["value"][1]) == served["cptd_start_time_seconds"]
     assert served["cptd_start_time_seconds"] > 1.6e9, "the daemon records its start time"
 
@@ -160,6 +173,7 @@ def test_prometheus_scrapes_the_daemon_and_serves_cptd_metrics(daemon, prometheu
     assert {r["name"] for r in rules} == declared
     assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     # A daemon that just started fires nothing (CptdNoLeader waits 5 minutes before firing).
-    firing = {a["labels"]["alertname"] for a in httpx.get(f"{prom}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
-              if a["state"] == "firing"}
+    firing = {
+        a["labels"]["alertname"] for a in httpx.get(f"{prom}/api/v1/alerts", timeout=5).json()["data"]["alerts"] if a["state"] == "firing"
+    }
     assert not firing, firing

@@ -1,4 +1,5 @@
 """Quality filters: every reason code has a document that triggers it, thresholds come from the policy."""
+
 from __future__ import annotations
 
 import random
@@ -68,7 +69,7 @@ def _with_phrase(good: str, phrase: str, every: int) -> str:
 def _crafted(good: str) -> dict[str, tuple[str, QualityPolicy | None]]:
     rng = random.Random(5)
     sents = _sentences(good)
-    paras = [" ".join(sents[i:i + 3]) for i in range(0, len(sents), 3)]
+    paras = [" ".join(sents[i : i + 3]) for i in range(0, len(sents), 3)]
     lines = sents
     short_words = "a an is it to be of in on at by we he so do go up or as no me my us the and".split()
     long_words = ["".join(rng.choice("bcdfghklmnprstvz") + rng.choice("aeiou") for _ in range(7)) for _ in range(120)]
@@ -98,21 +99,28 @@ def _crafted(good: str) -> dict[str, tuple[str, QualityPolicy | None]]:
         "c4_curly_bracket": (good + "\nif (ready) { start(); } else { wait(); }", None),
         "c4_too_few_sentences": (
             "\n".join(s[:-1].replace(".", ";") + "." for s in by_length[:4])
-            + "\nPlease enable JavaScript to see the comments.\nMenu\nHome", None),
+            + "\nPlease enable JavaScript to see the comments.\nMenu\nHome",
+            None,
+        ),
         "fineweb_line_punct_ratio": ("\n".join(s.rstrip(".") for s in lines), None),
-        "fineweb_short_line_ratio": ("\n".join(" ".join(plain[i:i + 4]) + ("." if i % 40 else "") for i in range(0, 600, 4)), None),
+        "fineweb_short_line_ratio": ("\n".join(" ".join(plain[i : i + 4]) + ("." if i % 40 else "") for i in range(0, 600, 4)), None),
         "fineweb_char_dup_ratio": (good + "\n" + good.split("\n")[1], None),
         "fineweb_list_ratio": (
-            "\n".join(" ".join(plain[i:i + 3]) + ("." if i % 15 == 0 else "") for i in range(0, 600, 3)),
-            _policy(fineweb={"max_short_line_ratio": 1.0})),
+            "\n".join(" ".join(plain[i : i + 3]) + ("." if i % 15 == 0 else "") for i in range(0, 600, 3)),
+            _policy(fineweb={"max_short_line_ratio": 1.0}),
+        ),
     }
     for n in (2, 3, 4):
         cases[f"gopher_top_{n}_gram"] = (
-            _with_phrase(good, " ".join(["repeatedly"] * n), 4), _only("gopher_repetition", f"max_top_{n}_gram_frac"))
+            _with_phrase(good, " ".join(["repeatedly"] * n), 4),
+            _only("gopher_repetition", f"max_top_{n}_gram_frac"),
+        )
     for n in range(5, 11):
         phrase = "this phrase is said over and over again in the text here"
         cases[f"gopher_dup_{n}_gram"] = (
-            good + "\n" + "\n".join([phrase + f" {i}." for i in range(40)]), _only("gopher_repetition", f"max_dup_{n}_gram_frac"))
+            good + "\n" + "\n".join([phrase + f" {i}." for i in range(40)]),
+            _only("gopher_repetition", f"max_dup_{n}_gram_frac"),
+        )
     return cases
 
 

@@ -5,13 +5,15 @@ datatrove runs GopherRepetition -> GopherQuality -> C4Quality(filter_no_terminal
 filter, which downloads a model); ours runs the same families with the language check off.
 datatrove tokenizes with spaCy (~50 docs/s here), so this test takes a couple of minutes.
 """
+
 from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from daemon.dev.sample_corpus import mixed_corpus
 from policies.quality import QualityPolicy, build_filters, judge
-import pytest
 
 pytestmark = pytest.mark.slow  # runs datatrove's reference chain (spaCy) over 5,000 documents
 
@@ -58,13 +60,13 @@ def test_verdicts_agree_with_datatrove() -> None:
 
     agree = sum(o.accepted == t[0] for o, t in zip(ours, theirs))
     agreement = agree / len(docs)
-    disagreements = Counter(
-        f"datatrove={t[1] or 'accept'} ours={o.reason or 'accept'}" for o, t in zip(ours, theirs) if o.accepted != t[0]
-    )
+    disagreements = Counter(f"datatrove={t[1] or 'accept'} ours={o.reason or 'accept'}" for o, t in zip(ours, theirs) if o.accepted != t[0])
     both_accepted = [(o, t) for o, t in zip(ours, theirs) if o.accepted and t[0]]
     same_text = sum(o.text == t[2] for o, t in both_accepted)
-    print(f"\nagreement {agreement:.4f} on {len(docs)} docs "
-          f"(datatrove accepts {sum(t[0] for t in theirs)}, we accept {sum(o.accepted for o in ours)})")
+    print(
+        f"\nagreement {agreement:.4f} on {len(docs)} docs "
+        f"(datatrove accepts {sum(t[0] for t in theirs)}, we accept {sum(o.accepted for o in ours)})"
+    )
     print(f"cleaned text identical on {same_text}/{len(both_accepted)} documents both accepted")
     for k, v in disagreements.most_common():
         print(f"  {v:5d}  {k}")

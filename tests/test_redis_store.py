@@ -1,4 +1,5 @@
 """The batch write against a real Redis: atomic accounting, idempotent redelivery, dedup, caps."""
+
 from __future__ import annotations
 
 from connectors.redis_store import BatchItem, RedisStore
@@ -12,8 +13,8 @@ def test_outcomes_offsets_and_redelivery(redis_client):
     s = RedisStore(redis_client, "unit")
     batch = [
         cand(0, "k1", ["b1", "b2"]),
-        cand(1, "k1"),                      # exact duplicate within the batch
-        cand(2, "k2", ["b2", "b3"]),        # shares a band with k1 -> near duplicate
+        cand(1, "k1"),  # exact duplicate within the batch
+        cand(2, "k2", ["b2", "b3"]),  # shares a band with k1 -> near duplicate
         BatchItem("t", 0, 3, "rejected", "gopher_below_min_words"),
         BatchItem("t", 0, 4, "dead_lettered", "invalid_json"),
         cand(5, "k3", ["b4"]),

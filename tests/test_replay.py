@@ -1,4 +1,5 @@
 """Replay ratio by drift and Algorithm R decisions (policies/replay.py)."""
+
 import random
 
 import pytest
@@ -62,6 +63,6 @@ def test_reservoir_keeps_every_item_with_equal_probability():
             kept[i] += 1
     expect = trials * cap / n  # 30 per item
     quarter = n // 4
-    means = [sum(kept[q * quarter:(q + 1) * quarter]) / quarter for q in range(4)]
+    means = [sum(kept[q * quarter : (q + 1) * quarter]) / quarter for q in range(4)]
     # early items must not be favoured over late ones (nor the reverse)
     assert all(m == pytest.approx(expect, rel=0.1) for m in means), means

@@ -1,4 +1,5 @@
 """The replay reservoir in a real Redis: capped, uniform (Algorithm R), deduplicated, seen by near-dedup."""
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,14 @@ def test_cli_seed_replay_seeds_valid_lines_and_names_bad_ones(tmp_path, redis_ur
     policy = tmp_path / "policy.yaml"
     policy.write_text("name: seedtest\nreplay: {reservoir_docs: 25}\n")
     env = dict(os.environ, CPTD_POLICY=str(policy), CPTD_REDIS_URL=redis_url)
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "--json", "seed-replay", str(f), "--seed", "7"],
-                         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--json", "seed-replay", str(f), "--seed", "7"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 1, out.stderr  # one invalid line, named; the others seeded
     rep = json.loads(out.stdout)
     assert rep["invalid_lines"] == [{"line": 21, "reason": "invalid_json", "detail": rep["invalid_lines"][0]["detail"]}]

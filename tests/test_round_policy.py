@@ -1,4 +1,5 @@
 """Round triggering and shaping decisions (policies/round_policy.py)."""
+
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
@@ -197,9 +198,17 @@ def test_invalid_cron_is_refused_with_the_expression_named(field, expr):
 def test_policy_field_bounds_and_defaults():
     t = TriggerPolicy()
     assert (t.cron, t.interval_s, t.buffer_tokens, t.drift_score, t.blackout, t.timezone) == (None, None, None, None, [], "UTC")
-    for bad in ({"interval_s": 0}, {"buffer_tokens": 0}, {"drift_score": 0}, {"drift_score": 1.5},
-                {"drift_probe_interval_s": 5}, {"buffer_check_interval_s": 0.1}, {"min_gap_s": -1},
-                {"timezone": "Mars/Olympus"}, {"crons": "0 3 * * *"}):
+    for bad in (
+        {"interval_s": 0},
+        {"buffer_tokens": 0},
+        {"drift_score": 0},
+        {"drift_score": 1.5},
+        {"drift_probe_interval_s": 5},
+        {"buffer_check_interval_s": 0.1},
+        {"min_gap_s": -1},
+        {"timezone": "Mars/Olympus"},
+        {"crons": "0 3 * * *"},
+    ):
         with pytest.raises(ValidationError):
             TriggerPolicy(**bad)
     with pytest.raises(ValidationError, match="Mars/Olympus"):
@@ -219,6 +228,7 @@ def test_min_gap_reason_counts_down():
 
 def test_next_swap_allowed_is_quick_over_a_week():
     import time
+
     p = TriggerPolicy(blackout=["* * * * *"])
     t0 = time.perf_counter()
     assert next_swap_allowed(datetime(2024, 1, 1, tzinfo=UTC) + timedelta(seconds=5), p) is None

@@ -3,6 +3,7 @@
 The HTTP layer is exercised over a real uvicorn server with a small in-test engine (the daemon's own
 engine needs Redis, Kafka and vLLM; tests/test_round_runner.py runs that one end to end).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,12 +42,20 @@ def _record(state: RoundState = RoundState.DEPLOYED) -> RoundRecord:
     from dataclasses import asdict
 
     return RoundRecord(
-        id="r00007", number=7, state=state, created_at=100.0, updated_at=200.0, owner="pod-a",
-        trigger=Trigger(kind="manual", reason="operator"), policy_hash="abc", policy={"name": "x"},
+        id="r00007",
+        number=7,
+        state=state,
+        created_at=100.0,
+        updated_at=200.0,
+        owner="pod-a",
+        trigger=Trigger(kind="manual", reason="operator"),
+        policy_hash="abc",
+        policy={"name": "x"},
         parent=Parent(version="base", checkpoint="/ck/base"),
         phases={RoundState.PENDING: PhaseTimes(started_at=100.0, finished_at=101.0), state: PhaseTimes(started_at=150.0)},
-        train=TrainRecord(spec={"round_id": "r00007"}, spec_digest="d", out_dir="/o", launcher="subprocess",
-                          curve=[(1, 3.5, 1e-4), (2, 3.1, 2e-4)]),
+        train=TrainRecord(
+            spec={"round_id": "r00007"}, spec_digest="d", out_dir="/o", launcher="subprocess", curve=[(1, 3.5, 1e-4), (2, 3.1, 2e-4)]
+        ),
         gate=GateRecord.model_validate(asdict(d)),
         deployed_at=199.0,
     )
@@ -116,8 +125,12 @@ class _Engine:
             raise ValueError("cannot roll back to 'nowhere'")
         if to == "standby":
             raise PermissionError("this daemon does not run rounds")
-        return RollbackResult(ok=True, from_version=self.rec.id, to=to or "base",
-                              record=DeploySummary(ok=True, kind="rollback", version=to or "base", checkpoint="/ck/base"))
+        return RollbackResult(
+            ok=True,
+            from_version=self.rec.id,
+            to=to or "base",
+            record=DeploySummary(ok=True, kind="rollback", version=to or "base", checkpoint="/ck/base"),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +160,9 @@ def test_openapi_shows_the_record_schemas(api_url):
     schemas = spec["components"]["schemas"]
     assert set(schemas["RoundState"]["enum"]) == {s.value for s in RoundState}
     assert {"gate", "snapshot", "train", "deploy", "rollback"} <= set(schemas["RoundRecord"]["properties"])
-    assert spec["paths"]["/rounds"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["items"]["$ref"].endswith("/RoundSummary")
+    assert spec["paths"]["/rounds"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["items"]["$ref"].endswith(
+        "/RoundSummary"
+    )
     assert schemas["GateReasonRecord"]["required"] == ["code", "message"]
 
 

@@ -7,6 +7,7 @@ the daemon once in each of SNAPSHOT, TRAINING, EVALUATING and DEPLOYING (with a
 replica paused mid-swap) and checks that the restarted daemon finishes the
 round, that vLLM serves what the daemon says, and that document accounting is exact.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,9 @@ import yaml
 
 from connectors.redis_store import RedisStore
 from connectors.vllm import Replica
+from daemon.dev.sample_corpus import domain_docs, english_docs
 from daemon.dev.services import create_topics, wait_for
 from daemon.dev.vllm_server import VLLMServer
-from daemon.dev.sample_corpus import domain_docs, english_docs
 from daemon.seed_replay import seed_replay
 from policies.config import load_policy
 from tests.conftest import make_policy
@@ -64,8 +65,16 @@ def fresh_vllm(vllm: VLLMServer, base_model: Path) -> VLLMServer:
 
 def round_policy(tmp_path: Path, topics: dict, **over) -> Path:
     sections = {
-        "train": {"seq_len": 64, "micro_batch_size": 4, "grad_accum": 1, "max_steps": 12, "eval_interval": 4,
-                  "checkpoint_interval": 4, "keep_checkpoints": 3, "device": "cpu"},
+        "train": {
+            "seq_len": 64,
+            "micro_batch_size": 4,
+            "grad_accum": 1,
+            "max_steps": 12,
+            "eval_interval": 4,
+            "checkpoint_interval": 4,
+            "keep_checkpoints": 3,
+            "device": "cpu",
+        },
         "schedule": {"kind": "rewarm_cosine", "peak_lr": 3e-3, "warmup_frac": 0.1},
         "drift": {"peak_lr_min": 2e-3, "peak_lr_max": 4e-3, "probe_docs": 16, "probe_max_len": 64},
         "replay": {"mode": "fixed", "fixed_ratio": 0.2, "reservoir_docs": 500},
@@ -82,7 +91,15 @@ class Deployment:
     """One deployment: its policy, Redis namespace, checkpoint volume and daemon processes."""
 
     def __init__(self, tmp_path: Path, topics: dict, redis_url: str, bootstrap: str, vllm: VLLMServer, base: Path, start, **over):
-        self.tmp, self.topics, self.redis_url, self.bootstrap, self.vllm, self.base, self._start = tmp_path, topics, redis_url, bootstrap, vllm, base, start
+        self.tmp, self.topics, self.redis_url, self.bootstrap, self.vllm, self.base, self._start = (
+            tmp_path,
+            topics,
+            redis_url,
+            bootstrap,
+            vllm,
+            base,
+            start,
+        )
         create_topics(bootstrap, {topics["docs"]: 2, topics["dlq"]: 1})  # before any daemon joins the group
         self.policy_path = round_policy(tmp_path, topics, **over)
         self.policy = load_policy(self.policy_path)
@@ -95,8 +112,13 @@ class Deployment:
         assert seed_replay(seed_file, self.store, self.policy, random.Random(0)).placed == 40
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {"CPTD_VLLM_URLS": self.vllm.url, "CPTD_CHECKPOINT_DIR": str(self.ckpt), "CPTD_BASE_CHECKPOINT": str(self.base),
-                "CPTD_TRAIN_CPU_THREADS": "1", **extra}
+        return {
+            "CPTD_VLLM_URLS": self.vllm.url,
+            "CPTD_CHECKPOINT_DIR": str(self.ckpt),
+            "CPTD_BASE_CHECKPOINT": str(self.base),
+            "CPTD_TRAIN_CPU_THREADS": "1",
+            **extra,
+        }
 
     def start(self, **extra: str):
         d = self._start(self.policy_path, self.redis_url, self.bootstrap, self.env(**extra))
@@ -111,7 +133,9 @@ class Deployment:
 
     def wait_accounted(self, d, timeout: float = 120) -> dict:
         n = len(self.produced)
-        return wait_for(lambda: (s := d.status()).get("counts", {}).get("total") == n and s, timeout, f"{n} messages accounted", 0.3, d.proc)
+        return wait_for(
+            lambda: (s := d.status()).get("counts", {}).get("total") == n and s, timeout, f"{n} messages accounted", 0.3, d.proc
+        )
 
     def trigger(self, d) -> str:
         before = len(self.store.list_rounds())
@@ -130,8 +154,9 @@ class Deployment:
         return self.store.get_round(rid)
 
     def wait_state(self, rid: str, states: set[str], timeout: float, proc=None) -> dict:
-        return wait_for(lambda: (r := self.round(rid)) and r["state"] in states and r, timeout,
-                        f"round {rid} to reach {sorted(states)}", 0.2, proc)
+        return wait_for(
+            lambda: (r := self.round(rid)) and r["state"] in states and r, timeout, f"round {rid} to reach {sorted(states)}", 0.2, proc
+        )
 
     def check_accounting(self) -> None:
         """Every accepted document is in the buffer or in exactly one round's manifest; none twice, none lost."""
@@ -163,6 +188,7 @@ def served_version(vllm: VLLMServer) -> str:
 def deployment(tmp_path, topics, redis_url, bootstrap, fresh_vllm, base_model, ingest_procs):
     def make(**over) -> Deployment:
         return Deployment(tmp_path, topics, redis_url, bootstrap, fresh_vllm, base_model, ingest_procs, **over)
+
     return make
 
 

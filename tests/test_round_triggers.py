@@ -1,4 +1,5 @@
 """daemon/round_triggers.py with a real APScheduler BackgroundScheduler: which jobs ask for a round, and when."""
+
 import threading
 
 import pytest
@@ -145,8 +146,9 @@ def test_a_failing_callable_is_logged_and_the_job_keeps_running(sched, caplog):
 def test_jobs_before_start_and_an_invalid_policy_keeps_the_old_jobs(sched):
     sched.apply(TriggerPolicy(cron="0 3 * * *"), lambda: 0, lambda: None)
     assert sched.jobs() == [{"id": "cron", "trigger": sched.jobs()[0]["trigger"], "next_run_time": None}]
-    bad = TriggerPolicy.model_construct(cron="not a cron", interval_s=None, buffer_tokens=None, drift_score=None,
-                                        timezone="UTC", blackout=[])
+    bad = TriggerPolicy.model_construct(
+        cron="not a cron", interval_s=None, buffer_tokens=None, drift_score=None, timezone="UTC", blackout=[]
+    )
     with pytest.raises(ValueError, match="not a cron"):
         sched.apply(bad, lambda: 0, lambda: None)
     assert [j["id"] for j in sched.jobs()] == ["cron"]

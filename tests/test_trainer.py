@@ -4,6 +4,7 @@ Domain A (prose) is what the parent model "was pre-trained on"; domain B (code)
 is the new data of a round. The two share almost no frequent tokens, so
 adaptation and forgetting are large and clear on a 2-layer model in seconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from daemon.dev.tiny_model import TinyLlamaShape, build_tiny_llama
 from daemon.jobs.drift_probe import measure_drift
 from daemon.jobs.lm_loss import mean_token_loss
-from daemon.dev.tiny_model import TinyLlamaShape, build_tiny_llama
 from daemon.jobs.specs import TrainSpec
 from daemon.jobs.trainer import pack, packed_logits, run, trainable_digest
 from policies.drift import DriftPolicy, adjust_for_drift
-from policies.replay import ReplayPolicy
 from policies.lr_schedule import SchedulePolicy, round_lr
+from policies.replay import ReplayPolicy
 
 pytestmark = pytest.mark.slow  # trains tiny models, SIGKILL/resume and torchrun runs
 
@@ -38,8 +39,13 @@ OPS = "+ - * //".split()
 
 def prose(n: int, seed: int) -> list[str]:
     r = random.Random(seed)
-    return [" ".join(f"The {r.choice(ADJS)} {r.choice(NOUNS)} {r.choice(VERBS)} the {r.choice(NOUNS)} near the {r.choice(ADJS)} {r.choice(NOUNS)}."
-                     for _ in range(r.randint(2, 5))) for _ in range(n)]
+    return [
+        " ".join(
+            f"The {r.choice(ADJS)} {r.choice(NOUNS)} {r.choice(VERBS)} the {r.choice(NOUNS)} near the {r.choice(ADJS)} {r.choice(NOUNS)}."
+            for _ in range(r.randint(2, 5))
+        )
+        for _ in range(n)
+    ]
 
 
 def code(n: int, seed: int) -> list[str]:
@@ -49,8 +55,10 @@ def code(n: int, seed: int) -> list[str]:
         fns = []
         for _ in range(r.randint(1, 3)):
             f, a, b = r.choice(NAMES), r.choice(NAMES), r.choice(NAMES)
-            fns.append(f"def get_{f}({a}, {b}):\n    if {a} > {r.randint(0, 99)}:\n        return {a} {r.choice(OPS)} {b}\n"
-                       f"    return {b} {r.choice(OPS)} {r.randint(0, 9)}\n")
+            fns.append(
+                f"def get_{f}({a}, {b}):\n    if {a} > {r.randint(0, 99)}:\n        return {a} {r.choice(OPS)} {b}\n"
+                f"    return {b} {r.choice(OPS)} {r.randint(0, 9)}\n"
+            )
         out.append("\n".join(fns))
     return out
 
@@ -60,12 +68,22 @@ def write_jsonl(path: Path, texts: list[str]) -> str:
     return str(path)
 
 
-TRAIN = {"seq_len": 64, "micro_batch_size": 8, "grad_accum": 1, "eval_interval": 10, "checkpoint_interval": 100, "device": "cpu", "eval_max_docs": 40}
+TRAIN = {
+    "seq_len": 64,
+    "micro_batch_size": 8,
+    "grad_accum": 1,
+    "eval_interval": 10,
+    "checkpoint_interval": 100,
+    "device": "cpu",
+    "eval_max_docs": 40,
+}
 torch.set_num_threads(1)  # 2 cores shared by several jobs: one thread per process is both faster and reproducible
 
 
 def make_spec(**kw) -> TrainSpec:
     return TrainSpec(cpu_threads=1, **kw)
+
+
 SHAPE = TinyLlamaShape(vocab_size=384, hidden_size=64, intermediate_size=128, max_position_embeddings=256)
 
 
@@ -81,8 +99,16 @@ def world(tmp_path_factory):
         "b_train": write_jsonl(d / "b_train.jsonl", code(160, 5)),
         "b_held": write_jsonl(d / "b_held.jsonl", code(40, 6)),
     }
-    pre = run(make_spec(parent_dir=w["base"], out_dir=str(d / "pre_a"), new_path=w["a_train"], heldout_new_path=w["a_held"],
-                        schedule={"kind": "rewarm_cosine", "peak_lr": 3e-3, "warmup_frac": 0.05}, train={**TRAIN, "epochs": 2, "eval_interval": 1000}))
+    pre = run(
+        make_spec(
+            parent_dir=w["base"],
+            out_dir=str(d / "pre_a"),
+            new_path=w["a_train"],
+            heldout_new_path=w["a_held"],
+            schedule={"kind": "rewarm_cosine", "peak_lr": 3e-3, "warmup_frac": 0.05},
+            train={**TRAIN, "epochs": 2, "eval_interval": 1000},
+        )
+    )
     w["model_a"] = pre["final"]
     return w
 
@@ -105,9 +131,20 @@ def events(out_dir: str | Path, kind: str) -> list[dict]:
 
 
 def b_round(w, name: str, replay_ratio: float, seed: int) -> dict:
-    return run(make_spec(parent_dir=w["model_a"], out_dir=str(w["dir"] / name), new_path=w["b_train"], replay_path=w["a_train"],
-                         heldout_new_path=w["b_held"], heldout_replay_path=w["a_held"], replay_ratio=replay_ratio, data_seed=seed,
-                         schedule={"kind": "rewarm_cosine", "peak_lr": 3e-3, "warmup_frac": 0.05}, train={**TRAIN, "epochs": 2, "eval_interval": 20}))
+    return run(
+        make_spec(
+            parent_dir=w["model_a"],
+            out_dir=str(w["dir"] / name),
+            new_path=w["b_train"],
+            replay_path=w["a_train"],
+            heldout_new_path=w["b_held"],
+            heldout_replay_path=w["a_held"],
+            replay_ratio=replay_ratio,
+            data_seed=seed,
+            schedule={"kind": "rewarm_cosine", "peak_lr": 3e-3, "warmup_frac": 0.05},
+            train={**TRAIN, "epochs": 2, "eval_interval": 20},
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +189,19 @@ def test_replay_reduces_forgetting(world, b_rounds):
 
 def test_kill_mid_round_and_resume_gives_identical_weights(world):
     d = world["dir"]
+
     def spec(name):
-        return make_spec(parent_dir=world["base"], out_dir=str(d / name), new_path=world["a_train"], replay_path=world["b_train"],
-                         replay_ratio=0.1, data_seed=3, schedule={"kind": "rewarm_cosine", "peak_lr": 2e-3},
-                         train={**TRAIN, "max_steps": 40, "checkpoint_interval": 5, "eval_interval": 100})
+        return make_spec(
+            parent_dir=world["base"],
+            out_dir=str(d / name),
+            new_path=world["a_train"],
+            replay_path=world["b_train"],
+            replay_ratio=0.1,
+            data_seed=3,
+            schedule={"kind": "rewarm_cosine", "peak_lr": 2e-3},
+            train={**TRAIN, "max_steps": 40, "checkpoint_interval": 5, "eval_interval": 100},
+        )
+
     killed = spec("killed")
     (d / "killed.json").write_text(killed.to_json())
     cmd = [sys.executable, "-m", "daemon.jobs.trainer", str(d / "killed.json")]
@@ -181,11 +227,29 @@ def test_kill_mid_round_and_resume_gives_identical_weights(world):
 
 def test_infinite_main_line_carries_across_rounds(world):
     d = world["dir"]
-    sched = {"kind": "infinite", "warmup_steps": 4, "cooldown_steps": 8, "eta_max": 3e-3, "eta_const": 1.5e-3, "eta_min": 1.5e-4, "anneal_frac": 0.2}
+    sched = {
+        "kind": "infinite",
+        "warmup_steps": 4,
+        "cooldown_steps": 8,
+        "eta_max": 3e-3,
+        "eta_const": 1.5e-3,
+        "eta_min": 1.5e-4,
+        "anneal_frac": 0.2,
+    }
     sp = SchedulePolicy.model_validate(sched)
+
     def spec(name, mainline_in, seed):
-        return make_spec(parent_dir=world["base"], out_dir=str(d / name), new_path=world["a_train"], heldout_new_path=world["a_held"],
-                         schedule=sched, mainline_in=mainline_in, data_seed=seed, train={**TRAIN, "max_steps": 20})
+        return make_spec(
+            parent_dir=world["base"],
+            out_dir=str(d / name),
+            new_path=world["a_train"],
+            heldout_new_path=world["a_held"],
+            schedule=sched,
+            mainline_in=mainline_in,
+            data_seed=seed,
+            train={**TRAIN, "max_steps": 20},
+        )
+
     r1 = run(spec("inf1", None, 1))
     r2 = run(spec("inf2", r1["mainline"], 2))
     for out, g0 in ((d / "inf1", 0), (d / "inf2", 20)):
@@ -212,8 +276,16 @@ def test_lora_writes_an_adapter_peft_and_vllm_layout_load(world):
     from peft import PeftModel
 
     out = world["dir"] / "lora"
-    r = run(make_spec(parent_dir=world["model_a"], out_dir=str(out), new_path=world["b_train"], heldout_new_path=world["b_held"],
-                      schedule={"kind": "constant", "peak_lr": 3e-3}, train={**TRAIN, "mode": "lora", "lora_r": 8, "lora_alpha": 16, "max_steps": 15}))
+    r = run(
+        make_spec(
+            parent_dir=world["model_a"],
+            out_dir=str(out),
+            new_path=world["b_train"],
+            heldout_new_path=world["b_held"],
+            schedule={"kind": "constant", "peak_lr": 3e-3},
+            train={**TRAIN, "mode": "lora", "lora_r": 8, "lora_alpha": 16, "max_steps": 15},
+        )
+    )
     final = Path(r["final"])
     assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
     assert not (final / "model.safetensors").exists()
@@ -243,11 +315,27 @@ def test_drift_same_distribution_scores_lower_than_shifted(world):
 def test_torchrun_two_ranks_trains_one_consistent_model(world):
     """DDP under torchrun (gloo on CPU): both ranks step together; the saved candidate learned the new domain."""
     d = world["dir"]
-    spec = make_spec(parent_dir=world["model_a"], out_dir=str(d / "ddp"), new_path=world["b_train"], heldout_new_path=world["b_held"],
-                     data_seed=5, schedule={"kind": "rewarm_cosine", "peak_lr": 3e-3, "warmup_frac": 0.05},
-                     train={**TRAIN, "max_steps": 12, "eval_interval": 100})
+    spec = make_spec(
+        parent_dir=world["model_a"],
+        out_dir=str(d / "ddp"),
+        new_path=world["b_train"],
+        heldout_new_path=world["b_held"],
+        data_seed=5,
+        schedule={"kind": "rewarm_cosine", "peak_lr": 3e-3, "warmup_frac": 0.05},
+        train={**TRAIN, "max_steps": 12, "eval_interval": 100},
+    )
     (d / "ddp.json").write_text(spec.to_json())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "daemon.jobs.trainer", str(d / "ddp.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "daemon.jobs.trainer",
+        str(d / "ddp.json"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((d / "ddp" / "result.json").read_text())

@@ -1,4 +1,5 @@
 """Hot swap, rollback, LoRA, watch and crash recovery against real vLLM CPU servers."""
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,9 @@ def test_ten_swaps_under_concurrent_load_drop_no_request(controller, tiny_models
         with httpx.Client(base_url=vllm_server.url, timeout=120) as http:
             while not stop.is_set():
                 try:
-                    resp = http.post("/v1/completions", json={"model": SERVED_NAME, "prompt": f"{PROMPT} {i}",
-                                                              "max_tokens": 6, "temperature": 0})
+                    resp = http.post(
+                        "/v1/completions", json={"model": SERVED_NAME, "prompt": f"{PROMPT} {i}", "max_tokens": 6, "temperature": 0}
+                    )
                     if resp.status_code == 200 and resp.json()["choices"]:
                         ok[i] += 1
                     else:
@@ -116,8 +118,10 @@ def test_ten_swaps_under_concurrent_load_drop_no_request(controller, tiny_models
     assert not failures, failures[:5]
     assert during > 0
     assert controller.replicas[0].weight_version() == "load-9"
-    print(f"\n10 swaps under 4 clients: {during} completions during swaps, {len(failures)} failed; "
-          f"pause window max {max(pauses) * 1000:.1f} ms, mean {sum(pauses) / len(pauses) * 1000:.1f} ms")
+    print(
+        f"\n10 swaps under 4 clients: {during} completions during swaps, {len(failures)} failed; "
+        f"pause window max {max(pauses) * 1000:.1f} ms, mean {sum(pauses) / len(pauses) * 1000:.1f} ms"
+    )
 
 
 def _corrupt_variants(src: Path, root: Path) -> dict[str, Path]:
@@ -149,9 +153,11 @@ def test_corrupt_candidates_rejected_before_server_is_touched(controller, tiny_m
     r = controller.replicas[0]
     old = r.complete(PROMPT, 12)
     touched_before = {h: _handler_count(vllm_server.url, h) for h in ("/pause", "/collective_rpc")}
-    expect = {"missing": "missing tensor model.layers.1.mlp.down_proj.weight",
-              "wrong_shape": "model.layers.0.self_attn.q_proj.weight",
-              "truncated": "truncated"}
+    expect = {
+        "missing": "missing tensor model.layers.1.mlp.down_proj.weight",
+        "wrong_shape": "model.layers.0.self_attn.q_proj.weight",
+        "truncated": "truncated",
+    }
     for kind, path in _corrupt_variants(tiny_models.other, tmp_path).items():
         rec = controller.deploy(path, f"bad-{kind}")
         assert not rec.ok
@@ -245,8 +251,12 @@ def test_server_killed_mid_swap_rolls_back_others_and_reconciles(tiny_models, vl
             killed.append(crash.step)
             vllm_crash_server.kill()  # the process dies between pause and reload
 
-    c = ServingController([vllm_server.url, vllm_crash_server.url], on_state=persist,
-                          config=ServingConfig(retries=1, retry_backoff_s=0.2, timeout_s=10), metrics=metrics)
+    c = ServingController(
+        [vllm_server.url, vllm_crash_server.url],
+        on_state=persist,
+        config=ServingConfig(retries=1, retry_backoff_s=0.2, timeout_s=10),
+        metrics=metrics,
+    )
     c.adopt(str(tiny_models.base), "base")
     old = c.replicas[0].complete(PROMPT, 12)
     rec = c.deploy(tiny_models.other, "round-crash")
@@ -262,8 +272,9 @@ def test_server_killed_mid_swap_rolls_back_others_and_reconciles(tiny_models, vl
     c.close()
 
     vllm_crash_server.start(timeout=300)  # what Kubernetes does: same pod spec, boot checkpoint
-    fresh = ServingController([vllm_server.url, vllm_crash_server.url],
-                              state=ServingState.from_json(state_file.read_text()), on_state=persist)
+    fresh = ServingController(
+        [vllm_server.url, vllm_crash_server.url], state=ServingState.from_json(state_file.read_text()), on_state=persist
+    )
     rep = fresh.reconcile()
     assert rep.live == {vllm_server.url: "base", vllm_crash_server.url: "base"}, rep
     assert rep.diverged == []

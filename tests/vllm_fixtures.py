@@ -9,6 +9,7 @@ and different seeds (so greedy completions differ), and two LoRA adapters on
 the first. Servers are stopped by process group at teardown, whatever the
 tests did.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -49,8 +50,9 @@ def _build_lora(base: Path, out: Path, seed: int) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
     torch.manual_seed(seed)
     # init_lora_weights=False: non-zero B, so each adapter changes the output (a zero adapter proves nothing).
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"],
-                                                  init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(str(out), safe_serialization=True)
     return out
 
@@ -65,13 +67,20 @@ def build_tiny_models(root: Path) -> TinyModels:
     build_tiny_llama(root / "other-build", CORPUS, seed=1)
     shutil.copy(root / "other-build" / "model.safetensors", other / "model.safetensors")
     shutil.rmtree(root / "other-build")
-    return TinyModels(base=base, other=other, lora1=_build_lora(base, root / "lora1", 1),
-                      lora2=_build_lora(base, root / "lora2", 2), lora3=_build_lora(base, root / "lora3", 3), root=root)
+    return TinyModels(
+        base=base,
+        other=other,
+        lora1=_build_lora(base, root / "lora1", 1),
+        lora2=_build_lora(base, root / "lora2", 2),
+        lora3=_build_lora(base, root / "lora3", 3),
+        root=root,
+    )
 
 
 def start_server(models: TinyModels, log_name: str) -> VLLMServer:
-    return VLLMServer(model=str(models.base), served_model_name=SERVED_NAME, enable_lora=True, max_lora_rank=8,
-                      log_path=models.root / log_name).start(timeout=300)
+    return VLLMServer(
+        model=str(models.base), served_model_name=SERVED_NAME, enable_lora=True, max_lora_rank=8, log_path=models.root / log_name
+    ).start(timeout=300)
 
 
 @pytest.fixture(scope="session")

@@ -11,14 +11,15 @@ the easy extremes. Everything is driven by one `random.Random(seed)`, and the
 source files are read in sorted order, so a seed always gives the same corpus
 on the same Python version.
 """
+
 from __future__ import annotations
 
 import functools
 import random
 import re
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 _TRIPLE_QUOTED = re.compile(r'(?s)[rRbBuU]?("""|\'\'\')(.*?)\1')
 _COMMENT_LINE = re.compile(r"^\s*#+ ?(.*)$")
@@ -59,9 +60,7 @@ def _split_blocks(lines: list[str]) -> list[str]:
 def _stdlib_files() -> tuple[tuple[str, ...], ...]:
     """Paragraphs per stdlib file, files in sorted order (cached: reading them takes seconds)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p for p in root.rglob("*.py") if not (_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
-    )[:_MAX_FILES]
+    files = sorted(p for p in root.rglob("*.py") if not (_SKIP_DIRS & set(p.relative_to(root).parts[:-1])))[:_MAX_FILES]
     out = []
     for p in files:
         try:
@@ -143,39 +142,84 @@ def _prose(rng: random.Random, size: int) -> list[str]:
 
 # ---- junk generators: each takes the rng and returns one document ----------
 
-_NAV = ["Home", "About us", "Contact", "Blog", "Shop", "Login", "Sign up", "FAQ", "Careers", "News",
-        "Products", "Services", "Support", "Downloads", "Press", "Partners", "Sitemap", "Search"]
-_JS = ["Please enable JavaScript to view the comments powered by Disqus.",
-       "JavaScript is disabled in your browser, some features will not work.",
-       "You need to enable JavaScript to run this app.",
-       "This page requires JavaScript to display the interactive map correctly."]
-_POLICY = ["This website uses cookies to improve your experience while you navigate.",
-           "By continuing to browse you agree to our use of cookies and our privacy policy.",
-           "Read our terms of use and cookie policy before posting a comment here.",
-           "We use cookies to personalise content and ads and to analyse our traffic."]
-_LOREM = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt "
-          "ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco "
-          "laboris nisi ut aliquip ex ea commodo consequat.")
-_CODE = ["function init() {", "  var el = document.getElementById('main');", "  if (el) { el.style.display = 'none'; }",
-         "}", "for (int i = 0; i < n; i++) {", "  total += values[i];", "}", "const config = { debug: true, retries: 3 };",
-         "body { margin: 0; padding: 0; font-family: sans-serif; }", "if (x > 0) { return x; } else { return -x; }"]
-_SPAM = ["buy cheap shoes online", "best price guaranteed", "free shipping today", "click here now",
-         "limited time offer", "top rated seller"]
+_NAV = [
+    "Home",
+    "About us",
+    "Contact",
+    "Blog",
+    "Shop",
+    "Login",
+    "Sign up",
+    "FAQ",
+    "Careers",
+    "News",
+    "Products",
+    "Services",
+    "Support",
+    "Downloads",
+    "Press",
+    "Partners",
+    "Sitemap",
+    "Search",
+]
+_JS = [
+    "Please enable JavaScript to view the comments powered by Disqus.",
+    "JavaScript is disabled in your browser, some features will not work.",
+    "You need to enable JavaScript to run this app.",
+    "This page requires JavaScript to display the interactive map correctly.",
+]
+_POLICY = [
+    "This website uses cookies to improve your experience while you navigate.",
+    "By continuing to browse you agree to our use of cookies and our privacy policy.",
+    "Read our terms of use and cookie policy before posting a comment here.",
+    "We use cookies to personalise content and ads and to analyse our traffic.",
+]
+_LOREM = (
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt "
+    "ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco "
+    "laboris nisi ut aliquip ex ea commodo consequat."
+)
+_CODE = [
+    "function init() {",
+    "  var el = document.getElementById('main');",
+    "  if (el) { el.style.display = 'none'; }",
+    "}",
+    "for (int i = 0; i < n; i++) {",
+    "  total += values[i];",
+    "}",
+    "const config = { debug: true, retries: 3 };",
+    "body { margin: 0; padding: 0; font-family: sans-serif; }",
+    "if (x > 0) { return x; } else { return -x; }",
+]
+_SPAM = [
+    "buy cheap shoes online",
+    "best price guaranteed",
+    "free shipping today",
+    "click here now",
+    "limited time offer",
+    "top rated seller",
+]
 _WORDS = {
-    "de": ("der die das und ist nicht ein eine zu mit auf für von im den des dem wir sie es auch "
-           "werden haben nach bei über unter zwischen heute morgen immer wieder schnell langsam Haus Stadt "
-           "Straße Wasser Arbeit Zeit Leben Menschen Regierung Schule Kinder Wetter Geschichte Beispiel "
-           "Entwicklung Unternehmen Wirtschaft Gesellschaft groß klein neu alt wichtig möglich schwierig "
-           "gesagt gemacht gefunden gesehen geschrieben erklärt verstanden").split(),
-    "fr": ("le la les et est pas un une de du des avec pour sur dans nous vous ils elle aussi être avoir "
-           "après chez sous entre aujourd'hui demain toujours encore vite lentement maison ville rue eau "
-           "travail temps vie gens gouvernement école enfants météo histoire exemple développement "
-           "entreprise économie société grand petit nouveau vieux important possible difficile dit fait "
-           "trouvé vu écrit expliqué compris").split(),
-    "es": ("el la los las y es no un una de del con para sobre en nosotros ellos ella también ser tener "
-           "después entre hoy mañana siempre otra vez rápido despacio casa ciudad calle agua trabajo tiempo "
-           "vida gente gobierno escuela niños clima historia ejemplo desarrollo empresa economía sociedad "
-           "grande pequeño nuevo viejo importante posible difícil dicho hecho encontrado visto escrito").split(),
+    "de": (
+        "der die das und ist nicht ein eine zu mit auf für von im den des dem wir sie es auch "
+        "werden haben nach bei über unter zwischen heute morgen immer wieder schnell langsam Haus Stadt "
+        "Straße Wasser Arbeit Zeit Leben Menschen Regierung Schule Kinder Wetter Geschichte Beispiel "
+        "Entwicklung Unternehmen Wirtschaft Gesellschaft groß klein neu alt wichtig möglich schwierig "
+        "gesagt gemacht gefunden gesehen geschrieben erklärt verstanden"
+    ).split(),
+    "fr": (
+        "le la les et est pas un une de du des avec pour sur dans nous vous ils elle aussi être avoir "
+        "après chez sous entre aujourd'hui demain toujours encore vite lentement maison ville rue eau "
+        "travail temps vie gens gouvernement école enfants météo histoire exemple développement "
+        "entreprise économie société grand petit nouveau vieux important possible difficile dit fait "
+        "trouvé vu écrit expliqué compris"
+    ).split(),
+    "es": (
+        "el la los las y es no un una de del con para sobre en nosotros ellos ella también ser tener "
+        "después entre hoy mañana siempre otra vez rápido despacio casa ciudad calle agua trabajo tiempo "
+        "vida gente gobierno escuela niños clima historia ejemplo desarrollo empresa economía sociedad "
+        "grande pequeño nuevo viejo importante posible difícil dicho hecho encontrado visto escrito"
+    ).split(),
 }
 
 
@@ -243,7 +287,7 @@ def _curly(rng: random.Random) -> str:
 def _short_lines(rng: random.Random) -> str:
     nav = [rng.choice(_NAV) for _ in range(rng.randint(10, 60))]
     body = _prose(rng, rng.randint(0, 2500))
-    return "\n".join(nav[: len(nav) // 2] + body + nav[len(nav) // 2:])
+    return "\n".join(nav[: len(nav) // 2] + body + nav[len(nav) // 2 :])
 
 
 def _symbols(rng: random.Random) -> str:
@@ -272,7 +316,7 @@ def _long_words(rng: random.Random) -> str:
     out = []
     for p in paras:
         w = p.split()
-        out.append(" ".join("".join(w[i:i + rng.randint(2, 4)]) for i in range(0, len(w), 3)))
+        out.append(" ".join("".join(w[i : i + rng.randint(2, 4)]) for i in range(0, len(w), 3)))
     return "\n\n".join(out)
 
 
@@ -315,9 +359,24 @@ def _cut_wrapped(rng: random.Random) -> str:
 
 
 _JUNK: tuple[Callable[[random.Random], str], ...] = (
-    _repeated_lines, _repeated_paragraphs, _bullets, _javascript, _policy, _lorem, _curly, _short_lines,
-    _symbols, _ellipsis_lines, _numbers, _long_words, _spam_ngrams, _no_punct_lines, _word_per_line,
-    _short_doc, _cut_wrapped, _foreign,
+    _repeated_lines,
+    _repeated_paragraphs,
+    _bullets,
+    _javascript,
+    _policy,
+    _lorem,
+    _curly,
+    _short_lines,
+    _symbols,
+    _ellipsis_lines,
+    _numbers,
+    _long_words,
+    _spam_ngrams,
+    _no_punct_lines,
+    _word_per_line,
+    _short_doc,
+    _cut_wrapped,
+    _foreign,
 )
 
 

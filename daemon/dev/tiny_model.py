@@ -6,11 +6,12 @@ given texts, and a randomly initialised LlamaForCausalLM saved as safetensors â€
 the same directory layout a real Hugging Face checkpoint has, which is what the
 trainer and vLLM load.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
     fast.save_pretrained(str(out_dir))
     return fast
 

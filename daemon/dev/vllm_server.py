@@ -7,6 +7,7 @@ The server runs in its own process group so stopping it also ends the engine
 core child process; a stop never leaves a stray server holding RAM and CPU on
 a shared machine.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,13 +43,23 @@ class VLLMServer:
 
     def argv(self) -> list[str]:
         a = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", self.model,
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--dtype", "float32",
-            "--gpu-memory-utilization", "0.3",
-            "--max-model-len", str(self.max_model_len),
-            "--max-num-seqs", "16",
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            "float32",
+            "--gpu-memory-utilization",
+            "0.3",
+            "--max-model-len",
+            str(self.max_model_len),
+            "--max-num-seqs",
+            "16",
             "--disable-log-stats",
         ]
         if self.served_model_name:
@@ -70,7 +81,7 @@ class VLLMServer:
         )
         return e
 
-    def start(self, timeout: float = 240.0) -> "VLLMServer":
+    def start(self, timeout: float = 240.0) -> VLLMServer:
         self.launch()
         try:
             self.wait_healthy(timeout)
@@ -79,7 +90,7 @@ class VLLMServer:
             raise
         return self
 
-    def launch(self) -> "VLLMServer":
+    def launch(self) -> VLLMServer:
         """Start the process and return at once (the demo does other work while vLLM loads)."""
         if not self.port:
             self.port = free_port()
@@ -120,7 +131,7 @@ class VLLMServer:
         except subprocess.TimeoutExpired:
             pass
 
-    def restart(self, model: str | None = None, timeout: float = 240.0) -> "VLLMServer":
+    def restart(self, model: str | None = None, timeout: float = 240.0) -> VLLMServer:
         """Stop and start again on the same port (a fresh process, as after a crash or a redeploy)."""
         self.stop()
         if model is not None:
@@ -135,7 +146,7 @@ class VLLMServer:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc) -> None:

@@ -6,13 +6,14 @@ and hands the result to policies.drift.adjust_for_drift. Both sets are scored by
 shared token-loss function, the same one evaluation uses, so "loss" means the
 same thing in the drift record and the eval record.
 """
+
 from __future__ import annotations
 
 import json
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Sequence
 
 from daemon.jobs.lm_loss import mean_token_loss
 from daemon.jobs.specs import DriftSpec, read_texts
@@ -37,9 +38,11 @@ def drift_stats(model, tokenizer, new: Sequence[str], ref: Sequence[str], max_le
     ln = mean_token_loss(model, tokenizer, new, max_len=max_len)
     lr = mean_token_loss(model, tokenizer, ref, max_len=max_len)
     return DriftStats(
-        loss_new=ln.mean_nll, loss_ref=lr.mean_nll,
+        loss_new=ln.mean_nll,
+        loss_ref=lr.mean_nll,
         js_distance=js_distance(unigram_counts(tokenizer, new), unigram_counts(tokenizer, ref)),
-        tokens_new=ln.tokens, tokens_ref=lr.tokens,
+        tokens_new=ln.tokens,
+        tokens_ref=lr.tokens,
     )
 
 
@@ -52,8 +55,9 @@ def load_model(model_dir: str, device: str = "cpu"):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def measure_drift(model_dir: str, new: Sequence[str], ref: Sequence[str], max_docs: int = 256, max_len: int = 512,
-                  seed: int = 0, device: str = "cpu") -> DriftStats:
+def measure_drift(
+    model_dir: str, new: Sequence[str], ref: Sequence[str], max_docs: int = 256, max_len: int = 512, seed: int = 0, device: str = "cpu"
+) -> DriftStats:
     model, tokenizer = load_model(model_dir, device)
     return drift_stats(model, tokenizer, sample(new, max_docs, seed), sample(ref, max_docs, seed + 1), max_len)
 
@@ -65,8 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) != 1:
         raise SystemExit("usage: python -m daemon.jobs.drift_probe SPEC.json")
     spec = DriftSpec.read(argv[0])
-    s = measure_drift(spec.model, read_texts(spec.new_path), read_texts(spec.ref_path), spec.max_docs, spec.max_len,
-                      spec.seed, spec.device)
+    s = measure_drift(spec.model, read_texts(spec.new_path), read_texts(spec.ref_path), spec.max_docs, spec.max_len, spec.seed, spec.device)
     print(json.dumps({**asdict(s), "ppl_gap": s.ppl_gap}))
 
 

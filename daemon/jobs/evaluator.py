@@ -9,14 +9,15 @@ run rather than reused from an earlier round, because the held-out sets
 differ per round and only same-data numbers compare. The report is plain
 JSON so it is stored with the round and read back by the gate and the API.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from daemon.jobs.lm_loss import mean_token_loss
 from daemon.jobs.specs import (
@@ -81,8 +82,7 @@ def load_mc_suite(path: str | Path) -> list[MCItem]:
 
 
 def load_canaries(path: str | Path) -> list[Canary]:
-    return [Canary(str(d["prompt"]), str(d["expected"]), str(d.get("name") or f"canary-{i}"))
-            for i, d in enumerate(_read_jsonl(path), 1)]
+    return [Canary(str(d["prompt"]), str(d["expected"]), str(d.get("name") or f"canary-{i}")) for i, d in enumerate(_read_jsonl(path), 1)]
 
 
 def save_canaries(canaries: Sequence[Canary], path: str | Path) -> Path:
@@ -114,7 +114,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context = context[:-n_spaces]
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], max_len: int = 512) -> list[float]:
@@ -130,12 +130,12 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], max_le
                 out.append(0.0)
                 continue
             seq = ([bos] if bos is not None else []) + ctx + cont
-            seq = seq[-(max_len + 1):]  # left-truncate like the harness; the continuation is kept whole
+            seq = seq[-(max_len + 1) :]  # left-truncate like the harness; the continuation is kept whole
             inp = torch.tensor([seq[:-1]])
             logp = torch.log_softmax(model(input_ids=inp).logits[0].float(), dim=-1)
             tgt = torch.tensor(seq[1:])
             tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-            out.append(float(tok_lp[-len(cont):].sum()))
+            out.append(float(tok_lp[-len(cont) :].sum()))
     return out
 
 
@@ -161,17 +161,25 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_token
         for p in prompts:
             ids = ([bos] if bos is not None else []) + tokenizer(p, add_special_tokens=False)["input_ids"]
             inp = torch.tensor([ids])
-            gen = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
-            outs.append(tokenizer.decode(gen[0, len(ids):], skip_special_tokens=False))
+            gen = model.generate(
+                inp,
+                attention_mask=torch.ones_like(inp),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=None,
+            )
+            outs.append(tokenizer.decode(gen[0, len(ids) :], skip_special_tokens=False))
     return outs
 
 
 def record_canaries(model_path: str | Path, prompts: Sequence[str], max_new_tokens: int = 8) -> list[Canary]:
     """Freeze the serving model's greedy continuations as canaries (how a deployment bootstraps them)."""
     model, tok = load_model(model_path)
-    return [Canary(p, c, f"canary-{i}") for i, (p, c) in
-            enumerate(zip(prompts, greedy_continuations(model, tok, prompts, max_new_tokens)), 1)]
+    return [
+        Canary(p, c, f"canary-{i}")
+        for i, (p, c) in enumerate(zip(prompts, greedy_continuations(model, tok, prompts, max_new_tokens), strict=False), 1)
+    ]
 
 
 def check_canaries(model, tokenizer, canaries: Sequence[Canary]) -> list[CanaryResult]:
@@ -194,15 +202,24 @@ def score_checkpoint(path: str | Path, data: EvalData, name: str | None = None) 
     suites = {s: score_mc(model, tok, s, load_mc_suite(p), data.target_delimiter, data.max_len) for s, p in sorted(data.suites.items())}
     canaries = check_canaries(model, tok, load_canaries(data.canaries)) if data.canaries else []
     return ModelReport(
-        name=name or Path(path).name, path=str(path),
+        name=name or Path(path).name,
+        path=str(path),
         new=_summary(model, tok, data.new_docs, data.max_len),
         replay=_summary(model, tok, data.replay_docs, data.max_len),
-        suites=suites, canaries=canaries, seconds=time.monotonic() - t,
+        suites=suites,
+        canaries=canaries,
+        seconds=time.monotonic() - t,
     )
 
 
-def evaluate_round(round_id: str, serving: str | Path, candidates: Sequence[str | Path], data: EvalData,
-                   names: Sequence[str] | None = None, on_scored: Callable[[int, int, str], None] | None = None) -> EvalReport:
+def evaluate_round(
+    round_id: str,
+    serving: str | Path,
+    candidates: Sequence[str | Path],
+    data: EvalData,
+    names: Sequence[str] | None = None,
+    on_scored: Callable[[int, int, str], None] | None = None,
+) -> EvalReport:
     """Score the serving checkpoint and every candidate of the round on the same held-out data.
 
     `on_scored(done, total, name)` is called after each model (progress for the daemon and the demo)."""
@@ -215,7 +232,7 @@ def evaluate_round(round_id: str, serving: str | Path, candidates: Sequence[str 
     serving_report = score_checkpoint(serving, data, "serving")
     tell(1, total, "serving")
     scored = []
-    for c, n in zip(candidates, names):
+    for c, n in zip(candidates, names, strict=False):
         scored.append(score_checkpoint(c, data, n))
         tell(1 + len(scored), total, n)
     return EvalReport(round_id=round_id, serving=serving_report, candidates=scored, created_at=time.time())
@@ -238,9 +255,14 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) != 1:
         raise SystemExit("usage: python -m daemon.jobs.evaluator SPEC.json")
     spec = EvalSpec.read(argv[0])
-    data = EvalData(new_docs=read_texts(spec.new_path), replay_docs=read_texts(spec.replay_path),
-                    suites=spec.suites, canaries=spec.canaries, max_len=spec.max_len)
-    names, paths = zip(*spec.candidates) if spec.candidates else ((), ())
+    data = EvalData(
+        new_docs=read_texts(spec.new_path),
+        replay_docs=read_texts(spec.replay_path),
+        suites=spec.suites,
+        canaries=spec.canaries,
+        max_len=spec.max_len,
+    )
+    names, paths = zip(*spec.candidates, strict=False) if spec.candidates else ((), ())
     out = Path(spec.out)
     progress = open(spec.progress_path, "a", encoding="utf-8")
 

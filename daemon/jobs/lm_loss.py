@@ -7,10 +7,11 @@ BOS, cut into windows of at most `max_len` tokens, and every predicted token
 counts once. The mean is over tokens, not documents, so long documents weigh
 what they contain.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -64,5 +65,5 @@ def mean_token_loss(model, tokenizer, texts: Sequence[str], max_len: int = 512, 
     if was_training:
         model.train()
     total = sum(doc_tok)
-    per_doc = [n / t if t else math.nan for n, t in zip(doc_nll, doc_tok)]
+    per_doc = [n / t if t else math.nan for n, t in zip(doc_nll, doc_tok, strict=False)]
     return LossResult(mean_nll=(sum(doc_nll) / total) if total else math.nan, tokens=total, per_doc=per_doc)

@@ -6,6 +6,7 @@ out. This module holds those file formats and nothing that needs torch, so the
 daemon process (and its image without a GPU) imports it cheaply and a spec
 written by one version is read by the job of the same version.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -165,8 +166,12 @@ class EvalReport:
     @classmethod
     def from_json(cls, text: str) -> EvalReport:
         d = json.loads(text)
-        return cls(round_id=d["round_id"], serving=_model_report(d["serving"]),
-                   candidates=[_model_report(c) for c in d["candidates"]], created_at=d.get("created_at", 0.0))
+        return cls(
+            round_id=d["round_id"],
+            serving=_model_report(d["serving"]),
+            candidates=[_model_report(c) for c in d["candidates"]],
+            created_at=d.get("created_at", 0.0),
+        )
 
 
 def _nan_to_none(x: Any) -> Any:
@@ -180,14 +185,23 @@ def _nan_to_none(x: Any) -> Any:
 
 
 def _loss(d: dict[str, Any]) -> LossSummary:
-    return LossSummary(mean_nll=math.nan if d["mean_nll"] is None else d["mean_nll"],
-                       perplexity=math.nan if d["perplexity"] is None else d["perplexity"], tokens=d["tokens"])
+    return LossSummary(
+        mean_nll=math.nan if d["mean_nll"] is None else d["mean_nll"],
+        perplexity=math.nan if d["perplexity"] is None else d["perplexity"],
+        tokens=d["tokens"],
+    )
 
 
 def _model_report(d: dict[str, Any]) -> ModelReport:
-    return ModelReport(name=d["name"], path=d["path"], new=_loss(d["new"]), replay=_loss(d["replay"]),
-                       suites={k: SuiteResult(**v) for k, v in d["suites"].items()},
-                       canaries=[CanaryResult(**c) for c in d["canaries"]], seconds=d.get("seconds", 0.0))
+    return ModelReport(
+        name=d["name"],
+        path=d["path"],
+        new=_loss(d["new"]),
+        replay=_loss(d["replay"]),
+        suites={k: SuiteResult(**v) for k, v in d["suites"].items()},
+        canaries=[CanaryResult(**c) for c in d["canaries"]],
+        seconds=d.get("seconds", 0.0),
+    )
 
 
 # --------------------------------------------------------------------------- drift

@@ -27,9 +27,9 @@ attention mask, transformers turns that into a block-diagonal causal mask
 (sdpa/eager/flex) or varlen attention (flash-attention), so attention never
 crosses documents. Targets that would predict a BOS across a boundary are masked.
 """
+
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -40,7 +40,6 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,14 +47,15 @@ import torch.nn.functional as F
 
 from daemon.jobs.lm_loss import mean_token_loss
 from daemon.jobs.specs import TrainSpec, read_texts
-from policies.replay import replay_tokens_for
 from policies.lr_schedule import SchedulePolicy, anneal_steps_for, round_lr
+from policies.replay import replay_tokens_for
 from policies.train import TrainPolicy
 
 IGNORE = -100
 
 
 # ---------------------------------------------------------------- data
+
 
 def tokenize_docs(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
@@ -121,6 +121,7 @@ def blocks_at(n_blocks: int, seed: int, start: int, count: int) -> list[int]:
 
 # ---------------------------------------------------------------- model + state
 
+
 def pick_device(want: str) -> torch.device:
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
@@ -135,7 +136,8 @@ def load_model(spec: TrainSpec, tp: TrainPolicy, state_dir: str | None, device: 
 
     attn = spec.attn_implementation
     if attn == "auto":
-        # flex builds a sparse block mask from the per-document positions; sdpa would need a dense mask (H100, 0.5B: 18% vs 34% MFU compiled)
+        # flex builds a sparse block mask from the per-document positions; sdpa would need a dense mask
+        # (H100, 0.5B: 18% vs 34% MFU compiled)
         attn = ("flash_attention_2" if _has_flash_attn() else "flex_attention") if device.type == "cuda" else "sdpa"
     if tp.mode == "full":
         model = AutoModelForCausalLM.from_pretrained(state_dir or spec.parent_dir, dtype=torch.float32, attn_implementation=attn)
@@ -147,8 +149,13 @@ def load_model(spec: TrainSpec, tp: TrainPolicy, state_dir: str | None, device: 
             model = PeftModel.from_pretrained(base, state_dir, is_trainable=True)
         else:
             torch.manual_seed(spec.init_seed)
-            cfg = LoraConfig(r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
-                             target_modules=list(tp.lora_targets), task_type="CAUSAL_LM")
+            cfg = LoraConfig(
+                r=tp.lora_r,
+                lora_alpha=tp.lora_alpha,
+                lora_dropout=tp.lora_dropout,
+                target_modules=list(tp.lora_targets),
+                task_type="CAUSAL_LM",
+            )
             model = get_peft_model(base, cfg)
     model.config.use_cache = False
     return model.to(device)
@@ -157,6 +164,7 @@ def load_model(spec: TrainSpec, tp: TrainPolicy, state_dir: str | None, device: 
 def _has_flash_attn() -> bool:
     try:
         import flash_attn  # noqa: F401
+
         return True
     except ImportError:
         return False
@@ -220,6 +228,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 # ---------------------------------------------------------------- the round
 
+
 class Progress:
     """JSON lines to OUT/progress.jsonl and stdout; on a resume, records for re-run steps appear again (take the last)."""
 
@@ -278,7 +287,10 @@ def run(spec: TrainSpec) -> dict:
     main_steps = tp.max_steps or max(1, math.floor(tp.epochs * n_blocks / per_step))
     anneal_steps = anneal_steps_for(sp, main_steps)
     total_steps = main_steps + anneal_steps
-    heldout = {"new": read_texts(spec.heldout_new_path)[: tp.eval_max_docs], "replay": read_texts(spec.heldout_replay_path)[: tp.eval_max_docs]}
+    heldout = {
+        "new": read_texts(spec.heldout_new_path)[: tp.eval_max_docs],
+        "replay": read_texts(spec.heldout_replay_path)[: tp.eval_max_docs],
+    }
 
     # State: newest checkpoint of this round, else the main line it continues, else the parent.
     ckpt_dir = out / "checkpoints"
@@ -297,10 +309,27 @@ def run(spec: TrainSpec) -> dict:
             step, tokens = st["step"], st["tokens"]
     init_from = "checkpoint" if ckpt else ("mainline" if mainline_in else "parent")
     opt_steps0 = max((int(s["step"]) for s in opt.state_dict()["state"].values()), default=0)
-    log("start", round_id=spec.round_id, spec=spec.digest(), init_from=init_from, resumed_at=step, init_digest=trainable_digest(model),
-        optimizer_steps=opt_steps0, global_step0=global_step0, main_steps=main_steps, anneal_steps=anneal_steps,
-        total_steps=total_steps, n_blocks=n_blocks, tokens_per_step=per_step * tp.seq_len, replay_tokens=replay_tok,
-        new_tokens=sum(map(len, new_docs)), schedule=sp.kind, mode=tp.mode, device=str(device), world_size=world)
+    log(
+        "start",
+        round_id=spec.round_id,
+        spec=spec.digest(),
+        init_from=init_from,
+        resumed_at=step,
+        init_digest=trainable_digest(model),
+        optimizer_steps=opt_steps0,
+        global_step0=global_step0,
+        main_steps=main_steps,
+        anneal_steps=anneal_steps,
+        total_steps=total_steps,
+        n_blocks=n_blocks,
+        tokens_per_step=per_step * tp.seq_len,
+        replay_tokens=replay_tok,
+        new_tokens=sum(map(len, new_docs)),
+        schedule=sp.kind,
+        mode=tp.mode,
+        device=str(device),
+        world_size=world,
+    )
 
     raw_model = model
     if ddp:
@@ -314,11 +343,19 @@ def run(spec: TrainSpec) -> dict:
 
     def evaluate(at: int) -> None:
         if main_proc and (heldout["new"] or heldout["replay"]):
-            losses = {f"loss_heldout_{k}": mean_token_loss(raw_model, tokenizer, v, max_len=tp.seq_len).mean_nll for k, v in heldout.items() if v}
+            losses = {
+                f"loss_heldout_{k}": mean_token_loss(raw_model, tokenizer, v, max_len=tp.seq_len).mean_nll for k, v in heldout.items() if v
+            }
             log("eval", step=at, global_step=global_step0 + min(at, main_steps), **losses)
 
     def state(at: int) -> dict:
-        return {"step": at, "tokens": tokens, "global_step": global_step0 + min(at, main_steps), "spec": spec.digest(), "round_id": spec.round_id}
+        return {
+            "step": at,
+            "tokens": tokens,
+            "global_step": global_step0 + min(at, main_steps),
+            "spec": spec.digest(),
+            "round_id": spec.round_id,
+        }
 
     def checkpoint(at: int) -> None:
         if main_proc:
@@ -347,13 +384,15 @@ def run(spec: TrainSpec) -> dict:
         t0 = time.perf_counter()
         loss_sum = 0.0
         for m in range(tp.grad_accum):
-            b = mine[m * tp.micro_batch_size:(m + 1) * tp.micro_batch_size]
+            b = mine[m * tp.micro_batch_size : (m + 1) * tp.micro_batch_size]
             x, p, y = ids[b].to(device), pos[b].to(device), tgt[b].to(device)
             sync = nullcontext() if (not ddp or m == tp.grad_accum - 1) else model.no_sync()
             with sync:  # DDP all-reduces gradients only on the last micro-batch
                 with autocast:
                     logits = packed_logits(fwd, x, p)
-                loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+                loss = F.cross_entropy(
+                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+                )
                 (loss / n_tgt).backward()
             loss_sum += float(loss.detach())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tp.grad_clip))
@@ -362,16 +401,34 @@ def run(spec: TrainSpec) -> dict:
         step += 1
         tokens += n_tgt * world
         dt = time.perf_counter() - t0
-        log("step", step=step, global_step=global_step0 + min(step, main_steps), phase=phase, tokens=tokens, loss=loss_sum / n_tgt,
-            lr=lr, grad_norm=grad_norm, tokens_per_s=n_tgt * world / dt)
+        log(
+            "step",
+            step=step,
+            global_step=global_step0 + min(step, main_steps),
+            phase=phase,
+            tokens=tokens,
+            loss=loss_sum / n_tgt,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens_per_s=n_tgt * world / dt,
+        )
         if step % tp.eval_interval == 0 or step in (main_steps, total_steps):
             evaluate(step)
         if step % tp.checkpoint_interval == 0 or step in (main_steps, total_steps):
             checkpoint(step)
 
-    result = {"round_id": spec.round_id, "spec": spec.digest(), "steps": total_steps, "main_steps": main_steps, "anneal_steps": anneal_steps,
-              "tokens": tokens, "final": str(out / "final"), "mainline": str(out / "mainline") if sp.kind == "infinite" else None,
-              "global_step": global_step0 + main_steps, "mode": tp.mode}
+    result = {
+        "round_id": spec.round_id,
+        "spec": spec.digest(),
+        "steps": total_steps,
+        "main_steps": main_steps,
+        "anneal_steps": anneal_steps,
+        "tokens": tokens,
+        "final": str(out / "final"),
+        "mainline": str(out / "mainline") if sp.kind == "infinite" else None,
+        "global_step": global_step0 + main_steps,
+        "mode": tp.mode,
+    }
     if main_proc:
         for d in ("final", "final.tmp"):
             shutil.rmtree(out / d, ignore_errors=True)
