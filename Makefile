@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints/cpu.txt
 
-.PHONY: demo test install install-test preflight
+.PHONY: demo test install install-test preflight lint
 # Prerequisites run left to right, one at a time: `test` relies on that order.
 .NOTPARALLEL:
 
@@ -31,6 +31,12 @@ install-test: install
 demo: install
 	$(BIN)/cptd demo
 
-# install -> preflight (before the test extras could hide a missing demo dependency) -> install-test -> the suite.
-test: preflight install-test
+# ruff (lint and format) over the repository, mypy over policies/ and connectors/ (configured in pyproject.toml).
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# install -> preflight (before the test extras could hide a missing demo dependency) -> install-test -> lint -> the suite.
+test: preflight install-test lint
 	$(BIN)/python -m pytest -q
