@@ -18,6 +18,7 @@ Keys:
   lsh       HASH  band key -> content key (near-dedup index of live documents)
   counters  HASH  "outcome|reason" -> messages
   offsets   HASH  "topic|partition" -> next offset not yet accounted for
+  inflight  HASH  "topic|partition" -> JSON marker of the batch being processed (crash-loop guard, daemon/ingest.py)
   stats     HASH  buffer_docs, buffer_bytes, seq, redelivered, replay_seen
   replay    HASH  reservoir slot -> content key (replay reservoir, Algorithm R, capped)
   replay_members SET content keys in the reservoir
@@ -92,7 +93,7 @@ class BatchItem:
     key: str = ""
     nbytes: int = 0
     bands: tuple[str, ...] = ()
-    doc: dict[str, Any] | None = None  # stored document record, candidates only
+    doc: dict[str, Any] | bytes | None = None  # stored document record (or its UTF-8 JSON), candidates only
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class RedisStore:
         p = f"cptd:{{{name}}}:"
         self.k_docs, self.k_buffer, self.k_exact, self.k_lsh = p + "docs", p + "buffer", p + "exact", p + "lsh"
         self.k_counters, self.k_offsets, self.k_stats = p + "counters", p + "offsets", p + "stats"
+        self.k_inflight = p + "inflight"
         self.k_replay, self.k_replay_members = p + "replay", p + "replay_members"
         self._write = client.register_script(lua_source("write_batch.lua"))
         self._remove = client.register_script(lua_source("remove_docs.lua", _DROP_DOC))
@@ -149,7 +151,11 @@ class RedisStore:
             "max_exact": max_exact_keys,
             "items": [[tp_key(i.topic, i.partition), i.offset, i.outcome, i.reason, i.key, i.nbytes, list(i.bands)] for i in items],
         }
-        blobs = [json.dumps(i.doc, ensure_ascii=False, separators=(",", ":")) for i in items if i.outcome == "candidate"]
+        blobs = [
+            i.doc if isinstance(i.doc, bytes) else json.dumps(i.doc, ensure_ascii=False, separators=(",", ":"))
+            for i in items
+            if i.outcome == "candidate"
+        ]
         keys = [self.k_docs, self.k_buffer, self.k_exact, self.k_lsh, self.k_counters, self.k_offsets, self.k_stats]
         res = self._write(keys=keys, args=[json.dumps(header, separators=(",", ":")), *blobs])
         res = [_text(x) for x in res]
@@ -164,6 +170,20 @@ class RedisStore:
             topic, _, part = _text(k).rpartition("|")
             out[(topic, int(part))] = int(v)
         return out
+
+    def guard_state(self) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], dict[str, Any]]]:
+        """Stored offsets and in-flight markers, read together (the crash-loop guard compares them)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self.k_offsets)
+        pipe.hgetall(self.k_inflight)
+        offs, marks = pipe.execute()
+        split = lambda k: (_text(k).rpartition("|")[0], int(_text(k).rpartition("|")[2]))  # noqa: E731
+        return {split(k): int(v) for k, v in offs.items()}, {split(k): json.loads(v) for k, v in marks.items()}
+
+    def set_inflight(self, markers: dict[tuple[str, int], dict[str, Any]]) -> None:
+        """Record, before a batch is processed, which offsets of each partition are in flight and by whom."""
+        if markers:
+            self.r.hset(self.k_inflight, mapping={tp_key(t, p): json.dumps(m, separators=(",", ":")) for (t, p), m in markers.items()})
 
     def counters(self) -> dict[tuple[str, str], int]:
         out = {}
