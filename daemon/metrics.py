@@ -36,6 +36,13 @@ REDIS_ERRORS = Counter("cptd_redis_errors_total", "Redis operations that failed 
 DEAD_LETTER_PRODUCE_ERRORS = Counter(
     "cptd_dead_letter_produce_errors_total", "Dead-letter sends that failed (the batch is retried, nothing committed)", registry=REGISTRY
 )
+INGEST_CORRUPT_RECORDS = Counter(
+    "cptd_ingest_corrupt_records_total",
+    "Offsets skipped because the Kafka record batch holding them could not be decoded (corrupt compressed data, CRC "
+    "mismatch); each is dead-lettered by reference with reason corrupt_batch",
+    ["topic", "partition"],
+    registry=REGISTRY,
+)
 
 # --- buffer and replay store --------------------------------------------------
 BUFFER_DOCS = Gauge("cptd_buffer_docs", "Documents waiting in the buffer for the next round", registry=REGISTRY)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import signal
+import time
 from collections import Counter
 
 import httpx
@@ -13,7 +15,7 @@ from connectors.redis_store import RedisStore
 from daemon.dev.services import create_topics, redis_service, wait_for
 from policies.config import load_policy
 from tests.conftest import make_policy
-from tests.streams import expected_counts, mixed_stream, produce
+from tests.streams import expected_counts, good_docs, mixed_stream, produce
 
 
 def counts(store: RedisStore) -> Counter:
@@ -69,7 +71,8 @@ def test_mixed_stream_exact_counts_dead_letters_and_buffer(setup, ingest_procs, 
     records = read_topic(bootstrap, topics["dlq"], len(dead))
     assert len(records) == len(dead)
     got = Counter((dict(r.headers)["cptd-outcome"].decode(), dict(r.headers)["cptd-reason"].decode(), r.value) for r in records)
-    assert got == Counter((m.outcome, m.reason, m.value) for m in dead)
+    limit = policy.ingest.max_message_bytes  # an oversize original travels as its first `limit` bytes (issue 13)
+    assert got == Counter((m.outcome, m.reason, m.value[:limit]) for m in dead)
     for r in records:
         h = dict(r.headers)
         assert h["cptd-source-topic"].decode() == topics["docs"]
@@ -183,3 +186,135 @@ def test_two_processes_split_partitions_and_totals_add_up(setup, ingest_procs, r
     assert counts(store) == expected_counts(first)
     assert a.status()["ingest"]["batches"] > 0 and b.status()["ingest"]["batches"] > 0
     assert a.kill(signal.SIGTERM) == 0 and b.kill(signal.SIGTERM) == 0  # graceful stop exits 0
+
+
+# --- issue 13: no message can stop ingest ---------------------------------------------------------------------------
+
+
+def produce_compressed(bootstrap: str, topic: str, values: list[bytes], codec: str) -> None:
+    """One kafka-python producer with compression_type=codec; linger lets the values share compressed batches."""
+    from kafka import KafkaProducer
+
+    p = KafkaProducer(bootstrap_servers=bootstrap, compression_type=codec, linger_ms=50, batch_size=1_048_576)
+    for v in values:
+        p.send(topic, v)
+    p.flush(timeout=60)
+    p.close()
+
+
+def produce_corrupt_lz4(bootstrap: str, topic: str, values: list[bytes], monkeypatch) -> None:
+    """An lz4 batch whose compressed bytes are garbage under a valid CRC: what a buggy producer sends.
+
+    kafka-python computes the CRC over whatever the codec returned, so replacing its lz4 encoder for one
+    producer yields a batch the broker stores (tansu does not decompress) and every consumer fails to decode.
+    """
+    import kafka.record.default_records as records
+
+    with monkeypatch.context() as m:
+        m.setattr(records, "lz4_encode", lambda data: b"\x04\x22\x4d\x18 not an lz4 frame " + data[:16])
+        produce_compressed(bootstrap, topic, values, "lz4")
+
+
+def _metric(proc, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{proc.port}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_poison_messages_and_compressed_batches_never_stop_ingest(setup, ingest_procs, redis_url, bootstrap, topics, monkeypatch):
+    limit = 262_144  # admits the 200 kB deep document, so the depth bound (not the size bound) refuses it
+    policy_path, policy, store = setup(partitions=1, ingest={"batch_max_docs": 50, "max_message_bytes": limit})
+    env = {"CPTD_FAILPOINTS": "ingest.message=error-if:CPTD-RAISE-HERE"}
+    proc = ingest_procs(policy_path, redis_url, bootstrap, extra_env=env)
+    goods = good_docs(130, policy, seed=13)
+    deep = b'{"text": "a", "meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    oversize = b"word " * (6 * limit // 5)  # six times ingest.max_message_bytes
+    raises = b"CPTD-RAISE-HERE: filtering this message raises"
+    expected: Counter = Counter()
+
+    produce(bootstrap, topics["docs"], [deep, oversize, raises])
+    expected.update({("dead_lettered", "invalid_json"): 1, ("dead_lettered", "oversize"): 1, ("dead_lettered", "internal_error"): 1})
+    for i, codec in enumerate(("snappy", "lz4", "zstd")):
+        produce_compressed(bootstrap, topics["docs"], [t.encode() for t in goods[i * 30 : (i + 1) * 30]], codec)
+    expected[("accepted", "")] += 90
+    produce_corrupt_lz4(bootstrap, topics["docs"], [b"lost %d" % i for i in range(3)], monkeypatch)
+    expected[("dead_lettered", "corrupt_batch")] += 3
+    produce(bootstrap, topics["docs"], [t.encode() for t in goods[90:]])
+    expected[("accepted", "")] += 40
+    n = sum(expected.values())
+
+    wait_total(store, n, proc.proc)
+    assert proc.proc.poll() is None, "the daemon exited"
+    assert counts(store) == expected
+    assert store.stored_offsets() == {(topics["docs"], 0): n}  # every offset 0..n-1 accounted, none twice
+    assert _metric(proc, "cptd_ingest_corrupt_records_total") == 3
+
+    records = read_topic(bootstrap, topics["dlq"], 6)
+    by_reason = {dict(r.headers)["cptd-reason"].decode(): r for r in records}
+    assert len(records) == 6 and set(by_reason) == {"invalid_json", "oversize", "internal_error", "corrupt_batch"}
+    assert "100001 levels deep" in dict(by_reason["invalid_json"].headers)["cptd-detail"].decode()
+    big = by_reason["oversize"]
+    h = dict(big.headers)
+    assert big.value == oversize[:limit] and h["cptd-truncated"] == b"1"
+    assert int(h["cptd-original-bytes"]) == len(oversize) and h["cptd-original-sha256"].decode() == hashlib.sha256(oversize).hexdigest()
+    h = dict(by_reason["internal_error"].headers)
+    assert h["cptd-exception"] == b"builtins.RuntimeError" and "failpoint ingest.message" in h["cptd-detail"].decode()
+    refs = sorted(int(dict(r.headers)["cptd-source-offset"]) for r in records if dict(r.headers)["cptd-reason"] == b"corrupt_batch")
+    assert refs == [93, 94, 95]  # after 3 poison + 90 compressed; by reference: no value
+    assert all(not r.value for r in records if dict(r.headers)["cptd-reason"] == b"corrupt_batch")
+    print(f"\npoison+codecs: {n} offsets accounted exactly, 0 daemon exits, {dict(sorted(counts(store).items()))}")
+
+
+def test_a_message_that_kills_the_process_is_dead_lettered_after_two_deaths(setup, ingest_procs, redis_url, bootstrap, topics):
+    policy_path, policy, store = setup(partitions=1, ingest={"batch_max_docs": 20})
+    goods = [t.encode() for t in good_docs(40, policy, seed=17)]
+    killer = b"CPTD-KILL-HERE: the process dies processing this message"
+    produce(bootstrap, topics["docs"], goods[:12] + [killer] + goods[12:])
+    env = {"CPTD_FAILPOINTS": "ingest.message=kill-if:CPTD-KILL-HERE"}
+    exits = 0
+    for _ in range(5):
+        proc = ingest_procs(policy_path, redis_url, bootstrap, extra_env=env)
+        try:
+            wait_total(store, 41, proc.proc)
+            break
+        except RuntimeError:  # the watched process exited
+            assert proc.proc.wait(timeout=10) == -signal.SIGKILL
+            exits += 1
+    assert exits == 2, f"expected exactly two deaths on the poison message, got {exits}"
+    assert counts(store) == Counter({("accepted", ""): 40, ("dead_lettered", "crash_loop"): 1})
+    assert store.stored_offsets() == {(topics["docs"], 0): 41}
+    (rec,) = read_topic(bootstrap, topics["dlq"], 1)
+    assert rec.value == killer and dict(rec.headers)["cptd-source-offset"] == b"12"
+
+
+def _hwm_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_100_oversize_messages_of_5mb_keep_ingest_rss_flat(setup, ingest_procs, redis_url, bootstrap, topics):
+    # What ingest holds is a few fetches' worth (kafka-python keeps the next fetch while a batch is processed, and
+    # tansu returns about two 5 MB records per fetch whatever the partition limit), so the bound follows
+    # ingest.fetch_max_bytes: at its 1 MiB minimum, growth stays well under 100 MB; at the 16 MiB default it
+    # measured 50-134 MB on a loaded 2-core box.
+    policy_path, policy, store = setup(partitions=1, ingest={"batch_max_docs": 20, "fetch_max_bytes": 1_048_576})
+    proc = ingest_procs(policy_path, redis_url, bootstrap)
+    warm = [t.encode() for t in good_docs(20, policy, seed=19)]
+    produce(bootstrap, topics["docs"], warm)
+    wait_total(store, 20, proc.proc)
+    rss0 = _rss_kb(proc.proc.pid)
+    with open(f"/proc/{proc.proc.pid}/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS: the peak below is this phase's
+    t0 = time.monotonic()
+    for i in range(10):  # 100 messages of 5 MB, distinct, sent 10 at a time to bound the test process too
+        produce(bootstrap, topics["docs"], [(b"%03d " % (i * 10 + j)) * 1_250_000 for j in range(10)])
+    wait_total(store, 120, proc.proc, timeout=300)
+    peak = _hwm_kb(proc.proc.pid)
+    growth_mb = (peak - rss0) / 1024
+    print(
+        f"\n100 x 5 MB oversize: RSS {rss0 / 1024:.0f} MB before, peak {peak / 1024:.0f} MB, growth {growth_mb:.0f} MB, "
+        f"{time.monotonic() - t0:.0f} s"
+    )
+    assert counts(store)[("dead_lettered", "oversize")] == 100
+    assert growth_mb < 100
