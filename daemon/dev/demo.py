@@ -65,7 +65,7 @@ class Progress:
 
     Plain lines (no carriage return, so a log reads top to bottom): the first state, then one line
     per tenth of the work (text changes when the total is unknown), at most one every `every_s`
-    seconds and at least one every `heartbeat_s` while the work goes on, and the final state.
+    seconds and at least one every `heartbeat_s` while the work goes on, and the final count.
     """
 
     def __init__(self, label: str, out: TextIO | None = None, interactive: bool | None = None,
@@ -105,7 +105,7 @@ class Progress:
     def close(self) -> None:
         if self._rich is not None:
             self._rich.stop()
-        elif self.state != self.shown:
+        elif self.shown is None or self.state[:2] != self.shown[:2]:  # the final count, unless already shown
             self._line(time.monotonic())
 
     def _line(self, now: float) -> None:
@@ -122,15 +122,15 @@ class Progress:
 
 
 class RequestLoop:
-    """Completions sent to vLLM while a round is evaluated and swapped in, as users of the model would send them.
+    """Completions sent to vLLM around a swap, as users of the model would send them.
 
-    `workers` clients, each with one request in flight and `gap_s` between requests, so a window of
-    `gap_s` or longer (a swap: pause, reload, verify, resume) always overlaps a request of each; a
-    few requests a second, so the evaluation it runs beside is barely slowed. Loopback only and
-    bounded: at most `max_requests` requests and `max_s` seconds, whichever comes first.
+    `workers` clients, each with one request in flight and `gap_s` between requests: with no gap,
+    some request is in flight at every moment of the swap however short it is (a swap of the demo's
+    model takes a fraction of a second). Loopback only and bounded: at most `max_requests` requests
+    and `max_s` seconds, whichever comes first.
     """
 
-    def __init__(self, url: str, workers: int = 2, gap_s: float = 0.4, max_requests: int = 5000, max_s: float = 1200.0):
+    def __init__(self, url: str, workers: int = 2, gap_s: float = 0.0, max_requests: int = 3000, max_s: float = 120.0):
         if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"the demo's request loop only targets a loopback server, not {url}")
         self.url, self.workers, self.gap_s, self.max_requests, self.max_s = url, workers, gap_s, max_requests, max_s
@@ -140,6 +140,7 @@ class RequestLoop:
         self._threads: list[threading.Thread] = []
         self._claimed = 0
         self._deadline = 0.0
+        self.started_at: float | None = None  # time.time()
 
     @property
     def started(self) -> bool:
@@ -149,6 +150,7 @@ class RequestLoop:
         if self._threads:
             return
         self._deadline = time.monotonic() + self.max_s
+        self.started_at = time.time()
         self._threads = [threading.Thread(target=self._run, name=f"demo-requests-{i}", daemon=True) for i in range(self.workers)]
         for t in self._threads:
             t.start()
@@ -180,6 +182,11 @@ class RequestLoop:
                     self.results.append((sent, time.time(), err))
                 self._stop.wait(self.gap_s)
 
+    def elapsed(self) -> float:
+        """Seconds from the start to the last answer."""
+        with self._lock:
+            return max((r[1] for r in self.results), default=self.started_at or 0.0) - (self.started_at or 0.0)
+
     def count(self, t0: float | None = None, t1: float | None = None) -> tuple[int, int, str | None]:
         """Requests in flight at some moment of [t0, t1] (all of them without a window): (requests, failed, first error)."""
         with self._lock:
@@ -202,7 +209,7 @@ def _follow_child(cmd: list[str], progress: Path, log: Path, label: str, total: 
     """Run a trainer child and show its steps (the trainer writes progress.jsonl)."""
     with open(log, "ab") as out:
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    step, loss = 0, float("nan")
+    step, loss = 0, None
     with Progress(label) as bar:
         while True:
             exited = p.poll() is not None
@@ -211,7 +218,7 @@ def _follow_child(cmd: list[str], progress: Path, log: Path, label: str, total: 
                     ev = json.loads(line)
                     if ev["event"] == "step":
                         step, loss = ev["step"], ev["loss"]
-            bar.update(step, total, f"step {step}/{total}  loss {loss:.3f}")
+            bar.update(step, total, f"step {step}/{total}  loss {_num(loss, '.3f')}")
             if exited:
                 break
             time.sleep(0.3)
@@ -361,7 +368,7 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
         print(f"7. round {rid}  triggered (what `cptd trigger` does); following it:")
         requests = RequestLoop(vllm.url)
         try:
-            rec = _follow_round(api, rid, daemon, requests)
+            rec = _follow_round(api, rid, daemon, requests, root / "checkpoints" / "rounds" / rid)
         finally:
             requests.stop()
         after = _complete(vllm.url, PROMPT)
@@ -396,17 +403,18 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _follow_round(api: str, rid: str, daemon: subprocess.Popen, requests: RequestLoop) -> dict:
-    """Show each phase of the round until it ends; from EVALUATING on, keep `requests` sending completions to vLLM."""
+def _follow_round(api: str, rid: str, daemon: subprocess.Popen, requests: RequestLoop, round_dir: Path) -> dict:
+    """Show each phase of the round until it ends; start `requests` the moment the swap is about to begin."""
     shown, bar, t0 = "", None, time.monotonic()
+    scored = _EvalWatch(round_dir)
     try:
         while True:
             if daemon.poll() is not None:
                 raise RuntimeError(f"the daemon exited with code {daemon.returncode}")
             rec = httpx.get(f"{api}/rounds/{rid}", timeout=10).json()
             state = rec["state"]
-            if state in ("EVALUATING", "DEPLOYING", *TERMINAL):
-                requests.start()  # before the gate can decide, so the swap is covered however fast it is
+            if state in ("DEPLOYING", *TERMINAL):
+                requests.start()  # late (the evaluator's end was missed): the report says how many overlapped the swap
             if state != shown:
                 if bar is not None:
                     bar.close()
@@ -420,10 +428,39 @@ def _follow_round(api: str, rid: str, daemon: subprocess.Popen, requests: Reques
                 n, failed, _ = requests.count()
                 text += f"  ({n} completions sent to vLLM meanwhile, {failed} failed)"
             bar.update(done, total, text)
-            time.sleep(0.5)
+            until = time.monotonic() + 0.5
+            while time.monotonic() < until:
+                if state == "EVALUATING" and not requests.started and scored.all_scored():
+                    requests.start()
+                time.sleep(0.05)
     finally:
         if bar is not None:
             bar.close()
+
+
+class _EvalWatch:
+    """Whether the round's evaluator has scored every model, read from its progress file as it is written.
+
+    The gate and the swap follow the last score by the evaluator's exit and one gate decision (a
+    second or less), sooner than the round record shows it, so the demo's requests start from here.
+    """
+
+    def __init__(self, round_dir: Path):
+        self.spec = round_dir / "eval-spec.json"
+        self.progress: Path | None = None
+
+    def all_scored(self) -> bool:
+        if self.progress is None:
+            if not self.spec.exists():
+                return False
+            from daemon.jobs.specs import EvalSpec
+
+            self.progress = EvalSpec.read(self.spec).progress_path
+        try:
+            last = json.loads(self.progress.read_text().splitlines()[-1])
+        except (OSError, IndexError, ValueError):  # not written yet, or a line half written
+            return False
+        return last["total"] > 0 and last["scored"] >= last["total"]
 
 
 def _phase_progress(rec: dict) -> tuple[float, float | None, str]:
@@ -514,8 +551,9 @@ def _report(st: dict, n_msgs: int, rec: dict, requests: RequestLoop, vllm_pid: i
         if requests.started and t0 and t1:
             n, failed, err = requests.count(t0, t1)
             total, total_failed, _ = requests.count()
-            print(f"               {n} requests during the swap ({t1 - t0:.1f} s), {failed} failed" + (f" (first: {err})" if err else "")
-                  + f"; {total} sent from EVALUATING to {rec['state']}, {total_failed} failed")
+            around = requests.elapsed()
+            print(f"               {n} requests during the swap ({t1 - t0:.2f} s), {failed} failed" + (f" (first: {err})" if err else "")
+                  + f"; {total} in the {around:.0f} s around it, {total_failed} failed")
     w = rec.get("watch") or {}
     if w:
         print(f"watch          {w['window_s']:.0f} s after the swap, {w['probes']} probes: "
