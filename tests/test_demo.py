@@ -1,4 +1,5 @@
 """`cptd demo` end to end, as a user runs it: a child process, real services, the report at the end."""
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,26 @@ DEMO_TIMEOUT_S = 1500
 def test_demo_deploys_a_round_and_stops_everything(tmp_path: Path):
     work = tmp_path / "demo"
     # stdout and stderr are pipes, as in `cptd demo | tee demo.log` or a CI log.
-    p = subprocess.Popen([sys.executable, "-m", "daemon.cli", "demo", "--workdir", str(work), "--docs", "500", "--pretrain-steps", "150",
-                          "--round-steps", "40"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "demo",
+            "--workdir",
+            str(work),
+            "--docs",
+            "500",
+            "--pretrain-steps",
+            "150",
+            "--round-steps",
+            "40",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = p.communicate(timeout=DEMO_TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -13,6 +13,7 @@ decision, the swap pause and how many of the completions it kept sending to
 vLLM meanwhile failed, and one prompt completed by vLLM before and after.
 Everything it started is stopped on exit or Ctrl-C.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,15 @@ from daemon.dev.services import Service, create_topics, free_port, kafka_service
 PROMPT = "The model computes the gradient of the"
 TOKEN = "demo-token"
 TERMINAL = ("DEPLOYED", "REJECTED", "FAILED", "ROLLED_BACK")
-DEMO_SHAPE = dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=512)
+DEMO_SHAPE = dict(
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+)
 
 
 def sample_stream(n: int, seed: int = 0) -> list[bytes]:
@@ -68,8 +76,9 @@ class Progress:
     seconds and at least one every `heartbeat_s` while the work goes on, and the final count.
     """
 
-    def __init__(self, label: str, out: TextIO | None = None, interactive: bool | None = None,
-                 every_s: float = 2.0, heartbeat_s: float = 30.0):
+    def __init__(
+        self, label: str, out: TextIO | None = None, interactive: bool | None = None, every_s: float = 2.0, heartbeat_s: float = 30.0
+    ):
         self.label, self.out = label, out or sys.stdout
         self.interactive = self.out.isatty() if interactive is None else interactive
         self.every_s, self.heartbeat_s = every_s, heartbeat_s
@@ -83,8 +92,14 @@ class Progress:
             from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
             from rich.progress import Progress as RichProgress
 
-            self._rich = RichProgress(TextColumn(f"   {label:<11}"), BarColumn(bar_width=32), TextColumn("{task.fields[text]}"),
-                                      TimeElapsedColumn(), console=Console(file=self.out), transient=False)
+            self._rich = RichProgress(
+                TextColumn(f"   {label:<11}"),
+                BarColumn(bar_width=32),
+                TextColumn("{task.fields[text]}"),
+                TimeElapsedColumn(),
+                console=Console(file=self.out),
+                transient=False,
+            )
             self._task = self._rich.add_task(label, total=None, text="")
             self._rich.start()
 
@@ -96,8 +111,9 @@ class Progress:
         now = time.monotonic()
         if self.shown is not None:
             since = now - self.shown_at
-            moved = (int(10 * done / total) > int(10 * self.shown[0] / total) if total and self.shown[1] == total
-                     else self.state != self.shown)
+            moved = (
+                int(10 * done / total) > int(10 * self.shown[0] / total) if total and self.shown[1] == total else self.state != self.shown
+            )
             if since < self.every_s or not (moved or since >= self.heartbeat_s):
                 return
         self._line(now)
@@ -236,33 +252,70 @@ def build_base_model(root: Path, steps: int) -> Path:
     init = build_tiny_llama(root / "init", general + domain_docs(150, seed=99), TinyLlamaShape(**DEMO_SHAPE), seed=0)
     data = root / "general.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in general))
-    spec = TrainSpec(parent_dir=str(init), out_dir=str(root / "pretrain"), new_path=str(data),
-                     schedule={"kind": "rewarm_cosine", "peak_lr": 3e-3, "warmup_frac": 0.05},
-                     train={"seq_len": 128, "micro_batch_size": 8, "grad_accum": 1, "max_steps": steps, "eval_interval": 10**6,
-                            "checkpoint_interval": 10**6, "device": "cpu"}, round_id="pretrain", cpu_threads=1)
+    spec = TrainSpec(
+        parent_dir=str(init),
+        out_dir=str(root / "pretrain"),
+        new_path=str(data),
+        schedule={"kind": "rewarm_cosine", "peak_lr": 3e-3, "warmup_frac": 0.05},
+        train={
+            "seq_len": 128,
+            "micro_batch_size": 8,
+            "grad_accum": 1,
+            "max_steps": steps,
+            "eval_interval": 10**6,
+            "checkpoint_interval": 10**6,
+            "device": "cpu",
+        },
+        round_id="pretrain",
+        cpu_threads=1,
+    )
     spec_path = root / "pretrain-spec.json"
     spec_path.write_text(spec.to_json())
-    _follow_child([sys.executable, "-m", "daemon.jobs.trainer", str(spec_path)], root / "pretrain" / "progress.jsonl",
-                  root / "pretrain.log", "pre-train", steps)
+    _follow_child(
+        [sys.executable, "-m", "daemon.jobs.trainer", str(spec_path)],
+        root / "pretrain" / "progress.jsonl",
+        root / "pretrain.log",
+        "pre-train",
+        steps,
+    )
     base = root / "checkpoints" / "base"
     shutil.copytree(root / "pretrain" / "final", base)
     return base
 
 
 def demo_policy(path: Path, round_steps: int) -> None:
-    path.write_text(yaml.safe_dump({
-        "name": "demo",
-        "ingest": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500, "batch_max_docs": 200, "batch_max_wait_ms": 200},
-        "train": {"seq_len": 128, "micro_batch_size": 8, "grad_accum": 1, "max_steps": round_steps, "eval_interval": 20,
-                  "checkpoint_interval": 20, "keep_checkpoints": 3, "device": "cpu"},
-        "schedule": {"kind": "rewarm_cosine", "warmup_frac": 0.05},
-        "drift": {"peak_lr_min": 5e-4, "peak_lr_max": 1.5e-3, "warmup_frac_min": 0.05, "warmup_frac_max": 0.1,
-                  "probe_docs": 64, "probe_max_len": 128},
-        "replay": {"mode": "drift", "reservoir_docs": 2000},
-        "rounds": {"heldout_frac": 0.1, "heldout_max_docs": 48, "replay_heldout_docs": 48, "eval_checkpoints": 2, "watch_s": 3},
-        "gates": {"max_forgetting_nats": 0.5, "min_adaptation_nats": 0.0},
-        "triggers": {"min_gap_s": 0},
-    }, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "demo",
+                "ingest": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500, "batch_max_docs": 200, "batch_max_wait_ms": 200},
+                "train": {
+                    "seq_len": 128,
+                    "micro_batch_size": 8,
+                    "grad_accum": 1,
+                    "max_steps": round_steps,
+                    "eval_interval": 20,
+                    "checkpoint_interval": 20,
+                    "keep_checkpoints": 3,
+                    "device": "cpu",
+                },
+                "schedule": {"kind": "rewarm_cosine", "warmup_frac": 0.05},
+                "drift": {
+                    "peak_lr_min": 5e-4,
+                    "peak_lr_max": 1.5e-3,
+                    "warmup_frac_min": 0.05,
+                    "warmup_frac_max": 0.1,
+                    "probe_docs": 64,
+                    "probe_max_len": 128,
+                },
+                "replay": {"mode": "drift", "reservoir_docs": 2000},
+                "rounds": {"heldout_frac": 0.1, "heldout_max_docs": 48, "replay_heldout_docs": 48, "eval_checkpoints": 2, "watch_s": 3},
+                "gates": {"max_forgetting_nats": 0.5, "min_adaptation_nats": 0.0},
+                "triggers": {"min_gap_s": 0},
+            },
+            sort_keys=False,
+        )
+    )
 
 
 def _complete(url: str, prompt: str) -> str:
@@ -300,8 +353,9 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
         rc = redis_lib.Redis(host="127.0.0.1", port=redis.port)
         redis_version, aof = rc.info("server")["redis_version"], rc.config_get("appendonly")["appendonly"]
         rc.close()
-        print(f"1. services     Redis {redis_version} 127.0.0.1:{redis.port} (appendonly {aof}), "
-              f"Kafka-compatible broker (tansu) {bootstrap}")
+        print(
+            f"1. services     Redis {redis_version} 127.0.0.1:{redis.port} (appendonly {aof}), Kafka-compatible broker (tansu) {bootstrap}"
+        )
 
         print("2. base model   a 4-layer Llama pre-trained on general English (the Python standard library's prose)")
         base = build_base_model(root, pretrain_steps)
@@ -323,10 +377,19 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
         print(f"4. replay       reservoir seeded with {rep.placed} general-English documents (what `cptd seed-replay` does)")
 
         port = free_port()
-        env = dict(os.environ, CPTD_POLICY=str(policy), CPTD_REDIS_URL=f"redis://127.0.0.1:{redis.port}/0",
-                   CPTD_KAFKA_BOOTSTRAP=bootstrap, CPTD_HTTP_HOST="127.0.0.1", CPTD_HTTP_PORT=str(port), CPTD_API_TOKEN=TOKEN,
-                   CPTD_VLLM_URLS=vllm.url, CPTD_CHECKPOINT_DIR=str(root / "checkpoints"), CPTD_BASE_CHECKPOINT=str(base),
-                   CPTD_TRAIN_CPU_THREADS="1")
+        env = dict(
+            os.environ,
+            CPTD_POLICY=str(policy),
+            CPTD_REDIS_URL=f"redis://127.0.0.1:{redis.port}/0",
+            CPTD_KAFKA_BOOTSTRAP=bootstrap,
+            CPTD_HTTP_HOST="127.0.0.1",
+            CPTD_HTTP_PORT=str(port),
+            CPTD_API_TOKEN=TOKEN,
+            CPTD_VLLM_URLS=vllm.url,
+            CPTD_CHECKPOINT_DIR=str(root / "checkpoints"),
+            CPTD_BASE_CHECKPOINT=str(base),
+            CPTD_TRAIN_CPU_THREADS="1",
+        )
         log = open(root / "cptd.log", "ab")
         api = f"http://127.0.0.1:{port}"
         status = lambda: httpx.get(api + "/status", timeout=5).json()  # noqa: E731
@@ -339,19 +402,23 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
             prod.send("cptd.documents", m)
         prod.flush()
         prod.close()
-        print(f"5. stream       {len(msgs)} messages on topic cptd.documents: ML-library documentation (the new domain), "
-              "junk, copies, broken messages")
+        print(
+            f"5. stream       {len(msgs)} messages on topic cptd.documents: ML-library documentation (the new domain), "
+            "junk, copies, broken messages"
+        )
 
         vllm.wait_healthy(600)
         print(f"   vLLM up after {time.monotonic() - vllm_proc_start:.0f} s")
         before = _complete(vllm.url, PROMPT)
 
-        daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         print(f"6. cptd         {api}  (logs: {root / 'cptd.log'}; try `CPTD_URL={api} cptd status`)")
         wait_for(lambda: status()["ingest"]["assigned"], 120, "the daemon to join the consumer group", 0.3, daemon)
 
         with Progress("ingest") as bar:
+
             def ingested() -> bool:
                 done = status().get("counts", {}).get("total", 0)
                 bar.update(done, len(msgs), f"{done}/{len(msgs)} messages")
@@ -492,23 +559,28 @@ def _reason(r: str | dict) -> str:
     return r if isinstance(r, str) else str(r.get("message") or r.get("code") or r)
 
 
-def _report(st: dict, n_msgs: int, rec: dict, requests: RequestLoop, vllm_pid: int | None, before: str, after: str,
-            took: float) -> None:
+def _report(st: dict, n_msgs: int, rec: dict, requests: RequestLoop, vllm_pid: int | None, before: str, after: str, took: float) -> None:
     """Every line from the round record (GET /rounds/{id}), the daemon's /status or a measurement of the demo's own."""
     print("\n" + "=" * 78 + f"\nREPORT  round {rec['id']}: {rec['state']}" + (f"  ({rec['error']})" if rec.get("error") else ""))
     print("=" * 78)
     c = st["counts"]
-    print(f"messages       {n_msgs} produced, {c['total']} accounted for: " +
-          ", ".join(f"{k} {v}" for k, v in sorted(c["by_outcome"].items())))
+    print(
+        f"messages       {n_msgs} produced, {c['total']} accounted for: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(c["by_outcome"].items()))
+    )
     snap = rec.get("snapshot") or {}
     if snap:
-        print(f"round data     {snap['docs']} documents (~{snap['tokens_estimate']:,} tokens): {snap['train_docs']} trained, "
-              f"{snap['heldout_docs']} held out; manifest sha256 {snap['manifest_sha256'][:16]}")
+        print(
+            f"round data     {snap['docs']} documents (~{snap['tokens_estimate']:,} tokens): {snap['train_docs']} trained, "
+            f"{snap['heldout_docs']} held out; manifest sha256 {snap['manifest_sha256'][:16]}"
+        )
     d = rec.get("drift") or {}
     s = d.get("stats") or {}
     if d:
-        print(f"drift          score {_num(d.get('score'), '.3f')} ({d['level']}): "
-              f"perplexity gap {_num(s.get('ppl_gap'), '+.3f')}, unigram JS distance {_num(s.get('js_distance'), '.3f')}")
+        print(
+            f"drift          score {_num(d.get('score'), '.3f')} ({d['level']}): "
+            f"perplexity gap {_num(s.get('ppl_gap'), '+.3f')}, unigram JS distance {_num(s.get('js_distance'), '.3f')}"
+        )
     tr = rec.get("train") or {}
     prog = tr.get("progress") or {}
     if rec.get("replay_ratio") is not None:
@@ -524,18 +596,24 @@ def _report(st: dict, n_msgs: int, rec: dict, requests: RequestLoop, vllm_pid: i
     if sc and curve:
         lrs = [x[2] for x in curve]
         set_by = [k for k, name in (("peak_lr", "peak"), ("warmup_frac", "warm-up")) if k in sc and d.get(k) == sc[k]]
-        print(f"LR schedule    {sc.get('kind')}: peak {_num(sc.get('peak_lr'), '.2e')}, warm-up {_num(sc.get('warmup_frac'), '.0%')}"
-              + (f" (set by drift: {d['level']})" if len(set_by) == 2 else "")
-              + f"; ran {max(lrs):.2e} max, {lrs[-1]:.2e} last   {_spark(lrs)}")
+        print(
+            f"LR schedule    {sc.get('kind')}: peak {_num(sc.get('peak_lr'), '.2e')}, warm-up {_num(sc.get('warmup_frac'), '.0%')}"
+            + (f" (set by drift: {d['level']})" if len(set_by) == 2 else "")
+            + f"; ran {max(lrs):.2e} max, {lrs[-1]:.2e} last   {_spark(lrs)}"
+        )
         losses = [x[1] for x in curve]
         print(f"train loss     {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps            {_spark(losses)}")
     for e in tr.get("evals") or []:
-        print(f"  held-out @ step {e['step']:>3}: new {_num(e.get('loss_heldout_new'), '.3f')}   "
-              f"replay {_num(e.get('loss_heldout_replay'), '.3f')}")
+        print(
+            f"  held-out @ step {e['step']:>3}: new {_num(e.get('loss_heldout_new'), '.3f')}   "
+            f"replay {_num(e.get('loss_heldout_replay'), '.3f')}"
+        )
     ev = rec.get("eval") or {}
     if ev:
-        print(f"eval           serving model: new {_num(ev['serving'].get('new_nll'), '.3f')}, "
-              f"replay {_num(ev['serving'].get('replay_nll'), '.3f')} nats/token")
+        print(
+            f"eval           serving model: new {_num(ev['serving'].get('new_nll'), '.3f')}, "
+            f"replay {_num(ev['serving'].get('replay_nll'), '.3f')} nats/token"
+        )
         for cnd in ev.get("candidates") or []:
             print(f"               {cnd['name']:<14} new {_num(cnd.get('new_nll'), '.3f')}, replay {_num(cnd.get('replay_nll'), '.3f')}")
     g = rec.get("gate") or {}
@@ -544,28 +622,39 @@ def _report(st: dict, n_msgs: int, rec: dict, requests: RequestLoop, vllm_pid: i
     dp = rec.get("deploy") or {}
     if dp:
         pause = dp.get("pause_seconds_max")
-        print(f"swap           {'ok' if dp['ok'] else 'failed'}"
-              + (f"; requests held for {pause * 1000:.0f} ms at most" if pause is not None else "")
-              + (f"; vLLM process {vllm_pid} served before and after" if vllm_pid is not None else ""))
+        print(
+            f"swap           {'ok' if dp['ok'] else 'failed'}"
+            + (f"; requests held for {pause * 1000:.0f} ms at most" if pause is not None else "")
+            + (f"; vLLM process {vllm_pid} served before and after" if vllm_pid is not None else "")
+        )
         t0, t1 = dp.get("started_at"), dp.get("finished_at")
         if requests.started and t0 and t1:
             n, failed, err = requests.count(t0, t1)
             total, total_failed, _ = requests.count()
             around = requests.elapsed()
-            print(f"               {n} requests during the swap ({t1 - t0:.2f} s), {failed} failed" + (f" (first: {err})" if err else "")
-                  + f"; {total} in the {around:.0f} s around it, {total_failed} failed")
+            print(
+                f"               {n} requests during the swap ({t1 - t0:.2f} s), {failed} failed"
+                + (f" (first: {err})" if err else "")
+                + f"; {total} in the {around:.0f} s around it, {total_failed} failed"
+            )
     w = rec.get("watch") or {}
     if w:
-        print(f"watch          {w['window_s']:.0f} s after the swap, {w['probes']} probes: "
-              + (f"regression: {w['regression']}" if w.get("regression") else "no regression"))
+        print(
+            f"watch          {w['window_s']:.0f} s after the swap, {w['probes']} probes: "
+            + (f"regression: {w['regression']}" if w.get("regression") else "no regression")
+        )
     rb = rec.get("rollback") or {}
     if rb:
-        print(f"rollback       {rb.get('trigger')}: to {rb.get('to')}, {'ok' if rb.get('ok') else 'failed'}"
-              + (f" ({rb['reason']})" if rb.get("reason") else ""))
+        print(
+            f"rollback       {rb.get('trigger')}: to {rb.get('to')}, {'ok' if rb.get('ok') else 'failed'}"
+            + (f" ({rb['reason']})" if rb.get("reason") else "")
+        )
     fate = rec.get("docs") or {}
     if fate:
-        print(f"documents      {fate['docs']} {fate['fate']}" + (f", {fate['replay_placed']} placed in the replay reservoir"
-                                                                  if fate.get("replay_placed") is not None else ""))
+        print(
+            f"documents      {fate['docs']} {fate['fate']}"
+            + (f", {fate['replay_placed']} placed in the replay reservoir" if fate.get("replay_placed") is not None else "")
+        )
     print(f"prompt         {PROMPT!r}")
     print(f"  before       {before!r}")
     print(f"  after        {after!r}")

