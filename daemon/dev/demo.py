@@ -231,7 +231,10 @@ def _follow_child(cmd: list[str], progress: Path, log: Path, label: str, total: 
             exited = p.poll() is not None
             if progress.exists():
                 for line in progress.read_text().splitlines():
-                    ev = json.loads(line)
+                    try:
+                        ev = json.loads(line)
+                    except ValueError:  # the last line, half written
+                        continue
                     if ev["event"] == "step":
                         step, loss = ev["step"], ev["loss"]
             bar.update(step, total, f"step {step}/{total}  loss {_num(loss, '.3f')}")
