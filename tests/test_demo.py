@@ -12,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.slow  # the whole product: broker, Redis, vLLM, pre-training and one round (~5 min)
+
 
 def _alive(pids: list[int]) -> list[int]:
     out = []
