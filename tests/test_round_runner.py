@@ -25,13 +25,13 @@ from connectors.vllm import Replica
 from daemon.dev.sample_corpus import domain_docs, english_docs
 from daemon.dev.services import create_topics, wait_for
 from daemon.dev.vllm_server import VLLMServer
+from daemon.round_record import TERMINAL
 from daemon.seed_replay import seed_replay
 from policies.config import load_policy
 from tests.conftest import make_policy
 from tests.streams import produce
 
 TOKEN = {"Authorization": "Bearer test-token"}
-TERMINAL = {"DEPLOYED", "REJECTED", "FAILED", "ROLLED_BACK"}
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +278,14 @@ def test_sigkill_in_each_phase_resumes_the_round(deployment, phase):
     rid = dep.trigger(d)
     if phase.startswith("TRAINING"):
         ckpts = dep.ckpt / "rounds" / rid / "train" / "checkpoints"
-        wait_for(lambda: any(ckpts.glob("step-*/state.json")), 300, "a training checkpoint", 0.1, d.proc)
+        # A complete checkpoint: the trainer writes step-N.tmp/ and renames it, so a .tmp dir is not resumable yet.
+        wait_for(
+            lambda: any(not p.parent.name.endswith(".tmp") for p in ckpts.glob("step-*/state.json")),
+            300,
+            "a complete training checkpoint",
+            0.1,
+            d.proc,
+        )
         if phase == "TRAINING":
             d.kill(signal.SIGKILL)
         else:

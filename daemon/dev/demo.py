@@ -34,10 +34,10 @@ import httpx
 import yaml
 
 from daemon.dev.services import Service, create_topics, free_port, kafka_service, redis_service, wait_for
+from daemon.round_record import TERMINAL
 
 PROMPT = "The model computes the gradient of the"
 TOKEN = "demo-token"
-TERMINAL = ("DEPLOYED", "REJECTED", "FAILED", "ROLLED_BACK")
 DEMO_SHAPE = dict(
     vocab_size=2048,
     hidden_size=256,
