@@ -3,7 +3,8 @@
 Thin clients over the HTTP endpoints vLLM 0.32 really exposes (dev mode):
 `/pause`, `/collective_rpc`, `/reset_prefix_cache`, `/resume`,
 `/update_weight_version`, `/weight_info`, `/weight_checker`, and the LoRA
-endpoints. No policy decisions are made here: the daemon decides *what* to
+endpoints, plus `/server_info` to read what a server can take (LoRA flags, dtype)
+before the daemon trains for it. No policy decisions are made here: the daemon decides *what* to
 deploy; this module makes the replicas serve it, or puts them back, and always
 writes down which version each replica serves, because after a crash the
 daemon has nothing else to go on (see `ServingState` and `reconcile`).
@@ -88,6 +89,7 @@ class ServingState:
     previous_version: str | None = None  # what a rollback goes back to
     lora_active: str | None = None  # adapter name clients should route to
     lora_versions: list[str] = field(default_factory=list)  # adapter names loaded everywhere, oldest first
+    lora_paths: dict[str, str] = field(default_factory=dict)  # adapter name -> adapter dir (to load it again)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -102,6 +104,7 @@ class ServingState:
             previous_version=d.get("previous_version"),
             lora_active=d.get("lora_active"),
             lora_versions=list(d.get("lora_versions", [])),
+            lora_paths=dict(d.get("lora_paths") or {}),  # absent in states written before it existed
         )
 
 
@@ -136,7 +139,7 @@ class ReplicaSwapRecord:
 class DeployRecord:
     """What the round stores about one deploy (or rollback) across all replicas."""
 
-    kind: str  # deploy | rollback | lora
+    kind: str  # deploy | rollback | lora | lora_rollback
     version: str
     checkpoint: str
     ok: bool = False
@@ -178,6 +181,40 @@ class ReconcileRecord:
     live: dict[str, str | None]  # replica -> version read from the server (None: unknown/unreachable)
     diverged: list[str]  # replicas whose live version differs from desired_version
     errors: dict[str, str] = field(default_factory=dict)
+    lora_reloaded: dict[str, list[str]] = field(default_factory=dict)  # replica -> adapters it had lost, loaded again
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What one server was started with, as its `/server_info` reports it (the part the daemon checks)."""
+
+    lora_enabled: bool  # started with --enable-lora
+    max_lora_rank: int | None  # --max-lora-rank (None without LoRA)
+    max_loras: int | None  # --max-loras (None without LoRA)
+    dtype: str | None  # served dtype, e.g. "float32", "bfloat16"
+    runtime_lora_updating: bool  # VLLM_ALLOW_RUNTIME_LORA_UPDATING: /v1/load_lora_adapter is mounted
+    served_model_name: str | None = None
+
+    @classmethod
+    def from_response(cls, body: dict[str, Any]) -> ServerInfo:
+        cfg = body.get("vllm_config") or {}
+        if not isinstance(cfg, dict):  # config_format=text
+            raise ValueError("vllm_config is not JSON (ask with config_format=json)")
+        lora = cfg.get("lora_config") or None
+        model = cfg.get("model_config") or {}
+        dtype = model.get("dtype")
+        served = model.get("served_model_name")
+        flag = (body.get("vllm_env") or {}).get("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+        return cls(
+            lora_enabled=lora is not None,
+            max_lora_rank=int(lora["max_lora_rank"]) if lora and lora.get("max_lora_rank") is not None else None,
+            max_loras=int(lora["max_loras"]) if lora and lora.get("max_loras") is not None else None,
+            # torch.dtype is serialised with str(): "torch.float32"
+            dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
+            # vLLM reports the parsed env value (a bool); accept the strings it parses as true, too
+            runtime_lora_updating=flag is True or str(flag).strip().lower() in ("1", "true"),
+            served_model_name=(served[0] if isinstance(served, list) and served else served) or None,
+        )
 
 
 # --------------------------------------------------------------------------- config
@@ -421,6 +458,21 @@ class Replica:
     def metrics_text(self) -> str:
         return self.call("metrics", "GET", "/metrics").text
 
+    def server_info(self) -> ServerInfo:
+        """The server's LoRA flags and dtype from `GET /server_info?config_format=json` (dev mode only).
+
+        The answer (~25 KB) also carries `system_env` from vLLM's collect_env,
+        computed on the first request and cached by the server: the first call
+        after a start took ~1.5 s on the 2-core dev VM (subprocesses such as pip
+        list; longer on a busy GPU host), later ones ~25 ms. Hence the longer
+        timeout; call it before a round, not on a hot path.
+        """
+        r = self.call("server_info", "GET", "/server_info", params={"config_format": "json"}, timeout=max(self.config.timeout_s, 120.0))
+        try:
+            return ServerInfo.from_response(r.json())
+        except (ValueError, TypeError, KeyError) as e:
+            raise ServingError(self.url, "server_info", f"unexpected /server_info answer: {e!r}") from None
+
     def load_lora(self, name: str, path: str) -> None:
         self.call("load_lora_adapter", "POST", "/v1/load_lora_adapter", json_body={"lora_name": name, "lora_path": path})
 
@@ -476,6 +528,7 @@ class ServingController:
         for r in self.replicas:
             self.state.replicas.setdefault(r.url, ReplicaState(url=r.url))
         self._on_state = on_state
+        self._base_model: str | None = None
 
     def close(self) -> None:
         for r in self.replicas:
@@ -503,6 +556,16 @@ class ServingController:
 
     def live_version(self, url: str) -> str | None:
         return self.state.replicas[url.rstrip("/")].version
+
+    def base_model_name(self) -> str:
+        """The served base model name (`--served-model-name`), read once from the first replica."""
+        if self._base_model is None:
+            self._base_model = self.replicas[0].model_name()
+        return self._base_model
+
+    def route_model(self) -> str:
+        """The model name clients should send: the active LoRA adapter, else the served base model."""
+        return self.state.lora_active or self.base_model_name()
 
     # --- adopt -----------------------------------------------------------------
     def adopt(self, checkpoint: str, version: str) -> None:
@@ -715,6 +778,9 @@ class ServingController:
 
         A restarted server reports weight_version "default" and serves its boot
         checkpoint; the version is then identified by its weight fingerprint.
+        It has also lost every adapter loaded at runtime: the kept LoRA versions
+        (`lora_versions`, `lora_active`) it no longer lists are loaded again from
+        `lora_paths` (`ReconcileRecord.lora_reloaded`).
         """
         out = ReconcileRecord(live={}, diverged=[])
         by_fp = {kv.fingerprint: kv for kv in self.state.versions.values() if kv.fingerprint}
@@ -756,6 +822,7 @@ class ServingController:
                     error=None,
                     smoke_text=r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens),
                 )
+            self._reload_adapters(r, out)
             if out.live[r.url] != self.state.desired_version:
                 out.diverged.append(r.url)
         return out
@@ -763,6 +830,33 @@ class ServingController:
     # --- LoRA ------------------------------------------------------------------
     def lora_name(self, version: str) -> str:
         return f"{self.config.lora_prefix}-{version}"
+
+    def lora_refusal(self, rank: int) -> str | None:
+        """None when every replica can take an adapter of rank `rank` at runtime; else why not, per replica.
+
+        The daemon asks before training a LoRA round and refuses the round with
+        this message (training an adapter no server can load wastes the round).
+        Reads `/server_info` (see `Replica.server_info`: the first call after a
+        server start takes ~1.5 s).
+        """
+        problems: list[str] = []
+        for r in self.replicas:
+            try:
+                info = r.server_info()
+            except ServingError as e:
+                problems.append(
+                    f"vLLM replica {r.url}: /server_info unreachable ({e.message}); the server must run with VLLM_SERVER_DEV_MODE=1"
+                )
+                continue
+            if not info.lora_enabled:
+                problems.append(f"vLLM replica {r.url}: started without --enable-lora")
+            elif info.max_lora_rank is not None and info.max_lora_rank < rank:
+                problems.append(f"vLLM replica {r.url}: --max-lora-rank {info.max_lora_rank} < policy train.lora_r {rank}")
+            if not info.runtime_lora_updating:
+                problems.append(
+                    f"vLLM replica {r.url}: VLLM_ALLOW_RUNTIME_LORA_UPDATING is not set (adapters cannot be loaded into the running server)"
+                )
+        return "; ".join(problems) or None
 
     def deploy_lora(self, adapter_dir: str | Path, version: str, max_rank: int | None = None) -> DeployRecord:
         """Load the round's adapter under a new versioned name everywhere, then unload versions beyond `lora_keep`.
@@ -809,10 +903,12 @@ class ServingController:
             rec.finished_at = time.time()
             return rec
         self.state.lora_versions.append(name)
+        self.state.lora_paths[name] = path
         self.state.lora_active = name
         self._save()
         while len(self.state.lora_versions) > self.config.lora_keep:
             old = self.state.lora_versions.pop(0)
+            self.state.lora_paths.pop(old, None)
             for r in self.replicas:
                 try:
                     r.unload_lora(old)
@@ -822,3 +918,115 @@ class ServingController:
         rec.ok = True
         rec.finished_at = time.time()
         return rec
+
+    def _lora_target(self, to: str | None) -> tuple[str | None, list[str]]:
+        """(adapter to make active or None for the base model, adapter names rolled back over)."""
+        hist, active = self.state.lora_versions, self.state.lora_active
+        if active is None:
+            raise ValueError("nothing to roll back to: no LoRA adapter is active (clients already use the base model)")
+        ai = hist.index(active) if active in hist else len(hist)
+        older = hist[:ai]
+        if to is None:
+            target = older[-1] if older else None
+        elif to in older or self.lora_name(to) in older:
+            target = to if to in older else self.lora_name(to)
+        elif to == self.base_model_name():
+            target = None
+        else:
+            raise ValueError(f"nothing to roll back to: adapter {to!r} is not an older kept version (kept: {older}, active: {active!r})")
+        keep = hist[: older.index(target) + 1] if target is not None else []
+        return target, [n for n in hist if n not in keep] + ([active] if active not in hist else [])
+
+    def rollback_lora(self, to: str | None = None, trigger: str = "operator") -> DeployRecord:
+        """Make the adapter before `lora_active` (or `to`: an adapter name or round version; or the base model) active.
+
+        With no older adapter kept, clients go back to the served base model.
+        Per replica the target adapter must be listed in /v1/models (one lost in a
+        server restart is loaded again from `lora_paths`) and answer a smoke
+        completion; only then does `lora_active` change. The adapters rolled back
+        over are then dropped from `lora_versions` and unloaded (an unload failure
+        is noted in `rejected`, not fatal). ValueError when nothing is older.
+        """
+        target, dropped = self._lora_target(to)
+        route = target or self.base_model_name()
+        active = self.state.lora_active
+        self._metric("ROLLBACKS", "inc", None, trigger=trigger)
+        rec = DeployRecord(
+            kind="lora_rollback",
+            version=route,
+            checkpoint=self.state.lora_paths.get(target, "") if target else "",
+            started_at=time.time(),
+            route_model=route,
+        )
+        for r in self.replicas:
+            one = ReplicaSwapRecord(replica=r.url, from_version=active, to_version=route)
+            rec.replicas.append(one)
+            try:
+                self._mark(r.url, step="lora_rollback", target_version=route)
+                if target is not None:
+                    self._ensure_adapter(one, r, target)
+                smoke = partial(r.complete, self.config.smoke_prompt, self.config.smoke_max_tokens, model=route)
+                one.smoke_text = self._step(one, r, "verify_smoke", smoke)
+                one.ok = True
+                self._mark(r.url, step=None, target_version=None)
+            except ServingError as e:  # clients keep routing to `active`, which is still loaded
+                one.error = rec.error = e.to_dict()
+                self._mark(r.url, step=e.step, error=str(e), target_version=None)
+                rec.finished_at = time.time()
+                return rec
+        self.state.lora_active = target
+        self.state.lora_versions = [n for n in self.state.lora_versions if n not in dropped]
+        for n in dropped:
+            self.state.lora_paths.pop(n, None)
+        self._save()
+        for old in dropped:
+            for r in self.replicas:
+                try:
+                    r.unload_lora(old)
+                except ServingError as e:
+                    rec.rejected.append(f"unload {old} on {r.url}: {e}")  # stale but harmless: noted, not fatal
+                self._mark(r.url, adapters=[a for a in self.state.replicas[r.url].adapters if a != old])
+        rec.ok = True
+        rec.finished_at = time.time()
+        return rec
+
+    def _ensure_adapter(self, rec: ReplicaSwapRecord, r: Replica, name: str) -> bool:
+        """Make sure `name` is listed on `r`, loading it again from `lora_paths` if the server lost it; True if loaded."""
+        if name in self._step(rec, r, "verify_models", r.model_ids):
+            return False
+        path = self.state.lora_paths.get(name)
+        if path is None:
+            raise ServingError(r.url, "load_lora_adapter", f"{name} not loaded and no adapter path recorded for it")
+        self._step(rec, r, "load_lora_adapter", partial(r.load_lora, name, path))
+        if name not in self._step(rec, r, "verify_models", r.model_ids):
+            raise ServingError(r.url, "verify_models", f"{name} not listed in /v1/models after loading it again")
+        adapters = self.state.replicas[r.url].adapters
+        if name not in adapters:
+            self._mark(r.url, adapters=adapters + [name])
+        return True
+
+    def _reload_adapters(self, r: Replica, out: ReconcileRecord) -> None:
+        """Reconcile's LoRA half: load kept adapters a (restarted) replica no longer lists."""
+        wanted = list(self.state.lora_versions)
+        if self.state.lora_active is not None and self.state.lora_active not in wanted:
+            wanted.append(self.state.lora_active)
+        if not wanted:
+            return
+        scratch = ReplicaSwapRecord(replica=r.url, from_version=None, to_version=self.state.lora_active or "")
+        reloaded: list[str] = []
+        try:
+            for name in wanted:
+                if self._ensure_adapter(scratch, r, name):
+                    reloaded.append(name)
+            if self.state.lora_active in reloaded:
+                model = self.state.lora_active
+                self._step(
+                    scratch, r, "verify_smoke", partial(r.complete, self.config.smoke_prompt, self.config.smoke_max_tokens, model=model)
+                )
+            self._mark(r.url, adapters=list(wanted), step=None)
+        except ServingError as e:
+            prev = out.errors.get(r.url)
+            out.errors[r.url] = f"{prev}; {e}" if prev else str(e)
+            self._mark(r.url, step=None, error=str(e))
+        if reloaded:
+            out.lora_reloaded[r.url] = reloaded

@@ -14,7 +14,15 @@ from safetensors.torch import load_file, save_file
 
 from connectors.vllm import Replica, ServingConfig, ServingController, ServingError, ServingState, request_errors
 from daemon import metrics
-from tests.vllm_fixtures import SERVED_NAME, TinyModels, tiny_models, vllm_crash_server, vllm_server  # noqa: F401
+from daemon.dev.services import free_port
+from tests.vllm_fixtures import (  # noqa: F401
+    SERVED_NAME,
+    TinyModels,
+    tiny_models,
+    vllm_crash_server,
+    vllm_plain_server,
+    vllm_server,
+)
 
 PROMPT = "the quick fox of round"
 
@@ -282,3 +290,97 @@ def test_server_killed_mid_swap_rolls_back_others_and_reconciles(tiny_models, vl
         assert fresh.live_version(r.url) == r.weight_version() == "base"
     assert ServingState.from_json(state_file.read_text()).replicas[vllm_crash_server.url].status == "serving"
     fresh.close()
+
+
+def test_lora_refusal_reads_the_server_flags(vllm_server, vllm_plain_server):
+    c = ServingController([vllm_server.url])
+    info = c.replicas[0].server_info()
+    assert (info.lora_enabled, info.max_lora_rank, info.max_loras, info.dtype, info.runtime_lora_updating) == (
+        True,
+        8,
+        2,
+        "float32",
+        True,
+    )
+    assert c.lora_refusal(8) is None
+    msg = c.lora_refusal(16)
+    assert msg and vllm_server.url in msg and "--max-lora-rank 8 < policy train.lora_r 16" in msg
+    c.close()
+
+    plain = ServingController([vllm_server.url, vllm_plain_server.url])
+    info = plain.replicas[1].server_info()
+    # Started with the default dtype from a bf16 checkpoint: served in bf16, not vLLM's fp32->bf16 "auto" guess.
+    assert (info.lora_enabled, info.max_lora_rank, info.dtype) == (False, None, "bfloat16")
+    msg = plain.lora_refusal(8)
+    assert msg == f"vLLM replica {vllm_plain_server.url}: started without --enable-lora"
+    plain.close()
+
+    gone = ServingController([f"http://127.0.0.1:{free_port()}"], config=ServingConfig(retries=0, timeout_s=2))
+    msg = gone.lora_refusal(8)
+    assert msg and "/server_info unreachable" in msg and "VLLM_SERVER_DEV_MODE=1" in msg
+    gone.close()
+
+
+def _rollbacks(trigger: str) -> float:
+    return metrics.ROLLBACKS.labels(trigger=trigger)._value.get()
+
+
+def test_lora_rollback_goes_back_one_adapter_then_to_the_base_model(vllm_server, tiny_models):
+    _reset_to_base(vllm_server.url, tiny_models.base)
+    saved: list[str] = []
+    c = ServingController(
+        [vllm_server.url],
+        on_state=lambda s: saved.append(s.to_json()),
+        config=ServingConfig(lora_prefix=f"rb{int(time.time())}", lora_keep=2),
+        metrics=metrics,
+    )
+    c.adopt(str(tiny_models.base), "base")
+    r = c.replicas[0]
+    try:
+        assert c.route_model() == SERVED_NAME
+        n1 = c.deploy_lora(tiny_models.lora1, "r1", max_rank=8).route_model
+        rec = c.deploy_lora(tiny_models.lora2, "r2", max_rank=8)
+        assert rec.ok, rec.error
+        n2 = rec.route_model
+        assert n1 and n2 and c.route_model() == n2
+        assert c.state.lora_paths == {n1: str(tiny_models.lora1.resolve()), n2: str(tiny_models.lora2.resolve())}
+        out1 = r.complete(PROMPT, 12, model=n1)
+        # The server loses r1 behind the daemon's back (as in a restart): the rollback loads it again from its path.
+        r.unload_lora(n1)
+        before = _rollbacks("operator")
+        back = c.rollback_lora()
+        assert back.ok, back.error
+        assert back.kind == "lora_rollback" and back.route_model == n1
+        assert "load_lora_adapter" in [s.step for s in back.replicas[0].steps]
+        assert _rollbacks("operator") == before + 1
+        assert c.state.lora_active == c.route_model() == n1 and c.state.lora_versions == [n1]
+        assert r.complete(PROMPT, 12, model=n1) == out1
+        listed = r.model_ids()
+        assert n1 in listed and n2 not in listed
+        last = ServingState.from_json(saved[-1])
+        assert last.lora_active == n1 and last.lora_paths == {n1: str(tiny_models.lora1.resolve())}
+
+        # Reconcile loads a lost kept adapter again and says so.
+        r.unload_lora(n1)
+        rep = c.reconcile()
+        assert rep.lora_reloaded == {vllm_server.url: [n1]} and not rep.errors, rep
+        assert r.complete(PROMPT, 12, model=n1) == out1
+
+        base = c.rollback_lora(trigger="watch")
+        assert base.ok, base.error
+        assert base.route_model == SERVED_NAME and c.state.lora_active is None
+        assert c.route_model() == SERVED_NAME and c.state.lora_versions == [] and c.state.lora_paths == {}
+        assert n1 not in r.model_ids()
+        with pytest.raises(ValueError, match="nothing to roll back to"):
+            c.rollback_lora()
+    finally:
+        for name in r.model_ids():
+            if name.startswith(c.config.lora_prefix):
+                r.unload_lora(name)
+        c.close()
+
+
+def test_serving_state_without_lora_paths_still_loads():
+    old = json.dumps({"lora_active": "cptd-r1", "lora_versions": ["cptd-r1"]})  # written before lora_paths existed
+    st = ServingState.from_json(old)
+    assert st.lora_paths == {} and st.lora_active == "cptd-r1"

@@ -5,13 +5,14 @@ Register in tests/conftest.py with `pytest_plugins = ["tests.vllm_fixtures"]`
 import the fixtures they use explicitly.
 
 Models are built locally (no hub): two tiny Llamas with one shared tokenizer
-and different seeds (so greedy completions differ), and two LoRA adapters on
+and different seeds (so greedy completions differ), and three LoRA adapters on
 the first. Servers are stopped by process group at teardown, whatever the
 tests did.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,3 +107,30 @@ def vllm_server(tiny_models: TinyModels):
 def vllm_crash_server(tiny_models: TinyModels):
     """A second replica that tests may kill and restart; same boot model and flags as `vllm_server`."""
     yield from _serve(tiny_models, "vllm-crash.log")
+
+
+def bf16_copy(src: Path, out: Path) -> Path:
+    """The same checkpoint in bfloat16, config.json saying so (what a bf16 training run writes)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(str(src / "model.safetensors")).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_plain_server(tiny_models: TinyModels):
+    """A server started WITHOUT --enable-lora, from a bf16 copy of the base model with the default dtype
+    ("auto": the checkpoint's own dtype). Costs ~60 s; for tests of what a server can take."""
+    model = bf16_copy(tiny_models.base, tiny_models.root / "base-bf16")
+    server = VLLMServer(model=str(model), served_model_name=SERVED_NAME, log_path=tiny_models.root / "vllm-plain.log").start(timeout=300)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -2,7 +2,16 @@
 
 Shared by the test fixtures, the swap bench and `cptd demo`, so all three run
 the server exactly the same way: the dev endpoints needed for hot swap
-(`VLLM_SERVER_DEV_MODE=1`), runtime LoRA loading, a small KV cache, float32.
+(`VLLM_SERVER_DEV_MODE=1`), runtime LoRA loading, a small KV cache, and the
+checkpoint's own dtype.
+
+dtype: `VLLMServer.dtype` "auto" (the default) passes the dtype written in the
+checkpoint's config.json (`dtype` / `torch_dtype`) as `--dtype`: a bf16
+checkpoint is served in bf16 (the dev CPU has avx512_bf16; a bf16 tiny Llama is
+up in ~55 s), the fp32 tiny test models stay fp32. vLLM's own `--dtype auto` is
+not used because it downcasts fp32 checkpoints to bf16 on CPU (greedy test
+completions would then change). Any other value (`float32`, `bfloat16`, ...) is
+passed as it is; a model that is not a local directory gets vLLM's "auto".
 The server runs in its own process group so stopping it also ends the engine
 core child process; a stop never leaves a stray server holding RAM and CPU on
 a shared machine.
@@ -10,6 +19,7 @@ a shared machine.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +30,8 @@ from pathlib import Path
 import httpx
 
 from daemon.dev.services import free_port, wait_for
+
+_DTYPES = {"float32", "float16", "bfloat16", "torch.float32", "torch.float16", "torch.bfloat16"}
 
 
 @dataclass
@@ -33,6 +45,7 @@ class VLLMServer:
     max_lora_rank: int = 8
     max_loras: int = 2
     max_model_len: int = 256
+    dtype: str = "auto"  # "auto": the checkpoint's own dtype (see the module docstring)
     extra_args: list[str] = field(default_factory=list)
     log_path: Path | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
@@ -53,7 +66,7 @@ class VLLMServer:
             "--port",
             str(self.port),
             "--dtype",
-            "float32",
+            self.served_dtype(),
             "--gpu-memory-utilization",
             "0.3",
             "--max-model-len",
@@ -67,6 +80,17 @@ class VLLMServer:
         if self.enable_lora:
             a += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras)]
         return a + list(self.extra_args)
+
+    def served_dtype(self) -> str:
+        """What `--dtype` gets: `dtype`, or for "auto" the checkpoint's config.json dtype."""
+        if self.dtype != "auto":
+            return self.dtype
+        try:
+            cfg = json.loads((Path(self.model) / "config.json").read_text())
+        except (OSError, ValueError):
+            return "auto"
+        declared = cfg.get("dtype") or cfg.get("torch_dtype")
+        return str(declared).removeprefix("torch.") if declared in _DTYPES else "auto"
 
     def env(self) -> dict[str, str]:
         e = dict(os.environ)
