@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from policies.base import Section
 
 
 class TrainPolicy(Section):
-    mode: Literal["full", "lora"] = Field(default="full", description="full fine-tuning, or a LoRA adapter served by vLLM --enable-lora")
+    mode: Literal["full", "lora", "qlora"] = Field(
+        default="full",
+        description="full: every weight, hot-swapped into vLLM; lora: an adapter on the served base, loaded by vLLM --enable-lora; "
+        "qlora: lora trained over a 4-bit NF4 copy of the base (bitsandbytes), shipped and scored like lora",
+    )
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-params", "fp16-mixed"] = Field(
+        default="auto",
+        description="training math; candidates are always written in the parent's dtype. auto: bf16 parent -> bf16-mixed, "
+        "fp16 parent -> fp16-mixed, fp32 parent -> fp32 on CPU and bf16-mixed on CUDA (docs/round-engine.md, Precision)",
+    )
     micro_batch_size: int = Field(default=8, ge=1, le=4096, description="packed sequences per forward pass (per GPU)")
     seq_len: int = Field(default=2048, ge=16, le=131_072, description="tokens per packed sequence")
     grad_accum: int = Field(default=4, ge=1, le=4096, description="micro-batches per optimizer step")
@@ -35,3 +44,24 @@ class TrainPolicy(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto")
     seed: int = Field(default=0, ge=0, description="base seed; each round derives its data/init seeds from it and the round id")
+
+    @model_validator(mode="after")
+    def _qlora_computes_in_bf16(self) -> TrainPolicy:
+        if self.mode == "qlora" and self.precision not in ("auto", "bf16-mixed"):
+            raise ValueError(f"train.mode qlora computes in bf16 over fp32 adapter weights; precision {self.precision!r} is not supported")
+        return self
+
+
+# What each precision keeps in memory and how the step runs; resolve_precision picks one for "auto".
+MIXED = {"bf16-mixed": "bfloat16", "fp16-mixed": "float16"}  # autocast dtype over fp32 master weights
+
+
+def resolve_precision(precision: str, parent_dtype: str, device_type: str) -> str:
+    """The concrete precision of a round: the policy's, or for "auto" the parent's dtype on this device."""
+    if precision != "auto":
+        return precision
+    if parent_dtype == "bfloat16":
+        return "bf16-mixed"
+    if parent_dtype == "float16":
+        return "fp16-mixed"
+    return "bf16-mixed" if device_type == "cuda" else "fp32"

@@ -45,8 +45,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
     return fast
 
 
-def build_tiny_llama(out_dir: str | Path, texts: Iterable[str], shape: TinyLlamaShape = TinyLlamaShape(), seed: int = 0) -> Path:
-    """Write tokenizer + config + model.safetensors to out_dir and return it."""
+def build_tiny_llama(
+    out_dir: str | Path, texts: Iterable[str], shape: TinyLlamaShape = TinyLlamaShape(), seed: int = 0, dtype: str = "float32"
+) -> Path:
+    """Write tokenizer + config + model.safetensors to out_dir and return it; dtype "bfloat16" or "float16"
+    gives a checkpoint stored like the ones people serve (config.json `dtype` and every tensor)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -65,9 +68,24 @@ def build_tiny_llama(out_dir: str | Path, texts: Iterable[str], shape: TinyLlama
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
-        torch_dtype="float32",
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.config.dtype = getattr(torch, dtype)
     model.save_pretrained(str(out), safe_serialization=True)
     return out
+
+
+def cast_checkpoint(src: str | Path, dst: str | Path, dtype: str) -> Path:
+    """A copy of a checkpoint stored in another dtype (a bf16 or fp16 twin of an fp32 model)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "config.json", "vllm-*.log"))
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=getattr(torch, dtype))
+    model.config.dtype = getattr(torch, dtype)
+    model.save_pretrained(str(dst), safe_serialization=True)
+    return dst

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 
 from daemon.jobs.lm_loss import mean_token_loss
+from daemon.jobs.model_loader import load_causal_lm, load_tokenizer, resolve_device
 from daemon.jobs.specs import DriftSpec, read_texts
 from policies.drift import DriftStats, js_distance
 
@@ -46,19 +48,11 @@ def drift_stats(model, tokenizer, new: Sequence[str], ref: Sequence[str], max_le
     )
 
 
-def load_model(model_dir: str, device: str = "cpu"):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
-
-
 def measure_drift(
-    model_dir: str, new: Sequence[str], ref: Sequence[str], max_docs: int = 256, max_len: int = 512, seed: int = 0, device: str = "cpu"
+    model_dir: str, new: Sequence[str], ref: Sequence[str], max_docs: int = 256, max_len: int = 512, seed: int = 0, device: str = "auto"
 ) -> DriftStats:
-    model, tokenizer = load_model(model_dir, device)
+    """Under the serving model as served: its dtype, on the trainer's device (daemon/jobs/model_loader.py)."""
+    model, tokenizer = load_causal_lm(model_dir, device=device), load_tokenizer(model_dir)
     return drift_stats(model, tokenizer, sample(new, max_docs, seed), sample(ref, max_docs, seed + 1), max_len)
 
 
@@ -69,8 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) != 1:
         raise SystemExit("usage: python -m daemon.jobs.drift_probe SPEC.json")
     spec = DriftSpec.read(argv[0])
-    s = measure_drift(spec.model, read_texts(spec.new_path), read_texts(spec.ref_path), spec.max_docs, spec.max_len, spec.seed, spec.device)
-    print(json.dumps({**asdict(s), "ppl_gap": s.ppl_gap}))
+    device = str(resolve_device(spec.device))
+    t0 = time.monotonic()
+    s = measure_drift(spec.model, read_texts(spec.new_path), read_texts(spec.ref_path), spec.max_docs, spec.max_len, spec.seed, device)
+    print(json.dumps({**asdict(s), "ppl_gap": s.ppl_gap, "device": device, "seconds": round(time.monotonic() - t0, 3)}))
 
 
 if __name__ == "__main__":

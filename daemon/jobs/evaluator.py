@@ -55,6 +55,8 @@ class EvalData:
     canaries: str | None = None  # JSONL path: {"prompt", "expected", "name"?}
     max_len: int = 512
     target_delimiter: str = " "  # lm-eval-harness default between context and choice
+    device: str = "auto"  # where every model is scored: the trainer's device (CUDA when present), else CPU
+    base: str | None = None  # the served base checkpoint, for models that are LoRA adapters
 
 
 def _read_jsonl(path: str | Path) -> list[dict]:
@@ -94,14 +96,16 @@ def save_canaries(canaries: Sequence[Canary], path: str | Path) -> Path:
 # --------------------------------------------------------------------------- scoring
 
 
-def load_model(path: str | Path):
-    """safetensors only: a checkpoint written by a round is never unpickled."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(path: str | Path, device: str = "auto", base: str | Path | None = None):
+    """A model as it is served: a full checkpoint, or a LoRA adapter on `base`, in the checkpoint's dtype on
+    `device` (daemon/jobs/model_loader.py; safetensors only)."""
+    from daemon.jobs.model_loader import is_adapter, load_causal_lm, load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(str(path))
+    if is_adapter(path):
+        if base is None:
+            raise ValueError(f"{path} is a LoRA adapter; scoring it needs the base checkpoint it is served on")
+        return load_causal_lm(base, device=device, adapter=path), load_tokenizer(base)
+    return load_causal_lm(path, device=device), load_tokenizer(path)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -117,25 +121,37 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx) :]
 
 
-def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], max_len: int = 512) -> list[float]:
-    """Summed log-probability of each continuation given its context (harness `loglikelihood`)."""
+def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], max_len: int = 512, batch_size: int = 16) -> list[float]:
+    """Summed log-probability of each continuation given its context (harness `loglikelihood`), batched
+    with right padding on the model's device."""
     import torch
 
     bos = tokenizer.bos_token_id
-    out = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    seqs: list[tuple[list[int], int]] = []  # (tokens, continuation length)
+    for context, continuation in requests:
+        ctx, cont = encode_pair(tokenizer, context, continuation)
+        seq = ([bos] if bos is not None else []) + ctx + cont
+        seqs.append((seq[-(max_len + 1) :], len(cont)))  # left-truncate like the harness; the continuation is kept whole
+    out = [0.0] * len(seqs)
+    todo = [i for i, (_, n) in enumerate(seqs) if n]
     with torch.no_grad():
-        for context, continuation in requests:
-            ctx, cont = encode_pair(tokenizer, context, continuation)
-            if not cont:
-                out.append(0.0)
-                continue
-            seq = ([bos] if bos is not None else []) + ctx + cont
-            seq = seq[-(max_len + 1) :]  # left-truncate like the harness; the continuation is kept whole
-            inp = torch.tensor([seq[:-1]])
-            logp = torch.log_softmax(model(input_ids=inp).logits[0].float(), dim=-1)
-            tgt = torch.tensor(seq[1:])
-            tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-            out.append(float(tok_lp[-len(cont) :].sum()))
+        for b in range(0, len(todo), batch_size):
+            idx = todo[b : b + batch_size]
+            width = max(len(seqs[i][0]) - 1 for i in idx)
+            inp = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                s = seqs[i][0][:-1]
+                inp[row, : len(s)] = torch.tensor(s)
+                mask[row, : len(s)] = 1
+            logp = torch.log_softmax(model(input_ids=inp.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1)
+            for row, i in enumerate(idx):
+                seq, n = seqs[i]
+                tgt = torch.tensor(seq[1:], device=device)
+                tok_lp = logp[row, : len(tgt)].gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+                out[i] = float(tok_lp[-n:].sum())
     return out
 
 
@@ -160,7 +176,7 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_token
     with torch.no_grad():
         for p in prompts:
             ids = ([bos] if bos is not None else []) + tokenizer(p, add_special_tokens=False)["input_ids"]
-            inp = torch.tensor([ids])
+            inp = torch.tensor([ids], device=next(model.parameters()).device)
             gen = model.generate(
                 inp,
                 attention_mask=torch.ones_like(inp),
@@ -173,9 +189,9 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_token
     return outs
 
 
-def record_canaries(model_path: str | Path, prompts: Sequence[str], max_new_tokens: int = 8) -> list[Canary]:
+def record_canaries(model_path: str | Path, prompts: Sequence[str], max_new_tokens: int = 8, device: str = "auto") -> list[Canary]:
     """Freeze the serving model's greedy continuations as canaries (how a deployment bootstraps them)."""
-    model, tok = load_model(model_path)
+    model, tok = load_model(model_path, device)
     return [
         Canary(p, c, f"canary-{i}")
         for i, (p, c) in enumerate(zip(prompts, greedy_continuations(model, tok, prompts, max_new_tokens), strict=False), 1)
@@ -196,11 +212,21 @@ def _summary(model, tok, docs: Sequence[str], max_len: int) -> LossSummary:
     return LossSummary(r.mean_nll, math.exp(r.mean_nll) if math.isfinite(r.mean_nll) else math.nan, r.tokens)
 
 
+def score_suite(model, tok, name: str, path: str, data: EvalData) -> SuiteResult:
+    """A suite file is an lm-evaluation-harness task YAML (scored by lm-eval itself) or our multiple-choice JSONL."""
+    if path.endswith((".yaml", ".yml")):
+        from daemon.jobs.harness_suites import score_harness_task
+
+        return score_harness_task(model, tok, path, name, max_len=data.max_len)
+    return score_mc(model, tok, name, load_mc_suite(path), data.target_delimiter, data.max_len)
+
+
 def score_checkpoint(path: str | Path, data: EvalData, name: str | None = None) -> ModelReport:
     t = time.monotonic()
-    model, tok = load_model(path)
-    suites = {s: score_mc(model, tok, s, load_mc_suite(p), data.target_delimiter, data.max_len) for s, p in sorted(data.suites.items())}
+    model, tok = load_model(path, data.device, data.base)
+    suites = {s: score_suite(model, tok, s, p, data) for s, p in sorted(data.suites.items())}
     canaries = check_canaries(model, tok, load_canaries(data.canaries)) if data.canaries else []
+    p0 = next(model.parameters())
     return ModelReport(
         name=name or Path(path).name,
         path=str(path),
@@ -209,6 +235,8 @@ def score_checkpoint(path: str | Path, data: EvalData, name: str | None = None) 
         suites=suites,
         canaries=canaries,
         seconds=time.monotonic() - t,
+        device=str(p0.device),
+        dtype=str(getattr(model.config, "dtype", p0.dtype)).removeprefix("torch."),
     )
 
 
@@ -261,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         suites=spec.suites,
         canaries=spec.canaries,
         max_len=spec.max_len,
+        device=spec.device,
+        base=spec.base,
     )
     names, paths = zip(*spec.candidates, strict=False) if spec.candidates else ((), ())
     out = Path(spec.out)

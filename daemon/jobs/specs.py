@@ -92,6 +92,8 @@ class EvalSpec(_JsonSpec):
     suites: dict[str, str] = field(default_factory=dict)  # suite name -> multiple-choice JSONL
     canaries: str | None = None  # JSONL of {"prompt", "expected", "name"?}
     max_len: int = 512
+    device: str = "auto"  # the trainer's device: CUDA when present, else CPU
+    base: str | None = None  # served base checkpoint: serving/candidates that are LoRA adapters are scored on it
 
     @property
     def progress_path(self) -> Path:
@@ -132,6 +134,8 @@ class ModelReport:
     suites: dict[str, SuiteResult] = field(default_factory=dict)
     canaries: list[CanaryResult] = field(default_factory=list)
     seconds: float = 0.0
+    device: str = ""  # where it was scored (cuda:0, cpu)
+    dtype: str = ""  # the dtype it was scored in: the checkpoint's, as served
 
     def scores(self) -> ModelScores:
         return ModelScores(
@@ -201,6 +205,8 @@ def _model_report(d: dict[str, Any]) -> ModelReport:
         suites={k: SuiteResult(**v) for k, v in d["suites"].items()},
         canaries=[CanaryResult(**c) for c in d["canaries"]],
         seconds=d.get("seconds", 0.0),
+        device=d.get("device", ""),
+        dtype=d.get("dtype", ""),
     )
 
 
@@ -217,4 +223,4 @@ class DriftSpec(_JsonSpec):
     max_docs: int = 256
     max_len: int = 512
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # the trainer's device: CUDA when present, else CPU

@@ -11,12 +11,14 @@ the same weights as an uninterrupted run: the data order is a pure function of
 Output layout (OUT = spec.out_dir):
   spec.json              the spec this directory belongs to (a different spec is refused)
   progress.jsonl         start / eval / step / checkpoint / mainline / done events
-  checkpoints/step-N/    resumable state after N steps: weights (safetensors; full: HF dir with
-                         tokenizer, lora: adapter), trainer_state.pt (optimizer + RNG), state.json
+  checkpoints/step-N/    resumable state after N steps: weights in the parent's dtype (safetensors; full:
+                         HF dir with tokenizer and the parent's config.json, lora/qlora: adapter),
+                         master_weights.safetensors (fp32 trainable weights, when the written ones are
+                         rounded), trainer_state.pt (optimizer, grad scaler, RNG), state.json
   mainline/              infinite only: main-line state at the end of this round's main-line
                          steps, same format; the next round's spec names it as mainline_in
-  final/                 the release candidate (infinite: the end of the anneal branch);
-                         full: HF dir (model.safetensors, config.json, tokenizer),
+  final/                 the release candidate (infinite: the end of the anneal branch), in the parent's
+                         dtype; full: HF dir (model.safetensors, the parent's config.json, tokenizer),
                          lora: adapter_config.json + adapter_model.safetensors (vLLM LoRA layout)
   result.json            written last; its presence means the round finished
 
@@ -46,12 +48,14 @@ import torch
 import torch.nn.functional as F
 
 from daemon.jobs.lm_loss import mean_token_loss
+from daemon.jobs.model_loader import DTYPES, checkpoint_dtype, dtype_name, load_causal_lm, load_tokenizer, resolve_device
 from daemon.jobs.specs import TrainSpec, read_texts
 from policies.lr_schedule import SchedulePolicy, anneal_steps_for, round_lr
 from policies.replay import replay_tokens_for
-from policies.train import TrainPolicy
+from policies.train import MIXED, TrainPolicy, resolve_precision
 
 IGNORE = -100
+MASTER_FILE = "master_weights.safetensors"  # fp32 trainable parameters, when the written weights are rounded
 
 
 # ---------------------------------------------------------------- data
@@ -122,32 +126,27 @@ def blocks_at(n_blocks: int, seed: int, start: int, count: int) -> list[int]:
 # ---------------------------------------------------------------- model + state
 
 
-def pick_device(want: str) -> torch.device:
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(want)
-
-
-def load_model(spec: TrainSpec, tp: TrainPolicy, state_dir: str | None, device: torch.device):
-    """Parent weights, or the weights saved in state_dir (a checkpoint or main line); lora wraps the parent."""
-    from transformers import AutoModelForCausalLM
-
+def load_model(spec: TrainSpec, tp: TrainPolicy, state_dir: str | None, device: torch.device, param_dtype: torch.dtype):
+    """Parent weights, or those saved in state_dir (a checkpoint or main line), with trainable parameters in
+    param_dtype. lora/qlora put an adapter on the parent, which stays frozen in its own dtype (or 4-bit)."""
     attn = spec.attn_implementation
     if attn == "auto":
         # flex builds a sparse block mask from the per-document positions; sdpa would need a dense mask
         # (H100, 0.5B: 18% vs 34% MFU compiled)
         attn = ("flash_attention_2" if _has_flash_attn() else "flex_attention") if device.type == "cuda" else "sdpa"
     if tp.mode == "full":
-        model = AutoModelForCausalLM.from_pretrained(state_dir or spec.parent_dir, dtype=torch.float32, attn_implementation=attn)
+        model = load_causal_lm(state_dir or spec.parent_dir, device=device, dtype=param_dtype, attn_implementation=attn)
+        model.train()
     else:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        base = AutoModelForCausalLM.from_pretrained(spec.parent_dir, dtype=torch.float32, attn_implementation=attn)
+        quantize = "nf4" if tp.mode == "qlora" else None
         if state_dir:
-            model = PeftModel.from_pretrained(base, state_dir, is_trainable=True)
+            model = load_causal_lm(
+                spec.parent_dir, device=device, adapter=state_dir, trainable_adapter=True, quantize=quantize, attn_implementation=attn
+            )
         else:
+            from peft import LoraConfig, get_peft_model
+
+            base = load_causal_lm(spec.parent_dir, device=device, quantize=quantize, attn_implementation=attn)
             torch.manual_seed(spec.init_seed)
             cfg = LoraConfig(
                 r=tp.lora_r,
@@ -156,9 +155,24 @@ def load_model(spec: TrainSpec, tp: TrainPolicy, state_dir: str | None, device: 
                 target_modules=list(tp.lora_targets),
                 task_type="CAUSAL_LM",
             )
-            model = get_peft_model(base, cfg)
+            model = get_peft_model(base, cfg)  # peft keeps the adapter in fp32 over a bf16/fp16/4-bit base
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(param_dtype)
+        model.train()
+    if state_dir and (Path(state_dir) / MASTER_FILE).exists():  # exact resume: the fp32 masters, not the rounded weights
+        from safetensors.torch import load_file
+
+        masters = load_file(str(Path(state_dir) / MASTER_FILE))
+        named = dict(model.named_parameters())
+        missing = [n for n, p in named.items() if p.requires_grad and n not in masters]
+        if missing:
+            raise RuntimeError(f"{state_dir}/{MASTER_FILE} lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
+        with torch.no_grad():
+            for n, t in masters.items():
+                named[n].copy_(t)
     model.config.use_cache = False
-    return model.to(device)
+    return model
 
 
 def _has_flash_attn() -> bool:
@@ -176,14 +190,48 @@ def packed_logits(model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, position_ids=pos, use_cache=False).logits
 
 
-def make_optimizer(model, tp: TrainPolicy, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; no weight decay on vectors (norms, biases), as in nanoGPT."""
+def make_optimizer(model, tp: TrainPolicy, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on vectors (norms, biases), as in nanoGPT. Low-precision parameters get
+    AdamWFp32State: torch's AdamW would keep its moments in the parameters' bf16."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": tp.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if any(p.dtype != torch.float32 for p in params):
+        return AdamWFp32State(groups, lr=0.0, betas=(tp.beta1, tp.beta2), eps=tp.adam_eps)
     return torch.optim.AdamW(groups, lr=0.0, betas=(tp.beta1, tp.beta2), eps=tp.adam_eps, fused=device.type == "cuda")
+
+
+class AdamWFp32State(torch.optim.Optimizer):
+    """AdamW for bf16 parameters (precision bf16-params): moments and the update in fp32, the parameter
+    rounded to bf16 once per step. 12 bytes per parameter instead of 16, at the cost of updates smaller
+    than bf16's resolution being lost (docs/round-engine.md, Precision, has the measurement)."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
+        for g in self.param_groups:
+            b1, b2 = g["betas"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                st["step"] += 1
+                t = float(st["step"])
+                grad = p.grad.float()
+                st["exp_avg"].lerp_(grad, 1 - b1)
+                st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                denom = (st["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(g["eps"])
+                w = p.float().mul_(1 - g["lr"] * g["weight_decay"])
+                w.addcdiv_(st["exp_avg"], denom, value=-g["lr"] / (1 - b1**t))
+                p.copy_(w)
 
 
 def trainable_digest(model) -> str:
@@ -195,28 +243,53 @@ def trainable_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
-def save_state(dst: Path, model, tokenizer, opt, tp: TrainPolicy, state: dict) -> None:
-    """Write a complete state dir atomically (tmp dir + rename), so a kill leaves either nothing or all of it."""
+def save_state(dst: Path, model, tokenizer, opt, scaler, tp: TrainPolicy, state: dict, parent: Path) -> None:
+    """Write a complete state dir atomically (tmp dir + rename), so a kill leaves either nothing or all of it.
+
+    Weights go out in the parent's dtype (servable, evaluable as they are); when the trainable parameters
+    are kept in another dtype (fp32 masters over a bf16 parent) they are saved too, so a resume is exact."""
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_weights(tmp, model, tokenizer, tp)
-    torch.save({"optimizer": opt.state_dict(), "cpu_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+    save_weights(tmp, model, tokenizer, tp, parent)
+    save_dtype = checkpoint_dtype(parent)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if any(p.dtype != save_dtype for p in trainable.values()):
+        from safetensors.torch import save_file
+
+        save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, str(tmp / MASTER_FILE))
+    blob = {"optimizer": opt.state_dict(), "cpu_rng": torch.get_rng_state()}
+    if scaler is not None:
+        blob["grad_scaler"] = scaler.state_dict()
+    torch.save(blob, tmp / "trainer_state.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
 
 
-def save_weights(dst: Path, model, tokenizer, tp: TrainPolicy) -> None:
-    """full: an HF checkpoint dir (safetensors + config + tokenizer); lora: adapter_config.json + adapter_model.safetensors."""
+def save_weights(dst: Path, model, tokenizer, tp: TrainPolicy, parent: Path) -> None:
+    """full: an HF checkpoint dir (safetensors + tokenizer) whose config.json is the parent's, byte for byte;
+    lora/qlora: adapter_config.json + adapter_model.safetensors (vLLM's LoRA layout). Tensors in the parent's dtype."""
     dst.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(dst), safe_serialization=True)
+    dtype = checkpoint_dtype(parent)
     if tp.mode == "full":
+        sd = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+        model.save_pretrained(str(dst), state_dict=sd, safe_serialization=True)
         tokenizer.save_pretrained(str(dst))
+        for name in ("config.json", "generation_config.json"):  # the served model's own files: validation compares them
+            if (parent / name).exists():
+                shutil.copyfile(parent / name, dst / name)
+    else:
+        from peft import get_peft_model_state_dict
+
+        sd = {k: v.detach().to(dtype) for k, v in get_peft_model_state_dict(model).items()}
+        model.save_pretrained(str(dst), state_dict=sd, safe_serialization=True)
 
 
-def load_trainer_state(src: Path, opt) -> dict:
+def load_trainer_state(src: Path, opt, scaler) -> dict:
     blob = torch.load(src / "trainer_state.pt", weights_only=True)
     opt.load_state_dict(blob["optimizer"])
+    if scaler is not None and "grad_scaler" in blob:
+        scaler.load_state_dict(blob["grad_scaler"])
     torch.set_rng_state(blob["cpu_rng"])
     return json.loads((src / "state.json").read_text())
 
@@ -255,7 +328,13 @@ def run(spec: TrainSpec) -> dict:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     main_proc = rank == 0
-    device = pick_device(tp.device)
+    device = resolve_device(tp.device)
+    parent = Path(spec.parent_dir)
+    parent_dtype = checkpoint_dtype(parent)
+    precision = resolve_precision(tp.precision, dtype_name(parent_dtype), device.type)
+    # bf16-params trains the weights in bf16 itself; every other precision keeps fp32 trainable (master) weights.
+    param_dtype = torch.bfloat16 if precision == "bf16-params" else torch.float32
+    amp_dtype = DTYPES[MIXED[precision]] if precision in MIXED else None
     if spec.cpu_threads:
         torch.set_num_threads(spec.cpu_threads)
     if device.type == "cuda":
@@ -275,9 +354,7 @@ def run(spec: TrainSpec) -> dict:
     log = Progress(out / "progress.jsonl", main_proc)
 
     # Data: a pure function of the spec, rebuilt identically on every (re)run.
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(spec.parent_dir)
+    tokenizer = load_tokenizer(parent)
     rng = random.Random(spec.data_seed)
     new_docs = tokenize_docs(tokenizer, read_texts(spec.new_path))
     docs, replay_tok = mix_documents(new_docs, tokenize_docs(tokenizer, read_texts(spec.replay_path)), spec.replay_ratio, rng)
@@ -297,14 +374,15 @@ def run(spec: TrainSpec) -> dict:
     ckpt = latest_checkpoint(ckpt_dir)
     mainline_in = Path(spec.mainline_in) if (sp.kind == "infinite" and spec.mainline_in) else None
     state_dir = ckpt or mainline_in
-    model = load_model(spec, tp, str(state_dir) if state_dir else None, device)
+    model = load_model(spec, tp, str(state_dir) if state_dir else None, device, param_dtype)
     opt = make_optimizer(model, tp, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None  # fp16's range needs loss scaling
     torch.manual_seed(spec.init_seed)  # before loading state, which restores the RNG of a resumed run
     global_step0, step, tokens = 0, 0, 0
     if mainline_in:
         global_step0 = json.loads((mainline_in / "state.json").read_text())["global_step"]
     if state_dir:
-        st = load_trainer_state(state_dir, opt)
+        st = load_trainer_state(state_dir, opt, scaler)
         if ckpt:
             step, tokens = st["step"], st["tokens"]
     init_from = "checkpoint" if ckpt else ("mainline" if mainline_in else "parent")
@@ -329,6 +407,8 @@ def run(spec: TrainSpec) -> dict:
         mode=tp.mode,
         device=str(device),
         world_size=world,
+        precision=precision,
+        parent_dtype=dtype_name(parent_dtype),
     )
 
     raw_model = model
@@ -337,15 +417,21 @@ def run(spec: TrainSpec) -> dict:
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     fwd = torch.compile(model) if spec.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def autocast():  # noqa: ANN202
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
     params = [p for p in raw_model.parameters() if p.requires_grad]
     ckpt_dir.mkdir(exist_ok=True)
 
     def evaluate(at: int) -> None:
         if main_proc and (heldout["new"] or heldout["replay"]):
-            losses = {
-                f"loss_heldout_{k}": mean_token_loss(raw_model, tokenizer, v, max_len=tp.seq_len).mean_nll for k, v in heldout.items() if v
-            }
+            with autocast():
+                losses = {
+                    f"loss_heldout_{k}": mean_token_loss(raw_model, tokenizer, v, max_len=tp.seq_len).mean_nll
+                    for k, v in heldout.items()
+                    if v
+                }
             log("eval", step=at, global_step=global_step0 + min(at, main_steps), **losses)
 
     def state(at: int) -> dict:
@@ -359,7 +445,7 @@ def run(spec: TrainSpec) -> dict:
 
     def checkpoint(at: int) -> None:
         if main_proc:
-            save_state(ckpt_dir / f"step-{at:08d}", raw_model, tokenizer, opt, tp, state(at))
+            save_state(ckpt_dir / f"step-{at:08d}", raw_model, tokenizer, opt, scaler, tp, state(at), parent)
             for old in sorted(ckpt_dir.glob("step-*"))[: -tp.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             log("checkpoint", step=at, path=str(ckpt_dir / f"step-{at:08d}"))
@@ -371,7 +457,7 @@ def run(spec: TrainSpec) -> dict:
     model.train()
     while step < total_steps:
         if sp.kind == "infinite" and step == main_steps and main_proc and not (out / "mainline" / "state.json").exists():
-            save_state(out / "mainline", raw_model, tokenizer, opt, tp, state(step))
+            save_state(out / "mainline", raw_model, tokenizer, opt, scaler, tp, state(step), parent)
             log("mainline", path=str(out / "mainline"), global_step=global_step0 + main_steps)
         lr, phase = round_lr(sp, step, main_steps, global_step0)
         for g in opt.param_groups:
@@ -388,15 +474,22 @@ def run(spec: TrainSpec) -> dict:
             x, p, y = ids[b].to(device), pos[b].to(device), tgt[b].to(device)
             sync = nullcontext() if (not ddp or m == tp.grad_accum - 1) else model.no_sync()
             with sync:  # DDP all-reduces gradients only on the last micro-batch
-                with autocast:
+                with autocast():
                     logits = packed_logits(fwd, x, p)
                 loss = F.cross_entropy(
                     logits[:, :-1].float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
                 )
-                (loss / n_tgt).backward()
+                scaled = loss / n_tgt
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
             loss_sum += float(loss.detach())
+        if scaler is not None:
+            scaler.unscale_(opt)  # clip the true gradients; a step with inf/nan gradients is skipped by scaler.step
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tp.grad_clip))
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         tokens += n_tgt * world
@@ -428,11 +521,13 @@ def run(spec: TrainSpec) -> dict:
         "mainline": str(out / "mainline") if sp.kind == "infinite" else None,
         "global_step": global_step0 + main_steps,
         "mode": tp.mode,
+        "precision": precision,
+        "dtype": dtype_name(parent_dtype),  # what final/, checkpoints and the main line are written in
     }
     if main_proc:
         for d in ("final", "final.tmp"):
             shutil.rmtree(out / d, ignore_errors=True)
-        save_weights(out / "final.tmp", raw_model, tokenizer, tp)
+        save_weights(out / "final.tmp", raw_model, tokenizer, tp, parent)
         os.replace(out / "final.tmp", out / "final")
         if sp.kind == "infinite" and not (out / "mainline" / "state.json").exists():  # an anneal of 0 steps cannot happen, but be sure
             raise RuntimeError("main line was not saved")
