@@ -195,7 +195,11 @@ class RoundsPolicy(Section):
     lease_ttl_s: float = Field(
         default=30, ge=3, le=600, description="time to live of the round lease; a daemon that stops renewing it loses the round to another"
     )
-    suites: dict[str, str] = Field(default={}, description="regression suite name -> JSONL path")
+    suites: dict[str, str] = Field(
+        default={},
+        description="regression suite name -> a multiple-choice JSONL path, or an lm-evaluation-harness task YAML (.yaml/.yml) "
+        "scored by lm-eval itself",
+    )
     canaries: str | None = Field(default=None, description="JSONL path of canary prompts checked after a swap")
 
 
