@@ -47,6 +47,9 @@ def _print_status(st: dict[str, Any]) -> None:
         if sv:
             reps = ", ".join(f"{u} {r['version']} ({r['status']})" for u, r in sv.get("replicas", {}).items())
             print(f"serving     {sv.get('desired_version')} (rollback target {sv.get('previous_version')})   {reps}")
+            if sv.get("route_model"):
+                kept = ", ".join(sv.get("lora_versions") or []) or "none"
+                print(f"clients     send model {sv['route_model']!r}   (LoRA adapters kept: {kept})")
         for j in rd.get("triggers") or []:
             print(f"trigger     {j['id']:<9} next {j.get('next_run_time') or '-'}")
     c = st.get("counts", {})
@@ -179,6 +182,8 @@ def print_round(rec: RoundRecord) -> None:
             print(f"              [{r.code}] {r.checkpoint + ': ' if r.checkpoint else ''}{r.message}")
     if dp := rec.deploy:
         print(f"  deploy      {'ok' if dp.ok else 'FAILED'}  pause max {_f(dp.pause_seconds_max, '.3f')} s  at {_ts(rec.deployed_at)}")
+        if dp.route_model:
+            print(f"  clients     send model {dp.route_model!r} (LoRA adapter)")
     if rb := rec.rollback:
         print(f"  rollback    to {rb.to} ({rb.trigger}) at {_ts(rb.at)}")
     if rec.error:

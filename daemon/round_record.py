@@ -49,6 +49,8 @@ class Trigger(Part):
 class Parent(Part):
     version: str | None = None  # the version serving when the round was created ("base" or a round id)
     checkpoint: str | None = None
+    adapter: str | None = None  # the LoRA adapter clients were routed to (lora/qlora rounds continue it)
+    adapter_path: str | None = None
 
 
 class PhaseTimes(Part):
@@ -176,7 +178,8 @@ class ReplicaOutcome(Part):
 
 class DeploySummary(Part):
     ok: bool
-    kind: str  # deploy | rollback | lora
+    kind: str  # deploy | rollback | lora | lora_rollback
+    route_model: str | None = None  # lora: the model name clients send to reach this round's adapter
     version: str
     checkpoint: str
     error: dict[str, str] | None = None

@@ -227,7 +227,12 @@ class RoundRunner:
             owner=self.owner,
             policy_hash=policy_hash(policy),
             policy=policy.model_dump(mode="json"),
-            parent=Parent(version=live, checkpoint=st.versions[live].checkpoint if live in st.versions else None),
+            parent=Parent(
+                version=live,
+                checkpoint=st.versions[live].checkpoint if live in st.versions else None,
+                adapter=st.lora_active,
+                adapter_path=st.lora_paths.get(st.lora_active) if st.lora_active else None,
+            ),
             phases={RoundState.PENDING: PhaseTimes(started_at=now)},
         )
         self._put(rec)
@@ -371,7 +376,28 @@ class RoundRunner:
 
     # ------------------------------------------------------------------ phases
     def _pending(self, rec: RoundRecord, stop: threading.Event) -> None:
+        refusal = self._refusal(self._policy(rec), rec)
+        if refusal:
+            raise RoundFailed(f"PENDING: refused before taking any document: {refusal}", requeue=True)
         self._enter(rec, RoundState.SNAPSHOT)
+
+    def _refusal(self, pol: Policy, rec: RoundRecord) -> str | None:
+        """What makes this round unable to deploy, found before it moves a document or trains a step."""
+        if pol.train.mode == "full":
+            return None
+        assert self.serving is not None
+        why = self.serving.lora_refusal(pol.train.lora_r)
+        if why:
+            return f"train.mode {pol.train.mode} needs every replica to take a rank-{pol.train.lora_r} adapter: {why}"
+        if pol.train.mode == "qlora":
+            cmd = [sys.executable, "-m", "daemon.jobs.model_loader", "check-4bit", pol.train.device]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=_pdeathsig)
+            if r.returncode != 0:
+                return f"train.mode qlora: the 4-bit check exited with {r.returncode}: {r.stderr.strip()[-300:]}"
+            out = json.loads(r.stdout.strip().splitlines()[-1])
+            if out["refusal"]:
+                return f"train.mode qlora on {out['device']}: {out['refusal']}"
+        return None
 
     def _snapshot(self, rec: RoundRecord, stop: threading.Event) -> None:
         pol = self._policy(rec)
@@ -463,6 +489,8 @@ class RoundRunner:
             max_docs=pol.drift.probe_docs,
             max_len=pol.drift.probe_max_len,
             seed=rec.number,
+            device=pol.train.device,
+            dtype=self._served_dtype(),
         )
         cmd = [sys.executable, "-m", "daemon.jobs.drift_probe", str(spec.write(self.round_dir(rec.id) / "drift-spec.json"))]
         out = self._child(cmd, self.round_dir(rec.id) / "drift.log", rec, timeout=1800)
@@ -483,7 +511,7 @@ class RoundRunner:
             if pol.schedule.kind == "infinite" and rec.parent.version not in (None, BASE_VERSION):
                 prev = self.get_round(rec.parent.version)
                 mainline = ((prev.train.result if prev and prev.train else None) or {}).get("mainline")
-            parent = rec.parent.checkpoint if pol.train.mode == "full" else str(self.settings.base_checkpoint_path().resolve())
+            parent = rec.parent.checkpoint  # lora/qlora: the base vLLM serves, which the adapter goes on
             if parent is None:
                 raise RoundFailed("TRAINING: the serving version has no known checkpoint to train from")
             spec = TrainSpec(
@@ -497,6 +525,7 @@ class RoundRunner:
                 schedule=rec.schedule or {},
                 train=pol.train.model_dump(mode="json"),
                 mainline_in=mainline,
+                adapter_in=rec.parent.adapter_path if pol.train.mode != "full" else None,
                 data_seed=seed,
                 init_seed=seed + 1,
                 round_id=rid,
@@ -547,9 +576,14 @@ class RoundRunner:
         )
         cands = [[p.name, str(p)] for p in mids] + [["final", str(out / "final")]]
         report_path = rd / "eval_report.json"
+        adapters = pol.train.mode != "full"
         spec = EvalSpec(
             round_id=rec.id,
-            serving=rec.parent.checkpoint,
+            # lora/qlora: what clients get now (the served base + the active adapter) vs each adapter on that base
+            serving=(rec.parent.adapter_path or rec.parent.checkpoint) if adapters else rec.parent.checkpoint,
+            base=rec.parent.checkpoint if adapters else None,
+            device=pol.train.device,
+            dtype=self._served_dtype(),
             candidates=cands,
             new_path=str(rd / "data/heldout_new.jsonl"),
             replay_path=str(rd / "data/heldout_replay.jsonl"),
@@ -617,6 +651,9 @@ class RoundRunner:
             if stop.wait(5.0):
                 raise Stop("stopping")
         assert self.serving is not None
+        if pol.train.mode != "full":
+            self._deploy_adapter(rec, pol)
+            return
         with self.serving_lock:
             st = self.serving.state
             if st.desired_version != rid or any(r.version != rid for r in st.replicas.values()):
@@ -647,6 +684,38 @@ class RoundRunner:
         rec.deployed_at = time.time()
         rec.docs = self._release(rec)
         M.ROUND_LAST_SUCCESS.set(rec.deployed_at)
+        self._enter(rec, RoundState.DEPLOYED)
+        self._prune(pol)
+
+    def _deploy_adapter(self, rec: RoundRecord, pol: Policy) -> None:
+        """lora/qlora: load the adapter everywhere under its versioned name; the base weights stay as they are."""
+        assert self.serving is not None and rec.candidate is not None
+        rid = rec.id
+        with self.serving_lock:
+            name = self.serving.lora_name(rid)
+            if self.serving.state.lora_active != name:
+                d = self.serving.deploy_lora(rec.candidate, rid, max_rank=pol.train.lora_r)
+                rec.deploy = _deploy_summary(d.to_dict())
+                if not d.ok:
+                    e = d.error or {}
+                    raise RoundFailed(
+                        f"DEPLOYING: replica {e.get('replica') or '-'} step {e.get('step')}: {e.get('message')}; "
+                        f"clients stay on {self.serving.route_model()}",
+                        requeue=True,
+                    )
+            if pol.rounds.watch_s > 0 and rec.watch is None:
+                w = self.serving.watch(pol.rounds.watch_s, rollback=False)  # a full-weight rollback is not this round's undo
+                rec.watch = WatchRecord(window_s=w.window_s, probes=len(w.probes), regression=w.regression)
+                if w.regression:
+                    back = self.serving.rollback_lora(trigger="watch")
+                    rec.rollback = RollbackRecord(at=time.time(), trigger="watch", reason=w.regression, to=back.route_model, ok=back.ok)
+                    rec.docs = self._release(rec)
+                    self._enter(rec, RoundState.ROLLED_BACK)
+                    return
+        rec.deployed_at = time.time()
+        rec.docs = self._release(rec)
+        M.ROUND_LAST_SUCCESS.set(rec.deployed_at)
+        log.info("adapter deployed", extra={"round_id": rid, "route_model": name})
         self._enter(rec, RoundState.DEPLOYED)
         self._prune(pol)
 
@@ -688,6 +757,8 @@ class RoundRunner:
             raise RuntimeError("a deploy or rollback is in progress")
         try:
             st = self.serving.state
+            if st.lora_active and (to is None or self.serving.lora_name(to) in st.lora_versions or to == self.serving.base_model_name()):
+                return self._rollback_adapter(to)
             live = st.desired_version
             target = to or st.previous_version
             if target is None or target not in st.versions:
@@ -701,6 +772,21 @@ class RoundRunner:
             return RollbackResult(ok=d.ok, from_version=live, to=target, error=d.error, record=_deploy_summary(d.to_dict()))
         finally:
             self.serving_lock.release()
+
+    def _rollback_adapter(self, to: str | None) -> RollbackResult:
+        """Clients go back to the adapter before the active one (or `to`), or to the base model when none is kept."""
+        assert self.serving is not None
+        prefix = self.serving.lora_name("")
+        live = self.serving.state.lora_active
+        d = self.serving.rollback_lora(to=to)  # a round id, an adapter name or the base model name
+        live_round = live.removeprefix(prefix) if live else None
+        target_round = (d.route_model or "").removeprefix(prefix) if d.route_model and d.route_model.startswith(prefix) else "base"
+        if d.ok and live_round:
+            rec = self.get_round(live_round)
+            if rec is not None and rec.state == RoundState.DEPLOYED:
+                rec.rollback = RollbackRecord(at=time.time(), trigger="operator", to=d.route_model, ok=True)
+                self._enter(rec, RoundState.ROLLED_BACK)
+        return RollbackResult(ok=d.ok, from_version=live_round, to=target_round, error=d.error, record=_deploy_summary(d.to_dict()))
 
     def probe_drift(self) -> float | None:
         """The drift trigger's periodic probe: buffered documents vs the replay reservoir under the serving model."""
@@ -723,6 +809,8 @@ class RoundRunner:
             ref_path=str(d / "ref.jsonl"),
             max_docs=pol.drift.probe_docs,
             max_len=pol.drift.probe_max_len,
+            device=pol.train.device,
+            dtype=self._served_dtype(),
         )
         cmd = [sys.executable, "-m", "daemon.jobs.drift_probe", str(spec.write(d / "drift-spec.json"))]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, preexec_fn=_pdeathsig)
@@ -799,8 +887,30 @@ class RoundRunner:
                 "desired_version": st.desired_version,
                 "previous_version": st.previous_version,
                 "replicas": {u: {"version": r.version, "status": r.status, "step": r.step} for u, r in st.replicas.items()},
+                "lora_active": st.lora_active,
+                "lora_versions": st.lora_versions,
+                # the model name clients send: the active adapter, else the served base name
+                "route_model": st.lora_active or self._base_name(),
             }
         return out
+
+    def _served_dtype(self) -> str | None:
+        """The dtype vLLM computes in (its --dtype may differ from the checkpoint's); None = the checkpoint's own."""
+        if self.serving is None or not self.serving.replicas:
+            return None
+        try:
+            return self.serving.replicas[0].server_info().dtype
+        except ServingError as e:
+            log.warning("served dtype unknown; scoring in the checkpoint's dtype", extra={"error": str(e)})
+            return None
+
+    def _base_name(self) -> str | None:
+        if self.serving is None:
+            return None
+        try:
+            return self.serving.base_model_name()
+        except ServingError:
+            return None
 
 
 class _ProgressFollower:

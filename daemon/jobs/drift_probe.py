@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from daemon.jobs.lm_loss import mean_token_loss
-from daemon.jobs.model_loader import load_causal_lm, load_tokenizer, resolve_device
+from daemon.jobs.model_loader import DTYPES, load_causal_lm, load_tokenizer, resolve_device
 from daemon.jobs.specs import DriftSpec, read_texts
 from policies.drift import DriftStats, js_distance
 
@@ -49,10 +49,17 @@ def drift_stats(model, tokenizer, new: Sequence[str], ref: Sequence[str], max_le
 
 
 def measure_drift(
-    model_dir: str, new: Sequence[str], ref: Sequence[str], max_docs: int = 256, max_len: int = 512, seed: int = 0, device: str = "auto"
+    model_dir: str,
+    new: Sequence[str],
+    ref: Sequence[str],
+    max_docs: int = 256,
+    max_len: int = 512,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str | None = None,
 ) -> DriftStats:
     """Under the serving model as served: its dtype, on the trainer's device (daemon/jobs/model_loader.py)."""
-    model, tokenizer = load_causal_lm(model_dir, device=device), load_tokenizer(model_dir)
+    model, tokenizer = load_causal_lm(model_dir, device=device, dtype=DTYPES[dtype] if dtype else None), load_tokenizer(model_dir)
     return drift_stats(model, tokenizer, sample(new, max_docs, seed), sample(ref, max_docs, seed + 1), max_len)
 
 
@@ -65,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     spec = DriftSpec.read(argv[0])
     device = str(resolve_device(spec.device))
     t0 = time.monotonic()
-    s = measure_drift(spec.model, read_texts(spec.new_path), read_texts(spec.ref_path), spec.max_docs, spec.max_len, spec.seed, device)
+    new, ref = read_texts(spec.new_path), read_texts(spec.ref_path)
+    s = measure_drift(spec.model, new, ref, spec.max_docs, spec.max_len, spec.seed, device, spec.dtype)
     print(json.dumps({**asdict(s), "ppl_gap": s.ppl_gap, "device": device, "seconds": round(time.monotonic() - t0, 3)}))
 
 

@@ -57,6 +57,7 @@ class EvalData:
     target_delimiter: str = " "  # lm-eval-harness default between context and choice
     device: str = "auto"  # where every model is scored: the trainer's device (CUDA when present), else CPU
     base: str | None = None  # the served base checkpoint, for models that are LoRA adapters
+    dtype: str | None = None  # the dtype vLLM serves in; None = each checkpoint's own
 
 
 def _read_jsonl(path: str | Path) -> list[dict]:
@@ -96,16 +97,17 @@ def save_canaries(canaries: Sequence[Canary], path: str | Path) -> Path:
 # --------------------------------------------------------------------------- scoring
 
 
-def load_model(path: str | Path, device: str = "auto", base: str | Path | None = None):
-    """A model as it is served: a full checkpoint, or a LoRA adapter on `base`, in the checkpoint's dtype on
-    `device` (daemon/jobs/model_loader.py; safetensors only)."""
-    from daemon.jobs.model_loader import is_adapter, load_causal_lm, load_tokenizer
+def load_model(path: str | Path, device: str = "auto", base: str | Path | None = None, dtype: str | None = None):
+    """A model as it is served: a full checkpoint, or a LoRA adapter on `base`, in the served dtype (default:
+    the checkpoint's) on `device` (daemon/jobs/model_loader.py; safetensors only)."""
+    from daemon.jobs.model_loader import DTYPES, is_adapter, load_causal_lm, load_tokenizer
 
+    dt = DTYPES[dtype] if dtype else None
     if is_adapter(path):
         if base is None:
             raise ValueError(f"{path} is a LoRA adapter; scoring it needs the base checkpoint it is served on")
-        return load_causal_lm(base, device=device, adapter=path), load_tokenizer(base)
-    return load_causal_lm(path, device=device), load_tokenizer(path)
+        return load_causal_lm(base, device=device, dtype=dt, adapter=path), load_tokenizer(base)
+    return load_causal_lm(path, device=device, dtype=dt), load_tokenizer(path)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -223,7 +225,7 @@ def score_suite(model, tok, name: str, path: str, data: EvalData) -> SuiteResult
 
 def score_checkpoint(path: str | Path, data: EvalData, name: str | None = None) -> ModelReport:
     t = time.monotonic()
-    model, tok = load_model(path, data.device, data.base)
+    model, tok = load_model(path, data.device, data.base, data.dtype)
     suites = {s: score_suite(model, tok, s, p, data) for s, p in sorted(data.suites.items())}
     canaries = check_canaries(model, tok, load_canaries(data.canaries)) if data.canaries else []
     p0 = next(model.parameters())
@@ -236,7 +238,7 @@ def score_checkpoint(path: str | Path, data: EvalData, name: str | None = None) 
         canaries=canaries,
         seconds=time.monotonic() - t,
         device=str(p0.device),
-        dtype=str(getattr(model.config, "dtype", p0.dtype)).removeprefix("torch."),
+        dtype=str(p0.dtype if data.dtype else getattr(model.config, "dtype", p0.dtype)).removeprefix("torch."),
     )
 
 
@@ -291,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         max_len=spec.max_len,
         device=spec.device,
         base=spec.base,
+        dtype=spec.dtype,
     )
     names, paths = zip(*spec.candidates, strict=False) if spec.candidates else ((), ())
     out = Path(spec.out)

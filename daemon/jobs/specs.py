@@ -65,6 +65,7 @@ class TrainSpec(_JsonSpec):
     schedule: dict = field(default_factory=dict)  # SchedulePolicy fields
     train: dict = field(default_factory=dict)  # TrainPolicy fields
     mainline_in: str | None = None  # infinite: previous round's OUT/mainline; None on the first round
+    adapter_in: str | None = None  # lora/qlora: the served adapter this round continues (None: a new adapter)
     data_seed: int = 0  # mixture draw, document shuffle, block order
     init_seed: int = 0  # LoRA init, dropout
     round_id: str = ""
@@ -94,6 +95,7 @@ class EvalSpec(_JsonSpec):
     max_len: int = 512
     device: str = "auto"  # the trainer's device: CUDA when present, else CPU
     base: str | None = None  # served base checkpoint: serving/candidates that are LoRA adapters are scored on it
+    dtype: str | None = None  # the dtype vLLM serves in (its /server_info); None = each checkpoint's own
 
     @property
     def progress_path(self) -> Path:
@@ -224,3 +226,4 @@ class DriftSpec(_JsonSpec):
     max_len: int = 512
     seed: int = 0
     device: str = "auto"  # the trainer's device: CUDA when present, else CPU
+    dtype: str | None = None  # the dtype vLLM serves in; None = the checkpoint's own

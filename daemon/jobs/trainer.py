@@ -139,9 +139,10 @@ def load_model(spec: TrainSpec, tp: TrainPolicy, state_dir: str | None, device: 
         model.train()
     else:
         quantize = "nf4" if tp.mode == "qlora" else None
-        if state_dir:
+        adapter = state_dir or _continuable_adapter(spec.adapter_in, tp)
+        if adapter:
             model = load_causal_lm(
-                spec.parent_dir, device=device, adapter=state_dir, trainable_adapter=True, quantize=quantize, attn_implementation=attn
+                spec.parent_dir, device=device, adapter=adapter, trainable_adapter=True, quantize=quantize, attn_implementation=attn
             )
         else:
             from peft import LoraConfig, get_peft_model
@@ -173,6 +174,15 @@ def load_model(spec: TrainSpec, tp: TrainPolicy, state_dir: str | None, device: 
                 named[n].copy_(t)
     model.config.use_cache = False
     return model
+
+
+def _continuable_adapter(adapter_in: str | None, tp: TrainPolicy) -> str | None:
+    """The served adapter, when the policy's LoRA shape still matches it; a changed shape starts a new adapter."""
+    if not adapter_in:
+        return None
+    cfg = json.loads((Path(adapter_in) / "adapter_config.json").read_text())
+    shape = (cfg.get("r"), cfg.get("lora_alpha"), set(cfg.get("target_modules") or ()))
+    return adapter_in if shape == (tp.lora_r, tp.lora_alpha, set(tp.lora_targets)) else None
 
 
 def _has_flash_attn() -> bool:
@@ -386,6 +396,8 @@ def run(spec: TrainSpec) -> dict:
         if ckpt:
             step, tokens = st["step"], st["tokens"]
     init_from = "checkpoint" if ckpt else ("mainline" if mainline_in else "parent")
+    if init_from == "parent" and tp.mode != "full" and _continuable_adapter(spec.adapter_in, tp):
+        init_from = "adapter"
     opt_steps0 = max((int(s["step"]) for s in opt.state_dict()["state"].values()), default=0)
     log(
         "start",
