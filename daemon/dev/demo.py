@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -246,9 +245,9 @@ def _follow_child(cmd: list[str], progress: Path, log: Path, label: str, total: 
 
 
 def build_base_model(root: Path, steps: int) -> Path:
-    """A small Llama with its own tokenizer, pre-trained briefly on general prose by the same trainer rounds use."""
+    """A small Llama with its own tokenizer, pre-trained briefly (fp32) on general prose by the same trainer rounds use, stored in bf16."""
     from daemon.dev.sample_corpus import domain_docs, english_docs
-    from daemon.dev.tiny_model import TinyLlamaShape, build_tiny_llama
+    from daemon.dev.tiny_model import TinyLlamaShape, build_tiny_llama, cast_checkpoint
     from daemon.jobs.specs import TrainSpec
 
     general = english_docs(400, 2048, seed=1)
@@ -281,9 +280,8 @@ def build_base_model(root: Path, steps: int) -> Path:
         "pre-train",
         steps,
     )
-    base = root / "checkpoints" / "base"
-    shutil.copytree(root / "pretrain" / "final", base)
-    return base
+    # Served in bf16, as the models cptd's users serve are: rounds train in bf16-mixed and write bf16 candidates.
+    return cast_checkpoint(root / "pretrain" / "final", root / "checkpoints" / "base", "bfloat16")
 
 
 def demo_policy(path: Path, round_steps: int) -> None:
