@@ -238,6 +238,21 @@ class ServingConfig:
 # --------------------------------------------------------------------------- checkpoint validation
 
 _IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "use_cache"}
+# What vLLM reads from a model directory only at start-up: a hot swap cannot change it.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_differences(candidate: Path, reference: Path) -> list[str]:
+    """Tokenizer files that differ (or exist on one side only). vLLM loads the tokenizer when it starts, so a
+    candidate with another tokenizer would be served through the old one: refused, never swapped."""
+    out = []
+    for name in _TOKENIZER_FILES:
+        c, r = candidate / name, reference / name
+        if c.exists() != r.exists():
+            out.append(f"tokenizer file {name}: {'only in the candidate' if c.exists() else 'missing from the candidate'}")
+        elif c.exists() and hashlib.sha256(c.read_bytes()).digest() != hashlib.sha256(r.read_bytes()).digest():
+            out.append(f"tokenizer file {name} differs from the served one")
+    return out
 
 
 def _safetensors_files(d: Path) -> list[Path]:
@@ -292,6 +307,12 @@ def validate_checkpoint(candidate: str | Path, reference: str | Path) -> None:
                 problems.append(f"config.json {k}: {c_cfg.get(k)!r} != served {r_cfg.get(k)!r}")
     except (OSError, ValueError) as e:
         problems.append(f"config.json unreadable: {e}")
+    vocab = tokenizer_differences(cand, ref)
+    if vocab:
+        problems += vocab + [
+            "a new tokenizer or vocabulary cannot be hot-swapped (vLLM loads the tokenizer at start-up and reload_weights "
+            "needs the same shapes): deploy it as a new model, not as a round of this one"
+        ]
     c_inv, c_probs = tensor_inventory(cand)
     r_inv, r_probs = tensor_inventory(ref)
     problems += c_probs
@@ -909,12 +930,7 @@ class ServingController:
         while len(self.state.lora_versions) > self.config.lora_keep:
             old = self.state.lora_versions.pop(0)
             self.state.lora_paths.pop(old, None)
-            for r in self.replicas:
-                try:
-                    r.unload_lora(old)
-                except ServingError as e:
-                    rec.rejected.append(f"unload {old} on {r.url}: {e}")  # stale but harmless: noted, not fatal
-                self._mark(r.url, adapters=[a for a in self.state.replicas[r.url].adapters if a != old])
+            self._unload_everywhere(old, rec)
         rec.ok = True
         rec.finished_at = time.time()
         return rec
@@ -980,15 +996,18 @@ class ServingController:
             self.state.lora_paths.pop(n, None)
         self._save()
         for old in dropped:
-            for r in self.replicas:
-                try:
-                    r.unload_lora(old)
-                except ServingError as e:
-                    rec.rejected.append(f"unload {old} on {r.url}: {e}")  # stale but harmless: noted, not fatal
-                self._mark(r.url, adapters=[a for a in self.state.replicas[r.url].adapters if a != old])
+            self._unload_everywhere(old, rec)
         rec.ok = True
         rec.finished_at = time.time()
         return rec
+
+    def _unload_everywhere(self, name: str, rec: DeployRecord) -> None:
+        for r in self.replicas:
+            try:
+                r.unload_lora(name)
+            except ServingError as e:
+                rec.rejected.append(f"unload {name} on {r.url}: {e}")  # stale but harmless: noted, not fatal
+            self._mark(r.url, adapters=[a for a in self.state.replicas[r.url].adapters if a != name])
 
     def _ensure_adapter(self, rec: ReplicaSwapRecord, r: Replica, name: str) -> bool:
         """Make sure `name` is listed on `r`, loading it again from `lora_paths` if the server lost it; True if loaded."""

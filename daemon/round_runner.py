@@ -650,72 +650,41 @@ class RoundRunner:
                 raise RoundFailed("cancelled by operator while waiting for a blackout window", requeue=True)
             if stop.wait(5.0):
                 raise Stop("stopping")
-        assert self.serving is not None
-        if pol.train.mode != "full":
-            self._deploy_adapter(rec, pol)
-            return
+        assert self.serving is not None and rec.candidate is not None
+        adapter = pol.train.mode != "full"  # lora/qlora: the adapter goes out under its own name; the base weights stay
         with self.serving_lock:
             st = self.serving.state
-            if st.desired_version != rid or any(r.version != rid for r in st.replicas.values()):
-                assert rec.candidate is not None
-                d = self.serving.deploy(rec.candidate, rid)
+            if adapter:
+                done = st.lora_active == self.serving.lora_name(rid)
+            else:
+                done = st.desired_version == rid and all(r.version == rid for r in st.replicas.values())
+            if not done:
+                d = (
+                    self.serving.deploy_lora(rec.candidate, rid, max_rank=pol.train.lora_r)
+                    if adapter
+                    else self.serving.deploy(rec.candidate, rid)
+                )
                 rec.deploy = _deploy_summary(d.to_dict())
                 if not d.ok:
                     e = d.error or {}
+                    stays = f"clients stay on {self.serving.route_model()}" if adapter else f"serving stays on {st.desired_version}"
                     raise RoundFailed(
-                        f"DEPLOYING: replica {e.get('replica') or '-'} step {e.get('step')}: {e.get('message')}; "
-                        f"serving stays on {self.serving.state.desired_version}",
-                        requeue=True,
+                        f"DEPLOYING: replica {e.get('replica') or '-'} step {e.get('step')}: {e.get('message')}; {stays}", requeue=True
                     )
             if pol.rounds.watch_s > 0 and rec.watch is None:
-                w = self.serving.watch(pol.rounds.watch_s)
+                w = self.serving.watch(pol.rounds.watch_s, rollback=not adapter)  # an adapter round's undo is rollback_lora
                 rec.watch = WatchRecord(window_s=w.window_s, probes=len(w.probes), regression=w.regression)
                 if w.regression:
-                    rec.rollback = RollbackRecord(
-                        at=time.time(),
-                        trigger="watch",
-                        reason=w.regression,
-                        to=w.rollback.version if w.rollback else None,
-                        ok=bool(w.rollback and w.rollback.ok),
-                    )
+                    back = self.serving.rollback_lora(trigger="watch") if adapter else w.rollback
+                    to = (back.route_model if adapter else back.version) if back else None
+                    rec.rollback = RollbackRecord(at=time.time(), trigger="watch", reason=w.regression, to=to, ok=bool(back and back.ok))
                     rec.docs = self._release(rec)
                     self._enter(rec, RoundState.ROLLED_BACK)
                     return
         rec.deployed_at = time.time()
         rec.docs = self._release(rec)
         M.ROUND_LAST_SUCCESS.set(rec.deployed_at)
-        self._enter(rec, RoundState.DEPLOYED)
-        self._prune(pol)
-
-    def _deploy_adapter(self, rec: RoundRecord, pol: Policy) -> None:
-        """lora/qlora: load the adapter everywhere under its versioned name; the base weights stay as they are."""
-        assert self.serving is not None and rec.candidate is not None
-        rid = rec.id
-        with self.serving_lock:
-            name = self.serving.lora_name(rid)
-            if self.serving.state.lora_active != name:
-                d = self.serving.deploy_lora(rec.candidate, rid, max_rank=pol.train.lora_r)
-                rec.deploy = _deploy_summary(d.to_dict())
-                if not d.ok:
-                    e = d.error or {}
-                    raise RoundFailed(
-                        f"DEPLOYING: replica {e.get('replica') or '-'} step {e.get('step')}: {e.get('message')}; "
-                        f"clients stay on {self.serving.route_model()}",
-                        requeue=True,
-                    )
-            if pol.rounds.watch_s > 0 and rec.watch is None:
-                w = self.serving.watch(pol.rounds.watch_s, rollback=False)  # a full-weight rollback is not this round's undo
-                rec.watch = WatchRecord(window_s=w.window_s, probes=len(w.probes), regression=w.regression)
-                if w.regression:
-                    back = self.serving.rollback_lora(trigger="watch")
-                    rec.rollback = RollbackRecord(at=time.time(), trigger="watch", reason=w.regression, to=back.route_model, ok=back.ok)
-                    rec.docs = self._release(rec)
-                    self._enter(rec, RoundState.ROLLED_BACK)
-                    return
-        rec.deployed_at = time.time()
-        rec.docs = self._release(rec)
-        M.ROUND_LAST_SUCCESS.set(rec.deployed_at)
-        log.info("adapter deployed", extra={"round_id": rid, "route_model": name})
+        log.info("round deployed", extra={"round_id": rid, "route_model": rec.deploy.route_model if rec.deploy else None})
         self._enter(rec, RoundState.DEPLOYED)
         self._prune(pol)
 

@@ -93,7 +93,8 @@ def test_candidate_checkpoints_and_main_line_keep_the_parents_dtype_and_config(w
     assert len(written) >= 3
     for d in written:
         validate_checkpoint(d, parent)  # what DEPLOYING runs before any replica sees the candidate
-        assert (d / "config.json").read_bytes() == (parent / "config.json").read_bytes(), d
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            assert (d / name).read_bytes() == (parent / name).read_bytes(), (d, name)
         assert dtypes(d) == {DTAG[dtype]}, d
     for d in written[1:]:  # resumable states carry the fp32 masters the rounded weights came from
         masters = load_file(str(d / MASTER_FILE))

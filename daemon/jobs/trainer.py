@@ -55,7 +55,23 @@ from policies.replay import replay_tokens_for
 from policies.train import MIXED, TrainPolicy, resolve_precision
 
 IGNORE = -100
-MASTER_FILE = "master_weights.safetensors"  # fp32 trainable parameters, when the written weights are rounded
+# fp32 trainable parameters, when the written weights are rounded. In a subdirectory: a mid-round checkpoint the gate
+# picks is deployed as it is, and vLLM (and the swap's validation) read every *.safetensors at the top of the directory.
+MASTER_FILE = "resume/master_weights.safetensors"
+# The parent's own files a full checkpoint carries byte for byte: the swap compares config and tokenizer with the served ones.
+PARENT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 # ---------------------------------------------------------------- data
@@ -253,19 +269,20 @@ def trainable_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
-def save_state(dst: Path, model, tokenizer, opt, scaler, tp: TrainPolicy, state: dict, parent: Path) -> None:
+def save_state(dst: Path, model, opt, scaler, tp: TrainPolicy, state: dict, parent: Path) -> None:
     """Write a complete state dir atomically (tmp dir + rename), so a kill leaves either nothing or all of it.
 
     Weights go out in the parent's dtype (servable, evaluable as they are); when the trainable parameters
     are kept in another dtype (fp32 masters over a bf16 parent) they are saved too, so a resume is exact."""
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_weights(tmp, model, tokenizer, tp, parent)
+    save_weights(tmp, model, tp, parent)
     save_dtype = checkpoint_dtype(parent)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if any(p.dtype != save_dtype for p in trainable.values()):
         from safetensors.torch import save_file
 
+        (tmp / MASTER_FILE).parent.mkdir(exist_ok=True)
         save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, str(tmp / MASTER_FILE))
     blob = {"optimizer": opt.state_dict(), "cpu_rng": torch.get_rng_state()}
     if scaler is not None:
@@ -276,7 +293,7 @@ def save_state(dst: Path, model, tokenizer, opt, scaler, tp: TrainPolicy, state:
     os.replace(tmp, dst)
 
 
-def save_weights(dst: Path, model, tokenizer, tp: TrainPolicy, parent: Path) -> None:
+def save_weights(dst: Path, model, tp: TrainPolicy, parent: Path) -> None:
     """full: an HF checkpoint dir (safetensors + tokenizer) whose config.json is the parent's, byte for byte;
     lora/qlora: adapter_config.json + adapter_model.safetensors (vLLM's LoRA layout). Tensors in the parent's dtype."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -284,8 +301,7 @@ def save_weights(dst: Path, model, tokenizer, tp: TrainPolicy, parent: Path) -> 
     if tp.mode == "full":
         sd = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
         model.save_pretrained(str(dst), state_dict=sd, safe_serialization=True)
-        tokenizer.save_pretrained(str(dst))
-        for name in ("config.json", "generation_config.json"):  # the served model's own files: validation compares them
+        for name in PARENT_FILES:  # not save_pretrained's re-serialisation, which may reorder or add fields
             if (parent / name).exists():
                 shutil.copyfile(parent / name, dst / name)
     else:
@@ -457,7 +473,7 @@ def run(spec: TrainSpec) -> dict:
 
     def checkpoint(at: int) -> None:
         if main_proc:
-            save_state(ckpt_dir / f"step-{at:08d}", raw_model, tokenizer, opt, scaler, tp, state(at), parent)
+            save_state(ckpt_dir / f"step-{at:08d}", raw_model, opt, scaler, tp, state(at), parent)
             for old in sorted(ckpt_dir.glob("step-*"))[: -tp.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             log("checkpoint", step=at, path=str(ckpt_dir / f"step-{at:08d}"))
@@ -469,7 +485,7 @@ def run(spec: TrainSpec) -> dict:
     model.train()
     while step < total_steps:
         if sp.kind == "infinite" and step == main_steps and main_proc and not (out / "mainline" / "state.json").exists():
-            save_state(out / "mainline", raw_model, tokenizer, opt, scaler, tp, state(step), parent)
+            save_state(out / "mainline", raw_model, opt, scaler, tp, state(step), parent)
             log("mainline", path=str(out / "mainline"), global_step=global_step0 + main_steps)
         lr, phase = round_lr(sp, step, main_steps, global_step0)
         for g in opt.param_groups:
@@ -539,7 +555,7 @@ def run(spec: TrainSpec) -> dict:
     if main_proc:
         for d in ("final", "final.tmp"):
             shutil.rmtree(out / d, ignore_errors=True)
-        save_weights(out / "final.tmp", raw_model, tokenizer, tp, parent)
+        save_weights(out / "final.tmp", raw_model, tp, parent)
         os.replace(out / "final.tmp", out / "final")
         if sp.kind == "infinite" and not (out / "mainline" / "state.json").exists():  # an anneal of 0 steps cannot happen, but be sure
             raise RuntimeError("main line was not saved")
