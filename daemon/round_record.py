@@ -84,6 +84,17 @@ class DriftStatsRecord(Part):
     tokens_new: int
     tokens_ref: int
     ppl_gap: float | None = None
+    text_tokens_new: int = 0
+    text_tokens_ref: int = 0
+    chars_new: int = 0
+    chars_ref: int = 0
+    words_new: int = 0
+    words_ref: int = 0
+    fertility_new: float | None = None  # tokens per character
+    fertility_ref: float | None = None
+    fertility_ratio: float | None = None
+    tokens_per_word_new: float | None = None
+    tokens_per_word_ref: float | None = None
 
 
 class DriftRecord(Part):

@@ -36,6 +36,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
+from dataclasses import fields as dataclass_fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -465,6 +466,8 @@ class RoundRunner:
             M.DRIFT_SCORE.labels(statistic="score").set(decision.score)
             M.DRIFT_SCORE.labels(statistic="ppl_gap").set(decision.stats.ppl_gap)
             M.DRIFT_SCORE.labels(statistic="js_distance").set(decision.stats.js_distance)
+            if decision.stats.fertility_ratio is not None:
+                M.DRIFT_SCORE.labels(statistic="fertility_ratio").set(decision.stats.fertility_ratio)
         M.REPLAY_RATIO.set(rec.replay_ratio)
         self._enter(rec, RoundState.TRAINING)
 
@@ -499,7 +502,7 @@ class RoundRunner:
             return None
         line = (self.round_dir(rec.id) / "drift.log").read_text().strip().splitlines()[-1]
         d = json.loads(line)
-        return DriftStats(d["loss_new"], d["loss_ref"], d["js_distance"], d["tokens_new"], d["tokens_ref"])
+        return _drift_stats(d)
 
     def _training(self, rec: RoundRecord, stop: threading.Event) -> None:
         pol = self._policy(rec)
@@ -787,7 +790,7 @@ class RoundRunner:
             log.warning("drift probe failed", extra={"error": r.stderr[-500:]})
             return None
         x = json.loads(r.stdout.strip().splitlines()[-1])
-        score = drift_score(DriftStats(x["loss_new"], x["loss_ref"], x["js_distance"], x["tokens_new"], x["tokens_ref"]), pol.drift)
+        score = drift_score(_drift_stats(x), pol.drift)
         M.DRIFT_SCORE.labels(statistic="probe_score").set(score)
         return score
 
@@ -942,6 +945,11 @@ def record_eval_metrics(report: EvalReport, decision: GateDecision) -> None:
     # The label is the first reason's code (policies.gates.REASONS): a small, fixed set of label values.
     reason = "" if decision.accepted else decision.reasons[0].code if decision.reasons else "none"
     M.GATE_DECISIONS.labels(decision="accept" if decision.accepted else "reject", reason=reason).inc()
+
+
+def _drift_stats(d: dict[str, Any]) -> DriftStats:
+    """The probe's JSON line -> DriftStats (its derived figures and where it ran are recomputed or not kept)."""
+    return DriftStats(**{f.name: d[f.name] for f in dataclass_fields(DriftStats) if f.name in d})
 
 
 def _deploy_summary(d: dict[str, Any]) -> DeploySummary:

@@ -8,10 +8,14 @@ The daemon measures two statistics (daemon/jobs/drift_probe.py):
 * unigram Jensen-Shannon distance of the token distributions (base 2, in
   [0, 1]). Model-free, so it still sees a shift in vocabulary when the model
   happens to predict both sets equally badly.
+* tokenizer fertility ratio: tokens per character of the new data over that of
+  the reference, read as max(r, 1/r). A new language or script under the served
+  tokenizer shows up here at once (an English BPE spends several times more
+  tokens per character on Vietnamese or Chinese), before any loss is compared.
 
 Each statistic maps to a partial score (0 below its noise floor, 0.5 at its
 "weak" threshold, 1 at its "strong" threshold, linear between); the drift score
-is the larger of the two, because either one alone is evidence of a shift.
+is the largest of them, because either one alone is evidence of a shift.
 The score then moves the replay ratio between the ReplayPolicy anchors and the
 round's peak LR (the re-warm height) between DriftPolicy bounds: more drift,
 more to learn (higher LR, Gupta et al. 2023) and more to forget (more replay,
@@ -38,6 +42,9 @@ class DriftPolicy(Section):
     js_none: float = Field(default=0.05, ge=0, le=1, description="unigram JS distance below this is noise (score 0)")
     js_weak: float = Field(default=0.15, gt=0, le=1, description="unigram JS distance scored 0.5")
     js_strong: float = Field(default=0.45, gt=0, le=1, description="unigram JS distance scored 1")
+    fertility_none: float = Field(default=1.15, ge=1, le=100, description="fertility ratio (tokens/char, new vs ref) below this is noise")
+    fertility_weak: float = Field(default=1.4, gt=1, le=100, description="fertility ratio scored 0.5")
+    fertility_strong: float = Field(default=2.0, gt=1, le=100, description="fertility ratio scored 1 (another language or script)")
     peak_lr_min: float = Field(default=1.5e-4, gt=0, le=1e-1, description="peak LR at drift score 0")
     peak_lr_max: float = Field(default=3e-4, gt=0, le=1e-1, description="peak LR at drift score 1")
     warmup_frac_min: float = Field(default=0.01, ge=0, le=0.5, description="re-warm length (fraction of round) at score 0")
@@ -51,6 +58,8 @@ class DriftPolicy(Section):
             raise ValueError("drift: need ppl_gap_none < ppl_gap_weak < ppl_gap_strong")
         if not self.js_none < self.js_weak < self.js_strong:
             raise ValueError("drift: need js_none < js_weak < js_strong")
+        if not self.fertility_none < self.fertility_weak < self.fertility_strong:
+            raise ValueError("drift: need fertility_none < fertility_weak < fertility_strong")
         if self.peak_lr_min > self.peak_lr_max:
             raise ValueError("drift: need peak_lr_min <= peak_lr_max")
         return self
@@ -63,10 +72,44 @@ class DriftStats:
     js_distance: float
     tokens_new: int
     tokens_ref: int
+    # Tokenizer fertility of the raw texts (no BOS, no windows); 0 = not measured.
+    text_tokens_new: int = 0
+    text_tokens_ref: int = 0
+    chars_new: int = 0
+    chars_ref: int = 0
+    words_new: int = 0  # whitespace-separated
+    words_ref: int = 0
 
     @property
     def ppl_gap(self) -> float:
         return (self.loss_new - self.loss_ref) / self.loss_ref
+
+    @property
+    def fertility_new(self) -> float | None:
+        """Tokens per character of the new data."""
+        return self.text_tokens_new / self.chars_new if self.chars_new else None
+
+    @property
+    def fertility_ref(self) -> float | None:
+        return self.text_tokens_ref / self.chars_ref if self.chars_ref else None
+
+    @property
+    def fertility_ratio(self) -> float | None:
+        """max(r, 1/r) of the two fertilities: 1 = the tokenizer fits both sets alike."""
+        fn, fr = self.fertility_new, self.fertility_ref
+        if not fn or not fr:
+            return None
+        return max(fn / fr, fr / fn)
+
+    def derived(self) -> dict[str, float | None]:
+        return {
+            "ppl_gap": self.ppl_gap,
+            "fertility_new": self.fertility_new,
+            "fertility_ref": self.fertility_ref,
+            "fertility_ratio": self.fertility_ratio,
+            "tokens_per_word_new": self.text_tokens_new / self.words_new if self.words_new else None,
+            "tokens_per_word_ref": self.text_tokens_ref / self.words_ref if self.words_ref else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -83,7 +126,7 @@ class DriftDecision:
     def to_record(self) -> dict:
         rec = asdict(self)
         if self.stats is not None:
-            rec["stats"]["ppl_gap"] = self.stats.ppl_gap
+            rec["stats"].update(self.stats.derived())
         return rec
 
 
@@ -112,9 +155,11 @@ def _partial(x: float, none: float, weak: float, strong: float) -> float:
 
 
 def drift_score(stats: DriftStats, policy: DriftPolicy) -> float:
+    fert = stats.fertility_ratio
     return max(
         _partial(stats.ppl_gap, policy.ppl_gap_none, policy.ppl_gap_weak, policy.ppl_gap_strong),
         _partial(stats.js_distance, policy.js_none, policy.js_weak, policy.js_strong),
+        0.0 if fert is None else _partial(fert, policy.fertility_none, policy.fertility_weak, policy.fertility_strong),
     )
 
 

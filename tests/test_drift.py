@@ -64,3 +64,38 @@ def test_policy_validates_threshold_order():
         DriftPolicy(ppl_gap_weak=0.6, ppl_gap_strong=0.5)
     with pytest.raises(ValidationError):
         DriftPolicy(peak_lr_min=1e-3, peak_lr_max=1e-4)
+
+
+VI = [
+    "Hà Nội là thủ đô của nước Cộng hòa xã hội chủ nghĩa Việt Nam, nằm ở đồng bằng sông Hồng.",
+    "Mùa thu ở miền Bắc thường mát mẻ, trời trong xanh và có gió nhẹ thổi qua những con phố cũ.",
+    "Người dân thường uống trà vào buổi sáng trước khi bắt đầu một ngày làm việc mới.",
+    "Thư viện của trường đại học mở cửa từ bảy giờ sáng đến chín giờ tối mỗi ngày trong tuần.",
+]
+ZH = [
+    "北京是中华人民共和国的首都，也是全国的政治和文化中心。",
+    "秋天的天气很凉爽，人们喜欢在公园里散步和聊天。",
+    "图书馆每天早上七点开门，晚上九点关门，学生可以在里面安静地学习。",
+    "这个城市有很多历史悠久的建筑，吸引了来自世界各地的游客。",
+]
+
+
+def test_a_new_language_under_the_served_tokenizer_shows_in_fertility_at_once(tmp_path):
+    """An English BPE spends several times more tokens per character on Vietnamese or Chinese: drift is strong
+    from fertility alone, while English against English stays at noise level."""
+    from daemon.dev.sample_corpus import english_docs
+    from daemon.dev.tiny_model import build_tiny_llama
+    from daemon.jobs.drift_probe import drift_stats
+    from daemon.jobs.model_loader import load_causal_lm, load_tokenizer
+
+    english = english_docs(120, 1024, seed=3)
+    path = build_tiny_llama(tmp_path / "en", english, seed=0)
+    model, tok = load_causal_lm(path), load_tokenizer(path)
+    p = DriftPolicy()
+    same = drift_stats(model, tok, english[:40], english[40:80], max_len=64)
+    assert same.fertility_ratio is not None and same.fertility_ratio < p.fertility_none
+    for lang, texts in (("vi", VI), ("zh", ZH)):
+        s = drift_stats(model, tok, texts, english[40:80], max_len=64)
+        assert s.fertility_ratio is not None and s.fertility_ratio > p.fertility_strong, (lang, s.derived())
+        assert drift_score(s, p) == 1.0
+        assert adjust_for_drift(s, p, ReplayPolicy()).to_record()["stats"]["fertility_ratio"] == s.fertility_ratio

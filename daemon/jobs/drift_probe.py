@@ -39,12 +39,19 @@ def unigram_counts(tokenizer, texts: Sequence[str]) -> Counter:
 def drift_stats(model, tokenizer, new: Sequence[str], ref: Sequence[str], max_len: int = 512) -> DriftStats:
     ln = mean_token_loss(model, tokenizer, new, max_len=max_len)
     lr = mean_token_loss(model, tokenizer, ref, max_len=max_len)
+    cn, cr = unigram_counts(tokenizer, new), unigram_counts(tokenizer, ref)
     return DriftStats(
         loss_new=ln.mean_nll,
         loss_ref=lr.mean_nll,
-        js_distance=js_distance(unigram_counts(tokenizer, new), unigram_counts(tokenizer, ref)),
+        js_distance=js_distance(cn, cr),
         tokens_new=ln.tokens,
         tokens_ref=lr.tokens,
+        text_tokens_new=sum(cn.values()),
+        text_tokens_ref=sum(cr.values()),
+        chars_new=sum(map(len, new)),
+        chars_ref=sum(map(len, ref)),
+        words_new=sum(len(t.split()) for t in new),
+        words_ref=sum(len(t.split()) for t in ref),
     )
 
 
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.monotonic()
     new, ref = read_texts(spec.new_path), read_texts(spec.ref_path)
     s = measure_drift(spec.model, new, ref, spec.max_docs, spec.max_len, spec.seed, device, spec.dtype)
-    print(json.dumps({**asdict(s), "ppl_gap": s.ppl_gap, "device": device, "seconds": round(time.monotonic() - t0, 3)}))
+    print(json.dumps({**asdict(s), **s.derived(), "device": device, "seconds": round(time.monotonic() - t0, 3)}))
 
 
 if __name__ == "__main__":
