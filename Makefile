@@ -28,6 +28,8 @@ install-test: install
 	$(DROP_CUDA_ADDONS)
 	@command -v promtool >/dev/null || { echo "installing Debian package prometheus (promtool)"; \
 	  (apt-get install -y -qq prometheus >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq prometheus)) >/dev/null; }
+	@test -d /usr/share/doc/debian-handbook/html/vi-VN || { echo "installing Debian package debian-handbook (multilingual filter tests)"; \
+	  (apt-get install -y -qq debian-handbook >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq debian-handbook)) >/dev/null; }
 
 demo: install
 	$(BIN)/cptd demo

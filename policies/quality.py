@@ -70,9 +70,11 @@ from typing import Any
 
 import numpy as np
 from numba import njit
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from policies.base import Section
+from policies.language_profiles import BUILTIN_PROFILES, LanguageProfile, Segmentation, check_language_code, normalize_lang_field
+from policies.word_segmentation import segment
 
 # --------------------------------------------------------------------------- policy
 
@@ -152,6 +154,11 @@ class LanguagePolicy(Section):
         description="classify only the first N characters "
         "(the model walks every byte through a 40 MB table; accuracy saturates long before this)",
     )
+    trust_lang_field: bool = Field(
+        default=False,
+        description="a message's `lang` field (ISO 639, 'zh-CN' -> zh) replaces detection: it picks the profile "
+        "and is checked against `languages` (score 1.0); messages without one are detected",
+    )
 
     @field_validator("languages")
     @classmethod
@@ -168,6 +175,78 @@ class QualityPolicy(Section):
     gopher_quality: GopherQualityPolicy = GopherQualityPolicy()
     c4: C4Policy = C4Policy()
     fineweb: FineWebPolicy = FineWebPolicy()
+    profiles: dict[str, LanguageProfile] = Field(
+        default={},
+        description="per-language overrides of the thresholds above, on top of the built-in profile "
+        "(policies/language_profiles.py), e.g. {vi: {min_stop_words: 1}}",
+    )
+
+    @field_validator("profiles")
+    @classmethod
+    def _profile_codes(cls, v: dict[str, LanguageProfile]) -> dict[str, LanguageProfile]:
+        for code in v:
+            check_language_code(code)
+        return v
+
+    @model_validator(mode="after")
+    def _profiles_consistent(self) -> QualityPolicy:
+        for lang in sorted(set(self.profiles) | set(self.language.languages)):
+            resolve_profile(self, lang)  # raises ValueError naming quality.profiles.<lang>
+        return self
+
+
+# Which quality section each LanguageProfile field overrides.
+_SECTIONS: dict[str, type[Section]] = {
+    "gopher_repetition": GopherRepetitionPolicy,
+    "gopher_quality": GopherQualityPolicy,
+    "c4": C4Policy,
+    "fineweb": FineWebPolicy,
+}
+_SECTION_OF: dict[str, str] = {
+    f: name for name, model in _SECTIONS.items() for f in model.model_fields if f in LanguageProfile.model_fields and f != "enabled"
+}
+assert set(_SECTION_OF) == set(LanguageProfile.model_fields) - {"segmentation"}, "every profile field must name one section field"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The thresholds one language's documents are judged by (the sections with that language's overrides applied)."""
+
+    lang: str | None
+    segmentation: Segmentation
+    gopher_repetition: GopherRepetitionPolicy
+    gopher_quality: GopherQualityPolicy
+    c4: C4Policy
+    fineweb: FineWebPolicy
+
+
+def resolve_profile(policy: QualityPolicy, lang: str | None) -> Profile:
+    """Sections <- built-in profile of `lang` <- policy.profiles[lang]; None: the sections alone (English)."""
+    builtin = BUILTIN_PROFILES.get(lang) if lang else None
+    custom = policy.profiles.get(lang) if lang else None
+    merged: dict[str, Any] = {}
+    if lang and builtin is None and (custom is None or custom.stop_words is None):
+        merged["min_stop_words"] = 0  # the sections' stop words are English: no stop-word rule without a list of its own
+    for prof in (builtin, custom):
+        if prof is not None:
+            merged.update(prof.overrides())
+    seg = merged.pop("segmentation", "whitespace")
+    sections: dict[str, Any] = {}
+    where = f"quality.profiles.{lang}" if lang else "quality"
+    for name in _SECTIONS:
+        base = getattr(policy, name)
+        upd = {k: v for k, v in merged.items() if _SECTION_OF[k] == name}
+        sections[name] = base.model_copy(update=upd) if upd else base
+    q: GopherQualityPolicy = sections["gopher_quality"]
+    if q.min_stop_words > len(set(q.stop_words)):
+        raise ValueError(f"{where}: min_stop_words ({q.min_stop_words}) is more than the {len(set(q.stop_words))} distinct stop words")
+    if q.min_mean_word_length > q.max_mean_word_length:
+        raise ValueError(
+            f"{where}: min_mean_word_length ({q.min_mean_word_length}) is above max_mean_word_length ({q.max_mean_word_length})"
+        )
+    if q.min_words > q.max_words:
+        raise ValueError(f"{where}: min_words ({q.min_words}) is above max_words ({q.max_words})")
+    return Profile(lang, seg, sections["gopher_repetition"], q, sections["c4"], sections["fineweb"])
 
 
 @dataclass(frozen=True)
@@ -645,13 +724,28 @@ class _C4Result:
 class Doc:
     """Per-document work shared by every rule, each piece computed on first use."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, lang_field: str | None = None, profile_of: Callable[[Doc], Profile] | None = None) -> None:
         self.text = text
+        self.lang_field = lang_field
         self.memo: dict[Any, Any] = {}
+        self._profile_of = profile_of
+
+    @cached_property
+    def profile(self) -> Profile:
+        """The thresholds of this document's language (detected, or its trusted `lang` field)."""
+        return self._profile_of(self) if self._profile_of is not None else _english_profile()
+
+    @cached_property
+    def segmentation(self) -> str:
+        return self.profile.segmentation
+
+    def words_of(self, text: str) -> np.ndarray:
+        """Word ids of a piece of this document, segmented as its language is."""
+        return _VOCAB.words(segment(text, self.segmentation))
 
     @cached_property
     def ids(self) -> np.ndarray:
-        return _VOCAB.words(self.text)
+        return self.words_of(self.text)
 
     @cached_property
     def lines(self) -> list[str]:
@@ -703,7 +797,13 @@ class Doc:
 
 
 def _c4_lines(doc: Doc, p: C4Policy) -> _C4Result:
-    """One pass over the lines applying C4's line rules, in datatrove's order."""
+    """One pass over the lines applying C4's line rules, in datatrove's order.
+
+    Words are whitespace words, as in datatrove, except in languages segmented
+    into characters, where a line's words are its segmented words.
+    """
+    seg = doc.segmentation
+    chars = seg != "whitespace"
     low = doc.text.lower()
     check_lorem = p.lorem_ipsum and "lorem ipsum" in low
     check_js = p.javascript and "javascript" in low
@@ -714,13 +814,15 @@ def _c4_lines(doc: Doc, p: C4Policy) -> _C4Result:
     dropped = 0
     for raw in doc.lines:
         line = raw.strip()
-        words = line.split()
+        words = segment(line, seg).split() if chars else line.split()
         drop = len(line) > p.max_word_length and any(len(w) > p.max_word_length for w in words)
         if not drop and check_cite and "[" in line:
             cleaned = _CITATION.sub("", line)
             if cleaned != line:
-                dropped += _VOCAB.count(line) - _VOCAB.count(cleaned)
+                dropped += len(doc.words_of(line)) - len(doc.words_of(cleaned))
                 line = cleaned
+                if chars:
+                    words = segment(line, seg).split()
         if not drop and p.filter_no_terminal_punct:
             drop = not line.endswith(_C4_END) or line.endswith("...")
         if not drop:
@@ -734,17 +836,18 @@ def _c4_lines(doc: Doc, p: C4Policy) -> _C4Result:
                 return _C4Result("c4_curly_bracket", [], 0)
             drop = drop or (check_policy and any(x in ll for x in _POLICY_PHRASES))
         if drop:
-            dropped += _VOCAB.count(line) if line else 0
+            dropped += len(doc.words_of(line)) if line else 0
         else:
             kept.append(line)
     return _C4Result(None, kept, dropped)
 
 
-def _sentences(line: str) -> int:
+def _sentences(line: str, segmentation: str = "whitespace") -> int:
     """Sentences spaCy's sentencizer finds: a new one starts at a non-punctuation word after a terminal mark."""
     n, seen_end = 1, False
-    flags = _VOCAB.flags
-    for w in _VOCAB.words(line):
+    ids = _VOCAB.words(segment(line, segmentation))
+    flags = _VOCAB.flags  # after words(): interning may have grown the array
+    for w in ids:
         f = flags[w]
         if seen_end and not f & _F_PUNCT and not f & _F_SENT_END:
             n += 1
@@ -765,6 +868,14 @@ class Filter:
     fails: Callable[[Doc], bool]
 
 
+class FilterChain(list[Filter]):
+    """The rules in order, plus how a document's language profile is found (`judge` hands it to the Doc)."""
+
+    def __init__(self, filters: list[Filter], profile_of: Callable[[Doc], Profile]) -> None:
+        super().__init__(filters)
+        self.profile_of = profile_of
+
+
 def _stop_ids(words: list[str]) -> Callable[[], np.ndarray]:
     """The stop words' ids, re-interned whenever the vocabulary has started over."""
     cache: list[Any] = [-1, None]
@@ -777,46 +888,68 @@ def _stop_ids(words: list[str]) -> Callable[[], np.ndarray]:
     return get
 
 
-def _language_filters(p: LanguagePolicy) -> list[Filter]:
-    allowed = set(p.languages)
+@lru_cache(maxsize=1)
+def _english_profile() -> Profile:
+    return resolve_profile(QualityPolicy(), None)
+
+
+def _detector(p: LanguagePolicy) -> Callable[[Doc], tuple[str, float]]:
+    """Doc -> (language, score): the trusted `lang` field when the policy says so and the message has one, else py3langid."""
     lid = _langid()
-    unknown = allowed - set(lid.classes)
-    if unknown:
-        raise ValueError(f"quality.language.languages: the model does not know {sorted(unknown)}")
 
     def detect(d: Doc) -> tuple[str, float]:
         if "lang" not in d.memo:
-            d.memo["lang"] = lid.classify(d.text[: p.max_chars])
+            trusted = normalize_lang_field(d.lang_field) if p.trust_lang_field else None
+            d.memo["lang"] = (trusted, 1.0) if trusted else lid.classify(d.text[: p.max_chars])
         return d.memo["lang"]
 
+    return detect
+
+
+def _language_filters(p: LanguagePolicy) -> list[Filter]:
+    allowed = set(p.languages)
+    unknown = allowed - set(_langid().classes)
+    if unknown:
+        raise ValueError(f"quality.language.languages: the model does not know {sorted(unknown)}")
+    detect = _detector(p)
     return [
         Filter("language_not_allowed", lambda d: detect(d)[0] not in allowed),
         Filter("language_low_score", lambda d: detect(d)[1] < p.min_score),
     ]
 
 
-def _repetition_filters(p: GopherRepetitionPolicy) -> list[Filter]:
-    def frac_over(i: int, lim: float) -> Callable[[Doc], bool]:
-        return lambda d: d.ngram_chars[i] / len(d.text) > lim
+def _repetition_filters(prof: Callable[[Doc], Profile]) -> list[Filter]:
+    def frac_over(i: int, field: str) -> Callable[[Doc], bool]:
+        return lambda d: d.ngram_chars[i] / len(d.text) > getattr(prof(d).gopher_repetition, field)
+
+    def rep(d: Doc) -> GopherRepetitionPolicy:
+        return prof(d).gopher_repetition
 
     out = [
-        Filter("gopher_dup_para_frac", lambda d: d.para_dups[1] / d.para_dups[0] > p.max_dup_para_frac),
-        Filter("gopher_dup_para_char_frac", lambda d: d.para_dups[2] / len(d.text) > p.max_dup_para_char_frac),
-        Filter("gopher_dup_line_frac", lambda d: d.line_dups[1] / d.line_dups[0] > p.max_dup_line_frac),
-        Filter("gopher_dup_line_char_frac", lambda d: d.line_dups[2] / len(d.text) > p.max_dup_line_char_frac),
+        Filter("gopher_dup_para_frac", lambda d: d.para_dups[1] / d.para_dups[0] > rep(d).max_dup_para_frac),
+        Filter("gopher_dup_para_char_frac", lambda d: d.para_dups[2] / len(d.text) > rep(d).max_dup_para_char_frac),
+        Filter("gopher_dup_line_frac", lambda d: d.line_dups[1] / d.line_dups[0] > rep(d).max_dup_line_frac),
+        Filter("gopher_dup_line_char_frac", lambda d: d.line_dups[2] / len(d.text) > rep(d).max_dup_line_char_frac),
     ]
     for n in range(2, 5):
-        out.append(Filter(f"gopher_top_{n}_gram", frac_over(n - 2, getattr(p, f"max_top_{n}_gram_frac"))))
+        out.append(Filter(f"gopher_top_{n}_gram", frac_over(n - 2, f"max_top_{n}_gram_frac")))
     for n in range(5, 11):
-        out.append(Filter(f"gopher_dup_{n}_gram", frac_over(n - 2, getattr(p, f"max_dup_{n}_gram_frac"))))
+        out.append(Filter(f"gopher_dup_{n}_gram", frac_over(n - 2, f"max_dup_{n}_gram_frac")))
     return out
 
 
-def _quality_filters(p: GopherQualityPolicy) -> list[Filter]:
-    stop = _stop_ids(p.stop_words)
+def _quality_filters(prof: Callable[[Doc], Profile]) -> list[Filter]:
+    stops: dict[tuple[str, ...], Callable[[], np.ndarray]] = {}
+
+    def q(d: Doc) -> GopherQualityPolicy:
+        return prof(d).gopher_quality
 
     def wc(d: Doc) -> np.ndarray:
-        return d.word_counts(stop())
+        words = tuple(q(d).stop_words)
+        get = stops.get(words)
+        if get is None:
+            get = stops[words] = _stop_ids(list(words))
+        return d.word_counts(get())
 
     def mean_len(d: Doc) -> float:
         c = wc(d)
@@ -836,29 +969,31 @@ def _quality_filters(p: GopherQualityPolicy) -> list[Filter]:
         return s.rstrip().endswith(("...", "…"))
 
     return [
-        Filter("gopher_below_min_words", lambda d: wc(d)[1] < p.min_words),
-        Filter("gopher_above_max_words", lambda d: wc(d)[1] > p.max_words),
-        Filter("gopher_below_min_mean_word_length", lambda d: mean_len(d) < p.min_mean_word_length),
-        Filter("gopher_above_max_mean_word_length", lambda d: mean_len(d) > p.max_mean_word_length),
-        Filter("gopher_hash_ratio", lambda d: per_word(d.text.count("#"), d) > p.max_symbol_word_ratio),
-        Filter("gopher_ellipsis_ratio", lambda d: per_word(d.text.count("...") + d.text.count("…"), d) > p.max_symbol_word_ratio),
-        Filter("gopher_bullet_lines", lambda d: line_frac(bullet, d) > p.max_bullet_lines_ratio),
-        Filter("gopher_ellipsis_lines", lambda d: line_frac(ellipsis, d) > p.max_ellipsis_lines_ratio),
-        Filter("gopher_below_alpha_words", lambda d: per_word(wc(d)[3], d) < p.min_alpha_words_ratio),
-        Filter("gopher_few_stop_words", lambda d: wc(d)[4] < p.min_stop_words),
+        Filter("gopher_below_min_words", lambda d: wc(d)[1] < q(d).min_words),
+        Filter("gopher_above_max_words", lambda d: wc(d)[1] > q(d).max_words),
+        Filter("gopher_below_min_mean_word_length", lambda d: mean_len(d) < q(d).min_mean_word_length),
+        Filter("gopher_above_max_mean_word_length", lambda d: mean_len(d) > q(d).max_mean_word_length),
+        Filter("gopher_hash_ratio", lambda d: per_word(d.text.count("#"), d) > q(d).max_symbol_word_ratio),
+        Filter("gopher_ellipsis_ratio", lambda d: per_word(d.text.count("...") + d.text.count("…"), d) > q(d).max_symbol_word_ratio),
+        Filter("gopher_bullet_lines", lambda d: line_frac(bullet, d) > q(d).max_bullet_lines_ratio),
+        Filter("gopher_ellipsis_lines", lambda d: line_frac(ellipsis, d) > q(d).max_ellipsis_lines_ratio),
+        Filter("gopher_below_alpha_words", lambda d: per_word(wc(d)[3], d) < q(d).min_alpha_words_ratio),
+        Filter("gopher_few_stop_words", lambda d: wc(d)[4] < q(d).min_stop_words),
     ]
 
 
-def _c4_filters(p: C4Policy) -> list[Filter]:
+def _c4_filters(prof: Callable[[Doc], Profile]) -> list[Filter]:
     def too_few_sentences(d: Doc) -> bool:
+        p = prof(d).c4
         kept = d.c4(p).kept
         if len(kept) >= p.min_sentences:  # every kept line holds at least one sentence
             return False
-        return sum(map(_sentences, kept)) < p.min_sentences
+        seg = d.segmentation
+        return sum(_sentences(line, seg) for line in kept) < p.min_sentences
 
     return [
-        Filter("c4_lorem_ipsum", lambda d: d.c4(p).reason == "c4_lorem_ipsum"),
-        Filter("c4_curly_bracket", lambda d: d.c4(p).reason == "c4_curly_bracket"),
+        Filter("c4_lorem_ipsum", lambda d: d.c4(prof(d).c4).reason == "c4_lorem_ipsum"),
+        Filter("c4_curly_bracket", lambda d: d.c4(prof(d).c4).reason == "c4_curly_bracket"),
         Filter("c4_too_few_sentences", too_few_sentences),
     ]
 
@@ -871,11 +1006,11 @@ class _FineWebView:
     words: int
 
 
-def _fineweb_filters(p: FineWebPolicy, after_c4: C4Policy | None) -> list[Filter]:
+def _fineweb_filters(prof: Callable[[Doc], Profile], after_c4: bool) -> list[Filter]:
     def view(d: Doc) -> _FineWebView:
         if "fineweb" not in d.memo:
-            if after_c4 is not None:
-                r = d.c4(after_c4)
+            if after_c4:
+                r = d.c4(prof(d).c4)
                 text = "\n".join(r.kept).strip()
                 words = len(d.ids) - r.dropped_words
             else:
@@ -890,8 +1025,13 @@ def _fineweb_filters(p: FineWebPolicy, after_c4: C4Policy | None) -> list[Filter
         return sum(map(pred, lines)) / len(lines)
 
     def punct_fails(d: Doc) -> bool:
+        p = prof(d).fineweb
         r = ratio(lambda s: s.endswith(_TERMINAL_T), d)
         return r < p.min_line_punct_ratio and not (r == 0 and p.line_punct_exclude_zero)
+
+    def short_lines(d: Doc) -> bool:
+        p = prof(d).fineweb
+        return ratio(lambda s: len(s) <= p.short_line_length, d) > p.max_short_line_ratio
 
     def dup_chars(d: Doc) -> float:
         v = view(d)
@@ -899,38 +1039,68 @@ def _fineweb_filters(p: FineWebPolicy, after_c4: C4Policy | None) -> list[Filter
 
     def list_like(d: Doc) -> bool:
         v = view(d)
-        return v.newlines / v.words > p.max_newline_word_ratio if v.words else v.newlines > 0
+        return v.newlines / v.words > prof(d).fineweb.max_newline_word_ratio if v.words else v.newlines > 0
 
     return [
         Filter("empty_document", lambda d: not view(d).lines),
         Filter("fineweb_line_punct_ratio", punct_fails),
-        Filter("fineweb_short_line_ratio", lambda d: ratio(lambda s: len(s) <= p.short_line_length, d) > p.max_short_line_ratio),
-        Filter("fineweb_char_dup_ratio", lambda d: dup_chars(d) > p.max_dup_line_char_ratio),
+        Filter("fineweb_short_line_ratio", short_lines),
+        Filter("fineweb_char_dup_ratio", lambda d: dup_chars(d) > prof(d).fineweb.max_dup_line_char_ratio),
         Filter("fineweb_list_ratio", list_like),
     ]
 
 
-def build_filters(policy: QualityPolicy) -> list[Filter]:
+def _profile_resolver(policy: QualityPolicy) -> Callable[[Doc], Profile]:
+    """Doc -> the profile of its language: detected (or trusted) when the language check is on, else its trusted
+    `lang` field, else the sections alone (English)."""
+    base = resolve_profile(policy, None)
+    cache: dict[str | None, Profile] = {None: base}
+    lp = policy.language
+    detect = _detector(lp) if lp.enabled else None
+
+    def lang_of(d: Doc) -> str | None:
+        if detect is not None:
+            return detect(d)[0]
+        return normalize_lang_field(d.lang_field) if lp.trust_lang_field else None
+
+    def profile_of(d: Doc) -> Profile:
+        lang = lang_of(d)
+        p = cache.get(lang)
+        if p is None:
+            p = cache[lang] = resolve_profile(policy, lang)
+        return p
+
+    return profile_of
+
+
+def _profile(d: Doc) -> Profile:
+    return d.profile
+
+
+def build_filters(policy: QualityPolicy) -> FilterChain:
     """The enabled rules in the order they are tried (FineWeb's pipeline order, language first)."""
     filters = [Filter("empty_document", lambda d: not d.text)]
     if policy.language.enabled:
         filters += _language_filters(policy.language)
     if policy.gopher_repetition.enabled:
-        filters += _repetition_filters(policy.gopher_repetition)
+        filters += _repetition_filters(_profile)
     if policy.gopher_quality.enabled:
-        filters += _quality_filters(policy.gopher_quality)
+        filters += _quality_filters(_profile)
     if policy.c4.enabled:
-        filters += _c4_filters(policy.c4)
+        filters += _c4_filters(_profile)
     if policy.fineweb.enabled:
-        filters += _fineweb_filters(policy.fineweb, policy.c4 if policy.c4.enabled else None)
-    return filters
+        filters += _fineweb_filters(_profile, policy.c4.enabled)
+    return FilterChain(filters, _profile_resolver(policy))
 
 
-def judge(text: str, filters: list[Filter]) -> Verdict:
-    """First failing rule wins; an accepted document carries its C4-cleaned text when C4 ran."""
+def judge(text: str, filters: list[Filter], lang: str | None = None) -> Verdict:
+    """First failing rule wins; an accepted document carries its C4-cleaned text when C4 ran.
+
+    `lang` is the message's `lang` field; it is used only when `quality.language.trust_lang_field` is set.
+    """
     if len(_VOCAB.ids) > _MAX_VOCAB or len(_VOCAB.memo) > _MAX_MEMO:
         _VOCAB.reset()
-    doc = Doc(text)
+    doc = Doc(text, lang, getattr(filters, "profile_of", None))
     for f in filters:
         if f.fails(doc):
             return Verdict(False, f.reason)
@@ -938,14 +1108,13 @@ def judge(text: str, filters: list[Filter]) -> Verdict:
 
 
 def _all_reasons() -> tuple[str, ...]:
-    every = QualityPolicy()
     rules = (
         [Filter("empty_document", bool)]
         + [Filter(r, bool) for r in ("language_not_allowed", "language_low_score")]
-        + _repetition_filters(every.gopher_repetition)
-        + _quality_filters(every.gopher_quality)
-        + _c4_filters(every.c4)
-        + _fineweb_filters(every.fineweb, every.c4)
+        + _repetition_filters(_profile)
+        + _quality_filters(_profile)
+        + _c4_filters(_profile)
+        + _fineweb_filters(_profile, True)
     )
     return tuple(dict.fromkeys(f.reason for f in rules))
 
