@@ -47,10 +47,13 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import redis
 from redis.commands.core import Script
+from redis.credentials import CredentialProvider
 
 OUTCOMES = ("accepted", "duplicate", "near_duplicate", "rejected", "dead_lettered")
 
@@ -113,6 +116,92 @@ def _text(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
+class FileCredentials(CredentialProvider):
+    """An ACL username and a password read from a mounted Secret file at every (re)connect, so a rotated password is used."""
+
+    def __init__(self, username: str | None, password_file: Path):
+        self.username = username
+        self.password_file = Path(password_file)
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        pw = self.password_file.read_text().strip()
+        return (self.username, pw) if self.username else (pw,)
+
+    def __repr__(self) -> str:
+        return f"FileCredentials({self.username!r}, {str(self.password_file)!r})"
+
+
+# The commands cptd sends, directly and from its Lua scripts (connectors/lua/*.lua): a Redis ACL user needs exactly
+# these, on the keys `cptd:{NAME}:*` (acl_rule). tests/test_secure_connections.py checks the list against the code.
+ACL_COMMANDS = (
+    # connection and scripts (redis-py's register_script: EVALSHA, then SCRIPT LOAD/EVAL when the cache is cold)
+    "ping", "select", "evalsha", "eval", "script|load", "multi", "exec",
+    # strings, hashes, lists, sets, sorted sets
+    "get", "set", "mget", "incr", "incrby", "del", "exists", "pexpire",
+    "hget", "hset", "hgetall", "hlen", "hmget", "hvals", "hdel", "hexists", "hincrby",
+    "lrange", "rpush",
+    "sadd", "srem", "sismember", "smismember",
+    "zadd", "zcard", "zrange", "zrem", "zremrangebyrank", "zscore",
+)  # fmt: skip
+
+
+def acl_rule(name: str) -> str:
+    """The ACL rules of a deployment named `name` (the policy file's `name`): its key prefix and ACL_COMMANDS, nothing else."""
+    return f"resetkeys ~cptd:{{{name}}}:* resetchannels -@all " + " ".join(f"+{c}" for c in ACL_COMMANDS)
+
+
+def connect(
+    url: str,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    password_file: Path | None = None,
+    ssl_ca_file: Path | None = None,
+    ssl_cert_file: Path | None = None,
+    ssl_key_file: Path | None = None,
+    ssl_check_hostname: bool = True,
+    **kw: Any,
+) -> redis.Redis:
+    """The one Redis client construction: `redis://` or `rediss://` (TLS, verified against `ssl_ca_file` or the
+    system CAs; `ssl_cert_file`+`ssl_key_file` for mTLS) and an ACL user from the URL's userinfo, or else from
+    `username` with `password` / `password_file`. Connects lazily: nothing here touches the network."""
+    kw.setdefault("socket_timeout", 10)
+    kw.setdefault("socket_connect_timeout", 5)
+    if url.startswith("rediss://"):
+        kw.setdefault("ssl_cert_reqs", "required")
+        kw.setdefault("ssl_check_hostname", ssl_check_hostname)
+        if ssl_ca_file is not None:
+            kw.setdefault("ssl_ca_certs", str(ssl_ca_file))
+        if ssl_cert_file is not None:
+            kw.setdefault("ssl_certfile", str(ssl_cert_file))
+            kw.setdefault("ssl_keyfile", str(ssl_key_file) if ssl_key_file else None)
+    elif ssl_ca_file or ssl_cert_file:
+        raise ValueError(f"redis {_safe_url(url)}: TLS files are set but the URL is not rediss://")
+    u = urlsplit(url)
+    if not (u.username or u.password):  # the URL's userinfo wins; otherwise the separate settings
+        if password_file is not None:
+            kw.setdefault("credential_provider", FileCredentials(username, password_file))
+        elif password is not None:
+            kw.setdefault("username", username)
+            kw.setdefault("password", password)
+    return redis.Redis.from_url(url, **kw)
+
+
+def _safe_url(url: str) -> str:
+    u = urlsplit(url)
+    host = f"[{u.hostname}]" if u.hostname and ":" in u.hostname else (u.hostname or "")
+    return f"{u.scheme}://{host}{f':{u.port}' if u.port else ''}{u.path if u.path not in ('', '/') else ''}"
+
+
+def where(client: redis.Redis) -> str:
+    """A client's server as scheme://host:port/db, without credentials (for messages and /readyz)."""
+    kw = client.connection_pool.connection_kwargs
+    scheme = "rediss" if issubclass(client.connection_pool.connection_class, redis.SSLConnection) else "redis"
+    if kw.get("path"):
+        return f"unix://{kw['path']}"
+    return f"{scheme}://{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
 class RedisStore:
     def __init__(self, client: redis.Redis, name: str):
         self.r = client
@@ -141,9 +230,11 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, name: str, **kw: Any) -> RedisStore:
-        kw.setdefault("socket_timeout", 10)
-        kw.setdefault("socket_connect_timeout", 5)
-        return cls(redis.Redis.from_url(url, **kw), name)
+        return cls(connect(url, **kw), name)
+
+    def where(self) -> str:
+        """This store's server as it may be shown: scheme, host, port and database, never the credentials."""
+        return where(self.r)
 
     # --- ingest -------------------------------------------------------------
     def write_batch(self, items: Sequence[BatchItem], max_exact_keys: int) -> BatchResult:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -233,6 +235,9 @@ class ServingConfig:
     watch_interval_s: float = 1.0
     watch_max_new_errors: int = 0
     api_key: str | None = field(default=None, repr=False)  # vLLM --api-key / VLLM_API_KEY; sent as a bearer token
+    # CA bundle for https replica URLs (httpx verify=), else the system CAs. Defaults to CPTD_VLLM_CA_FILE so every
+    # ServingConfig the daemon builds trusts the deployment's CA without each caller passing it.
+    ca_file: str | None = field(default_factory=lambda: os.environ.get("CPTD_VLLM_CA_FILE") or None)
 
 
 # --------------------------------------------------------------------------- checkpoint validation
@@ -363,7 +368,8 @@ class Replica:
         self.url = url.rstrip("/")
         self.config = config
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
-        self._http = httpx.Client(base_url=self.url, timeout=config.timeout_s, headers=headers)
+        verify = ssl.create_default_context(cafile=config.ca_file) if config.ca_file else True
+        self._http = httpx.Client(base_url=self.url, timeout=config.timeout_s, headers=headers, verify=verify)
         self._model: str | None = None
 
     def close(self) -> None:

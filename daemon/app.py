@@ -15,12 +15,15 @@ import threading
 import time
 from typing import Any
 
+import redis
+import tenacity
 import uvicorn
 
-from connectors.redis_store import RedisStore
+from connectors.kafka import broker_connected, diagnose
+from connectors.redis_store import RedisStore, connect
 from daemon import metrics as M
 from daemon.api import create_app
-from daemon.ingest import Ingestor
+from daemon.ingest import Ingestor, IngestState
 from daemon.policy_watch import PolicyWatcher
 from daemon.round_record import TERMINAL, CancelResult, RollbackResult, RoundRecord, RoundState, RoundSummary, TriggerResult
 from daemon.round_runner import RoundRunner
@@ -35,8 +38,13 @@ class Daemon:
     def __init__(self, policy: Policy, settings: Settings):
         self.policy = policy
         self.settings = settings
-        self.store = RedisStore.from_url(settings.redis_url.get_secret_value(), policy.name)
-        self.ingestor = Ingestor(policy, settings.kafka_bootstrap, self.store)
+        self.store = RedisStore(connect(settings.redis_url.get_secret_value(), **settings.redis_options()), policy.name)
+        self.kafka = settings.kafka()
+        # The Kafka clients are built in run(), after the HTTP server is up, and retried with a capped backoff while the
+        # brokers refuse us (TLS, credentials): the process stays up and /readyz says why, instead of a crash loop.
+        self.ingestor: Ingestor | None = None
+        self.kafka_error: str | None = None
+        self.operator_paused = threading.Event()
         self.stop = threading.Event()
         self.started = time.time()
         self.watcher = PolicyWatcher(settings.policy, policy, self._apply_policy)
@@ -47,7 +55,8 @@ class Daemon:
     def _apply_policy(self, policy: Policy) -> None:
         """Ingest picks it up at its next batch boundary (the safe point), the scheduler at once, rounds at their next start."""
         self.policy = policy
-        self.ingestor.set_policy(policy)
+        if self.ingestor is not None:
+            self.ingestor.set_policy(policy)
         self._apply_triggers()
 
     def _apply_triggers(self) -> None:
@@ -56,7 +65,7 @@ class Daemon:
 
     # --- the Engine protocol of daemon.api -------------------------------------------
     def status(self) -> dict[str, Any]:
-        s = self.ingestor.state
+        s = self.ingestor.state if self.ingestor is not None else IngestState(last_error=self.kafka_error)
         out: dict[str, Any] = {
             "name": self.policy.name,
             "policy_hash": policy_hash(self.policy),
@@ -67,7 +76,9 @@ class Daemon:
                 "assigned": s.assigned,
                 "batches": s.batches,
                 "last_commit": s.last_commit,
-                "last_error": s.last_error,
+                "last_error": self.scrub(s.last_error),
+                "kafka": self.kafka.describe(),
+                "kafka_error": self.kafka_error,
             },
         }
         try:
@@ -83,7 +94,7 @@ class Daemon:
                 latest[0].model_dump(mode="json", include={"id", "state", "error", "created_at", "updated_at"}) if latest else None
             )
         except Exception as e:  # noqa: BLE001 - status must answer even when Redis is down
-            out["redis_error"] = str(e)
+            out["redis_error"] = self.redis_reason(e)
         return out
 
     def rounds(self, limit: int = 50) -> list[RoundSummary]:
@@ -142,16 +153,19 @@ class Daemon:
         try:
             self.store.ping()
         except Exception as e:  # noqa: BLE001 - any failure means not ready; the message says which
-            down.append(f"redis unreachable: {e}")
+            down.append(self.redis_reason(e))
         try:
-            if not self.ingestor.consumer.bootstrap_connected():
-                down.append(f"kafka: no connection to a bootstrap broker ({self.settings.kafka_bootstrap})")
+            if self.ingestor is None:
+                down.append(self.kafka_error or f"kafka {self.kafka.describe()}: connecting")
+            elif not broker_connected(self.ingestor.consumer):
+                why = diagnose(self.kafka, timeout=2.0) or "no connection to a bootstrap broker"
+                down.append(self.scrub(f"kafka {self.kafka.describe()}: {why}") or "")
         except Exception as e:  # noqa: BLE001
-            down.append(f"kafka: {e}")
+            down.append(self.scrub(f"kafka {self.kafka.describe()}: {e}") or "")
         if self.runner.disabled is None:
             for url in self.runner.urls:
                 try:
-                    code = httpx.get(url + "/health", timeout=2.0).status_code
+                    code = httpx.get(url + "/health", timeout=2.0, verify=self.settings.vllm_verify()).status_code
                     if code != 200:
                         down.append(f"vllm {url}: /health answered {code}")
                 except httpx.HTTPError as e:
@@ -163,7 +177,87 @@ class Daemon:
         return {"changed": changed, "message": msg, "policy_hash": policy_hash(self.policy), "error": self.watcher.last_error}
 
     def pause_ingest(self, paused: bool) -> None:
-        (self.ingestor.operator_paused.set if paused else self.ingestor.operator_paused.clear)()
+        (self.operator_paused.set if paused else self.operator_paused.clear)()
+
+    # --- connections --------------------------------------------------------------
+    def _secrets(self) -> list[str]:
+        from urllib.parse import unquote, urlsplit
+
+        s = self.settings
+        vals = [v.get_secret_value() for v in (s.redis_password, s.kafka_sasl_password, s.kafka_key_password, s.vllm_api_key) if v]
+        pw = urlsplit(s.redis_url.get_secret_value()).password
+        vals += [pw, unquote(pw)] if pw else []
+        for f in (s.redis_password_file, s.kafka_sasl_password_file):
+            try:
+                vals.append(f.read_text().strip()) if f else None
+            except OSError:
+                pass
+        return [v for v in vals if len(v) >= 4]
+
+    def scrub(self, msg: str | None) -> str | None:
+        """A message with every configured secret blanked out: errors go to logs, /status and /readyz."""
+        if msg:
+            for v in self._secrets():
+                msg = msg.replace(v, "***")
+        return msg
+
+    def redis_reason(self, e: BaseException) -> str:
+        """`redis rediss://host:port/db: TLS certificate verify failed: certificate has expired`, and the like."""
+        import ssl
+
+        cause: BaseException | None = e
+        why = str(e)
+        while cause is not None:
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                why = f"TLS certificate verify failed: {cause.verify_message}"
+                break
+            if isinstance(cause, ssl.SSLError):
+                why = f"TLS handshake failed: {cause.reason or cause}"
+                break
+            cause = cause.__cause__ or cause.__context__
+        else:
+            if isinstance(e, redis.AuthenticationError):
+                why = f"authentication failed: {e}"
+            elif isinstance(e, redis.exceptions.NoPermissionError):
+                why = f"ACL refused: {e}"
+            elif "CERTIFICATE_VERIFY_FAILED" in why:
+                why = "TLS certificate verify failed: " + why.split("certificate verify failed:")[-1].split("(_ssl")[0].strip()
+        return self.scrub(f"redis {self.store.where()}: {why}") or ""
+
+    def _connect_kafka(self) -> Ingestor | None:
+        """Build the consumer and the dead-letter producer; on failure retry with exponential backoff capped at
+        CPTD_KAFKA_RETRY_MAX_S until it works or SIGTERM. Returns None when stopped first."""
+
+        def attempt() -> Ingestor:
+            # TCP and TLS first (seconds, with the cause in words), then kafka-python's bootstrap (SASL, metadata)
+            why = diagnose(self.kafka)
+            if why:
+                raise ConnectionError(why)
+            return Ingestor(self.policy, self.kafka, self.store)
+
+        def failed(rs: tenacity.RetryCallState) -> None:
+            e = rs.outcome.exception() if rs.outcome else None
+            why = str(e) if isinstance(e, ConnectionError) else diagnose(self.kafka) or f"{type(e).__name__}: {e}"
+            self.kafka_error = self.scrub(f"kafka {self.kafka.describe()}: {why}")
+            log.warning(
+                "kafka connection failed; retrying",
+                extra={"error": self.kafka_error, "attempt": rs.attempt_number, "retry_in_s": round(rs.upcoming_sleep, 1)},
+            )
+
+        retrying = tenacity.Retrying(
+            wait=tenacity.wait_exponential(multiplier=1, min=1, max=self.settings.kafka_retry_max_s),
+            stop=tenacity.stop_when_event_set(self.stop),
+            sleep=lambda seconds: None if self.stop.wait(seconds) else None,  # SIGTERM cuts the wait short
+            before_sleep=failed,
+        )
+        try:
+            ing = retrying(attempt)
+        except tenacity.RetryError:
+            return None
+        ing.operator_paused = self.operator_paused
+        self.kafka_error = None
+        log.info("kafka connected", extra={"kafka": self.kafka.describe()})
+        return ing
 
     # --- running ---------------------------------------------------------------
     def run(self) -> int:
@@ -192,7 +286,9 @@ class Daemon:
             },
         )
         try:
-            self.ingestor.run(self.stop)
+            self.ingestor = self._connect_kafka()
+            if self.ingestor is not None:
+                self.ingestor.run(self.stop)
         finally:
             self.stop.set()
             self.scheduler.shutdown(wait=False)

@@ -35,6 +35,7 @@ from kafka.structs import OffsetAndMetadata
 
 from connectors.kafka import (
     ConsumerRebalanceListener,
+    KafkaConnection,
     KafkaConsumer,
     KafkaProducer,
     TopicPartition,
@@ -152,7 +153,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 class Ingestor:
-    def __init__(self, policy: Policy, bootstrap: str, store: RedisStore, client_id: str = "cptd-ingest"):
+    def __init__(self, policy: Policy, bootstrap: KafkaConnection | str, store: RedisStore, client_id: str = "cptd-ingest"):
         self.store = store
         return_large_buffers_to_the_os()
         self._use_policy(policy)

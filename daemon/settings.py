@@ -7,18 +7,50 @@ carry passwords and tokens are secrets, so they come from env or mounted files
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from connectors.kafka import KafkaConnection
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CPTD_", extra="ignore")
 
     policy: Path = Field(default=Path("/etc/cptd/policy.yaml"), description="policy file path (CPTD_POLICY)")
-    redis_url: SecretStr = Field(default=SecretStr("redis://127.0.0.1:6379/0"), description="CPTD_REDIS_URL")
+    redis_url: SecretStr = Field(
+        default=SecretStr("redis://127.0.0.1:6379/0"), description="CPTD_REDIS_URL; rediss:// for TLS, userinfo for an ACL user"
+    )
+    redis_username: str | None = Field(default=None, description="CPTD_REDIS_USERNAME; ACL user when the URL has no userinfo")
+    redis_password: SecretStr | None = Field(default=None, description="CPTD_REDIS_PASSWORD")
+    redis_password_file: Path | None = Field(default=None, description="CPTD_REDIS_PASSWORD_FILE; read at every connect")
+    redis_ca_file: Path | None = Field(default=None, description="CPTD_REDIS_CA_FILE; CA bundle for rediss:// (default: system CAs)")
+    redis_cert_file: Path | None = Field(default=None, description="CPTD_REDIS_CERT_FILE; client certificate (mTLS)")
+    redis_key_file: Path | None = Field(default=None, description="CPTD_REDIS_KEY_FILE; its key")
+    redis_check_hostname: bool = Field(default=True, description="CPTD_REDIS_CHECK_HOSTNAME")
     kafka_bootstrap: str = Field(default="127.0.0.1:9092", description="CPTD_KAFKA_BOOTSTRAP")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="CPTD_KAFKA_SECURITY_PROTOCOL"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(
+        default=None, description="CPTD_KAFKA_SASL_MECHANISM"
+    )
+    kafka_sasl_username: str | None = Field(default=None, description="CPTD_KAFKA_SASL_USERNAME")
+    kafka_sasl_password: SecretStr | None = Field(default=None, description="CPTD_KAFKA_SASL_PASSWORD")
+    kafka_sasl_password_file: Path | None = Field(default=None, description="CPTD_KAFKA_SASL_PASSWORD_FILE; a mounted Secret")
+    kafka_sasl_oauth_token_file: Path | None = Field(
+        default=None, description="CPTD_KAFKA_SASL_OAUTH_TOKEN_FILE; OAUTHBEARER token, re-read when the file changes"
+    )
+    kafka_ca_file: Path | None = Field(default=None, description="CPTD_KAFKA_CA_FILE; CA bundle (default: system CAs)")
+    kafka_cert_file: Path | None = Field(default=None, description="CPTD_KAFKA_CERT_FILE; client certificate (mTLS)")
+    kafka_key_file: Path | None = Field(default=None, description="CPTD_KAFKA_KEY_FILE; its key")
+    kafka_key_password: SecretStr | None = Field(default=None, description="CPTD_KAFKA_KEY_PASSWORD; when the key is encrypted")
+    kafka_check_hostname: bool = Field(default=True, description="CPTD_KAFKA_CHECK_HOSTNAME")
+    kafka_retry_max_s: float = Field(default=30.0, gt=0, description="CPTD_KAFKA_RETRY_MAX_S; backoff cap while Kafka refuses us")
     http_host: str = "0.0.0.0"
     http_port: int = 8080
     api_token: SecretStr | None = Field(default=None, description="CPTD_API_TOKEN; bearer token for mutating routes")
@@ -36,6 +68,7 @@ class Settings(BaseSettings):
         default=None, description="CPTD_VLLM_CONTROL_URL; a headless Service URL, resolved to one URL per replica address"
     )
     vllm_api_key: SecretStr | None = Field(default=None, description="CPTD_VLLM_API_KEY; vLLM's --api-key")
+    vllm_ca_file: Path | None = Field(default=None, description="CPTD_VLLM_CA_FILE; CA bundle for https replica URLs")
     train_launcher: str = Field(default="subprocess", description="CPTD_TRAIN_LAUNCHER: subprocess | torchrun:N (kubernetes-job: not yet)")
     train_cpu_threads: int = Field(default=0, description="CPTD_TRAIN_CPU_THREADS; torch threads of a CPU trainer (0 = torch default)")
     pod_name: str | None = Field(default=None, validation_alias="POD_NAME", description="POD_NAME; names this daemon as lease holder")
@@ -55,6 +88,41 @@ class Settings(BaseSettings):
         port = u.port or (443 if u.scheme == "https" else 80)
         addrs = sorted({a[4][0] for a in socket.getaddrinfo(u.hostname, port, proto=socket.IPPROTO_TCP)})
         return [f"{u.scheme}://{f'[{a}]' if ':' in a else a}:{port}" for a in addrs]
+
+    def kafka(self) -> KafkaConnection:
+        """The Kafka connection every client is built from (connectors.kafka.kafka_client_config)."""
+        from connectors.kafka import KafkaConnection
+
+        return KafkaConnection(
+            bootstrap=self.kafka_bootstrap,
+            security_protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            sasl_username=self.kafka_sasl_username,
+            sasl_password=self.kafka_sasl_password,
+            sasl_password_file=self.kafka_sasl_password_file,
+            sasl_oauth_token_file=self.kafka_sasl_oauth_token_file,
+            ssl_cafile=self.kafka_ca_file,
+            ssl_certfile=self.kafka_cert_file,
+            ssl_keyfile=self.kafka_key_file,
+            ssl_key_password=self.kafka_key_password,
+            ssl_check_hostname=self.kafka_check_hostname,
+        )
+
+    def redis_options(self) -> dict[str, Any]:
+        """Keyword arguments of connectors.redis_store.connect besides the URL (TLS files, ACL user)."""
+        return {
+            "username": self.redis_username,
+            "password": self.redis_password.get_secret_value() if self.redis_password else None,
+            "password_file": self.redis_password_file,
+            "ssl_ca_file": self.redis_ca_file,
+            "ssl_cert_file": self.redis_cert_file,
+            "ssl_key_file": self.redis_key_file,
+            "ssl_check_hostname": self.redis_check_hostname,
+        }
+
+    def vllm_verify(self) -> ssl.SSLContext | bool:
+        """httpx's `verify=` for replica URLs: a context trusting the CA bundle file, else the system CAs."""
+        return ssl.create_default_context(cafile=str(self.vllm_ca_file)) if self.vllm_ca_file else True
 
     def token(self) -> str | None:
         if self.api_token_file is not None:

