@@ -2,11 +2,15 @@
 
 1. Quality filters: our chain vs datatrove's FineWeb chain
    (GopherRepetition -> GopherQuality -> C4(filter_no_terminal_punct=False) -> FineWebQuality). Target >= 30x.
+   Then the same on translated prose and junk (daemon/dev/multilingual_corpus.py, Debian's debian-handbook):
+   ours with `languages: [vi, zh, ja, ru, de, ar]` (language check on, each document judged by its
+   language's profile), and ours vs datatrove's chain with `language=` set per document on the languages
+   datatrove can tokenize here (de, ru, ar, zh through spaCy; vi needs pyvi, ja SudachiPy).
 2. MinHash signatures: ours vs datasketch with the same n-gram size and permutations. Target >= 10x.
 3. End to end, Kafka -> Redis, ~4 KB documents: one `cptd run` process, then two in one group.
    Target >= 1,000 docs/s for one process, > 1.6x that with two.
 
-    python bench/ingest_throughput.py [--docs N] [--e2e-docs N] [--skip-e2e]
+    python bench/ingest_throughput.py [--docs N] [--multilingual-docs N] [--e2e-docs N] [--skip-e2e]
 """
 
 from __future__ import annotations
@@ -64,6 +68,61 @@ def bench_filters(docs: list[str]) -> tuple[float, float]:
     run_datatrove()  # warm up (tokenizer load)
     theirs = best_of(run_datatrove, 1)
     return rate(len(docs), ours), rate(len(docs), theirs)
+
+
+ML_LANGS = ("vi", "zh", "ja", "ru", "de", "ar")
+DATATROVE_LANGS = ("de", "ru", "ar", "zh")  # tokenizers datatrove can load here (spaCy; jieba-free zh)
+
+
+def multilingual_docs(n_per_lang: int, langs: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(lang, text): per language, clean documents and junk made from them, 3 to 1."""
+    from daemon.dev.multilingual_corpus import clean_docs, junk_docs
+
+    out = []
+    for lang in langs:
+        clean = clean_docs(lang)[: n_per_lang - n_per_lang // 4]
+        junk = [t for _, t in junk_docs(lang, n=n_per_lang // 4)]
+        out += [(lang, t) for t in clean + junk]
+    return out
+
+
+def bench_filters_multilingual(n_per_lang: int) -> tuple[float, int, float, float, int]:
+    """(ours with language check on all six, docs; ours and datatrove per-language on DATATROVE_LANGS, docs)."""
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
+
+    from policies.quality import QualityPolicy, build_filters, judge
+
+    docs = multilingual_docs(n_per_lang, ML_LANGS)
+    detect = build_filters(QualityPolicy.model_validate({"language": {"languages": list(ML_LANGS)}}))
+    for _, t in docs[:: max(1, len(docs) // 50)]:
+        judge(t, detect)
+    ours_all = best_of(lambda: [judge(t, detect) for _, t in docs])
+
+    sub = [(lang, t) for lang, t in docs if lang in DATATROVE_LANGS]
+    trusted = build_filters(QualityPolicy.model_validate({"language": {"enabled": False, "trust_lang_field": True}}))
+    ours_sub = best_of(lambda: [judge(t, trusted, lang=lang) for lang, t in sub])
+    chains = {
+        lang: [
+            GopherRepetitionFilter(language=lang),
+            GopherQualityFilter(language=lang),
+            C4QualityFilter(filter_no_terminal_punct=False, language=lang),
+            FineWebQualityFilter(language=lang),
+        ]
+        for lang in DATATROVE_LANGS
+    }
+
+    def run_datatrove():
+        for i, (lang, text) in enumerate(sub):
+            doc = Document(text=text, id=str(i))
+            for f in chains[lang]:
+                r = f.filter(doc)
+                if not (r[0] if isinstance(r, tuple) else r):
+                    break
+
+    run_datatrove()  # warm up (tokenizer loads)
+    theirs = best_of(run_datatrove, 1)
+    return rate(len(docs), ours_all), len(docs), rate(len(sub), ours_sub), rate(len(sub), theirs), len(sub)
 
 
 def bench_minhash(docs: list[str]) -> tuple[float, float]:
@@ -170,6 +229,7 @@ def bench_e2e(n_docs: int, processes: int, workdir: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=600, help="~4 KB documents for the filter and MinHash comparisons")
+    ap.add_argument("--multilingual-docs", type=int, default=100, help="documents per language (3/4 clean, 1/4 junk); 0 skips")
     ap.add_argument("--e2e-docs", type=int, default=20000)
     ap.add_argument("--skip-e2e", action="store_true")
     a = ap.parse_args()
@@ -182,6 +242,13 @@ def main() -> None:
         f"quality filters   ours {ours:9,.0f} docs/s   datatrove FineWeb chain {theirs:7,.0f} docs/s   "
         f"ratio {ours / theirs:6.1f}x  (target >= 30x)"
     )
+    if a.multilingual_docs:
+        ours_all, n_all, ours, theirs, n_sub = bench_filters_multilingual(a.multilingual_docs)
+        print(f"quality filters   ours {ours_all:9,.0f} docs/s   multilingual, {n_all} docs of {'/'.join(ML_LANGS)}, language check on")
+        print(
+            f"quality filters   ours {ours:9,.0f} docs/s   datatrove per-language  {theirs:7,.0f} docs/s   "
+            f"ratio {ours / theirs:6.1f}x  ({n_sub} docs of {'/'.join(DATATROVE_LANGS)}, language given)"
+        )
     ours, theirs = bench_minhash(docs)
     print(
         f"minhash 14x8/5-gr ours {ours:9,.0f} docs/s   datasketch              {theirs:7,.0f} docs/s   "
