@@ -8,7 +8,7 @@ Everything runs offline against real tools:
 
 A missing tool fails the test with the command that installs it.
 
-Strimzi (Kafka, KafkaNodePool, KafkaTopic) and Prometheus Operator
+Strimzi (Kafka, KafkaNodePool, KafkaTopic, KafkaUser) and Prometheus Operator
 (ServiceMonitor) resources are custom resources; their CRD schemas are not
 available from a package registry, so they are checked against the structural
 schemas below: the fields cptd's manifests use, written from the CRDs
@@ -315,6 +315,75 @@ CR_SCHEMAS = {
             },
         },
     ),
+    # Strimzi's KafkaUser (kafka.strimzi.io/v1beta2): authentication scram-sha-512 | tls | tls-external,
+    # authorization simple with acls of resource {type, name, patternType} and operations.
+    ("kafka.strimzi.io/v1beta2", "KafkaUser"): _cr(
+        "kafka.strimzi.io/v1beta2",
+        "KafkaUser",
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "authentication": {
+                    "type": "object",
+                    "required": ["type"],
+                    "additionalProperties": False,
+                    "properties": {"type": {"enum": ["tls", "tls-external", "scram-sha-512"]}, "password": {"type": "object"}},
+                },
+                "authorization": {
+                    "type": "object",
+                    "required": ["type", "acls"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "type": {"enum": ["simple"]},
+                        "acls": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["resource"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "resource": {
+                                        "type": "object",
+                                        "required": ["type"],
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            "type": {"enum": ["topic", "group", "cluster", "transactionalId"]},
+                                            "name": {"type": "string"},
+                                            "patternType": {"enum": ["literal", "prefix"]},
+                                        },
+                                    },
+                                    "type": {"enum": ["allow", "deny"]},
+                                    "host": {"type": "string"},
+                                    "operations": {
+                                        "type": "array",
+                                        "minItems": 1,
+                                        "items": {
+                                            "enum": [
+                                                "Read",
+                                                "Write",
+                                                "Create",
+                                                "Delete",
+                                                "Alter",
+                                                "Describe",
+                                                "ClusterAction",
+                                                "AlterConfigs",
+                                                "DescribeConfigs",
+                                                "IdempotentWrite",
+                                                "All",
+                                            ]
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+                "quotas": {"type": "object"},
+                "template": {"type": "object"},
+            },
+        },
+    ),
     ("monitoring.coreos.com/v1", "ServiceMonitor"): _cr(
         "monitoring.coreos.com/v1",
         "ServiceMonitor",
@@ -405,9 +474,37 @@ def test_custom_resources_pass_structural_crd_check(overlay):
     ingest = IngestPolicy()
     topic_names = {t["spec"]["topicName"] for t in by_kind(docs, "KafkaTopic").values()}
     assert topic_names == set(ingest.topics) | {ingest.dead_letter_topic} == {"cptd.documents", "cptd.dead-letter"}
-    # The bootstrap address documented for CPTD_KAFKA_BOOTSTRAP is the one Strimzi creates.
-    plain = [lst for lst in kafka["spec"]["kafka"]["listeners"] if not lst["tls"]][0]
-    assert f"cptd-kafka-kafka-bootstrap:{plain['port']}" in (ROOT / "docs" / "kubernetes.md").read_text()
+    # No plaintext listener: TLS with SCRAM-SHA-512 and ACLs. The bootstrap address documented for
+    # CPTD_KAFKA_BOOTSTRAP is the TLS one Strimzi creates.
+    listeners = kafka["spec"]["kafka"]["listeners"]
+    assert [lst["tls"] for lst in listeners] == [True] * len(listeners)
+    assert all(lst.get("authentication") == {"type": "scram-sha-512"} for lst in listeners)
+    assert kafka["spec"]["kafka"]["authorization"] == {"type": "simple"}
+    assert "userOperator" in kafka["spec"]["entityOperator"]
+    tls = listeners[0]
+    assert f"cptd-kafka-kafka-bootstrap:{tls['port']}" in (ROOT / "docs" / "kubernetes.md").read_text()
+    # cptd's KafkaUser: SCRAM-SHA-512, ACLs on exactly its two topics and its group, as the daemon logs in.
+    users = by_kind(docs, "KafkaUser")
+    assert list(users) == ["cptd"]
+    user = users["cptd"]
+    assert user["metadata"]["labels"]["strimzi.io/cluster"] in kafkas
+    assert user["spec"]["authentication"] == {"type": "scram-sha-512"}
+    acls = {
+        (a["resource"]["type"], a["resource"]["name"], a["resource"]["patternType"]): set(a["operations"])
+        for a in user["spec"]["authorization"]["acls"]
+    }
+    assert acls == {
+        ("topic", ingest.topics[0], "literal"): {"Read", "Describe"},
+        ("topic", ingest.dead_letter_topic, "literal"): {"Write", "Describe"},
+        ("group", ingest.group_id, "literal"): {"Read", "Describe"},
+    }
+    daemon = by_kind(docs, "Deployment")["cptd-daemon"]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in daemon["containers"][0]["env"]}
+    assert env["CPTD_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL" and env["CPTD_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    assert env["CPTD_KAFKA_SASL_USERNAME"] == "cptd"
+    secrets = {v["secret"]["secretName"]: v for v in daemon["volumes"] if "secret" in v}
+    assert secrets["cptd"]["secret"]["items"] == [{"key": "password", "path": "password"}]  # the User Operator's Secret
+    assert secrets["cptd-kafka-cluster-ca-cert"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
     # Every ServiceMonitor selects a Service that has the named port.
     services = by_kind(docs, "Service")
     for sm in by_kind(docs, "ServiceMonitor").values():
@@ -425,6 +522,14 @@ def test_structural_crd_check_rejects_typos():
     bad["spec"]["partition"] = 3
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, CR_SCHEMAS[("kafka.strimzi.io/v1beta2", "KafkaTopic")])
+    user = json.loads(json.dumps(by_kind(build("single-gpu"), "KafkaUser")["cptd"]))
+    user["spec"]["authorization"]["acls"][0]["resource"]["patterntype"] = "literal"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(user, CR_SCHEMAS[("kafka.strimzi.io/v1beta2", "KafkaUser")])
+    user = json.loads(json.dumps(by_kind(build("single-gpu"), "KafkaUser")["cptd"]))
+    user["spec"]["authentication"]["type"] = "scram-sha-256"  # Strimzi users are scram-sha-512 only
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(user, CR_SCHEMAS[("kafka.strimzi.io/v1beta2", "KafkaUser")])
     sm = json.loads(json.dumps(by_kind(build("single-gpu"), "ServiceMonitor")["cptd-daemon"]))
     sm["spec"]["endpoints"][0]["interval"] = "15 seconds"
     with pytest.raises(jsonschema.ValidationError):
@@ -458,6 +563,14 @@ def test_every_pod_is_nonroot_bounded_and_probed(overlay):
             assert gpu_req == c["resources"].get("limits", {}).get("nvidia.com/gpu"), f"{where}: GPU request != limit"
 
 
+# Secrets other than cptd-secrets a pod may mount, and what in docs/kubernetes.md says where each comes from.
+OTHER_SECRETS = {
+    "cptd-redis-tls": r"kubectl -n cptd create secret generic cptd-redis-tls",  # created by the operator (or cert-manager)
+    "cptd": r"KafkaUser.*`cptd`",  # Strimzi's User Operator, for the KafkaUser cptd
+    "cptd-kafka-cluster-ca-cert": r"cptd-kafka-cluster-ca-cert",  # Strimzi's Cluster Operator
+}
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_references_resolve(overlay):
     """Every ConfigMap, PVC, ServiceAccount and Secret key a pod refers to exists (or is documented)."""
@@ -478,8 +591,11 @@ def test_references_resolve(overlay):
             if "persistentVolumeClaim" in v:
                 assert v["persistentVolumeClaim"]["claimName"] in pvcs, (name, v)
             if "secret" in v:
-                assert v["secret"]["secretName"] == "cptd-secrets"
-                secret_keys |= {i["key"] for i in v["secret"].get("items", [])}
+                assert v["secret"]["secretName"] in {*OTHER_SECRETS, "cptd-secrets"}, (name, v)
+                if v["secret"]["secretName"] == "cptd-secrets":
+                    secret_keys |= {i["key"] for i in v["secret"].get("items", [])}
+                else:
+                    assert re.search(OTHER_SECRETS[v["secret"]["secretName"]], documented), (name, v["secret"]["secretName"])
         mounts = {m["name"] for c in spec["containers"] for m in c.get("volumeMounts", [])}
         claim_templates = (
             {
@@ -496,7 +612,7 @@ def test_references_resolve(overlay):
                 if ref:
                     assert ref["name"] == "cptd-secrets", (name, e)
                     secret_keys.add(ref["key"])
-    assert {"CPTD_API_TOKEN", "CPTD_REDIS_URL", "CPTD_KAFKA_BOOTSTRAP", "REDIS_PASSWORD"} <= secret_keys
+    assert {"CPTD_API_TOKEN", "CPTD_REDIS_URL", "CPTD_KAFKA_BOOTSTRAP", "REDIS_PASSWORD", "CPTD_REDIS_PASSWORD"} <= secret_keys
     for key in secret_keys:  # the operator creates the Secret by hand: every key must be in the guide
         assert re.search(rf"--from-literal={key}=", documented), f"secret key {key} missing from docs/kubernetes.md"
     assert pvcs["cptd-checkpoints"]["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -794,3 +910,28 @@ def test_promtool_unit_tests_cover_every_alert():
     res = _run([promtool(), "test", "rules", "rules_test.yaml"], cwd=DEPLOY / "prometheus")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SUCCESS" in res.stdout
+
+
+def test_redis_is_tls_only_with_cptd_acl_user():
+    """Redis listens on TLS only, and the ACL user the daemon logs in as has exactly acl_rule(policy name)."""
+    from connectors.redis_store import acl_rule
+    from policies.config import load_policy
+
+    docs = build("single-gpu")
+    conf = next(c for n, c in by_kind(docs, "ConfigMap").items() if n.startswith("cptd-redis"))["data"]["redis.conf"]  # name-hashed
+    directives = dict(ln.split(None, 1) for ln in conf.splitlines() if ln.strip() and not ln.startswith("#"))
+    assert directives["port"] == "0" and directives["tls-port"] == "6379"
+    assert {"tls-cert-file", "tls-key-file", "tls-ca-cert-file"} <= set(directives)
+    redis = by_kind(docs, "StatefulSet")["cptd-redis"]["spec"]["template"]["spec"]
+    args = redis["containers"][0]["args"]
+    i = args.index("--user")
+    assert args[i + 1 : i + 4] == ["cptd", "on", ">$(CPTD_REDIS_PASSWORD)"]
+    name = load_policy(DEPLOY / "policy.example.yaml").name
+    assert args[i + 4 :] == acl_rule(name).split()
+    assert "--tls" in redis["containers"][0]["readinessProbe"]["exec"]["command"]
+    daemon = by_kind(docs, "Deployment")["cptd-daemon"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in daemon["env"]}
+    assert env["CPTD_REDIS_USERNAME"]["value"] == "cptd"
+    assert env["CPTD_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "CPTD_REDIS_PASSWORD"
+    assert env["CPTD_REDIS_CA_FILE"]["value"].startswith("/var/run/secrets/redis-tls/")
+    assert 'CPTD_REDIS_URL="rediss://' in (ROOT / "docs" / "kubernetes.md").read_text()
