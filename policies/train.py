@@ -42,13 +42,26 @@ class TrainPolicy(Section):
         min_length=1,
         description="module names LoRA adapts; vLLM serves adapters on these",
     )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="with several ranks (torchrun): ddp keeps a full replica per rank; fsdp shards parameters, gradients and "
+        "optimizer state (FSDP2, one unit per decoder layer + the root) and checkpoints them with torch.distributed.checkpoint",
+    )
+    activation_checkpointing: bool = Field(default=False, description="recompute decoder-layer activations in backward (less memory)")
+    cpu_offload: bool = Field(default=False, description="fsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto")
     seed: int = Field(default=0, ge=0, description="base seed; each round derives its data/init seeds from it and the round id")
 
     @model_validator(mode="after")
-    def _qlora_computes_in_bf16(self) -> TrainPolicy:
+    def _supported_combinations(self) -> TrainPolicy:
         if self.mode == "qlora" and self.precision not in ("auto", "bf16-mixed"):
             raise ValueError(f"train.mode qlora computes in bf16 over fp32 adapter weights; precision {self.precision!r} is not supported")
+        if self.parallelism == "fsdp" and self.precision in ("fp16-mixed", "bf16-params"):
+            raise ValueError(f"train.parallelism fsdp supports precision auto, bf16-mixed or fp32, not {self.precision!r}")
+        if self.parallelism == "fsdp" and self.mode == "qlora":
+            raise ValueError("train.parallelism fsdp does not shard a 4-bit base; qlora rounds run on one GPU (ddp)")
+        if self.cpu_offload and self.parallelism != "fsdp":
+            raise ValueError("train.cpu_offload needs train.parallelism fsdp")
         return self
 
 

@@ -260,13 +260,38 @@ class AdamWFp32State(torch.optim.Optimizer):
                 p.copy_(w)
 
 
-def trainable_digest(model) -> str:
-    """sha256 over the trainable tensors in name order: lets a caller check which weights a round started from."""
+def trainable_digest(model, full: dict | None = None) -> str:
+    """sha256 over the trainable tensors in name order: lets a caller check which weights a round started from.
+    `full`: the gathered state dict of a sharded model (its parameters are shards)."""
     h = hashlib.sha256()
-    for name, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+    for name in sorted(n for n, p in model.named_parameters() if p.requires_grad):
+        t = full[name] if full is not None else dict(model.named_parameters())[name]
         h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def save_sharded_state(dst: Path, model, opt, tp: TrainPolicy, state: dict, parent: Path, main_proc: bool) -> None:
+    """fsdp: every rank writes its shard of the fp32 trainable weights and optimizer state (DCP) and its RNG;
+    rank 0 writes the gathered weights in the parent's dtype and renames the directory when all are done."""
+    from daemon.jobs import sharding
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    if main_proc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "resume").mkdir(parents=True)
+    sharding.barrier()
+    sharding.save_sharded(tmp / sharding.DCP_DIR, model, opt)
+    torch.save({"cpu_rng": torch.get_rng_state()}, tmp / "resume" / f"rng-{state['rank']}.pt")
+    full = sharding.full_state_dict(model)
+    if main_proc:
+        save_weights(tmp, model, tp, parent, full)
+        (tmp / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "rank"}, indent=1))
+    sharding.barrier()
+    if main_proc:
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+    sharding.barrier()
 
 
 def save_state(dst: Path, model, opt, scaler, tp: TrainPolicy, state: dict, parent: Path) -> None:
@@ -293,21 +318,22 @@ def save_state(dst: Path, model, opt, scaler, tp: TrainPolicy, state: dict, pare
     os.replace(tmp, dst)
 
 
-def save_weights(dst: Path, model, tp: TrainPolicy, parent: Path) -> None:
-    """full: an HF checkpoint dir (safetensors + tokenizer) whose config.json is the parent's, byte for byte;
-    lora/qlora: adapter_config.json + adapter_model.safetensors (vLLM's LoRA layout). Tensors in the parent's dtype."""
+def save_weights(dst: Path, model, tp: TrainPolicy, parent: Path, full: dict | None = None) -> None:
+    """full: an HF checkpoint dir (safetensors shards of at most 5 GB + index, tokenizer) whose config.json is the
+    parent's, byte for byte; lora/qlora: adapter_config.json + adapter_model.safetensors (vLLM's LoRA layout).
+    Tensors in the parent's dtype. `full`: the gathered state dict of a sharded model."""
     dst.mkdir(parents=True, exist_ok=True)
     dtype = checkpoint_dtype(parent)
     if tp.mode == "full":
-        sd = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
-        model.save_pretrained(str(dst), state_dict=sd, safe_serialization=True)
+        sd = {k: v.detach().to(dtype) for k, v in (full if full is not None else model.state_dict()).items()}
+        model.save_pretrained(str(dst), state_dict=sd, safe_serialization=True, max_shard_size="5GB")
         for name in PARENT_FILES:  # not save_pretrained's re-serialisation, which may reorder or add fields
             if (parent / name).exists():
                 shutil.copyfile(parent / name, dst / name)
     else:
         from peft import get_peft_model_state_dict
 
-        sd = {k: v.detach().to(dtype) for k, v in get_peft_model_state_dict(model).items()}
+        sd = {k: v.detach().to(dtype) for k, v in get_peft_model_state_dict(model, state_dict=full).items()}
         model.save_pretrained(str(dst), state_dict=sd, safe_serialization=True)
 
 
@@ -323,6 +349,42 @@ def load_trainer_state(src: Path, opt, scaler) -> dict:
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     done = sorted(p for p in ckpt_dir.glob("step-*") if not p.name.endswith(".tmp") and (p / "state.json").exists())
     return done[-1] if done else None
+
+
+def state_megabytes(model, opt) -> float:
+    """What this rank holds of the training state: its parameters (fsdp: its shards), gradients of the trainable
+    ones, and optimizer state; activations not included. On CPU, the figure comparable to CUDA's allocated bytes."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    total = sum(nbytes(p) * (2 if p.requires_grad else 1) for p in model.parameters())
+    total += sum(nbytes(t) for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
+    return total / 2**20
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory of this rank since reset_peak_memory: CUDA allocated on a GPU, resident set (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_kind": "cuda_allocated"}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return {"peak_memory_mb": int(line.split()[1]) / 1024, "peak_memory_kind": "rss"}
+    except OSError:
+        pass
+    return {}
 
 
 # ---------------------------------------------------------------- the round
@@ -347,11 +409,12 @@ def run(spec: TrainSpec) -> dict:
     tp = TrainPolicy.model_validate(spec.train)
     sp = SchedulePolicy.model_validate(spec.schedule)
     out = Path(spec.out_dir)
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    ddp, fsdp = distributed and tp.parallelism == "ddp", distributed and tp.parallelism == "fsdp"
     rank, world = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     main_proc = rank == 0
     device = resolve_device(tp.device)
@@ -400,28 +463,45 @@ def run(spec: TrainSpec) -> dict:
     ckpt = latest_checkpoint(ckpt_dir)
     mainline_in = Path(spec.mainline_in) if (sp.kind == "infinite" and spec.mainline_in) else None
     state_dir = ckpt or mainline_in
-    model = load_model(spec, tp, str(state_dir) if state_dir else None, device, param_dtype)
+    if state_dir and (saved_world := json.loads((state_dir / "state.json").read_text()).get("world_size", world)) != world:
+        raise SystemExit(
+            f"{state_dir} was written by {saved_world} ranks and this run has {world}: the data order and the LR schedule "
+            "depend on the world size, so a round resumes only with the world size it started with"
+        )
+    # fsdp: built from the parent, sharded, then the trainable weights and optimizer come from the DCP shards.
+    model = load_model(spec, tp, str(state_dir) if state_dir and not fsdp else None, device, param_dtype)
+    if tp.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if fsdp:
+        from daemon.jobs import sharding
+
+        sharding.shard(model, amp_dtype, tp.cpu_offload)
     opt = make_optimizer(model, tp, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None  # fp16's range needs loss scaling
     torch.manual_seed(spec.init_seed)  # before loading state, which restores the RNG of a resumed run
     global_step0, step, tokens = 0, 0, 0
     if mainline_in:
         global_step0 = json.loads((mainline_in / "state.json").read_text())["global_step"]
-    if state_dir:
+    if state_dir and fsdp:
+        sharding.load_sharded(state_dir / sharding.DCP_DIR, model, opt)
+        torch.set_rng_state(torch.load(state_dir / "resume" / f"rng-{rank}.pt", weights_only=True)["cpu_rng"])
+        st = json.loads((state_dir / "state.json").read_text())
+    elif state_dir:
         st = load_trainer_state(state_dir, opt, scaler)
-        if ckpt:
-            step, tokens = st["step"], st["tokens"]
+    if state_dir and ckpt:
+        step, tokens = st["step"], st["tokens"]
     init_from = "checkpoint" if ckpt else ("mainline" if mainline_in else "parent")
     if init_from == "parent" and tp.mode != "full" and _continuable_adapter(spec.adapter_in, tp):
         init_from = "adapter"
     opt_steps0 = max((int(s["step"]) for s in opt.state_dict()["state"].values()), default=0)
+    full0 = sharding.full_state_dict(model) if fsdp else None  # a collective: every rank gathers, rank 0 keeps it
     log(
         "start",
         round_id=spec.round_id,
         spec=spec.digest(),
         init_from=init_from,
         resumed_at=step,
-        init_digest=trainable_digest(model),
+        init_digest=trainable_digest(model, full0) if main_proc else None,
         optimizer_steps=opt_steps0,
         global_step0=global_step0,
         main_steps=main_steps,
@@ -435,6 +515,7 @@ def run(spec: TrainSpec) -> dict:
         mode=tp.mode,
         device=str(device),
         world_size=world,
+        parallelism=tp.parallelism if distributed else "none",
         precision=precision,
         parent_dtype=dtype_name(parent_dtype),
     )
@@ -446,14 +527,14 @@ def run(spec: TrainSpec) -> dict:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     fwd = torch.compile(model) if spec.compile else model
 
-    def autocast():  # noqa: ANN202
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    def autocast():  # noqa: ANN202 - fsdp casts through its MixedPrecisionPolicy instead
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None and not fsdp else nullcontext()
 
     params = [p for p in raw_model.parameters() if p.requires_grad]
     ckpt_dir.mkdir(exist_ok=True)
 
-    def evaluate(at: int) -> None:
-        if main_proc and (heldout["new"] or heldout["replay"]):
+    def evaluate(at: int) -> None:  # fsdp: every rank runs the forward (its collectives), rank 0 logs
+        if (main_proc or fsdp) and (heldout["new"] or heldout["replay"]):
             with autocast():
                 losses = {
                     f"loss_heldout_{k}": mean_token_loss(raw_model, tokenizer, v, max_len=tp.seq_len).mean_nll
@@ -469,23 +550,32 @@ def run(spec: TrainSpec) -> dict:
             "global_step": global_step0 + min(at, main_steps),
             "spec": spec.digest(),
             "round_id": spec.round_id,
+            "world_size": world,
         }
 
+    def save(dst: Path, at: int) -> None:
+        if fsdp:
+            save_sharded_state(dst, raw_model, opt, tp, {**state(at), "rank": rank}, parent, main_proc)
+        elif main_proc:
+            save_state(dst, raw_model, opt, scaler, tp, state(at), parent)
+
     def checkpoint(at: int) -> None:
+        save(ckpt_dir / f"step-{at:08d}", at)
         if main_proc:
-            save_state(ckpt_dir / f"step-{at:08d}", raw_model, opt, scaler, tp, state(at), parent)
             for old in sorted(ckpt_dir.glob("step-*"))[: -tp.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             log("checkpoint", step=at, path=str(ckpt_dir / f"step-{at:08d}"))
-        if ddp:
+        if distributed:
             torch.distributed.barrier()
 
     if step == 0:
         evaluate(0)
     model.train()
+    reset_peak_memory(device)  # the figure in `done` is what training holds, not the load
+    train_peak: dict = {}
     while step < total_steps:
-        if sp.kind == "infinite" and step == main_steps and main_proc and not (out / "mainline" / "state.json").exists():
-            save_state(out / "mainline", raw_model, opt, scaler, tp, state(step), parent)
+        if sp.kind == "infinite" and step == main_steps and (main_proc or fsdp) and not (out / "mainline" / "state.json").exists():
+            save(out / "mainline", step)
             log("mainline", path=str(out / "mainline"), global_step=global_step0 + main_steps)
         lr, phase = round_lr(sp, step, main_steps, global_step0)
         for g in opt.param_groups:
@@ -500,8 +590,11 @@ def run(spec: TrainSpec) -> dict:
         for m in range(tp.grad_accum):
             b = mine[m * tp.micro_batch_size : (m + 1) * tp.micro_batch_size]
             x, p, y = ids[b].to(device), pos[b].to(device), tgt[b].to(device)
-            sync = nullcontext() if (not ddp or m == tp.grad_accum - 1) else model.no_sync()
-            with sync:  # DDP all-reduces gradients only on the last micro-batch
+            last = m == tp.grad_accum - 1
+            if fsdp:
+                model.set_requires_gradient_sync(last)
+            sync = nullcontext() if (not ddp or last) else model.no_sync()
+            with sync:  # DDP and FSDP reduce gradients only on the last micro-batch
                 with autocast():
                     logits = packed_logits(fwd, x, p)
                 loss = F.cross_entropy(
@@ -512,7 +605,8 @@ def run(spec: TrainSpec) -> dict:
             loss_sum += float(loss.detach())
         if scaler is not None:
             scaler.unscale_(opt)  # clip the true gradients; a step with inf/nan gradients is skipped by scaler.step
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tp.grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, tp.grad_clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # fsdp: a DTensor
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -533,6 +627,8 @@ def run(spec: TrainSpec) -> dict:
             grad_norm=grad_norm,
             tokens_per_s=n_tgt * world / dt,
         )
+        if step == total_steps:
+            train_peak = {**peak_memory(device), "state_mb": state_megabytes(raw_model, opt)}  # before the final gather
         if step % tp.eval_interval == 0 or step in (main_steps, total_steps):
             evaluate(step)
         if step % tp.checkpoint_interval == 0 or step in (main_steps, total_steps):
@@ -551,17 +647,22 @@ def run(spec: TrainSpec) -> dict:
         "mode": tp.mode,
         "precision": precision,
         "dtype": dtype_name(parent_dtype),  # what final/, checkpoints and the main line are written in
+        "parallelism": tp.parallelism if distributed else "none",
+        "world_size": world,
+        **train_peak,  # rank 0's, over the training steps (ranks are symmetric)
     }
+    full = sharding.full_state_dict(raw_model) if fsdp else None  # consolidated once, on rank 0
     if main_proc:
         for d in ("final", "final.tmp"):
             shutil.rmtree(out / d, ignore_errors=True)
-        save_weights(out / "final.tmp", raw_model, tp, parent)
+        save_weights(out / "final.tmp", raw_model, tp, parent, full)
         os.replace(out / "final.tmp", out / "final")
         if sp.kind == "infinite" and not (out / "mainline" / "state.json").exists():  # an anneal of 0 steps cannot happen, but be sure
             raise RuntimeError("main line was not saved")
         (out / "result.json").write_text(json.dumps(result, indent=1))
         log("done", **result)
-    if ddp:
+    if distributed:
+        torch.distributed.barrier()  # no rank exits (and tears the group down) while rank 0 still writes
         torch.distributed.destroy_process_group()
     return result
 

@@ -1,0 +1,79 @@
+"""FSDP2 for the trainer (`train.parallelism: fsdp`): sharding, sharded checkpoints, consolidated weights.
+
+Why: full-weight CPT of a 7-8B model needs 12-16 bytes per parameter of
+training state, more than one 80 GB GPU holds, and DDP keeps all of it on
+every rank. FSDP2 (`fully_shard`) splits parameters, gradients and AdamW state
+across ranks, one unit per decoder layer plus the root, the way torchtitan
+wraps its models. Mid-round state is written with torch.distributed.checkpoint
+(each rank its own shard, fp32 masters and optimizer state, so a resume is
+exact); the weights vLLM and the evaluator read are gathered once per
+checkpoint into an ordinary Hugging Face directory in the parent's dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+DCP_DIR = "resume/dcp"  # inside a checkpoint / main-line directory, beside the consolidated weights
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks: Hugging Face names their classes *DecoderLayer (Llama, Mistral, Qwen, Gemma...)."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no *DecoderLayer modules to shard")
+    return layers
+
+
+def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None, cpu_offload: bool) -> torch.nn.Module:
+    """fully_shard each decoder layer, then the root. Compute in `compute_dtype` (bf16-mixed), gradients reduced
+    in fp32, fp32 masters kept sharded; optionally all of it in CPU memory."""
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
+    kw: dict = {"mp_policy": mp}
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def _trainable(model: torch.nn.Module) -> dict:
+    """The sharded state dict of the trainable parameters (LoRA: the adapter only; the frozen base is the parent's)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in get_model_state_dict(model).items() if k in names}
+
+
+def save_sharded(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Every rank writes its shard of the trainable parameters (fp32) and of the optimizer state."""
+    dcp.save({"model": _trainable(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(path))
+
+
+def load_sharded(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Load what save_sharded wrote into an already sharded model and its optimizer (same world size)."""
+    state = {"model": _trainable(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The whole model, gathered on rank 0 in CPU memory (other ranks get {}); a collective: every rank calls it."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
