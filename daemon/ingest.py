@@ -416,7 +416,7 @@ class Ingestor:
                 if isinstance(parsed, Malformed):
                     dead.append((m, "dead_lettered", parsed.reason, parsed.detail, []))
                     continue
-                verdict = judge(parsed.text, self.filters)
+                verdict = judge(parsed.text, self.filters, lang=parsed.lang)  # used when the policy trusts `lang`
             except Exception as e:  # noqa: BLE001 - one message's failure must not stop ingest
                 dead.append(self._internal_error(m, "parse/filter", e))
                 continue
