@@ -256,6 +256,12 @@ def test_ingest_end_to_end_over_tls_with_acl_user(tmp_path: Path, tls_kafka: Tls
     assert (code, why) == (200, "ok")
     st = proc.status()
     assert st["counts"]["total"] == len(msgs) and st["ingest"]["kafka"] == f"SSL {bootstrap}"
+    # the operator's pause reaches the ingest loop built after the HTTP server started
+    auth = {"Authorization": "Bearer test-token"}
+    assert httpx.post(f"http://127.0.0.1:{proc.port}/ingest/pause", headers=auth, timeout=10).status_code == 200
+    wait_for(lambda: proc.status()["ingest"]["paused"] == "operator", 30, "ingest paused by the operator", 0.2, proc.proc)
+    assert httpx.post(f"http://127.0.0.1:{proc.port}/ingest/resume", headers=auth, timeout=10).status_code == 200
+    wait_for(lambda: proc.status()["ingest"]["paused"] is None, 30, "ingest resumed", 0.2, proc.proc)
     _no_secret(proc, PASSWORD)
     assert proc.kill(signal.SIGTERM) == 0
 
