@@ -195,9 +195,35 @@ def diagnose(conn: KafkaConnection, timeout: float = 5.0) -> str:
         return f"cannot connect to {first}: {e.strerror or e}"
 
 
+def _closing_on_failure(cls: type, **kw: Any) -> Any:
+    """`cls(**kw)`, closing the network client it made when the constructor raises.
+
+    kafka-python 3.0 starts its IO thread before the eager bootstrap, and a constructor that fails (broker
+    unreachable, authentication refused) leaves that thread running: one leaked thread per retry. The
+    `kafka_client` factory hook lets us close what was built.
+    """
+    made: list[Any] = []
+    default = cls.DEFAULT_CONFIG["kafka_client"]  # type: ignore[attr-defined]
+
+    def factory(**cfg: Any) -> Any:
+        made.append(default(**cfg))
+        return made[-1]
+
+    try:
+        return cls(**kw, kafka_client=factory)
+    except BaseException:
+        for client in made:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001, S110 - best effort: the constructor's error is the one to report
+                pass
+        raise
+
+
 def make_consumer(bootstrap: KafkaConnection | str, ingest: IngestPolicy, client_id: str = "cptd-ingest") -> KafkaConsumer:
     """A group consumer that never commits on its own: offsets move only after Redis has the batch."""
-    return KafkaConsumer(
+    return _closing_on_failure(
+        KafkaConsumer,
         **kafka_client_config(bootstrap),
         group_id=ingest.group_id,
         client_id=client_id,
@@ -223,7 +249,8 @@ def make_dead_letter_producer(
     producer holds a few of them.
     """
     record_max = max_message_bytes + DEAD_LETTER_HEADROOM
-    return KafkaProducer(
+    return _closing_on_failure(
+        KafkaProducer,
         **kafka_client_config(bootstrap),
         client_id=client_id,
         acks="all",

@@ -158,7 +158,11 @@ class Ingestor:
         return_large_buffers_to_the_os()
         self._use_policy(policy)
         self.consumer: KafkaConsumer = make_consumer(bootstrap, policy.ingest, client_id)
-        self.producer: KafkaProducer = make_dead_letter_producer(bootstrap, policy.ingest.max_message_bytes, client_id + "-dlq")
+        try:
+            self.producer: KafkaProducer = make_dead_letter_producer(bootstrap, policy.ingest.max_message_bytes, client_id + "-dlq")
+        except BaseException:
+            self.consumer.close()  # the caller retries: leave no client (and IO thread) behind
+            raise
         self.state = IngestState()
         self.operator_paused = threading.Event()
         self.owner = uuid.uuid4().hex  # names this process in the crash-loop guard's in-flight markers
@@ -404,7 +408,7 @@ class Ingestor:
         pol = self.policy
         items: list[BatchItem] = []
         dead: list[Dead] = []
-        candidates: list[tuple[Any, Document, str]] = []
+        candidates: list[tuple[Any, Document, str, str | None]] = []  # message, document, text, language
         for m in msgs:
             if _key(m) in forced:
                 reason, detail = forced[_key(m)]
@@ -426,9 +430,9 @@ class Ingestor:
                 items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", verdict.reason or "rejected"))
                 continue
             text = verdict.text or parsed.text  # the C4-cleaned text when the C4 rules ran
-            candidates.append((m, parsed, text))
+            candidates.append((m, parsed, text, verdict.language))
         now = time.time()
-        for (m, d, text), dk in zip(candidates, self._dedup_keys([t for _, _, t in candidates]), strict=True):
+        for (m, d, text, language), dk in zip(candidates, self._dedup_keys([c[2] for c in candidates]), strict=True):
             try:
                 if isinstance(dk, Exception):
                     raise dk
@@ -440,6 +444,7 @@ class Ingestor:
                     "id": d.id,
                     "source": d.source,
                     "lang": d.lang,
+                    "language": language,  # as the language rule saw it (detected, or the trusted `lang`)
                     "ts": d.ts,
                     "meta": d.meta,
                     "bytes": nbytes,

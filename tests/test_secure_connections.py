@@ -125,6 +125,40 @@ def test_settings_from_env_keep_secrets_masked(monkeypatch, tmp_path: Path, pki:
         Settings()
 
 
+def test_a_failed_client_construction_leaves_no_thread_behind():
+    """The daemon retries building its Kafka clients; kafka-python's IO thread of a failed attempt must not pile up."""
+    import socket
+
+    from connectors.kafka import KafkaConsumer, KafkaProducer, _closing_on_failure
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def refuse() -> None:  # accepts TCP, speaks no Kafka: the bootstrap times out
+        while not stop.is_set():
+            try:
+                srv.accept()[0].close()
+            except OSError:
+                pass
+
+    t = threading.Thread(target=refuse, daemon=True)
+    t.start()
+    before = {x.ident for x in threading.enumerate()}
+    try:
+        for cls in (KafkaConsumer, KafkaProducer):
+            with pytest.raises(Exception, match="bootstrap"):
+                _closing_on_failure(cls, bootstrap_servers=f"127.0.0.1:{srv.getsockname()[1]}", bootstrap_timeout_ms=800)
+        time.sleep(0.5)
+        assert [x.name for x in threading.enumerate() if x.ident not in before] == []
+    finally:
+        stop.set()
+        t.join()
+        srv.close()
+
+
 def test_the_acl_names_every_command_cptd_sends():
     """ACL_COMMANDS (what docs/kubernetes.md gives the Redis user) covers the Lua scripts and the client calls."""
     lua = "".join(p.read_text() for p in (REPO / "connectors" / "lua").glob("*.lua"))
