@@ -11,7 +11,7 @@ import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     train_launcher: str = Field(default="subprocess", description="CPTD_TRAIN_LAUNCHER: subprocess | torchrun:N (kubernetes-job: not yet)")
     train_cpu_threads: int = Field(default=0, description="CPTD_TRAIN_CPU_THREADS; torch threads of a CPU trainer (0 = torch default)")
     pod_name: str | None = Field(default=None, validation_alias="POD_NAME", description="POD_NAME; names this daemon as lease holder")
+
+    @model_validator(mode="after")
+    def _kafka_settings_fit_together(self) -> Settings:
+        self.kafka()  # a SASL protocol without a mechanism or credentials, a cert without its key: refused at start, named
+        return self
 
     def base_checkpoint_path(self) -> Path:
         return self.base_checkpoint or self.checkpoint_dir / "base"

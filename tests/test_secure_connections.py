@@ -123,6 +123,10 @@ def test_settings_from_env_keep_secrets_masked(monkeypatch, tmp_path: Path, pki:
     monkeypatch.setenv("CPTD_KAFKA_SECURITY_PROTOCOL", "TLS")
     with pytest.raises(ValueError, match="kafka_security_protocol"):
         Settings()
+    monkeypatch.setenv("CPTD_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.delenv("CPTD_KAFKA_SASL_MECHANISM")
+    with pytest.raises(ValueError, match="needs a SASL mechanism"):
+        Settings()
 
 
 def test_a_failed_client_construction_leaves_no_thread_behind():
