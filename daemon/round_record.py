@@ -106,6 +106,18 @@ class DriftRecord(Part):
     warmup_frac: float
 
 
+class LanguageMixRecord(Part):
+    """Byte shares per language (detected at ingest; "unknown" where the language rule did not run)."""
+
+    targets: dict[str, float] = Field(default_factory=dict)  # policy language_mix.targets (share of the mixture)
+    new: dict[str, float] = Field(default_factory=dict)  # the round's new training documents
+    replay_available: dict[str, float] = Field(default_factory=dict)  # the replay reservoir's training half
+    replay_wanted: dict[str, float] = Field(default_factory=dict)  # what the targets asked of the replay draw ("*": the rest)
+    replay: dict[str, float] = Field(default_factory=dict)  # what the trainer's replay file holds
+    mixture: dict[str, float] = Field(default_factory=dict)  # estimated shares of the training tokens, new + replay
+    replay_docs: int = 0
+
+
 class TrainProgress(Part):
     total_steps: int | None = None
     main_steps: int | None = None
@@ -239,6 +251,7 @@ class RoundRecord(Part):
     drift: DriftRecord | None = None
     drift_error: str | None = None
     replay_ratio: float | None = None
+    language_mix: LanguageMixRecord | None = None
     schedule: dict[str, Any] | None = None  # the SchedulePolicy after drift adjustments
     train: TrainRecord | None = None
     eval_progress: EvalProgress | None = None

@@ -57,6 +57,7 @@ from daemon.round_record import (
     EvalProgress,
     EvalSummary,
     GateRecord,
+    LanguageMixRecord,
     ModelLosses,
     OffsetRange,
     Parent,
@@ -74,6 +75,7 @@ from daemon.settings import Settings
 from policies.config import Policy, policy_hash
 from policies.drift import DriftStats, adjust_for_drift, apply_to_schedule, drift_score
 from policies.gates import GateDecision, gate_round
+from policies.language_mix import draw_by_language, replay_shares, shares
 from policies.replay import reservoir_slot
 from policies.round_policy import blackout_match, estimate_tokens, next_swap_allowed, prune_rounds, should_start, split_heldout
 
@@ -461,6 +463,7 @@ class RoundRunner:
         )
         rec.drift = DriftRecord.model_validate(decision.to_record())
         rec.replay_ratio = decision.replay_ratio if replay_train else 0.0
+        rec.language_mix = self._language_mix(pol, [docs[k] for k in train_keys], replay_train, replay_docs, rec.replay_ratio, data)
         rec.schedule = schedule.model_dump(mode="json")
         if decision.score is not None:
             M.DRIFT_SCORE.labels(statistic="score").set(decision.score)
@@ -470,6 +473,38 @@ class RoundRunner:
                 M.DRIFT_SCORE.labels(statistic="fertility_ratio").set(decision.stats.fertility_ratio)
         M.REPLAY_RATIO.set(rec.replay_ratio)
         self._enter(rec, RoundState.TRAINING)
+
+    def _language_mix(
+        self, pol: Policy, new: list[dict[str, Any]], replay_keys: list[str], replay_docs: dict[str, Any], ratio: float, data: Path
+    ) -> LanguageMixRecord:
+        """Language shares of the round; with targets, the replay the trainer reads is redrawn towards them."""
+
+        def sizes(docs: list[dict[str, Any]]) -> dict[str, float]:
+            out: dict[str, float] = {}
+            for d in docs:
+                lang = d.get("language") or "unknown"
+                out[lang] = out.get(lang, 0.0) + d["bytes"]
+            return out
+
+        pool = [replay_docs[k] for k in replay_keys if k in replay_docs]
+        new_sizes = sizes(new)
+        wanted = replay_shares(new_sizes, ratio, pol.language_mix.targets)
+        drawn = draw_by_language(pool, wanted) if wanted else pool
+        if wanted:
+            _write_jsonl(data / "replay.jsonl", [{"text": d["text"]} for d in drawn])
+        n, r = sum(new_sizes.values()), sum(d["bytes"] for d in drawn)
+        mixture = {lang: (1 - ratio) * x for lang, x in shares(new_sizes).items()}
+        for lang, x in shares(sizes(drawn)).items():
+            mixture[lang] = mixture.get(lang, 0.0) + ratio * x
+        return LanguageMixRecord(
+            targets=dict(pol.language_mix.targets),
+            new=shares(new_sizes),
+            replay_available=shares(sizes(pool)),
+            replay_wanted=wanted,
+            replay=shares(sizes(drawn)),
+            mixture=dict(sorted(mixture.items())) if n and r else shares(new_sizes),
+            replay_docs=len(drawn),
+        )
 
     def _docs_with_keys(self, keys: list[str]) -> list[dict[str, Any]]:
         out = []

@@ -21,6 +21,7 @@ from policies.base import Section
 from policies.dedup import DedupPolicy
 from policies.drift import DriftPolicy
 from policies.gates import GatePolicy
+from policies.language_mix import LanguageMixPolicy
 from policies.lr_schedule import SchedulePolicy
 from policies.quality import QualityPolicy
 from policies.replay import ReplayPolicy
@@ -74,6 +75,7 @@ class Policy(Section):
     gates: GatePolicy = GatePolicy()
     schedule: SchedulePolicy = SchedulePolicy()
     replay: ReplayPolicy = ReplayPolicy()
+    language_mix: LanguageMixPolicy = LanguageMixPolicy()
     drift: DriftPolicy = DriftPolicy()
     train: TrainPolicy = TrainPolicy()
     rounds: RoundsPolicy = RoundsPolicy()

@@ -254,6 +254,7 @@ class Verdict:
     accepted: bool
     reason: str | None = None
     text: str | None = None  # the C4-cleaned text of an accepted document (see module docstring)
+    language: str | None = None  # detected (or trusted `lang` field) when the language rule ran
 
 
 # --------------------------------------------------------------------------- words
@@ -1103,8 +1104,8 @@ def judge(text: str, filters: list[Filter], lang: str | None = None) -> Verdict:
     doc = Doc(text, lang, getattr(filters, "profile_of", None))
     for f in filters:
         if f.fails(doc):
-            return Verdict(False, f.reason)
-    return Verdict(True, None, doc.cleaned)
+            return Verdict(False, f.reason, language=doc.memo.get("lang", (None,))[0])
+    return Verdict(True, None, doc.cleaned, language=doc.memo.get("lang", (None,))[0])
 
 
 def _all_reasons() -> tuple[str, ...]:

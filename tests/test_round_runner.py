@@ -228,6 +228,8 @@ def test_documents_from_kafka_are_trained_into_a_deployed_round(deployment):
     assert rec["train"]["result"]["dtype"] == "bfloat16" and rec["train"]["result"]["precision"] == "bf16-mixed"
     assert 0 < rec["snapshot"]["heldout_docs"] < len(buffered)
     assert rec["replay_ratio"] == pytest.approx(0.2)
+    mix = rec["language_mix"]  # the language rule tagged every English document at ingest
+    assert mix["new"] == {"en": 1.0} and mix["replay_docs"] > 0 and sum(mix["mixture"].values()) == pytest.approx(1.0)
 
     # vLLM serves what the daemon says; the buffer is drained into the replay reservoir.
     assert served_version(dep.vllm) == rid
