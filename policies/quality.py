@@ -64,7 +64,7 @@ import re
 import string
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any
 
@@ -254,7 +254,8 @@ class Verdict:
     accepted: bool
     reason: str | None = None
     text: str | None = None  # the C4-cleaned text of an accepted document (see module docstring)
-    language: str | None = None  # detected (or trusted `lang` field) when the language rule ran
+    # Detected (or the trusted `lang` field) when the language rule ran: what a round mixes by, not part of the verdict.
+    language: str | None = field(default=None, compare=False)
 
 
 # --------------------------------------------------------------------------- words
