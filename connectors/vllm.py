@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import ssl
 import time
@@ -237,7 +236,7 @@ class ServingConfig:
     api_key: str | None = field(default=None, repr=False)  # vLLM --api-key / VLLM_API_KEY; sent as a bearer token
     # CA bundle for https replica URLs (httpx verify=), else the system CAs. Defaults to CPTD_VLLM_CA_FILE so every
     # ServingConfig the daemon builds trusts the deployment's CA without each caller passing it.
-    ca_file: str | None = field(default_factory=lambda: os.environ.get("CPTD_VLLM_CA_FILE") or None)
+    ca_file: str | None = None  # CA bundle for https replica URLs (the daemon passes CPTD_VLLM_CA_FILE)
 
 
 # --------------------------------------------------------------------------- checkpoint validation

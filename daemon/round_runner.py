@@ -287,7 +287,10 @@ class RoundRunner:
         state = ServingState.from_json(raw) if raw else ServingState()
         if self.serving is not None:
             self.serving.close()
-        cfg = ServingConfig(api_key=self.settings.vllm_api_key.get_secret_value() if self.settings.vllm_api_key else None)
+        cfg = ServingConfig(
+            api_key=self.settings.vllm_api_key.get_secret_value() if self.settings.vllm_api_key else None,
+            ca_file=str(self.settings.vllm_ca_file) if self.settings.vllm_ca_file else None,
+        )
         self.serving = ServingController(self.urls, state, on_state=self._save_serving, config=cfg, metrics=M)
         if state.desired_version is None:
             base = str(self.settings.base_checkpoint_path().resolve())

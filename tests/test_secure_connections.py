@@ -119,7 +119,7 @@ def test_settings_from_env_keep_secrets_masked(monkeypatch, tmp_path: Path, pki:
     assert isinstance(s.vllm_verify(), ssl.SSLContext)
     store = RedisStore(connect(s.redis_url.get_secret_value(), **s.redis_options()), "n")
     assert store.where() == "rediss://redis:6379/0"
-    assert ServingConfig().ca_file == str(tmp_path / "ca.crt")
+    assert s.vllm_ca_file == tmp_path / "ca.crt"  # the round runner hands it to ServingConfig(ca_file=...)
     monkeypatch.setenv("CPTD_KAFKA_SECURITY_PROTOCOL", "TLS")
     with pytest.raises(ValueError, match="kafka_security_protocol"):
         Settings()
