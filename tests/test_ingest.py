@@ -294,11 +294,10 @@ def _hwm_kb(pid: int) -> int:
 
 
 def test_100_oversize_messages_of_5mb_keep_ingest_rss_flat(setup, ingest_procs, redis_url, bootstrap, topics):
-    # What ingest holds is a few fetches' worth (kafka-python keeps the next fetch while a batch is processed, and
-    # tansu returns about two 5 MB records per fetch whatever the partition limit), so the bound follows
-    # ingest.fetch_max_bytes: at its 1 MiB minimum, growth stays well under 100 MB; at the 16 MiB default it
-    # measured 50-134 MB on a loaded 2-core box.
-    policy_path, policy, store = setup(partitions=1, ingest={"batch_max_docs": 20, "fetch_max_bytes": 1_048_576})
+    # The default ingest.fetch_max_bytes (4 MiB): what ingest holds is a few fetches' worth, and the heap pages of a
+    # batch of large messages go back to the OS after it (daemon.ingest.release_freed_memory).
+    policy_path, policy, store = setup(partitions=1, ingest={"batch_max_docs": 20})
+    assert policy.ingest.fetch_max_bytes == 4 * 1_048_576
     proc = ingest_procs(policy_path, redis_url, bootstrap)
     warm = [t.encode() for t in good_docs(20, policy, seed=19)]
     produce(bootstrap, topics["docs"], warm)
