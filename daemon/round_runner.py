@@ -592,11 +592,18 @@ class RoundRunner:
                 "daemon.jobs.trainer",
                 str(spec_path),
             ]
+        elif launcher == "kubernetes":
+            cmd = []
         else:
-            raise RoundFailed(f"TRAINING: launcher {launcher!r} is not supported by this version (use subprocess or torchrun:N)")
+            raise RoundFailed(
+                f"TRAINING: launcher {launcher!r} is not supported by this version (use subprocess, torchrun:N or kubernetes)"
+            )
         progress = Path(spec.out_dir) / "progress.jsonl"
         follower = _ProgressFollower(progress, rec, self)
-        rc = self._child(cmd, rd / "train.log", rec, timeout=None, on_tick=follower.tick)
+        if launcher == "kubernetes":
+            rc = self._kubernetes_training(rec, spec_path, follower)
+        else:
+            rc = self._child(cmd, rd / "train.log", rec, timeout=None, on_tick=follower.tick)
         follower.tick(final=True)
         result_file = Path(spec.out_dir) / "result.json"
         if rc != 0 or not result_file.exists():
@@ -833,6 +840,62 @@ class RoundRunner:
         return score
 
     # ------------------------------------------------------------------ children
+    def _kubernetes_training(self, rec: RoundRecord, spec_path: Path, follower: _ProgressFollower) -> int:
+        """CPTD_TRAIN_LAUNCHER=kubernetes: create or re-attach to the round's workload, poll it to its end.
+
+        Progress comes from OUT/progress.jsonl on the shared volume, as for a child. Stop and lease loss leave the
+        workload running (the next leader re-attaches by name); cancel deletes it. Returns 0 once the workload is
+        Complete and OUT/result.json is there; raises RoundFailed with the workload's and the pods' causes otherwise."""
+        from connectors.kubernetes_jobs import KubernetesLauncher, KubernetesLaunchError, WorkloadSpec, current_namespace, template_shape
+
+        assert rec.train is not None
+        s = self.settings
+        ns = s.train_namespace or current_namespace()
+        try:
+            kl = KubernetesLauncher(getattr(self, "kube_api_client", None))
+            template = kl.load_template(s.train_job_template, ns)
+            nodes, gpus = template_shape(template)
+            ws = WorkloadSpec(
+                rec.id, 1, ns, str(spec_path), rec.train.spec_digest, template, s.train_workload, nodes, gpus, s.train_runtime
+            )
+            created = kl.ensure(ws)
+        except KubernetesLaunchError as e:
+            raise RoundFailed(f"TRAINING: {e}") from e
+        log.info("training workload " + ("created" if created else "re-attached"), extra={"round": rec.id, "workload": ws.name})
+        result = Path(rec.train.out_dir) / "result.json"
+        last_poll, done_at, api_ok = 0.0, None, time.monotonic()
+        while True:
+            follower.tick()
+            if self.fence is None or self._stop.is_set():
+                raise Stop("lease lost" if self.fence is None else "stopping")  # the workload runs on; re-attached later
+            if self.store.cancel_requested(rec.id):
+                kl.delete(ws)
+                raise RoundFailed("cancelled by operator", requeue=True)
+            now = time.monotonic()
+            if now - last_poll >= s.train_poll_s:
+                last_poll = now
+                try:
+                    st = kl.status(ws)
+                    api_ok = now
+                except Exception as e:  # an API hiccup is not a failed round; five minutes of them are
+                    if now - api_ok > 300:
+                        raise RoundFailed(f"TRAINING: {ws.kind} {ws.name}: Kubernetes API unreachable for 300 s: {e}") from e
+                    log.warning("workload status not readable", extra={"workload": ws.name, "error": str(e)})
+                    st = None
+                if st is not None and st.phase == "failed":
+                    kl.delete_service(ws)  # the Job stays for `kubectl logs` until its TTL
+                    raise RoundFailed(f"TRAINING: {ws.kind} {ws.name} failed: {st.failure()}")
+                if st is not None and st.phase == "missing":
+                    raise RoundFailed(f"TRAINING: {ws.kind} {ws.name} disappeared before it completed (deleted by hand or by its TTL)")
+                if st is not None and st.phase == "succeeded":
+                    if result.exists():
+                        kl.delete(ws)
+                        return 0
+                    done_at = done_at or now  # a shared volume may show the file a little later than the API the Job
+                    if now - done_at > 60:
+                        raise RoundFailed(f"TRAINING: {ws.kind} {ws.name} completed but {result} is missing")
+            self._stop.wait(min(1.0, s.train_poll_s))
+
     def _child(
         self,
         cmd: list[str],

@@ -69,9 +69,28 @@ class Settings(BaseSettings):
     )
     vllm_api_key: SecretStr | None = Field(default=None, description="CPTD_VLLM_API_KEY; vLLM's --api-key")
     vllm_ca_file: Path | None = Field(default=None, description="CPTD_VLLM_CA_FILE; CA bundle for https replica URLs")
-    train_launcher: str = Field(default="subprocess", description="CPTD_TRAIN_LAUNCHER: subprocess | torchrun:N (kubernetes-job: not yet)")
+    train_launcher: str = Field(default="subprocess", description="CPTD_TRAIN_LAUNCHER: subprocess | torchrun:N | kubernetes")
+    # --- CPTD_TRAIN_LAUNCHER=kubernetes (docs/kubernetes.md, connectors/kubernetes_jobs.py) ---
+    train_workload: Literal["job", "trainjob"] = Field(
+        default="job", description="CPTD_TRAIN_WORKLOAD: job (an Indexed Job + headless Service) | trainjob (Kubeflow Trainer TrainJob)"
+    )
+    train_namespace: str | None = Field(default=None, description="CPTD_TRAIN_NAMESPACE; default: the daemon's own (POD_NAMESPACE)")
+    train_job_template: str = Field(
+        default="cptd-train-template", description="CPTD_TRAIN_JOB_TEMPLATE; the suspended CronJob whose jobTemplate the workloads copy"
+    )
+    train_runtime: str = Field(default="torch-distributed", description="CPTD_TRAIN_RUNTIME; the TrainJob's runtimeRef (trainjob only)")
+    train_poll_s: float = Field(default=5.0, gt=0, description="CPTD_TRAIN_POLL_S; seconds between workload status reads")
     train_cpu_threads: int = Field(default=0, description="CPTD_TRAIN_CPU_THREADS; torch threads of a CPU trainer (0 = torch default)")
     pod_name: str | None = Field(default=None, validation_alias="POD_NAME", description="POD_NAME; names this daemon as lease holder")
+
+    @model_validator(mode="after")
+    def _train_launcher_supported(self) -> Settings:
+        ok = self.train_launcher in ("subprocess", "process", "kubernetes") or (
+            self.train_launcher.startswith("torchrun:") and self.train_launcher[9:].isdigit() and int(self.train_launcher[9:]) > 0
+        )
+        if not ok:
+            raise ValueError(f"CPTD_TRAIN_LAUNCHER={self.train_launcher!r} is not supported: use subprocess, torchrun:N or kubernetes")
+        return self
 
     @model_validator(mode="after")
     def _kafka_settings_fit_together(self) -> Settings:
