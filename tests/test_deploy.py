@@ -653,7 +653,7 @@ def test_overlays_differ_where_they_should():
     # multi-gpu: two GPU-less daemons (leader lease), Job launcher with a token and a namespaced Role.
     assert d2["spec"]["replicas"] == 2
     assert "nvidia.com/gpu" not in d2["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert env2["CPTD_TRAIN_LAUNCHER"] == "kubernetes-job"
+    assert env2["CPTD_TRAIN_LAUNCHER"] == "kubernetes" and env2["CPTD_TRAIN_WORKLOAD"] == "job"
     assert by_kind(multi, "PodDisruptionBudget")["cptd-daemon"]["spec"]["minAvailable"] == 1
     template = by_kind(multi, "CronJob")[env2["CPTD_TRAIN_JOB_TEMPLATE"]]
     assert template["spec"]["suspend"] is True
@@ -663,11 +663,44 @@ def test_overlays_differ_where_they_should():
     assert trainer["command"][0] == "torchrun" and trainer["command"][-2:] == ["-m", "daemon.jobs.trainer"]
     nproc = int(re.search(r"--nproc-per-node=(\d+)", " ".join(trainer["command"])).group(1))
     assert trainer["resources"]["limits"]["nvidia.com/gpu"] == str(nproc)
-    assert trainer["args"][0].endswith("spec.json")
+    assert trainer["args"][0].endswith("spec.json") and trainer["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert trainer["image"] == d2["spec"]["template"]["spec"]["containers"][0]["image"], "trainer and daemon share the image"
     vllm2 = by_kind(multi, "Deployment")["cptd-vllm"]["spec"]["template"]["spec"]["containers"][0]
     tp = {e["name"]: e.get("value") for e in vllm2["env"]}["VLLM_TENSOR_PARALLEL_SIZE"]
     assert vllm2["resources"]["limits"]["nvidia.com/gpu"] == tp == "2"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_daemon_launcher_is_supported_by_this_version(overlay, monkeypatch):
+    """The settings validator accepts the daemon's rendered environment (its launcher above all)."""
+    from daemon.settings import Settings
+
+    c = by_kind(build(overlay), "Deployment")["cptd-daemon"]["spec"]["template"]["spec"]["containers"][0]
+    for e in c["env"]:
+        if e["name"].startswith("CPTD_") and "value" in e:
+            monkeypatch.setenv(e["name"], e["value"])
+    monkeypatch.setenv("CPTD_KAFKA_SASL_PASSWORD", "x")  # the rendered file path is not there outside the pod
+    monkeypatch.delenv("CPTD_KAFKA_SASL_PASSWORD_FILE", raising=False)
+    s = Settings()
+    assert s.train_launcher == {"single-gpu": "subprocess", "multi-gpu": "kubernetes"}[overlay]
+
+
+def test_training_job_from_the_template_validates():
+    """What the launcher creates from the rendered template: Indexed Job + headless Service, schema-valid."""
+    from connectors.kubernetes_jobs import WorkloadSpec, job_manifest, service_manifest, template_shape
+
+    docs = build("multi-gpu")
+    tpl = by_kind(docs, "CronJob")["cptd-train-template"]["spec"]["jobTemplate"]
+    nodes, gpus = template_shape(tpl)
+    assert (nodes, gpus) == (1, 4)
+    for n in (nodes, 2):
+        spec = WorkloadSpec("r00012", 1, "cptd", "/checkpoints/rounds/r00012/train-spec.json", "d", tpl, "job", n, gpus)
+        job = job_manifest(spec)
+        for obj in (job, service_manifest(spec, "uid-1")):
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        pod = job["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == "cptd-trainer" and pod["containers"][0]["image"].startswith("ghcr.io/example/cptd")
+        assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == n
 
 
 def test_daemon_rbac_is_least_privilege():
@@ -677,11 +710,12 @@ def test_daemon_rbac_is_least_privilege():
     rules = {(r["apiGroups"][0], r["resources"][0]): r for r in role["rules"]}
     for r in role["rules"]:
         assert "*" not in r["verbs"] and "*" not in r["resources"] and len(r["resources"]) == 1
-    assert set(rules[("batch", "jobs")]["verbs"]) == {"create", "get", "list", "watch", "delete"}
+    # exactly what connectors/kubernetes_jobs.py calls (Indexed Job workload)
+    assert set(rules[("batch", "jobs")]["verbs"]) == {"create", "get", "delete"}
+    assert set(rules[("", "services")]["verbs"]) == {"create", "get", "delete"}
     assert rules[("batch", "cronjobs")]["verbs"] == ["get"] and rules[("batch", "cronjobs")]["resourceNames"] == ["cptd-train-template"]
-    assert rules[("", "pods/log")]["verbs"] == ["get"]
-    assert set(rules[("", "pods")]["verbs"]) == {"get", "list", "watch"}
-    assert set(rules) == {("batch", "jobs"), ("batch", "cronjobs"), ("", "pods"), ("", "pods/log")}
+    assert rules[("", "pods")]["verbs"] == ["list"]
+    assert set(rules) == {("batch", "jobs"), ("batch", "cronjobs"), ("", "services"), ("", "pods")}
     binding = by_kind(docs, "RoleBinding")["cptd-train-launcher"]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cptd-train-launcher"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cptd-daemon", "namespace": "cptd"}]
