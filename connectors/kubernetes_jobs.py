@@ -329,7 +329,9 @@ class KubernetesLauncher:
     def failed_pods(self, spec: WorkloadSpec, limit: int = 3) -> tuple[str, ...]:
         """What the failed pods said: exit code, reason and termination message (the log tail, FallbackToLogsOnError)."""
         try:
-            pods = self.core.list_namespaced_pod(spec.namespace, label_selector=f"{LABEL_WORKLOAD}={spec.name}")
+            # a TrainJob's pods are its JobSet's (Kubeflow Trainer names the JobSet after the TrainJob)
+            sel = f"jobset.sigs.k8s.io/jobset-name={spec.name}" if spec.kind == "trainjob" else f"{LABEL_WORKLOAD}={spec.name}"
+            pods = self.core.list_namespaced_pod(spec.namespace, label_selector=sel)
         except ApiException as e:
             return (f"pods not readable: {_api_error(e)}",)
         out: list[str] = []

@@ -519,3 +519,40 @@ def test_settings_accept_the_launchers_this_version_has():
         with pytest.raises(ValidationError, match="not supported"):
             Settings(train_launcher=bad)
     assert Settings(train_launcher="kubernetes", train_workload="trainjob").train_workload == "trainjob"
+
+
+def test_trainjob_create_attach_fail_and_delete(fake):
+    spec = _spec(nodes=2, kind="trainjob")
+    base = f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{NS}/trainjobs"
+    assert _launcher(fake).ensure(spec) is True
+    assert fake.mutations() == [("POST", base)]  # no Service: the Trainer controller makes the rendezvous
+    fake.requests.clear()
+    kl = _launcher(fake)
+    assert kl.ensure(spec) is False and fake.mutations() == []
+    fake.objects[("trainjobs", spec.name)]["status"] = {
+        "conditions": [{"type": "Failed", "status": "True", "reason": "JobSetFailed", "message": "jobset failed"}]
+    }
+    fake.pods = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{spec.name}-node-0-0-abc", "labels": {"jobset.sigs.k8s.io/jobset-name": spec.name}},
+            "status": {
+                "containerStatuses": [
+                    {
+                        "name": "node",
+                        "image": "cptd",
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "ValueError: bad spec"}},
+                    }
+                ]
+            },
+        }
+    ]
+    msg = kl.status(spec).failure()
+    assert "JobSetFailed: jobset failed" in msg and "ValueError: bad spec" in msg
+    fake.requests.clear()
+    kl.delete(spec)
+    assert [(m, p, q) for m, p, q, _b in fake.requests] == [("DELETE", f"{base}/{spec.name}", {"propagationPolicy": "Foreground"})]
