@@ -519,6 +519,7 @@ def run(spec: TrainSpec) -> dict:
         precision=precision,
         parent_dtype=dtype_name(parent_dtype),
     )
+    del full0  # the gathered copy: not to be held through training
 
     raw_model = model
     if ddp:
