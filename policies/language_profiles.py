@@ -110,6 +110,17 @@ _STOP = {
     "ja": "の に は を た が で て と し れ さ も な い か す ま る こ だ ら あ う",
 }
 
+# What Chinese and Japanese share: one word per character, so shorter words and more of them per line.
+_CJK: dict = {
+    "segmentation": "cjk_chars",
+    "min_stop_words": 4,
+    "min_words": 100,
+    "min_mean_word_length": 0.9,
+    "max_mean_word_length": 3.0,
+    "min_words_per_line": 10,
+    "short_line_length": 10,
+}
+
 BUILTIN_PROFILES: dict[str, LanguageProfile] = {
     # English: the quality sections as they are (datatrove's defaults, spaCy-style words, its 8 stop words).
     "en": LanguageProfile(),
@@ -129,27 +140,12 @@ BUILTIN_PROFILES: dict[str, LanguageProfile] = {
     # Devanagari vowel signs are characters of their own; words are otherwise English-like in length.
     "hi": LanguageProfile(stop_words=_STOP["hi"].split(), min_mean_word_length=2.0),
     # Chinese and Japanese: no spaces between words, each character is a word (see word_segmentation.py).
-    "zh": LanguageProfile(
-        segmentation="cjk_chars",
-        stop_words=_STOP["zh"].split(),
-        min_stop_words=4,
-        min_words=100,
-        min_mean_word_length=0.9,
-        max_mean_word_length=3.0,
-        min_words_per_line=10,
-        short_line_length=10,
-    ),
+    "zh": LanguageProfile(stop_words=_STOP["zh"].split(), **_CJK),
     # Japanese inflections (される, しています, することが) repeat the same kana runs: character n-grams repeat
     # more than in Chinese (median duplicated 5-grams 16% of characters on the handbook, 99th percentile 32%).
     "ja": LanguageProfile(
-        segmentation="cjk_chars",
         stop_words=_STOP["ja"].split(),
-        min_stop_words=4,
-        min_words=100,
-        min_mean_word_length=0.9,
-        max_mean_word_length=3.0,
-        min_words_per_line=10,
-        short_line_length=10,
+        **_CJK,
         max_top_4_gram_frac=0.2,
         max_dup_5_gram_frac=0.34,
         max_dup_6_gram_frac=0.30,

@@ -166,6 +166,31 @@ def _launcher(api: FakeApi) -> KubernetesLauncher:
 
 
 # --------------------------------------------------------------------------- objects
+
+
+def failed_pod(name: str, workload: str, terminated: dict) -> dict:
+    """A failed trainer pod as the Pod API returns it, with its container's `terminated` state."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": {"cptd.io/workload": workload}},
+        "spec": {"containers": [{"name": "trainer", "image": "cptd"}]},
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "image": "cptd",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"terminated": terminated},
+                }
+            ],
+        },
+    }
+
+
 def test_names_are_deterministic_dns_labels():
     assert workload_name("r00012", 1) == "cptd-train-r00012-a1"
     assert workload_name("r00012", 1) == workload_name("r00012", 1) != workload_name("r00012", 2)
@@ -360,44 +385,8 @@ def _failed(fake: FakeApi, spec: WorkloadSpec) -> None:
     tb = "Traceback (most recent call last):\n  File trainer.py, line 1\n"
     tb += "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     fake.pods = [
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": f"{spec.name}-0-abcde", "namespace": NS, "labels": {"cptd.io/workload": spec.name}},
-            "spec": {"containers": [{"name": "trainer", "image": "cptd"}]},
-            "status": {
-                "phase": "Failed",
-                "containerStatuses": [
-                    {
-                        "name": "trainer",
-                        "image": "cptd",
-                        "imageID": "",
-                        "ready": False,
-                        "restartCount": 0,
-                        "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": tb}},
-                    }
-                ],
-            },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": f"{spec.name}-1-fghij", "namespace": NS, "labels": {"cptd.io/workload": spec.name}},
-            "spec": {"containers": [{"name": "trainer", "image": "cptd"}]},
-            "status": {
-                "phase": "Failed",
-                "containerStatuses": [
-                    {
-                        "name": "trainer",
-                        "image": "cptd",
-                        "imageID": "",
-                        "ready": False,
-                        "restartCount": 0,
-                        "state": {"terminated": {"exitCode": 137, "reason": "Error"}},
-                    }
-                ],
-            },  # noqa: E501
-        },
+        failed_pod(f"{spec.name}-0-abcde", spec.name, {"exitCode": 1, "reason": "Error", "message": tb}),
+        failed_pod(f"{spec.name}-1-fghij", spec.name, {"exitCode": 137, "reason": "Error"}),
     ]
 
 
