@@ -19,7 +19,12 @@ Keys:
   counters  HASH  "outcome|reason" -> messages
   offsets   HASH  "topic|partition" -> next offset not yet accounted for
   inflight  HASH  "topic|partition" -> JSON marker of the batch being processed (crash-loop guard, daemon/ingest.py)
-  stats     HASH  buffer_docs, buffer_bytes, seq, redelivered, replay_seen
+  stats     HASH  buffer_docs, buffer_bytes, seq, redelivered, replay_seen, echo_seq
+  provenance HASH class (human, unknown, synthetic) -> documents accepted with it
+  echo_lsh  HASH  echo band key -> completion key (echo index of the served model's outputs, policies/collapse.py)
+  echo      ZSET  completion key -> arrival sequence (capped at collapse.echo_max_docs, oldest evicted)
+  echo_bands HASH completion key -> its band keys, comma-separated (to evict them)
+  passes    HASH  content key -> rounds that passed the buffered document over (policies/curation.py)
   replay    HASH  reservoir slot -> content key (replay reservoir, Algorithm R, capped)
   replay_members SET content keys in the reservoir
   lease     STRING owner id of the daemon that runs rounds (PX = lease TTL)
@@ -55,7 +60,8 @@ import redis
 from redis.commands.core import Script
 from redis.credentials import CredentialProvider
 
-OUTCOMES = ("accepted", "duplicate", "near_duplicate", "rejected", "dead_lettered")
+# "indexed": a completion of the served model from collapse.echo_topics, kept in the echo index, never trained on.
+OUTCOMES = ("accepted", "duplicate", "near_duplicate", "rejected", "dead_lettered", "indexed")
 
 # The Lua scripts live in connectors/lua/, one file each (its header says KEYS, ARGV and the return value).
 # A script that needs a shared helper gets the helper's file prepended here, so each helper has one source.
@@ -95,8 +101,9 @@ class BatchItem:
     reason: str = ""
     key: str = ""
     nbytes: int = 0
-    bands: tuple[str, ...] = ()
+    bands: tuple[str, ...] = ()  # candidates: LSH band keys; indexed: echo band keys
     doc: dict[str, Any] | bytes | None = None  # stored document record (or its UTF-8 JSON), candidates only
+    provenance: str = ""  # candidates: provenance class, counted when accepted
 
 
 @dataclass(frozen=True)
@@ -210,6 +217,8 @@ class RedisStore:
         self.k_docs, self.k_buffer, self.k_exact, self.k_lsh = p + "docs", p + "buffer", p + "exact", p + "lsh"
         self.k_counters, self.k_offsets, self.k_stats = p + "counters", p + "offsets", p + "stats"
         self.k_inflight = p + "inflight"
+        self.k_provenance, self.k_passes = p + "provenance", p + "passes"
+        self.k_echo_lsh, self.k_echo, self.k_echo_bands = p + "echo_lsh", p + "echo", p + "echo_bands"
         self.k_replay, self.k_replay_members = p + "replay", p + "replay_members"
         self._write = client.register_script(lua_source("write_batch.lua"))
         self._remove = client.register_script(lua_source("remove_docs.lua", _DROP_DOC))
@@ -237,10 +246,13 @@ class RedisStore:
         return where(self.r)
 
     # --- ingest -------------------------------------------------------------
-    def write_batch(self, items: Sequence[BatchItem], max_exact_keys: int) -> BatchResult:
+    def write_batch(self, items: Sequence[BatchItem], max_exact_keys: int, max_echo: int = 200_000) -> BatchResult:
         header = {
             "max_exact": max_exact_keys,
-            "items": [[tp_key(i.topic, i.partition), i.offset, i.outcome, i.reason, i.key, i.nbytes, list(i.bands)] for i in items],
+            "max_echo": max_echo,
+            "items": [
+                [tp_key(i.topic, i.partition), i.offset, i.outcome, i.reason, i.key, i.nbytes, list(i.bands), i.provenance] for i in items
+            ],
         }
         blobs = [
             i.doc if isinstance(i.doc, bytes) else json.dumps(i.doc, ensure_ascii=False, separators=(",", ":"))
@@ -248,12 +260,36 @@ class RedisStore:
             if i.outcome == "candidate"
         ]
         keys = [self.k_docs, self.k_buffer, self.k_exact, self.k_lsh, self.k_counters, self.k_offsets, self.k_stats]
+        keys += [self.k_echo_lsh, self.k_echo, self.k_echo_bands, self.k_provenance]
         res = self._write(keys=keys, args=[json.dumps(header, separators=(",", ":")), *blobs])
         res = [_text(x) for x in res]
         pairs = [r.partition("|")[::2] for r in res[:-2]]
         return BatchResult(
             outcomes=[o for o, _ in pairs], reasons=[r for _, r in pairs], buffer_docs=int(res[-2]), buffer_bytes=int(res[-1])
         )
+
+    def echo_hits(self, bands: Sequence[Sequence[str]]) -> list[str | None]:
+        """Per document (its echo band keys), the indexed completion it shares a band with, or None."""
+        flat = [b for bs in bands for b in bs]
+        if not flat:
+            return [None] * len(bands)
+        found = iter(self.r.hmget(self.k_echo_lsh, flat))
+        out: list[str | None] = []
+        for bs in bands:
+            hits = [h for h in (next(found) for _ in bs) if h is not None]
+            out.append(_text(hits[0]) if hits else None)
+        return out
+
+    def provenance_counts(self) -> dict[str, int]:
+        """Accepted documents per provenance class, and the size of the echo index."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self.k_provenance)
+        pipe.zcard(self.k_echo)
+        raw, echoes = pipe.execute()
+        return {**{_text(k): int(v) for k, v in raw.items()}, "echo_index": int(echoes)}
+
+    def passes(self, keys: Sequence[str]) -> list[int]:
+        return [int(v or 0) for v in self.r.hmget(self.k_passes, list(keys))] if keys else []
 
     def stored_offsets(self) -> dict[tuple[str, int], int]:
         out = {}
@@ -407,9 +443,41 @@ class RedisStore:
     def round_list_key(self, round_id: str) -> str:
         return f"{self._prefix}round:{round_id}:docs"
 
-    def snapshot_take(self, fence: Fence, round_id: str, budget_bytes: int, max_docs: int = 10_000_000) -> list[str]:
+    def snapshot_take(
+        self, fence: Fence, round_id: str, budget_bytes: int, max_docs: int = 10_000_000, chosen: Sequence[str] = ()
+    ) -> list[str]:
+        """Move the oldest buffered documents up to the budget into the round, or exactly `chosen` (those still
+        buffered) when given; a round that already has its list gets it back unchanged."""
         keys = [self.k_docs, self.k_buffer, self.k_stats, self.round_list_key(round_id)]
-        return [_text(k) for k in self._fenced(self._snapshot, fence, keys, [int(budget_bytes), int(max_docs)])]
+        args = [int(budget_bytes), int(max_docs), *chosen]
+        return [_text(k) for k in self._fenced(self._snapshot, fence, keys, args)]
+
+    def oldest_buffered(self, budget_bytes: int, batch: int = 1000) -> list[dict[str, Any]]:
+        """Records (with "key") of the oldest buffered documents, up to `budget_bytes` (at least one): a round's candidate pool."""
+        out: list[dict[str, Any]] = []
+        used, start = 0, 0
+        while used < budget_bytes:
+            keys = [_text(k) for k in cast("list[bytes | str]", self.r.zrange(self.k_buffer, start, start + batch - 1))]
+            if not keys:
+                break
+            for k, d in zip(keys, self.get_docs_by_key(keys), strict=True):
+                if d is None:
+                    continue
+                if out and used + d["bytes"] > budget_bytes:
+                    return out
+                out.append({**d, "key": k})
+                used += d["bytes"]
+            start += batch
+        return out
+
+    def mark_passed_over(self, waiting: Sequence[str], done: Sequence[str]) -> None:
+        """Count one more pass for documents a curated round left waiting; forget the count of those it took or dropped."""
+        pipe = self.r.pipeline(transaction=False)
+        for k in waiting:
+            pipe.hincrby(self.k_passes, k, 1)
+        if done:
+            pipe.hdel(self.k_passes, *done)
+        pipe.execute()
 
     def round_docs(self, round_id: str) -> list[str]:
         return [_text(k) for k in self.r.lrange(self.round_list_key(round_id), 0, -1)]

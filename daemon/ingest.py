@@ -49,9 +49,11 @@ from connectors.kafka import (
 from connectors.redis_store import BatchItem, BatchResult, RedisStore
 from daemon import failpoints
 from daemon import metrics as M
+from policies.collapse import ECHO, echo_dedup_policy
 from policies.config import Policy
-from policies.dedup import document_keys
+from policies.dedup import band_keys, content_key, document_keys, minhash_signatures
 from policies.document import Document, Malformed, parse_message
+from policies.provenance import Provenance, classify, source_rejection
 from policies.quality import build_filters, judge
 from policies.round_policy import estimate_tokens
 
@@ -177,6 +179,7 @@ class Ingestor:
         self.owner = uuid.uuid4().hex  # names this process in the crash-loop guard's in-flight markers
         self._next_policy: Policy | None = None
         self._last_lag = 0.0
+        self._echo_index_seen: bool | None = None  # whether an echo index exists (re-read every 5 s)
 
     # --- control -------------------------------------------------------------
     def set_policy(self, policy: Policy) -> None:
@@ -186,6 +189,8 @@ class Ingestor:
     def _use_policy(self, policy: Policy) -> None:
         self.policy = policy
         self.filters = build_filters(policy.quality)
+        self.echo_dedup = echo_dedup_policy(policy.collapse)
+        self.echo_topics = frozenset(policy.collapse.echo_topics)
         M.BUFFER_CAP_DOCS.set(policy.buffer.max_docs)
         M.BUFFER_CAP_BYTES.set(policy.buffer.max_bytes)
 
@@ -229,7 +234,7 @@ class Ingestor:
 
     # --- the loop -------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        self.consumer.subscribe(self.policy.ingest.topics, listener=_Rebalance(self))
+        self.consumer.subscribe([*self.policy.ingest.topics, *self.policy.collapse.echo_topics], listener=_Rebalance(self))
         try:
             while not stop.is_set():
                 self._apply_policy()
@@ -421,7 +426,8 @@ class Ingestor:
         pol = self.policy
         items: list[BatchItem] = []
         dead: list[Dead] = []
-        candidates: list[tuple[Any, Document, str, str | None]] = []  # message, document, text, language
+        candidates: list[tuple[Any, Document, str, str | None, Provenance]] = []  # message, document, text, language, provenance
+        completions: list[tuple[Any, str]] = []  # served-model outputs from collapse.echo_topics: message, text
         for m in msgs:
             if _key(m) in forced:
                 reason, detail = forced[_key(m)]
@@ -433,9 +439,20 @@ class Ingestor:
                 if isinstance(parsed, Malformed):
                     dead.append((m, "dead_lettered", parsed.reason, parsed.detail, []))
                     continue
+                if m.topic in self.echo_topics:
+                    completions.append((m, parsed.text))
+                    continue
+                refused = source_rejection(parsed.source, pol.provenance)
                 verdict = judge(parsed.text, self.filters, lang=parsed.lang)  # used when the policy trusts `lang`
+                if refused is None and verdict.accepted:
+                    prov = classify(verdict.text or parsed.text, parsed.source, parsed.meta, pol.provenance)
             except Exception as e:  # noqa: BLE001 - one message's failure must not stop ingest
                 dead.append(self._internal_error(m, "parse/filter", e))
+                continue
+            if refused is not None:
+                if pol.ingest.dead_letter_filtered:
+                    dead.append((m, "rejected", refused, f"source {parsed.source!r}", []))
+                items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", refused))
                 continue
             if not verdict.accepted:
                 if pol.ingest.dead_letter_filtered:
@@ -443,9 +460,20 @@ class Ingestor:
                 items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", verdict.reason or "rejected"))
                 continue
             text = verdict.text or parsed.text  # the C4-cleaned text when the C4 rules ran
-            candidates.append((m, parsed, text, verdict.language))
+            candidates.append((m, parsed, text, verdict.language, prov))
+        items += self._index_completions(completions, dead)
+        echoes = self._echo_hits([c[2] for c in candidates], completions)
         now = time.time()
-        for (m, d, text, language), dk in zip(candidates, self._dedup_keys([c[2] for c in candidates]), strict=True):
+        keys = self._dedup_keys([c[2] for c in candidates])
+        for (m, d, text, language, prov), dk, echo_of in zip(candidates, keys, echoes, strict=True):
+            if echo_of is not None:
+                M.INGEST_ECHOES.labels(pol.collapse.echo_action).inc()
+                if pol.collapse.echo_action == "dead_letter":
+                    if pol.ingest.dead_letter_filtered:
+                        dead.append((m, "rejected", ECHO, f"near-duplicates completion {echo_of}", []))
+                    items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", ECHO))
+                    continue
+                prov = Provenance(prov.source, prov.domain, "synthetic", ECHO, prov.domain_rule)
             try:
                 if isinstance(dk, Exception):
                     raise dk
@@ -460,6 +488,8 @@ class Ingestor:
                     "language": language,  # as the language rule saw it (detected, or the trusted `lang`)
                     "ts": d.ts,
                     "meta": d.meta,
+                    **prov.to_record(),
+                    "echo_of": echo_of,
                     "bytes": nbytes,
                     "bands": list(bk),
                     "topic": m.topic,
@@ -471,18 +501,54 @@ class Ingestor:
             except Exception as e:  # noqa: BLE001 - one message's failure must not stop ingest
                 dead.append(self._internal_error(m, "dedup/record", e))
                 continue
-            items.append(BatchItem(m.topic, m.partition, m.offset, "candidate", "", key, nbytes, tuple(bk), record))
+            items.append(BatchItem(m.topic, m.partition, m.offset, "candidate", "", key, nbytes, tuple(bk), record, prov.cls))
         self._send_dead_letters(dead)
         for m, outcome, reason, _, _ in dead:
             if outcome == "dead_lettered":
                 items.append(BatchItem(m.topic, m.partition, m.offset, "dead_lettered", reason))
         items.sort(key=lambda i: (i.topic, i.partition, i.offset))
-        result = self.store.write_batch(items, pol.dedup.max_exact_keys)
-        for outcome, reason in zip(result.outcomes, result.reasons, strict=False):
+        result = self.store.write_batch(items, pol.dedup.max_exact_keys, pol.collapse.echo_max_docs)
+        for item, outcome, reason in zip(items, result.outcomes, result.reasons, strict=False):
             if outcome != "skipped":
                 M.INGEST_DOCS.labels(outcome, reason).inc()
+            if outcome == "accepted" and item.provenance:
+                M.INGEST_PROVENANCE.labels(item.provenance).inc()
         M.INGEST_BATCH_SECONDS.observe(time.perf_counter() - t0)
         return result
+
+    def _echo_bands(self, texts: list[str]) -> list[list[str]]:
+        return band_keys(minhash_signatures(texts, self.echo_dedup), self.echo_dedup) if texts else []
+
+    def _index_completions(self, completions: list[tuple[Any, str]], dead: list[Dead]) -> list[BatchItem]:
+        """Served-model outputs become echo-index entries (outcome `indexed`); one whose hashing raises is dead-lettered."""
+        items = []
+        for m, text in completions:
+            try:
+                bands = self._echo_bands([text])[0]
+                items.append(BatchItem(m.topic, m.partition, m.offset, "indexed", ECHO, content_key(text), 0, tuple(bands)))
+            except Exception as e:  # noqa: BLE001 - one message's failure must not stop ingest
+                dead.append(self._internal_error(m, "echo index", e))
+        return items
+
+    def _echo_hits(self, texts: list[str], completions: list[tuple[Any, str]]) -> list[str | None]:
+        """Per candidate text, the indexed completion it near-duplicates (in Redis or in this batch), or None."""
+        if self._echo_index_seen is None:
+            counts = self._try(self.store.provenance_counts, "provenance_counts")
+            self._echo_index_seen = bool(counts and counts["echo_index"])
+        if not texts or (not self.echo_topics and not self._echo_index_seen):
+            return [None] * len(texts)
+        try:
+            bands = self._echo_bands(texts)
+        except Exception as e:  # noqa: BLE001 - the echo check is advisory; the documents are not lost
+            log.error("echo hashing failed; batch not checked for echoes", extra={"error": f"{type(e).__name__}: {e}"})
+            return [None] * len(texts)
+        hits = self.store.echo_hits(bands)
+        if completions:
+            local: dict[str, str] = {}
+            for b_list, (_, t) in zip(self._echo_bands([t for _, t in completions]), completions, strict=True):
+                local.update(dict.fromkeys(b_list, content_key(t)))
+            hits = [h or next((local[b] for b in bs if b in local), None) for h, bs in zip(hits, bands, strict=True)]
+        return hits
 
     def _dedup_keys(self, texts: list[str]) -> list[Any]:
         """Dedup keys for the batch in one call; if that raises, one call per text, so only the failing text is lost."""
@@ -561,6 +627,10 @@ class Ingestor:
         if stats is not None:
             M.DEDUP_KEYS.labels(kind="exact").set(stats["exact_keys"])
             M.DEDUP_KEYS.labels(kind="lsh").set(stats["lsh_keys"])
+        counts = self._try(self.store.provenance_counts, "provenance_counts")
+        if counts is not None:
+            self._echo_index_seen = counts["echo_index"] > 0
+            M.ECHO_INDEX_DOCS.set(counts["echo_index"])
         try:
             for tp, lag in consumer_lag(self.consumer, self.consumer.assignment()).items():
                 M.INGEST_LAG.labels(tp.topic, str(tp.partition)).set(lag)

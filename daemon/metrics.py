@@ -18,6 +18,20 @@ INGEST_DOCS = Counter(
     ["outcome", "reason"],
     registry=REGISTRY,
 )
+INGEST_PROVENANCE = Counter(
+    "cptd_ingest_provenance_total",
+    "Accepted documents by provenance class (human, unknown, synthetic; policies/provenance.py). Totals survive restarts in "
+    "Redis and are shown by /status.",
+    ["provenance"],
+    registry=REGISTRY,
+)
+INGEST_ECHOES = Counter(
+    "cptd_ingest_echoes_total",
+    "Incoming documents that near-duplicate an indexed completion of the served model, by action (dead_letter, mark_synthetic)",
+    ["action"],
+    registry=REGISTRY,
+)
+ECHO_INDEX_DOCS = Gauge("cptd_echo_index_docs", "Completions of the served model held in the echo index", registry=REGISTRY)
 INGEST_BATCHES = Counter("cptd_ingest_batches_total", "Batches written to Redis and committed to Kafka", registry=REGISTRY)
 INGEST_BATCH_SECONDS = Histogram(
     "cptd_ingest_batch_seconds",
@@ -80,6 +94,28 @@ ROUND_PHASE_SECONDS = Histogram(
 )
 ROUND_LAST_SUCCESS = Gauge("cptd_round_last_deployed_timestamp_seconds", "Unix time the last round was deployed", registry=REGISTRY)
 DRIFT_SCORE = Gauge("cptd_drift_score", "Drift of the latest measured batch against the reference set", ["statistic"], registry=REGISTRY)
+CURATION_DOCS = Counter(
+    "cptd_curation_docs_total",
+    "Candidate documents of curated rounds by what happened to them: chosen, waiting (budget, domain_share, synthetic_cap) "
+    "or dropped (ppl_low, ppl_high, passed_over)",
+    ["action", "reason"],
+    registry=REGISTRY,
+)
+ROUND_SHARE = Gauge(
+    "cptd_round_share",
+    "Shares of the last round's tokens: kind=provenance (of new tokens: human, unknown, synthetic), kind=real (new + replay), "
+    "kind=domain (of new tokens)",
+    ["kind", "value"],
+    registry=REGISTRY,
+)
+SYNTHETIC_CAP_BINDING_ROUNDS = Gauge(
+    "cptd_synthetic_cap_binding_rounds",
+    "Rounds in a row in which the synthetic cap left synthetic documents waiting (alert: collapse.cap_alert_rounds)",
+    registry=REGISTRY,
+)
+SCORING_DOCS_PER_SECOND = Gauge(
+    "cptd_scoring_docs_per_second", "Documents per second the served model scored in the last curated round", registry=REGISTRY
+)
 REPLAY_RATIO = Gauge("cptd_replay_ratio", "Replay ratio chosen for the current/last round", registry=REGISTRY)
 
 # --- training -------------------------------------------------------------------

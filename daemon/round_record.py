@@ -118,6 +118,31 @@ class LanguageMixRecord(Part):
     replay_docs: int = 0
 
 
+class CurationRecord(Part):
+    """How the round's new documents were chosen from the buffer (policies/curation.py, policies/collapse.py)."""
+
+    pool_docs: int = 0  # candidates considered: the oldest buffered documents up to curation.pool_factor x budget
+    scored_docs: int = 0  # scored by the served model (per-document perplexity)
+    scoring_seconds: float | None = None
+    scoring_docs_per_s: float | None = None
+    scoring_tokens_per_s: float | None = None
+    scoring_error: str | None = None  # scoring failed: the round went on unscored
+    median_nll: float | None = None
+    mad_nll: float | None = None
+    chosen_docs: int = 0
+    waiting: dict[str, int] = Field(default_factory=dict)  # reason -> documents left in the buffer for a later round
+    dropped: dict[str, int] = Field(default_factory=dict)  # reason -> documents removed (listed in data/dropped.jsonl)
+    domain_targets: dict[str, float] = Field(default_factory=dict)
+    domains: dict[str, float] = Field(default_factory=dict)  # achieved byte shares of the new documents per domain
+    provenance: dict[str, float] = Field(default_factory=dict)  # byte shares of the new documents per class
+    synthetic_share: float = 0.0  # synthetic or suspected share of the new documents
+    synthetic_cap: float = 0.15  # collapse.effective_cap
+    cap_binding: bool = False  # synthetic documents waited because of the cap
+    cap_binding_rounds: int = 0  # rounds in a row, this one included, in which the cap bound
+    real_share: float | None = None  # human + unknown share of new + replay tokens
+    real_floor: float = 0.5
+
+
 class TrainProgress(Part):
     total_steps: int | None = None
     main_steps: int | None = None
@@ -252,6 +277,7 @@ class RoundRecord(Part):
     drift_error: str | None = None
     replay_ratio: float | None = None
     language_mix: LanguageMixRecord | None = None
+    curation: CurationRecord | None = None
     schedule: dict[str, Any] | None = None  # the SchedulePolicy after drift adjustments
     train: TrainRecord | None = None
     eval_progress: EvalProgress | None = None

@@ -50,6 +50,7 @@ from daemon.round_record import (
     PHASES,
     TERMINAL,
     CandidateScores,
+    CurationRecord,
     DeploySummary,
     DeployWait,
     DocsFate,
@@ -72,7 +73,9 @@ from daemon.round_record import (
     WatchRecord,
 )
 from daemon.settings import Settings
+from policies.collapse import suspected
 from policies.config import Policy, policy_hash
+from policies.curation import Candidate, select_round, shares_by
 from policies.drift import DriftStats, adjust_for_drift, apply_to_schedule, drift_score
 from policies.gates import GateDecision, gate_round
 from policies.language_mix import draw_by_language, replay_shares, shares
@@ -408,10 +411,17 @@ class RoundRunner:
     def _snapshot(self, rec: RoundRecord, stop: threading.Event) -> None:
         pol = self._policy(rec)
         rid = rec.id
-        keys = self.store.snapshot_take(self._fence(), rid, int(pol.rounds.budget_tokens * pol.rounds.bytes_per_token))
+        budget = int(pol.rounds.budget_tokens * pol.rounds.bytes_per_token)
+        data = self.round_dir(rid) / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        chosen: list[str] = []
+        if not self.store.round_docs(rid):  # a resumed SNAPSHOT whose documents already moved keeps its selection
+            chosen = self._curate(pol, rec, budget, data)
+        keys = self.store.snapshot_take(self._fence(), rid, budget, chosen=chosen)
         failpoints.hit("snapshot.taken")
         if not keys:
             raise RoundFailed("SNAPSHOT: the buffer is empty", requeue=False)
+        cur = self._curation_after_take(rid, keys, data)
         docs = {d["key"]: d for d in self._docs_with_keys(keys)}
         missing = [k for k in keys if k not in docs]
         if missing:
@@ -422,9 +432,8 @@ class RoundRunner:
             split_heldout(replay_all, 0.5, pol.rounds.replay_heldout_docs, rid + ":replay") if len(replay_all) >= 2 else (replay_all, [])
         )
         replay_docs = {d["key"]: d for d in self._docs_with_keys(replay_train + replay_held)}
-        data = self.round_dir(rid) / "data"
-        data.mkdir(parents=True, exist_ok=True)
         held = set(held_keys)
+        scores = cur.get("scores", {})
         manifest = [
             {
                 "key": k,
@@ -433,7 +442,10 @@ class RoundRunner:
                 "offset": docs[k].get("offset"),
                 "id": docs[k].get("id"),
                 "source": docs[k].get("source"),
+                "domain": docs[k].get("domain"),
+                "provenance": docs[k].get("provenance"),
                 "heldout": k in held,
+                **scores.get(k, {}),
             }
             for k in keys
         ]
@@ -467,6 +479,7 @@ class RoundRunner:
         rec.drift = DriftRecord.model_validate(decision.to_record())
         rec.replay_ratio = decision.replay_ratio if replay_train else 0.0
         rec.language_mix = self._language_mix(pol, [docs[k] for k in train_keys], replay_train, replay_docs, rec.replay_ratio, data)
+        rec.curation = self._curation_record(cur, pol, rec.replay_ratio)
         rec.schedule = schedule.model_dump(mode="json")
         if decision.score is not None:
             M.DRIFT_SCORE.labels(statistic="score").set(decision.score)
@@ -508,6 +521,159 @@ class RoundRunner:
             mixture=dict(sorted(mixture.items())) if n and r else shares(new_sizes),
             replay_docs=len(drawn),
         )
+
+    # ------------------------------------------------------------------ curation (policies/curation.py)
+    def _curate(self, pol: Policy, rec: RoundRecord, budget: int, data: Path) -> list[str]:
+        """Score the candidate pool with the served model, select the round's documents, and write the decision
+        to data/curation.json before any document moves (a resumed SNAPSHOT reads it back)."""
+        pool = self.store.oldest_buffered(int(budget * pol.curation.pool_factor))
+        if not pool:
+            return []
+        scores: dict[str, dict[str, Any]] = {}
+        info: dict[str, Any] = {"pool_docs": len(pool)}
+        if pol.curation.score == "perplexity":
+            scores, info = self._score_pool(pol, pool, info)
+        passes = self.store.passes([d["key"] for d in pool])
+        cands = [
+            Candidate(
+                key=d["key"],
+                bytes=d["bytes"],
+                domain=d.get("domain") or "unknown",
+                provenance=d.get("provenance") or "unknown",
+                nll=scores.get(d["key"], {}).get("nll"),
+                detector=scores.get(d["key"], {}).get("detector"),
+                suspected=suspected(scores.get(d["key"], {}).get("detector"), pol.collapse),
+                passes=p,
+            )
+            for d, p in zip(pool, passes, strict=True)
+        ]
+        sel = select_round(cands, budget, pol.curation, pol.collapse)
+        for k, z in sel.z.items():
+            scores.setdefault(k, {})["z"] = round(z, 4)
+        for c in cands:
+            if c.suspected:
+                scores.setdefault(c.key, {})["suspected"] = True
+        dropped = [
+            {**_manifest_row(d), "reason": sel.dropped[d["key"]], **scores.get(d["key"], {}), "text": d["text"]}
+            for d in pool
+            if d["key"] in sel.dropped
+        ]
+        _write_jsonl(data / "dropped.jsonl", dropped)
+        out = {
+            **info,
+            "chosen": sel.chosen,
+            "waiting": sel.waiting,
+            "passed": sel.passed,
+            "dropped": sel.dropped,
+            "median_nll": sel.median_nll,
+            "mad_nll": sel.mad_nll,
+            "cap_binding": sel.cap_binding,
+            "scores": scores,
+            "domains": shares_by(cands, sel.chosen, "domain"),
+            "provenance": shares_by(cands, sel.chosen, "provenance"),
+        }
+        tmp = data / "curation.json.tmp"
+        tmp.write_text(json.dumps(out, ensure_ascii=False))
+        os.replace(tmp, data / "curation.json")
+        log.info(
+            "curated the round's documents",
+            extra={"round_id": rec.id, "pool": len(pool), "chosen": len(sel.chosen), "dropped": len(sel.dropped)},
+        )
+        return sel.chosen
+
+    def _score_pool(
+        self, pol: Policy, pool: list[dict[str, Any]], info: dict[str, Any]
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """Per-document mean NLL under the served model (route model: the active adapter, else the base), batched."""
+        assert self.serving is not None
+        client = self.serving.replicas[0]
+        model = self.serving.route_model()
+        t0 = time.monotonic()
+        out: dict[str, dict[str, Any]] = {}
+        tokens = 0
+        try:
+            step = pol.curation.batch_docs
+            for i in range(0, len(pool), step):
+                chunk = pool[i : i + step]
+                res = client.prompt_logprobs([d["text"] for d in chunk], model=model, max_tokens_per_doc=pol.curation.max_doc_tokens)
+                for d, r in zip(chunk, res, strict=True):
+                    if r.tokens > 0:
+                        out[d["key"]] = {"nll": round(r.nll, 5), "scored_tokens": r.tokens}
+                        tokens += r.tokens
+        except ServingError as e:
+            log.warning("scoring the candidate pool failed; the round goes on unscored", extra={"error": str(e)})
+            return {}, {**info, "scoring_error": str(e)[:500]}
+        took = max(time.monotonic() - t0, 1e-9)
+        M.SCORING_DOCS_PER_SECOND.set(len(out) / took)
+        return out, {
+            **info,
+            "scored_docs": len(out),
+            "scoring_seconds": round(took, 3),
+            "scoring_docs_per_s": round(len(out) / took, 2),
+            "scoring_tokens_per_s": round(tokens / took, 1),
+        }
+
+    def _curation_after_take(self, rid: str, keys: list[str], data: Path) -> dict[str, Any]:
+        """Once the round holds its documents: drop the outliers from the buffer, count passes, export the counts."""
+        path = data / "curation.json"
+        if not path.exists():
+            return {}
+        cur = json.loads(path.read_text())
+        if not cur.get("applied"):
+            dropped = list(cur.get("dropped", {}))
+            if dropped:
+                self.store.remove_docs(dropped)
+            taken = set(keys)
+            self.store.mark_passed_over(cur.get("passed", []), [*dropped, *taken])
+            for reason in cur.get("waiting", {}).values():
+                M.CURATION_DOCS.labels("waiting", reason).inc()
+            for reason in cur.get("dropped", {}).values():
+                M.CURATION_DOCS.labels("dropped", reason).inc()
+            M.CURATION_DOCS.labels("chosen", "").inc(len(keys))
+            cur["applied"] = True
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(cur, ensure_ascii=False))
+            os.replace(tmp, path)
+        return cur
+
+    def _curation_record(self, cur: dict[str, Any], pol: Policy, replay_ratio: float | None) -> CurationRecord | None:
+        if not cur:
+            return None
+        counts = lambda d: {r: list(d.values()).count(r) for r in sorted(set(d.values()))}  # noqa: E731
+        syn = cur.get("provenance", {}).get("synthetic", 0.0)
+        r = replay_ratio or 0.0
+        previous = [x for x in self.list_rounds() if x.curation is not None and x.state in TERMINAL]
+        before = previous[-1].curation.cap_binding_rounds if previous and previous[-1].curation else 0
+        streak = before + 1 if cur.get("cap_binding") else 0
+        rec = CurationRecord(
+            pool_docs=cur.get("pool_docs", 0),
+            scored_docs=cur.get("scored_docs", 0),
+            scoring_seconds=cur.get("scoring_seconds"),
+            scoring_docs_per_s=cur.get("scoring_docs_per_s"),
+            scoring_tokens_per_s=cur.get("scoring_tokens_per_s"),
+            scoring_error=cur.get("scoring_error"),
+            median_nll=cur.get("median_nll"),
+            mad_nll=cur.get("mad_nll"),
+            chosen_docs=len(cur.get("chosen", [])),
+            waiting=counts(cur.get("waiting", {})),
+            dropped=counts(cur.get("dropped", {})),
+            domain_targets=dict(pol.curation.domain_targets),
+            domains=cur.get("domains", {}),
+            provenance=cur.get("provenance", {}),
+            synthetic_share=syn,
+            synthetic_cap=pol.collapse.effective_cap,
+            cap_binding=bool(cur.get("cap_binding")),
+            cap_binding_rounds=streak,
+            real_share=(1 - r) * (1 - syn) + r,  # replay admits real documents only (collapse.replay_admits)
+            real_floor=pol.collapse.real_floor,
+        )
+        for cls, x in rec.provenance.items():
+            M.ROUND_SHARE.labels("provenance", cls).set(x)
+        for dom, x in rec.domains.items():
+            M.ROUND_SHARE.labels("domain", dom).set(x)
+        M.ROUND_SHARE.labels("real", "real").set(rec.real_share or 0.0)
+        M.SYNTHETIC_CAP_BINDING_ROUNDS.set(streak)
+        return rec
 
     def _docs_with_keys(self, keys: list[str]) -> list[dict[str, Any]]:
         out = []
@@ -745,12 +911,19 @@ class RoundRunner:
         """Trained documents become replay candidates (Algorithm R under the cap) and leave the buffer."""
         pol = self._policy(rec)
         keys = self.store.round_docs(rec.id)
-        docs = self._docs_with_keys(keys)
+        docs = self._replay_admitted(rec, pol, self._docs_with_keys(keys))
         rng = random.Random(f"{rec.id}:replay")
         placed = self.store.replay_offer(docs, pol.replay.reservoir_docs, rng.random, reservoir_slot) if docs else 0
         self.store.remove_docs(keys)
         self.store.drop_round_list(self._fence(), rec.id)
         return DocsFate(fate="released", docs=len(keys), replay_placed=placed)
+
+    def _replay_admitted(self, rec: RoundRecord, pol: Policy, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The documents the reservoir may take: provenance in collapse.replay_admits, not flagged by the detector."""
+        path = self.round_dir(rec.id) / "data" / "curation.json"
+        scores = json.loads(path.read_text()).get("scores", {}) if path.exists() else {}
+        admits = set(pol.collapse.replay_admits)
+        return [d for d in docs if (d.get("provenance") or "unknown") in admits and not scores.get(d["key"], {}).get("suspected")]
 
     # ------------------------------------------------------------------ retention
     def _prune(self, pol: Policy) -> None:
@@ -1046,6 +1219,10 @@ def record_eval_metrics(report: EvalReport, decision: GateDecision) -> None:
     # The label is the first reason's code (policies.gates.REASONS): a small, fixed set of label values.
     reason = "" if decision.accepted else decision.reasons[0].code if decision.reasons else "none"
     M.GATE_DECISIONS.labels(decision="accept" if decision.accepted else "reject", reason=reason).inc()
+
+
+def _manifest_row(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: d.get(k) for k in ("key", "topic", "partition", "offset", "id", "source", "domain", "provenance")}
 
 
 def _drift_stats(d: dict[str, Any]) -> DriftStats:

@@ -18,11 +18,14 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from policies.base import Section
+from policies.collapse import CollapsePolicy
+from policies.curation import CurationPolicy
 from policies.dedup import DedupPolicy
 from policies.drift import DriftPolicy
 from policies.gates import GatePolicy
 from policies.language_mix import LanguageMixPolicy
 from policies.lr_schedule import SchedulePolicy
+from policies.provenance import ProvenancePolicy
 from policies.quality import QualityPolicy
 from policies.replay import ReplayPolicy
 from policies.round_policy import RoundsPolicy, TriggerPolicy
@@ -76,6 +79,9 @@ class Policy(Section):
     buffer: BufferPolicy = BufferPolicy()
     quality: QualityPolicy = QualityPolicy()
     dedup: DedupPolicy = DedupPolicy()
+    provenance: ProvenancePolicy = ProvenancePolicy()
+    curation: CurationPolicy = CurationPolicy()
+    collapse: CollapsePolicy = CollapsePolicy()
     gates: GatePolicy = GatePolicy()
     schedule: SchedulePolicy = SchedulePolicy()
     replay: ReplayPolicy = ReplayPolicy()
@@ -89,6 +95,11 @@ class Policy(Section):
     def _dead_letter_not_consumed(self) -> Policy:
         if self.ingest.dead_letter_topic in self.ingest.topics:
             raise ValueError("ingest.dead_letter_topic must not be one of ingest.topics (it would loop)")
+        echo = set(self.collapse.echo_topics)
+        if echo & {*self.ingest.topics, self.ingest.dead_letter_topic}:
+            raise ValueError("collapse.echo_topics must differ from ingest.topics and ingest.dead_letter_topic (never trained on)")
+        if self.curation.select == "score" and self.curation.score == "off":
+            raise ValueError("curation.select: score needs curation.score: perplexity (there is no score to select by)")
         return self
 
 

@@ -2,12 +2,24 @@
 -- list, behind the _fence.lua prelude. Idempotent: a round that already has its list gets the same list back,
 -- nothing moves twice.
 -- KEYS: lease, epoch, docs, buffer, stats, round list
--- ARGV: owner, epoch, budget bytes, max docs
+-- ARGV: owner, epoch, budget bytes, max docs[, key...]: with keys (a curated selection, policies/curation.py) exactly
+-- those still buffered move, in the order given, whatever the budget.
 -- Returns the content keys the round took, oldest first.
 local docs, buffer, stats, lst = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 if redis.call('EXISTS', lst) == 1 then return redis.call('LRANGE', lst, 0, -1) end
 local budget, max_docs = tonumber(ARGV[3]), tonumber(ARGV[4])
 local taken, used = {}, 0
+if #ARGV > 4 then
+  for i = 5, #ARGV do
+    local key = ARGV[i]
+    if redis.call('ZSCORE', buffer, key) then
+      local raw = redis.call('HGET', docs, key)
+      taken[#taken + 1] = key
+      used = used + (raw and cjson.decode(raw).bytes or 0)
+    end
+  end
+  max_docs = 0
+end
 local batch = 256
 local start = 0
 while #taken < max_docs do

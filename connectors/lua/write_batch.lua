@@ -1,16 +1,19 @@
 -- write_batch: one ingest batch in one call (documents, dedup keys, counters and per-partition offsets),
 -- so Redis has all of a batch or none of it.
--- KEYS: docs, buffer, exact, lsh, counters, offsets, stats
--- ARGV[1]: JSON header {max_exact, items: [[tp, offset, outcome, reason, key, bytes, [band keys]] ...]}
+-- KEYS: docs, buffer, exact, lsh, counters, offsets, stats, echo_lsh, echo, echo_bands, provenance
+-- ARGV[1]: JSON header {max_exact, max_echo, items: [[tp, offset, outcome, reason, key, bytes, [band keys], class] ...]}
+--   class: a candidate's provenance class (counted in `provenance` when accepted); outcome "indexed": a completion of
+--   the served model (collapse.echo_topics) whose band keys go into the echo index, capped at max_echo (oldest evicted).
 -- ARGV[2..]: one document JSON blob per item whose outcome is "candidate" (in order).
 -- Returns {"outcome|reason" per item..., buffer_docs, buffer_bytes}; outcome "skipped" = already accounted.
 local docs, buffer, exact, lsh, counters, offsets, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local echo_lsh, echo, echo_bands, provenance = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local hdr = cjson.decode(ARGV[1])
 local out = {}
 local blob = 1
 local next_off = {}
 for i, it in ipairs(hdr.items) do
-  local tp, off, outcome, reason, key, nbytes, bands = it[1], it[2], it[3], it[4], it[5], it[6], it[7]
+  local tp, off, outcome, reason, key, nbytes, bands, class = it[1], it[2], it[3], it[4], it[5], it[6], it[7], it[8]
   if outcome == 'candidate' then blob = blob + 1 end
   local stored = next_off[tp]
   if stored == nil then stored = tonumber(redis.call('HGET', offsets, tp) or '-1') end
@@ -39,7 +42,12 @@ for i, it in ipairs(hdr.items) do
         for _, b in ipairs(bands) do redis.call('HSET', lsh, b, key) end
         redis.call('HINCRBY', stats, 'buffer_docs', 1)
         redis.call('HINCRBY', stats, 'buffer_bytes', nbytes)
+        if class and class ~= '' then redis.call('HINCRBY', provenance, class, 1) end
       end
+    elseif outcome == 'indexed' and redis.call('ZSCORE', echo, key) == false then
+      redis.call('ZADD', echo, redis.call('HINCRBY', stats, 'echo_seq', 1), key)
+      redis.call('HSET', echo_bands, key, table.concat(bands, ','))
+      for _, b in ipairs(bands) do redis.call('HSET', echo_lsh, b, key) end
     end
     out[i] = outcome .. '|' .. reason
     redis.call('HINCRBY', counters, out[i], 1)
@@ -50,6 +58,19 @@ for i, it in ipairs(hdr.items) do
 end
 local excess = redis.call('ZCARD', exact) - hdr.max_exact
 if excess > 0 then redis.call('ZREMRANGEBYRANK', exact, 0, excess - 1) end
+local over = redis.call('ZCARD', echo) - (hdr.max_echo or 1e18)
+if over > 0 then
+  for _, old in ipairs(redis.call('ZRANGE', echo, 0, over - 1)) do
+    local bl = redis.call('HGET', echo_bands, old)
+    if bl then
+      for b in string.gmatch(bl, '[^,]+') do
+        if redis.call('HGET', echo_lsh, b) == old then redis.call('HDEL', echo_lsh, b) end
+      end
+    end
+    redis.call('HDEL', echo_bands, old)
+    redis.call('ZREM', echo, old)
+  end
+end
 out[#out + 1] = redis.call('HGET', stats, 'buffer_docs') or '0'
 out[#out + 1] = redis.call('HGET', stats, 'buffer_bytes') or '0'
 return out

@@ -1,0 +1,87 @@
+"""The guard against training on the model's own output (model collapse).
+
+Retraining on one's own generations degrades a model (Shumailov et al., 2024);
+keeping a share of real data in every round keeps the loop stable (Bertrand et
+al., 2023), and accumulating data works where replacing it does not
+(Gerstgrasser et al., 2024). So cptd:
+
+* indexes the served model's outputs (`echo_topics`, a topic of completions the
+  serving side publishes) with MinHash/LSH and calls an incoming document that
+  near-duplicates one of them an `echo`: dead-lettered, or kept and counted as
+  synthetic (`echo_action`). The echo index uses shorter shingles and a lower
+  LSH threshold than ingest dedup, because light paraphrases of a generation
+  (a few words swapped) must still match while two human texts rarely share a
+  third of their word trigrams;
+* caps the synthetic share (labelled, echoes, or flagged by the detector) of a
+  round's new tokens, and keeps real data (human + unknown new, plus replay)
+  above a floor;
+* lets only human and unknown documents into the replay reservoir by default,
+  so the real data accumulates;
+* records each round's shares, and counts the rounds in a row in which the cap
+  bound (a metric and an alert fire on it).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from policies.base import Section
+from policies.dedup import DedupPolicy
+from policies.provenance import PROVENANCE_CLASSES
+
+ECHO = "echo"  # reason code of a dead-lettered echo, and provenance rule of a kept one
+
+
+class CollapsePolicy(Section):
+    echo_topics: list[str] = Field(
+        default_factory=list,
+        description="Kafka topics of the served model's completions (same message format as documents); indexed, never trained on",
+    )
+    echo_action: Literal["dead_letter", "mark_synthetic"] = Field(
+        default="mark_synthetic",
+        description="an incoming document that near-duplicates an indexed completion: dead-lettered (reason echo), or kept as synthetic",
+    )
+    echo_ngram_size: int = Field(default=3, ge=1, le=16, description="words per shingle of the echo index")
+    echo_bands: int = Field(default=16, ge=1, le=64, description="LSH bands of the echo index")
+    echo_rows_per_band: int = Field(default=4, ge=1, le=32, description="rows per band; threshold ~ (1/bands)**(1/rows) = 0.5 at 16x4")
+    echo_max_docs: int = Field(default=200_000, ge=1, description="completions kept in the echo index (oldest evicted)")
+    synthetic_cap: float = Field(
+        default=0.15, ge=0, le=1, description="most share of a round's new tokens that may be synthetic or suspected (10-20% is safe)"
+    )
+    real_floor: float = Field(
+        default=0.5, ge=0, le=1, description="least share of a round's tokens (new + replay) that must be real: human or unknown"
+    )
+    replay_admits: list[str] = Field(
+        default=["human", "unknown"], description="provenance classes the replay reservoir accepts (real data accumulates)"
+    )
+    detector_threshold: float | None = Field(
+        default=None,
+        gt=0,
+        description="documents whose served/reference NLL ratio is below this are suspected machine-generated "
+        "(calibrate per deployment: `cptd calibrate-detector`); unset: no detector",
+    )
+    cap_alert_rounds: int = Field(default=3, ge=1, le=100, description="the cap binding this many rounds in a row raises the alert")
+
+    @model_validator(mode="after")
+    def _classes(self) -> CollapsePolicy:
+        bad = [c for c in self.replay_admits if c not in PROVENANCE_CLASSES]
+        if bad:
+            raise ValueError(f"replay_admits: unknown provenance classes {bad} (allowed: {list(PROVENANCE_CLASSES)})")
+        return self
+
+    @property
+    def effective_cap(self) -> float:
+        """The synthetic share of new tokens allowed by both the cap and the real-data floor (replay is always real)."""
+        return min(self.synthetic_cap, 1.0 - self.real_floor)
+
+
+def echo_dedup_policy(policy: CollapsePolicy) -> DedupPolicy:
+    """The MinHash/LSH parameters of the echo index, as a DedupPolicy for policies.dedup's kernels."""
+    return DedupPolicy(ngram_size=policy.echo_ngram_size, bands=policy.echo_bands, rows_per_band=policy.echo_rows_per_band, seed=7)
+
+
+def suspected(ratio: float | None, policy: CollapsePolicy) -> bool:
+    """Whether the detector flags a document: served-model NLL much lower than the reference model's."""
+    return policy.detector_threshold is not None and ratio is not None and ratio < policy.detector_threshold
