@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import ssl
 import time
@@ -216,6 +217,23 @@ class ServerInfo:
             runtime_lora_updating=flag is True or str(flag).strip().lower() in ("1", "true"),
             served_model_name=(served[0] if isinstance(served, list) and served else served) or None,
         )
+
+
+@dataclass(frozen=True)
+class DocScore:
+    """A document's log-likelihood under the served model: the sum over its scored tokens (all but the first,
+    which has no context) and how many there were. `nll` is nats per token; nan for a document with none."""
+
+    logprob_sum: float
+    tokens: int
+
+    @property
+    def nll(self) -> float:
+        return -self.logprob_sum / self.tokens if self.tokens else float("nan")
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll) if self.tokens else float("nan")
 
 
 # --------------------------------------------------------------------------- config
@@ -498,6 +516,68 @@ class Replica:
             return ServerInfo.from_response(r.json())
         except (ValueError, TypeError, KeyError) as e:
             raise ServingError(self.url, "server_info", f"unexpected /server_info answer: {e!r}") from None
+
+    def max_model_len(self, model: str | None = None) -> int | None:
+        """The context length `/v1/models` reports for `model` (default: the base model); None if it reports none."""
+        name = model or self.model_name()
+        for m in self.models():
+            if m.get("id") == name and m.get("max_model_len") is not None:
+                return int(m["max_model_len"])
+        return None
+
+    def prompt_logprobs(
+        self, texts: list[str], model: str | None = None, max_tokens_per_doc: int | None = None, *, batch_size: int = 32
+    ) -> list[DocScore]:
+        """Each document's log-likelihood under the served model, from `/v1/completions` with `echo` and `logprobs`.
+
+        Up to `batch_size` documents go in one request (the completions API takes a list of prompts). A document
+        is cut to its first `max_tokens_per_doc` tokens, and always to the server's `max_model_len` - 1 (one
+        position is held for the token the request must generate), by the server (`truncate_prompt_tokens`,
+        `truncation_side: right`), so nothing is rejected for its length. The first token has no logprob and is
+        not counted; an empty document scores `DocScore(0.0, 0)` and is not sent.
+        """
+        if max_tokens_per_doc is not None and max_tokens_per_doc < 2:
+            raise ValueError(f"max_tokens_per_doc must be >= 2 (the first token is not scored), got {max_tokens_per_doc}")
+        name = model or self.model_name()
+        server_len = self.max_model_len(name)
+        limits = [n for n in (max_tokens_per_doc, server_len - 1 if server_len else None) if n is not None]
+        truncate = min(limits) if limits else -1  # -1: the server's own limit (max_model_len - max_tokens)
+        out: list[DocScore] = [DocScore(0.0, 0)] * len(texts)
+        todo = [i for i, t in enumerate(texts) if t]
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start : start + batch_size]
+            step = f"prompt_logprobs (docs {start + 1}-{start + len(idx)} of {len(todo)})"
+            r = self.call(
+                step,
+                "POST",
+                "/v1/completions",
+                json_body={
+                    "model": name,
+                    "prompt": [texts[i] for i in idx],
+                    "echo": True,
+                    "logprobs": 0,
+                    "max_tokens": 1,
+                    "temperature": 0.0,
+                    "truncate_prompt_tokens": truncate,
+                    "truncation_side": "right",
+                },
+                timeout=max(self.config.timeout_s, 300.0),
+            )
+            try:
+                choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+                if len(choices) != len(idx):
+                    raise ValueError(f"{len(choices)} choices for {len(idx)} prompts")
+                for i, c in zip(idx, choices, strict=True):
+                    # echo: the (truncated) prompt's tokens, then the generated one; `prompt_logprobs` has one
+                    # entry per prompt token. The first prompt token has None.
+                    lps = c["logprobs"]["token_logprobs"]
+                    n_prompt = len(c["prompt_logprobs"]) if c.get("prompt_logprobs") is not None else len(lps) - 1
+                    lps = lps[:n_prompt]
+                    scored = [float(x) for x in lps[1:] if x is not None]
+                    out[i] = DocScore(math.fsum(scored), len(scored))
+            except (ValueError, TypeError, KeyError) as e:
+                raise ServingError(self.url, step, f"unexpected /v1/completions answer: {e!r}: {r.text[:300]}") from None
+        return out
 
     def load_lora(self, name: str, path: str) -> None:
         self.call("load_lora_adapter", "POST", "/v1/load_lora_adapter", json_body={"lora_name": name, "lora_path": path})
