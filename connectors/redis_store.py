@@ -68,6 +68,7 @@ OUTCOMES = ("accepted", "duplicate", "near_duplicate", "rejected", "dead_lettere
 _LUA_DIR = resources.files("connectors") / "lua"
 _DROP_DOC = "_drop_doc.lua"  # drop_doc(): a document's record and the LSH bands still pointing at it
 _FENCE = "_fence.lua"  # the fencing check every lease-holder write starts with
+_ECHO_INDEX = "_echo_index.lua"  # echo_add() / echo_evict(): the echo index of the served model's completions
 
 
 @functools.cache
@@ -220,7 +221,8 @@ class RedisStore:
         self.k_provenance, self.k_passes = p + "provenance", p + "passes"
         self.k_echo_lsh, self.k_echo, self.k_echo_bands = p + "echo_lsh", p + "echo", p + "echo_bands"
         self.k_replay, self.k_replay_members = p + "replay", p + "replay_members"
-        self._write = client.register_script(lua_source("write_batch.lua"))
+        self._write = client.register_script(lua_source("write_batch.lua", _ECHO_INDEX))
+        self._echo_add = client.register_script(lua_source("echo_add.lua", _ECHO_INDEX))
         self._remove = client.register_script(lua_source("remove_docs.lua", _DROP_DOC))
         self._replay_place = client.register_script(lua_source("replay_place.lua", _DROP_DOC))
         self.k_lease, self.k_epoch, self.k_rounds, self.k_round_seq = p + "lease", p + "epoch", p + "rounds", p + "round_seq"
@@ -279,6 +281,13 @@ class RedisStore:
             hits = [h for h in (next(found) for _ in bs) if h is not None]
             out.append(_text(hits[0]) if hits else None)
         return out
+
+    def echo_add(self, completions: Sequence[tuple[str, Sequence[str]]], max_echo: int) -> int:
+        """Index completions (content key, echo band keys) outside ingest; returns how many were new."""
+        args: list[Any] = [int(max_echo)]
+        for key, bands in completions:
+            args += [key, ",".join(bands)]
+        return int(self._echo_add(keys=[self.k_echo_lsh, self.k_echo, self.k_echo_bands, self.k_stats], args=args))
 
     def provenance_counts(self) -> dict[str, int]:
         """Accepted documents per provenance class, and the size of the echo index."""

@@ -84,15 +84,16 @@ class Daemon:
         try:
             out["counts"] = ingest_counts(self.store)
             out["buffer"] = self.store.buffer_stats()
+            # accepted documents per provenance class (human, unknown, synthetic) and the echo index size
+            out["provenance"] = self.store.provenance_counts()
             out["replay"] = {**self.store.replay_stats(), "cap": self.policy.replay.reservoir_docs}
             M.REPLAY_DOCS.set(out["replay"]["replay_docs"])
             M.REPLAY_CAP_DOCS.set(out["replay"]["cap"])
             out["rounds"] = self.runner.status()
             out["rounds"]["triggers"] = self.scheduler.jobs()
             latest = self.runner.list_rounds()[-1:]
-            out["rounds"]["latest"] = (
-                latest[0].model_dump(mode="json", include={"id", "state", "error", "created_at", "updated_at"}) if latest else None
-            )
+            shown = {"id", "state", "error", "created_at", "updated_at", "curation"}
+            out["rounds"]["latest"] = latest[0].model_dump(mode="json", include=shown) if latest else None
         except Exception as e:  # noqa: BLE001 - status must answer even when Redis is down
             out["redis_error"] = self.redis_reason(e)
         return out

@@ -31,6 +31,11 @@ def _print_status(st: dict[str, Any]) -> None:
         f"buffer      {b.get('buffer_docs', 0):,} docs   {b.get('buffer_bytes', 0) / 1e6:,.1f} MB   "
         f"dedup keys exact {b.get('exact_keys', 0):,} / lsh {b.get('lsh_keys', 0):,}"
     )
+    pv = st.get("provenance", {})
+    print(
+        f"provenance  human {pv.get('human', 0):,}   unknown {pv.get('unknown', 0):,}   synthetic {pv.get('synthetic', 0):,}   "
+        f"echo index {pv.get('echo_index', 0):,} completions"
+    )
     rp = st.get("replay", {})
     print(f"replay      {rp.get('replay_docs', 0):,} / {rp.get('cap', 0):,} docs (reservoir over {rp.get('replay_seen', 0):,} seen)")
     rd = st.get("rounds") or {}
@@ -43,6 +48,13 @@ def _print_status(st: dict[str, Any]) -> None:
             f"rounds      {role}, epoch {rd.get('epoch')}   latest {latest.get('id', '-')} {latest.get('state', '')}"
             + (f"   active {rd['active']}" if rd.get("active") else "")
         )
+        cur = latest.get("curation") or {}
+        if cur:
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in (cur.get("provenance") or {}).items())
+            print(
+                f"curation    {cur.get('chosen_docs', 0):,} of {cur.get('pool_docs', 0):,} chosen   dropped {cur.get('dropped') or {}}   "
+                f"new data {shares or '-'} (synthetic cap {cur.get('synthetic_cap', 0):.0%})"
+            )
         sv = rd.get("serving") or {}
         if sv:
             reps = ", ".join(f"{u} {r['version']} ({r['status']})" for u, r in sv.get("replicas", {}).items())
@@ -242,6 +254,37 @@ def cmd_run(a: argparse.Namespace) -> int:
     return run(s)
 
 
+def cmd_index_echoes(a: argparse.Namespace) -> int:
+    """Exit 0: all lines indexed; 1: some lines invalid (named, the rest indexed); 2: nothing could be read."""
+    from pathlib import Path
+
+    from connectors.redis_store import RedisStore
+    from daemon.index_echoes import index_echoes
+    from daemon.settings import Settings
+    from policies.config import PolicyError, load_policy
+
+    s = Settings() if a.policy is None else Settings(policy=a.policy)
+    try:
+        policy = load_policy(s.policy)
+    except PolicyError as e:
+        print(f"invalid policy: {e}", file=sys.stderr)
+        return 2
+    path = Path(a.file)
+    if not path.is_file():
+        print(f"{path}: no such file", file=sys.stderr)
+        return 2
+    store = RedisStore.from_url(s.redis_url.get_secret_value(), policy.name)
+    rep = index_echoes(path, store, policy)
+    out = {"lines": rep.lines, "indexed": rep.indexed, "invalid": len(rep.invalid), "echo_index": store.provenance_counts()["echo_index"]}
+    if a.json:
+        print(json.dumps({**out, "invalid_lines": [{"line": n, "reason": r, "detail": d} for n, r, d in rep.invalid]}))
+    else:
+        print(f"{path}: {rep.indexed:,} completions indexed; the echo index holds {out['echo_index']:,}")
+        for n, r, d in rep.invalid[:20]:
+            print(f"  line {n}: {r}: {d}", file=sys.stderr)
+    return 1 if rep.invalid else 0
+
+
 def cmd_seed_replay(a: argparse.Namespace) -> int:
     """Exit 0: all lines seeded; 1: some lines invalid (named, the rest seeded); 2: nothing could be read."""
     import random
@@ -341,6 +384,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--policy", default=None)
     p.add_argument("--seed", type=int, default=None, help="seed of the reservoir's draws (default: random)")
     p.set_defaults(fn=cmd_seed_replay)
+    p = add("index-echoes", help="index completions of the served model (JSONL) so that copies of them are caught as echoes")
+    p.add_argument("file")
+    p.add_argument("--policy", default=None)
+    p.set_defaults(fn=cmd_index_echoes)
     p = add("validate-policy", help="check a policy file; exit 1 and name the field if invalid")
     p.add_argument("file")
     p.set_defaults(fn=cmd_validate_policy)

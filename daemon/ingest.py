@@ -426,7 +426,7 @@ class Ingestor:
         pol = self.policy
         items: list[BatchItem] = []
         dead: list[Dead] = []
-        candidates: list[tuple[Any, Document, str, str | None, Provenance]] = []  # message, document, text, language, provenance
+        parsed_ok: list[tuple[Any, Document]] = []  # well-formed documents from the document topics
         completions: list[tuple[Any, str]] = []  # served-model outputs from collapse.echo_topics: message, text
         for m in msgs:
             if _key(m) in forced:
@@ -436,44 +436,49 @@ class Ingestor:
             try:
                 failpoints.hit("ingest.message", m.value)
                 parsed = parse_message(m.value, pol.ingest.max_message_bytes)
-                if isinstance(parsed, Malformed):
-                    dead.append((m, "dead_lettered", parsed.reason, parsed.detail, []))
-                    continue
-                if m.topic in self.echo_topics:
-                    completions.append((m, parsed.text))
-                    continue
-                refused = source_rejection(parsed.source, pol.provenance)
-                verdict = judge(parsed.text, self.filters, lang=parsed.lang)  # used when the policy trusts `lang`
-                if refused is None and verdict.accepted:
-                    prov = classify(verdict.text or parsed.text, parsed.source, parsed.meta, pol.provenance)
             except Exception as e:  # noqa: BLE001 - one message's failure must not stop ingest
-                dead.append(self._internal_error(m, "parse/filter", e))
+                dead.append(self._internal_error(m, "parse", e))
                 continue
-            if refused is not None:
-                if pol.ingest.dead_letter_filtered:
-                    dead.append((m, "rejected", refused, f"source {parsed.source!r}", []))
-                items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", refused))
-                continue
-            if not verdict.accepted:
-                if pol.ingest.dead_letter_filtered:
-                    dead.append((m, "rejected", verdict.reason or "rejected", "", []))
-                items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", verdict.reason or "rejected"))
-                continue
-            text = verdict.text or parsed.text  # the C4-cleaned text when the C4 rules ran
-            candidates.append((m, parsed, text, verdict.language, prov))
+            if isinstance(parsed, Malformed):
+                dead.append((m, "dead_lettered", parsed.reason, parsed.detail, []))
+            elif m.topic in self.echo_topics:
+                completions.append((m, parsed.text))
+            else:
+                parsed_ok.append((m, parsed))
         items += self._index_completions(completions, dead)
-        echoes = self._echo_hits([c[2] for c in candidates], completions)
+        # Echoes are found before the quality rules: whether a text repeats the model is the more specific verdict.
+        echoes = self._echo_hits([d.text for _, d in parsed_ok], completions)
+        candidates: list[tuple[Any, Document, str, str | None, Provenance, str | None]] = []  # ..., language, provenance, echo_of
+        for (m, parsed), echo_of in zip(parsed_ok, echoes, strict=True):
+            try:
+                refused = source_rejection(parsed.source, pol.provenance)
+                if refused is None and echo_of is not None:
+                    M.INGEST_ECHOES.labels(pol.collapse.echo_action).inc()
+                    if pol.collapse.echo_action == "dead_letter":
+                        refused = ECHO
+                if refused is not None:
+                    if pol.ingest.dead_letter_filtered:
+                        detail = f"near-duplicates completion {echo_of}" if refused == ECHO else f"source {parsed.source!r}"
+                        dead.append((m, "rejected", refused, detail, []))
+                    items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", refused))
+                    continue
+                verdict = judge(parsed.text, self.filters, lang=parsed.lang)  # used when the policy trusts `lang`
+                if not verdict.accepted:
+                    if pol.ingest.dead_letter_filtered:
+                        dead.append((m, "rejected", verdict.reason or "rejected", "", []))
+                    items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", verdict.reason or "rejected"))
+                    continue
+                text = verdict.text or parsed.text  # the C4-cleaned text when the C4 rules ran
+                prov = classify(text, parsed.source, parsed.meta, pol.provenance)
+                if echo_of is not None:
+                    prov = Provenance(prov.source, prov.domain, "synthetic", ECHO, prov.domain_rule)
+            except Exception as e:  # noqa: BLE001 - one message's failure must not stop ingest
+                dead.append(self._internal_error(m, "filter", e))
+                continue
+            candidates.append((m, parsed, text, verdict.language, prov, echo_of))
         now = time.time()
         keys = self._dedup_keys([c[2] for c in candidates])
-        for (m, d, text, language, prov), dk, echo_of in zip(candidates, keys, echoes, strict=True):
-            if echo_of is not None:
-                M.INGEST_ECHOES.labels(pol.collapse.echo_action).inc()
-                if pol.collapse.echo_action == "dead_letter":
-                    if pol.ingest.dead_letter_filtered:
-                        dead.append((m, "rejected", ECHO, f"near-duplicates completion {echo_of}", []))
-                    items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", ECHO))
-                    continue
-                prov = Provenance(prov.source, prov.domain, "synthetic", ECHO, prov.domain_rule)
+        for (m, d, text, language, prov, echo_of), dk in zip(candidates, keys, strict=True):
             try:
                 if isinstance(dk, Exception):
                     raise dk

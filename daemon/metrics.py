@@ -113,6 +113,9 @@ SYNTHETIC_CAP_BINDING_ROUNDS = Gauge(
     "Rounds in a row in which the synthetic cap left synthetic documents waiting (alert: collapse.cap_alert_rounds)",
     registry=REGISTRY,
 )
+SYNTHETIC_CAP_ALERT_ROUNDS = Gauge(
+    "cptd_synthetic_cap_alert_rounds", "collapse.cap_alert_rounds of the policy in force (the alert's threshold)", registry=REGISTRY
+)
 SCORING_DOCS_PER_SECOND = Gauge(
     "cptd_scoring_docs_per_second", "Documents per second the served model scored in the last curated round", registry=REGISTRY
 )

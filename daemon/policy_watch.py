@@ -28,6 +28,7 @@ class PolicyWatcher:
         self.last_error: str | None = None
         self._seen = self._digest()
         M.POLICY_INFO.info({"hash": policy_hash(current), "name": current.name})
+        M.SYNTHETIC_CAP_ALERT_ROUNDS.set(current.collapse.cap_alert_rounds)
 
     def _digest(self) -> str | None:
         try:
@@ -62,6 +63,7 @@ class PolicyWatcher:
         self.on_change(new)
         M.POLICY_RELOADS.inc()
         M.POLICY_INFO.info({"hash": new_hash, "name": new.name})
+        M.SYNTHETIC_CAP_ALERT_ROUNDS.set(new.collapse.cap_alert_rounds)
         log.info("policy reloaded", extra={"old_hash": old_hash, "policy_hash": new_hash})
         return True, new_hash
 

@@ -47,6 +47,10 @@ def seed_replay(path: Path, store: RedisStore, policy: Policy, rng: random.Rando
                 "text": t,
                 "ingested_at": now,
                 "source": meta.get("source") or f"seed:{path.name}:{n}",
+                # the operator vouches for the seed: a sample of what the model was trained on, real data
+                "provenance": "human",
+                "provenance_rule": "seed",
+                "domain": (meta.get("meta") or {}).get("domain") or "unknown",
             }
             for (n, t, meta), k in zip(pending, keys, strict=False)
         ]

@@ -18,9 +18,10 @@ round's budget) by per-document perplexity, one `/v1/completions` request with
    of the budget; a domain with too few documents leaves its quota to the
    others in proportion. Documents of over-represented domains wait in the
    buffer for a later round; they are not dropped.
-4. **Synthetic cap**: synthetic and suspected documents join only while their
-   share of the selected new tokens stays within `collapse.effective_cap`. They
-   wait too.
+4. **Synthetic cap**: synthetic and suspected documents join in their turn
+   while they stay within `collapse.effective_cap` of the budget; when the
+   buffer does not fill the budget, the latest of them are given back until
+   their share of what was chosen is within the cap. They wait too.
 
 A document passed over in `max_passes` rounds in a row is dropped
 (`passed_over`) so the pool, which is the oldest part of the buffer, cannot
@@ -166,39 +167,32 @@ def select_round(cands: Sequence[Candidate], budget_bytes: int, cur: CurationPol
         have[group(c)] = have.get(group(c), 0.0) + c.bytes
     sel.domain_quota = domain_quotas(have, targets, budget_bytes)
     used: dict[str, float] = {}
-    real = synth = 0.0
+    total = synth = 0.0
     cap = col.effective_cap
-    picked: set[str] = set()
-    deferred_synthetic: list[Candidate] = []
-    for c in order:  # real documents first pass; synthetic ones are placed after, against the real total
-        if real + synth + c.bytes > budget_bytes and picked:
+    picked: list[Candidate] = []
+    for c in order:
+        if total + c.bytes > budget_bytes and picked:
             sel.waiting[c.key] = "budget"
             continue
         g = group(c)
         if targets and used.get(g, 0.0) + c.bytes > sel.domain_quota.get(g, 0.0) + 0.5 * c.bytes:
             sel.waiting[c.key] = "domain_share"
             continue
-        if c.synthetic:
-            deferred_synthetic.append(c)
-            continue
-        picked.add(c.key)
-        used[g] = used.get(g, 0.0) + c.bytes
-        real += c.bytes
-    for c in deferred_synthetic:
-        if synth + c.bytes > cap * (real + synth + c.bytes):
+        if c.synthetic and synth + c.bytes > cap * budget_bytes:
             sel.waiting[c.key] = "synthetic_cap"
             sel.cap_binding = True
             continue
-        if real + synth + c.bytes > budget_bytes and picked:
-            sel.waiting[c.key] = "budget"
-            continue
-        g = group(c)
-        if targets and used.get(g, 0.0) + c.bytes > sel.domain_quota.get(g, 0.0) + 0.5 * c.bytes:
-            sel.waiting[c.key] = "domain_share"
-            continue
-        picked.add(c.key)
+        picked.append(c)
         used[g] = used.get(g, 0.0) + c.bytes
-        synth += c.bytes
+        total += c.bytes
+        synth += c.bytes if c.synthetic else 0.0
+    while synth > cap * total:  # the buffer did not fill the budget: give back the latest synthetic documents
+        c = next(c for c in reversed(picked) if c.synthetic)
+        picked.remove(c)
+        sel.waiting[c.key] = "synthetic_cap"
+        sel.cap_binding = True
+        total -= c.bytes
+        synth -= c.bytes
     for c in cands:  # oldest-first waits for the budget are only a queue; any other wait is a judgement on the document
         if c.key in sel.waiting and (sel.waiting[c.key] != "budget" or cur.select == "score"):
             if c.passes + 1 >= cur.max_passes:
@@ -206,7 +200,8 @@ def select_round(cands: Sequence[Candidate], budget_bytes: int, cur: CurationPol
                 del sel.waiting[c.key]
             else:
                 sel.passed.append(c.key)
-    sel.chosen = [c.key for c in cands if c.key in picked]
+    chosen = {c.key for c in picked}
+    sel.chosen = [c.key for c in cands if c.key in chosen]
     return sel
 
 

@@ -1,4 +1,4 @@
--- write_batch: one ingest batch in one call (documents, dedup keys, counters and per-partition offsets),
+-- write_batch: one ingest batch in one call, behind the _echo_index.lua prelude (documents, dedup keys, counters and per-partition offsets),
 -- so Redis has all of a batch or none of it.
 -- KEYS: docs, buffer, exact, lsh, counters, offsets, stats, echo_lsh, echo, echo_bands, provenance
 -- ARGV[1]: JSON header {max_exact, max_echo, items: [[tp, offset, outcome, reason, key, bytes, [band keys], class] ...]}
@@ -44,10 +44,8 @@ for i, it in ipairs(hdr.items) do
         redis.call('HINCRBY', stats, 'buffer_bytes', nbytes)
         if class and class ~= '' then redis.call('HINCRBY', provenance, class, 1) end
       end
-    elseif outcome == 'indexed' and redis.call('ZSCORE', echo, key) == false then
-      redis.call('ZADD', echo, redis.call('HINCRBY', stats, 'echo_seq', 1), key)
-      redis.call('HSET', echo_bands, key, table.concat(bands, ','))
-      for _, b in ipairs(bands) do redis.call('HSET', echo_lsh, b, key) end
+    elseif outcome == 'indexed' then
+      echo_add(echo_lsh, echo, echo_bands, stats, key, bands)
     end
     out[i] = outcome .. '|' .. reason
     redis.call('HINCRBY', counters, out[i], 1)
@@ -58,19 +56,7 @@ for i, it in ipairs(hdr.items) do
 end
 local excess = redis.call('ZCARD', exact) - hdr.max_exact
 if excess > 0 then redis.call('ZREMRANGEBYRANK', exact, 0, excess - 1) end
-local over = redis.call('ZCARD', echo) - (hdr.max_echo or 1e18)
-if over > 0 then
-  for _, old in ipairs(redis.call('ZRANGE', echo, 0, over - 1)) do
-    local bl = redis.call('HGET', echo_bands, old)
-    if bl then
-      for b in string.gmatch(bl, '[^,]+') do
-        if redis.call('HGET', echo_lsh, b) == old then redis.call('HDEL', echo_lsh, b) end
-      end
-    end
-    redis.call('HDEL', echo_bands, old)
-    redis.call('ZREM', echo, old)
-  end
-end
+echo_evict(echo_lsh, echo, echo_bands, hdr.max_echo)
 out[#out + 1] = redis.call('HGET', stats, 'buffer_docs') or '0'
 out[#out + 1] = redis.call('HGET', stats, 'buffer_bytes') or '0'
 return out

@@ -1,0 +1,55 @@
+"""`cptd index-echoes FILE.jsonl`: put completions of the served model into the echo index without a Kafka topic.
+
+Where the serving stack cannot publish its completions to a topic
+(`collapse.echo_topics`), an operator exports them (request logs, a sample
+generated for the purpose) and indexes them here; incoming documents that
+near-duplicate one are then echoes (docs/ingest.md, Provenance and echoes).
+Lines are validated like Kafka messages; a bad line is named and skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from connectors.redis_store import RedisStore
+from policies.collapse import echo_dedup_policy
+from policies.config import Policy
+from policies.dedup import band_keys, content_key, minhash_signatures
+from policies.document import Malformed, parse_message
+
+
+@dataclass
+class EchoReport:
+    lines: int = 0
+    indexed: int = 0  # new completions (a completion already indexed is not counted again)
+    invalid: list[tuple[int, str, str]] = field(default_factory=list)  # (line number, reason, detail)
+
+
+def index_echoes(path: Path, store: RedisStore, policy: Policy, batch: int = 1000) -> EchoReport:
+    report = EchoReport()
+    params = echo_dedup_policy(policy.collapse)
+    pending: list[str] = []
+
+    def flush() -> None:
+        if pending:
+            bands = band_keys(minhash_signatures(pending, params), params)
+            pairs = [(content_key(t), b) for t, b in zip(pending, bands, strict=True)]
+            report.indexed += store.echo_add(pairs, policy.collapse.echo_max_docs)
+            pending.clear()
+
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            report.lines = n
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            doc = parse_message(raw, policy.ingest.max_message_bytes)
+            if isinstance(doc, Malformed):
+                report.invalid.append((n, doc.reason, doc.detail))
+                continue
+            pending.append(doc.text)
+            if len(pending) >= batch:
+                flush()
+    flush()
+    return report
