@@ -285,6 +285,48 @@ def cmd_index_echoes(a: argparse.Namespace) -> int:
     return 1 if rep.invalid else 0
 
 
+def cmd_calibrate_detector(a: argparse.Namespace) -> int:
+    """Exit 0 with the threshold; 2 when a file is missing or the detector job fails."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from daemon.jobs.specs import DetectorSpec, read_texts
+    from daemon.settings import Settings
+    from policies.collapse import calibrate
+
+    files = {"human": Path(a.human), "generated": Path(a.generated)}
+    for name, f in files.items():
+        if not f.is_file():
+            print(f"--{name} {f}: no such file", file=sys.stderr)
+            return 2
+    reference = a.reference or str(Settings().base_checkpoint_path())
+    with tempfile.TemporaryDirectory(prefix="cptd-calibrate-") as tmp:
+        docs = Path(tmp) / "docs.jsonl"
+        rows = [{"key": f"{name}:{i}", "text": t} for name, f in files.items() for i, t in enumerate(read_texts(f))]
+        docs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        spec = DetectorSpec(
+            served=a.served, reference=reference, adapter=a.adapter, docs_path=str(docs), out_path=str(Path(tmp) / "scores.jsonl"),
+            max_len=a.max_len, device=a.device,
+        )  # fmt: skip
+        r = subprocess.run([sys.executable, "-m", "daemon.jobs.generated_text_detector", str(spec.write(Path(tmp) / "spec.json"))])
+        if r.returncode != 0:
+            print(f"the detector job exited with {r.returncode}", file=sys.stderr)
+            return 2
+        scores = [json.loads(x) for x in Path(spec.out_path).read_text().splitlines()]
+    by = {name: [s["score"] for s in scores if s["key"].startswith(name + ":") and s["score"] is not None] for name in files}
+    cal = calibrate(by["human"], by["generated"], a.max_false_positive)
+    if a.json:
+        print(json.dumps(cal.__dict__))
+    else:
+        print(
+            f"threshold {cal.threshold:.4f}: flags {cal.human_flagged:.1%} of {cal.human_docs} human documents and catches "
+            f"{cal.generated_caught:.1%} of {cal.generated_docs} generated ones\n"
+            f"policy: collapse: {{detector: true, detector_threshold: {cal.threshold:.4f}}}"
+        )
+    return 0
+
+
 def cmd_seed_replay(a: argparse.Namespace) -> int:
     """Exit 0: all lines seeded; 1: some lines invalid (named, the rest seeded); 2: nothing could be read."""
     import random
@@ -388,6 +430,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("file")
     p.add_argument("--policy", default=None)
     p.set_defaults(fn=cmd_index_echoes)
+    p = add("calibrate-detector", help="choose collapse.detector_threshold from held-out human and generated samples (JSONL)")
+    p.add_argument("--human", required=True, help="documents people wrote (JSONL with text)")
+    p.add_argument("--generated", required=True, help="documents the served model generated (JSONL with text)")
+    p.add_argument("--served", required=True, help="checkpoint directory of the served model")
+    p.add_argument("--adapter", default=None, help="the served LoRA adapter, if clients use one")
+    p.add_argument("--reference", default=None, help="the original base checkpoint (default $CPTD_BASE_CHECKPOINT)")
+    p.add_argument("--max-false-positive", type=float, default=0.01, help="share of human documents that may be flagged")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-len", type=int, default=512)
+    p.set_defaults(fn=cmd_calibrate_detector)
     p = add("validate-policy", help="check a policy file; exit 1 and name the field if invalid")
     p.add_argument("file")
     p.set_defaults(fn=cmd_validate_policy)

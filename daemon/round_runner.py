@@ -45,7 +45,7 @@ from connectors.redis_store import Fence, Fenced, RedisStore
 from connectors.vllm import ServingConfig, ServingController, ServingError, ServingState
 from daemon import failpoints
 from daemon import metrics as M
-from daemon.jobs.specs import DriftSpec, EvalReport, EvalSpec, TrainSpec
+from daemon.jobs.specs import DetectorSpec, DriftSpec, EvalReport, EvalSpec, TrainSpec
 from daemon.round_record import (
     PHASES,
     TERMINAL,
@@ -533,6 +533,9 @@ class RoundRunner:
         info: dict[str, Any] = {"pool_docs": len(pool)}
         if pol.curation.score == "perplexity":
             scores, info = self._score_pool(pol, pool, info)
+        if pol.collapse.detector:
+            for k, v in self._detector_scores(pol, rec, pool, data).items():
+                scores.setdefault(k, {})["detector"] = v
         passes = self.store.passes([d["key"] for d in pool])
         cands = [
             Candidate(
@@ -612,6 +615,29 @@ class RoundRunner:
             "scoring_docs_per_s": round(len(out) / took, 2),
             "scoring_tokens_per_s": round(tokens / took, 1),
         }
+
+    def _detector_scores(self, pol: Policy, rec: RoundRecord, pool: list[dict[str, Any]], data: Path) -> dict[str, float]:
+        """Binoculars scores of the pool (daemon/jobs/generated_text_detector.py), in a child on the trainer's device."""
+        served = rec.parent.checkpoint
+        if not served:
+            return {}
+        _write_jsonl(data / "pool.jsonl", [{"key": d["key"], "text": d["text"]} for d in pool])
+        spec = DetectorSpec(
+            served=served,
+            reference=str(self.settings.base_checkpoint_path()),
+            adapter=rec.parent.adapter_path,
+            docs_path=str(data / "pool.jsonl"),
+            out_path=str(data / "detector.jsonl"),
+            max_len=pol.curation.max_doc_tokens,
+            device=pol.train.device,
+            dtype=self._served_dtype(),
+        )
+        cmd = [sys.executable, "-m", "daemon.jobs.generated_text_detector", str(spec.write(self.round_dir(rec.id) / "detector-spec.json"))]
+        if self._child(cmd, self.round_dir(rec.id) / "detector.log", rec, timeout=3600) != 0:
+            log.warning("the generated-text detector failed; see detector.log", extra={"round_id": rec.id})
+            return {}
+        rows = [json.loads(x) for x in (data / "detector.jsonl").read_text().splitlines() if x.strip()]
+        return {r["key"]: r["score"] for r in rows if r.get("score") is not None}
 
     def _curation_after_take(self, rid: str, keys: list[str], data: Path) -> dict[str, Any]:
         """Once the round holds its documents: drop the outliers from the buffer, count passes, export the counts."""

@@ -27,6 +27,8 @@ al., 2023), and accumulating data works where replacing it does not
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -60,11 +62,16 @@ class CollapsePolicy(Section):
     replay_admits: list[str] = Field(
         default=["human", "unknown"], description="provenance classes the replay reservoir accepts (real data accumulates)"
     )
+    detector: bool = Field(
+        default=False,
+        description="score each candidate of a round for machine generation (Binoculars: NLL under the served model / "
+        "cross-entropy served -> original base; two forward passes per document on the trainer's device) and record it",
+    )
     detector_threshold: float | None = Field(
         default=None,
         gt=0,
-        description="documents whose served/reference NLL ratio is below this are suspected machine-generated "
-        "(calibrate per deployment: `cptd calibrate-detector`); unset: no detector",
+        description="documents whose detector score is below this are suspected machine-generated and count against the cap "
+        "(calibrate per deployment: `cptd calibrate-detector`); unset: scores are recorded, nothing is flagged",
     )
     cap_alert_rounds: int = Field(default=3, ge=1, le=100, description="the cap binding this many rounds in a row raises the alert")
 
@@ -86,6 +93,30 @@ def echo_dedup_policy(policy: CollapsePolicy) -> DedupPolicy:
     return DedupPolicy(ngram_size=policy.echo_ngram_size, bands=policy.echo_bands, rows_per_band=policy.echo_rows_per_band, seed=7)
 
 
-def suspected(ratio: float | None, policy: CollapsePolicy) -> bool:
-    """Whether the detector flags a document: served-model NLL much lower than the reference model's."""
-    return policy.detector_threshold is not None and ratio is not None and ratio < policy.detector_threshold
+def suspected(score: float | None, policy: CollapsePolicy) -> bool:
+    """Whether the detector flags a document: less surprising to the served model than the models expect."""
+    return policy.detector_threshold is not None and score is not None and score < policy.detector_threshold
+
+
+@dataclass(frozen=True)
+class Calibration:
+    threshold: float  # flag documents scoring below this
+    human_flagged: float  # share of the human sample below the threshold (false positives)
+    generated_caught: float  # share of the generated sample below it (true positives)
+    human_docs: int
+    generated_docs: int
+
+
+def calibrate(human: Sequence[float], generated: Sequence[float], max_false_positive: float = 0.01) -> Calibration:
+    """The highest threshold that flags at most `max_false_positive` of the human sample, and what it catches."""
+    if not human or not generated:
+        raise ValueError("calibration needs scores of both human and generated documents")
+    hs = sorted(human)
+    threshold = hs[min(int(max_false_positive * len(hs)), len(hs) - 1)]
+    return Calibration(
+        threshold=threshold,
+        human_flagged=sum(h < threshold for h in hs) / len(hs),
+        generated_caught=sum(g < threshold for g in generated) / len(generated),
+        human_docs=len(hs),
+        generated_docs=len(generated),
+    )

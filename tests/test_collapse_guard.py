@@ -130,3 +130,48 @@ def test_echoes_are_caught_capped_and_kept_out_of_replay(tmp_path, topics, redis
     if rec["state"] in ("DEPLOYED", "REJECTED"):  # released: only real documents entered the replay reservoir
         replay = dep.store.get_docs(dep.store.replay_keys())
         assert replay and all((r.get("provenance") or "unknown") != "synthetic" for r in replay)
+
+
+def test_detector_is_calibrated_on_samples_and_separates_held_out_ones(tmp_path, english_vllm, english_model):  # noqa: F811
+    """`cptd calibrate-detector` picks a threshold from one half; on the other half it still separates the two."""
+    import subprocess
+    import sys
+
+    from daemon.jobs.specs import DetectorSpec
+
+    policy = Policy()
+    human = good_docs(40, policy, seed=8)
+    prompts = [" ".join(d.split()[:12]) for d in english_docs(60, 1024, seed=78)]
+    gens = [g for g in generate(english_vllm.url, prompts, seed=9) if len(g.split()) >= 40][:40]
+    assert len(gens) >= 30
+    half_h, half_g = len(human) // 2, len(gens) // 2
+    files = {}
+    for name, texts in {"human": human[:half_h], "generated": gens[:half_g]}.items():
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cmd = [sys.executable, "-m", "daemon.cli", "--json", "calibrate-detector", "--human", str(files["human"])]
+    cmd += ["--generated", str(files["generated"]), "--served", str(english_model), "--reference", str(english_model)]
+    cmd += ["--max-false-positive", "0.05", "--device", "cpu", "--max-len", "256"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cal = json.loads(r.stdout.strip().splitlines()[-1])
+
+    held = tmp_path / "held.jsonl"
+    rows = [{"key": f"h{i}", "text": t} for i, t in enumerate(human[half_h:])] + [
+        {"key": f"g{i}", "text": t} for i, t in enumerate(gens[half_g:])
+    ]
+    held.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    spec = DetectorSpec(served=str(english_model), reference=str(english_model), docs_path=str(held), out_path=str(tmp_path / "s.jsonl"))
+    spec.device, spec.max_len = "cpu", 256
+    r = subprocess.run([sys.executable, "-m", "daemon.jobs.generated_text_detector", str(spec.write(tmp_path / "spec.json"))], timeout=900)
+    assert r.returncode == 0
+    scores = {x["key"]: x["score"] for x in map(json.loads, (tmp_path / "s.jsonl").read_text().splitlines())}
+    h = [v for k, v in scores.items() if k.startswith("h")]
+    g = [v for k, v in scores.items() if k.startswith("g")]
+    flagged, caught = sum(x < cal["threshold"] for x in h) / len(h), sum(x < cal["threshold"] for x in g) / len(g)
+    print(
+        f"\ndetector: threshold {cal['threshold']:.4f} (calibration: {cal['human_flagged']:.1%} human flagged, "
+        f"{cal['generated_caught']:.1%} generated caught); held out: {flagged:.1%} of {len(h)} human flagged, "
+        f"{caught:.1%} of {len(g)} generated caught"
+    )
+    assert caught >= 0.9 and flagged <= 0.1

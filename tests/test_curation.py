@@ -126,3 +126,15 @@ def test_a_document_passed_over_too_often_is_dropped():
     cands = [Candidate(f"s{i}", 100, provenance="synthetic", passes=4) for i in range(5)] + [Candidate("h", 100, provenance="human")]
     sel = select_round(cands, 10**6, CurationPolicy(max_passes=5), CollapsePolicy(synthetic_cap=0.0))
     assert sel.chosen == ["h"] and set(sel.dropped.values()) == {PASSED_OVER} and len(sel.dropped) == 5
+
+
+def test_calibration_flags_at_most_the_allowed_share_of_people():
+    from policies.collapse import calibrate
+
+    human = [0.9 + i / 1000 for i in range(200)]  # 0.900 .. 1.099
+    generated = [0.6 + i / 1000 for i in range(100)] + [0.95]  # one generation looks human
+    cal = calibrate(human, generated, max_false_positive=0.02)
+    assert cal.human_flagged <= 0.02 and cal.threshold == pytest.approx(0.904)
+    assert cal.generated_caught == pytest.approx(100 / 101)
+    with pytest.raises(ValueError):
+        calibrate([], generated)

@@ -227,3 +227,18 @@ class DriftSpec(_JsonSpec):
     seed: int = 0
     device: str = "auto"  # the trainer's device: CUDA when present, else CPU
     dtype: str | None = None  # the dtype vLLM serves in; None = the checkpoint's own
+
+
+@dataclass
+class DetectorSpec(_JsonSpec):
+    """Input of `python -m daemon.jobs.generated_text_detector SPEC.json`; it writes one JSON line per document to out_path."""
+
+    served: str  # checkpoint directory of the served model (the performer)
+    reference: str  # the original base checkpoint (the observer)
+    docs_path: str  # documents to score (JSONL with "text"; "key" carried through when present)
+    out_path: str  # per document: {"key", "nll", "xent", "score", "tokens"}
+    adapter: str | None = None  # the served LoRA adapter, on top of `served`
+    max_len: int = 512
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str | None = None
