@@ -436,8 +436,9 @@ def run(spec: TrainSpec) -> dict:
     spec_file = out / "spec.json"
     if spec_file.exists() and TrainSpec.from_json(spec_file.read_text()).digest() != spec.digest():
         raise SystemExit(f"{out} belongs to a different spec; refusing to mix rounds")
-    if main_proc:
-        spec_file.write_text(spec.to_json())
+    if main_proc:  # tmp + rename: the other ranks read it at the same time (a resume found it half written)
+        (out / "spec.json.tmp").write_text(spec.to_json())
+        os.replace(out / "spec.json.tmp", spec_file)
     if (out / "result.json").exists():  # finished already: a rerun is a no-op
         return json.loads((out / "result.json").read_text())
     log = Progress(out / "progress.jsonl", main_proc)
