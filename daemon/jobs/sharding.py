@@ -44,10 +44,23 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None, cpu_offload
     kw: dict = {"mp_policy": mp}
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
-    for layer in decoder_layers(model):
-        fully_shard(layer, **kw)
+    for unit in units(model):
+        fully_shard(unit, **kw)
     fully_shard(model, **kw)
     return model
+
+
+def units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules sharded below the root, in forward order: the input embedding, each decoder layer, the output
+    projection. The embedding and the LM head in their own units (torchtitan's wrapping) are gathered only around
+    their own forward and backward instead of through the whole step, as the root's parameters are; tied to each
+    other (one parameter) they stay in the root."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    tied = emb is not None and head is not None and getattr(emb, "weight", None) is getattr(head, "weight", 0)
+    first = [emb] if emb is not None and not tied else []
+    last = [head] if head is not None and not tied else []
+    return first + decoder_layers(model) + last
 
 
 def _trainable(model: torch.nn.Module) -> dict:
