@@ -20,7 +20,7 @@ Keys:
   offsets   HASH  "topic|partition" -> next offset not yet accounted for
   inflight  HASH  "topic|partition" -> JSON marker of the batch being processed (crash-loop guard, daemon/ingest.py)
   stats     HASH  buffer_docs, buffer_bytes, seq, redelivered, replay_seen, echo_seq
-  provenance HASH class (human, unknown, synthetic) -> documents accepted with it
+  provenance HASH class (human, unknown, synthetic) -> documents accepted with it; echoes -> messages found to echo a completion
   echo_lsh  HASH  echo band key -> completion key (echo index of the served model's outputs, policies/collapse.py)
   echo      ZSET  completion key -> arrival sequence (capped at collapse.echo_max_docs, oldest evicted)
   echo_bands HASH completion key -> its band keys, comma-separated (to evict them)
@@ -105,6 +105,7 @@ class BatchItem:
     bands: tuple[str, ...] = ()  # candidates: LSH band keys; indexed: echo band keys
     doc: dict[str, Any] | bytes | None = None  # stored document record (or its UTF-8 JSON), candidates only
     provenance: str = ""  # candidates: provenance class, counted when accepted
+    echo: bool = False  # near-duplicates an indexed completion of the served model (counted whatever the outcome)
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,8 @@ class RedisStore:
             "max_exact": max_exact_keys,
             "max_echo": max_echo,
             "items": [
-                [tp_key(i.topic, i.partition), i.offset, i.outcome, i.reason, i.key, i.nbytes, list(i.bands), i.provenance] for i in items
+                [tp_key(i.topic, i.partition), i.offset, i.outcome, i.reason, i.key, i.nbytes, list(i.bands), i.provenance, int(i.echo)]
+                for i in items
             ],
         }
         blobs = [

@@ -460,13 +460,14 @@ class Ingestor:
                     if pol.ingest.dead_letter_filtered:
                         detail = f"near-duplicates completion {echo_of}" if refused == ECHO else f"source {parsed.source!r}"
                         dead.append((m, "rejected", refused, detail, []))
-                    items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", refused))
+                    items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", refused, echo=echo_of is not None))
                     continue
                 verdict = judge(parsed.text, self.filters, lang=parsed.lang)  # used when the policy trusts `lang`
                 if not verdict.accepted:
                     if pol.ingest.dead_letter_filtered:
                         dead.append((m, "rejected", verdict.reason or "rejected", "", []))
-                    items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", verdict.reason or "rejected"))
+                    reason = verdict.reason or "rejected"
+                    items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", reason, echo=echo_of is not None))
                     continue
                 text = verdict.text or parsed.text  # the C4-cleaned text when the C4 rules ran
                 prov = classify(text, parsed.source, parsed.meta, pol.provenance)
@@ -506,7 +507,8 @@ class Ingestor:
             except Exception as e:  # noqa: BLE001 - one message's failure must not stop ingest
                 dead.append(self._internal_error(m, "dedup/record", e))
                 continue
-            items.append(BatchItem(m.topic, m.partition, m.offset, "candidate", "", key, nbytes, tuple(bk), record, prov.cls))
+            item = BatchItem(m.topic, m.partition, m.offset, "candidate", "", key, nbytes, tuple(bk), record, prov.cls, echo_of is not None)
+            items.append(item)
         self._send_dead_letters(dead)
         for m, outcome, reason, _, _ in dead:
             if outcome == "dead_lettered":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.dev.sample_corpus import english_docs
+from daemon.dev.sample_corpus import english_docs, light_paraphrase
 from daemon.dev.services import create_topics, wait_for
 from daemon.round_record import TERMINAL
 from policies.config import Policy
@@ -31,21 +31,6 @@ pytestmark = pytest.mark.slow
 
 TARGETS = {"news": 0.5, "docs": 0.3}  # the rest ("*"): forum and unlabelled
 CAP = 0.10  # the low end of the usual 10-20%: synthetic documents are ~1/3 of the buffer, so it binds
-
-
-def paraphrase(text: str, rng: random.Random, vocab: list[str], frac: float = 0.08) -> str:
-    """A light paraphrase: `frac` of the words replaced by other words or dropped, a few adjacent pairs swapped."""
-    words = []
-    for w in text.split():
-        r = rng.random()
-        if r < frac / 2:
-            words.append(rng.choice(vocab))
-        elif r >= frac:
-            words.append(w)
-    for _ in range(max(1, len(words) // 50)):
-        j = rng.randrange(len(words) - 1)
-        words[j], words[j + 1] = words[j + 1], words[j]
-    return " ".join(words)
 
 
 def test_echoes_are_caught_capped_and_kept_out_of_replay(tmp_path, topics, redis_url, bootstrap, english_vllm, english_model, ingest_procs):  # noqa: F811
@@ -70,14 +55,17 @@ def test_echoes_are_caught_capped_and_kept_out_of_replay(tmp_path, topics, redis
 
     # The served model writes: 180 completions of prompts cut from English prose; all must pass the heuristic filters,
     # since those that do not never reach a round anyway.
-    prompts = [" ".join(d.split()[:12]) for d in english_docs(260, 1024, seed=77)]
-    gens = [g for g in generate(english_vllm.url, prompts, seed=5) if len(g.split()) >= 40 and judge(g, filters).accepted]
+    prompts = list(dict.fromkeys(" ".join(d.split()[:12]) for d in english_docs(400, 1024, seed=77)))
+    # distinct texts: two documents that begin alike give one prompt, and the same prompt and seed give the same completion
+    gens = list(
+        dict.fromkeys(g for g in generate(english_vllm.url, prompts, seed=5) if len(g.split()) >= 40 and judge(g, filters).accepted)
+    )
     assert len(gens) >= 180, f"only {len(gens)} usable completions"
     echoed, labelled = gens[:120], gens[120:180]
     human = good_docs(120, policy, seed=5)
     vocab = [w for d in human[:30] for w in d.split()]
     copies = [{"text": g, "id": f"copy-{i}"} for i, g in enumerate(echoed[:60])]
-    paras = [p for p in (paraphrase(g, rng, vocab) for g in echoed[60:]) if judge(p, filters).accepted]
+    paras = [p for p in (light_paraphrase(g, rng, vocab) for g in echoed[60:]) if judge(p, filters).accepted]
     near = [{"text": p, "id": f"para-{i}"} for i, p in enumerate(paras)]
     domains = ["news", "news", "docs", "docs", "forum"]
     people = [{"text": t, "id": f"human-{i}", "source": "newsroom", "meta": {"domain": domains[i % 5]}} for i, t in enumerate(human)]
@@ -105,7 +93,7 @@ def test_echoes_are_caught_capped_and_kept_out_of_replay(tmp_path, topics, redis
     assert len(flagged) <= 0.02 * len(people)
     assert all(by_id[x["id"]]["provenance"] == "synthetic" for x in bots)
     counts = d.status()["provenance"]
-    assert counts["synthetic"] == len(caught) + len(bots) and counts["echo_index"] == len(echoed)
+    assert counts["synthetic"] == len(caught) + len(bots) and counts["echo_index"] == len(echoed) and counts["echoes"] == len(caught)
 
     rid = dep.trigger(d)
     rec = dep.wait_state(rid, TERMINAL, 600, d.proc)

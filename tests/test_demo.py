@@ -71,6 +71,9 @@ def test_demo_deploys_a_round_and_stops_everything(tmp_path: Path):
     before = re.search(r"before\s+(.*)", out).group(1)
     after = re.search(r"after\s+(.*)", out).group(1)
     assert before != after  # the deployed round changed what vLLM answers
+    caught, back = map(int, re.search(r"echoes: (\d+) of the (\d+) documents the served model wrote were caught", out).groups())
+    assert back == 40 and caught >= 0.9 * back, out[-3000:]  # its own outputs came back and were recognised
+    assert re.search(r"curation\s+\d+ of \d+ candidates chosen; \d+ scored by the served model", out), out[-3000:]
     assert "stopped the daemon, vLLM, Kafka and Redis" in out
     # Piped, progress comes as plain lines, one per update worth showing: no carriage returns, no bar redrawn in place.
     assert "\r" not in out and "\r" not in r.stderr

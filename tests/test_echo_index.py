@@ -32,6 +32,10 @@ def test_indexed_completions_are_counted_found_and_evicted(redis_client):
     # redelivered completions are skipped like any message; a human text finds nothing
     assert s.write_batch(items, 1000, max_echo=3).outcomes == ["skipped"] * 5
     assert s.echo_hits(_bands(english_docs(3, 800, seed=9), pol)) == [None, None, None]
+    # an echo is counted whatever its outcome: dead-lettered, rejected by a quality rule, or accepted as synthetic
+    echoes = [BatchItem("d", 0, 0, "rejected", "echo", echo=True), BatchItem("d", 0, 1, "rejected", "gopher_stop_words", echo=True)]
+    s.write_batch([*echoes, BatchItem("d", 0, 2, "candidate", "", "k", 5, (), {"text": "x", "bytes": 5}, "synthetic", True)], 1000)
+    assert {k: v for k, v in s.provenance_counts().items() if k != "echo_index"} == {"echoes": 3, "synthetic": 1}
 
 
 def test_cptd_index_echoes_reads_a_file_and_names_bad_lines(redis_client, tmp_path):
@@ -44,3 +48,58 @@ def test_cptd_index_echoes_reads_a_file_and_names_bad_lines(redis_client, tmp_pa
     assert rep.indexed == 4 and [(n, r) for n, r, _ in rep.invalid] == [(5, "invalid_field"), (6, "invalid_utf8")]
     assert index_echoes(f, s, pol).indexed == 0  # indexing twice adds nothing
     assert s.echo_hits(_bands(gens, pol)) == [content_key(g) for g in gens]
+
+
+def test_ingest_indexes_the_echo_topic_and_marks_copies(ingest_procs, redis_url, bootstrap, topics, tmp_path):
+    """Through a real broker: completions on the echo topic are indexed, copies on the document topic become synthetic
+    (or are dead-lettered), denied sources are rejected, and every offset is counted once."""
+    import random
+
+    from daemon.dev.sample_corpus import light_paraphrase
+    from daemon.dev.services import create_topics, wait_for
+    from policies.config import load_policy
+    from policies.quality import build_filters, judge
+    from tests.conftest import make_policy
+    from tests.streams import good_docs, produce
+
+    echo_topic = topics["docs"] + "-completions"
+    create_topics(bootstrap, {topics["docs"]: 2, topics["dlq"]: 1, echo_topic: 1})
+    path = make_policy(
+        tmp_path,
+        topics,
+        collapse={"echo_topics": [echo_topic]},
+        provenance={"human_sources": ["newsroom"], "denied_sources": ["spam*"], "classifier": {"examples": CLASSIFIER}},
+    )
+    pol = load_policy(path)
+    store = RedisStore.from_url(redis_url, pol.name)
+    d = ingest_procs(path, redis_url, bootstrap)
+    d.wait_assigned()
+    docs = good_docs(60, pol, seed=12)
+    gens, human = docs[:20], docs[20:]
+    produce(bootstrap, echo_topic, [json.dumps({"text": g}).encode() for g in gens])
+    wait_for(lambda: store.provenance_counts()["echo_index"] == len(gens), 60, "the echo index", 0.2, d.proc)
+    rng = random.Random(0)
+    vocab = [w for t in human for w in t.split()]
+    msgs = [{"text": g, "id": f"copy-{i}"} for i, g in enumerate(gens[:10])]
+    filters = build_filters(pol.quality)
+    paras = [p for p in (light_paraphrase(g, rng, vocab) for g in gens[10:]) if judge(p, filters).accepted]
+    msgs += [{"text": p, "id": f"para-{i}"} for i, p in enumerate(paras)]
+    msgs += [{"text": t, "id": f"human-{i}", "source": "newsroom"} for i, t in enumerate(human[:30])]
+    msgs += [{"text": t, "id": f"spam-{i}", "source": "spam-farm"} for i, t in enumerate(human[30:])]
+    produce(bootstrap, topics["docs"], [json.dumps(m).encode() for m in msgs], partitions=2)
+    wait_for(lambda: sum(store.counters().values()) == len(msgs) + len(gens), 60, "every offset accounted", 0.2, d.proc)
+    assert store.counters() == {("indexed", "echo"): 20, ("accepted", ""): 40 + len(paras), ("rejected", "source_denied"): 10}
+    by_id = {r["id"]: r for r in store.get_docs(store.buffer_keys())}
+    assert {by_id[f"copy-{i}"]["provenance_rule"] for i in range(10)} == {"echo"}
+    assert len(paras) >= 7 and sum(by_id[f"para-{i}"]["provenance_rule"] == "echo" for i in range(len(paras))) >= len(paras) - 1
+    assert {by_id[f"human-{i}"]["provenance"] for i in range(30)} == {"human"}
+    assert all(by_id[f"copy-{i}"]["echo_of"] for i in range(10))
+    counts = store.provenance_counts()
+    assert counts["human"] == 30 and counts["synthetic"] == counts["echoes"] >= 9 + len(paras)
+    assert d.status()["provenance"] == counts
+
+
+CLASSIFIER = {
+    "code": ["def main(): import os; return os.path.join(a, b) # the function returns the joined path"],
+    "prose": ["The river runs past the old town and the fields, where people walk in the evening."],
+}

@@ -2,7 +2,8 @@
 -- so Redis has all of a batch or none of it.
 -- KEYS: docs, buffer, exact, lsh, counters, offsets, stats, echo_lsh, echo, echo_bands, provenance
 -- ARGV[1]: JSON header {max_exact, max_echo, items: [[tp, offset, outcome, reason, key, bytes, [band keys], class] ...]}
---   class: a candidate's provenance class (counted in `provenance` when accepted); outcome "indexed": a completion of
+--   class: a candidate's provenance class (counted in `provenance` when accepted); echo: 1 when the message near-duplicates
+--   an indexed completion, whatever its outcome (counted as `provenance.echoes`); outcome "indexed": a completion of
 --   the served model (collapse.echo_topics) whose band keys go into the echo index, capped at max_echo (oldest evicted).
 -- ARGV[2..]: one document JSON blob per item whose outcome is "candidate" (in order).
 -- Returns {"outcome|reason" per item..., buffer_docs, buffer_bytes}; outcome "skipped" = already accounted.
@@ -13,7 +14,7 @@ local out = {}
 local blob = 1
 local next_off = {}
 for i, it in ipairs(hdr.items) do
-  local tp, off, outcome, reason, key, nbytes, bands, class = it[1], it[2], it[3], it[4], it[5], it[6], it[7], it[8]
+  local tp, off, outcome, reason, key, nbytes, bands, class, is_echo = it[1], it[2], it[3], it[4], it[5], it[6], it[7], it[8], it[9]
   if outcome == 'candidate' then blob = blob + 1 end
   local stored = next_off[tp]
   if stored == nil then stored = tonumber(redis.call('HGET', offsets, tp) or '-1') end
@@ -48,6 +49,7 @@ for i, it in ipairs(hdr.items) do
       echo_add(echo_lsh, echo, echo_bands, stats, key, bands)
     end
     out[i] = outcome .. '|' .. reason
+    if is_echo == 1 then redis.call('HINCRBY', provenance, 'echoes', 1) end
     redis.call('HINCRBY', counters, out[i], 1)
     stored = off + 1
   end

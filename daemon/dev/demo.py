@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlparse
@@ -36,6 +37,7 @@ from daemon.dev.services import Service, create_topics, free_port, kafka_service
 from daemon.round_record import TERMINAL
 
 PROMPT = "The model computes the gradient of the"
+COMPLETIONS_TOPIC = "cptd.completions"  # what the serving side logs: the served model's own outputs (collapse.echo_topics)
 TOKEN = "demo-token"
 DEMO_SHAPE = dict(
     vocab_size=2048,
@@ -313,6 +315,8 @@ def demo_policy(path: Path, round_steps: int) -> None:
                 "rounds": {"heldout_frac": 0.1, "heldout_max_docs": 48, "replay_heldout_docs": 48, "eval_checkpoints": 2, "watch_s": 3},
                 "gates": {"max_forgetting_nats": 0.5, "min_adaptation_nats": 0.0},
                 "triggers": {"min_gap_s": 0},
+                "curation": {"score": "perplexity"},
+                "collapse": {"echo_topics": [COMPLETIONS_TOPIC], "echo_action": "mark_synthetic", "synthetic_cap": 0.1},
             },
             sort_keys=False,
         )
@@ -348,7 +352,7 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
         kafka = kafka_service(root / "kafka").start()
         services.append(kafka)
         bootstrap = f"127.0.0.1:{kafka.port}"
-        create_topics(bootstrap, {"cptd.documents": 2, "cptd.dead-letter": 1})
+        create_topics(bootstrap, {"cptd.documents": 2, "cptd.dead-letter": 1, COMPLETIONS_TOPIC: 1})
         import redis as redis_lib
 
         rc = redis_lib.Redis(host="127.0.0.1", port=redis.port)
@@ -426,6 +430,7 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
                 return done >= len(msgs)
 
             wait_for(ingested, 300, "the daemon to account for every message", 0.3, daemon)
+        echoes = _stream_echoes(vllm.url, bootstrap, status, daemon)
         st = status()
         wait_for(lambda: status()["rounds"]["leader"], 60, "the daemon to take the round lease", 0.3, daemon)
 
@@ -441,7 +446,7 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
             requests.stop()
         after = _complete(vllm.url, PROMPT)
         vllm_pid = vllm.proc.pid if vllm.proc is not None and vllm.proc.poll() is None else None
-        _report(st, len(msgs), rec, requests, vllm_pid, before, after, time.monotonic() - t_start)
+        _report(st, len(msgs) + echoes["messages"], rec, requests, vllm_pid, before, after, time.monotonic() - t_start, echoes)
         return 0 if rec["state"] == "DEPLOYED" else 1
     except KeyboardInterrupt:
         print("\ninterrupted")
@@ -465,6 +470,44 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
             print("stopped " + (", ".join(stopped[:-1]) + " and " if len(stopped) > 1 else "") + stopped[-1])
         if on_term is not None:
             signal.signal(signal.SIGTERM, on_term)
+
+
+def _stream_echoes(url: str, bootstrap: str, status: Callable[[], dict], daemon: subprocess.Popen, n: int = 40) -> dict:
+    """The served model's outputs come back: its completions are logged to the echo topic, then half of them are
+    posted again as they are and half with light edits, on the document topic. Returns what the daemon caught."""
+    from kafka import KafkaProducer
+
+    from daemon.dev.sample_corpus import english_docs, light_paraphrase
+
+    rng = random.Random(11)
+    prompts = list(dict.fromkeys(" ".join(d.split()[:12]) for d in english_docs(4 * n, 1024, seed=31)))[:n]
+    body = {"model": "cptd", "prompt": prompts, "max_tokens": 160, "temperature": 0.8, "seed": 1}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=600)
+    r.raise_for_status()
+    gens = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    if len(set(gens)) < len(gens):  # the echo index keeps one entry per distinct text
+        raise RuntimeError(f"the served model gave {len(gens) - len(set(gens))} identical completions to {len(gens)} distinct prompts")
+    vocab = [w for d in english_docs(20, 1024, seed=32) for w in d.split()]
+    back = [{"text": g, "id": f"echo-{i}"} for i, g in enumerate(gens[: n // 2])]
+    back += [{"text": light_paraphrase(g, rng, vocab), "id": f"echo-{i}"} for i, g in enumerate(gens[n // 2 :], start=n // 2)]
+    prod = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    for g in gens:
+        prod.send(COMPLETIONS_TOPIC, json.dumps({"text": g}).encode())
+    prod.flush()
+    wait_for(lambda: status().get("provenance", {}).get("echo_index", 0) >= len(gens), 120, "the echo index", 0.3, daemon)
+    before = status()["counts"]["total"]
+    for m in back:
+        prod.send("cptd.documents", json.dumps(m).encode())
+    prod.flush()
+    prod.close()
+    wait_for(lambda: status()["counts"]["total"] >= before + len(back), 120, "the echoes to be accounted for", 0.3, daemon)
+    st = status()
+    print(
+        f"   echoes       {len(gens)} completions of the served model logged to {COMPLETIONS_TOPIC}; {len(back)} came back "
+        f"({n // 2} as they were, {n - n // 2} lightly edited): {st['provenance'].get('echoes', 0)} caught as echoes"
+    )
+    caught = st["provenance"].get("echoes", 0)
+    return {"completions": len(gens), "back": len(back), "messages": len(gens) + len(back), "caught": caught}
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -560,7 +603,9 @@ def _reason(r: str | dict) -> str:
     return r if isinstance(r, str) else str(r.get("message") or r.get("code") or r)
 
 
-def _report(st: dict, n_msgs: int, rec: dict, requests: RequestLoop, vllm_pid: int | None, before: str, after: str, took: float) -> None:
+def _report(
+    st: dict, n_msgs: int, rec: dict, requests: RequestLoop, vllm_pid: int | None, before: str, after: str, took: float, echoes: dict
+) -> None:
     """Every line from the round record (GET /rounds/{id}), the daemon's /status or a measurement of the demo's own."""
     print("\n" + "=" * 78 + f"\nREPORT  round {rec['id']}: {rec['state']}" + (f"  ({rec['error']})" if rec.get("error") else ""))
     print("=" * 78)
@@ -569,6 +614,20 @@ def _report(st: dict, n_msgs: int, rec: dict, requests: RequestLoop, vllm_pid: i
         f"messages       {n_msgs} produced, {c['total']} accounted for: "
         + ", ".join(f"{k} {v}" for k, v in sorted(c["by_outcome"].items()))
     )
+    pv = st.get("provenance") or {}
+    print(
+        f"provenance     accepted: human {pv.get('human', 0)}, unknown {pv.get('unknown', 0)}, synthetic {pv.get('synthetic', 0)}; "
+        f"echoes: {echoes['caught']} of the {echoes['back']} documents the served model wrote were caught"
+    )
+    cur = rec.get("curation") or {}
+    if cur:
+        print(
+            f"curation       {cur['chosen_docs']} of {cur['pool_docs']} candidates chosen; {cur['scored_docs']} scored by the served model "
+            f"({_num(cur.get('scoring_docs_per_s'), '.0f')} docs/s), dropped {cur['dropped'] or 'none'}; "
+            f"synthetic {cur['synthetic_share']:.1%} of new data (cap {cur['synthetic_cap']:.0%}"
+            + (", binding: the rest waits" if cur["cap_binding"] else "")
+            + ")"
+        )
     snap = rec.get("snapshot") or {}
     if snap:
         print(
