@@ -364,6 +364,21 @@ def state_megabytes(model, opt) -> float:
     return total / 2**20
 
 
+def release_freed_host_memory() -> None:
+    """glibc: serve every host allocation over 128 KiB from its own mapping, returned to the OS when freed.
+
+    glibc raises its mmap threshold (up to 32 MiB) after the first large free, and from then on puts tensors of that
+    size on the heap, where the holes activations and all-gather buffers leave behind stay resident: a CPU round's
+    RSS then grew by up to 1.5 GB over its first steps beyond what it held (bench/parallelism.py, docs/round-engine.md).
+    A fixed threshold (glibc's own default, 128 KiB) disables that raise. No-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -426,6 +441,8 @@ def run(spec: TrainSpec) -> dict:
     amp_dtype = DTYPES[MIXED[precision]] if precision in MIXED else None
     if spec.cpu_threads:
         torch.set_num_threads(spec.cpu_threads)
+    if device.type == "cpu" or tp.cpu_offload:  # the training state lives in host memory
+        release_freed_host_memory()
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -573,7 +590,8 @@ def run(spec: TrainSpec) -> dict:
     if step == 0:
         evaluate(0)
     model.train()
-    reset_peak_memory(device)  # the figure in `done` is what training holds, not the load
+    load_peak = peak_memory(device).get("peak_memory_mb", 0.0)  # process start, load, the start digest's gather
+    reset_peak_memory(device)  # peak_memory_mb in `done` is what the training steps hold, not the load
     train_peak: dict = {}
     while step < total_steps:
         if sp.kind == "infinite" and step == main_steps and (main_proc or fsdp) and not (out / "mainline" / "state.json").exists():
@@ -659,6 +677,8 @@ def run(spec: TrainSpec) -> dict:
             shutil.rmtree(out / d, ignore_errors=True)
         save_weights(out / "final.tmp", raw_model, tp, parent, full)
         os.replace(out / "final.tmp", out / "final")
+        if train_peak:  # the whole process on rank 0: load, training, checkpoints and the final gather and write
+            result["process_peak_memory_mb"] = max(load_peak, peak_memory(device).get("peak_memory_mb", 0.0))
         if sp.kind == "infinite" and not (out / "mainline" / "state.json").exists():  # an anneal of 0 steps cannot happen, but be sure
             raise RuntimeError("main line was not saved")
         (out / "result.json").write_text(json.dumps(result, indent=1))
