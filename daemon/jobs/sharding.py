@@ -3,8 +3,8 @@
 Why: full-weight CPT of a 7-8B model needs 12-16 bytes per parameter of
 training state, more than one 80 GB GPU holds, and DDP keeps all of it on
 every rank. FSDP2 (`fully_shard`) splits parameters, gradients and AdamW state
-across ranks, one unit per decoder layer plus the root, the way torchtitan
-wraps its models. Mid-round state is written with torch.distributed.checkpoint
+across ranks: a unit for the input embedding, one per decoder layer, one for
+the LM head and the root, the way torchtitan wraps its models. Mid-round state is written with torch.distributed.checkpoint
 (each rank its own shard, fp32 masters and optimizer state, so a resume is
 exact); the weights vLLM and the evaluator read are gathered once per
 checkpoint into an ordinary Hugging Face directory in the parent's dtype.
