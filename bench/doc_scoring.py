@@ -1,6 +1,7 @@
 """Document scoring throughput: `Replica.prompt_logprobs` against a vLLM server vs a transformers forward pass.
 
     python -m bench.doc_scoring [--docs 256] [--batch-size 32] [--model DIR | --pretrain-steps 300] [--url URL]
+    python -m bench.doc_scoring --quality      # what the scores are worth: good vs degraded documents
 
 Measured: documents and scored tokens per second of `prompt_logprobs` (one
 `/v1/completions` request per batch, `echo` + `logprobs`), against the baseline
@@ -18,6 +19,14 @@ given (that runs the demo's pre-training, ~2-3 min for 300 steps on 2 cores).
 With `--url` the server there is used (e.g. a GPU one) and `--model` must be
 the local copy of the checkpoint it serves (for the baseline; `--skip-hf`
 skips it).
+
+`--quality` measures instead what the scores can select: the demo's base model
+(pre-trained 300 steps unless `--model` is given) scores a buffer of good and
+degraded documents that all pass the heuristic filters
+(daemon/dev/degraded_corpus.py, held out from the pre-training text), and the
+rule "drop documents whose robust z-score of NLL (median / 1.4826 MAD of the
+buffer) is beyond k, then take the lowest NLL within the budget" is scored by
+the share of good documents it picks.
 """
 
 from __future__ import annotations
@@ -72,6 +81,48 @@ def hf_scores(model_dir: Path, docs: list[str], max_tokens: int, batch_size: int
     return out, time.perf_counter() - t0
 
 
+def quality(replica: Replica, args: argparse.Namespace) -> None:
+    """Per-kind NLL of `degraded_buffer` (held out from the demo's pre-training text) and how well "drop robust-z
+    outliers, then the lowest NLL within a budget" picks the good documents, for a 50/50 and a 60/40 buffer."""
+    import random
+    import statistics
+    from collections import Counter
+
+    from daemon.dev.degraded_corpus import KINDS, LABELS, degraded_buffer
+
+    n = args.quality_docs
+    buf = degraded_buffer(n, n, seed=args.seed, exclude=english_docs(400, 2048, seed=1))  # demo pre-training text
+    scores = replica.prompt_logprobs([t for t, _ in buf], model=args.served_name, max_tokens_per_doc=args.max_tokens)
+    rows = [(label, s.nll) for (_, label), s in zip(buf, scores, strict=True)]
+
+    def med_mad(xs: list[float]) -> tuple[float, float]:
+        m = statistics.median(xs)
+        return m, statistics.median(abs(x - m) for x in xs)
+
+    print(f"{len(rows)} documents, scored to {args.max_tokens} tokens; NLL nats/token, median / MAD per kind")
+    for label in LABELS:
+        m, d = med_mad([x for lab, x in rows if lab == label])
+        print(f"  {label:9s} n {sum(lab == label for lab, _ in rows):4d}  median {m:.3f}  MAD {d:.3f}")
+    good = [r for r in rows if r[0] == "good"]
+    bad = [r for r in rows if r[0] != "good"]
+    rng = random.Random(args.seed)
+    per_kind = -(-2 * n // 3 // len(KINDS))
+    bad_60_40 = [r for k in KINDS for r in rng.sample([b for b in bad if b[0] == k], min(per_kind, n // len(KINDS)))]
+    mixes = {"50/50": good + bad, "60/40": good + bad_60_40[: 2 * n // 3]}
+    for name, pool in mixes.items():
+        m, d = med_mad([x for _, x in pool])
+        budget = int(args.budget * len(pool))
+        print(f"{name} buffer, {len(pool)} docs (median {m:.3f}, MAD {d:.3f}); budget {budget} ({args.budget:.0%}):")
+        for k in (None, 3.0, 2.0):
+            z = [(x - m) / (1.4826 * d or 1e-9) for _, x in pool]
+            kept = [r for r, zz in zip(pool, z, strict=True) if k is None or -k <= zz <= k]
+            picked = sorted(kept, key=lambda r: r[1])[:budget]
+            c = Counter(lab for lab, _ in picked)
+            rule = "lowest NLL" if k is None else f"drop |z| > {k:g}, lowest NLL"
+            share = c["good"] / max(1, len(picked))
+            print(f"  {rule:27s} precision {share:.3f}  dropped {len(pool) - len(kept):3d}  picked {dict(sorted(c.items()))}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--docs", type=int, default=256)
@@ -84,7 +135,13 @@ def main() -> None:
     ap.add_argument("--served-name", help="model name on the server (default: its base model)")
     ap.add_argument("--hf-dtype", default="auto", help="baseline dtype: auto (the checkpoint's, as vLLM serves it), float32, ...")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--quality", action="store_true", help="instead: NLL of good vs degraded documents and selection precision")
+    ap.add_argument("--quality-docs", type=int, default=150, help="good documents (and as many degraded) for --quality")
+    ap.add_argument("--budget", type=float, default=0.4, help="--quality: fraction of the buffer selected")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.quality and args.model is None and args.pretrain_steps == 0:
+        args.pretrain_steps = 300  # a random-init model cannot tell good text from bad
 
     import torch
 
@@ -98,6 +155,9 @@ def main() -> None:
             server.start(timeout=400)
         try:
             replica = Replica(args.url if server is None else server.url)
+            if args.quality:
+                quality(replica, args)
+                return
             docs = english_docs(args.docs + args.batch_size, args.doc_bytes, seed=11)
             warm, docs = docs[: args.batch_size], docs[args.batch_size :]
             replica.prompt_logprobs(warm, model=args.served_name, max_tokens_per_doc=args.max_tokens, batch_size=args.batch_size)
