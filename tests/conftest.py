@@ -22,11 +22,18 @@ from daemon.dev.services import Service, create_topics, free_port, kafka_service
 
 REPO = Path(__file__).resolve().parent.parent
 
+# english_model / english_vllm (a small Llama that knows some English, served): one per session, shared by the
+# curation and collapse-guard tests.
+pytest_plugins = ["tests.curation_fixtures"]
+
 # Test tiers: `pytest -m "not slow"` is the quick loop (pure policies and units, Redis-only tests: a Redis starts
 # in milliseconds). A test is slow when it needs the Kafka broker (a consumer group takes ~10 s to join), a vLLM
 # server or the tiny models built for it, or ingest processes; whole modules that train or score models mark
 # themselves with `pytestmark = pytest.mark.slow`. `make test` runs both tiers.
-SLOW_FIXTURES = {"kafka_broker", "bootstrap", "topics", "ingest_procs", "tiny_models", "vllm_server", "vllm_crash_server"}
+SLOW_FIXTURES = {
+    "kafka_broker", "bootstrap", "topics", "ingest_procs", "tiny_models", "vllm_server", "vllm_crash_server",
+    "english_model", "english_vllm",
+}  # fmt: skip
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

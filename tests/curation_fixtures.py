@@ -25,7 +25,7 @@ def english_model(tmp_path_factory) -> Path:
     return build_base_model(tmp_path_factory.mktemp("english-model"), PRETRAIN_STEPS)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def english_vllm(english_model: Path):
     server = VLLMServer(
         model=str(english_model), served_model_name="english", max_model_len=512, log_path=english_model.parent / "vllm.log"

@@ -23,7 +23,7 @@ from daemon.dev.services import create_topics, wait_for
 from daemon.round_record import TERMINAL
 from policies.config import Policy
 from policies.quality import build_filters, judge
-from tests.curation_fixtures import english_model, english_vllm, generate  # noqa: F401 - fixtures
+from tests.curation_fixtures import generate
 from tests.streams import good_docs, produce
 from tests.test_round_runner import Deployment
 
@@ -33,7 +33,7 @@ TARGETS = {"news": 0.5, "docs": 0.3}  # the rest ("*"): forum and unlabelled
 CAP = 0.10  # the low end of the usual 10-20%: synthetic documents are ~1/3 of the buffer, so it binds
 
 
-def test_echoes_are_caught_capped_and_kept_out_of_replay(tmp_path, topics, redis_url, bootstrap, english_vllm, english_model, ingest_procs):  # noqa: F811
+def test_echoes_are_caught_capped_and_kept_out_of_replay(tmp_path, topics, redis_url, bootstrap, english_vllm, english_model, ingest_procs):
     completions_topic = topics["docs"] + "-completions"
     create_topics(bootstrap, {completions_topic: 1})
     dep = Deployment(
@@ -120,7 +120,7 @@ def test_echoes_are_caught_capped_and_kept_out_of_replay(tmp_path, topics, redis
         assert replay and all((r.get("provenance") or "unknown") != "synthetic" for r in replay)
 
 
-def test_detector_is_calibrated_on_samples_and_separates_held_out_ones(tmp_path, english_vllm, english_model):  # noqa: F811
+def test_detector_is_calibrated_on_samples_and_separates_held_out_ones(tmp_path, english_vllm, english_model):
     """`cptd calibrate-detector` picks a threshold from one half; on the other half it still separates the two."""
     import subprocess
     import sys
