@@ -22,6 +22,7 @@ from daemon.dev.sample_corpus import english_docs, light_paraphrase
 from daemon.dev.services import create_topics, wait_for
 from daemon.round_record import TERMINAL
 from policies.config import Policy
+from policies.dedup import document_keys
 from policies.quality import build_filters, judge
 from tests.curation_fixtures import generate
 from tests.streams import good_docs, produce
@@ -31,6 +32,19 @@ pytestmark = pytest.mark.slow
 
 TARGETS = {"news": 0.5, "docs": 0.3}  # the rest ("*"): forum and unlabelled
 CAP = 0.10  # the low end of the usual 10-20%: synthetic documents are ~1/3 of the buffer, so it binds
+
+
+def distinct(texts: list[str], others: list[str], policy: Policy) -> list[str]:
+    """`texts` that share no ingest dedup key (exact or LSH band) with `others` or with an earlier one."""
+    keys = document_keys([*others, *texts], policy.dedup)
+    seen = {k.content_key for k in keys[: len(others)]} | {b for k in keys[: len(others)] for b in k.band_keys}
+    out = []
+    for t, k in zip(texts, keys[len(others) :], strict=True):
+        mine = {k.content_key, *k.band_keys}
+        if not mine & seen:
+            out.append(t)
+            seen |= mine
+    return out
 
 
 def test_echoes_are_caught_capped_and_kept_out_of_replay(tmp_path, topics, redis_url, bootstrap, english_vllm, english_model, ingest_procs):
@@ -53,16 +67,15 @@ def test_echoes_are_caught_capped_and_kept_out_of_replay(tmp_path, topics, redis
     filters = build_filters(policy.quality)
     rng = random.Random(3)
 
-    # The served model writes: 180 completions of prompts cut from English prose; all must pass the heuristic filters,
-    # since those that do not never reach a round anyway.
-    prompts = list(dict.fromkeys(" ".join(d.split()[:12]) for d in english_docs(400, 1024, seed=77)))
-    # distinct texts: two documents that begin alike give one prompt, and the same prompt and seed give the same completion
-    gens = list(
-        dict.fromkeys(g for g in generate(english_vllm.url, prompts, seed=5) if len(g.split()) >= 40 and judge(g, filters).accepted)
-    )
-    assert len(gens) >= 180, f"only {len(gens)} usable completions"
-    echoed, labelled = gens[:120], gens[120:180]
+    # The served model writes: 180 completions of prompts cut from English prose. They must pass the heuristic filters
+    # (those that do not never reach a round anyway) and not be near-duplicates of each other or of the human documents
+    # (ingest's own dedup would drop those first), so that every document's fate is known in advance.
     human = good_docs(120, policy, seed=5)
+    prompts = list(dict.fromkeys(" ".join(d.split()[:12]) for d in english_docs(500, 1024, seed=77)))
+    out = [g for g in generate(english_vllm.url, prompts, seed=5) if len(g.split()) >= 50 and judge(g, filters).accepted]
+    gens = distinct(out, human, policy)
+    assert len(gens) >= 180, f"only {len(gens)} usable completions of {len(out)}"
+    echoed, labelled = gens[:120], gens[120:180]
     vocab = [w for d in human[:30] for w in d.split()]
     copies = [{"text": g, "id": f"copy-{i}"} for i, g in enumerate(echoed[:60])]
     paras = [p for p in (light_paraphrase(g, rng, vocab) for g in echoed[60:]) if judge(p, filters).accepted]
@@ -89,6 +102,7 @@ def test_echoes_are_caught_capped_and_kept_out_of_replay(tmp_path, topics, redis
         f"\necho detection: {len(caught)}/{len(generated)} generated copies caught ({len(copies)} exact, {len(near)} paraphrased);"
         f" human documents flagged: {len(flagged)}/{len(people)}; not buffered: {missing}"
     )
+    assert not missing  # every document's fate was known: all accepted
     assert len(caught) >= 0.9 * len(generated)
     assert len(flagged) <= 0.02 * len(people)
     assert all(by_id[x["id"]]["provenance"] == "synthetic" for x in bots)

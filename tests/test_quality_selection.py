@@ -47,7 +47,7 @@ def test_score_selection_takes_good_documents_and_trains_a_better_model(
     english_model,
     ingest_procs,
 ):
-    buf = degraded_buffer(60, 60, seed=3)
+    buf = degraded_buffer(72, 48, seed=3)  # 60% good
     total = sum(len(t.encode()) for t, _ in buf)
     dep = Deployment(
         tmp_path,

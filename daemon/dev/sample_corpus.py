@@ -449,16 +449,21 @@ def _compose(rng: random.Random, pool: tuple[str, ...], n: int, target_bytes: in
 
 
 def light_paraphrase(text: str, rng: random.Random, vocab: list[str], frac: float = 0.08) -> str:
-    """A light rewrite of `text`: `frac` of its words replaced from `vocab` or dropped, a few adjacent pairs swapped
-    (how a generation reposted with small edits looks to near-duplicate detection)."""
-    words = []
-    for w in text.split():
-        r = rng.random()
-        if r < frac / 2:
-            words.append(rng.choice(vocab))
-        elif r >= frac:
-            words.append(w)
-    for _ in range(max(1, len(words) // 50)):
-        j = rng.randrange(len(words) - 1)
-        words[j], words[j + 1] = words[j + 1], words[j]
-    return " ".join(words)
+    """A light rewrite of `text`: `frac` of its words replaced from `vocab` or dropped, a few adjacent pairs swapped,
+    line by line (how a generation reposted with small edits looks to near-duplicate detection)."""
+    out = []
+    for line in text.split("\n"):
+        words = []
+        for w in line.split():
+            r = rng.random()
+            if r < frac / 2:
+                words.append(rng.choice(vocab))
+            elif r >= frac:
+                words.append(w)
+        for _ in range(len(words) // 50 + (rng.random() < len(words) / 50)):
+            j = rng.randrange(len(words) - 1)
+            words[j], words[j + 1] = words[j + 1], words[j]
+        if words and line.rstrip()[-1:] in ".!?" and words[-1][-1:] not in ".!?":
+            words[-1] += line.rstrip()[-1]  # keep the line's end punctuation where an edit moved it
+        out.append(" ".join(words))
+    return "\n".join(out)
