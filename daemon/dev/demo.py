@@ -480,13 +480,15 @@ def _stream_echoes(url: str, bootstrap: str, status: Callable[[], dict], daemon:
     from daemon.dev.sample_corpus import english_docs, light_paraphrase
 
     rng = random.Random(11)
-    prompts = list(dict.fromkeys(" ".join(d.split()[:12]) for d in english_docs(4 * n, 1024, seed=31)))[:n]
-    body = {"model": "cptd", "prompt": prompts, "max_tokens": 160, "temperature": 0.8, "seed": 1}
+    prompts = list(dict.fromkeys(" ".join(d.split()[:12]) for d in english_docs(4 * n, 1024, seed=31)))[: 2 * n]
+    body = {"model": "cptd", "prompt": prompts, "max_tokens": 160, "temperature": 0.8}
     r = httpx.post(url + "/v1/completions", json=body, timeout=600)
     r.raise_for_status()
-    gens = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
-    if len(set(gens)) < len(gens):  # the echo index keeps one entry per distinct text
-        raise RuntimeError(f"the served model gave {len(gens) - len(set(gens))} identical completions to {len(gens)} distinct prompts")
+    # distinct completions of some length (a small model sometimes ends early or says the same thing twice)
+    out = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    gens = list(dict.fromkeys(g for g in out if len(g.split()) >= 30))[:n]
+    if len(gens) < n:
+        raise RuntimeError(f"the served model gave only {len(gens)} distinct completions of 30 words or more to {len(prompts)} prompts")
     vocab = [w for d in english_docs(20, 1024, seed=32) for w in d.split()]
     back = [{"text": g, "id": f"echo-{i}"} for i, g in enumerate(gens[: n // 2])]
     back += [{"text": light_paraphrase(g, rng, vocab), "id": f"echo-{i}"} for i, g in enumerate(gens[n // 2 :], start=n // 2)]
