@@ -551,6 +551,9 @@ class RoundRunner:
             for d, p in zip(pool, passes, strict=True)
         ]
         sel = select_round(cands, budget, pol.curation, pol.collapse)
+        if not sel.chosen:  # never fall back to taking the oldest documents the policy just refused
+            why = {r: list(sel.waiting.values()).count(r) for r in set(sel.waiting.values())}
+            raise RoundFailed(f"SNAPSHOT: curation chose none of {len(pool)} candidates (waiting {why}, dropped {len(sel.dropped)})", False)
         for k, z in sel.z.items():
             scores.setdefault(k, {})["z"] = round(z, 4)
         for c in cands:

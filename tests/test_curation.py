@@ -138,3 +138,11 @@ def test_calibration_flags_at_most_the_allowed_share_of_people():
     assert cal.generated_caught == pytest.approx(100 / 101)
     with pytest.raises(ValueError):
         calibrate([], generated)
+
+
+def test_nothing_selectable_selects_nothing():
+    """With a zero cap and only synthetic documents, nothing is chosen (the round runner then fails SNAPSHOT, never falls
+    back to the oldest documents)."""
+    cands = [Candidate(f"s{i}", 100, provenance="synthetic") for i in range(3)]
+    sel = select_round(cands, 10**6, CurationPolicy(), CollapsePolicy(synthetic_cap=0.0))
+    assert sel.chosen == [] and set(sel.waiting.values()) == {"synthetic_cap"}
