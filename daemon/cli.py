@@ -254,12 +254,11 @@ def cmd_run(a: argparse.Namespace) -> int:
     return run(s)
 
 
-def cmd_index_echoes(a: argparse.Namespace) -> int:
-    """Exit 0: all lines indexed; 1: some lines invalid (named, the rest indexed); 2: nothing could be read."""
+def _file_policy_store(a: argparse.Namespace):  # noqa: ANN202 - (path, policy, store) or an exit code
+    """What the file-loading commands share: the policy in force, `a.file`, and the deployment's Redis store; 2 on failure."""
     from pathlib import Path
 
     from connectors.redis_store import RedisStore
-    from daemon.index_echoes import index_echoes
     from daemon.settings import Settings
     from policies.config import PolicyError, load_policy
 
@@ -273,7 +272,17 @@ def cmd_index_echoes(a: argparse.Namespace) -> int:
     if not path.is_file():
         print(f"{path}: no such file", file=sys.stderr)
         return 2
-    store = RedisStore.from_url(s.redis_url.get_secret_value(), policy.name)
+    return path, policy, RedisStore.from_url(s.redis_url.get_secret_value(), policy.name)
+
+
+def cmd_index_echoes(a: argparse.Namespace) -> int:
+    """Exit 0: all lines indexed; 1: some lines invalid (named, the rest indexed); 2: nothing could be read."""
+    from daemon.index_echoes import index_echoes
+
+    opened = _file_policy_store(a)
+    if isinstance(opened, int):
+        return opened
+    path, policy, store = opened
     rep = index_echoes(path, store, policy)
     out = {"lines": rep.lines, "indexed": rep.indexed, "invalid": len(rep.invalid), "echo_index": store.provenance_counts()["echo_index"]}
     if a.json:
@@ -330,24 +339,13 @@ def cmd_calibrate_detector(a: argparse.Namespace) -> int:
 def cmd_seed_replay(a: argparse.Namespace) -> int:
     """Exit 0: all lines seeded; 1: some lines invalid (named, the rest seeded); 2: nothing could be read."""
     import random
-    from pathlib import Path
 
-    from connectors.redis_store import RedisStore
     from daemon.seed_replay import seed_replay
-    from daemon.settings import Settings
-    from policies.config import PolicyError, load_policy
 
-    s = Settings() if a.policy is None else Settings(policy=a.policy)
-    try:
-        policy = load_policy(s.policy)
-    except PolicyError as e:
-        print(f"invalid policy: {e}", file=sys.stderr)
-        return 2
-    path = Path(a.file)
-    if not path.is_file():
-        print(f"{path}: no such file", file=sys.stderr)
-        return 2
-    store = RedisStore.from_url(s.redis_url.get_secret_value(), policy.name)
+    opened = _file_policy_store(a)
+    if isinstance(opened, int):
+        return opened
+    path, policy, store = opened
     rep = seed_replay(path, store, policy, random.Random(a.seed))
     st = store.replay_stats()
     out = {

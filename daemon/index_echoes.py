@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from connectors.redis_store import RedisStore
+from daemon.seed_replay import read_messages
 from policies.collapse import echo_dedup_policy
 from policies.config import Policy
 from policies.dedup import band_keys, content_key, minhash_signatures
-from policies.document import Malformed, parse_message
+from policies.document import Malformed
 
 
 @dataclass
@@ -38,18 +39,13 @@ def index_echoes(path: Path, store: RedisStore, policy: Policy, batch: int = 100
             report.indexed += store.echo_add(pairs, policy.collapse.echo_max_docs)
             pending.clear()
 
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            report.lines = n
-            raw = raw.rstrip(b"\r\n")
-            if not raw.strip():
-                continue
-            doc = parse_message(raw, policy.ingest.max_message_bytes)
-            if isinstance(doc, Malformed):
-                report.invalid.append((n, doc.reason, doc.detail))
-                continue
+    for n, doc in read_messages(path, policy.ingest.max_message_bytes):
+        report.lines = n
+        if isinstance(doc, Malformed):
+            report.invalid.append((n, doc.reason, doc.detail))
+        elif doc is not None:
             pending.append(doc.text)
-            if len(pending) >= batch:
-                flush()
+        if len(pending) >= batch:
+            flush()
     flush()
     return report

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from connectors.redis_store import RedisStore
 from policies.config import Policy
 from policies.dedup import document_keys
-from policies.document import Malformed, parse_message
+from policies.document import Document, Malformed, parse_message
 from policies.replay import reservoir_slot
 
 
@@ -27,6 +28,14 @@ class SeedReport:
     offered: int = 0
     placed: int = 0
     invalid: list[tuple[int, str, str]] = field(default_factory=list)  # (line number, reason, detail)
+
+
+def read_messages(path: Path, max_bytes: int) -> Iterator[tuple[int, Document | Malformed | None]]:
+    """(line number, the line parsed like a Kafka message) for every line of a JSONL file; None for a blank line."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            raw = raw.rstrip(b"\r\n")
+            yield n, (parse_message(raw, max_bytes) if raw.strip() else None)
 
 
 def seed_replay(path: Path, store: RedisStore, policy: Policy, rng: random.Random, batch: int = 1000) -> SeedReport:
@@ -58,18 +67,14 @@ def seed_replay(path: Path, store: RedisStore, policy: Policy, rng: random.Rando
         report.placed += store.replay_offer(records, policy.replay.reservoir_docs, rng.random, reservoir_slot)
         pending.clear()
 
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            report.lines = n
-            raw = raw.rstrip(b"\r\n")
-            if not raw.strip():
-                continue
-            doc = parse_message(raw, policy.ingest.max_message_bytes)
-            if isinstance(doc, Malformed):
-                report.invalid.append((n, doc.reason, doc.detail))
-                continue
+    for n, doc in read_messages(path, policy.ingest.max_message_bytes):
+        report.lines = n
+        if isinstance(doc, Malformed):
+            report.invalid.append((n, doc.reason, doc.detail))
+            continue
+        if doc is not None:
             pending.append((n, doc.text, {"id": doc.id, "source": doc.source, "lang": doc.lang, "ts": doc.ts, "meta": doc.meta}))
-            if len(pending) >= batch:
-                flush()
+        if len(pending) >= batch:
+            flush()
     flush()
     return report

@@ -37,7 +37,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from policies.base import Section
+from policies.base import Section, check_shares
 from policies.collapse import CollapsePolicy
 
 PPL_LOW, PPL_HIGH, PASSED_OVER = "ppl_low", "ppl_high", "passed_over"
@@ -69,12 +69,7 @@ class CurationPolicy(Section):
     @field_validator("domain_targets")
     @classmethod
     def _shares(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {k: x for k, x in v.items() if not 0 <= x <= 1}
-        if bad:
-            raise ValueError(f"shares must be in [0, 1]: {bad}")
-        if sum(v.values()) > 1 + 1e-9:
-            raise ValueError(f"shares add up to {sum(v.values()):.3f} > 1")
-        return v
+        return check_shares(v)
 
 
 @dataclass(frozen=True)

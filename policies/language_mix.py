@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from policies.base import Section
+from policies.base import Section, check_shares
 
 
 class LanguageMixPolicy(Section):
@@ -30,12 +30,7 @@ class LanguageMixPolicy(Section):
     @field_validator("targets")
     @classmethod
     def _shares(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {k: x for k, x in v.items() if not 0 <= x <= 1}
-        if bad:
-            raise ValueError(f"shares must be in [0, 1]: {bad}")
-        if sum(v.values()) > 1 + 1e-9:
-            raise ValueError(f"shares add up to {sum(v.values()):.3f} > 1")
-        return v
+        return check_shares(v)
 
 
 def shares(sizes: Mapping[str, float]) -> dict[str, float]:
