@@ -27,6 +27,7 @@ import random
 import re
 from collections.abc import Iterable
 
+from daemon.dev.sample_corpus import _compose as compose
 from daemon.dev.sample_corpus import _prose_pool
 
 KINDS = ("shuffled", "stuffed", "mt_noise")
@@ -47,17 +48,8 @@ def _pool(exclude: Iterable[str]) -> tuple[str, ...]:
 
 
 def _compose(rng: random.Random, pool: tuple[str, ...], target_bytes: int) -> str:
-    out: list[str] = []
-    size = 0
-    for i in rng.sample(range(len(pool)), k=min(len(pool), 200)):
-        par = pool[i]
-        if size + len(par) + 1 > target_bytes and out:
-            if size >= 0.8 * target_bytes:
-                break
-            continue
-        out.append(par)
-        size += len(par) + 1
-    return "\n".join(out)
+    """One document composed the way sample_corpus.english_docs composes them."""
+    return compose(rng, pool, 1, target_bytes)[0]
 
 
 def sentences(text: str) -> list[str]:
