@@ -610,7 +610,8 @@ class RoundRunner:
             step = pol.curation.batch_docs
             for i in range(0, len(pool), step):
                 chunk = pool[i : i + step]
-                res = client.prompt_logprobs([d["text"] for d in chunk], model=model, max_tokens_per_doc=pol.curation.max_doc_tokens)
+                texts = [d["text"] for d in chunk]
+                res = client.prompt_logprobs(texts, model=model, max_tokens_per_doc=pol.curation.max_doc_tokens, batch_size=step)
                 for d, r in zip(chunk, res, strict=True):
                     if r.tokens > 0:
                         out[d["key"]] = {"nll": round(r.nll, 5), "scored_tokens": r.tokens}
