@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -445,9 +445,10 @@ class Ingestor:
                 completions.append((m, parsed.text))
             else:
                 parsed_ok.append((m, parsed))
-        items += self._index_completions(completions, dead)
+        indexed = self._index_completions(completions, dead)
+        items += indexed
         # Echoes are found before the quality rules: whether a text repeats the model is the more specific verdict.
-        echoes = self._echo_hits([d.text for _, d in parsed_ok], completions)
+        echoes = self._echo_hits([d.text for _, d in parsed_ok], indexed)
         candidates: list[tuple[Any, Document, str, str | None, Provenance, str | None]] = []  # ..., language, provenance, echo_of
         for (m, parsed), echo_of in zip(parsed_ok, echoes, strict=True):
             try:
@@ -472,7 +473,7 @@ class Ingestor:
                 text = verdict.text or parsed.text  # the C4-cleaned text when the C4 rules ran
                 prov = classify(text, parsed.source, parsed.meta, pol.provenance)
                 if echo_of is not None:
-                    prov = Provenance(prov.source, prov.domain, "synthetic", ECHO, prov.domain_rule)
+                    prov = replace(prov, cls="synthetic", rule=ECHO)
             except Exception as e:  # noqa: BLE001 - one message's failure must not stop ingest
                 dead.append(self._internal_error(m, "filter", e))
                 continue
@@ -537,8 +538,8 @@ class Ingestor:
                 dead.append(self._internal_error(m, "echo index", e))
         return items
 
-    def _echo_hits(self, texts: list[str], completions: list[tuple[Any, str]]) -> list[str | None]:
-        """Per candidate text, the indexed completion it near-duplicates (in Redis or in this batch), or None."""
+    def _echo_hits(self, texts: list[str], indexed: list[BatchItem]) -> list[str | None]:
+        """Per candidate text, the indexed completion it near-duplicates (in Redis, or `indexed` in this batch), or None."""
         if self._echo_index_seen is None:
             counts = self._try(self.store.provenance_counts, "provenance_counts")
             self._echo_index_seen = bool(counts and counts["echo_index"])
@@ -550,10 +551,8 @@ class Ingestor:
             log.error("echo hashing failed; batch not checked for echoes", extra={"error": f"{type(e).__name__}: {e}"})
             return [None] * len(texts)
         hits = self.store.echo_hits(bands)
-        if completions:
-            local: dict[str, str] = {}
-            for b_list, (_, t) in zip(self._echo_bands([t for _, t in completions]), completions, strict=True):
-                local.update(dict.fromkeys(b_list, content_key(t)))
+        if indexed:
+            local = {b: it.key for it in indexed for b in it.bands}
             hits = [h or next((local[b] for b in bs if b in local), None) for h, bs in zip(hits, bands, strict=True)]
         return hits
 

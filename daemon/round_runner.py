@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from dataclasses import fields as dataclass_fields
@@ -107,12 +108,21 @@ def _pdeathsig() -> None:
         pass
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
-    """Atomic write; returns the sha256 of the content (the manifest hash of the lineage)."""
-    blob = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
+def _write_atomic(path: Path, blob: bytes) -> None:
+    """tmp file + rename: a reader (or a resumed round) sees the old file or the whole new one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(blob)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    _write_atomic(path, json.dumps(obj, ensure_ascii=False).encode())
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    """Atomic write; returns the sha256 of the content (the manifest hash of the lineage)."""
+    blob = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
+    _write_atomic(path, blob)
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -415,14 +425,16 @@ class RoundRunner:
         data = self.round_dir(rid) / "data"
         data.mkdir(parents=True, exist_ok=True)
         chosen: list[str] = []
+        pool: dict[str, dict[str, Any]] = {}  # the candidates' records, already read: not read again below
         if not self.store.round_docs(rid):  # a resumed SNAPSHOT whose documents already moved keeps its selection
-            chosen = self._curate(pol, rec, budget, data)
+            chosen, pool = self._curate(pol, rec, budget, data)
         keys = self.store.snapshot_take(self._fence(), rid, budget, chosen=chosen)
         failpoints.hit("snapshot.taken")
         if not keys:
             raise RoundFailed("SNAPSHOT: the buffer is empty", requeue=False)
-        cur = self._curation_after_take(rid, keys, data)
-        docs = {d["key"]: d for d in self._docs_with_keys(keys)}
+        cur = self._curation_after_take(keys, data)
+        docs = {d["key"]: d for d in self._docs_with_keys([k for k in keys if k not in pool])}
+        docs.update((k, pool[k]) for k in keys if k in pool)
         missing = [k for k in keys if k not in docs]
         if missing:
             raise RoundFailed(f"SNAPSHOT: {len(missing)} document records missing from Redis (e.g. {missing[0]})")
@@ -523,12 +535,13 @@ class RoundRunner:
         )
 
     # ------------------------------------------------------------------ curation (policies/curation.py)
-    def _curate(self, pol: Policy, rec: RoundRecord, budget: int, data: Path) -> list[str]:
+    def _curate(self, pol: Policy, rec: RoundRecord, budget: int, data: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
         """Score the candidate pool with the served model, select the round's documents, and write the decision
-        to data/curation.json before any document moves (a resumed SNAPSHOT reads it back)."""
+        to data/curation.json before any document moves (a resumed SNAPSHOT reads it back). Returns the chosen
+        keys and the pool's records by key."""
         pool = self.store.oldest_buffered(int(budget * pol.curation.pool_factor))
         if not pool:
-            return []
+            return [], {}
         scores: dict[str, dict[str, Any]] = {}
         info: dict[str, Any] = {"pool_docs": len(pool)}
         if pol.curation.score == "perplexity":
@@ -552,7 +565,7 @@ class RoundRunner:
         ]
         sel = select_round(cands, budget, pol.curation, pol.collapse)
         if not sel.chosen:  # never fall back to taking the oldest documents the policy just refused
-            why = {r: list(sel.waiting.values()).count(r) for r in set(sel.waiting.values())}
+            why = dict(Counter(sel.waiting.values()))
             raise RoundFailed(f"SNAPSHOT: curation chose none of {len(pool)} candidates (waiting {why}, dropped {len(sel.dropped)})", False)
         for k, z in sel.z.items():
             scores.setdefault(k, {})["z"] = round(z, 4)
@@ -578,14 +591,12 @@ class RoundRunner:
             "domains": shares_by(cands, sel.chosen, "domain"),
             "provenance": shares_by(cands, sel.chosen, "provenance"),
         }
-        tmp = data / "curation.json.tmp"
-        tmp.write_text(json.dumps(out, ensure_ascii=False))
-        os.replace(tmp, data / "curation.json")
+        _write_json(data / "curation.json", out)
         log.info(
             "curated the round's documents",
             extra={"round_id": rec.id, "pool": len(pool), "chosen": len(sel.chosen), "dropped": len(sel.dropped)},
         )
-        return sel.chosen
+        return sel.chosen, {d["key"]: d for d in pool}
 
     def _score_pool(
         self, pol: Policy, pool: list[dict[str, Any]], info: dict[str, Any]
@@ -607,18 +618,17 @@ class RoundRunner:
         out: dict[str, dict[str, Any]] = {}
         tokens = 0
         try:
-            step = pol.curation.batch_docs
-            for i in range(0, len(pool), step):
-                chunk = pool[i : i + step]
-                texts = [d["text"] for d in chunk]
-                res = client.prompt_logprobs(texts, model=model, max_tokens_per_doc=pol.curation.max_doc_tokens, batch_size=step)
-                for d, r in zip(chunk, res, strict=True):
-                    if r.tokens > 0:
-                        out[d["key"]] = {"nll": round(r.nll, 5), "scored_tokens": r.tokens}
-                        tokens += r.tokens
+            texts = [d["text"] for d in pool]
+            res = client.prompt_logprobs(
+                texts, model=model, max_tokens_per_doc=pol.curation.max_doc_tokens, batch_size=pol.curation.batch_docs
+            )
         except ServingError as e:
             log.warning("scoring the candidate pool failed; the round goes on unscored", extra={"error": str(e)})
             return {}, {**info, "scoring_error": str(e)[:500]}
+        for d, r in zip(pool, res, strict=True):
+            if r.tokens > 0:
+                out[d["key"]] = {"nll": round(r.nll, 5), "scored_tokens": r.tokens}
+                tokens += r.tokens
         took = max(time.monotonic() - t0, 1e-9)
         M.SCORING_DOCS_PER_SECOND.set(len(out) / took)
         return out, {
@@ -652,7 +662,7 @@ class RoundRunner:
         rows = [json.loads(x) for x in (data / "detector.jsonl").read_text().splitlines() if x.strip()]
         return {r["key"]: r["score"] for r in rows if r.get("score") is not None}
 
-    def _curation_after_take(self, rid: str, keys: list[str], data: Path) -> dict[str, Any]:
+    def _curation_after_take(self, keys: list[str], data: Path) -> dict[str, Any]:
         """Once the round holds its documents: drop the outliers from the buffer, count passes, export the counts."""
         path = data / "curation.json"
         if not path.exists():
@@ -670,15 +680,13 @@ class RoundRunner:
                 M.CURATION_DOCS.labels("dropped", reason).inc()
             M.CURATION_DOCS.labels("chosen", "").inc(len(keys))
             cur["applied"] = True
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(cur, ensure_ascii=False))
-            os.replace(tmp, path)
+            _write_json(path, cur)
         return cur
 
     def _curation_record(self, cur: dict[str, Any], pol: Policy, replay_ratio: float | None) -> CurationRecord | None:
         if not cur:
             return None
-        counts = lambda d: {r: list(d.values()).count(r) for r in sorted(set(d.values()))}  # noqa: E731
+        counts = lambda d: dict(sorted(Counter(d.values()).items()))  # noqa: E731 - reason -> documents
         syn = cur.get("provenance", {}).get("synthetic", 0.0)
         r = replay_ratio or 0.0
         previous = [x for x in self.list_rounds() if x.curation is not None and x.state in TERMINAL]

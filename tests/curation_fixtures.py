@@ -37,6 +37,17 @@ def english_vllm(english_model: Path):
         server.stop()
 
 
+@pytest.fixture
+def english_deployment(tmp_path, topics, redis_url, bootstrap, english_vllm, english_model, ingest_procs):
+    """make(**policy sections) -> a Deployment (tests/test_round_runner.py) whose vLLM serves the English model."""
+    from tests.test_round_runner import Deployment
+
+    def make(**over) -> Deployment:
+        return Deployment(tmp_path, topics, redis_url, bootstrap, english_vllm, english_model, ingest_procs, **over)
+
+    return make
+
+
 def generate(url: str, prompts: list[str], max_tokens: int = 160, temperature: float = 0.8, seed: int = 0) -> list[str]:
     """Completions of the served model (the text after each prompt), sampled, one request per 16 prompts."""
     out: list[str] = []

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from daemon.dev.sample_corpus import english_docs, mixed_corpus
 from policies.config import Policy
-from policies.dedup import band_keys, content_key, minhash_signatures
+from policies.dedup import content_key, document_keys
 from policies.quality import build_filters, judge
 
 
@@ -29,21 +29,24 @@ class Msg:
 def good_docs(n: int, policy: Policy, seed: int = 0) -> list[str]:
     """Documents our filters accept and that are not near-duplicates of each other."""
     filters = build_filters(policy.quality)
-    pool = [d for d in english_docs(n * 3, seed=seed) if judge(d, filters).accepted]
-    bands = band_keys(minhash_signatures(pool, policy.dedup), policy.dedup)
-    seen_bands: set[str] = set()
-    seen_keys: set[str] = set()
+    out = distinct([d for d in english_docs(n * 3, seed=seed) if judge(d, filters).accepted], [], policy)
+    if len(out) < n:
+        raise AssertionError(f"only {len(out)} distinct good documents available, wanted {n}")
+    return out[:n]
+
+
+def distinct(texts: list[str], others: list[str], policy: Policy) -> list[str]:
+    """`texts` that share no ingest dedup key (content key or LSH band) with `others` or with an earlier one of them,
+    in order: the documents ingest would accept as they are."""
+    keys = document_keys([*others, *texts], policy.dedup)
+    seen = {x for k in keys[: len(others)] for x in (k.content_key, *k.band_keys)}
     out = []
-    for text, bk in zip(pool, bands):
-        k = content_key(text)
-        if k in seen_keys or seen_bands & set(bk):
-            continue
-        seen_keys.add(k)
-        seen_bands |= set(bk)
-        out.append(text)
-        if len(out) == n:
-            return out
-    raise AssertionError(f"only {len(out)} distinct good documents available, wanted {n}")
+    for t, k in zip(texts, keys[len(others) :], strict=True):
+        mine = {k.content_key, *k.band_keys}
+        if not mine & seen:
+            out.append(t)
+            seen |= mine
+    return out
 
 
 def _near_copy(text: str, rng: random.Random) -> str:

@@ -22,11 +22,9 @@ from daemon.dev.sample_corpus import english_docs, light_paraphrase
 from daemon.dev.services import create_topics, wait_for
 from daemon.round_record import TERMINAL
 from policies.config import Policy
-from policies.dedup import document_keys
 from policies.quality import build_filters, judge
 from tests.curation_fixtures import generate
-from tests.streams import good_docs, produce
-from tests.test_round_runner import Deployment
+from tests.streams import distinct, good_docs, produce
 
 pytestmark = pytest.mark.slow
 
@@ -34,30 +32,10 @@ TARGETS = {"news": 0.5, "docs": 0.3}  # the rest ("*"): forum and unlabelled
 CAP = 0.10  # the low end of the usual 10-20%: synthetic documents are ~1/3 of the buffer, so it binds
 
 
-def distinct(texts: list[str], others: list[str], policy: Policy) -> list[str]:
-    """`texts` that share no ingest dedup key (exact or LSH band) with `others` or with an earlier one."""
-    keys = document_keys([*others, *texts], policy.dedup)
-    seen = {k.content_key for k in keys[: len(others)]} | {b for k in keys[: len(others)] for b in k.band_keys}
-    out = []
-    for t, k in zip(texts, keys[len(others) :], strict=True):
-        mine = {k.content_key, *k.band_keys}
-        if not mine & seen:
-            out.append(t)
-            seen |= mine
-    return out
-
-
-def test_echoes_are_caught_capped_and_kept_out_of_replay(tmp_path, topics, redis_url, bootstrap, english_vllm, english_model, ingest_procs):
+def test_echoes_are_caught_capped_and_kept_out_of_replay(topics, bootstrap, english_vllm, english_deployment):
     completions_topic = topics["docs"] + "-completions"
     create_topics(bootstrap, {completions_topic: 1})
-    dep = Deployment(
-        tmp_path,
-        topics,
-        redis_url,
-        bootstrap,
-        english_vllm,
-        english_model,
-        ingest_procs,
+    dep = english_deployment(
         collapse={"echo_topics": [completions_topic], "echo_action": "mark_synthetic", "synthetic_cap": CAP},
         curation={"domain_targets": TARGETS, "pool_factor": 3},
         rounds={"budget_tokens": 50_000},  # 200 KB of new text a round, from a buffer of ~550 KB

@@ -23,7 +23,6 @@ from daemon.dev.degraded_corpus import degraded_buffer
 from daemon.jobs.specs import TrainSpec
 from daemon.round_record import TERMINAL
 from tests.streams import produce
-from tests.test_round_runner import Deployment
 
 pytestmark = pytest.mark.slow
 
@@ -38,25 +37,10 @@ def heldout_loss(model_dir: Path, texts: list[str]) -> float:
     return mean_token_loss(model, load_tokenizer(model_dir), texts, max_len=256).mean_nll
 
 
-def test_score_selection_takes_good_documents_and_trains_a_better_model(
-    tmp_path,
-    topics,
-    redis_url,
-    bootstrap,
-    english_vllm,
-    english_model,
-    ingest_procs,
-):
+def test_score_selection_takes_good_documents_and_trains_a_better_model(tmp_path, topics, bootstrap, english_model, english_deployment):
     buf = degraded_buffer(72, 48, seed=3)  # 60% good
     total = sum(len(t.encode()) for t, _ in buf)
-    dep = Deployment(
-        tmp_path,
-        topics,
-        redis_url,
-        bootstrap,
-        english_vllm,
-        english_model,
-        ingest_procs,
+    dep = english_deployment(
         curation={"score": "perplexity", "select": "score", "pool_factor": 3},
         rounds={"budget_tokens": int(0.4 * total / 4), "heldout_frac": 0.1},  # 40% of the buffer's bytes
         train={"seq_len": 128, "max_steps": 40, "eval_interval": 20, "checkpoint_interval": 20},
