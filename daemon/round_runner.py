@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.redis_store import Fence, Fenced, RedisStore
-from connectors.vllm import ServingConfig, ServingController, ServingError, ServingState
+from connectors.vllm import ServingConfig, ServingError
 from daemon import failpoints
 from daemon import metrics as M
 from daemon.jobs.specs import DetectorSpec, DriftSpec, EvalReport, EvalSpec, TrainSpec
@@ -73,6 +73,7 @@ from daemon.round_record import (
     Trigger,
     WatchRecord,
 )
+from daemon.serving import ServingController, ServingState
 from daemon.settings import Settings
 from policies.collapse import suspected
 from policies.config import Policy, policy_hash
@@ -304,7 +305,7 @@ class RoundRunner:
             api_key=self.settings.vllm_api_key.get_secret_value() if self.settings.vllm_api_key else None,
             ca_file=str(self.settings.vllm_ca_file) if self.settings.vllm_ca_file else None,
         )
-        self.serving = ServingController(self.urls, state, on_state=self._save_serving, config=cfg, metrics=M)
+        self.serving = ServingController(self.urls, state, on_state=self._save_serving, config=cfg)
         if state.desired_version is None:
             base = str(self.settings.base_checkpoint_path().resolve())
             self.serving.adopt(base, BASE_VERSION)
