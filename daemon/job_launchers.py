@@ -239,6 +239,25 @@ def launcher_for(settings: Settings, training: bool, api_client: Any = None) -> 
     raise JobStartError(f"launcher {kind!r} is not supported by this version (use subprocess, torchrun:N or kubernetes)")
 
 
+class JobFailed(RuntimeError):
+    """A job ended without its result: the launcher's cause (exit code and log tail, or the workload's)."""
+
+
+def run_to_end(job: Job, launcher: Launcher | None = None, poll_s: float = 0.5) -> Any:
+    """A job run in the foreground (the CLI's commands): no lease, no cancel; its result, or JobFailed."""
+    launcher = launcher or ProcessLauncher()
+    launcher.start(job)
+    try:
+        while (end := launcher.poll()) is None:
+            time.sleep(poll_s)  # a poll interval: the job's end is what is waited for
+    except BaseException:
+        launcher.cancel()
+        raise
+    if not end.ok:
+        raise JobFailed(end.cause)
+    return job.result()
+
+
 class JsonlFollower:
     """Reads the complete lines a job has appended to a JSONL file since the last call (progress files)."""
 

@@ -429,7 +429,7 @@ def _runner(fake: FakeApi, tmp_path: Path, cancel: bool = False, stop: bool = Fa
     from daemon.settings import Settings
 
     out = tmp_path / "train"
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     settings = Settings(
         train_launcher="kubernetes",
         train_namespace=NS,
@@ -449,8 +449,19 @@ def _runner(fake: FakeApi, tmp_path: Path, cancel: bool = False, stop: bool = Fa
     )
     if stop:
         ctx.stop.set()
-    rec = RoundRecord(id="r00012", number=12, state=RoundState.TRAINING, created_at=0, updated_at=0, trigger=Trigger(kind="manual"), owner="t", policy_hash="")
-    job = Job(TrainSpec(parent_dir="-", out_dir=str(out), new_path="-"), tmp_path / "train-spec.json", tmp_path / "train.log", round_id=rec.id)
+    rec = RoundRecord(
+        id="r00012",
+        number=12,
+        state=RoundState.TRAINING,
+        created_at=0,
+        updated_at=0,
+        trigger=Trigger(kind="manual"),
+        owner="t",
+        policy_hash="",
+    )
+    job = Job(
+        TrainSpec(parent_dir="-", out_dir=str(out), new_path="-"), tmp_path / "train-spec.json", tmp_path / "train.log", round_id=rec.id
+    )
 
     def run():
         return ctx.run_job(job, rec, training=True)
@@ -500,12 +511,12 @@ def test_round_job_cancel_deletes_and_stop_leaves_running(fake, tmp_path):
     from daemon.rounds.context import RoundFailed, Stop
 
     name = workload_name("r00012", 1)
-    run, _ = _runner(fake, tmp_path / "a", stop=True)
+    run, _ = _runner(fake, tmp_path, stop=True)
     with pytest.raises(Stop):
         run()
     assert ("jobs", name) in fake.objects and ("services", name) in fake.objects  # left running for the next leader
     fake.requests.clear()
-    run, _ = _runner(fake, tmp_path / "b", cancel=True)
+    run, _ = _runner(fake, tmp_path, cancel=True)  # the same round's spec: the next leader re-attaches
     with pytest.raises(RoundFailed, match="cancelled by operator"):
         run()
     assert [m for m, _p in fake.mutations()] == ["DELETE", "DELETE"]  # re-attached (no POST), then deleted

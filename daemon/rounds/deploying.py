@@ -46,7 +46,11 @@ def deploying(ctx: RoundContext, rec: RoundRecord) -> None:
         else:
             done = state.desired_version == rec.id and all(r.version == rec.id for r in state.replicas.values())
         if not done:
-            d = serving.deploy_lora(rec.candidate, rec.id, max_rank=policy.train.lora_r) if adapter else serving.deploy(rec.candidate, rec.id)
+            d = (
+                serving.deploy_lora(rec.candidate, rec.id, max_rank=policy.train.lora_r)
+                if adapter
+                else serving.deploy(rec.candidate, rec.id)
+            )
             rec.deploy = deploy_summary(d)
             if not d.ok:
                 e = d.error or {}

@@ -86,6 +86,7 @@ def evaluating(ctx: RoundContext, rec: RoundRecord) -> None:
         rec.docs = release(ctx, rec)
         ctx.enter(rec, RoundState.REJECTED)
         return
+    assert decision.chosen is not None  # an accepting gate names its checkpoint
     rec.candidate = dict(candidates)[decision.chosen]
     ctx.enter(rec, RoundState.DEPLOYING)
 

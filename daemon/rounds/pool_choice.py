@@ -224,7 +224,9 @@ def apply_after_take(ctx: RoundContext, rid: str, keys: list[str]) -> CurationDe
     return decision
 
 
-def curation_record(ctx: RoundContext, decision: CurationDecision | None, policy: Policy, replay_ratio: float | None) -> CurationRecord | None:
+def curation_record(
+    ctx: RoundContext, decision: CurationDecision | None, policy: Policy, replay_ratio: float | None
+) -> CurationRecord | None:
     """The round record's summary of the decision: counts by reason, shares, the cap and the real-data floor."""
     if decision is None:
         return None

@@ -111,7 +111,7 @@ class RoundRunner:
         policy = self.get_policy()
         manual = self.store.take_requests()
         auto, self.auto = self.auto, None
-        asks = [(rid, r["kind"]) for rid, r in sorted(manual.items(), key=lambda kv: kv[1].get("at", 0))]
+        asks: list[tuple[str | None, str]] = [(rid, r["kind"]) for rid, r in sorted(manual.items(), key=lambda kv: kv[1].get("at", 0))]
         if auto:
             asks.append((None, auto[0]))
         started: str | None = None

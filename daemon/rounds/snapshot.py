@@ -90,7 +90,7 @@ def snapshot(ctx: RoundContext, rec: RoundRecord) -> None:
     rec.language_mix = language_mix(policy, [docs[k] for k in train_keys], replay_pool, rec.replay_ratio, data)
     rec.curation = pool_choice.curation_record(ctx, decision, policy, rec.replay_ratio)
     rec.schedule = apply_to_schedule(policy.schedule, response)
-    if response.score is not None:
+    if response.score is not None and response.stats is not None:
         M.DRIFT_SCORE.labels(statistic="score").set(response.score)
         M.DRIFT_SCORE.labels(statistic="ppl_gap").set(response.stats.ppl_gap)
         M.DRIFT_SCORE.labels(statistic="js_distance").set(response.stats.js_distance)
