@@ -20,8 +20,8 @@ from pathlib import Path
 
 import httpx
 
-from connectors.vllm import ServingController
 from daemon.dev.services import wait_for
+from daemon.serving import ServingController
 from tests.vllm_fixtures import SERVED_NAME, build_tiny_models, start_server
 
 

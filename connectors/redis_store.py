@@ -57,10 +57,41 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import redis
+from pydantic import BaseModel, ConfigDict
 from redis.commands.core import Script
 from redis.credentials import CredentialProvider
 
+
 # "indexed": a completion of the served model from collapse.echo_topics, kept in the echo index, never trained on.
+class StoredDoc(BaseModel):
+    """A document record as `docs` holds it (written by ingest or `cptd seed-replay`), with its content key.
+
+    Rounds read the buffer and the reservoir through this one model, so a field is read by name and a record
+    missing `text` or `bytes` fails where it is read, naming the field. Fields ingest adds later survive a
+    read and rewrite (extra="allow")."""
+
+    model_config = ConfigDict(extra="allow")
+    key: str = ""  # the content key (blake2b-128 of the normalised text): the hash field, not stored inside
+    text: str
+    bytes: int
+    id: str | None = None
+    source: str | None = None
+    language: str | None = None  # as the language rule saw it
+    provenance: str | None = None  # human | unknown | synthetic
+    domain: str | None = None
+    bands: list[str] = []
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+    def record(self) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude={"key"}), ensure_ascii=False, separators=(",", ":"))
+
+
+def _doc(key: str, blob: bytes | str) -> StoredDoc:
+    return StoredDoc.model_validate({**json.loads(blob), "key": key})
+
+
 OUTCOMES = ("accepted", "duplicate", "near_duplicate", "rejected", "dead_lettered", "indexed")
 
 # The Lua scripts live in connectors/lua/, one file each (its header says KEYS, ARGV and the return value).
@@ -347,17 +378,17 @@ class RedisStore:
         members = cast("list[bytes | str]", self.r.zrange(self.k_buffer, 0, end))  # without scores: members only
         return [_text(k) for k in members]
 
-    def get_docs(self, keys: Iterable[str]) -> list[dict[str, Any]]:
-        keys = list(keys)
-        if not keys:
-            return []
-        return [json.loads(v) for v in self.r.hmget(self.k_docs, keys) if v is not None]
+    def get_docs(self, keys: Iterable[str]) -> list[StoredDoc]:
+        """The records that exist, in the order of `keys` (a record gone is left out)."""
+        return [d for d in self.get_docs_by_key(list(keys)) if d is not None]
 
-    def get_docs_by_key(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
-        """Records in the order of `keys`, None where a record is gone."""
-        if not keys:
-            return []
-        return [json.loads(v) if v is not None else None for v in self.r.hmget(self.k_docs, list(keys))]
+    def get_docs_by_key(self, keys: Sequence[str], chunk: int = 1000) -> list[StoredDoc | None]:
+        """Records in the order of `keys`, None where a record is gone; read `chunk` keys per call."""
+        out: list[StoredDoc | None] = []
+        for i in range(0, len(keys), chunk):
+            part = list(keys[i : i + chunk])
+            out += [_doc(k, v) if v is not None else None for k, v in zip(part, self.r.hmget(self.k_docs, part), strict=True)]
+        return out
 
     def remove_docs(self, keys: Sequence[str]) -> int:
         """Drop documents from the buffer, and from the store with their near-dedup bands unless the replay
@@ -368,16 +399,16 @@ class RedisStore:
 
     # --- replay reservoir ---------------------------------------------------
     def replay_offer(
-        self, docs: Sequence[dict[str, Any]], cap: int, draw: Callable[[], float], slot_of: Callable[[int, int, float], int | None]
+        self, docs: Sequence[StoredDoc], cap: int, draw: Callable[[], float], slot_of: Callable[[int, int, float], int | None]
     ) -> int:
-        """Offer documents (records with "key" and "bands") to the reservoir; returns how many were placed.
+        """Offer documents (with their key and bands) to the reservoir; returns how many were placed.
 
         `slot_of(seen, cap, u)` is the sampling decision (policies.replay.reservoir_slot) and `draw()` its
         uniform draw; documents already in the reservoir are not offered twice.
         """
-        fresh: dict[str, dict[str, Any]] = {}
+        fresh: dict[str, StoredDoc] = {}
         for d in docs:
-            fresh.setdefault(d["key"], d)
+            fresh.setdefault(d.key, d)
         keys = list(fresh)
         if keys:
             member = self.r.smismember(self.k_replay_members, keys)
@@ -390,7 +421,7 @@ class RedisStore:
                 slot = slot_of(seen, cap, draw())
                 seen += 1
                 if slot is not None:
-                    args += [slot, k, json.dumps(fresh[k], ensure_ascii=False, separators=(",", ":"))]
+                    args += [slot, k, fresh[k].record()]
             keys6 = [self.k_docs, self.k_buffer, self.k_lsh, self.k_stats, self.k_replay, self.k_replay_members]
             placed = int(self._replay_place(keys=keys6, args=[seen0, seen, *args]))
             if placed >= 0:
@@ -463,21 +494,21 @@ class RedisStore:
         args = [int(budget_bytes), int(max_docs), *chosen]
         return [_text(k) for k in self._fenced(self._snapshot, fence, keys, args)]
 
-    def oldest_buffered(self, budget_bytes: int, batch: int = 1000) -> list[dict[str, Any]]:
-        """Records (with "key") of the oldest buffered documents, up to `budget_bytes` (at least one): a round's candidate pool."""
-        out: list[dict[str, Any]] = []
+    def oldest_buffered(self, budget_bytes: int, batch: int = 1000) -> list[StoredDoc]:
+        """Records of the oldest buffered documents, up to `budget_bytes` (at least one): a round's candidate pool."""
+        out: list[StoredDoc] = []
         used, start = 0, 0
         while used < budget_bytes:
             keys = [_text(k) for k in cast("list[bytes | str]", self.r.zrange(self.k_buffer, start, start + batch - 1))]
             if not keys:
                 break
-            for k, d in zip(keys, self.get_docs_by_key(keys), strict=True):
+            for d in self.get_docs_by_key(keys):
                 if d is None:
                     continue
-                if out and used + d["bytes"] > budget_bytes:
+                if out and used + d.bytes > budget_bytes:
                     return out
-                out.append({**d, "key": k})
-                used += d["bytes"]
+                out.append(d)
+                used += d.bytes
             start += batch
         return out
 

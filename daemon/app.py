@@ -26,8 +26,8 @@ from daemon.api import create_app
 from daemon.ingest import Ingestor, IngestState
 from daemon.policy_watch import PolicyWatcher
 from daemon.round_record import TERMINAL, CancelResult, RollbackResult, RoundRecord, RoundState, RoundSummary, TriggerResult
-from daemon.round_runner import RoundRunner
 from daemon.round_triggers import Scheduler
+from daemon.rounds.runner import RoundRunner
 from daemon.settings import Settings
 from policies.config import Policy, load_policy, policy_hash
 

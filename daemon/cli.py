@@ -187,7 +187,7 @@ def print_round(rec: RoundRecord) -> None:
             f"JS {_f(st.js_distance if st else None, '.3f')}  -> replay {rec.replay_ratio or 0:.2f}, peak LR {d.peak_lr:.2e}"
         )
     if sc := rec.schedule:
-        print(f"  schedule    {sc['kind']}  peak {sc['peak_lr']:.2e}  warmup {sc['warmup_frac']:.2%}")
+        print(f"  schedule    {sc.kind}  peak {sc.peak_lr:.2e}  warmup {sc.warmup_frac:.2%}")
     if tr := rec.train:
         p = tr.progress
         print(
@@ -306,10 +306,10 @@ def cmd_index_echoes(a: argparse.Namespace) -> int:
 
 def cmd_calibrate_detector(a: argparse.Namespace) -> int:
     """Exit 0 with the threshold; 2 when a file is missing or the detector job fails."""
-    import subprocess
     import tempfile
     from pathlib import Path
 
+    from daemon.job_launchers import Job, JobFailed, run_to_end
     from daemon.jobs.specs import DetectorSpec, read_texts
     from daemon.settings import Settings
     from policies.collapse import calibrate
@@ -325,14 +325,14 @@ def cmd_calibrate_detector(a: argparse.Namespace) -> int:
         rows = [{"key": f"{name}:{i}", "text": t} for name, f in files.items() for i, t in enumerate(read_texts(f))]
         docs.write_text("".join(json.dumps(r) + "\n" for r in rows))
         spec = DetectorSpec(
-            served=a.served, reference=reference, adapter=a.adapter, docs_path=str(docs), out_path=str(Path(tmp) / "scores.jsonl"),
+            served=a.served, reference=reference, adapter=a.adapter, docs_path=str(docs), out=str(Path(tmp) / "scores.json"),
             max_len=a.max_len, device=a.device,
         )  # fmt: skip
-        r = subprocess.run([sys.executable, "-m", "daemon.jobs.generated_text_detector", str(spec.write(Path(tmp) / "spec.json"))])
-        if r.returncode != 0:
-            print(f"the detector job exited with {r.returncode}", file=sys.stderr)
+        try:
+            scores = run_to_end(Job(spec, Path(tmp) / "spec.json", Path(tmp) / "detector.log"))["rows"]
+        except JobFailed as e:
+            print(f"the detector job failed: {e}", file=sys.stderr)
             return 2
-        scores = [json.loads(x) for x in Path(spec.out_path).read_text().splitlines()]
     by = {name: [s["score"] for s in scores if s["key"].startswith(name + ":") and s["score"] is not None] for name in files}
     cal = calibrate(by["human"], by["generated"], a.max_false_positive)
     if a.json:

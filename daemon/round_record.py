@@ -15,6 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from daemon.jobs.specs import TrainEval, TrainResult, TrainSpec
+from policies.config import Policy
+from policies.lr_schedule import SchedulePolicy
+
 
 class RoundState(str, Enum):
     PENDING = "PENDING"
@@ -158,14 +162,14 @@ class TrainProgress(Part):
 
 
 class TrainRecord(Part):
-    spec: dict[str, Any]  # the TrainSpec (daemon/jobs/specs.py) as written for the trainer
+    spec: TrainSpec  # as written for the trainer (daemon/jobs/specs.py): typed policy sections inside
     spec_digest: str
     out_dir: str
     launcher: str
     progress: TrainProgress = Field(default_factory=TrainProgress)
     curve: list[tuple[int, float, float]] = Field(default_factory=list)  # (step, loss, lr)
-    evals: list[dict[str, Any]] = Field(default_factory=list)  # held-out losses at eval steps, as the trainer logged them
-    result: dict[str, Any] | None = None  # the trainer's result.json
+    evals: list[TrainEval] = Field(default_factory=list)  # held-out losses at eval steps, as the trainer logged them
+    result: TrainResult | None = None  # the trainer's result.json
 
 
 class EvalProgress(Part):
@@ -268,7 +272,7 @@ class RoundRecord(Part):
     trigger: Trigger
     owner: str
     policy_hash: str
-    policy: dict[str, Any] | None = Field(default=None, description="the policy the round started under (omitted by the API)")
+    policy: Policy | None = Field(default=None, description="the policy the round started under (omitted by the API)")
     parent: Parent = Field(default_factory=Parent)
     phases: dict[RoundState, PhaseTimes] = Field(default_factory=dict)
     error: str | None = None
@@ -278,7 +282,7 @@ class RoundRecord(Part):
     replay_ratio: float | None = None
     language_mix: LanguageMixRecord | None = None
     curation: CurationRecord | None = None
-    schedule: dict[str, Any] | None = None  # the SchedulePolicy after drift adjustments
+    schedule: SchedulePolicy | None = None  # after drift adjustments
     train: TrainRecord | None = None
     eval_progress: EvalProgress | None = None
     eval: EvalSummary | None = None

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from connectors.redis_store import RedisStore
+from connectors.redis_store import RedisStore, StoredDoc
 from policies.config import Policy
 from policies.dedup import document_keys
 from policies.document import Document, Malformed, parse_message
@@ -48,19 +48,21 @@ def seed_replay(path: Path, store: RedisStore, policy: Policy, rng: random.Rando
         keys = document_keys([t for _, t, _ in pending], policy.dedup)
         now = time.time()
         records = [
-            {
-                **meta,
-                "key": k.content_key,
-                "bands": list(k.band_keys),
-                "bytes": len(t.encode("utf-8")),
-                "text": t,
-                "ingested_at": now,
-                "source": meta.get("source") or f"seed:{path.name}:{n}",
-                # the operator vouches for the seed: a sample of what the model was trained on, real data
-                "provenance": "human",
-                "provenance_rule": "seed",
-                "domain": (meta.get("meta") or {}).get("domain") or "unknown",
-            }
+            StoredDoc.model_validate(
+                {
+                    **meta,
+                    "key": k.content_key,
+                    "bands": list(k.band_keys),
+                    "bytes": len(t.encode("utf-8")),
+                    "text": t,
+                    "ingested_at": now,
+                    "source": meta.get("source") or f"seed:{path.name}:{n}",
+                    # the operator vouches for the seed: a sample of what the model was trained on, real data
+                    "provenance": "human",
+                    "provenance_rule": "seed",
+                    "domain": (meta.get("meta") or {}).get("domain") or "unknown",
+                }
+            )
             for (n, t, meta), k in zip(pending, keys, strict=False)
         ]
         report.offered += len(records)

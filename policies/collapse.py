@@ -93,6 +93,18 @@ def echo_dedup_policy(policy: CollapsePolicy) -> DedupPolicy:
     return DedupPolicy(ngram_size=policy.echo_ngram_size, bands=policy.echo_bands, rows_per_band=policy.echo_rows_per_band, seed=7)
 
 
+def real_share(replay_ratio: float | None, synthetic_share: float) -> float:
+    """Real (human + unknown) share of a round's training tokens: new documents less their synthetic share, plus
+    replay, which admits real documents only (collapse.replay_admits). Compared with `real_floor`."""
+    r = replay_ratio or 0.0
+    return (1 - r) * (1 - synthetic_share) + r
+
+
+def cap_binding_streak(previous: int, binding: bool) -> int:
+    """Rounds in a row in which the synthetic cap bound, this one included (the alert's count)."""
+    return previous + 1 if binding else 0
+
+
 def suspected(score: float | None, policy: CollapsePolicy) -> bool:
     """Whether the detector flags a document: less surprising to the served model than the models expect."""
     return policy.detector_threshold is not None and score is not None and score < policy.detector_threshold

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from policies.base import Section, check_shares
 from policies.collapse import CollapsePolicy
@@ -88,16 +88,17 @@ class Candidate:
         return self.provenance == "synthetic" or self.suspected
 
 
-@dataclass
-class Selection:
-    chosen: list[str] = field(default_factory=list)  # in buffer order
-    waiting: dict[str, str] = field(default_factory=dict)  # key -> why it waits (budget, domain_share, synthetic_cap)
-    dropped: dict[str, str] = field(default_factory=dict)  # key -> reason (ppl_low, ppl_high, passed_over)
-    passed: list[str] = field(default_factory=list)  # waiting keys this round passed over (counted towards max_passes)
-    z: dict[str, float] = field(default_factory=dict)  # robust z-score of each scored candidate
+class Selection(BaseModel):
+    """A round's choice, as decided and as written to the round's data/curation.json (read back on resume)."""
+
+    chosen: list[str] = Field(default_factory=list)  # in buffer order
+    waiting: dict[str, str] = Field(default_factory=dict)  # key -> why it waits (budget, domain_share, synthetic_cap)
+    dropped: dict[str, str] = Field(default_factory=dict)  # key -> reason (ppl_low, ppl_high, passed_over)
+    passed: list[str] = Field(default_factory=list)  # waiting keys this round passed over (counted towards max_passes)
+    z: dict[str, float] = Field(default_factory=dict)  # robust z-score of each scored candidate
     median_nll: float | None = None
     mad_nll: float | None = None
-    domain_quota: dict[str, float] = field(default_factory=dict)
+    domain_quota: dict[str, float] = Field(default_factory=dict)
     cap_binding: bool = False  # a synthetic document waited because of the cap
 
 

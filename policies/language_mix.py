@@ -13,7 +13,7 @@ stored with it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Protocol, TypeVar
 
 from pydantic import Field, field_validator
 
@@ -60,20 +60,33 @@ def replay_shares(new_sizes: Mapping[str, float], replay_ratio: float, targets: 
     return out
 
 
-def draw_by_language(docs: Sequence[Mapping[str, Any]], wanted: Mapping[str, float]) -> list[Mapping[str, Any]]:
-    """A subset of `docs` (each with "language" and "bytes") whose byte shares match `wanted` as closely as the
-    available documents allow: the language that runs out first sets the scale; docs keep their order.
+class SizedDoc(Protocol):
+    """What the draw reads of a document: its detected language and its size."""
+
+    @property
+    def language(self) -> str | None: ...
+
+    @property
+    def bytes(self) -> int: ...
+
+
+D = TypeVar("D", bound=SizedDoc)
+
+
+def draw_by_language(docs: Sequence[D], wanted: Mapping[str, float]) -> list[D]:
+    """A subset of `docs` whose byte shares match `wanted` as closely as the available documents allow: the
+    language that runs out first sets the scale; docs keep their order.
     "*" stands for every language without its own share."""
     if not wanted:
         return list(docs)
 
-    def group(d: Mapping[str, Any]) -> str:
-        lang = d.get("language")
-        return lang if isinstance(lang, str) and lang in wanted else "*"
+    def group(d: SizedDoc) -> str:
+        lang = d.language
+        return lang if lang is not None and lang in wanted else "*"
 
     have: dict[str, float] = {}
     for d in docs:
-        have[group(d)] = have.get(group(d), 0.0) + d["bytes"]
+        have[group(d)] = have.get(group(d), 0.0) + d.bytes
     live = {g: s for g, s in wanted.items() if s > 0 and have.get(g, 0) > 0}
     if not live:
         return list(docs)
@@ -84,5 +97,5 @@ def draw_by_language(docs: Sequence[Mapping[str, Any]], wanted: Mapping[str, flo
         g = group(d)
         if g in budget and used[g] < budget[g]:
             out.append(d)
-            used[g] += d["bytes"]
+            used[g] += d.bytes
     return out

@@ -1,4 +1,4 @@
-"""The Kubernetes launcher (connectors/kubernetes_jobs.py, RoundRunner._kubernetes_training) without a cluster.
+"""The Kubernetes launcher (connectors/kubernetes_jobs.py, daemon/job_launchers.py KubernetesJobLauncher) without a cluster.
 
 No API server runs here. Two checks stand in for one:
 * every object the launcher creates validates against the Kubernetes OpenAPI schema (kubernetes-validate, strict),
@@ -16,7 +16,6 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
 
 import jsonschema
@@ -410,41 +409,68 @@ def test_failed_job_reports_condition_and_pod_termination_message(fake):
     assert kl.status(spec).phase == "missing"
 
 
-# --------------------------------------------------------------------------- the round runner's branch
+# --------------------------------------------------------------------------- the launcher as a round runs it
+class _Store:
+    """The one store call run_job makes for a round: whether the operator cancelled it."""
+
+    def __init__(self, cancel: bool):
+        self.cancel = cancel
+
+    def cancel_requested(self, round_id: str) -> bool:
+        return self.cancel
+
+
 def _runner(fake: FakeApi, tmp_path: Path, cancel: bool = False, stop: bool = False):
-    from daemon.round_record import TrainRecord
-    from daemon.round_runner import RoundRunner
+    """A round's training job under CPTD_TRAIN_LAUNCHER=kubernetes, run by RoundContext.run_job against the fake API."""
+    from daemon.job_launchers import Job
+    from daemon.jobs.specs import TrainSpec
+    from daemon.round_record import RoundRecord, RoundState, Trigger
+    from daemon.rounds.context import RoundContext
+    from daemon.settings import Settings
 
     out = tmp_path / "train"
-    out.mkdir(parents=True)
-    rec = SimpleNamespace(id="r00012", train=TrainRecord(spec={}, spec_digest="d1", out_dir=str(out), launcher="kubernetes"))
-    stop_ev = threading.Event()
-    if stop:
-        stop_ev.set()
-    settings = SimpleNamespace(
+    out.mkdir(parents=True, exist_ok=True)
+    settings = Settings(
+        train_launcher="kubernetes",
         train_namespace=NS,
         train_job_template="cptd-train-template",
         train_workload="job",
         train_runtime="torch-distributed",
         train_poll_s=0.05,
+        checkpoint_dir=tmp_path,
     )
-    runner = SimpleNamespace(
+    ctx = RoundContext(
+        store=_Store(cancel),  # type: ignore[arg-type]
         settings=settings,
-        kube_api_client=k8s.ApiClient(k8s.Configuration(host=fake.host)),  # type: ignore[attr-defined]
-        fence=object(),
-        _stop=stop_ev,
-        store=SimpleNamespace(cancel_requested=lambda rid: cancel),
+        get_policy=lambda: None,  # type: ignore[arg-type,return-value]
+        owner="test",
+        fence=object(),  # type: ignore[arg-type]
+        kube_api_client=k8s.ApiClient(k8s.Configuration(host=fake.host)),
     )
-    follower = SimpleNamespace(tick=lambda final=False: None)
+    if stop:
+        ctx.stop.set()
+    rec = RoundRecord(
+        id="r00012",
+        number=12,
+        state=RoundState.TRAINING,
+        created_at=0,
+        updated_at=0,
+        trigger=Trigger(kind="manual"),
+        owner="t",
+        policy_hash="",
+    )
+    job = Job(
+        TrainSpec(parent_dir="-", out_dir=str(out), new_path="-"), tmp_path / "train-spec.json", tmp_path / "train.log", round_id=rec.id
+    )
 
     def run():
-        return RoundRunner._kubernetes_training(runner, rec, tmp_path / "train-spec.json", follower)  # type: ignore[arg-type]
+        return ctx.run_job(job, rec, training=True)
 
     return run, out
 
 
-def test_round_runner_failure_reaches_round_failed(fake, tmp_path):
-    from daemon.round_runner import RoundFailed
+def test_round_job_failure_reaches_round_failed(fake, tmp_path):
+    from daemon.rounds.context import RoundFailed
 
     run, _ = _runner(fake, tmp_path)
     name = workload_name("r00012", 1)
@@ -460,12 +486,12 @@ def test_round_runner_failure_reaches_round_failed(fake, tmp_path):
     with pytest.raises(RoundFailed) as ei:
         run()
     msg = str(ei.value)
-    assert msg.startswith(f"TRAINING: job {name} failed: BackoffLimitExceeded")
+    assert msg.startswith(f"job {name} failed: BackoffLimitExceeded")  # the TRAINING phase prefixes its name
     assert "CUDA out of memory" in msg and "exited 1" in msg
     assert ("services", name) not in fake.objects and ("jobs", name) in fake.objects  # the Job stays for kubectl logs
 
 
-def test_round_runner_complete_needs_result_json(fake, tmp_path):
+def test_round_job_complete_needs_result_json(fake, tmp_path):
     run, out = _runner(fake, tmp_path)
     name = workload_name("r00012", 1)
 
@@ -476,21 +502,21 @@ def test_round_runner_complete_needs_result_json(fake, tmp_path):
             super().__setitem__(k, v)
 
     fake.objects = Done(fake.objects)
-    (out / "result.json").write_text("{}")
-    assert run() == 0
+    (out / "result.json").write_text('{"steps": 3, "final": "F"}')
+    assert run() == {"steps": 3, "final": "F"}  # the round gets the result file's content
     assert ("jobs", name) not in fake.objects  # cleaned up once the round has its result
 
 
-def test_round_runner_cancel_deletes_and_stop_leaves_running(fake, tmp_path):
-    from daemon.round_runner import RoundFailed, Stop
+def test_round_job_cancel_deletes_and_stop_leaves_running(fake, tmp_path):
+    from daemon.rounds.context import RoundFailed, Stop
 
     name = workload_name("r00012", 1)
-    run, _ = _runner(fake, tmp_path / "a", stop=True)
+    run, _ = _runner(fake, tmp_path, stop=True)
     with pytest.raises(Stop):
         run()
     assert ("jobs", name) in fake.objects and ("services", name) in fake.objects  # left running for the next leader
     fake.requests.clear()
-    run, _ = _runner(fake, tmp_path / "b", cancel=True)
+    run, _ = _runner(fake, tmp_path, cancel=True)  # the same round's spec: the next leader re-attaches
     with pytest.raises(RoundFailed, match="cancelled by operator"):
         run()
     assert [m for m, _p in fake.mutations()] == ["DELETE", "DELETE"]  # re-attached (no POST), then deleted

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from policies.config import Policy, PolicyError, parse_policy
@@ -19,12 +21,19 @@ def test_replay_is_drawn_towards_the_language_the_new_data_lacks():
     assert replay_shares({"vi": 1.0}, 0.0, {"en": 0.5}) == {} and replay_shares({"vi": 1.0}, 0.3, {}) == {}
 
 
+@dataclass(frozen=True)
+class Doc:
+    language: str | None
+    bytes: int
+    i: int
+
+
 def test_draw_matches_the_wanted_shares_as_far_as_documents_allow():
-    pool = [{"language": lang, "bytes": 10, "i": i} for i, lang in enumerate(["en", "vi", "de", "en", "vi", "en", "fr", "en"] * 25)]
+    pool = [Doc(lang, 10, i) for i, lang in enumerate(["en", "vi", "de", "en", "vi", "en", "fr", "en"] * 25)]
     drawn = draw_by_language(pool, {"en": 0.8, "*": 0.2})
-    got = shares({g: sum(d["bytes"] for d in drawn if (d["language"] == "en") == (g == "en")) for g in ("en", "*")})
+    got = shares({g: sum(d.bytes for d in drawn if (d.language == "en") == (g == "en")) for g in ("en", "*")})
     assert got["en"] == pytest.approx(0.8, abs=0.02)
-    assert [d["i"] for d in drawn] == sorted(d["i"] for d in drawn)  # order kept: the draw is reproducible
+    assert [d.i for d in drawn] == sorted(d.i for d in drawn)  # order kept: the draw is reproducible
     # A language the reservoir lacks cannot be drawn: the rest keeps its proportions among what exists.
     assert draw_by_language(pool, {"ja": 1.0}) == pool
     assert draw_by_language(pool, {}) == pool

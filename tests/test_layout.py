@@ -52,7 +52,7 @@ def test_import_arrows_point_one_way():
 
 def test_the_process_imports_neither_torch_nor_dev_tooling():
     code = (
-        "import sys, daemon.app, daemon.cli, daemon.api, daemon.round_runner, daemon.ingest, connectors.vllm; "
+        "import sys, daemon.app, daemon.cli, daemon.api, daemon.rounds.runner, daemon.ingest, connectors.vllm; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft') or m.startswith('daemon.dev')))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()

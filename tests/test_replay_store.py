@@ -9,7 +9,7 @@ import subprocess
 import sys
 from collections import Counter
 
-from connectors.redis_store import BatchItem, RedisStore
+from connectors.redis_store import BatchItem, RedisStore, StoredDoc
 from daemon.dev.sample_corpus import english_docs
 from policies.config import Policy
 from policies.dedup import document_keys
@@ -17,8 +17,8 @@ from policies.replay import reservoir_slot
 from tests.conftest import REPO
 
 
-def rec(key: str, bands=()) -> dict:
-    return {"key": key, "text": key, "bytes": len(key), "bands": list(bands)}
+def rec(key: str, bands=()) -> StoredDoc:
+    return StoredDoc(key=key, text=key, bytes=len(key), bands=list(bands))
 
 
 def test_reservoir_is_capped_and_counts_what_it_saw(redis_client):
@@ -30,7 +30,7 @@ def test_reservoir_is_capped_and_counts_what_it_saw(redis_client):
     assert placed >= 50
     # Only reservoir members keep a record in the store: evicted documents are gone.
     assert len(s.get_docs([f"k{i}" for i in range(1000)])) == 50
-    assert set(s.replay_keys()) == {d["key"] for d in s.get_docs([f"k{i}" for i in range(1000)])}
+    assert set(s.replay_keys()) == {d.key for d in s.get_docs([f"k{i}" for i in range(1000)])}
 
 
 def test_reservoir_keeps_every_item_with_equal_probability(redis_client):
@@ -61,7 +61,7 @@ def test_buffer_documents_moving_to_replay_keep_their_record_and_bands(redis_cli
     s = RedisStore(redis_client, "r3")
     doc = {"text": "t", "bytes": 1, "bands": ["b1"]}
     s.write_batch([BatchItem("t", 0, 0, "candidate", "", "k1", 1, ("b1",), doc)], max_exact_keys=1000)
-    s.replay_offer([{**doc, "key": "k1"}], 10, random.Random(3).random, reservoir_slot)
+    s.replay_offer([StoredDoc.model_validate({**doc, "key": "k1"})], 10, random.Random(3).random, reservoir_slot)
     s.remove_docs(["k1"])  # the round took it from the buffer
     assert s.buffer_stats()["buffer_docs"] == 0 and s.get_docs(["k1"])
     # A near copy arriving later is still caught against the replay store.
@@ -91,7 +91,7 @@ def test_cli_seed_replay_seeds_valid_lines_and_names_bad_ones(tmp_path, redis_ur
     assert rep["offered"] == 30 and rep["reservoir_docs"] == 25 and rep["seen"] == 30
     s = RedisStore(redis_client, "seedtest")
     stored = s.get_docs(s.replay_keys())
-    assert len(stored) == 25 and all(d["text"] for d in stored)
+    assert len(stored) == 25 and all(d.text for d in stored)
     # Seeded documents carry the same dedup keys ingest computes, so ingest sees them as duplicates.
-    keys = document_keys([d["text"] for d in stored], Policy().dedup)
+    keys = document_keys([d.text for d in stored], Policy().dedup)
     assert {k.content_key for k in keys} == set(s.replay_keys())

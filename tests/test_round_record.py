@@ -16,6 +16,7 @@ import uvicorn
 from daemon.api import create_app
 from daemon.cli import main as cli_main
 from daemon.dev.services import free_port, wait_for
+from daemon.jobs.specs import TrainSpec
 from daemon.round_record import (
     TERMINAL,
     CancelResult,
@@ -54,7 +55,11 @@ def _record(state: RoundState = RoundState.DEPLOYED) -> RoundRecord:
         parent=Parent(version="base", checkpoint="/ck/base"),
         phases={RoundState.PENDING: PhaseTimes(started_at=100.0, finished_at=101.0), state: PhaseTimes(started_at=150.0)},
         train=TrainRecord(
-            spec={"round_id": "r00007"}, spec_digest="d", out_dir="/o", launcher="subprocess", curve=[(1, 3.5, 1e-4), (2, 3.1, 2e-4)]
+            spec=TrainSpec(parent_dir="/ck/base", out_dir="/o", new_path="/o/new.jsonl", round_id="r00007"),
+            spec_digest="d",
+            out_dir="/o",
+            launcher="subprocess",
+            curve=[(1, 3.5, 1e-4), (2, 3.1, 2e-4)],
         ),
         gate=GateRecord.model_validate(asdict(d)),
         deployed_at=199.0,

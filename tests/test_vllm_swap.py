@@ -12,9 +12,10 @@ import httpx
 import pytest
 from safetensors.torch import load_file, save_file
 
-from connectors.vllm import Replica, ServingConfig, ServingController, ServingError, ServingState, request_errors
+from connectors.vllm import Replica, ServingConfig, ServingError, request_errors
 from daemon import metrics
 from daemon.dev.services import free_port
+from daemon.serving import ServingController, ServingState
 from tests.vllm_fixtures import (  # noqa: F401
     SERVED_NAME,
     TinyModels,
@@ -52,7 +53,7 @@ def _handler_count(url: str, handler: str) -> float:
 def controller(vllm_server, tiny_models: TinyModels):
     _reset_to_base(vllm_server.url, tiny_models.base)
     saved: list[str] = []
-    c = ServingController([vllm_server.url], on_state=lambda s: saved.append(s.to_json()), metrics=metrics)
+    c = ServingController([vllm_server.url], on_state=lambda s: saved.append(s.to_json()))
     c.adopt(str(tiny_models.base), "base")
     c.saved = saved  # type: ignore[attr-defined]
     yield c
@@ -234,7 +235,7 @@ def test_watch_rolls_back_a_regressed_replica(controller, tiny_models, vllm_serv
 
 def test_two_replicas_deploy_one_at_a_time(controller, tiny_models, vllm_server, vllm_crash_server):
     _reset_to_base(vllm_crash_server.url, tiny_models.base)
-    c = ServingController([vllm_server.url, vllm_crash_server.url], metrics=metrics)
+    c = ServingController([vllm_server.url, vllm_crash_server.url])
     c.adopt(str(tiny_models.base), "base")
     rec = c.deploy(tiny_models.other, "round-2r")
     assert rec.ok, rec.error
@@ -263,7 +264,6 @@ def test_server_killed_mid_swap_rolls_back_others_and_reconciles(tiny_models, vl
         [vllm_server.url, vllm_crash_server.url],
         on_state=persist,
         config=ServingConfig(retries=1, retry_backoff_s=0.2, timeout_s=10),
-        metrics=metrics,
     )
     c.adopt(str(tiny_models.base), "base")
     old = c.replicas[0].complete(PROMPT, 12)
@@ -332,7 +332,6 @@ def test_lora_rollback_goes_back_one_adapter_then_to_the_base_model(vllm_server,
         [vllm_server.url],
         on_state=lambda s: saved.append(s.to_json()),
         config=ServingConfig(lora_prefix=f"rb{int(time.time())}", lora_keep=2),
-        metrics=metrics,
     )
     c.adopt(str(tiny_models.base), "base")
     r = c.replicas[0]

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from connectors.vllm import ServingConfig, ServingController
+from connectors.vllm import ServingConfig
 from daemon.dev.services import free_port
 from daemon.dev.tiny_model import TinyLlamaShape, build_tiny_llama, train_tokenizer
+from daemon.serving import ServingController
 
 TEXTS = [f"the {w} river carries {i} boats past the old mill" for i, w in enumerate(["slow", "wide", "cold", "dark"] * 40)]
 OTHER = [f"un {w} fleuve porte {i} bateaux devant le moulin" for i, w in enumerate(["lent", "large", "froid", "sombre"] * 40)]

@@ -1,7 +1,7 @@
 """Measure drift of new documents against the reference (replay) set under the serving model.
 
-`python -m daemon.jobs.drift_probe SPEC.json` (a DriftSpec) prints one JSON line
-with the statistics; the daemon calls `measure_drift` at SNAPSHOT
+`python -m daemon.jobs.drift_probe SPEC.json` (a DriftSpec) writes the statistics
+as its result file (spec.out); the daemon calls `measure_drift` at SNAPSHOT
 and hands the result to policies.drift.adjust_for_drift. Both sets are scored by the
 shared token-loss function, the same one evaluation uses, so "loss" means the
 same thing in the drift record and the eval record.
@@ -9,7 +9,6 @@ same thing in the drift record and the eval record.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections import Counter
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from daemon.jobs.lm_loss import mean_token_loss
 from daemon.jobs.model_loader import DTYPES, load_causal_lm, load_tokenizer, resolve_device
-from daemon.jobs.specs import DriftSpec, read_texts
+from daemon.jobs.specs import DriftSpec, read_texts, write_result
 from policies.drift import DriftStats, js_distance
 
 if TYPE_CHECKING:
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.monotonic()
     new, ref = read_texts(spec.new_path), read_texts(spec.ref_path)
     s = measure_drift(spec.model, new, ref, spec.max_docs, spec.max_len, spec.seed, device, spec.dtype)
-    print(json.dumps({**asdict(s), **s.derived(), "device": device, "seconds": round(time.monotonic() - t0, 3)}))
+    write_result(spec.result_file, {**asdict(s), **s.derived(), "device": device, "seconds": round(time.monotonic() - t0, 3)})
 
 
 if __name__ == "__main__":

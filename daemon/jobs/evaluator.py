@@ -29,6 +29,7 @@ from daemon.jobs.specs import (
     ModelReport,
     SuiteResult,
     read_texts,
+    write_result,
 )
 
 if TYPE_CHECKING:
@@ -293,7 +294,6 @@ def save_report(report: EvalReport, round_dir: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     """`python -m daemon.jobs.evaluator SPEC.json` (an EvalSpec): the daemon scores a round in a child process,
     like training, so a model that does not fit or a crash in scoring never takes the daemon down."""
-    import os
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
@@ -311,7 +311,6 @@ def main(argv: list[str] | None = None) -> None:
         dtype=spec.dtype,
     )
     names, paths = zip(*spec.candidates, strict=False) if spec.candidates else ((), ())
-    out = Path(spec.out)
     progress = open(spec.progress_path, "a", encoding="utf-8")
 
     def tell(done: int, total: int, name: str) -> None:
@@ -319,9 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         progress.flush()
 
     report = evaluate_round(spec.round_id, spec.serving, list(paths), data, list(names), on_scored=tell)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(report.to_json(), encoding="utf-8")
-    os.replace(tmp, out)
+    write_result(spec.result_file, json.loads(report.to_json()))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from daemon.jobs.model_loader import load_causal_lm, load_tokenizer, resolve_device
-from daemon.jobs.specs import DetectorSpec
+from daemon.jobs.specs import DetectorSpec, write_result
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -96,10 +96,15 @@ def main(argv: list[str] | None = None) -> None:
     served = load_causal_lm(spec.served, device=device, dtype=dtype, adapter=spec.adapter)
     observer = served if spec.reference == spec.served and not spec.adapter else load_causal_lm(spec.reference, device=device, dtype=dtype)
     scores = binoculars(served, observer, load_tokenizer(spec.served), [r["text"] for r in rows], spec.max_len, spec.batch_size)
-    tmp = Path(spec.out_path + ".tmp")
-    tmp.write_text("".join(json.dumps({"key": r.get("key"), **s}) + "\n" for r, s in zip(rows, scores, strict=True)))
-    tmp.replace(spec.out_path)
-    print(json.dumps({"docs": len(rows), "device": str(device), "seconds": round(time.monotonic() - t0, 3)}))
+    write_result(
+        spec.result_file,
+        {
+            "rows": [{"key": r.get("key"), **s} for r, s in zip(rows, scores, strict=True)],
+            "docs": len(rows),
+            "device": str(device),
+            "seconds": round(time.monotonic() - t0, 3),
+        },
+    )
 
 
 if __name__ == "__main__":

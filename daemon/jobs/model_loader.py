@@ -154,25 +154,3 @@ def load_causal_lm(
     if not trainable_adapter:
         model.eval()
     return model
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m daemon.jobs.model_loader check-4bit DEVICE`: one JSON line {"device", "refusal"}.
-
-    The daemon process has no torch; before a qlora round takes any document it asks
-    a child, on the trainer's device, whether 4-bit NF4 runs there."""
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] != "check-4bit":
-        raise SystemExit("usage: python -m daemon.jobs.model_loader check-4bit DEVICE")
-    try:
-        dev = resolve_device(argv[1])
-        device, why = str(dev), four_bit_refusal(dev)
-    except ModelLoadError as e:
-        device, why = argv[1], str(e)
-    print(json.dumps({"device": device, "refusal": why}))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,23 +1,31 @@
 """What each torch job reads and writes: the daemon's only import from `daemon/jobs/`.
 
-The daemon runs training, evaluation and the drift probe as child processes
-(docs/architecture.md §3) and talks to them through files: a spec in, a result
-out. This module holds those file formats and nothing that needs torch, so the
+The daemon runs training, evaluation, the drift probe, the generated-text
+detector and the device check as child jobs (docs/architecture.md §3) and talks
+to them through files: one spec in, one result out. Every spec is a typed model
+that names its job module (`module`) and where its result goes (`result_file`);
+every job writes that JSON file atomically as its last act (`write_result`), so
+one launcher (daemon/job_launchers.py) starts, follows and reads all of them.
+This module holds those file formats and nothing that needs torch, so the
 daemon process (and its image without a GPU) imports it cheaply and a spec
 written by one version is read by the job of the same version.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from policies.gates import ModelScores
+from policies.lr_schedule import SchedulePolicy
+from policies.train import TrainPolicy
 
 
 def read_texts(path: str | Path | None) -> list[str]:
@@ -28,15 +36,31 @@ def read_texts(path: str | Path | None) -> list[str]:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
 
-class _JsonSpec:
-    """to_json / from_json / write / read for the spec dataclasses below."""
+def write_result(path: str | Path, result: Any) -> Path:
+    """A job's last act: its result as one JSON file, whole or absent (tmp + rename), so a reader never sees half."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(result, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, p)
+    return p
+
+
+class JobSpec(BaseModel):
+    """The file a job is started with. Its JSON (sorted keys) is what the digest covers and the job reads back."""
+
+    model_config = ConfigDict(extra="forbid")
+    module: ClassVar[str]  # python -m MODULE SPEC.json
+
+    @property
+    def result_file(self) -> Path:
+        raise NotImplementedError
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)  # type: ignore[call-overload]
+        return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str):  # noqa: ANN206 - returns cls
-        return cls(**json.loads(text))
+    def from_json(cls, text: str) -> Any:  # -> cls
+        return cls.model_validate_json(text)
 
     def write(self, path: str | Path) -> Path:
         p = Path(path)
@@ -44,17 +68,17 @@ class _JsonSpec:
         return p
 
     @classmethod
-    def read(cls, path: str | Path):  # noqa: ANN206
+    def read(cls, path: str | Path) -> Any:  # -> cls
         return cls.from_json(Path(path).read_text(encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------- training
 
 
-@dataclass
-class TrainSpec(_JsonSpec):
+class TrainSpec(JobSpec):
     """Input of `python -m daemon.jobs.trainer SPEC.json` (docs/round-engine.md)."""
 
+    module: ClassVar[str] = "daemon.jobs.trainer"
     parent_dir: str  # HF checkpoint the round starts from (weights unless resuming / mainline_in); base model in lora mode
     out_dir: str
     new_path: str  # JSONL {"text": ...} per line
@@ -62,8 +86,8 @@ class TrainSpec(_JsonSpec):
     heldout_new_path: str | None = None
     heldout_replay_path: str | None = None
     replay_ratio: float = 0.0  # fraction of the round's training tokens drawn from replay
-    schedule: dict = field(default_factory=dict)  # SchedulePolicy fields
-    train: dict = field(default_factory=dict)  # TrainPolicy fields
+    schedule: SchedulePolicy = Field(default_factory=SchedulePolicy)  # after the round's drift adjustments
+    train: TrainPolicy = Field(default_factory=TrainPolicy)  # the policy's `train` section as the round started
     mainline_in: str | None = None  # infinite: previous round's OUT/mainline; None on the first round
     adapter_in: str | None = None  # lora/qlora: the served adapter this round continues (None: a new adapter)
     data_seed: int = 0  # mixture draw, document shuffle, block order
@@ -73,29 +97,73 @@ class TrainSpec(_JsonSpec):
     attn_implementation: str = "auto"  # auto: CUDA flash_attention_2 if installed else flex_attention; CPU sdpa
     cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default. 1 wins on a shared, oversubscribed box
 
+    @property
+    def result_file(self) -> Path:
+        return Path(self.out_dir) / "result.json"
+
+    @property
+    def progress_file(self) -> Path:
+        return Path(self.out_dir) / "progress.jsonl"
+
     def digest(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+class TrainEval(BaseModel):
+    """One held-out evaluation during training, as the trainer logs it (progress.jsonl, result.json)."""
+
+    step: int
+    global_step: int | None = None
+    loss_heldout_new: float | None = None  # mean token NLL of the held-out new documents
+    loss_heldout_replay: float | None = None  # and of the held-out replay documents
+
+
+class TrainResult(BaseModel):
+    """The trainer's result.json: what EVALUATING and the next round (the infinite schedule's main line) read."""
+
+    round_id: str = ""
+    spec: str = ""  # the digest of the spec it ran
+    steps: int  # optimizer steps, main line and anneal
+    main_steps: int = 0
+    anneal_steps: int = 0
+    tokens: int = 0
+    final: str  # the candidate: weights (or adapter) in the parent's dtype with its config.json
+    mainline: str | None = None  # infinite schedule: the state the next round continues
+    global_step: int = 0
+    mode: str = "full"
+    precision: str = ""
+    dtype: str = ""
+    parallelism: str = "none"
+    world_size: int = 1
+    peak_memory_mb: float | None = None  # rank 0 over the training steps: CUDA allocated, or RSS on CPU
+    peak_memory_kind: str | None = None
+    state_mb: float | None = None  # parameters, gradients and optimizer state of rank 0
+    process_peak_memory_mb: float | None = None  # rank 0's whole life: load, training, the final gather and write
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-@dataclass
-class EvalSpec(_JsonSpec):
+class EvalSpec(JobSpec):
     """Input of `python -m daemon.jobs.evaluator SPEC.json`: the serving model and every candidate, same data."""
 
+    module: ClassVar[str] = "daemon.jobs.evaluator"
     round_id: str
     serving: str  # checkpoint directory of the serving model
     candidates: list[list[str]]  # [[name, checkpoint directory], ...]
     new_path: str  # held-out new documents (JSONL)
     replay_path: str  # held-out replay documents (JSONL)
     out: str  # where the EvalReport is written (atomically)
-    suites: dict[str, str] = field(default_factory=dict)  # suite name -> multiple-choice JSONL
+    suites: dict[str, str] = Field(default_factory=dict)  # suite name -> multiple-choice JSONL
     canaries: str | None = None  # JSONL of {"prompt", "expected", "name"?}
     max_len: int = 512
     device: str = "auto"  # the trainer's device: CUDA when present, else CPU
     base: str | None = None  # served base checkpoint: serving/candidates that are LoRA adapters are scored on it
     dtype: str | None = None  # the dtype vLLM serves in (its /server_info); None = each checkpoint's own
+
+    @property
+    def result_file(self) -> Path:
+        return Path(self.out)
 
     @property
     def progress_path(self) -> Path:
@@ -215,30 +283,54 @@ def _model_report(d: dict[str, Any]) -> ModelReport:
 # --------------------------------------------------------------------------- drift
 
 
-@dataclass
-class DriftSpec(_JsonSpec):
-    """Input of `python -m daemon.jobs.drift_probe SPEC.json`; it prints one JSON line of DriftStats fields."""
+class DriftSpec(JobSpec):
+    """Input of `python -m daemon.jobs.drift_probe SPEC.json`; its result is one object of DriftStats fields."""
 
+    module: ClassVar[str] = "daemon.jobs.drift_probe"
     model: str  # checkpoint directory of the serving model
     new_path: str  # new documents (JSONL)
     ref_path: str  # reference documents: the replay reservoir (JSONL)
+    out: str  # the result: DriftStats fields, derived figures, device, seconds
     max_docs: int = 256
     max_len: int = 512
     seed: int = 0
     device: str = "auto"  # the trainer's device: CUDA when present, else CPU
     dtype: str | None = None  # the dtype vLLM serves in; None = the checkpoint's own
 
+    @property
+    def result_file(self) -> Path:
+        return Path(self.out)
 
-@dataclass
-class DetectorSpec(_JsonSpec):
-    """Input of `python -m daemon.jobs.generated_text_detector SPEC.json`; it writes one JSON line per document to out_path."""
 
+class DetectorSpec(JobSpec):
+    """Input of `python -m daemon.jobs.generated_text_detector SPEC.json`; its result holds one row per document."""
+
+    module: ClassVar[str] = "daemon.jobs.generated_text_detector"
     served: str  # checkpoint directory of the served model (the performer)
     reference: str  # the original base checkpoint (the observer)
     docs_path: str  # documents to score (JSONL with "text"; "key" carried through when present)
-    out_path: str  # per document: {"key", "nll", "xent", "score", "tokens"}
+    out: str  # the result: {"rows": [{"key", "nll", "xent", "score", "tokens"}, ...], "docs", "device", "seconds"}
     adapter: str | None = None  # the served LoRA adapter, on top of `served`
     max_len: int = 512
     batch_size: int = 8
     device: str = "auto"
     dtype: str | None = None
+
+    @property
+    def result_file(self) -> Path:
+        return Path(self.out)
+
+
+class DeviceCheckSpec(JobSpec):
+    """Input of `python -m daemon.jobs.device_check SPEC.json`: can 4-bit NF4 (qlora) run on `device`?
+
+    The daemon process has no torch; before a qlora round takes any document it asks a job, on the trainer's
+    device. Result: {"device", "refusal"} (refusal None when it runs)."""
+
+    module: ClassVar[str] = "daemon.jobs.device_check"
+    device: str
+    out: str
+
+    @property
+    def result_file(self) -> Path:
+        return Path(self.out)

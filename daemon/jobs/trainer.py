@@ -49,8 +49,8 @@ import torch.nn.functional as F
 
 from daemon.jobs.lm_loss import mean_token_loss
 from daemon.jobs.model_loader import DTYPES, checkpoint_dtype, dtype_name, load_causal_lm, load_tokenizer, resolve_device
-from daemon.jobs.specs import TrainSpec, read_texts
-from policies.lr_schedule import SchedulePolicy, anneal_steps_for, round_lr
+from daemon.jobs.specs import TrainSpec, read_texts, write_result
+from policies.lr_schedule import anneal_steps_for, round_lr
 from policies.replay import replay_tokens_for
 from policies.train import MIXED, TrainPolicy, resolve_precision
 
@@ -421,8 +421,7 @@ class Progress:
 
 
 def run(spec: TrainSpec) -> dict:
-    tp = TrainPolicy.model_validate(spec.train)
-    sp = SchedulePolicy.model_validate(spec.schedule)
+    tp, sp = spec.train, spec.schedule  # typed from the policy file on: TrainPolicy, SchedulePolicy
     out = Path(spec.out_dir)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
@@ -681,7 +680,7 @@ def run(spec: TrainSpec) -> dict:
             result["process_peak_memory_mb"] = max(load_peak, peak_memory(device).get("peak_memory_mb", 0.0))
         if sp.kind == "infinite" and not (out / "mainline" / "state.json").exists():  # an anneal of 0 steps cannot happen, but be sure
             raise RuntimeError("main line was not saved")
-        (out / "result.json").write_text(json.dumps(result, indent=1))
+        write_result(spec.result_file, result)
         log("done", **result)
     if distributed:
         torch.distributed.barrier()  # no rank exits (and tears the group down) while rank 0 still writes

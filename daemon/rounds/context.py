@@ -1,0 +1,189 @@
+"""What every phase of a round shares: the store, the settings, the lease, the serving controller, jobs, writes.
+
+A phase is a function of (context, record). The context owns the state the
+daemon keeps across rounds (the lease's fencing token, the serving controller,
+the job running now) and the few helpers every phase needs: write the record
+under the fence, enter a phase, run a job until it ends, write data files
+atomically. Nothing here decides anything about a round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from connectors.redis_store import Fence, RedisStore
+from connectors.vllm import ServingError
+from daemon import failpoints
+from daemon import metrics as M
+from daemon.job_launchers import Job, JobStartError, Launcher, launcher_for
+from daemon.round_record import PHASES, TERMINAL, PhaseTimes, RoundRecord, RoundState
+from daemon.serving import ServingController
+from daemon.settings import Settings
+from policies.config import Policy
+
+log = logging.getLogger("cptd.rounds")
+
+BASE_VERSION = "base"
+
+
+class Stop(Exception):
+    """The daemon is stopping (SIGTERM) or lost the lease: leave the round where it is, resumable."""
+
+
+class RoundFailed(Exception):
+    """The round ends FAILED with `cause`; its documents go back to the buffer (requeue) or are released."""
+
+    def __init__(self, cause: str, requeue: bool = True):
+        super().__init__(cause)
+        self.cause, self.requeue = cause, requeue
+
+
+def write_atomic(path: Path, blob: bytes) -> None:
+    """tmp file + rename: a reader (or a resumed round) sees the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    """Atomic write; returns the sha256 of the content (the manifest hash of the lineage)."""
+    blob = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
+    write_atomic(path, blob)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def write_texts(path: Path, texts: list[str]) -> str:
+    """The JSONL a job reads documents from: one {"text"} per line."""
+    return write_jsonl(path, [{"text": t} for t in texts])
+
+
+@dataclass
+class RoundContext:
+    store: RedisStore
+    settings: Settings
+    get_policy: Callable[[], Policy]  # the policy in force now (a running round reads its own copy: policy_of)
+    owner: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    fence: Fence | None = None  # set by the lease loop; None = not the lease holder
+    serving: ServingController | None = None
+    serving_lock: threading.Lock = field(default_factory=threading.Lock)  # one deploy or rollback at a time
+    kube_api_client: Any = None  # the Kubernetes API client (tests point it at a fake API); None = in-cluster/kubeconfig
+    launcher: Launcher | None = None  # the job running now
+
+    # ------------------------------------------------------------------ the record
+    def fenced(self) -> Fence:
+        f = self.fence
+        if f is None:
+            raise Stop("lease lost")
+        return f
+
+    def put(self, rec: RoundRecord) -> None:
+        rec.updated_at = time.time()
+        self.store.put_round(self.fenced(), rec.id, rec.to_store())
+
+    def get_round(self, rid: str) -> RoundRecord | None:
+        raw = self.store.get_round(rid)
+        return RoundRecord.model_validate(raw) if raw is not None else None
+
+    def list_rounds(self) -> list[RoundRecord]:
+        """Every round record, oldest first."""
+        return [RoundRecord.model_validate(r) for r in self.store.list_rounds()]
+
+    def enter(self, rec: RoundRecord, state: RoundState) -> None:
+        now = time.time()
+        prev = rec.phases.get(rec.state)
+        if prev is not None and prev.finished_at is None:
+            prev.finished_at = now
+            M.ROUND_PHASE_SECONDS.labels(phase=rec.state.value).observe(now - prev.started_at)
+        rec.state = state
+        rec.phases.setdefault(state, PhaseTimes(started_at=now))
+        self.put(rec)
+        for p in PHASES:
+            M.ROUND_PHASE.labels(phase=p.value).set(1 if p == state else 0)
+        if state in TERMINAL:
+            M.ROUNDS.labels(state=state.value).inc()
+        log.info("round phase", extra={"round_id": rec.id, "state": state.value})
+
+    @staticmethod
+    def policy_of(rec: RoundRecord) -> Policy:
+        """The policy the round started under (a reload changes the next round, never this one)."""
+        assert rec.policy is not None, f"round {rec.id} has no policy copy"
+        return rec.policy
+
+    def round_dir(self, rid: str) -> Path:
+        return self.settings.checkpoint_dir / "rounds" / rid
+
+    def served_dtype(self) -> str | None:
+        """The dtype vLLM computes in (its --dtype may differ from the checkpoint's); None = the checkpoint's own."""
+        if self.serving is None or not self.serving.replicas:
+            return None
+        try:
+            return self.serving.replicas[0].server_info().dtype
+        except ServingError as e:
+            log.warning("served dtype unknown; scoring in the checkpoint's dtype", extra={"error": str(e)})
+            return None
+
+    # ------------------------------------------------------------------ jobs
+    def run_job(
+        self,
+        job: Job,
+        rec: RoundRecord | None = None,
+        *,
+        training: bool = False,
+        timeout: float | None = None,
+        on_tick: Callable[[], None] | None = None,
+        hit: str | None = None,
+    ) -> Any:
+        """Start `job`, follow it to its end, return its result file's content.
+
+        Raises Stop when the daemon stops or loses the lease (a child is stopped and resumes later; a Kubernetes
+        workload runs on), RoundFailed when the operator cancels `rec`, the job runs past `timeout`, or it fails
+        (with the launcher's cause)."""
+        try:
+            launcher = launcher_for(self.settings, training, self.kube_api_client)
+            launcher.start(job)
+        except JobStartError as e:
+            raise RoundFailed(f"{job.module}: {e}") from e
+        tracked = rec is not None  # a round's job is stopped with the lease; the drift trigger's probe just ends
+        if tracked:
+            self.launcher = launcher
+        try:
+            if hit:
+                failpoints.hit(hit)
+            t0 = time.monotonic()
+            while (end := launcher.poll()) is None:
+                if on_tick:
+                    on_tick()
+                if self.fence is None or self.stop.is_set():
+                    launcher.detach()
+                    raise Stop("lease lost" if self.fence is None else "stopping")
+                if rec is not None and self.store.cancel_requested(rec.id):
+                    launcher.cancel()
+                    raise RoundFailed("cancelled by operator", requeue=True)
+                if timeout and time.monotonic() - t0 > timeout:
+                    launcher.cancel()
+                    raise RoundFailed(f"{job.module} ran past {timeout} s")
+                self.stop.wait(min(1.0, self.settings.train_poll_s) if training else 1.0)
+        finally:
+            if tracked:
+                self.launcher = None
+        if on_tick:
+            on_tick()
+        if not end.ok:
+            raise RoundFailed(end.cause)
+        return job.result()
+
+    def stop_job(self) -> None:
+        """Lease lost or daemon stopping: the job running now is stopped or left, as its launcher does."""
+        launcher = self.launcher
+        if launcher is not None:
+            launcher.detach()

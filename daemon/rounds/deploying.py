@@ -1,0 +1,151 @@
+"""DEPLOYING: wait out blackout windows, swap the candidate in (or load the adapter), watch it; roll back.
+
+The swap sequence, the watch and the adapter bookkeeping are the serving
+controller's (daemon/serving.py); this phase decides when and records what
+happened. A deploy first checks what the replicas serve, so a resumed round
+that already swapped goes straight to the watch. Operator rollbacks come here
+too: they take the same lock as a deploy, so the two never interleave.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from datetime import datetime, timezone
+
+from daemon import metrics as M
+from daemon.round_record import (
+    TERMINAL,
+    DeploySummary,
+    DeployWait,
+    RollbackRecord,
+    RollbackResult,
+    RoundRecord,
+    RoundState,
+    WatchRecord,
+)
+from daemon.rounds.context import RoundContext, RoundFailed, Stop
+from daemon.rounds.document_fate import release
+from daemon.serving import DeployRecord
+from policies.round_policy import blackout_match, next_swap_allowed, prune_rounds
+
+log = logging.getLogger("cptd.rounds")
+
+
+def deploying(ctx: RoundContext, rec: RoundRecord) -> None:
+    policy = ctx.policy_of(rec)
+    wait_for_blackouts(ctx, rec)
+    assert ctx.serving is not None and rec.candidate is not None
+    serving = ctx.serving
+    adapter = policy.train.mode != "full"  # lora/qlora: the adapter goes out under its own name; the base weights stay
+    with ctx.serving_lock:
+        state = serving.state
+        if adapter:
+            done = state.lora_active == serving.lora_name(rec.id)
+        else:
+            done = state.desired_version == rec.id and all(r.version == rec.id for r in state.replicas.values())
+        if not done:
+            d = (
+                serving.deploy_lora(rec.candidate, rec.id, max_rank=policy.train.lora_r)
+                if adapter
+                else serving.deploy(rec.candidate, rec.id)
+            )
+            rec.deploy = deploy_summary(d)
+            if not d.ok:
+                e = d.error or {}
+                stays = f"clients stay on {serving.route_model()}" if adapter else f"serving stays on {state.desired_version}"
+                raise RoundFailed(f"DEPLOYING: replica {e.get('replica') or '-'} step {e.get('step')}: {e.get('message')}; {stays}")
+        if policy.rounds.watch_s > 0 and rec.watch is None:
+            w = serving.watch(policy.rounds.watch_s, rollback=not adapter)  # an adapter round's undo is rollback_lora
+            rec.watch = WatchRecord(window_s=w.window_s, probes=len(w.probes), regression=w.regression)
+            if w.regression:
+                back = serving.rollback_lora(trigger="watch") if adapter else w.rollback
+                to = (back.route_model if adapter else back.version) if back else None
+                rec.rollback = RollbackRecord(at=time.time(), trigger="watch", reason=w.regression, to=to, ok=bool(back and back.ok))
+                rec.docs = release(ctx, rec)
+                ctx.enter(rec, RoundState.ROLLED_BACK)
+                return
+    rec.deployed_at = time.time()
+    rec.docs = release(ctx, rec)
+    M.ROUND_LAST_SUCCESS.set(rec.deployed_at)
+    log.info("round deployed", extra={"round_id": rec.id, "route_model": rec.deploy.route_model if rec.deploy else None})
+    ctx.enter(rec, RoundState.DEPLOYED)
+    prune(ctx, policy.rounds.keep_rounds)
+
+
+def wait_for_blackouts(ctx: RoundContext, rec: RoundRecord) -> None:
+    """Read from the policy in force, not the round's copy, so an operator can hold a swap by editing the file."""
+    while (expr := blackout_match(datetime.now(timezone.utc), ctx.get_policy().triggers)) is not None:
+        until = next_swap_allowed(datetime.now(timezone.utc), ctx.get_policy().triggers)
+        if rec.deploy_wait is None or rec.deploy_wait.blackout != expr:
+            rec.deploy_wait = DeployWait(blackout=expr, until=until.isoformat() if until else None)
+            ctx.put(rec)
+            log.info("deploy waits for a blackout window to end", extra={"round_id": rec.id, "blackout": expr})
+        if ctx.store.cancel_requested(rec.id):
+            raise RoundFailed("cancelled by operator while waiting for a blackout window", requeue=True)
+        if ctx.stop.wait(5.0):
+            raise Stop("stopping")
+
+
+def deploy_summary(d: DeployRecord) -> DeploySummary:
+    out = d.to_dict()
+    pauses = [r["pause_seconds"] for r in out.get("replicas", []) if r.get("pause_seconds") is not None]
+    return DeploySummary.model_validate({**out, "pause_seconds_max": max(pauses) if pauses else None})
+
+
+def prune(ctx: RoundContext, keep: int) -> None:
+    """Delete old round directories; never the live one, its rollback target, or an unfinished round."""
+    assert ctx.serving is not None
+    state = ctx.serving.state
+    rounds = ctx.list_rounds()
+    protected = {v for v in (state.desired_version, state.previous_version) if v} | {r.id for r in rounds if r.state not in TERMINAL}
+    finished = [r.id for r in rounds if r.state in TERMINAL and ctx.round_dir(r.id).exists()]
+    for rid in prune_rounds(finished, protected, keep):
+        shutil.rmtree(ctx.round_dir(rid), ignore_errors=True)
+        state.versions.pop(rid, None)
+        log.info("pruned round checkpoints", extra={"round_id": rid})
+
+
+def rollback(ctx: RoundContext, to: str | None = None) -> RollbackResult:
+    """The operator's rollback: serve the previous (or the named) version again; the live round becomes ROLLED_BACK."""
+    serving = ctx.serving
+    if ctx.fence is None or serving is None:
+        holder, _ = ctx.store.lease_holder()
+        raise PermissionError(f"this daemon does not run rounds; the lease holder is {holder!r}")
+    if not ctx.serving_lock.acquire(blocking=False):
+        raise RuntimeError("a deploy or rollback is in progress")
+    try:
+        state = serving.state
+        if state.lora_active and (to is None or serving.lora_name(to) in state.lora_versions or to == serving.base_model_name()):
+            return rollback_adapter(ctx, to)
+        live = state.desired_version
+        target = to or state.previous_version
+        if target is None or target not in state.versions:
+            raise ValueError(f"cannot roll back to {target!r}: known versions are {sorted(state.versions)}")
+        d = serving.rollback("operator", to_version=target)
+        if d.ok and live and live != target:
+            mark_rolled_back(ctx, live, target)
+        return RollbackResult(ok=d.ok, from_version=live, to=target, error=d.error, record=deploy_summary(d))
+    finally:
+        ctx.serving_lock.release()
+
+
+def rollback_adapter(ctx: RoundContext, to: str | None) -> RollbackResult:
+    """Clients go back to the adapter before the active one (or `to`), or to the base model when none is kept."""
+    assert ctx.serving is not None
+    prefix = ctx.serving.lora_name("")
+    live = ctx.serving.state.lora_active
+    d = ctx.serving.rollback_lora(to=to)  # a round id, an adapter name or the base model name
+    live_round = live.removeprefix(prefix) if live else None
+    target_round = (d.route_model or "").removeprefix(prefix) if d.route_model and d.route_model.startswith(prefix) else "base"
+    if d.ok and live_round:
+        mark_rolled_back(ctx, live_round, d.route_model)
+    return RollbackResult(ok=d.ok, from_version=live_round, to=target_round, error=d.error, record=deploy_summary(d))
+
+
+def mark_rolled_back(ctx: RoundContext, rid: str, to: str | None) -> None:
+    rec = ctx.get_round(rid)
+    if rec is not None and rec.state == RoundState.DEPLOYED:
+        rec.rollback = RollbackRecord(at=time.time(), trigger="operator", to=to, ok=True)
+        ctx.enter(rec, RoundState.ROLLED_BACK)

@@ -1,0 +1,287 @@
+"""The round runner: holds the lease, turns requests into rounds, and drives one round at a time.
+
+Only the lease holder creates and drives rounds (connectors/redis_store.py's
+fenced writes). A new lease holder first learns what the replicas serve: a
+predecessor may have died mid-swap (`take_over`). Requests come from the
+scheduler's triggers (automatic) and from operators (manual, kept in Redis);
+`policies/round_policy.py` decides whether each may start a round.
+
+The round keeps a copy of the policy it started under: a reload during a round
+changes the next round, never the running one (so a resumed round is the same
+round).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from connectors.redis_store import Fenced, RedisStore
+from connectors.vllm import ServingConfig
+from daemon import failpoints
+from daemon import metrics as M
+from daemon.round_record import TERMINAL, Parent, PhaseTimes, RollbackResult, RoundRecord, RoundState, Trigger
+from daemon.rounds import deploying, drift_measure
+from daemon.rounds.context import BASE_VERSION, RoundContext, Stop
+from daemon.rounds.state_machine import drive
+from daemon.serving import ServingController, ServingState
+from daemon.settings import Settings
+from policies.config import Policy, policy_hash
+from policies.round_policy import estimate_tokens, should_start
+
+log = logging.getLogger("cptd.rounds")
+
+
+class RoundRunner:
+    def __init__(
+        self,
+        store: RedisStore,
+        settings: Settings,
+        get_policy: Callable[[], Policy],
+        owner: str | None = None,
+        kube_api_client: Any = None,
+    ):
+        owner = owner or settings.pod_name or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.ctx = RoundContext(store, settings, get_policy, owner, kube_api_client=kube_api_client)
+        self.store, self.settings, self.get_policy, self.owner = store, settings, get_policy, owner
+        self.wake = threading.Event()
+        self.auto: tuple[str, str] | None = None  # latest automatic trigger not acted on yet
+        self.active: str | None = None
+        self.taken_over_epoch = 0
+        self.urls = settings.replica_urls()
+        self.disabled = None if self.urls else "no vLLM replicas configured (CPTD_VLLM_URLS or CPTD_VLLM_CONTROL_URL)"
+
+    # ------------------------------------------------------------------ lease
+    def leader(self) -> bool:
+        return self.ctx.fence is not None
+
+    def lease_loop(self, stop: threading.Event) -> None:
+        ctx, last_ok = self.ctx, 0.0
+        while not stop.is_set():
+            ttl = self.get_policy().rounds.lease_ttl_s
+            try:
+                f = self.store.lease_acquire(self.owner, ttl)
+                last_ok = time.monotonic()
+            except Exception as e:  # noqa: BLE001 - Redis down: we keep the lease only until it would have expired
+                log.warning("lease renewal failed", extra={"error": str(e)})
+                f = ctx.fence if time.monotonic() - last_ok < ttl * 0.8 else None
+            if f is not None and (ctx.fence is None or f.epoch != ctx.fence.epoch):
+                log.info("took the round lease", extra={"owner": self.owner, "epoch": f.epoch})
+                ctx.fence = f
+                self.wake.set()
+            elif f is None and ctx.fence is not None:
+                log.warning("lost the round lease", extra={"owner": self.owner})
+                M.LEASE_LOST.inc()
+                ctx.fence = None
+                ctx.stop_job()
+            M.LEADER.set(1 if ctx.fence else 0)
+            stop.wait(ttl / 3)
+        if ctx.fence is not None:  # hand over at once rather than after the TTL
+            try:
+                self.store.lease_release(ctx.fence)
+            except Exception:  # noqa: BLE001
+                pass
+            ctx.fence = None
+            M.LEADER.set(0)
+
+    # ------------------------------------------------------------------ requests
+    def request(self, kind: str, detail: str) -> None:
+        """Automatic triggers (scheduler jobs) land here; only the lease holder acts on them."""
+        if self.leader():
+            self.auto = (kind, detail)
+            self.wake.set()
+
+    def request_manual(self, reason: str = "operator") -> str:
+        rid = uuid.uuid4().hex[:12]
+        self.store.add_request(rid, {"kind": "manual", "detail": reason, "at": time.time()})
+        self.wake.set()
+        return rid
+
+    def buffer_tokens(self) -> int:
+        """Estimated tokens waiting (the buffer trigger and should_start read the same figure)."""
+        return estimate_tokens(self.store.buffer_stats()["buffer_bytes"], self.get_policy().rounds)
+
+    def next_round(self) -> str | None:
+        """Act on waiting requests: start a round for the first one that may start, answer the rest."""
+        policy = self.get_policy()
+        manual = self.store.take_requests()
+        auto, self.auto = self.auto, None
+        asks: list[tuple[str | None, str]] = [(rid, r["kind"]) for rid, r in sorted(manual.items(), key=lambda kv: kv[1].get("at", 0))]
+        if auto:
+            asks.append((None, auto[0]))
+        started: str | None = None
+        if asks:  # read once: nothing changes them until a round starts, and then the rest are merged
+            last_start = max((r.created_at for r in self.list_rounds()), default=None)
+            tokens = self.buffer_tokens()
+        for req_id, kind in asks:
+            if started:
+                if req_id:
+                    self.store.set_request_result(req_id, {"round": started, "note": "merged into the round just started"})
+                continue
+            check = should_start(kind, time.time(), last_start, False, tokens, policy.rounds, policy.triggers)
+            if not check.start:
+                if req_id:
+                    self.store.set_request_result(req_id, {"round": None, "refused": check.reason})
+                log.info("trigger not acted on", extra={"trigger": kind, "reason": check.reason})
+                continue
+            started = self.create(policy, kind, check.reason, req_id)
+            if req_id:
+                self.store.set_request_result(req_id, {"round": started})
+        return started
+
+    def create(self, policy: Policy, kind: str, reason: str, req_id: str | None) -> str:
+        n = self.store.next_round_number()
+        rid = f"r{n:05d}"
+        state = self.ctx.serving.state if self.ctx.serving else ServingState()
+        live = state.desired_version
+        now = time.time()
+        rec = RoundRecord(
+            id=rid,
+            number=n,
+            state=RoundState.PENDING,
+            created_at=now,
+            updated_at=now,
+            trigger=Trigger(kind=kind, reason=reason, request_id=req_id),
+            owner=self.owner,
+            policy_hash=policy_hash(policy),
+            policy=policy,
+            parent=Parent(
+                version=live,
+                checkpoint=state.versions[live].checkpoint if live in state.versions else None,
+                adapter=state.lora_active,
+                adapter_path=state.lora_paths.get(state.lora_active) if state.lora_active else None,
+            ),
+            phases={RoundState.PENDING: PhaseTimes(started_at=now)},
+        )
+        self.ctx.put(rec)
+        log.info("round created", extra={"round_id": rid, "trigger": kind, "reason": reason})
+        return rid
+
+    def get_round(self, rid: str) -> RoundRecord | None:
+        return self.ctx.get_round(rid)
+
+    def list_rounds(self) -> list[RoundRecord]:
+        return self.ctx.list_rounds()
+
+    # ------------------------------------------------------------------ taking over
+    def save_serving(self, state: ServingState) -> None:
+        for replica in state.replicas.values():
+            if replica.status == "swapping" and replica.step:
+                failpoints.hit(f"deploy.{replica.step}")
+        self.store.put_serving(self.ctx.fenced(), state.to_json())
+
+    def take_over(self) -> str | None:
+        """New lease holder: learn what the replicas serve (a predecessor may have died mid-swap).
+
+        Returns the round a predecessor left unfinished, if any: only a lease holder creates rounds,
+        so after this the runner knows every unfinished round without reading the round list again."""
+        ctx = self.ctx
+        unfinished = next((r for r in self.list_rounds() if r.state not in TERMINAL), None)
+        raw = self.store.get_serving()
+        state = ServingState.from_json(raw) if raw else ServingState()
+        if ctx.serving is not None:
+            ctx.serving.close()
+        s = self.settings
+        config = ServingConfig(
+            api_key=s.vllm_api_key.get_secret_value() if s.vllm_api_key else None,
+            ca_file=str(s.vllm_ca_file) if s.vllm_ca_file else None,
+        )
+        ctx.serving = ServingController(self.urls, state, on_state=self.save_serving, config=config)
+        if state.desired_version is None:
+            base = str(s.base_checkpoint_path().resolve())
+            ctx.serving.adopt(base, BASE_VERSION)
+            log.info("adopted the serving model", extra={"checkpoint": base, "version": BASE_VERSION})
+        else:
+            rec = ctx.serving.reconcile()
+            log.info("reconciled serving state", extra={"live": rec.live, "diverged": rec.diverged, "errors": rec.errors})
+            deploying_now = unfinished is not None and unfinished.state == RoundState.DEPLOYING  # its resumed deploy converges them
+            if rec.diverged and not deploying_now and not rec.errors:
+                out = ctx.serving.rollback("reconcile", to_version=state.desired_version)
+                log.info("brought diverged replicas back to the deployed version", extra={"version": state.desired_version, "ok": out.ok})
+        return unfinished.id if unfinished else None
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, stop: threading.Event) -> None:
+        if self.disabled:
+            log.warning("rounds disabled", extra={"reason": self.disabled})
+            return
+        self.ctx.stop = stop
+        threading.Thread(target=self.lease_loop, args=(stop,), name="lease", daemon=True).start()
+        resume: str | None = None  # a round to (re)drive: left by a predecessor, or interrupted by an error here
+        while not stop.is_set():
+            f = self.ctx.fence
+            if f is None:
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            try:
+                if self.taken_over_epoch != f.epoch:
+                    resume = self.take_over()
+                    self.taken_over_epoch = f.epoch
+                resume = resume or self.next_round()
+                if resume is None:
+                    self.wake.wait(1.0)
+                    self.wake.clear()
+                    continue
+                self.drive(resume)
+                resume = None
+            except (Stop, Fenced) as e:
+                log.warning("round runner paused", extra={"reason": str(e)})
+            except Exception as e:  # noqa: BLE001 - the loop must survive Redis/vLLM outages; it retries
+                log.exception("round runner error", extra={"error": repr(e)})
+                stop.wait(5.0)
+        self.ctx.stop_job()
+
+    def drive(self, rid: str) -> RoundRecord:
+        self.active = rid
+        try:
+            return drive(self.ctx, rid)
+        finally:
+            self.active = None
+
+    # ------------------------------------------------------------------ operator actions and reading
+    def rollback(self, to: str | None = None) -> RollbackResult:
+        return deploying.rollback(self.ctx, to)
+
+    def probe_drift(self) -> float | None:
+        """The drift trigger's periodic probe (skipped while a round runs)."""
+        return drift_measure.probe_serving(self.ctx, busy=self.active is not None)
+
+    def status(self) -> dict[str, Any]:
+        holder, epoch = self.store.lease_holder()
+        out: dict[str, Any] = {
+            "enabled": self.disabled is None,
+            "disabled_reason": self.disabled,
+            "leader": self.leader(),
+            "lease_holder": holder,
+            "epoch": epoch,
+            "owner": self.owner,
+            "active": self.active,
+        }
+        raw = self.store.get_serving()
+        if raw:
+            state = ServingState.from_json(raw)
+            out["serving"] = {
+                "desired_version": state.desired_version,
+                "previous_version": state.previous_version,
+                "replicas": {u: {"version": r.version, "status": r.status, "step": r.step} for u, r in state.replicas.items()},
+                "lora_active": state.lora_active,
+                "lora_versions": state.lora_versions,
+                # the model name clients send: the active adapter, else the served base name
+                "route_model": state.lora_active or self.base_name(),
+            }
+        return out
+
+    def base_name(self) -> str | None:
+        serving = self.ctx.serving
+        if serving is None:
+            return None
+        try:
+            return serving.base_model_name()
+        except Exception:  # noqa: BLE001 - ServingError: status reads never fail on a replica
+            return None

@@ -1,0 +1,105 @@
+"""TRAINING: write the round's TrainSpec once, run the trainer job where the launcher says, follow its progress.
+
+The spec goes into the record before the job starts (with its digest and the
+launcher), so a resumed round runs the same spec and the trainer resumes from
+its newest checkpoint in the same directory. Progress comes from the trainer's
+progress.jsonl, into metrics every tick and into the record every few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from daemon import metrics as M
+from daemon.job_launchers import Job, JsonlFollower
+from daemon.jobs.specs import TrainEval, TrainResult, TrainSpec
+from daemon.round_record import RoundRecord, RoundState, TrainRecord
+from daemon.rounds.context import BASE_VERSION, RoundContext, RoundFailed
+
+
+def training(ctx: RoundContext, rec: RoundRecord) -> None:
+    if rec.train is None:
+        spec = train_spec(ctx, rec)
+        rec.train = TrainRecord(spec=spec, spec_digest=spec.digest(), out_dir=spec.out_dir, launcher=ctx.settings.train_launcher)
+        ctx.put(rec)
+    train = rec.train
+    directory = ctx.round_dir(rec.id)
+    job = Job(train.spec, directory / "train-spec.json", directory / "train.log", round_id=rec.id)
+    follow = ProgressRecorder(ctx, rec)
+    try:
+        result = ctx.run_job(job, rec, training=True, on_tick=follow.tick)
+    except RoundFailed as e:
+        if e.cause == "cancelled by operator":
+            raise
+        raise RoundFailed(f"TRAINING: {e.cause}") from e
+    finally:
+        follow.tick(final=True)
+    train.result = TrainResult.model_validate(result)
+    ctx.enter(rec, RoundState.EVALUATING)
+
+
+def train_spec(ctx: RoundContext, rec: RoundRecord) -> TrainSpec:
+    """The trainer's whole input: the round's data files, the drift-adjusted schedule, the policy's train section."""
+    policy = ctx.policy_of(rec)
+    directory = ctx.round_dir(rec.id)
+    seed = int(hashlib.sha256(f"{policy.train.seed}:{rec.id}".encode()).hexdigest()[:8], 16)
+    mainline = None
+    if policy.schedule.kind == "infinite" and rec.parent.version not in (None, BASE_VERSION):
+        previous = ctx.get_round(rec.parent.version)
+        result = previous.train.result if previous and previous.train else None
+        mainline = result.mainline if result else None
+    parent = rec.parent.checkpoint  # lora/qlora: the base vLLM serves, which the adapter goes on
+    if parent is None:
+        raise RoundFailed("TRAINING: the serving version has no known checkpoint to train from")
+    return TrainSpec(
+        parent_dir=parent,
+        out_dir=str(directory / "train"),
+        new_path=str(directory / "data/new.jsonl"),
+        replay_path=str(directory / "data/replay.jsonl"),
+        heldout_new_path=str(directory / "data/heldout_new.jsonl"),
+        heldout_replay_path=str(directory / "data/heldout_replay.jsonl"),
+        replay_ratio=rec.replay_ratio or 0.0,
+        schedule=rec.schedule or policy.schedule,
+        train=policy.train,
+        mainline_in=mainline,
+        adapter_in=rec.parent.adapter_path if policy.train.mode != "full" else None,
+        data_seed=seed,
+        init_seed=seed + 1,
+        round_id=rec.id,
+        cpu_threads=ctx.settings.train_cpu_threads,
+    )
+
+
+class ProgressRecorder:
+    """The trainer's progress.jsonl as it grows: metrics every tick, the record every few seconds."""
+
+    def __init__(self, ctx: RoundContext, rec: RoundRecord):
+        assert rec.train is not None
+        self.ctx, self.rec, self.train = ctx, rec, rec.train
+        self.events = JsonlFollower(rec.train.spec.progress_file)
+        self.last_put, self.last_tokens = 0.0, 0
+
+    def tick(self, final: bool = False) -> None:
+        progress, train = self.train.progress, self.train
+        for ev in self.events.new():
+            if ev["event"] == "start":
+                progress.total_steps, progress.main_steps, progress.resumed_at = ev["total_steps"], ev["main_steps"], ev["resumed_at"]
+                progress.init_from, progress.new_tokens, progress.replay_tokens = ev["init_from"], ev["new_tokens"], ev["replay_tokens"]
+            elif ev["event"] == "step":
+                progress.step, progress.loss, progress.lr = ev["step"], ev["loss"], ev["lr"]
+                progress.tokens, progress.tokens_per_s = ev["tokens"], ev["tokens_per_s"]
+                train.curve = [c for c in train.curve if c[0] < ev["step"]] + [(ev["step"], round(ev["loss"], 4), ev["lr"])]
+                M.TRAIN_LOSS.set(ev["loss"])
+                M.TRAIN_LR.set(ev["lr"])
+                M.TRAIN_STEP.set(ev["step"])
+                M.TRAIN_TOKENS_PER_SECOND.set(ev["tokens_per_s"])
+                if ev["tokens"] > self.last_tokens:
+                    M.TRAIN_TOKENS.inc(ev["tokens"] - self.last_tokens)
+                self.last_tokens = ev["tokens"]
+            elif ev["event"] == "eval":
+                point = TrainEval.model_validate({k: v for k, v in ev.items() if k not in ("event", "time")})
+                train.evals = [e for e in train.evals if e.step != point.step] + [point]
+        if final or time.monotonic() - self.last_put > 2.0:
+            self.last_put = time.monotonic()
+            self.ctx.put(self.rec)
