@@ -38,7 +38,7 @@ install-test: install
 demo: install
 	$(BIN)/cptd demo
 
-# ruff (lint and format) over the repository, mypy over policies/ and connectors/ (configured in pyproject.toml).
+# ruff (lint and format) over the repository, mypy over policies/, connectors/ and daemon/ (configured in pyproject.toml).
 lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

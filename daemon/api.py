@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -71,15 +72,15 @@ def create_app(engine: Engine | None = None, token: str | None = None) -> FastAP
     async def _json_errors(_req: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
-    def _domain_error(status: int):  # noqa: ANN202
+    def _domain_error(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
         async def handler(_req: Request, exc: Exception) -> JSONResponse:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             return JSONResponse({"error": msg}, status_code=status)
 
         return handler
 
-    for exc_type, status in ERROR_STATUS.items():
-        app.add_exception_handler(exc_type, _domain_error(status))
+    for exc_type, code in ERROR_STATUS.items():
+        app.add_exception_handler(exc_type, _domain_error(code))
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

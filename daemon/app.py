@@ -269,7 +269,7 @@ class Daemon:
                 create_app(self, self.settings.token()), host=self.settings.http_host, port=self.settings.http_port, log_level="warning"
             )
         )
-        server.install_signal_handlers = lambda: None  # signals are ours
+        # Signals are ours: uvicorn (>= 0.29) installs its handlers only when run on the main thread, and this is not it.
         http = threading.Thread(target=server.run, name="http", daemon=True)
         http.start()
         threading.Thread(target=self.watcher.run, args=(self.stop,), name="policy-watch", daemon=True).start()

@@ -11,9 +11,16 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from daemon.round_record import RoundRecord
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from connectors.redis_store import RedisStore
+    from policies.config import Policy
 
 
 def _print_status(st: dict[str, Any]) -> None:
@@ -113,7 +120,7 @@ def _api(a: argparse.Namespace, method: str, path: str, body: dict | None = None
     return data
 
 
-def _calling(fn):
+def _calling(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(a: argparse.Namespace) -> int:
         try:
             return fn(a)
@@ -141,6 +148,9 @@ def _f(x: Any, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+_GATE_WORD: dict[bool | None, str] = {True: "pass", False: "fail"}
+
+
 def _print_rounds(rows: list[dict[str, Any]]) -> None:
     print(
         f"{'round':<8} {'state':<12} {'trigger':<9} {'started':<19} {'docs':>6} {'tokens':>9} {'drift':>6} {'replay':>6} "
@@ -148,7 +158,7 @@ def _print_rounds(rows: list[dict[str, Any]]) -> None:
     )
     for r in rows:
         steps = f"{r['step'] or 0}/{r['total_steps']}" if r.get("total_steps") else "-"
-        gate = {True: "pass", False: "fail"}.get(r.get("gate"), "-")
+        gate = _GATE_WORD.get(r.get("gate"), "-")
         print(
             f"{r['id']:<8} {r['state']:<12} {r['trigger']:<9} {_ts(r['created_at']):<19} {_f(r.get('docs'), ','):>6} "
             f"{_f(r.get('tokens_estimate'), ','):>9} {_f(r.get('drift_score'), '.2f'):>6} {_f(r.get('replay_ratio'), '.2f'):>6} "
@@ -254,7 +264,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     return run(s)
 
 
-def _file_policy_store(a: argparse.Namespace):  # noqa: ANN202 - (path, policy, store) or an exit code
+def _file_policy_store(a: argparse.Namespace) -> tuple[Path, Policy, RedisStore] | int:
     """What the file-loading commands share: the policy in force, `a.file`, and the deployment's Redis store; 2 on failure."""
     from pathlib import Path
 

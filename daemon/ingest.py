@@ -26,8 +26,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from kafka.errors import CorruptRecordError, KafkaError, MessageSizeTooLargeError, UnsupportedCodecError
@@ -51,7 +52,7 @@ from daemon import failpoints
 from daemon import metrics as M
 from policies.collapse import ECHO, echo_dedup_policy
 from policies.config import Policy
-from policies.dedup import band_keys, content_key, document_keys, minhash_signatures
+from policies.dedup import DocumentKeys, band_keys, content_key, document_keys, minhash_signatures
 from policies.document import Document, Malformed, parse_message
 from policies.provenance import Provenance, classify, source_rejection
 from policies.quality import build_filters, judge
@@ -63,6 +64,7 @@ log = logging.getLogger("cptd.ingest")
 # dead-letter topic accepts less than documented) is sent once more with only this much of the original.
 _DEAD_LETTER_FALLBACK_BYTES = 1000
 
+T = TypeVar("T")
 Key = tuple[str, int, int]  # (topic, partition, offset)
 Dead = tuple[Any, str, str, str, list[tuple[str, bytes]]]  # message, outcome, reason, detail, extra headers
 
@@ -97,7 +99,7 @@ def guard_plan(
     for tp, f in first.items():
         m = markers.get(tp)
         suspect_end = m.get("suspect_end", -1) if m else -1
-        died = bool(m) and m["owner"] != owner and stored.get(tp, -1) <= m["end"] and m["start"] <= f <= m["end"]
+        died = bool(m and m["owner"] != owner and stored.get(tp, -1) <= m["end"] and m["start"] <= f <= m["end"])
         if m and died:
             suspect_end = max(suspect_end, m["end"])
             deaths = m["prior"] + 1 if f == m["start"] else 1
@@ -114,7 +116,7 @@ def guard_plan(
     return plan
 
 
-_LIBC: Any = None
+_LIBC: ctypes.CDLL | None = None
 
 
 def release_freed_memory() -> bool:
@@ -156,11 +158,11 @@ class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, ingestor: Ingestor):
         self.ing = ingestor
 
-    def on_partitions_revoked(self, revoked):
+    def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
         self.ing.state.assigned = []
         log.info("partitions revoked", extra={"partitions": [f"{tp.topic}/{tp.partition}" for tp in revoked]})
 
-    def on_partitions_assigned(self, assigned):
+    def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         self.ing.on_assigned(assigned)
 
 
@@ -199,7 +201,7 @@ class Ingestor:
             policy, self._next_policy = self._next_policy, None
             self._use_policy(policy)
 
-    def on_assigned(self, assigned) -> None:
+    def on_assigned(self, assigned: Collection[TopicPartition]) -> None:
         stored = self._try(self.store.stored_offsets, "stored_offsets") or {}
         for tp in assigned:
             off = stored.get((tp.topic, tp.partition))
@@ -224,7 +226,7 @@ class Ingestor:
             log.info("ingest resumed", extra={"after": self.state.paused_cause})
         self.state.paused_cause = cause
 
-    def _try(self, fn, op: str, *a):
+    def _try(self, fn: Callable[..., T], op: str, *a: object) -> T | None:
         try:
             return fn(*a)
         except redis.RedisError as e:
@@ -556,14 +558,14 @@ class Ingestor:
             hits = [h or next((local[b] for b in bs if b in local), None) for h, bs in zip(hits, bands, strict=True)]
         return hits
 
-    def _dedup_keys(self, texts: list[str]) -> list[Any]:
+    def _dedup_keys(self, texts: list[str]) -> list[DocumentKeys | Exception]:
         """Dedup keys for the batch in one call; if that raises, one call per text, so only the failing text is lost."""
         if not texts:
             return []
         try:
             return list(document_keys(texts, self.policy.dedup))
         except Exception:  # noqa: BLE001 - find the one text that fails
-            out: list[Any] = []
+            out: list[DocumentKeys | Exception] = []
             for t in texts:
                 try:
                     out.append(document_keys([t], self.policy.dedup)[0])

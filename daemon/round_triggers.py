@@ -24,10 +24,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Literal
 from zoneinfo import ZoneInfo
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from policies.round_policy import TriggerPolicy, cron_trigger
@@ -40,19 +41,27 @@ log = logging.getLogger("cptd.scheduler")
 CRON_GRACE_S = 3600
 CHECK_GRACE_S = 60
 
+# A job's settings, kind first; a job whose spec is unchanged is kept on reload.
+CronSpec = tuple[Literal["cron"], str, str]  # expression, time zone
+IntervalSpec = tuple[Literal["interval"], float]  # interval_s
+BufferSpec = tuple[Literal["buffer"], int, float]  # threshold tokens, check interval
+DriftSpec = tuple[Literal["drift"], float, float]  # threshold score, probe interval
+TriggerSpec = CronSpec | IntervalSpec | BufferSpec | DriftSpec
+
 
 class Scheduler:
     def __init__(self, request: Callable[[str, str], None]):
         self.request = request
         self._lock = threading.Lock()
-        self._specs: dict[str, tuple[Any, ...]] = {}
+        self._specs: dict[str, TriggerSpec] = {}
         self._buffer_tokens: Callable[[], int] = lambda: 0
         self._drift_score: Callable[[], float | None] = lambda: None
         self._sched = BackgroundScheduler(timezone=ZoneInfo("UTC"))
 
     def apply(self, triggers: TriggerPolicy, buffer_tokens: Callable[[], int], drift_score: Callable[[], float | None]) -> None:
         """(Re)build the jobs from `triggers`. Every trigger is built before any job changes, so an error leaves the old jobs."""
-        wanted: dict[str, tuple[tuple[Any, ...], Any, dict[str, Any]]] = {}
+        wanted: dict[str, tuple[TriggerSpec, BaseTrigger, dict[str, int]]] = {}
+        spec: TriggerSpec
         if triggers.cron is not None:
             spec = ("cron", triggers.cron, triggers.timezone)
             wanted["cron"] = (spec, cron_trigger(triggers.cron, triggers.timezone), {"misfire_grace_time": CRON_GRACE_S})
@@ -91,28 +100,25 @@ class Scheduler:
                 )
         log.info("triggers applied", extra={"jobs": sorted(self._specs)})
 
-    def _run(self, job_id: str, spec: tuple[Any, ...]) -> None:
+    def _run(self, job_id: str, spec: TriggerSpec) -> None:
         """The one job function: never raises into APScheduler."""
         try:
             with self._lock:
                 if self._specs.get(job_id) != spec:
                     return  # replaced by apply() after this run was dispatched
                 buffer_tokens, drift_score = self._buffer_tokens, self._drift_score
-            kind = spec[0]
-            if kind == "cron":
+            if spec[0] == "cron":
                 self.request("cron", spec[1])
-            elif kind == "interval":
+            elif spec[0] == "interval":
                 self.request("interval", f"every {spec[1]:g} s")
-            elif kind == "buffer":
-                threshold = spec[1]
+            elif spec[0] == "buffer":
                 n = buffer_tokens()
-                if n >= threshold:
-                    self.request("buffer", f"buffer holds {n} tokens >= {threshold}")
-            elif kind == "drift":
-                threshold = spec[1]
+                if n >= spec[1]:
+                    self.request("buffer", f"buffer holds {n} tokens >= {spec[1]}")
+            elif spec[0] == "drift":
                 score = drift_score()
-                if score is not None and score >= threshold:
-                    self.request("drift", f"drift score {score:.3f} >= {threshold:g}")
+                if score is not None and score >= spec[1]:
+                    self.request("drift", f"drift score {score:.3f} >= {spec[1]:g}")
         except Exception:
             log.exception("trigger job failed", extra={"job": job_id})
 
@@ -125,7 +131,7 @@ class Scheduler:
         if self._sched.running:
             self._sched.shutdown(wait=wait)
 
-    def jobs(self) -> list[dict]:
+    def jobs(self) -> list[dict[str, str | None]]:
         """For /status: each job's id, trigger and next run time (ISO 8601, None when not scheduled yet)."""
         out = []
         for job in self._sched.get_jobs():

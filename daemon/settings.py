@@ -110,7 +110,7 @@ class Settings(BaseSettings):
 
         u = urlsplit(self.vllm_control_url)
         port = u.port or (443 if u.scheme == "https" else 80)
-        addrs = sorted({a[4][0] for a in socket.getaddrinfo(u.hostname, port, proto=socket.IPPROTO_TCP)})
+        addrs = sorted({str(a[4][0]) for a in socket.getaddrinfo(u.hostname, port, proto=socket.IPPROTO_TCP)})
         return [f"{u.scheme}://{f'[{a}]' if ':' in a else a}:{port}" for a in addrs]
 
     def kafka(self) -> KafkaConnection:

@@ -68,8 +68,14 @@ def check_package(name: str) -> tuple[bool, str]:
         pkg = importlib.import_module(name)
     except Exception as e:  # noqa: BLE001 - reported, not raised
         return False, _why(e) + _hint(getattr(e, "name", None) or "")
+
+    def walk_error(module: str) -> None:
+        # walk_packages calls this from inside its `except`, so the import's exception is the one being handled.
+        exc = sys.exc_info()[1]
+        failed.append(f"{module}: {_why(exc) if exc is not None else 'import failed'}")
+
     n = 1
-    for info in pkgutil.walk_packages(pkg.__path__, name + ".", onerror=lambda m: failed.append(f"{m}: {_why(sys.exc_info()[1])}")):
+    for info in pkgutil.walk_packages(pkg.__path__, name + ".", onerror=walk_error):
         n += 1
         try:
             importlib.import_module(info.name)
@@ -149,8 +155,8 @@ def check_kafka(workdir: Path, timeout: float = 20.0) -> tuple[bool, str]:
 def run_preflight(out: Callable[[str], None] = print) -> int:
     t0 = time.monotonic()
     checks: list[tuple[str, Callable[[], tuple[bool, str]]]] = []
-    checks += [(f"import {p} (every module)", lambda p=p: check_package(p)) for p in PACKAGES]
-    checks += [(f"import {m}", lambda m=m: check_library(m)) for m in LIBRARIES]
+    checks += [(f"import {p} (every module)", functools.partial(check_package, p)) for p in PACKAGES]
+    checks += [(f"import {m}", functools.partial(check_library, m)) for m in LIBRARIES]
     failed = 0
     with tempfile.TemporaryDirectory(prefix="cptd-preflight-") as tmp:
         checks += [("Redis (bundled)", lambda: check_redis(Path(tmp))), ("Kafka broker", lambda: check_kafka(Path(tmp)))]

@@ -435,7 +435,8 @@ def _compose(rng: random.Random, pool: tuple[str, ...], n: int, target_bytes: in
     docs = []
     for _ in range(n):
         order = rng.sample(range(len(pool)), k=min(len(pool), 200))
-        out, size = [], 0
+        out: list[str] = []
+        size = 0
         for i in order:
             par = pool[i]
             if size + len(par) + 1 > target_bytes and out:

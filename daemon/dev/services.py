@@ -17,8 +17,15 @@ import socket
 import subprocess
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from connectors.kafka import KafkaConnection
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -27,7 +34,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(cond, timeout: float, what: str, interval: float = 0.05, proc: subprocess.Popen | None = None, log_path: Path | None = None):
+def wait_for(
+    cond: Callable[[], T],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    proc: subprocess.Popen | None = None,
+    log_path: Path | None = None,
+) -> T:
     """Poll `cond` until it returns a truthy value; fail with `what` (and the log's tail) after `timeout` seconds.
 
     A watched process that dies fails the wait at once instead of at the deadline.
@@ -177,7 +191,7 @@ def kafka_service(workdir: Path, port: int | None = None, advertised_port: int |
     return Service("kafka", port, argv, workdir / "tansu.log")
 
 
-def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0, connection=None) -> None:
+def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0, connection: KafkaConnection | None = None) -> None:
     """Create topics with the given partition counts (an existing topic is fine).
 
     `connection`: a connectors.kafka.KafkaConnection (TLS, SASL) to use instead of plaintext `bootstrap`.

@@ -12,6 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class TinyLlamaShape:
     max_position_embeddings: int = 512
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with <s>, </s>, <unk>, <pad>, saved as tokenizer.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -173,7 +173,7 @@ class VLLMServer:
     def __enter__(self) -> VLLMServer:
         return self.start() if self.proc is None else self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 

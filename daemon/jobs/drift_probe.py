@@ -14,11 +14,17 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from daemon.jobs.lm_loss import mean_token_loss
 from daemon.jobs.model_loader import DTYPES, load_causal_lm, load_tokenizer, resolve_device
 from daemon.jobs.specs import DriftSpec, read_texts, write_result
 from policies.drift import DriftStats, js_distance
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from daemon.jobs.model_loader import CausalLM
 
 
 def sample(texts: Sequence[str], n: int, seed: int) -> list[str]:
@@ -28,14 +34,16 @@ def sample(texts: Sequence[str], n: int, seed: int) -> list[str]:
     return random.Random(seed).sample(list(texts), n)
 
 
-def unigram_counts(tokenizer, texts: Sequence[str]) -> Counter:
+def unigram_counts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> Counter:
     counts: Counter = Counter()
     for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
         counts.update(ids)
     return counts
 
 
-def drift_stats(model, tokenizer, new: Sequence[str], ref: Sequence[str], max_len: int = 512) -> DriftStats:
+def drift_stats(
+    model: CausalLM, tokenizer: PreTrainedTokenizerBase, new: Sequence[str], ref: Sequence[str], max_len: int = 512
+) -> DriftStats:
     ln = mean_token_loss(model, tokenizer, new, max_len=max_len)
     lr = mean_token_loss(model, tokenizer, ref, max_len=max_len)
     cn, cr = unigram_counts(tokenizer, new), unigram_counts(tokenizer, ref)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daemon.jobs.lm_loss import mean_token_loss
 from daemon.jobs.specs import (
@@ -30,6 +31,11 @@ from daemon.jobs.specs import (
     read_texts,
     write_result,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from daemon.jobs.model_loader import CausalLM
 
 # --------------------------------------------------------------------------- inputs
 
@@ -98,7 +104,9 @@ def save_canaries(canaries: Sequence[Canary], path: str | Path) -> Path:
 # --------------------------------------------------------------------------- scoring
 
 
-def load_model(path: str | Path, device: str = "auto", base: str | Path | None = None, dtype: str | None = None):
+def load_model(
+    path: str | Path, device: str = "auto", base: str | Path | None = None, dtype: str | None = None
+) -> tuple[CausalLM, PreTrainedTokenizerBase]:
     """A model as it is served: a full checkpoint, or a LoRA adapter on `base`, in the served dtype (default:
     the checkpoint's) on `device` (daemon/jobs/model_loader.py; safetensors only)."""
     from daemon.jobs.model_loader import DTYPES, is_adapter, load_causal_lm, load_tokenizer
@@ -111,7 +119,7 @@ def load_model(path: str | Path, device: str = "auto", base: str | Path | None =
     return load_causal_lm(path, device=device, dtype=dt), load_tokenizer(path)
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval-harness `_encode_pair`: trailing context spaces move to the continuation, and the
     continuation tokens are those of the whole string after the context's, so BPE merges across
     the boundary are scored the way the model would see the full text."""
@@ -124,7 +132,9 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx) :]
 
 
-def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], max_len: int = 512, batch_size: int = 16) -> list[float]:
+def loglikelihoods(
+    model: CausalLM, tokenizer: PreTrainedTokenizerBase, requests: Sequence[tuple[str, str]], max_len: int = 512, batch_size: int = 16
+) -> list[float]:
     """Summed log-probability of each continuation given its context (harness `loglikelihood`), batched
     with right padding on the model's device."""
     import torch
@@ -158,7 +168,9 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], max_le
     return out
 
 
-def score_mc(model, tokenizer, name: str, items: Sequence[MCItem], delimiter: str = " ", max_len: int = 512) -> SuiteResult:
+def score_mc(
+    model: CausalLM, tokenizer: PreTrainedTokenizerBase, name: str, items: Sequence[MCItem], delimiter: str = " ", max_len: int = 512
+) -> SuiteResult:
     preds, correct, correct_norm = [], 0, 0
     for it in items:
         lls = loglikelihoods(model, tokenizer, [(it.context, delimiter + c) for c in it.choices], max_len)
@@ -171,7 +183,7 @@ def score_mc(model, tokenizer, name: str, items: Sequence[MCItem], delimiter: st
     return SuiteResult(name, n, correct / n if n else math.nan, correct_norm / n if n else math.nan, preds)
 
 
-def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+def greedy_continuations(model: CausalLM, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
     import torch
 
     bos = tokenizer.bos_token_id
@@ -180,7 +192,8 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_token
         for p in prompts:
             ids = ([bos] if bos is not None else []) + tokenizer(p, add_special_tokens=False)["input_ids"]
             inp = torch.tensor([ids], device=next(model.parameters()).device)
-            gen = model.generate(
+            # transformers decorates generate with @torch.no_grad(), which mypy reads as taking `self` twice.
+            gen = model.generate(  # type: ignore[misc]
                 inp,
                 attention_mask=torch.ones_like(inp),
                 max_new_tokens=max_new_tokens,
@@ -188,7 +201,9 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_token
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=None,
             )
-            outs.append(tokenizer.decode(gen[0, len(ids) :], skip_special_tokens=False))
+            text = tokenizer.decode(gen[0, len(ids) :], skip_special_tokens=False)
+            assert isinstance(text, str)  # one sequence in, one string out (decode is typed for batches too)
+            outs.append(text)
     return outs
 
 
@@ -201,7 +216,7 @@ def record_canaries(model_path: str | Path, prompts: Sequence[str], max_new_toke
     ]
 
 
-def check_canaries(model, tokenizer, canaries: Sequence[Canary]) -> list[CanaryResult]:
+def check_canaries(model: CausalLM, tokenizer: PreTrainedTokenizerBase, canaries: Sequence[Canary]) -> list[CanaryResult]:
     out = []
     for c in canaries:
         n = len(tokenizer(c.expected, add_special_tokens=False)["input_ids"]) + 2
@@ -210,12 +225,12 @@ def check_canaries(model, tokenizer, canaries: Sequence[Canary]) -> list[CanaryR
     return out
 
 
-def _summary(model, tok, docs: Sequence[str], max_len: int) -> LossSummary:
+def _summary(model: CausalLM, tok: PreTrainedTokenizerBase, docs: Sequence[str], max_len: int) -> LossSummary:
     r = mean_token_loss(model, tok, list(docs), max_len=max_len)
     return LossSummary(r.mean_nll, math.exp(r.mean_nll) if math.isfinite(r.mean_nll) else math.nan, r.tokens)
 
 
-def score_suite(model, tok, name: str, path: str, data: EvalData) -> SuiteResult:
+def score_suite(model: CausalLM, tok: PreTrainedTokenizerBase, name: str, path: str, data: EvalData) -> SuiteResult:
     """A suite file is an lm-evaluation-harness task YAML (scored by lm-eval itself) or our multiple-choice JSONL."""
     if path.endswith((".yaml", ".yml")):
         from daemon.jobs.harness_suites import score_harness_task

@@ -25,16 +25,22 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from daemon.jobs.model_loader import load_causal_lm, load_tokenizer, resolve_device
 from daemon.jobs.specs import DetectorSpec, write_result
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from daemon.jobs.model_loader import CausalLM
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _windows(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
+def _windows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int) -> list[list[int]]:
     """Each document tokenised on its own with BOS, cut to its first `max_len` tokens (the score needs no more)."""
     bos = tokenizer.bos_token_id
     out = []
@@ -44,7 +50,9 @@ def _windows(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
     return out
 
 
-def binoculars(served, observer, tokenizer, texts: Sequence[str], max_len: int = 512, batch_size: int = 8) -> list[dict]:
+def binoculars(
+    served: CausalLM, observer: CausalLM, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int = 512, batch_size: int = 8
+) -> list[dict]:
     """Per document: mean NLL under `served`, cross-entropy served -> observer, their ratio, predicted tokens."""
     dev = next(served.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

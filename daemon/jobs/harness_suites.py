@@ -31,9 +31,14 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon.jobs.specs import SuiteResult
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from daemon.jobs.model_loader import CausalLM
 
 SUPPORTED_OUTPUT_TYPES = ("multiple_choice",)
 _DEFAULT_OUTPUT_TYPE = "generate_until"  # lm_eval.config.task.TaskConfig's default when a YAML names none
@@ -161,8 +166,8 @@ def _task_config(yaml_path: Path) -> dict[str, Any]:
 
 
 def score_harness_task(
-    model,
-    tokenizer,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
     task_yaml: str | Path,
     name: str,
     batch_size: int = 8,

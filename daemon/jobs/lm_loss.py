@@ -12,6 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from daemon.jobs.model_loader import CausalLM
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,9 @@ class LossResult:
     per_doc: list[float]  # mean nats per token of each document (nan for a document with no predicted token)
 
 
-def mean_token_loss(model, tokenizer, texts: Sequence[str], max_len: int = 512, batch_size: int = 8) -> LossResult:
+def mean_token_loss(
+    model: CausalLM, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int = 512, batch_size: int = 8
+) -> LossResult:
     """Mean next-token NLL over all documents; one forward per window, batched with padding masked out."""
     import math
 

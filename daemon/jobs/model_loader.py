@@ -19,8 +19,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+    from transformers.models.auto.modeling_auto import _BaseModelWithGenerate
+
+    # What load_causal_lm returns: what AutoModelForCausalLM.from_pretrained gives (transformers' own name for a
+    # PreTrainedModel with GenerationMixin), or peft's wrapper around one (an adapter on top).
+    CausalLM: TypeAlias = _BaseModelWithGenerate | PeftModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,7 +96,7 @@ def four_bit_refusal(device: torch.device) -> str | None:
     return None
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
@@ -99,7 +111,7 @@ def load_causal_lm(
     trainable_adapter: bool = False,
     quantize: str | None = None,
     attn_implementation: str | None = None,
-):
+) -> CausalLM:
     """A causal LM from a safetensors checkpoint, in `dtype` (default: the checkpoint's) on `device`.
 
     adapter: a LoRA adapter dir put on top (PeftModel), trainable when resuming a round.
@@ -112,7 +124,7 @@ def load_causal_lm(
     require_safetensors(path)
     if adapter is not None:
         require_safetensors(adapter)
-    kw: dict = {"use_safetensors": True}
+    kw: dict[str, Any] = {"use_safetensors": True}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     if quantize is not None:
@@ -127,9 +139,11 @@ def load_causal_lm(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=False
         )
         kw["device_map"] = {"": dev}
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.bfloat16, **kw)
+        model: CausalLM = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.bfloat16, **kw)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or checkpoint_dtype(path), **kw).to(dev)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or checkpoint_dtype(path), **kw)
+        # transformers types its `to` override as @wraps(nn.Module.to), which mypy reads as unbound (self not filled in).
+        model = model.to(dev)  # type: ignore[arg-type]
     if adapter is not None:
         from peft import PeftModel
 

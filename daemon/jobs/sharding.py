@@ -13,6 +13,7 @@ checkpoint into an ordinary Hugging Face directory in the parent's dtype.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DCP_DIR = "resume/dcp"  # inside a checkpoint / main-line directory, beside the consolidated weights
 
@@ -55,7 +59,8 @@ def units(model: torch.nn.Module) -> list[torch.nn.Module]:
     projection. The embedding and the LM head in their own units (torchtitan's wrapping) are gathered only around
     their own forward and backward instead of through the whole step, as the root's parameters are; tied to each
     other (one parameter) they stay in the root."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    get_base = getattr(model, "get_base_model", None)  # peft's wrapper, which types its base as a plain nn.Module
+    inner = cast("PreTrainedModel", get_base() if get_base is not None else model)
     emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
     tied = emb is not None and head is not None and getattr(emb, "weight", None) is getattr(head, "weight", 0)
     first = [emb] if emb is not None and not tied else []
