@@ -1,0 +1,151 @@
+"""One way to run a job (daemon/job_launchers.py) and the loop a round follows it with (RoundContext.run_job).
+
+Real child processes of a real job module (daemon/jobs/device_check.py); the Kubernetes launcher is tested against a
+fake API in tests/test_kubernetes_launcher.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon.job_launchers import Job, JobFailed, JsonlFollower, ProcessLauncher, TorchrunLauncher, launcher_for, run_to_end
+from daemon.jobs.specs import DeviceCheckSpec, TrainSpec
+from daemon.round_record import RoundRecord, RoundState, Trigger
+from daemon.rounds.context import RoundContext, RoundFailed, Stop
+from daemon.settings import Settings
+
+
+def _job(tmp_path: Path, device: str = "cpu") -> Job:
+    spec = DeviceCheckSpec(device=device, out=str(tmp_path / "check.json"))
+    return Job(spec, tmp_path / "check-spec.json", tmp_path / "check.log", round_id="r00001")
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.cancel = False
+
+    def cancel_requested(self, round_id: str) -> bool:
+        return self.cancel
+
+
+def _context(tmp_path: Path, store: _Store) -> RoundContext:
+    return RoundContext(
+        store=store,  # type: ignore[arg-type]
+        settings=Settings(checkpoint_dir=tmp_path),
+        get_policy=lambda: None,  # type: ignore[arg-type,return-value]
+        owner="test",
+        fence=object(),  # type: ignore[arg-type]
+    )
+
+
+def _record() -> RoundRecord:
+    return RoundRecord(
+        id="r00001",
+        number=1,
+        state=RoundState.PENDING,
+        created_at=0,
+        updated_at=0,
+        trigger=Trigger(kind="manual"),
+        owner="t",
+        policy_hash="",
+    )
+
+
+def test_a_job_writes_its_spec_and_its_result_is_the_one_answer(tmp_path):
+    job = _job(tmp_path)
+    out = run_to_end(job)
+    assert out["device"] == "cpu" and "refusal" in out
+    assert DeviceCheckSpec.read(job.spec_path) == job.spec  # the spec file the job read is the typed spec
+    assert json.loads(Path(job.spec.out).read_text()) == out
+
+
+def test_a_failed_job_names_its_module_exit_code_and_log_tail(tmp_path):
+    with pytest.raises(JobFailed) as e:
+        run_to_end(_job(tmp_path, device="tpu9"))  # torch refuses the device type: the job dies with a traceback
+    msg = str(e.value)
+    assert msg.startswith("daemon.jobs.device_check exited with code 1:") and "tpu9" in msg
+
+
+def test_exit_zero_without_a_result_file_is_a_failure(tmp_path):
+    class NoResult(ProcessLauncher):
+        def command(self, job: Job) -> list[str]:
+            return ["true"]
+
+    with pytest.raises(JobFailed, match="exited 0 without writing"):
+        run_to_end(_job(tmp_path), NoResult())
+
+
+def test_cancel_stop_and_timeout_end_the_child_and_say_why(tmp_path, monkeypatch):
+    store = _Store()
+    ctx = _context(tmp_path, store)
+    started: list[ProcessLauncher] = []
+
+    class Sleeper(ProcessLauncher):  # a job that never ends by itself
+        def command(self, job: Job) -> list[str]:
+            started.append(self)
+            return ["sleep", "600"]
+
+    monkeypatch.setattr("daemon.rounds.context.launcher_for", lambda *a, **k: Sleeper())
+    store.cancel = True
+    with pytest.raises(RoundFailed, match="cancelled by operator"):
+        ctx.run_job(_job(tmp_path), _record())
+    store.cancel = False
+    with pytest.raises(RoundFailed, match="ran past 0.5 s"):
+        ctx.run_job(_job(tmp_path), _record(), timeout=0.5)
+    ctx.stop.set()
+    with pytest.raises(Stop, match="stopping"):
+        ctx.run_job(_job(tmp_path), _record())
+    ctx.stop.clear()
+    ctx.fence = None
+    with pytest.raises(Stop, match="lease lost"):
+        ctx.run_job(_job(tmp_path), _record())
+    assert len(started) == 4 and all(s.proc is None for s in started)  # every child was ended, none left behind
+    assert ctx.launcher is None
+
+
+def test_launchers_follow_the_setting_for_training_only():
+    assert isinstance(launcher_for(Settings(train_launcher="torchrun:4"), training=False), ProcessLauncher)
+    torchrun = launcher_for(Settings(train_launcher="torchrun:4"), training=True)
+    assert isinstance(torchrun, TorchrunLauncher) and torchrun.name == "torchrun:4"
+    spec = TrainSpec(parent_dir="/p", out_dir="/o", new_path="/n")
+    cmd = torchrun.command(Job(spec, Path("/s.json"), Path("/l.log")))
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node=4", "-m"] and cmd[-2:] == ["daemon.jobs.trainer", "/s.json"]
+
+
+def test_the_progress_follower_reads_complete_lines_once(tmp_path):
+    path = tmp_path / "progress.jsonl"
+    follow = JsonlFollower(path)
+    assert follow.new() == []  # no file yet
+    path.write_text('{"event": "start", "text": "é"}\n{"event": "st')
+    assert follow.new() == [{"event": "start", "text": "é"}]  # the unfinished line waits
+    with open(path, "a") as f:
+        f.write('ep", "step": 1}\n')
+    assert follow.new() == [{"event": "step", "step": 1}] and follow.new() == []
+
+
+def test_a_failed_trainer_fails_the_round_naming_the_phase_code_and_cause(tmp_path, monkeypatch):
+    from daemon.round_record import TrainRecord
+    from daemon.rounds.training import training
+
+    class Store(_Store):
+        def put_round(self, fence: object, round_id: str, record: dict) -> None:
+            self.record = record
+
+    class Crashing(ProcessLauncher):
+        def command(self, job: Job) -> list[str]:
+            return ["sh", "-c", "echo 'RuntimeError: CUDA out of memory'; exit 3"]
+
+    monkeypatch.setattr("daemon.rounds.context.launcher_for", lambda *a, **k: Crashing())
+    store = Store()
+    ctx = _context(tmp_path, store)
+    rec = _record()
+    (tmp_path / "rounds" / rec.id).mkdir(parents=True)
+    spec = TrainSpec(parent_dir="/p", out_dir=str(tmp_path / "train"), new_path="/n", round_id=rec.id)
+    rec.train = TrainRecord(spec=spec, spec_digest=spec.digest(), out_dir=spec.out_dir, launcher="subprocess")
+    with pytest.raises(RoundFailed) as e:
+        training(ctx, rec)
+    assert e.value.cause.startswith("TRAINING: daemon.jobs.trainer exited with code 3:") and "CUDA out of memory" in e.value.cause
+    assert store.record["train"]["spec"]["round_id"] == rec.id  # the record was written, progress followed to the end
