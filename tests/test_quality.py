@@ -195,10 +195,10 @@ def test_bad_policy_value_names_the_field_and_range() -> None:
 
 
 def test_same_text_same_verdict_after_the_word_memo_restarts(good: str) -> None:
-    from policies import quality
+    from policies.word_segmentation import VOCAB
 
     filters = build_filters(_policy())
     docs = english_docs(5, seed=3) + [good]
     before = [judge(d, filters) for d in docs]
-    quality._VOCAB.reset()
+    VOCAB.reset()
     assert [judge(d, filters) for d in docs] == before
