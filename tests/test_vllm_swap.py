@@ -15,14 +15,7 @@ from safetensors.torch import load_file, save_file
 from connectors.vllm import Replica, ServingConfig, ServingController, ServingError, ServingState, request_errors
 from daemon import metrics
 from daemon.dev.services import free_port
-from tests.vllm_fixtures import (  # noqa: F401
-    SERVED_NAME,
-    TinyModels,
-    tiny_models,
-    vllm_crash_server,
-    vllm_plain_server,
-    vllm_server,
-)
+from tests.vllm_fixtures import SERVED_NAME, TinyModels
 
 PROMPT = "the quick fox of round"
 
