@@ -297,8 +297,8 @@ def test_ingest_end_to_end_over_tls_with_acl_user(tmp_path: Path, tls_kafka: Tls
     assert all(k.startswith(f"cptd:{{{policy.name}}}:".encode()) for k in admin.keys("*"))
     code, why = _readyz(proc)
     assert (code, why) == (200, "ok")
-    st = proc.status()
-    assert st["counts"]["total"] == len(msgs) and st["ingest"]["kafka"] == f"SSL {bootstrap}"
+    status = proc.status()
+    assert status["counts"]["total"] == len(msgs) and status["ingest"]["kafka"] == f"SSL {bootstrap}"
     # the operator's pause reaches the ingest loop built after the HTTP server started
     auth = {"Authorization": "Bearer test-token"}
     assert httpx.post(f"http://127.0.0.1:{proc.port}/ingest/pause", headers=auth, timeout=10).status_code == 200
