@@ -130,15 +130,15 @@ def bench_minhash(docs: list[str]) -> tuple[float, float]:
 
     from policies.dedup import DedupPolicy, minhash_signatures, normalize
 
-    pol = DedupPolicy()
-    minhash_signatures(docs[:2], pol)
-    ours = best_of(lambda: minhash_signatures(docs, pol))
-    n, perms = pol.ngram_size, pol.num_perm
+    dedup_policy = DedupPolicy()
+    minhash_signatures(docs[:2], dedup_policy)
+    ours = best_of(lambda: minhash_signatures(docs, dedup_policy))
+    n, perms = dedup_policy.ngram_size, dedup_policy.num_perm
 
     def run_ds():
         for d in docs:
             w = normalize(d).split()
-            m = MinHash(num_perm=perms, seed=pol.seed)
+            m = MinHash(num_perm=perms, seed=dedup_policy.seed)
             m.update_batch([" ".join(w[i : i + n]).encode() for i in range(max(len(w) - n + 1, 1))])
 
     theirs = best_of(run_ds, 1)

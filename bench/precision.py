@@ -43,14 +43,14 @@ MODES = ["bf16-mixed", "bf16-params", "fp32"]
 
 def state_bytes(parent: Path, train: dict, device: torch.device) -> tuple[float, float]:
     """(bytes per parameter of params + grads + optimizer state after one step, peak CUDA bytes or nan)."""
-    tp = TrainPolicy.model_validate(train)
-    prec = resolve_precision(tp.precision, "bfloat16", device.type)
+    train_policy = TrainPolicy.model_validate(train)
+    prec = resolve_precision(train_policy.precision, "bfloat16", device.type)
     spec = TrainSpec(parent_dir=str(parent), out_dir="-", new_path="-", train=train)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model = load_model(spec, tp, None, device, torch.bfloat16 if prec == "bf16-params" else torch.float32)
-    opt = make_optimizer(model, tp, device)
-    x = torch.randint(0, model.config.vocab_size, (tp.micro_batch_size, tp.seq_len), device=device)
+    model = load_model(spec, train_policy, None, device, torch.bfloat16 if prec == "bf16-params" else torch.float32)
+    opt = make_optimizer(model, train_policy, device)
+    x = torch.randint(0, model.config.vocab_size, (train_policy.micro_batch_size, train_policy.seq_len), device=device)
     amp = torch.autocast(device.type, dtype=getattr(torch, MIXED[prec])) if prec in MIXED else torch.autocast(device.type, enabled=False)
     with amp:
         loss = model(input_ids=x, labels=x).loss

@@ -115,9 +115,9 @@ def ours(
     )
     run(spec)
     ev = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]
-    st = [e for e in ev if e["event"] == "step"]
-    tokens = st[-1]["tokens"] - st[warm - 1]["tokens"]
-    return {"useful_tokens": tokens, "seconds": st[-1]["time"] - st[warm - 1]["time"], "loss": st[-1]["loss"]}
+    step_events = [e for e in ev if e["event"] == "step"]
+    tokens = step_events[-1]["tokens"] - step_events[warm - 1]["tokens"]
+    return {"useful_tokens": tokens, "seconds": step_events[-1]["time"] - step_events[warm - 1]["time"], "loss": step_events[-1]["loss"]}
 
 
 def hf_trainer(

@@ -115,8 +115,8 @@ class FileTokenProvider(AbstractTokenProvider):
         self._token = ""
 
     def token(self) -> str:
-        st = os.stat(self.path)  # follows the ..data symlink Kubernetes swaps on update
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        stat = os.stat(self.path)  # follows the ..data symlink Kubernetes swaps on update
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         if stamp != self._stamp:
             self._token, self._stamp = self.path.read_text().strip(), stamp
         return self._token
@@ -301,8 +301,8 @@ def stuck_partition(consumer: KafkaConsumer) -> TopicPartition | None:
     attribute (kafka-python 2.x/3.x), and returns None when it is absent so the caller re-raises.
     """
     part = getattr(getattr(consumer, "_fetcher", None), "_next_partition_records", None)
-    tp = getattr(part, "topic_partition", None)
-    return tp if isinstance(tp, TopicPartition) else None
+    topic_partition = getattr(part, "topic_partition", None)
+    return topic_partition if isinstance(topic_partition, TopicPartition) else None
 
 
 def broker_connected(consumer: KafkaConsumer) -> bool:
@@ -322,4 +322,4 @@ def consumer_lag(consumer: KafkaConsumer, partitions: Iterable[TopicPartition]) 
     if not parts:
         return {}
     ends = consumer.end_offsets(parts)
-    return {tp: max(0, ends[tp] - consumer.position(tp)) for tp in parts}
+    return {topic_partition: max(0, ends[topic_partition] - consumer.position(topic_partition)) for topic_partition in parts}

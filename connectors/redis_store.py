@@ -147,7 +147,7 @@ class BatchResult:
     buffer_bytes: int
 
 
-def tp_key(topic: str, partition: int) -> str:
+def partition_key(topic: str, partition: int) -> str:
     return f"{topic}|{partition}"
 
 
@@ -285,7 +285,17 @@ class RedisStore:
             "max_exact": max_exact_keys,
             "max_echo": max_echo,
             "items": [
-                [tp_key(i.topic, i.partition), i.offset, i.outcome, i.reason, i.key, i.nbytes, list(i.bands), i.provenance, int(i.echo)]
+                [
+                    partition_key(i.topic, i.partition),
+                    i.offset,
+                    i.outcome,
+                    i.reason,
+                    i.key,
+                    i.nbytes,
+                    list(i.bands),
+                    i.provenance,
+                    int(i.echo),
+                ]
                 for i in items
             ],
         }
@@ -352,7 +362,9 @@ class RedisStore:
     def set_inflight(self, markers: dict[tuple[str, int], dict[str, Any]]) -> None:
         """Record, before a batch is processed, which offsets of each partition are in flight and by whom."""
         if markers:
-            self.r.hset(self.k_inflight, mapping={tp_key(t, p): json.dumps(m, separators=(",", ":")) for (t, p), m in markers.items()})
+            self.r.hset(
+                self.k_inflight, mapping={partition_key(t, p): json.dumps(m, separators=(",", ":")) for (t, p), m in markers.items()}
+            )
 
     def counters(self) -> dict[tuple[str, str], int]:
         out = {}

@@ -96,10 +96,10 @@ def guard_plan(
     flight at two deaths is "poison": dead-lettered without being processed, so the next death cannot come.
     """
     plan: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}
-    for tp, f in first.items():
-        m = markers.get(tp)
+    for topic_partition, f in first.items():
+        m = markers.get(topic_partition)
         suspect_end = m.get("suspect_end", -1) if m else -1
-        died = bool(m and m["owner"] != owner and stored.get(tp, -1) <= m["end"] and m["start"] <= f <= m["end"])
+        died = bool(m and m["owner"] != owner and stored.get(topic_partition, -1) <= m["end"] and m["start"] <= f <= m["end"])
         if m and died:
             suspect_end = max(suspect_end, m["end"])
             deaths = m["prior"] + 1 if f == m["start"] else 1
@@ -110,9 +110,9 @@ def guard_plan(
         if f <= suspect_end:
             deaths = max(deaths, 1)  # it was in flight in the batch that died
             mode = "poison" if deaths >= 2 else "single"
-            plan[tp] = (mode, {"owner": owner, "start": f, "end": f, "prior": deaths, "suspect_end": suspect_end})
+            plan[topic_partition] = (mode, {"owner": owner, "start": f, "end": f, "prior": deaths, "suspect_end": suspect_end})
         else:
-            plan[tp] = ("batch", {"owner": owner, "start": f, "end": f, "prior": 0, "suspect_end": -1})
+            plan[topic_partition] = ("batch", {"owner": owner, "start": f, "end": f, "prior": 0, "suspect_end": -1})
     return plan
 
 
@@ -160,7 +160,10 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
         self.ing.state.assigned = []
-        log.info("partitions revoked", extra={"partitions": [f"{tp.topic}/{tp.partition}" for tp in revoked]})
+        log.info(
+            "partitions revoked",
+            extra={"partitions": [f"{topic_partition.topic}/{topic_partition.partition}" for topic_partition in revoked]},
+        )
 
     def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         self.ing.on_assigned(assigned)
@@ -203,13 +206,15 @@ class Ingestor:
 
     def on_assigned(self, assigned: Collection[TopicPartition]) -> None:
         stored = self._try(self.store.stored_offsets, "stored_offsets") or {}
-        for tp in assigned:
-            off = stored.get((tp.topic, tp.partition))
+        for topic_partition in assigned:
+            off = stored.get((topic_partition.topic, topic_partition.partition))
             if off is not None:
-                self.consumer.seek(tp, off)
+                self.consumer.seek(topic_partition, off)
         if self.state.paused_cause:
             self.consumer.pause(*assigned)
-        self.state.assigned = sorted(f"{tp.topic}/{tp.partition}" for tp in self.consumer.assignment())
+        self.state.assigned = sorted(
+            f"{topic_partition.topic}/{topic_partition.partition}" for topic_partition in self.consumer.assignment()
+        )
         log.info("partitions assigned", extra={"partitions": self.state.assigned})
 
     def _set_paused(self, cause: str | None) -> None:
@@ -280,9 +285,9 @@ class Ingestor:
 
     def _hold(self, polled: dict[TopicPartition, list[Any]]) -> None:
         """Records can still arrive while paused (a rebalance hands us a fresh partition): rewind, don't drop."""
-        for tp, recs in polled.items():
+        for topic_partition, recs in polled.items():
             if recs:
-                self.consumer.seek(tp, recs[0].offset)
+                self.consumer.seek(topic_partition, recs[0].offset)
         if polled:
             self.consumer.pause(*self.consumer.assignment())
 
@@ -299,19 +304,19 @@ class Ingestor:
         except Exception as e:
             if isinstance(e, KafkaError) and not isinstance(e, (CorruptRecordError, UnsupportedCodecError)):
                 raise
-            tp = stuck_partition(self.consumer)
-            if tp is None:
+            topic_partition = stuck_partition(self.consumer)
+            if topic_partition is None:
                 raise
-            offset = self.consumer.position(tp)
+            offset = self.consumer.position(topic_partition)
             detail = f"{type(e).__name__}: {e}"
             log.error(
                 "undecodable record batch; dead-lettering offset by reference",
-                extra={"tp": f"{tp.topic}/{tp.partition}", "offset": offset, "error": detail},
+                extra={"topic_partition": f"{topic_partition.topic}/{topic_partition.partition}", "offset": offset, "error": detail},
             )
-            M.INGEST_CORRUPT_RECORDS.labels(tp.topic, str(tp.partition)).inc()
-            ref = OffsetRef(tp.topic, tp.partition, offset)
+            M.INGEST_CORRUPT_RECORDS.labels(topic_partition.topic, str(topic_partition.partition)).inc()
+            ref = OffsetRef(topic_partition.topic, topic_partition.partition, offset)
             if self._process_until_done([ref], stop, {_key(ref): ("corrupt_batch", detail)}, {}):
-                self.consumer.seek(tp, offset + 1)
+                self.consumer.seek(topic_partition, offset + 1)
             return {}
 
     def _process_all(self, msgs: list[Any], stop: threading.Event) -> None:
@@ -330,18 +335,18 @@ class Ingestor:
         if state is None:
             return msgs, {}, {}  # Redis is down: process() fails and is retried; the guard decides next batch
         stored, markers = state
-        by_tp: dict[tuple[str, int], list[Any]] = {}
+        by_partition: dict[tuple[str, int], list[Any]] = {}
         for m in sorted(msgs, key=_key):
             if m.offset >= stored.get((m.topic, m.partition), -1):
-                by_tp.setdefault((m.topic, m.partition), []).append(m)
-        if not by_tp:
+                by_partition.setdefault((m.topic, m.partition), []).append(m)
+        if not by_partition:
             return msgs, {}, {}
-        plan = guard_plan({tp: ms[0].offset for tp, ms in by_tp.items()}, stored, markers, self.owner)
+        plan = guard_plan({topic_partition: ms[0].offset for topic_partition, ms in by_partition.items()}, stored, markers, self.owner)
         chunk: list[Any] = []
         forced: dict[Key, tuple[str, str]] = {}
         out_markers: dict[tuple[str, int], dict[str, Any]] = {}
-        for tp, ms in by_tp.items():
-            mode, marker = plan[tp]
+        for topic_partition, ms in by_partition.items():
+            mode, marker = plan[topic_partition]
             if mode == "batch":
                 marker["end"] = ms[-1].offset
                 chunk += ms
@@ -350,11 +355,15 @@ class Ingestor:
                 if mode == "poison":
                     forced[_key(ms[0])] = ("crash_loop", f"the process died {marker['prior']} times with this offset in flight")
                     log.error(
-                        "dead-lettering a message the process died on twice", extra={"tp": f"{tp[0]}/{tp[1]}", "offset": ms[0].offset}
+                        "dead-lettering a message the process died on twice",
+                        extra={"topic_partition": f"{topic_partition[0]}/{topic_partition[1]}", "offset": ms[0].offset},
                     )
                 else:
-                    log.warning("crash-loop guard: one message at a time", extra={"tp": f"{tp[0]}/{tp[1]}", "offset": ms[0].offset})
-            out_markers[tp] = marker
+                    log.warning(
+                        "crash-loop guard: one message at a time",
+                        extra={"topic_partition": f"{topic_partition[0]}/{topic_partition[1]}", "offset": ms[0].offset},
+                    )
+            out_markers[topic_partition] = marker
         return chunk, forced, out_markers
 
     def _process_until_done(
@@ -394,10 +403,10 @@ class Ingestor:
     def _commit(self, msgs: list[Any]) -> None:
         offsets: dict[TopicPartition, int] = {}
         for m in msgs:
-            tp = TopicPartition(m.topic, m.partition)
-            offsets[tp] = max(offsets.get(tp, -1), m.offset + 1)
+            topic_partition = TopicPartition(m.topic, m.partition)
+            offsets[topic_partition] = max(offsets.get(topic_partition, -1), m.offset + 1)
         try:
-            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+            self.consumer.commit({topic_partition: OffsetAndMetadata(o, "", -1) for topic_partition, o in offsets.items()})
         except Exception as e:  # noqa: BLE001 - Redis holds the truth; a failed commit only means redelivery
             log.warning("offset commit failed; redelivered messages will be skipped by the stored offsets", extra={"error": str(e)})
             return
@@ -425,7 +434,7 @@ class Ingestor:
             self.store.set_inflight(markers)
         stored = self.store.stored_offsets()
         msgs = [m for m in msgs if m.offset >= stored.get((m.topic, m.partition), -1)]
-        pol = self.policy
+        policy = self.policy
         items: list[BatchItem] = []
         dead: list[Dead] = []
         parsed_ok: list[tuple[Any, Document]] = []  # well-formed documents from the document topics
@@ -437,7 +446,7 @@ class Ingestor:
                 continue
             try:
                 failpoints.hit("ingest.message", m.value)
-                parsed = parse_message(m.value, pol.ingest.max_message_bytes)
+                parsed = parse_message(m.value, policy.ingest.max_message_bytes)
             except Exception as e:  # noqa: BLE001 - one message's failure must not stop ingest
                 dead.append(self._internal_error(m, "parse", e))
                 continue
@@ -454,26 +463,26 @@ class Ingestor:
         candidates: list[tuple[Any, Document, str, str | None, Provenance, str | None]] = []  # ..., language, provenance, echo_of
         for (m, parsed), echo_of in zip(parsed_ok, echoes, strict=True):
             try:
-                refused = source_rejection(parsed.source, pol.provenance)
+                refused = source_rejection(parsed.source, policy.provenance)
                 if refused is None and echo_of is not None:
-                    M.INGEST_ECHOES.labels(pol.collapse.echo_action).inc()
-                    if pol.collapse.echo_action == "dead_letter":
+                    M.INGEST_ECHOES.labels(policy.collapse.echo_action).inc()
+                    if policy.collapse.echo_action == "dead_letter":
                         refused = ECHO
                 if refused is not None:
-                    if pol.ingest.dead_letter_filtered:
+                    if policy.ingest.dead_letter_filtered:
                         detail = f"near-duplicates completion {echo_of}" if refused == ECHO else f"source {parsed.source!r}"
                         dead.append((m, "rejected", refused, detail, []))
                     items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", refused, echo=echo_of is not None))
                     continue
                 verdict = judge(parsed.text, self.filters, lang=parsed.lang)  # used when the policy trusts `lang`
                 if not verdict.accepted:
-                    if pol.ingest.dead_letter_filtered:
+                    if policy.ingest.dead_letter_filtered:
                         dead.append((m, "rejected", verdict.reason or "rejected", "", []))
                     reason = verdict.reason or "rejected"
                     items.append(BatchItem(m.topic, m.partition, m.offset, "rejected", reason, echo=echo_of is not None))
                     continue
                 text = verdict.text or parsed.text  # the C4-cleaned text when the C4 rules ran
-                prov = classify(text, parsed.source, parsed.meta, pol.provenance)
+                prov = classify(text, parsed.source, parsed.meta, policy.provenance)
                 if echo_of is not None:
                     prov = replace(prov, cls="synthetic", rule=ECHO)
             except Exception as e:  # noqa: BLE001 - one message's failure must not stop ingest
@@ -517,7 +526,7 @@ class Ingestor:
             if outcome == "dead_lettered":
                 items.append(BatchItem(m.topic, m.partition, m.offset, "dead_lettered", reason))
         items.sort(key=lambda i: (i.topic, i.partition, i.offset))
-        result = self.store.write_batch(items, pol.dedup.max_exact_keys, pol.collapse.echo_max_docs)
+        result = self.store.write_batch(items, policy.dedup.max_exact_keys, policy.collapse.echo_max_docs)
         for item, outcome, reason in zip(items, result.outcomes, result.reasons, strict=False):
             if outcome != "skipped":
                 M.INGEST_DOCS.labels(outcome, reason).inc()
@@ -578,7 +587,7 @@ class Ingestor:
         """A message whose own processing raised: dead-lettered with the exception's class, so it can be reproduced."""
         log.error(
             "message processing failed; dead-lettering it as internal_error",
-            extra={"tp": f"{m.topic}/{m.partition}", "offset": m.offset, "stage": stage, "error": f"{type(e).__name__}: {e}"},
+            extra={"topic_partition": f"{m.topic}/{m.partition}", "offset": m.offset, "stage": stage, "error": f"{type(e).__name__}: {e}"},
             exc_info=True,
         )
         name = f"{type(e).__module__}.{type(e).__qualname__}"
@@ -640,8 +649,8 @@ class Ingestor:
             self._echo_index_seen = counts["echo_index"] > 0
             M.ECHO_INDEX_DOCS.set(counts["echo_index"])
         try:
-            for tp, lag in consumer_lag(self.consumer, self.consumer.assignment()).items():
-                M.INGEST_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+            for topic_partition, lag in consumer_lag(self.consumer, self.consumer.assignment()).items():
+                M.INGEST_LAG.labels(topic_partition.topic, str(topic_partition.partition)).set(lag)
         except Exception as e:  # noqa: BLE001 - lag is informational
             log.debug("lag unavailable", extra={"error": str(e)})
 

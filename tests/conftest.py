@@ -22,9 +22,11 @@ from daemon.dev.services import Service, create_topics, free_port, kafka_service
 
 REPO = Path(__file__).resolve().parent.parent
 
-# english_model / english_vllm (a small Llama that knows some English, served): one per session, shared by the
-# curation and collapse-guard tests.
-pytest_plugins = ["tests.curation_fixtures"]
+# Session fixtures registered once here, so that every module shares one instance of each (a fixture imported into
+# two test modules is two fixtures, built twice): english_model / english_vllm (a small Llama that knows some English,
+# served) for the curation and collapse-guard tests; tiny_models and the vLLM servers on them for the serving and
+# scoring tests.
+pytest_plugins = ["tests.curation_fixtures", "tests.vllm_fixtures"]
 
 # Test tiers: `pytest -m "not slow"` is the quick loop (pure policies and units, Redis-only tests: a Redis starts
 # in milliseconds). A test is slow when it needs the Kafka broker (a consumer group takes ~10 s to join), a vLLM

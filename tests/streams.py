@@ -13,9 +13,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 from daemon.dev.sample_corpus import english_docs, mixed_corpus
+from policies.collapse import echo_dedup_policy
 from policies.config import Policy
-from policies.dedup import content_key, document_keys
-from policies.quality import build_filters, judge
+from policies.dedup import band_keys, content_key, document_keys, minhash_signatures
+from policies.quality import FilterChain, build_filters, judge
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,17 @@ def good_docs(n: int, policy: Policy, seed: int = 0) -> list[str]:
     return out[:n]
 
 
+def stored_text(text: str, filters: FilterChain) -> str:
+    """What ingest keeps and hashes of an accepted message's text: the C4-cleaned text when the C4 rules ran."""
+    return judge(text, filters).text or text
+
+
 def distinct(texts: list[str], others: list[str], policy: Policy) -> list[str]:
-    """`texts` that share no ingest dedup key (content key or LSH band) with `others` or with an earlier one of them,
-    in order: the documents ingest would accept as they are."""
-    keys = document_keys([*others, *texts], policy.dedup)
+    """`texts` (messages) that share no ingest dedup key (content key or LSH band) with `others` (texts as stored:
+    buffered or replay documents) or with an earlier one of them, in order: the documents ingest would accept as they
+    are, whatever order they arrive in. Keys are computed as ingest computes them, on the stored text."""
+    filters = build_filters(policy.quality)
+    keys = document_keys([*others, *(stored_text(t, filters) for t in texts)], policy.dedup)
     seen = {x for k in keys[: len(others)] for x in (k.content_key, *k.band_keys)}
     out = []
     for t, k in zip(texts, keys[len(others) :], strict=True):
@@ -47,6 +55,17 @@ def distinct(texts: list[str], others: list[str], policy: Policy) -> list[str]:
             out.append(t)
             seen |= mine
     return out
+
+
+def echoes(texts: list[str], completions: list[str], policy: Policy) -> list[bool]:
+    """Whether each message text shares an echo-index band with one of `completions`, as ingest decides it: on the
+    message's own text, with the echo index's MinHash/LSH parameters (policies.collapse)."""
+    if not texts or not completions:
+        return [False] * len(texts)
+    params = echo_dedup_policy(policy.collapse)
+    bands = band_keys(minhash_signatures([*completions, *texts], params), params)
+    indexed = {b for bs in bands[: len(completions)] for b in bs}
+    return [bool(indexed.intersection(bs)) for bs in bands[len(completions) :]]
 
 
 def _near_copy(text: str, rng: random.Random) -> str:
@@ -69,8 +88,7 @@ def mixed_stream(policy: Policy, n_good: int = 300, seed: int = 0) -> tuple[list
     copies: list[Msg] = []
     for i, t in enumerate(goods):
         payload = json.dumps({"text": t, "id": f"g{i}", "source": "test"}) if i % 2 else t
-        stored = judge(t, filters).text or t  # the buffer keeps the C4-cleaned text
-        msgs.append(Msg(payload.encode(), "accepted", key=content_key(stored)))
+        msgs.append(Msg(payload.encode(), "accepted", key=content_key(stored_text(t, filters))))
     for t in goods[: n_good // 5]:  # exact copies, some re-spaced (same normalized text, same filter verdict)
         variant = t if rng.random() < 0.5 else t.replace(". ", ".  ") + "  "
         copies.append(Msg(json.dumps({"text": variant, "id": "dup"}).encode(), "duplicate", "exact_match"))

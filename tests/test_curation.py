@@ -24,35 +24,35 @@ NEWS = [
 
 
 def test_provenance_classes_follow_trust_order():
-    pol = ProvenancePolicy(human_sources=["newsroom/*"], synthetic_sources=["bot/*"])
-    assert classify("x", "newsroom/a", {}, pol).cls == "human"
-    assert classify("x", "bot/a", {}, pol).cls == "synthetic"
-    assert classify("x", "newsroom/a", {"generator": "llama-3"}, pol).rule == "meta_generator"
-    assert classify("x", "web", {"synthetic": True}, pol).cls == "synthetic"
+    policy = ProvenancePolicy(human_sources=["newsroom/*"], synthetic_sources=["bot/*"])
+    assert classify("x", "newsroom/a", {}, policy).cls == "human"
+    assert classify("x", "bot/a", {}, policy).cls == "synthetic"
+    assert classify("x", "newsroom/a", {"generator": "llama-3"}, policy).rule == "meta_generator"
+    assert classify("x", "web", {"synthetic": True}, policy).cls == "synthetic"
     # a message cannot make itself human; an untrusted generator field is ignored
-    assert classify("x", "web", {"synthetic": False}, pol).cls == "unknown"
+    assert classify("x", "web", {"synthetic": False}, policy).cls == "unknown"
     assert classify("x", "web", {"generator": "gpt"}, ProvenancePolicy(trust_generator_field=False)).cls == "unknown"
-    assert classify("x", "bot/a", {"synthetic": False}, pol).cls == "synthetic"  # the operator's rule wins
+    assert classify("x", "bot/a", {"synthetic": False}, policy).cls == "synthetic"  # the operator's rule wins
 
 
 def test_source_rules_reject_with_their_reason():
-    pol = ProvenancePolicy(allowed_sources=["feeds/*"], denied_sources=["feeds/spam*"])
-    assert source_rejection("feeds/news", pol) is None
-    assert source_rejection("feeds/spam-1", pol) == SOURCE_DENIED
-    assert source_rejection("other", pol) == SOURCE_NOT_ALLOWED
-    assert source_rejection(None, pol) == SOURCE_NOT_ALLOWED
+    policy = ProvenancePolicy(allowed_sources=["feeds/*"], denied_sources=["feeds/spam*"])
+    assert source_rejection("feeds/news", policy) is None
+    assert source_rejection("feeds/spam-1", policy) == SOURCE_DENIED
+    assert source_rejection("other", policy) == SOURCE_NOT_ALLOWED
+    assert source_rejection(None, policy) == SOURCE_NOT_ALLOWED
     assert source_rejection(None, ProvenancePolicy()) is None
 
 
 def test_domain_from_meta_source_then_classifier():
-    pol = ProvenancePolicy(domain_sources={"law": ["courts/*"]}, classifier={"examples": {"code": CODE, "news": NEWS}})
-    assert classify("anything", None, {"domain": "Medicine"}, pol).domain == "medicine"
-    assert classify("anything", "courts/x", {}, pol).domain_rule == "source"
-    code = classify("import os; def main(): return os.getcwd() # print the path", None, {}, pol)
-    news = classify("The minister told investors the election and the bank's rates would wait until spring.", None, {}, pol)
+    policy = ProvenancePolicy(domain_sources={"law": ["courts/*"]}, classifier={"examples": {"code": CODE, "news": NEWS}})
+    assert classify("anything", None, {"domain": "Medicine"}, policy).domain == "medicine"
+    assert classify("anything", "courts/x", {}, policy).domain_rule == "source"
+    code = classify("import os; def main(): return os.getcwd() # print the path", None, {}, policy)
+    news = classify("The minister told investors the election and the bank's rates would wait until spring.", None, {}, policy)
     assert (code.domain, code.domain_rule) == ("code", "classifier")
     assert news.domain == "news"
-    assert classify("zzz qqq", None, {}, pol).domain == "unknown"  # nothing known: below min_confidence
+    assert classify("zzz qqq", None, {}, policy).domain == "unknown"  # nothing known: below min_confidence
 
 
 def test_policy_refuses_bad_curation_and_collapse_sections():

@@ -9,14 +9,9 @@ import pytest
 
 from connectors.vllm import DocScore, Replica, ServingError
 from daemon.dev.sample_corpus import english_docs
-from tests import vllm_fixtures
 from tests.vllm_fixtures import CORPUS, TinyModels
 
 pytestmark = pytest.mark.slow  # a vLLM server and the tiny models
-
-# The shared session fixtures (one server for every vLLM test module), bound here so pytest finds them.
-tiny_models = vllm_fixtures.tiny_models
-vllm_plain_server = vllm_fixtures.vllm_plain_server
 
 TOL = 1e-2  # nats per token; both sides compute in bf16 on the CPU (measured differences <= 2e-3)
 NON_ASCII = [

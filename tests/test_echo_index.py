@@ -18,20 +18,20 @@ def _bands(texts: list[str], policy: Policy) -> list[list[str]]:
 
 
 def test_indexed_completions_are_counted_found_and_evicted(redis_client):
-    pol = Policy()
+    policy = Policy()
     s = RedisStore(redis_client, "echo")
     gens = english_docs(5, 800, seed=3)
-    bands = _bands(gens, pol)
+    bands = _bands(gens, policy)
     items = [BatchItem("c", 0, i, "indexed", "echo", content_key(g), 0, tuple(b)) for i, (g, b) in enumerate(zip(gens, bands))]
     res = s.write_batch(items, 1000, max_echo=3)
     assert res.outcomes == ["indexed"] * 5 and s.counters() == {("indexed", "echo"): 5}
     assert s.provenance_counts()["echo_index"] == 3 and s.buffer_stats()["buffer_docs"] == 0  # the two oldest evicted
-    hits = s.echo_hits(_bands(gens, pol))
+    hits = s.echo_hits(_bands(gens, policy))
     assert hits[:2] == [None, None] and hits[2:] == [content_key(g) for g in gens[2:]]
-    assert redis_client.hlen(s.k_echo_lsh) == 3 * pol.collapse.echo_bands  # evicted completions took their bands along
+    assert redis_client.hlen(s.k_echo_lsh) == 3 * policy.collapse.echo_bands  # evicted completions took their bands along
     # redelivered completions are skipped like any message; a human text finds nothing
     assert s.write_batch(items, 1000, max_echo=3).outcomes == ["skipped"] * 5
-    assert s.echo_hits(_bands(english_docs(3, 800, seed=9), pol)) == [None, None, None]
+    assert s.echo_hits(_bands(english_docs(3, 800, seed=9), policy)) == [None, None, None]
     # an echo is counted whatever its outcome: dead-lettered, rejected by a quality rule, or accepted as synthetic
     echoes = [BatchItem("d", 0, 0, "rejected", "echo", echo=True), BatchItem("d", 0, 1, "rejected", "gopher_stop_words", echo=True)]
     s.write_batch([*echoes, BatchItem("d", 0, 2, "candidate", "", "k", 5, (), {"text": "x", "bytes": 5}, "synthetic", True)], 1000)
@@ -39,15 +39,15 @@ def test_indexed_completions_are_counted_found_and_evicted(redis_client):
 
 
 def test_cptd_index_echoes_reads_a_file_and_names_bad_lines(redis_client, tmp_path):
-    pol = Policy()
+    policy = Policy()
     s = RedisStore(redis_client, "echofile")
     gens = english_docs(4, 800, seed=4)
     f = tmp_path / "completions.jsonl"
     f.write_bytes(b"".join(json.dumps({"text": g}).encode() + b"\n" for g in gens) + b'{"text": 3}\n' + b"\xff\xfe\n")
-    rep = index_echoes(f, s, pol)
+    rep = index_echoes(f, s, policy)
     assert rep.indexed == 4 and [(n, r) for n, r, _ in rep.invalid] == [(5, "invalid_field"), (6, "invalid_utf8")]
-    assert index_echoes(f, s, pol).indexed == 0  # indexing twice adds nothing
-    assert s.echo_hits(_bands(gens, pol)) == [content_key(g) for g in gens]
+    assert index_echoes(f, s, policy).indexed == 0  # indexing twice adds nothing
+    assert s.echo_hits(_bands(gens, policy)) == [content_key(g) for g in gens]
 
 
 def test_ingest_indexes_the_echo_topic_and_marks_copies(ingest_procs, redis_url, bootstrap, topics, tmp_path):
@@ -70,18 +70,18 @@ def test_ingest_indexes_the_echo_topic_and_marks_copies(ingest_procs, redis_url,
         collapse={"echo_topics": [echo_topic]},
         provenance={"human_sources": ["newsroom"], "denied_sources": ["spam*"], "classifier": {"examples": CLASSIFIER}},
     )
-    pol = load_policy(path)
-    store = RedisStore.from_url(redis_url, pol.name)
+    policy = load_policy(path)
+    store = RedisStore.from_url(redis_url, policy.name)
     d = ingest_procs(path, redis_url, bootstrap)
     d.wait_assigned()
-    docs = good_docs(60, pol, seed=12)
+    docs = good_docs(60, policy, seed=12)
     gens, human = docs[:20], docs[20:]
     produce(bootstrap, echo_topic, [json.dumps({"text": g}).encode() for g in gens])
     wait_for(lambda: store.provenance_counts()["echo_index"] == len(gens), 60, "the echo index", 0.2, d.proc)
     rng = random.Random(0)
     vocab = [w for t in human for w in t.split()]
     msgs = [{"text": g, "id": f"copy-{i}"} for i, g in enumerate(gens[:10])]
-    filters = build_filters(pol.quality)
+    filters = build_filters(policy.quality)
     paras = [p for p in (light_paraphrase(g, rng, vocab) for g in gens[10:]) if judge(p, filters).accepted]
     msgs += [{"text": p, "id": f"para-{i}"} for i, p in enumerate(paras)]
     msgs += [{"text": t, "id": f"human-{i}", "source": "newsroom"} for i, t in enumerate(human[:30])]

@@ -25,6 +25,7 @@ from daemon.dev.tiny_model import TinyLlamaShape, build_tiny_llama
 from daemon.jobs.lm_loss import mean_token_loss
 from daemon.jobs.model_loader import load_causal_lm, load_tokenizer
 from daemon.jobs.specs import TrainSpec
+from tests.kill_at_checkpoint import kill_at_first_checkpoint
 
 pytestmark = pytest.mark.slow  # several two-rank torchrun runs
 
@@ -97,21 +98,15 @@ def test_fsdp_matches_ddp_and_writes_a_consolidated_candidate_in_the_parents_dty
 
 def test_killed_fsdp_round_resumes_from_its_shards_and_refuses_another_world_size(world):
     spec = spec_file(world, "killed", parallelism="fsdp", max_steps=16)
-    proc = subprocess.Popen(
-        torchrun(spec, "--standalone", "--nproc-per-node", "2"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=ENV,
-    )
-    for line in proc.stdout:  # rank 0's progress lines; stop everything at the first complete checkpoint
-        if line.startswith("{") and json.loads(line)["event"] == "checkpoint":
-            # torchrun's workers are not in its process group: kill every process running this spec
-            subprocess.run(["pkill", "-KILL", "-f", str(spec)], check=False)
-            break
-    proc.wait()
     out = world["dir"] / "killed"
-    assert not (out / "result.json").exists()
+    # rank 0's progress lines; at the first complete checkpoint stop everything: torchrun's workers are not in its
+    # process group, so every process running this spec is killed
+    kill_at_first_checkpoint(
+        torchrun(spec, "--standalone", "--nproc-per-node", "2"),
+        out,
+        env=ENV,
+        kill=lambda _: subprocess.run(["pkill", "-KILL", "-f", str(spec)], check=False),
+    )
     one = subprocess.run([sys.executable, "-m", "daemon.jobs.trainer", str(spec)], capture_output=True, text=True, timeout=300, env=ENV)
     assert one.returncode != 0 and "written by 2 ranks and this run has 1" in one.stderr
     two_ranks(spec)

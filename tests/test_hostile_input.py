@@ -11,8 +11,7 @@ import json
 import random
 import time
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies
 
 from connectors.kafka import dead_letter_value
 from daemon.ingest import guard_plan
@@ -49,9 +48,9 @@ def random_text(rng: random.Random) -> str:
     return "".join(out)
 
 
-seeds = st.integers(min_value=0, max_value=2**32).map(random.Random)  # one draw per value; st.randoms() draws per call
-odd_text = st.builds(random_text, seeds)
-random_bytes = st.builds(lambda rng: rng.randbytes(rng.randrange(2_000)), seeds)
+seeds = strategies.integers(min_value=0, max_value=2**32).map(random.Random)  # one draw per value; strategies.randoms() draws per call
+odd_text = strategies.builds(random_text, seeds)
+random_bytes = strategies.builds(lambda rng: rng.randbytes(rng.randrange(2_000)), seeds)
 
 
 def random_leaf(rng: random.Random) -> object:
@@ -78,34 +77,38 @@ def random_json(rng: random.Random, budget: int = 12) -> object:
     return {random_text(rng): random_json(rng, budget // n) for _ in range(n)}
 
 
-json_leaf = st.builds(random_leaf, seeds)
-field_value = st.one_of(st.builds(random_json, seeds), odd_text)
+json_leaf = strategies.builds(random_leaf, seeds)
+field_value = strategies.one_of(strategies.builds(random_json, seeds), odd_text)
 
 
-@st.composite
+@strategies.composite
 def json_message(draw) -> bytes:
     """A JSON object with text/id/source/lang/ts/meta of any type, sometimes wrapped very deep or made very wide."""
-    obj = {k: draw(field_value) for k in draw(st.sets(st.sampled_from(["text", "id", "source", "lang", "ts", "meta", "x"])))}
-    shape = draw(st.sampled_from(["flat", "deep", "wide"]))
+    obj = {
+        k: draw(field_value) for k in draw(strategies.sets(strategies.sampled_from(["text", "id", "source", "lang", "ts", "meta", "x"])))
+    }
+    shape = draw(strategies.sampled_from(["flat", "deep", "wide"]))
     if shape == "wide":
-        obj["meta"] = {str(i): i for i in range(draw(st.integers(min_value=0, max_value=1_000)))}
+        obj["meta"] = {str(i): i for i in range(draw(strategies.integers(min_value=0, max_value=1_000)))}
     # ensure_ascii=True turns lone surrogates into \udXXX escapes; False writes them raw (invalid UTF-8 after surrogatepass)
-    text = json.dumps(obj, ensure_ascii=draw(st.booleans()), allow_nan=True)
+    text = json.dumps(obj, ensure_ascii=draw(strategies.booleans()), allow_nan=True)
     if shape == "deep":  # written as text: json.dumps itself recurses per level
-        depth = draw(st.integers(min_value=1, max_value=2_000))
-        opener = draw(st.sampled_from(["[", '{"k": ', '[{"k": ']))
+        depth = draw(strategies.integers(min_value=1, max_value=2_000))
+        opener = draw(strategies.sampled_from(["[", '{"k": ', '[{"k": ']))
         closer = {"[": "]", '{"k": ': "}", '[{"k": ': "}]"}[opener]
         deep = opener * depth + json.dumps(draw(json_leaf)) + closer * depth
         text = text[:-1] + (", " if len(text) > 2 else "") + '"meta": ' + deep + "}"
     return text.encode("utf-8", "surrogatepass")
 
 
-messages = st.one_of(
+messages = strategies.one_of(
     random_bytes,
     json_message(),
     odd_text.map(lambda t: t.encode("utf-8", "surrogatepass")),
-    st.builds(lambda t: json.dumps({"text": t}).encode(), odd_text),
-    st.builds(lambda n: b'{"text": "x", "meta": ' + b"[" * n + b"]" * n + b"}", st.integers(min_value=0, max_value=120_000)),
+    strategies.builds(lambda t: json.dumps({"text": t}).encode(), odd_text),
+    strategies.builds(
+        lambda n: b'{"text": "x", "meta": ' + b"[" * n + b"]" * n + b"}", strategies.integers(min_value=0, max_value=120_000)
+    ),
 )
 
 

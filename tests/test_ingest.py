@@ -78,9 +78,9 @@ def test_mixed_stream_exact_counts_dead_letters_and_buffer(setup, ingest_procs, 
         assert h["cptd-source-topic"].decode() == topics["docs"]
         assert int(h["cptd-source-offset"]) >= 0
     # `cptd status` shows the same totals.
-    st = proc.status()
-    assert st["counts"]["total"] == len(msgs)
-    assert st["counts"]["by_outcome"]["accepted"] == sum(m.outcome == "accepted" for m in msgs)
+    status = proc.status()
+    assert status["counts"]["total"] == len(msgs)
+    assert status["counts"]["by_outcome"]["accepted"] == sum(m.outcome == "accepted" for m in msgs)
 
 
 def test_sigkill_midstream_loses_nothing_and_counts_nothing_twice(setup, ingest_procs, redis_url, bootstrap, topics):

@@ -314,11 +314,11 @@ def test_trainjob_matches_the_trainer_crd_structure():
 
 # --------------------------------------------------------------------------- against the fake API
 def test_first_run_creates_job_and_service_restart_attaches(fake):
-    kl = _launcher(fake)
-    tpl = kl.load_template("cptd-train-template", NS)
+    launcher = _launcher(fake)
+    tpl = launcher.load_template("cptd-train-template", NS)
     assert tpl == _template()
     spec = _spec(nodes=2)
-    assert kl.ensure(spec) is True
+    assert launcher.ensure(spec) is True
     assert fake.mutations() == [("POST", f"/apis/batch/v1/namespaces/{NS}/jobs"), ("POST", f"/api/v1/namespaces/{NS}/services")]
     posted_job = [b for m, p, _q, b in fake.requests if m == "POST" and p.endswith("/jobs")][0]
     assert posted_job == job_manifest(spec), "the client sent the manifest as built"
@@ -348,16 +348,16 @@ def test_conflict_on_create_means_already_there(fake):
 
 
 def test_cancel_deletes_job_foreground_and_service(fake):
-    kl = _launcher(fake)
+    launcher = _launcher(fake)
     spec = _spec(nodes=2)
-    kl.ensure(spec)
+    launcher.ensure(spec)
     fake.requests.clear()
-    kl.delete(spec)
+    launcher.delete(spec)
     dels = [(p, q) for m, p, q, _b in fake.requests if m == "DELETE"]
     assert dels[0] == (f"/apis/batch/v1/namespaces/{NS}/jobs/{spec.name}", {"propagationPolicy": "Foreground"})
     assert dels[1][0] == f"/api/v1/namespaces/{NS}/services/{spec.name}"
     assert not fake.objects.keys() - {("cronjobs", "cptd-train-template")}
-    kl.delete(spec)  # already gone: fine
+    launcher.delete(spec)  # already gone: fine
 
 
 def _failed(fake: FakeApi, spec: WorkloadSpec) -> None:
@@ -390,23 +390,23 @@ def _failed(fake: FakeApi, spec: WorkloadSpec) -> None:
 
 
 def test_failed_job_reports_condition_and_pod_termination_message(fake):
-    kl = _launcher(fake)
+    launcher = _launcher(fake)
     spec = _spec(nodes=2)
-    kl.ensure(spec)
-    assert kl.status(spec).phase == "pending"
+    launcher.ensure(spec)
+    assert launcher.status(spec).phase == "pending"
     fake.objects[("jobs", spec.name)]["status"] = {"active": 2, "ready": 2}
-    assert kl.status(spec).phase == "running"
+    assert launcher.status(spec).phase == "running"
     _failed(fake, spec)
-    st = kl.status(spec)
-    assert st.phase == "failed" and st.reason == "BackoffLimitExceeded"
-    msg = st.failure()
+    status = launcher.status(spec)
+    assert status.phase == "failed" and status.reason == "BackoffLimitExceeded"
+    msg = status.failure()
     assert "BackoffLimitExceeded: Job has reached the specified backoff limit" in msg
     assert f"pod {spec.name}-0-abcde container trainer exited 1 (Error)" in msg and "CUDA out of memory" in msg
     assert f"{spec.name}-1-fghij container trainer exited 137" in msg
     pods_q = [q for m, p, q, _b in fake.requests if p.endswith("/pods")]
     assert pods_q[-1]["labelSelector"] == f"cptd.io/workload={spec.name}"
     fake.objects.pop(("jobs", spec.name))
-    assert kl.status(spec).phase == "missing"
+    assert launcher.status(spec).phase == "missing"
 
 
 # --------------------------------------------------------------------------- the launcher as a round runs it
@@ -542,8 +542,8 @@ def test_trainjob_create_attach_fail_and_delete(fake):
     assert _launcher(fake).ensure(spec) is True
     assert fake.mutations() == [("POST", base)]  # no Service: the Trainer controller makes the rendezvous
     fake.requests.clear()
-    kl = _launcher(fake)
-    assert kl.ensure(spec) is False and fake.mutations() == []
+    launcher = _launcher(fake)
+    assert launcher.ensure(spec) is False and fake.mutations() == []
     fake.objects[("trainjobs", spec.name)]["status"] = {
         "conditions": [{"type": "Failed", "status": "True", "reason": "JobSetFailed", "message": "jobset failed"}]
     }
@@ -566,8 +566,8 @@ def test_trainjob_create_attach_fail_and_delete(fake):
             },
         }
     ]
-    msg = kl.status(spec).failure()
+    msg = launcher.status(spec).failure()
     assert "JobSetFailed: jobset failed" in msg and "ValueError: bad spec" in msg
     fake.requests.clear()
-    kl.delete(spec)
+    launcher.delete(spec)
     assert [(m, p, q) for m, p, q, _b in fake.requests] == [("DELETE", f"{base}/{spec.name}", {"propagationPolicy": "Foreground"})]

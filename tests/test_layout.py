@@ -33,6 +33,14 @@ def test_no_two_modules_share_a_base_name():
     assert {k: v for k, v in by_name.items() if len(v) > 1} == {}
 
 
+def test_no_module_is_named_like_a_top_level_package():
+    """`python bench/x.py` puts bench/ first on sys.path, where a bench/policies.py would be imported as `policies`:
+    no module or folder inside a room takes the name of a room (two modules sharing a name: the test above)."""
+    files = [p for p in _modules() if p.stem in ROOMS]
+    folders = [p for room in ROOMS for p in (REPO / room).rglob("*") if p.is_dir() and p.name in ROOMS]
+    assert [str(p.relative_to(REPO)) for p in files + folders] == []
+
+
 def test_import_arrows_point_one_way():
     def ours(mods: set[str], *rooms: str) -> set[str]:
         return {m for m in mods if m.split(".")[0] in rooms}

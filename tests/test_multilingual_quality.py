@@ -90,10 +90,10 @@ def test_corpus_keeps_only_translated_paragraphs(handbook: None) -> None:
 
 
 def test_english_profile_is_the_sections_unchanged() -> None:
-    pol = QualityPolicy()
-    en, base = resolve_profile(pol, "en"), resolve_profile(pol, None)
+    policy = QualityPolicy()
+    en, base = resolve_profile(policy, "en"), resolve_profile(policy, None)
     for name in ("gopher_repetition", "gopher_quality", "c4", "fineweb"):
-        assert getattr(en, name) == getattr(base, name) == getattr(pol, name)
+        assert getattr(en, name) == getattr(base, name) == getattr(policy, name)
     assert en.segmentation == "whitespace"
     assert set(BUILTIN_PROFILES) >= {"en", "de", "fr", "es", "ru", "vi", "zh", "ja", "ar", "hi"}
 
@@ -103,9 +103,9 @@ def test_policy_overrides_a_threshold_per_language(handbook: None) -> None:
     strict = build_filters(QualityPolicy.model_validate({"language": {"languages": ["vi"]}, "profiles": {"vi": {"min_stop_words": 30}}}))
     assert {judge(d, strict).reason for d in docs} == {"gopher_few_stop_words"}
     # Other languages keep their profile; the override does not leak into the sections.
-    pol = QualityPolicy.model_validate({"profiles": {"vi": {"min_stop_words": 30}}})
-    assert pol.gopher_quality.min_stop_words == 2
-    assert resolve_profile(pol, "de").gopher_quality.min_stop_words == 2
+    policy = QualityPolicy.model_validate({"profiles": {"vi": {"min_stop_words": 30}}})
+    assert policy.gopher_quality.min_stop_words == 2
+    assert resolve_profile(policy, "de").gopher_quality.min_stop_words == 2
     # Own stop words for a language without a built-in profile switch the stop-word rule on for it.
     it = QualityPolicy.model_validate({"profiles": {"it": {"stop_words": ["di", "che", "il"], "min_stop_words": 2}}})
     assert resolve_profile(it, "it").gopher_quality.min_stop_words == 2

@@ -1,4 +1,4 @@
-"""Regression guard for the drift calibration of bench/policies.py (docs/round-engine.md, Drift > Calibration).
+"""Regression guard for the drift calibration of bench/replay_lr_grid.py (docs/round-engine.md, Drift > Calibration).
 
 The bench's two shifts on a small version of its data: D0 = English prose from Python's docs, D1-weak =
 English paragraphs of the Debian handbook, D1-strong = its German edition. Under a byte-level BPE trained on

@@ -70,8 +70,8 @@ def test_running_daemon_reloads_and_refuses(tmp_path, topics, bootstrap, redis_u
     path.write_text(text.replace("batch_max_docs: 100", "batch_max_docs: 0"))
     r = httpx.post(url, headers={"Authorization": "Bearer test-token"}, timeout=10)
     assert r.status_code == 422 and "ingest.batch_max_docs" in r.json()["error"]
-    st = proc.status()
-    assert st["policy_hash"] == h1 and "ingest.batch_max_docs" in st["policy_error"]
+    status = proc.status()
+    assert status["policy_hash"] == h1 and "ingest.batch_max_docs" in status["policy_error"]
     metrics = httpx.get(f"http://127.0.0.1:{proc.port}/metrics", timeout=5).text
     assert "cptd_policy_reload_errors_total 1.0" in metrics
     assert proc.proc.poll() is None  # still running on the old policy

@@ -27,6 +27,7 @@ from daemon.jobs.model_loader import ModelLoadError, four_bit_refusal, load_caus
 from daemon.jobs.specs import TrainSpec
 from daemon.jobs.trainer import MASTER_FILE, run
 from policies.train import TrainPolicy
+from tests.kill_at_checkpoint import kill_at_first_checkpoint
 
 pytestmark = pytest.mark.slow  # trains tiny models in several precisions, one SIGKILL/resume
 
@@ -109,13 +110,7 @@ def test_killed_bf16_round_resumes_to_identical_bits(world):
     path = world["dir"] / "killed.json"
     path.write_text(s.to_json())
     cmd = [sys.executable, "-m", "daemon.jobs.trainer", str(path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:  # blocks until the trainer reports its first checkpoint
-        if json.loads(line)["event"] == "checkpoint":
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (Path(s.out_dir) / "result.json").exists()
+    assert kill_at_first_checkpoint(cmd, s.out_dir) == -signal.SIGKILL
     rerun = subprocess.run(cmd, capture_output=True, text=True, check=True)
     start = [json.loads(x) for x in rerun.stdout.splitlines() if '"start"' in x][0]
     assert start["init_from"] == "checkpoint" and 0 < start["resumed_at"] < 20

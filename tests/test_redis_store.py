@@ -39,8 +39,8 @@ def test_removed_documents_free_their_bands_but_stay_exact_duplicates(redis_clie
     s = RedisStore(redis_client, "unit2")
     s.write_batch([cand(0, "k1", ["b1"])], max_exact_keys=1000)
     assert s.remove_docs(["k1"]) == 1
-    st = s.buffer_stats()
-    assert (st["buffer_docs"], st["buffer_bytes"], st["lsh_keys"]) == (0, 0, 0)
+    stats = s.buffer_stats()
+    assert (stats["buffer_docs"], stats["buffer_bytes"], stats["lsh_keys"]) == (0, 0, 0)
     r = s.write_batch([cand(1, "k2", ["b1"]), cand(2, "k1", ["b9"])], max_exact_keys=1000)
     assert r.outcomes == ["accepted", "duplicate"]  # band free again; the exact key is remembered
 

@@ -25,8 +25,8 @@ def test_reservoir_is_capped_and_counts_what_it_saw(redis_client):
     s = RedisStore(redis_client, "r1")
     rng = random.Random(0)
     placed = sum(s.replay_offer([rec(f"k{i}") for i in range(b, b + 100)], 50, rng.random, reservoir_slot) for b in range(0, 1000, 100))
-    st = s.replay_stats()
-    assert st == {"replay_docs": 50, "replay_seen": 1000}
+    stats = s.replay_stats()
+    assert stats == {"replay_docs": 50, "replay_seen": 1000}
     assert placed >= 50
     # Only reservoir members keep a record in the store: evicted documents are gone.
     assert len(s.get_docs([f"k{i}" for i in range(1000)])) == 50

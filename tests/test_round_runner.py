@@ -233,9 +233,9 @@ def test_documents_from_kafka_are_trained_into_a_deployed_round(deployment):
 
     # vLLM serves what the daemon says; the buffer is drained into the replay reservoir.
     assert served_version(dep.vllm) == rid
-    st = d.status()
-    assert st["rounds"]["serving"]["desired_version"] == rid and st["rounds"]["leader"]
-    assert st["buffer"]["buffer_docs"] == 0
+    status = d.status()
+    assert status["rounds"]["serving"]["desired_version"] == rid and status["rounds"]["leader"]
+    assert status["buffer"]["buffer_docs"] == 0
     dep.check_accounting()
 
     # An invalid policy edit is refused with the field named; a valid one changes the next round's replay ratio.
@@ -325,8 +325,8 @@ def test_sigkill_in_each_phase_resumes_the_round(deployment, phase):
     if phase == "TRAINING":
         assert rec["train"]["progress"]["init_from"] == "checkpoint" and rec["train"]["progress"]["resumed_at"] > 0
     wait_for(lambda: d2.status()["rounds"]["serving"]["desired_version"] == rid, 30, "status to show the round")
-    st = d2.status()["rounds"]["serving"]
-    assert served_version(dep.vllm) == rid and all(r["version"] == rid for r in st["replicas"].values())
+    serving = d2.status()["rounds"]["serving"]
+    assert served_version(dep.vllm) == rid and all(r["version"] == rid for r in serving["replicas"].values())
     assert not Replica(dep.vllm.url).is_paused()
     dep.check_accounting()
 
@@ -410,8 +410,8 @@ def test_lora_rounds_deploy_under_versioned_names_and_roll_back(deployment, tmp_
     assert all(c["suites"]["replay_words"]["n"] == 12 for c in report["candidates"])
     assert report["serving"]["dtype"] == "float32" and report["serving"]["device"] == "cpu"  # as the server computes
     assert all("replay_words" in c["suites"] for c in rec["eval"]["candidates"])  # what the gate compared
-    st = d.status()["rounds"]["serving"]
-    assert st["route_model"] == name and st["lora_versions"] == [name]
+    serving = d.status()["rounds"]["serving"]
+    assert serving["route_model"] == name and serving["lora_versions"] == [name]
     out = httpx.post(f"{dep.vllm.url}/v1/completions", json={"model": name, "prompt": "The", "max_tokens": 4}, timeout=60)
     assert out.status_code == 200, out.text
 

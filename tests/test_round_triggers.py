@@ -62,7 +62,7 @@ def test_interval_trigger_requests_a_round(sched):
     sched.request = lambda kind, detail: fired.set() if kind == "interval" else None
     sched.apply(TriggerPolicy(interval_s=0.2), lambda: 0, lambda: None)
     sched.start()
-    assert fired.wait(timeout=5)
+    assert fired.wait(timeout=60)  # a condition, generous for a busy machine
     jobs = sched.jobs()
     assert [j["id"] for j in jobs] == ["interval"] and jobs[0]["next_run_time"]
 

@@ -10,12 +10,12 @@ be given a first user), so the SASL settings are checked as the client configura
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import re
 import signal
 import ssl
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -155,8 +155,13 @@ def test_a_failed_client_construction_leaves_no_thread_behind():
         for cls in (KafkaConsumer, KafkaProducer):
             with pytest.raises(Exception, match="bootstrap"):
                 _closing_on_failure(cls, bootstrap_servers=f"127.0.0.1:{srv.getsockname()[1]}", bootstrap_timeout_ms=800)
-        time.sleep(0.5)
-        assert [x.name for x in threading.enumerate() if x.ident not in before] == []
+
+        def left_behind() -> list[str]:
+            return [x.name for x in threading.enumerate() if x.ident not in before]
+
+        with contextlib.suppress(TimeoutError):  # the threads of the failed attempts end; the assertion names any that do not
+            wait_for(lambda: not left_behind(), 30, "the failed clients' threads to end")
+        assert left_behind() == []
     finally:
         stop.set()
         t.join()
@@ -292,8 +297,8 @@ def test_ingest_end_to_end_over_tls_with_acl_user(tmp_path: Path, tls_kafka: Tls
     assert all(k.startswith(f"cptd:{{{policy.name}}}:".encode()) for k in admin.keys("*"))
     code, why = _readyz(proc)
     assert (code, why) == (200, "ok")
-    st = proc.status()
-    assert st["counts"]["total"] == len(msgs) and st["ingest"]["kafka"] == f"SSL {bootstrap}"
+    status = proc.status()
+    assert status["counts"]["total"] == len(msgs) and status["ingest"]["kafka"] == f"SSL {bootstrap}"
     # the operator's pause reaches the ingest loop built after the HTTP server started
     auth = {"Authorization": "Bearer test-token"}
     assert httpx.post(f"http://127.0.0.1:{proc.port}/ingest/pause", headers=auth, timeout=10).status_code == 200
@@ -358,15 +363,19 @@ def test_failures_are_named_retried_and_keep_secrets(tmp_path: Path, tls_kafka: 
                 return code == 503 and all(re.search(p, why) for p in patterns)
 
             wait_for(named, 60, f"{name}: /readyz names {patterns} (log {proc.log})", 0.5, proc.proc)
-        time.sleep(4)  # several capped retries later
-        for name, proc in procs.items():
+
+        def kafka_attempts(proc) -> int:
+            return max((int(m) for m in re.findall(r'"attempt": (\d+)', proc.log.read_text())), default=0)
+
+        # Several capped retries later (both cases whose Kafka refuses: CPTD_KAFKA_RETRY_MAX_S=1) ...
+        for name in ("password+ca", "expired"):
+            wait_for(lambda n=name: kafka_attempts(procs[n]) >= 3, 120, f"{name}: three Kafka attempts", 0.2, procs[name].proc)
+        for name, proc in procs.items():  # ... every daemon is still up, still not ready, still keeping the secret
             assert proc.proc.poll() is None, f"{name}: the daemon exited"
             assert _readyz(proc)[0] == 503
             _no_secret(proc, PASSWORD)
-        log = procs["password+ca"].log.read_text()
-        attempts = [int(m) for m in re.findall(r'"attempt": (\d+)', log)]
-        assert max(attempts) >= 3, "kafka connection retried"
-        assert "kafka connection failed; retrying" in log
+        assert kafka_attempts(procs["password+ca"]) >= 3, "kafka connection retried"
+        assert "kafka connection failed; retrying" in procs["password+ca"].log.read_text()
         for name, proc in procs.items():
             assert proc.kill(signal.SIGTERM) == 0, f"{name}: SIGTERM while retrying must exit 0"
     finally:

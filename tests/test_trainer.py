@@ -27,6 +27,7 @@ from daemon.jobs.trainer import pack, packed_logits, run, trainable_digest
 from policies.drift import DriftPolicy, adjust_for_drift
 from policies.lr_schedule import SchedulePolicy, round_lr
 from policies.replay import ReplayPolicy
+from tests.kill_at_checkpoint import kill_at_first_checkpoint
 
 pytestmark = pytest.mark.slow  # trains tiny models, SIGKILL/resume and torchrun runs
 
@@ -205,14 +206,7 @@ def test_kill_mid_round_and_resume_gives_identical_weights(world):
     killed = spec("killed")
     (d / "killed.json").write_text(killed.to_json())
     cmd = [sys.executable, "-m", "daemon.jobs.trainer", str(d / "killed.json")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:  # blocks until the trainer reports its first checkpoint
-        if json.loads(line)["event"] == "checkpoint":
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (d / "killed" / "result.json").exists(), "the trainer finished before it was killed"
+    assert kill_at_first_checkpoint(cmd, d / "killed") == -signal.SIGKILL
     rerun = subprocess.run(cmd, capture_output=True, text=True, check=True)
     start = [json.loads(x) for x in rerun.stdout.splitlines() if '"start"' in x][0]
     assert start["init_from"] == "checkpoint" and 0 < start["resumed_at"] < 40

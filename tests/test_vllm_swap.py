@@ -16,14 +16,7 @@ from connectors.vllm import Replica, ServingConfig, ServingError, request_errors
 from daemon import metrics
 from daemon.dev.services import free_port
 from daemon.serving import ServingController, ServingState
-from tests.vllm_fixtures import (  # noqa: F401
-    SERVED_NAME,
-    TinyModels,
-    tiny_models,
-    vllm_crash_server,
-    vllm_plain_server,
-    vllm_server,
-)
+from tests.vllm_fixtures import SERVED_NAME, TinyModels
 
 PROMPT = "the quick fox of round"
 
@@ -381,5 +374,5 @@ def test_lora_rollback_goes_back_one_adapter_then_to_the_base_model(vllm_server,
 
 def test_serving_state_without_lora_paths_still_loads():
     old = json.dumps({"lora_active": "cptd-r1", "lora_versions": ["cptd-r1"]})  # written before lora_paths existed
-    st = ServingState.from_json(old)
-    assert st.lora_paths == {} and st.lora_active == "cptd-r1"
+    state = ServingState.from_json(old)
+    assert state.lora_paths == {} and state.lora_active == "cptd-r1"

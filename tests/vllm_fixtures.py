@@ -1,8 +1,7 @@
 """Real vLLM CPU servers for the serving tests, shared per session because each start costs ~60 s.
 
-Register in tests/conftest.py with `pytest_plugins = ["tests.vllm_fixtures"]`
-(or `from tests.vllm_fixtures import *  # noqa`); until then test modules
-import the fixtures they use explicitly.
+Registered once in tests/conftest.py (`pytest_plugins`): a test module must not
+import these fixtures, or it gets its own copy, built and started a second time.
 
 Models are built locally (no hub): two tiny Llamas with one shared tokenizer
 and different seeds (so greedy completions differ), and three LoRA adapters on

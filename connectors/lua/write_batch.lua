@@ -1,7 +1,7 @@
 -- write_batch: one ingest batch in one call, behind the _echo_index.lua prelude (documents, dedup keys, counters and per-partition offsets),
 -- so Redis has all of a batch or none of it.
 -- KEYS: docs, buffer, exact, lsh, counters, offsets, stats, echo_lsh, echo, echo_bands, provenance
--- ARGV[1]: JSON header {max_exact, max_echo, items: [[tp, offset, outcome, reason, key, bytes, [band keys], class] ...]}
+-- ARGV[1]: JSON header {max_exact, max_echo, items: [[partition_key, offset, outcome, reason, key, bytes, [band keys], class] ...]}
 --   class: a candidate's provenance class (counted in `provenance` when accepted); echo: 1 when the message near-duplicates
 --   an indexed completion, whatever its outcome (counted as `provenance.echoes`); outcome "indexed": a completion of
 --   the served model (collapse.echo_topics) whose band keys go into the echo index, capped at max_echo (oldest evicted).
@@ -14,10 +14,11 @@ local out = {}
 local blob = 1
 local next_off = {}
 for i, it in ipairs(hdr.items) do
-  local tp, off, outcome, reason, key, nbytes, bands, class, is_echo = it[1], it[2], it[3], it[4], it[5], it[6], it[7], it[8], it[9]
+  local partition_key, off, outcome, reason, key = it[1], it[2], it[3], it[4], it[5]
+  local nbytes, bands, class, is_echo = it[6], it[7], it[8], it[9]
   if outcome == 'candidate' then blob = blob + 1 end
-  local stored = next_off[tp]
-  if stored == nil then stored = tonumber(redis.call('HGET', offsets, tp) or '-1') end
+  local stored = next_off[partition_key]
+  if stored == nil then stored = tonumber(redis.call('HGET', offsets, partition_key) or '-1') end
   if off < stored then
     out[i] = 'skipped|'
     redis.call('HINCRBY', stats, 'redelivered', 1)
@@ -53,8 +54,8 @@ for i, it in ipairs(hdr.items) do
     redis.call('HINCRBY', counters, out[i], 1)
     stored = off + 1
   end
-  next_off[tp] = stored
-  redis.call('HSET', offsets, tp, stored)
+  next_off[partition_key] = stored
+  redis.call('HSET', offsets, partition_key, stored)
 end
 local excess = redis.call('ZCARD', exact) - hdr.max_exact
 if excess > 0 then redis.call('ZREMRANGEBYRANK', exact, 0, excess - 1) end

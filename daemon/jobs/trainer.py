@@ -142,7 +142,7 @@ def blocks_at(n_blocks: int, seed: int, start: int, count: int) -> list[int]:
 # ---------------------------------------------------------------- model + state
 
 
-def load_model(spec: TrainSpec, tp: TrainPolicy, state_dir: str | None, device: torch.device, param_dtype: torch.dtype):
+def load_model(spec: TrainSpec, train_policy: TrainPolicy, state_dir: str | None, device: torch.device, param_dtype: torch.dtype):
     """Parent weights, or those saved in state_dir (a checkpoint or main line), with trainable parameters in
     param_dtype. lora/qlora put an adapter on the parent, which stays frozen in its own dtype (or 4-bit)."""
     attn = spec.attn_implementation
@@ -150,12 +150,12 @@ def load_model(spec: TrainSpec, tp: TrainPolicy, state_dir: str | None, device: 
         # flex builds a sparse block mask from the per-document positions; sdpa would need a dense mask
         # (H100, 0.5B: 18% vs 34% MFU compiled)
         attn = ("flash_attention_2" if _has_flash_attn() else "flex_attention") if device.type == "cuda" else "sdpa"
-    if tp.mode == "full":
+    if train_policy.mode == "full":
         model = load_causal_lm(state_dir or spec.parent_dir, device=device, dtype=param_dtype, attn_implementation=attn)
         model.train()
     else:
-        quantize = "nf4" if tp.mode == "qlora" else None
-        adapter = state_dir or _continuable_adapter(spec.adapter_in, tp)
+        quantize = "nf4" if train_policy.mode == "qlora" else None
+        adapter = state_dir or _continuable_adapter(spec.adapter_in, train_policy)
         if adapter:
             model = load_causal_lm(
                 spec.parent_dir, device=device, adapter=adapter, trainable_adapter=True, quantize=quantize, attn_implementation=attn
@@ -166,10 +166,10 @@ def load_model(spec: TrainSpec, tp: TrainPolicy, state_dir: str | None, device: 
             base = load_causal_lm(spec.parent_dir, device=device, quantize=quantize, attn_implementation=attn)
             torch.manual_seed(spec.init_seed)
             cfg = LoraConfig(
-                r=tp.lora_r,
-                lora_alpha=tp.lora_alpha,
-                lora_dropout=tp.lora_dropout,
-                target_modules=list(tp.lora_targets),
+                r=train_policy.lora_r,
+                lora_alpha=train_policy.lora_alpha,
+                lora_dropout=train_policy.lora_dropout,
+                target_modules=list(train_policy.lora_targets),
                 task_type="CAUSAL_LM",
             )
             model = get_peft_model(base, cfg)  # peft keeps the adapter in fp32 over a bf16/fp16/4-bit base
@@ -192,13 +192,13 @@ def load_model(spec: TrainSpec, tp: TrainPolicy, state_dir: str | None, device: 
     return model
 
 
-def _continuable_adapter(adapter_in: str | None, tp: TrainPolicy) -> str | None:
+def _continuable_adapter(adapter_in: str | None, train_policy: TrainPolicy) -> str | None:
     """The served adapter, when the policy's LoRA shape still matches it; a changed shape starts a new adapter."""
     if not adapter_in:
         return None
     cfg = json.loads((Path(adapter_in) / "adapter_config.json").read_text())
     shape = (cfg.get("r"), cfg.get("lora_alpha"), set(cfg.get("target_modules") or ()))
-    return adapter_in if shape == (tp.lora_r, tp.lora_alpha, set(tp.lora_targets)) else None
+    return adapter_in if shape == (train_policy.lora_r, train_policy.lora_alpha, set(train_policy.lora_targets)) else None
 
 
 def _has_flash_attn() -> bool:
@@ -216,17 +216,19 @@ def packed_logits(model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, position_ids=pos, use_cache=False).logits
 
 
-def make_optimizer(model, tp: TrainPolicy, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model, train_policy: TrainPolicy, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; no weight decay on vectors (norms, biases), as in nanoGPT. Low-precision parameters get
     AdamWFp32State: torch's AdamW would keep its moments in the parameters' bf16."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tp.weight_decay},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": train_policy.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     if any(p.dtype != torch.float32 for p in params):
-        return AdamWFp32State(groups, lr=0.0, betas=(tp.beta1, tp.beta2), eps=tp.adam_eps)
-    return torch.optim.AdamW(groups, lr=0.0, betas=(tp.beta1, tp.beta2), eps=tp.adam_eps, fused=device.type == "cuda")
+        return AdamWFp32State(groups, lr=0.0, betas=(train_policy.beta1, train_policy.beta2), eps=train_policy.adam_eps)
+    return torch.optim.AdamW(
+        groups, lr=0.0, betas=(train_policy.beta1, train_policy.beta2), eps=train_policy.adam_eps, fused=device.type == "cuda"
+    )
 
 
 class AdamWFp32State(torch.optim.Optimizer):
@@ -271,7 +273,7 @@ def trainable_digest(model, full: dict | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def save_sharded_state(dst: Path, model, opt, tp: TrainPolicy, state: dict, parent: Path, main_proc: bool) -> None:
+def save_sharded_state(dst: Path, model, opt, train_policy: TrainPolicy, state: dict, parent: Path, main_proc: bool) -> None:
     """fsdp: every rank writes its shard of the fp32 trainable weights and optimizer state (DCP) and its RNG;
     rank 0 writes the gathered weights in the parent's dtype and renames the directory when all are done."""
     from daemon.jobs import sharding
@@ -285,7 +287,7 @@ def save_sharded_state(dst: Path, model, opt, tp: TrainPolicy, state: dict, pare
     torch.save({"cpu_rng": torch.get_rng_state()}, tmp / "resume" / f"rng-{state['rank']}.pt")
     full = sharding.full_state_dict(model)
     if main_proc:
-        save_weights(tmp, model, tp, parent, full)
+        save_weights(tmp, model, train_policy, parent, full)
         (tmp / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "rank"}, indent=1))
     sharding.barrier()
     if main_proc:
@@ -294,14 +296,14 @@ def save_sharded_state(dst: Path, model, opt, tp: TrainPolicy, state: dict, pare
     sharding.barrier()
 
 
-def save_state(dst: Path, model, opt, scaler, tp: TrainPolicy, state: dict, parent: Path) -> None:
+def save_state(dst: Path, model, opt, scaler, train_policy: TrainPolicy, state: dict, parent: Path) -> None:
     """Write a complete state dir atomically (tmp dir + rename), so a kill leaves either nothing or all of it.
 
     Weights go out in the parent's dtype (servable, evaluable as they are); when the trainable parameters
     are kept in another dtype (fp32 masters over a bf16 parent) they are saved too, so a resume is exact."""
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_weights(tmp, model, tp, parent)
+    save_weights(tmp, model, train_policy, parent)
     save_dtype = checkpoint_dtype(parent)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if any(p.dtype != save_dtype for p in trainable.values()):
@@ -318,13 +320,13 @@ def save_state(dst: Path, model, opt, scaler, tp: TrainPolicy, state: dict, pare
     os.replace(tmp, dst)
 
 
-def save_weights(dst: Path, model, tp: TrainPolicy, parent: Path, full: dict | None = None) -> None:
+def save_weights(dst: Path, model, train_policy: TrainPolicy, parent: Path, full: dict | None = None) -> None:
     """full: an HF checkpoint dir (safetensors shards of at most 5 GB + index, tokenizer) whose config.json is the
     parent's, byte for byte; lora/qlora: adapter_config.json + adapter_model.safetensors (vLLM's LoRA layout).
     Tensors in the parent's dtype. `full`: the gathered state dict of a sharded model."""
     dst.mkdir(parents=True, exist_ok=True)
     dtype = checkpoint_dtype(parent)
-    if tp.mode == "full":
+    if train_policy.mode == "full":
         sd = {k: v.detach().to(dtype) for k, v in (full if full is not None else model.state_dict()).items()}
         model.save_pretrained(str(dst), state_dict=sd, safe_serialization=True, max_shard_size="5GB")
         for name in PARENT_FILES:  # not save_pretrained's re-serialisation, which may reorder or add fields
@@ -421,26 +423,26 @@ class Progress:
 
 
 def run(spec: TrainSpec) -> dict:
-    tp, sp = spec.train, spec.schedule  # typed from the policy file on: TrainPolicy, SchedulePolicy
+    train_policy, sp = spec.train, spec.schedule  # typed from the policy file on: TrainPolicy, SchedulePolicy
     out = Path(spec.out_dir)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    ddp, fsdp = distributed and tp.parallelism == "ddp", distributed and tp.parallelism == "fsdp"
+    ddp, fsdp = distributed and train_policy.parallelism == "ddp", distributed and train_policy.parallelism == "fsdp"
     rank, world = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     main_proc = rank == 0
-    device = resolve_device(tp.device)
+    device = resolve_device(train_policy.device)
     parent = Path(spec.parent_dir)
     parent_dtype = checkpoint_dtype(parent)
-    precision = resolve_precision(tp.precision, dtype_name(parent_dtype), device.type)
+    precision = resolve_precision(train_policy.precision, dtype_name(parent_dtype), device.type)
     # bf16-params trains the weights in bf16 itself; every other precision keeps fp32 trainable (master) weights.
     param_dtype = torch.bfloat16 if precision == "bf16-params" else torch.float32
     amp_dtype = DTYPES[MIXED[precision]] if precision in MIXED else None
     if spec.cpu_threads:
         torch.set_num_threads(spec.cpu_threads)
-    if device.type == "cpu" or tp.cpu_offload:  # the training state lives in host memory
+    if device.type == "cpu" or train_policy.cpu_offload:  # the training state lives in host memory
         release_freed_host_memory()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -464,15 +466,15 @@ def run(spec: TrainSpec) -> dict:
     rng = random.Random(spec.data_seed)
     new_docs = tokenize_docs(tokenizer, read_texts(spec.new_path))
     docs, replay_tok = mix_documents(new_docs, tokenize_docs(tokenizer, read_texts(spec.replay_path)), spec.replay_ratio, rng)
-    ids, pos, tgt = pack(docs, tp.seq_len, tokenizer.bos_token_id)
+    ids, pos, tgt = pack(docs, train_policy.seq_len, tokenizer.bos_token_id)
     n_blocks = ids.shape[0]
-    per_step = tp.micro_batch_size * tp.grad_accum * world
-    main_steps = tp.max_steps or max(1, math.floor(tp.epochs * n_blocks / per_step))
+    per_step = train_policy.micro_batch_size * train_policy.grad_accum * world
+    main_steps = train_policy.max_steps or max(1, math.floor(train_policy.epochs * n_blocks / per_step))
     anneal_steps = anneal_steps_for(sp, main_steps)
     total_steps = main_steps + anneal_steps
     heldout = {
-        "new": read_texts(spec.heldout_new_path)[: tp.eval_max_docs],
-        "replay": read_texts(spec.heldout_replay_path)[: tp.eval_max_docs],
+        "new": read_texts(spec.heldout_new_path)[: train_policy.eval_max_docs],
+        "replay": read_texts(spec.heldout_replay_path)[: train_policy.eval_max_docs],
     }
 
     # State: newest checkpoint of this round, else the main line it continues, else the parent.
@@ -486,14 +488,14 @@ def run(spec: TrainSpec) -> dict:
             "depend on the world size, so a round resumes only with the world size it started with"
         )
     # fsdp: built from the parent, sharded, then the trainable weights and optimizer come from the DCP shards.
-    model = load_model(spec, tp, str(state_dir) if state_dir and not fsdp else None, device, param_dtype)
-    if tp.activation_checkpointing:
+    model = load_model(spec, train_policy, str(state_dir) if state_dir and not fsdp else None, device, param_dtype)
+    if train_policy.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if fsdp:
         from daemon.jobs import sharding
 
-        sharding.shard(model, amp_dtype, tp.cpu_offload)
-    opt = make_optimizer(model, tp, device)
+        sharding.shard(model, amp_dtype, train_policy.cpu_offload)
+    opt = make_optimizer(model, train_policy, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None  # fp16's range needs loss scaling
     torch.manual_seed(spec.init_seed)  # before loading state, which restores the RNG of a resumed run
     global_step0, step, tokens = 0, 0, 0
@@ -508,7 +510,7 @@ def run(spec: TrainSpec) -> dict:
     if state_dir and ckpt:
         step, tokens = st["step"], st["tokens"]
     init_from = "checkpoint" if ckpt else ("mainline" if mainline_in else "parent")
-    if init_from == "parent" and tp.mode != "full" and _continuable_adapter(spec.adapter_in, tp):
+    if init_from == "parent" and train_policy.mode != "full" and _continuable_adapter(spec.adapter_in, train_policy):
         init_from = "adapter"
     opt_steps0 = max((int(s["step"]) for s in opt.state_dict()["state"].values()), default=0)
     full0 = sharding.full_state_dict(model) if fsdp else None  # a collective: every rank gathers, rank 0 keeps it
@@ -525,14 +527,14 @@ def run(spec: TrainSpec) -> dict:
         anneal_steps=anneal_steps,
         total_steps=total_steps,
         n_blocks=n_blocks,
-        tokens_per_step=per_step * tp.seq_len,
+        tokens_per_step=per_step * train_policy.seq_len,
         replay_tokens=replay_tok,
         new_tokens=sum(map(len, new_docs)),
         schedule=sp.kind,
-        mode=tp.mode,
+        mode=train_policy.mode,
         device=str(device),
         world_size=world,
-        parallelism=tp.parallelism if distributed else "none",
+        parallelism=train_policy.parallelism if distributed else "none",
         precision=precision,
         parent_dtype=dtype_name(parent_dtype),
     )
@@ -555,7 +557,7 @@ def run(spec: TrainSpec) -> dict:
         if (main_proc or fsdp) and (heldout["new"] or heldout["replay"]):
             with autocast():
                 losses = {
-                    f"loss_heldout_{k}": mean_token_loss(raw_model, tokenizer, v, max_len=tp.seq_len).mean_nll
+                    f"loss_heldout_{k}": mean_token_loss(raw_model, tokenizer, v, max_len=train_policy.seq_len).mean_nll
                     for k, v in heldout.items()
                     if v
                 }
@@ -573,14 +575,14 @@ def run(spec: TrainSpec) -> dict:
 
     def save(dst: Path, at: int) -> None:
         if fsdp:
-            save_sharded_state(dst, raw_model, opt, tp, {**state(at), "rank": rank}, parent, main_proc)
+            save_sharded_state(dst, raw_model, opt, train_policy, {**state(at), "rank": rank}, parent, main_proc)
         elif main_proc:
-            save_state(dst, raw_model, opt, scaler, tp, state(at), parent)
+            save_state(dst, raw_model, opt, scaler, train_policy, state(at), parent)
 
     def checkpoint(at: int) -> None:
         save(ckpt_dir / f"step-{at:08d}", at)
         if main_proc:
-            for old in sorted(ckpt_dir.glob("step-*"))[: -tp.keep_checkpoints]:
+            for old in sorted(ckpt_dir.glob("step-*"))[: -train_policy.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             log("checkpoint", step=at, path=str(ckpt_dir / f"step-{at:08d}"))
         if distributed:
@@ -606,10 +608,10 @@ def run(spec: TrainSpec) -> dict:
         n_tgt = int((tgt[mine][:, 1:] != IGNORE).sum())
         t0 = time.perf_counter()
         loss_sum = 0.0
-        for m in range(tp.grad_accum):
-            b = mine[m * tp.micro_batch_size : (m + 1) * tp.micro_batch_size]
+        for m in range(train_policy.grad_accum):
+            b = mine[m * train_policy.micro_batch_size : (m + 1) * train_policy.micro_batch_size]
             x, p, y = ids[b].to(device), pos[b].to(device), tgt[b].to(device)
-            last = m == tp.grad_accum - 1
+            last = m == train_policy.grad_accum - 1
             if fsdp:
                 model.set_requires_gradient_sync(last)
             sync = nullcontext() if (not ddp or last) else model.no_sync()
@@ -624,7 +626,7 @@ def run(spec: TrainSpec) -> dict:
             loss_sum += float(loss.detach())
         if scaler is not None:
             scaler.unscale_(opt)  # clip the true gradients; a step with inf/nan gradients is skipped by scaler.step
-        norm = torch.nn.utils.clip_grad_norm_(params, tp.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, train_policy.grad_clip)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # fsdp: a DTensor
         if scaler is not None:
             scaler.step(opt)
@@ -648,9 +650,9 @@ def run(spec: TrainSpec) -> dict:
         )
         if step == total_steps:
             train_peak = {**peak_memory(device), "state_mb": state_megabytes(raw_model, opt)}  # before the final gather
-        if step % tp.eval_interval == 0 or step in (main_steps, total_steps):
+        if step % train_policy.eval_interval == 0 or step in (main_steps, total_steps):
             evaluate(step)
-        if step % tp.checkpoint_interval == 0 or step in (main_steps, total_steps):
+        if step % train_policy.checkpoint_interval == 0 or step in (main_steps, total_steps):
             checkpoint(step)
 
     result = {
@@ -663,10 +665,10 @@ def run(spec: TrainSpec) -> dict:
         "final": str(out / "final"),
         "mainline": str(out / "mainline") if sp.kind == "infinite" else None,
         "global_step": global_step0 + main_steps,
-        "mode": tp.mode,
+        "mode": train_policy.mode,
         "precision": precision,
         "dtype": dtype_name(parent_dtype),  # what final/, checkpoints and the main line are written in
-        "parallelism": tp.parallelism if distributed else "none",
+        "parallelism": train_policy.parallelism if distributed else "none",
         "world_size": world,
         **train_peak,  # rank 0's, over the training steps (ranks are symmetric)
     }
@@ -674,7 +676,7 @@ def run(spec: TrainSpec) -> dict:
     if main_proc:
         for d in ("final", "final.tmp"):
             shutil.rmtree(out / d, ignore_errors=True)
-        save_weights(out / "final.tmp", raw_model, tp, parent, full)
+        save_weights(out / "final.tmp", raw_model, train_policy, parent, full)
         os.replace(out / "final.tmp", out / "final")
         if train_peak:  # the whole process on rank 0: load, training, checkpoints and the final gather and write
             result["process_peak_memory_mb"] = max(load_peak, peak_memory(device).get("peak_memory_mb", 0.0))

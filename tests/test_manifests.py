@@ -666,8 +666,8 @@ def test_overlays_differ_where_they_should():
     assert trainer["args"][0].endswith("spec.json") and trainer["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert trainer["image"] == d2["spec"]["template"]["spec"]["containers"][0]["image"], "trainer and daemon share the image"
     vllm2 = by_kind(multi, "Deployment")["cptd-vllm"]["spec"]["template"]["spec"]["containers"][0]
-    tp = {e["name"]: e.get("value") for e in vllm2["env"]}["VLLM_TENSOR_PARALLEL_SIZE"]
-    assert vllm2["resources"]["limits"]["nvidia.com/gpu"] == tp == "2"
+    tensor_parallel = {e["name"]: e.get("value") for e in vllm2["env"]}["VLLM_TENSOR_PARALLEL_SIZE"]
+    assert vllm2["resources"]["limits"]["nvidia.com/gpu"] == tensor_parallel == "2"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

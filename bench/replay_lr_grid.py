@@ -1,7 +1,8 @@
-"""Do the round policies work? Ibrahim et al. 2024 (arXiv 2403.08763) at small scale, and the drift calibration.
+"""The replay x learning-rate grid: do the round policies work? Ibrahim et al. 2024 (arXiv 2403.08763) at small
+scale, and the drift calibration.
 
-    .venv/bin/python bench/policies.py            # ~19 min on one CPU thread (2-core box); cached in --work
-    .venv/bin/python bench/policies.py --seeds 1  # quicker
+    .venv/bin/python -m bench.replay_lr_grid            # ~19 min on one CPU thread (2-core box); cached in --work
+    .venv/bin/python -m bench.replay_lr_grid --seeds 1  # quicker
 
 D0 (pre-training): English prose from Python's own docs (daemon.dev.sample_corpus's prose pool,
 paragraphs split 90/10 into held-in and held-out before documents are composed, so no held-out paragraph
@@ -18,7 +19,7 @@ and D1 (the trainer's final eval, which is daemon.jobs.lm_loss.mean_token_loss),
 
 Every run is a TrainSpec run by daemon.jobs.trainer.run in this process (one torch thread); a rerun
 with the same arguments reuses finished rounds (the trainer returns a finished round's result).
-Writes bench/figures/policies.json (all numbers) and bench/figures/policies.png.
+Writes bench/figures/replay_lr_grid.json (all numbers) and bench/figures/replay_lr_grid.png.
 """
 
 from __future__ import annotations
@@ -28,26 +29,23 @@ import contextlib
 import json
 import random
 import statistics
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from daemon.dev import sample_corpus
+from daemon.dev.multilingual_corpus import paragraphs
+from daemon.dev.tiny_model import TinyLlamaShape, build_tiny_llama
+from daemon.jobs.drift_probe import drift_stats, sample
+from daemon.jobs.model_loader import load_causal_lm, load_tokenizer
+from daemon.jobs.specs import TrainSpec
+from daemon.jobs.trainer import run
+from policies.drift import DriftPolicy, adjust_for_drift, drift_score
+from policies.replay import ReplayPolicy
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from daemon.dev import sample_corpus  # noqa: E402
-from daemon.dev.multilingual_corpus import paragraphs  # noqa: E402
-from daemon.dev.tiny_model import TinyLlamaShape, build_tiny_llama  # noqa: E402
-from daemon.jobs.drift_probe import drift_stats, sample  # noqa: E402
-from daemon.jobs.model_loader import load_causal_lm, load_tokenizer  # noqa: E402
-from daemon.jobs.specs import TrainSpec  # noqa: E402
-from daemon.jobs.trainer import run  # noqa: E402
-from policies.drift import DriftPolicy, adjust_for_drift, drift_score  # noqa: E402
-from policies.replay import ReplayPolicy  # noqa: E402
-
 REPLAYS = (0.0, 0.01, 0.05, 0.10, 0.25, 0.50)
 SHIFTS = {"weak": "en", "strong": "de"}
 SHAPE = TinyLlamaShape(
@@ -91,7 +89,8 @@ def d1_docs(lang: str, n_train: int, n_heldout: int, seed: int = 0) -> tuple[lis
     return train[:n_train], heldout[:n_heldout]
 
 
-def train_policy(args: argparse.Namespace, epochs: float = 1.0) -> dict:
+def train_section(args: argparse.Namespace, epochs: float = 1.0) -> dict:
+    """The TrainSpec's `train` section of every run of the grid."""
     return {
         "seq_len": args.seq_len,
         "micro_batch_size": args.batch,
@@ -135,9 +134,9 @@ def round_(
 ):
     out = work / "runs" / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    tp = train_policy(args, epochs)
+    train = train_section(args, epochs)
     if max_steps:
-        tp["max_steps"] = max_steps
+        train["max_steps"] = max_steps
     spec = TrainSpec(
         parent_dir=str(parent),
         out_dir=str(out),
@@ -147,7 +146,7 @@ def round_(
         heldout_replay_path=paths["d0_heldout"],
         replay_ratio=ratio,
         schedule={"kind": "rewarm_cosine", "peak_lr": lr, "warmup_frac": args.warmup_frac},
-        train=tp,
+        train=train,
         data_seed=seed,
         init_seed=seed,
         round_id=name,
@@ -241,7 +240,7 @@ def plot(results: dict, lrs: list[float], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="/tmp/cptd-bench-policies")
+    ap.add_argument("--work", default="/tmp/cptd-bench-replay-lr-grid")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--d0-docs", type=int, default=240, help="held-in D0 documents (~2 KB each)")
     ap.add_argument("--d1-docs", type=int, default=200, help="D1 training documents per shift (~1.5 KB each)")
@@ -367,9 +366,9 @@ def main(argv: list[str] | None = None) -> None:
         "results": results,
         "seconds": round(seconds, 1),
     }
-    (out / "policies.json").write_text(json.dumps(summary, indent=1, default=str))
-    plot(results, lrs, out / "policies.png")
-    print(f"total {seconds:.0f}s; wrote {out / 'policies.json'} and {out / 'policies.png'}")
+    (out / "replay_lr_grid.json").write_text(json.dumps(summary, indent=1, default=str))
+    plot(results, lrs, out / "replay_lr_grid.png")
+    print(f"total {seconds:.0f}s; wrote {out / 'replay_lr_grid.json'} and {out / 'replay_lr_grid.png'}")
 
 
 if __name__ == "__main__":
