@@ -540,6 +540,7 @@ def _follow_round(api: str, rid: str, daemon: subprocess.Popen, requests: Reques
             if requests.started:
                 n, failed, _ = requests.count()
                 text += f"  ({n} completions sent to vLLM meanwhile, {failed} failed)"
+            assert bar is not None  # a state that is not terminal always has its bar
             bar.update(done, total, text)
             until = time.monotonic() + 0.5
             while time.monotonic() < until:
