@@ -404,7 +404,7 @@ def _package_prose_pool(packages: tuple[str, ...]) -> tuple[str, ...]:
         if spec is None or not spec.submodule_search_locations:
             continue
         root = Path(list(spec.submodule_search_locations)[0])
-        files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "tests" not in p.parts)[:_MAX_FILES]
+        files = sorted(p for p in root.rglob("*.py") if not {"test", "tests"} & set(p.relative_to(root).parts))[:_MAX_FILES]
         for p in files:
             try:
                 paras = _paragraphs_of(p.read_text(encoding="utf-8", errors="replace"))
