@@ -51,7 +51,7 @@ def test_echoes_are_caught_capped_and_kept_out_of_replay(topics, bootstrap, engl
     # depending on arrival order, so only mutually distinct messages are sent (tests.streams.distinct): every message
     # sent is accepted. Whether a message echoes an indexed completion is computed with the echo index's parameters
     # (tests.streams.echoes), and the daemon must agree with that for every message.
-    replay = [r["text"] for r in dep.store.get_docs(dep.store.replay_keys())]
+    replay = [r.text for r in dep.store.get_docs(dep.store.replay_keys())]
     human = distinct(good_docs(140, policy, seed=5), replay, policy)[:120]
     assert len(human) == 120, f"only {len(human)} human documents distinct from the replay seed"
     stored = replay + [stored_text(h, filters) for h in human]
@@ -83,7 +83,7 @@ def test_echoes_are_caught_capped_and_kept_out_of_replay(topics, bootstrap, engl
     produce(bootstrap, topics["docs"], dep.produced, partitions=2)
     wait_for(lambda: (s := d.status()).get("counts", {}).get("total") == len(docs) + len(echoed) and s, 180, "accounting", 0.3, d.proc)
 
-    by_id = {r["id"]: r for r in dep.store.get_docs(dep.store.buffer_keys())}
+    by_id = {r.id: r.model_dump() for r in dep.store.get_docs(dep.store.buffer_keys())}  # every field ingest stored
     generated = [x["id"] for x in copies + near]
     caught = [i for i in generated if by_id.get(i, {}).get("provenance_rule") == "echo"]
     flagged = [x["id"] for x in people if by_id.get(x["id"], {}).get("provenance") != "unknown"]
@@ -129,7 +129,7 @@ def test_echoes_are_caught_capped_and_kept_out_of_replay(topics, bootstrap, engl
     assert sum(cur["waiting"].values()) == len(left) - (len(by_id) - cur["pool_docs"])
     if rec["state"] in ("DEPLOYED", "REJECTED"):  # released: only real documents entered the replay reservoir
         replay = dep.store.get_docs(dep.store.replay_keys())
-        assert replay and all((r.get("provenance") or "unknown") != "synthetic" for r in replay)
+        assert replay and all((r.provenance or "unknown") != "synthetic" for r in replay)
 
 
 def test_detector_is_calibrated_on_samples_and_separates_held_out_ones(tmp_path, english_vllm, english_model):

@@ -89,7 +89,7 @@ def test_ingest_indexes_the_echo_topic_and_marks_copies(ingest_procs, redis_url,
     produce(bootstrap, topics["docs"], [json.dumps(m).encode() for m in msgs], partitions=2)
     wait_for(lambda: sum(store.counters().values()) == len(msgs) + len(gens), 60, "every offset accounted", 0.2, d.proc)
     assert store.counters() == {("indexed", "echo"): 20, ("accepted", ""): 40 + len(paras), ("rejected", "source_denied"): 10}
-    by_id = {r["id"]: r for r in store.get_docs(store.buffer_keys())}
+    by_id = {r.id: r.model_dump() for r in store.get_docs(store.buffer_keys())}  # every field ingest stored
     assert {by_id[f"copy-{i}"]["provenance_rule"] for i in range(10)} == {"echo"}
     assert len(paras) >= 7 and sum(by_id[f"para-{i}"]["provenance_rule"] == "echo" for i in range(len(paras))) >= len(paras) - 1
     assert {by_id[f"human-{i}"]["provenance"] for i in range(30)} == {"human"}
