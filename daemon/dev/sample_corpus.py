@@ -461,7 +461,8 @@ def light_paraphrase(text: str, rng: random.Random, vocab: list[str], frac: floa
                 words.append(rng.choice(vocab))
             elif r >= frac:
                 words.append(w)
-        for _ in range(len(words) // 50 + (rng.random() < len(words) / 50)):
+        swaps = len(words) // 50 + (rng.random() < len(words) / 50)
+        for _ in range(swaps if len(words) > 1 else 0):  # a one-word line has no pair to swap
             j = rng.randrange(len(words) - 1)
             words[j], words[j + 1] = words[j + 1], words[j]
         if words and line.rstrip()[-1:] in ".!?" and words[-1][-1:] not in ".!?":
