@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.slow  # the whole product: broker, Redis, vLLM, pre-training and one round (~5 min)
+pytestmark = pytest.mark.slow  # the whole product: broker, Redis, vLLM, pre-training and one round (5-9 min)
 
 
 def _alive(pids: list[int]) -> list[int]:
@@ -26,7 +26,8 @@ def _alive(pids: list[int]) -> list[int]:
     return out
 
 
-# About 5 minutes on an idle 2-core machine; the budget leaves room for a busy one (vLLM's start is the slow part).
+# 507 s measured on the 2-core dev box at load average 6-8 (other work on its cores); the budget leaves room for a
+# busier one (vLLM's start is the slow part).
 DEMO_TIMEOUT_S = 1500
 
 

@@ -282,22 +282,36 @@ def build_base_model(root: Path, steps: int) -> Path:
         "pre-train",
         steps,
     )
-    # Served in bf16, as the models cptd's users serve are: rounds train in bf16-mixed and write bf16 candidates.
+    # Served in bf16, as the models cptd's users serve are; a round writes its candidates in bf16 too (the parent's dtype).
     return cast_checkpoint(root / "pretrain" / "final", root / "checkpoints" / "base", "bfloat16")
 
 
 def demo_policy(path: Path, round_steps: int) -> None:
+    """The demo's policy, sized so a round step costs about what a pre-training step does (docs/round-engine.md, Training on a CPU).
+
+    - train.precision fp32: `auto` would pick bf16-mixed for the bf16 base, and bf16 autocast on a CPU costs 1.3-1.5x
+      a fp32 step here (AVX-512 BF16) and 11x where oneDNN has no bf16 instructions (AVX2). The candidates are still
+      written in bf16, the parent's dtype.
+    - train.eval_max_docs 16: the stability-gap curve, five times a round, scores 16 held-out documents per slice
+      (3.7 s) instead of 48 + 48 (10-14 s, as long as 20 training steps). The gate's evaluation scores them all.
+    - rounds.budget_tokens: what `round_steps` steps train, so the round takes what it trains on, and the served model
+      scores a pool of curation.pool_factor (3) times that, not the whole buffer, each document to the trainer's
+      seq_len (curation.max_doc_tokens).
+    """
+    seq_len, micro_batch = 128, 8
     path.write_text(
         yaml.safe_dump(
             {
                 "name": "demo",
                 "ingest": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500, "batch_max_docs": 200, "batch_max_wait_ms": 200},
                 "train": {
-                    "seq_len": 128,
-                    "micro_batch_size": 8,
+                    "seq_len": seq_len,
+                    "micro_batch_size": micro_batch,
                     "grad_accum": 1,
                     "max_steps": round_steps,
+                    "precision": "fp32",
                     "eval_interval": 20,
+                    "eval_max_docs": 16,
                     "checkpoint_interval": 20,
                     "keep_checkpoints": 3,
                     "device": "cpu",
@@ -312,10 +326,17 @@ def demo_policy(path: Path, round_steps: int) -> None:
                     "probe_max_len": 128,
                 },
                 "replay": {"mode": "drift", "reservoir_docs": 2000},
-                "rounds": {"heldout_frac": 0.1, "heldout_max_docs": 48, "replay_heldout_docs": 48, "eval_checkpoints": 2, "watch_s": 3},
+                "rounds": {
+                    "budget_tokens": round_steps * micro_batch * seq_len,
+                    "heldout_frac": 0.15,
+                    "heldout_max_docs": 48,
+                    "replay_heldout_docs": 24,
+                    "eval_checkpoints": 2,
+                    "watch_s": 3,
+                },
                 "gates": {"max_forgetting_nats": 0.5, "min_adaptation_nats": 0.0},
                 "triggers": {"min_gap_s": 0},
-                "curation": {"score": "perplexity"},
+                "curation": {"score": "perplexity", "max_doc_tokens": seq_len},
                 "collapse": {"echo_topics": [COMPLETIONS_TOPIC], "echo_action": "mark_synthetic", "synthetic_cap": 0.1},
             },
             sort_keys=False,
@@ -393,7 +414,11 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
             CPTD_VLLM_URLS=vllm.url,
             CPTD_CHECKPOINT_DIR=str(root / "checkpoints"),
             CPTD_BASE_CHECKPOINT=str(base),
+            # One torch thread for the trainer and for the round's other torch children (drift probe, evaluator), which
+            # take torch's default, one per core: on 2 cores shared with vLLM and anything else, a second OpenMP
+            # thread waiting for a busy core made the evaluator 7x slower (docs/round-engine.md, Training on a CPU).
             CPTD_TRAIN_CPU_THREADS="1",
+            OMP_NUM_THREADS="1",
         )
         log = open(root / "cptd.log", "ab")
         api = f"http://127.0.0.1:{port}"
