@@ -283,7 +283,7 @@ class Daemon:
                 "policy_hash": policy_hash(self.policy),
                 "http_port": self.settings.http_port,
                 "rounds": self.runner.disabled or "enabled",
-                "owner": self.runner.owner,
+                "owner": self.runner.ctx.owner,
             },
         )
         try:

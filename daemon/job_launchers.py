@@ -95,9 +95,10 @@ class ProcessLauncher:
 
     name = "subprocess"
 
-    def __init__(self) -> None:
+    def __init__(self, cpu_threads: int = 0) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         self.job: Job | None = None
+        self.cpu_threads = cpu_threads  # OMP_NUM_THREADS of the child (0 = torch's default, one per core)
 
     def command(self, job: Job) -> list[str]:
         return [sys.executable, "-m", job.module, str(job.spec_path)]
@@ -107,6 +108,10 @@ class ProcessLauncher:
         job.spec.write(job.spec_path)
         with open(job.log_path, "ab") as out:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
+            if self.cpu_threads:
+                # Every torch child, not only the trainer: on a small shared CPU box a second OpenMP thread waiting
+                # for a busy core made the evaluator 7x slower (docs/round-engine.md, Training on a CPU).
+                env["OMP_NUM_THREADS"] = str(self.cpu_threads)
             self.proc = subprocess.Popen(self.command(job), stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_pdeathsig)
 
     def poll(self) -> JobEnd | None:
@@ -136,8 +141,8 @@ class ProcessLauncher:
 class TorchrunLauncher(ProcessLauncher):
     """N ranks on this machine under torch.distributed.run (DDP or FSDP2 with gloo or NCCL)."""
 
-    def __init__(self, ranks: int):
-        super().__init__()
+    def __init__(self, ranks: int, cpu_threads: int = 0):
+        super().__init__(cpu_threads)
         self.ranks = ranks
         self.name = f"torchrun:{ranks}"
 
@@ -173,7 +178,7 @@ class KubernetesJobLauncher:
         job.spec.write(job.spec_path)
         s = self.settings
         namespace = s.train_namespace or current_namespace()
-        digest = job.spec.digest() if hasattr(job.spec, "digest") else ""
+        digest = job.spec.digest()
         try:
             template = self.workloads.load_template(s.train_job_template, namespace)
             nodes, gpus = template_shape(template)
@@ -231,9 +236,9 @@ def launcher_for(settings: Settings, training: bool, api_client: Any = None) -> 
     """Training runs where CPTD_TRAIN_LAUNCHER says; every other job is a child process on the daemon's machine."""
     kind = settings.train_launcher if training else "subprocess"
     if kind in ("subprocess", "process"):
-        return ProcessLauncher()
+        return ProcessLauncher(settings.train_cpu_threads)
     if kind.startswith("torchrun:"):
-        return TorchrunLauncher(int(kind.split(":", 1)[1]))
+        return TorchrunLauncher(int(kind.split(":", 1)[1]), settings.train_cpu_threads)
     if kind == "kubernetes":
         return KubernetesJobLauncher(settings, api_client)
     raise JobStartError(f"launcher {kind!r} is not supported by this version (use subprocess, torchrun:N or kubernetes)")

@@ -13,45 +13,14 @@ import pytest
 
 from daemon.job_launchers import Job, JobFailed, JsonlFollower, ProcessLauncher, TorchrunLauncher, launcher_for, run_to_end
 from daemon.jobs.specs import DeviceCheckSpec, TrainSpec
-from daemon.round_record import RoundRecord, RoundState, Trigger
-from daemon.rounds.context import RoundContext, RoundFailed, Stop
+from daemon.rounds.context import RoundFailed, Stop
 from daemon.settings import Settings
+from tests.job_context import CancelFlag, bare_record, job_context
 
 
 def _job(tmp_path: Path, device: str = "cpu") -> Job:
     spec = DeviceCheckSpec(device=device, out=str(tmp_path / "check.json"))
     return Job(spec, tmp_path / "check-spec.json", tmp_path / "check.log", round_id="r00001")
-
-
-class _Store:
-    def __init__(self) -> None:
-        self.cancel = False
-
-    def cancel_requested(self, round_id: str) -> bool:
-        return self.cancel
-
-
-def _context(tmp_path: Path, store: _Store) -> RoundContext:
-    return RoundContext(
-        store=store,  # type: ignore[arg-type]
-        settings=Settings(checkpoint_dir=tmp_path),
-        get_policy=lambda: None,  # type: ignore[arg-type,return-value]
-        owner="test",
-        fence=object(),  # type: ignore[arg-type]
-    )
-
-
-def _record() -> RoundRecord:
-    return RoundRecord(
-        id="r00001",
-        number=1,
-        state=RoundState.PENDING,
-        created_at=0,
-        updated_at=0,
-        trigger=Trigger(kind="manual"),
-        owner="t",
-        policy_hash="",
-    )
 
 
 def test_a_job_writes_its_spec_and_its_result_is_the_one_answer(tmp_path):
@@ -79,8 +48,8 @@ def test_exit_zero_without_a_result_file_is_a_failure(tmp_path):
 
 
 def test_cancel_stop_and_timeout_end_the_child_and_say_why(tmp_path, monkeypatch):
-    store = _Store()
-    ctx = _context(tmp_path, store)
+    store = CancelFlag()
+    ctx = job_context(Settings(checkpoint_dir=tmp_path), store)
     started: list[ProcessLauncher] = []
 
     class Sleeper(ProcessLauncher):  # a job that never ends by itself
@@ -91,17 +60,17 @@ def test_cancel_stop_and_timeout_end_the_child_and_say_why(tmp_path, monkeypatch
     monkeypatch.setattr("daemon.rounds.context.launcher_for", lambda *a, **k: Sleeper())
     store.cancel = True
     with pytest.raises(RoundFailed, match="cancelled by operator"):
-        ctx.run_job(_job(tmp_path), _record())
+        ctx.run_job(_job(tmp_path), bare_record())
     store.cancel = False
     with pytest.raises(RoundFailed, match="ran past 0.5 s"):
-        ctx.run_job(_job(tmp_path), _record(), timeout=0.5)
+        ctx.run_job(_job(tmp_path), bare_record(), timeout=0.5)
     ctx.stop.set()
     with pytest.raises(Stop, match="stopping"):
-        ctx.run_job(_job(tmp_path), _record())
+        ctx.run_job(_job(tmp_path), bare_record())
     ctx.stop.clear()
     ctx.fence = None
     with pytest.raises(Stop, match="lease lost"):
-        ctx.run_job(_job(tmp_path), _record())
+        ctx.run_job(_job(tmp_path), bare_record())
     assert len(started) == 4 and all(s.proc is None for s in started)  # every child was ended, none left behind
     assert ctx.launcher is None
 
@@ -113,6 +82,14 @@ def test_launchers_follow_the_setting_for_training_only():
     spec = TrainSpec(parent_dir="/p", out_dir="/o", new_path="/n")
     cmd = torchrun.command(Job(spec, Path("/s.json"), Path("/l.log")))
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node=4", "-m"] and cmd[-2:] == ["daemon.jobs.trainer", "/s.json"]
+
+
+def test_cpu_threads_reach_every_job_not_only_the_trainer(tmp_path):
+    """CPTD_TRAIN_CPU_THREADS=1 on a shared box: a job that is not the trainer (here the device check) gets it too."""
+    for threads in (1, 2):  # torch caps the count at the cores it sees; one differs from its default on any multi-core box
+        (tmp_path / str(threads)).mkdir()
+        out = run_to_end(_job(tmp_path / str(threads)), launcher_for(Settings(train_cpu_threads=threads), training=False))
+        assert out["cpu_threads"] == threads
 
 
 def test_the_progress_follower_reads_complete_lines_once(tmp_path):
@@ -130,22 +107,20 @@ def test_a_failed_trainer_fails_the_round_naming_the_phase_code_and_cause(tmp_pa
     from daemon.round_record import TrainRecord
     from daemon.rounds.training import training
 
-    class Store(_Store):
-        def put_round(self, fence: object, round_id: str, record: dict) -> None:
-            self.record = record
-
     class Crashing(ProcessLauncher):
         def command(self, job: Job) -> list[str]:
             return ["sh", "-c", "echo 'RuntimeError: CUDA out of memory'; exit 3"]
 
     monkeypatch.setattr("daemon.rounds.context.launcher_for", lambda *a, **k: Crashing())
-    store = Store()
-    ctx = _context(tmp_path, store)
-    rec = _record()
+    store = CancelFlag()
+    ctx = job_context(Settings(checkpoint_dir=tmp_path), store)
+    rec = bare_record()
     (tmp_path / "rounds" / rec.id).mkdir(parents=True)
     spec = TrainSpec(parent_dir="/p", out_dir=str(tmp_path / "train"), new_path="/n", round_id=rec.id)
     rec.train = TrainRecord(spec=spec, spec_digest=spec.digest(), out_dir=spec.out_dir, launcher="subprocess")
     with pytest.raises(RoundFailed) as e:
         training(ctx, rec)
     assert e.value.cause.startswith("TRAINING: daemon.jobs.trainer exited with code 3:") and "CUDA out of memory" in e.value.cause
-    assert store.record["train"]["spec"]["round_id"] == rec.id  # the record was written, progress followed to the end
+    assert (
+        store.record is not None and store.record["train"]["spec"]["round_id"] == rec.id
+    )  # the record was written, progress followed to the end

@@ -410,23 +410,13 @@ def test_failed_job_reports_condition_and_pod_termination_message(fake):
 
 
 # --------------------------------------------------------------------------- the launcher as a round runs it
-class _Store:
-    """The one store call run_job makes for a round: whether the operator cancelled it."""
-
-    def __init__(self, cancel: bool):
-        self.cancel = cancel
-
-    def cancel_requested(self, round_id: str) -> bool:
-        return self.cancel
-
-
 def _runner(fake: FakeApi, tmp_path: Path, cancel: bool = False, stop: bool = False):
     """A round's training job under CPTD_TRAIN_LAUNCHER=kubernetes, run by RoundContext.run_job against the fake API."""
     from daemon.job_launchers import Job
     from daemon.jobs.specs import TrainSpec
-    from daemon.round_record import RoundRecord, RoundState, Trigger
-    from daemon.rounds.context import RoundContext
+    from daemon.round_record import RoundState
     from daemon.settings import Settings
+    from tests.job_context import CancelFlag, bare_record, job_context
 
     out = tmp_path / "train"
     out.mkdir(parents=True, exist_ok=True)
@@ -439,26 +429,10 @@ def _runner(fake: FakeApi, tmp_path: Path, cancel: bool = False, stop: bool = Fa
         train_poll_s=0.05,
         checkpoint_dir=tmp_path,
     )
-    ctx = RoundContext(
-        store=_Store(cancel),  # type: ignore[arg-type]
-        settings=settings,
-        get_policy=lambda: None,  # type: ignore[arg-type,return-value]
-        owner="test",
-        fence=object(),  # type: ignore[arg-type]
-        kube_api_client=k8s.ApiClient(k8s.Configuration(host=fake.host)),
-    )
+    ctx = job_context(settings, CancelFlag(cancel), kube_api_client=k8s.ApiClient(k8s.Configuration(host=fake.host)))
     if stop:
         ctx.stop.set()
-    rec = RoundRecord(
-        id="r00012",
-        number=12,
-        state=RoundState.TRAINING,
-        created_at=0,
-        updated_at=0,
-        trigger=Trigger(kind="manual"),
-        owner="t",
-        policy_hash="",
-    )
+    rec = bare_record("r00012", RoundState.TRAINING)
     job = Job(
         TrainSpec(parent_dir="-", out_dir=str(out), new_path="-"), tmp_path / "train-spec.json", tmp_path / "train.log", round_id=rec.id
     )

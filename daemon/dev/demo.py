@@ -414,11 +414,10 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
             CPTD_VLLM_URLS=vllm.url,
             CPTD_CHECKPOINT_DIR=str(root / "checkpoints"),
             CPTD_BASE_CHECKPOINT=str(base),
-            # One torch thread for the trainer and for the round's other torch children (drift probe, evaluator), which
-            # take torch's default, one per core: on 2 cores shared with vLLM and anything else, a second OpenMP
-            # thread waiting for a busy core made the evaluator 7x slower (docs/round-engine.md, Training on a CPU).
+            # One torch thread for every job the daemon starts (trainer, drift probe, evaluator, detector): on 2 cores
+            # shared with vLLM and anything else, a second OpenMP thread waiting for a busy core made the evaluator 7x
+            # slower (docs/round-engine.md, Training on a CPU).
             CPTD_TRAIN_CPU_THREADS="1",
-            OMP_NUM_THREADS="1",
         )
         log = open(root / "cptd.log", "ab")
         api = f"http://127.0.0.1:{port}"

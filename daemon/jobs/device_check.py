@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> None:
         where = str(device)
     except ModelLoadError as e:
         where, refusal = spec.device, str(e)
-    write_result(spec.result_file, {"device": where, "refusal": refusal})
+    import torch
+
+    # The threads it computes with: what the launcher's OMP_NUM_THREADS (CPTD_TRAIN_CPU_THREADS) gave every job.
+    write_result(spec.result_file, {"device": where, "refusal": refusal, "cpu_threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

@@ -58,6 +58,10 @@ class JobSpec(BaseModel):
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True)
 
+    def digest(self) -> str:
+        """Names the exact input a job ran with (the round record, the Kubernetes workload's annotation)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
     @classmethod
     def from_json(cls, text: str) -> Any:  # -> cls
         return cls.model_validate_json(text)
@@ -104,9 +108,6 @@ class TrainSpec(JobSpec):
     @property
     def progress_file(self) -> Path:
         return Path(self.out_dir) / "progress.jsonl"
-
-    def digest(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
 
 class TrainEval(BaseModel):

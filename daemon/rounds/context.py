@@ -47,6 +47,13 @@ class RoundFailed(Exception):
         self.cause, self.requeue = cause, requeue
 
 
+class Cancelled(RoundFailed):
+    """The operator cancelled the round: it ends FAILED with its documents requeued, whatever phase asked."""
+
+    def __init__(self) -> None:
+        super().__init__("cancelled by operator", requeue=True)
+
+
 def write_atomic(path: Path, blob: bytes) -> None:
     """tmp file + rename: a reader (or a resumed round) sees the old file or the whole new one."""
     tmp = path.with_name(path.name + ".tmp")
@@ -142,17 +149,19 @@ class RoundContext:
         timeout: float | None = None,
         on_tick: Callable[[], None] | None = None,
         hit: str | None = None,
+        phase: str = "",
     ) -> Any:
         """Start `job`, follow it to its end, return its result file's content.
 
         Raises Stop when the daemon stops or loses the lease (a child is stopped and resumes later; a Kubernetes
-        workload runs on), RoundFailed when the operator cancels `rec`, the job runs past `timeout`, or it fails
-        (with the launcher's cause)."""
+        workload runs on), Cancelled when the operator cancels `rec`, and RoundFailed, its cause prefixed with
+        `phase`, when the job cannot start, runs past `timeout` or fails (with the launcher's cause)."""
+        prefix = f"{phase}: " if phase else ""
         try:
             launcher = launcher_for(self.settings, training, self.kube_api_client)
             launcher.start(job)
         except JobStartError as e:
-            raise RoundFailed(f"{job.module}: {e}") from e
+            raise RoundFailed(f"{prefix}{job.module}: {e}") from e
         tracked = rec is not None  # a round's job is stopped with the lease; the drift trigger's probe just ends
         if tracked:
             self.launcher = launcher
@@ -168,10 +177,10 @@ class RoundContext:
                     raise Stop("lease lost" if self.fence is None else "stopping")
                 if rec is not None and self.store.cancel_requested(rec.id):
                     launcher.cancel()
-                    raise RoundFailed("cancelled by operator", requeue=True)
+                    raise Cancelled()
                 if timeout and time.monotonic() - t0 > timeout:
                     launcher.cancel()
-                    raise RoundFailed(f"{job.module} ran past {timeout} s")
+                    raise RoundFailed(f"{prefix}{job.module} ran past {timeout} s")
                 self.stop.wait(min(1.0, self.settings.train_poll_s) if training else 1.0)
         finally:
             if tracked:
@@ -179,7 +188,7 @@ class RoundContext:
         if on_tick:
             on_tick()
         if not end.ok:
-            raise RoundFailed(end.cause)
+            raise RoundFailed(f"{prefix}{end.cause}")
         return job.result()
 
     def stop_job(self) -> None:

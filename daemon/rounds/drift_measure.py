@@ -17,7 +17,7 @@ from daemon import metrics as M
 from daemon.job_launchers import Job
 from daemon.jobs.specs import DriftSpec
 from daemon.round_record import RoundRecord
-from daemon.rounds.context import RoundContext, RoundFailed, Stop, write_texts
+from daemon.rounds.context import Cancelled, RoundContext, RoundFailed, Stop, write_texts
 from policies.drift import DriftStats, drift_score
 
 log = logging.getLogger("cptd.rounds")
@@ -48,9 +48,9 @@ def measure_for_round(ctx: RoundContext, rec: RoundRecord, new: Path, ref: Path)
     )
     try:
         return drift_stats(ctx.run_job(Job(spec, directory / "drift-spec.json", directory / "drift.log"), rec, timeout=1800))
+    except Cancelled:
+        raise
     except RoundFailed as e:
-        if e.cause == "cancelled by operator":
-            raise
         rec.drift_error = f"drift probe: {e.cause}"[:800]
         return None
 

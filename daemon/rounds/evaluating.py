@@ -18,7 +18,7 @@ from daemon import metrics as M
 from daemon.job_launchers import Job, JsonlFollower
 from daemon.jobs.specs import EvalReport, EvalSpec
 from daemon.round_record import CandidateScores, EvalProgress, EvalSummary, GateRecord, ModelLosses, RoundRecord, RoundState
-from daemon.rounds.context import RoundContext, RoundFailed
+from daemon.rounds.context import RoundContext
 from daemon.rounds.document_fate import release
 from policies.gates import GateDecision, gate_round
 
@@ -60,13 +60,8 @@ def evaluating(ctx: RoundContext, rec: RoundRecord) -> None:
                 last_put[0] = time.monotonic()
                 ctx.put(rec)
 
-        try:
-            job = Job(spec, directory / "eval-spec.json", directory / "eval.log", round_id=rec.id)
-            ctx.run_job(job, rec, on_tick=follow, hit="evaluating.child_started")
-        except RoundFailed as e:
-            if e.cause == "cancelled by operator":
-                raise
-            raise RoundFailed(f"EVALUATING: {e.cause}") from e
+        job = Job(spec, directory / "eval-spec.json", directory / "eval.log", round_id=rec.id)
+        ctx.run_job(job, rec, on_tick=follow, hit="evaluating.child_started", phase="EVALUATING")
     report = EvalReport.from_json(spec.result_file.read_text())
     serving, scored = report.gate_inputs()
     decision = gate_round(policy.gates, serving, scored)

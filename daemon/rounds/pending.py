@@ -5,7 +5,7 @@ from __future__ import annotations
 from daemon.job_launchers import Job
 from daemon.jobs.specs import DeviceCheckSpec
 from daemon.round_record import RoundRecord, RoundState
-from daemon.rounds.context import RoundContext, RoundFailed
+from daemon.rounds.context import Cancelled, RoundContext, RoundFailed
 from policies.config import Policy
 
 
@@ -31,6 +31,8 @@ def refusal_of(ctx: RoundContext, policy: Policy, rec: RoundRecord) -> str | Non
         spec = DeviceCheckSpec(device=train.device, out=str(directory / "device-check.json"))
         try:
             out = ctx.run_job(Job(spec, directory / "device-check-spec.json", directory / "device-check.log"), rec, timeout=300)
+        except Cancelled:
+            raise
         except RoundFailed as e:
             return f"train.mode qlora: the 4-bit check failed: {e.cause[-300:]}"
         if out["refusal"]:

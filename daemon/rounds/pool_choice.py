@@ -21,7 +21,7 @@ from daemon import metrics as M
 from daemon.job_launchers import Job
 from daemon.jobs.specs import DetectorSpec
 from daemon.round_record import TERMINAL, CurationRecord, RoundRecord
-from daemon.rounds.context import RoundContext, RoundFailed, write_atomic, write_jsonl
+from daemon.rounds.context import Cancelled, RoundContext, RoundFailed, write_atomic, write_jsonl
 from policies.collapse import cap_binding_streak, real_share, suspected
 from policies.config import Policy
 from policies.curation import Candidate, Selection, select_round, shares_by
@@ -196,9 +196,9 @@ def detector_scores(ctx: RoundContext, policy: Policy, rec: RoundRecord, pool: l
     )
     try:
         result = ctx.run_job(Job(spec, directory / "detector-spec.json", directory / "detector.log"), rec, timeout=3600)
+    except Cancelled:
+        raise
     except RoundFailed as e:
-        if e.cause == "cancelled by operator":
-            raise
         log.warning("the generated-text detector failed; the round goes on without it", extra={"round_id": rec.id, "error": e.cause})
         return {}
     return {r["key"]: r["score"] for r in result["rows"] if r.get("score") is not None}

@@ -48,7 +48,6 @@ class RoundRunner:
     ):
         owner = owner or settings.pod_name or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ctx = RoundContext(store, settings, get_policy, owner, kube_api_client=kube_api_client)
-        self.store, self.settings, self.get_policy, self.owner = store, settings, get_policy, owner
         self.wake = threading.Event()
         self.auto: tuple[str, str] | None = None  # latest automatic trigger not acted on yet
         self.active: str | None = None
@@ -63,19 +62,19 @@ class RoundRunner:
     def lease_loop(self, stop: threading.Event) -> None:
         ctx, last_ok = self.ctx, 0.0
         while not stop.is_set():
-            ttl = self.get_policy().rounds.lease_ttl_s
+            ttl = self.ctx.get_policy().rounds.lease_ttl_s
             try:
-                f = self.store.lease_acquire(self.owner, ttl)
+                f = self.ctx.store.lease_acquire(self.ctx.owner, ttl)
                 last_ok = time.monotonic()
             except Exception as e:  # noqa: BLE001 - Redis down: we keep the lease only until it would have expired
                 log.warning("lease renewal failed", extra={"error": str(e)})
                 f = ctx.fence if time.monotonic() - last_ok < ttl * 0.8 else None
             if f is not None and (ctx.fence is None or f.epoch != ctx.fence.epoch):
-                log.info("took the round lease", extra={"owner": self.owner, "epoch": f.epoch})
+                log.info("took the round lease", extra={"owner": self.ctx.owner, "epoch": f.epoch})
                 ctx.fence = f
                 self.wake.set()
             elif f is None and ctx.fence is not None:
-                log.warning("lost the round lease", extra={"owner": self.owner})
+                log.warning("lost the round lease", extra={"owner": self.ctx.owner})
                 M.LEASE_LOST.inc()
                 ctx.fence = None
                 ctx.stop_job()
@@ -83,7 +82,7 @@ class RoundRunner:
             stop.wait(ttl / 3)
         if ctx.fence is not None:  # hand over at once rather than after the TTL
             try:
-                self.store.lease_release(ctx.fence)
+                self.ctx.store.lease_release(ctx.fence)
             except Exception:  # noqa: BLE001
                 pass
             ctx.fence = None
@@ -98,18 +97,18 @@ class RoundRunner:
 
     def request_manual(self, reason: str = "operator") -> str:
         rid = uuid.uuid4().hex[:12]
-        self.store.add_request(rid, {"kind": "manual", "detail": reason, "at": time.time()})
+        self.ctx.store.add_request(rid, {"kind": "manual", "detail": reason, "at": time.time()})
         self.wake.set()
         return rid
 
     def buffer_tokens(self) -> int:
         """Estimated tokens waiting (the buffer trigger and should_start read the same figure)."""
-        return estimate_tokens(self.store.buffer_stats()["buffer_bytes"], self.get_policy().rounds)
+        return estimate_tokens(self.ctx.store.buffer_stats()["buffer_bytes"], self.ctx.get_policy().rounds)
 
     def next_round(self) -> str | None:
         """Act on waiting requests: start a round for the first one that may start, answer the rest."""
-        policy = self.get_policy()
-        manual = self.store.take_requests()
+        policy = self.ctx.get_policy()
+        manual = self.ctx.store.take_requests()
         auto, self.auto = self.auto, None
         asks: list[tuple[str | None, str]] = [(rid, r["kind"]) for rid, r in sorted(manual.items(), key=lambda kv: kv[1].get("at", 0))]
         if auto:
@@ -121,21 +120,21 @@ class RoundRunner:
         for req_id, kind in asks:
             if started:
                 if req_id:
-                    self.store.set_request_result(req_id, {"round": started, "note": "merged into the round just started"})
+                    self.ctx.store.set_request_result(req_id, {"round": started, "note": "merged into the round just started"})
                 continue
             check = should_start(kind, time.time(), last_start, False, tokens, policy.rounds, policy.triggers)
             if not check.start:
                 if req_id:
-                    self.store.set_request_result(req_id, {"round": None, "refused": check.reason})
+                    self.ctx.store.set_request_result(req_id, {"round": None, "refused": check.reason})
                 log.info("trigger not acted on", extra={"trigger": kind, "reason": check.reason})
                 continue
             started = self.create(policy, kind, check.reason, req_id)
             if req_id:
-                self.store.set_request_result(req_id, {"round": started})
+                self.ctx.store.set_request_result(req_id, {"round": started})
         return started
 
     def create(self, policy: Policy, kind: str, reason: str, req_id: str | None) -> str:
-        n = self.store.next_round_number()
+        n = self.ctx.store.next_round_number()
         rid = f"r{n:05d}"
         state = self.ctx.serving.state if self.ctx.serving else ServingState()
         live = state.desired_version
@@ -147,7 +146,7 @@ class RoundRunner:
             created_at=now,
             updated_at=now,
             trigger=Trigger(kind=kind, reason=reason, request_id=req_id),
-            owner=self.owner,
+            owner=self.ctx.owner,
             policy_hash=policy_hash(policy),
             policy=policy,
             parent=Parent(
@@ -173,7 +172,7 @@ class RoundRunner:
         for replica in state.replicas.values():
             if replica.status == "swapping" and replica.step:
                 failpoints.hit(f"deploy.{replica.step}")
-        self.store.put_serving(self.ctx.fenced(), state.to_json())
+        self.ctx.store.put_serving(self.ctx.fenced(), state.to_json())
 
     def take_over(self) -> str | None:
         """New lease holder: learn what the replicas serve (a predecessor may have died mid-swap).
@@ -182,11 +181,11 @@ class RoundRunner:
         so after this the runner knows every unfinished round without reading the round list again."""
         ctx = self.ctx
         unfinished = next((r for r in self.list_rounds() if r.state not in TERMINAL), None)
-        raw = self.store.get_serving()
+        raw = self.ctx.store.get_serving()
         state = ServingState.from_json(raw) if raw else ServingState()
         if ctx.serving is not None:
             ctx.serving.close()
-        s = self.settings
+        s = self.ctx.settings
         config = ServingConfig(
             api_key=s.vllm_api_key.get_secret_value() if s.vllm_api_key else None,
             ca_file=str(s.vllm_ca_file) if s.vllm_ca_file else None,
@@ -253,17 +252,17 @@ class RoundRunner:
         return drift_measure.probe_serving(self.ctx, busy=self.active is not None)
 
     def status(self) -> dict[str, Any]:
-        holder, epoch = self.store.lease_holder()
+        holder, epoch = self.ctx.store.lease_holder()
         out: dict[str, Any] = {
             "enabled": self.disabled is None,
             "disabled_reason": self.disabled,
             "leader": self.leader(),
             "lease_holder": holder,
             "epoch": epoch,
-            "owner": self.owner,
+            "owner": self.ctx.owner,
             "active": self.active,
         }
-        raw = self.store.get_serving()
+        raw = self.ctx.store.get_serving()
         if raw:
             state = ServingState.from_json(raw)
             out["serving"] = {

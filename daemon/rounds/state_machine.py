@@ -18,7 +18,7 @@ from collections.abc import Callable
 from connectors.redis_store import Fenced
 from connectors.vllm import ServingError
 from daemon.round_record import TERMINAL, RoundRecord, RoundState
-from daemon.rounds.context import RoundContext, RoundFailed, Stop
+from daemon.rounds.context import Cancelled, RoundContext, RoundFailed, Stop
 from daemon.rounds.deploying import deploying
 from daemon.rounds.document_fate import release, requeue
 from daemon.rounds.evaluating import evaluating
@@ -47,7 +47,7 @@ def drive(ctx: RoundContext, rid: str) -> RoundRecord:
             if ctx.stop.is_set():
                 raise Stop("stopping")
             if ctx.store.cancel_requested(rid) and rec.state != RoundState.DEPLOYING:
-                raise RoundFailed("cancelled by operator", requeue=True)
+                raise Cancelled()
             try:
                 PHASE[rec.state](ctx, rec)
             except (Stop, Fenced, RoundFailed):
