@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from connectors.redis_store import BatchItem, RedisStore
-from daemon.dev.sample_corpus import english_docs
+from daemon.dev.sample_corpus import english_docs, light_paraphrase
 from daemon.index_echoes import index_echoes
 from policies.collapse import echo_dedup_policy
 from policies.config import Policy
@@ -15,6 +19,16 @@ from policies.dedup import band_keys, content_key, minhash_signatures
 def _bands(texts: list[str], policy: Policy) -> list[list[str]]:
     p = echo_dedup_policy(policy.collapse)
     return band_keys(minhash_signatures(texts, p), p)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["a", "b.", "?", "word", ""]), max_size=4), max_size=5), st.integers(0, 2**32))
+def test_light_paraphrase_edits_any_generation_line_by_line(lines: list[list[str]], seed: int) -> None:
+    """What the echo tests repost: one-word and empty lines included (a one-word line once crashed `cptd demo`)."""
+    text = "\n".join(" ".join(words) for words in lines)
+    out = light_paraphrase(text, random.Random(seed), ["x", "y"], frac=0.5)
+    assert out.count("\n") == text.count("\n")
+    assert all(len(o.split()) <= len(t.split()) for o, t in zip(out.split("\n"), text.split("\n")))
 
 
 def test_indexed_completions_are_counted_found_and_evicted(redis_client):

@@ -34,6 +34,8 @@ import httpx
 import yaml
 
 from daemon.dev.services import Service, create_topics, free_port, kafka_service, redis_service, wait_for
+from daemon.job_launchers import Job, JsonlFollower, ProcessLauncher
+from daemon.jobs.specs import TrainSpec
 from daemon.round_record import TERMINAL
 
 PROMPT = "The model computes the gradient of the"
@@ -222,35 +224,31 @@ def _spark(values: list[float], width: int = 48) -> str:
     return "".join(ticks[int((v - lo) / (hi - lo + 1e-12) * (len(ticks) - 1))] for v in values)
 
 
-def _follow_child(cmd: list[str], progress: Path, log: Path, label: str, total: int) -> None:
-    """Run a trainer child and show its steps (the trainer writes progress.jsonl)."""
-    with open(log, "ab") as out:
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+def _pretrain(spec: TrainSpec, root: Path, total: int) -> None:
+    """The pre-training job, launched as a round's jobs are (daemon/job_launchers.py), its steps shown from progress.jsonl."""
+    job = Job(spec, root / "pretrain-spec.json", root / "pretrain.log")
+    launcher = ProcessLauncher(cpu_threads=1)
+    launcher.start(job)
+    follow = JsonlFollower(spec.progress_file)
     step, loss = 0, None
-    with Progress(label) as bar:
+    with Progress("pre-train") as bar:
         while True:
-            exited = p.poll() is not None
-            if progress.exists():
-                for line in progress.read_text().splitlines():
-                    try:
-                        ev = json.loads(line)
-                    except ValueError:  # the last line, half written
-                        continue
-                    if ev["event"] == "step":
-                        step, loss = ev["step"], ev["loss"]
+            end = launcher.poll()
+            for ev in follow.new():
+                if ev["event"] == "step":
+                    step, loss = ev["step"], ev["loss"]
             bar.update(step, total, f"step {step}/{total}  loss {_num(loss, '.3f')}")
-            if exited:
+            if end is not None:
                 break
-            time.sleep(0.3)
-    if p.returncode != 0:
-        raise RuntimeError(f"{label} failed (exit {p.returncode}); see {log}")
+            time.sleep(0.3)  # a refresh interval for the bar; the loop ends when the job does
+    if not end.ok:
+        raise RuntimeError(f"pre-train failed: {end.cause}")
 
 
 def build_base_model(root: Path, steps: int) -> Path:
     """A small Llama with its own tokenizer, pre-trained briefly (fp32) on general prose by the same trainer rounds use, stored in bf16."""
     from daemon.dev.sample_corpus import domain_docs, english_docs
     from daemon.dev.tiny_model import TinyLlamaShape, build_tiny_llama, cast_checkpoint
-    from daemon.jobs.specs import TrainSpec
 
     general = english_docs(400, 2048, seed=1)
     init = build_tiny_llama(root / "init", general + domain_docs(150, seed=99), TinyLlamaShape(**DEMO_SHAPE), seed=0)
@@ -273,15 +271,7 @@ def build_base_model(root: Path, steps: int) -> Path:
         round_id="pretrain",
         cpu_threads=1,
     )
-    spec_path = root / "pretrain-spec.json"
-    spec_path.write_text(spec.to_json())
-    _follow_child(
-        [sys.executable, "-m", "daemon.jobs.trainer", str(spec_path)],
-        root / "pretrain" / "progress.jsonl",
-        root / "pretrain.log",
-        "pre-train",
-        steps,
-    )
+    _pretrain(spec, root, steps)
     # Served in bf16, as the models cptd's users serve are; a round writes its candidates in bf16 too (the parent's dtype).
     return cast_checkpoint(root / "pretrain" / "final", root / "checkpoints" / "base", "bfloat16")
 
