@@ -4,20 +4,26 @@ Shaped like vLLM's entrypoints: the routes only translate HTTP to calls on an
 engine object and back; all behaviour lives in the daemon. Responses are the
 typed models of daemon/round_record.py, so /openapi.json (and /docs) shows
 real schemas. Domain exceptions map to HTTP statuses once, in ERROR_STATUS.
-Mutating routes require the bearer token; errors are JSON {"error": message}.
+Mutating routes require the bearer token, checked before their body is read;
+bodies are capped at MAX_BODY_BYTES; every error, FastAPI's own 404/405/422
+included, is JSON {"error": message}.
 """
 
 from __future__ import annotations
 
 import argparse
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message
 
 from daemon import metrics as M
 from daemon.round_record import CancelResult, RollbackResult, RoundRecord, RoundSummary, TriggerResult
@@ -49,6 +55,10 @@ ERROR_STATUS: dict[type[Exception], int] = {
 }
 
 
+# Control bodies are a reason or a round id: anything near this size is a mistake or an attack, refused unread.
+MAX_BODY_BYTES = 16 * 1024
+
+
 class TriggerBody(BaseModel):
     reason: str = "operator"
 
@@ -57,20 +67,79 @@ class RollbackBody(BaseModel):
     to: str | None = None  # a round id (or "base"); default: the version before the live one
 
 
+def control_route(token: str | None, max_body: int = MAX_BODY_BYTES) -> type[APIRoute]:
+    """The route class of every mutating route: the bearer token is checked, then the body is read under a size cap,
+    and only then does FastAPI parse and validate it. A FastAPI dependency would run after the body had been parsed,
+    so a caller without a token could make the daemon read and parse any amount of JSON (and get 422, not 401)."""
+
+    class ControlRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handle = super().get_route_handler()
+
+            async def guarded(request: Request) -> Response:
+                _check_token(request, token)
+                body = await _read_capped(request, max_body)
+
+                async def replay() -> Message:
+                    return {"type": "http.request", "body": body, "more_body": False}
+
+                return await handle(Request(request.scope, replay))
+
+            return guarded
+
+    return ControlRoute
+
+
+def _check_token(request: Request, token: str | None) -> None:
+    """401 without the right bearer token; 503 if none is configured (never open by default)."""
+    if token is None:
+        raise HTTPException(503, "no API token configured (set CPTD_API_TOKEN or CPTD_API_TOKEN_FILE)")
+    got = request.headers.get("authorization", "")
+    if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), token.encode()):
+        raise HTTPException(401, "missing or wrong bearer token")
+
+
+async def _read_capped(request: Request, max_body: int) -> bytes:
+    """The whole body, or 413: by the declared Content-Length before reading anything, then by the bytes that
+    actually arrive (a chunked body declares no length, and a client can send more than it declared)."""
+    too_large = HTTPException(413, f"request body larger than {max_body} bytes")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body:  # the server rejects a malformed one
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    """One line naming each wrong field ("body.reason: Input should be a valid string"), so the caller can fix it."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ())]
+        if err.get("type") == "json_invalid":  # loc is ("body", character position)
+            parts.append(f"body: invalid JSON at character {loc[-1]}: {err.get('ctx', {}).get('error', err['msg'])}")
+        else:
+            parts.append(f"{'.'.join(loc) or 'request'}: {err['msg']}")
+    return "; ".join(parts) or "invalid request"
+
+
 def create_app(engine: Engine | None = None, token: str | None = None) -> FastAPI:
     app = FastAPI(title="cptd", version="0.1.0", description="Continual pre-training daemon control API")
+    control = APIRouter(route_class=control_route(token))
 
-    def require_token(request: Request) -> None:
-        """Mutating routes: 401 without the right bearer token; 503 if none is configured (never open by default)."""
-        if token is None:
-            raise HTTPException(503, "no API token configured (set CPTD_API_TOKEN or CPTD_API_TOKEN_FILE)")
-        got = request.headers.get("authorization", "")
-        if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token")
-
-    @app.exception_handler(HTTPException)
-    async def _json_errors(_req: Request, exc: HTTPException) -> JSONResponse:
+    # Starlette's HTTPException, the base of FastAPI's: also the router's own 404 (no such route) and 405.
+    @app.exception_handler(StarletteHTTPException)
+    async def _json_errors(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _validation_message(exc)}, status_code=422)
 
     def _domain_error(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
         async def handler(_req: Request, exc: Exception) -> JSONResponse:
@@ -81,6 +150,11 @@ def create_app(engine: Engine | None = None, token: str | None = None) -> FastAP
 
     for exc_type, code in ERROR_STATUS.items():
         app.add_exception_handler(exc_type, _domain_error(code))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_req: Request, exc: Exception) -> JSONResponse:
+        """A bug: the shape stays {"error"}, the traceback goes to the server log, not to the caller."""
+        return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -99,17 +173,17 @@ def create_app(engine: Engine | None = None, token: str | None = None) -> FastAP
     def status() -> dict[str, Any]:
         return _need(engine).status()
 
-    @app.post("/ingest/pause", dependencies=[Depends(require_token)])
+    @control.post("/ingest/pause")
     def ingest_pause() -> dict[str, bool]:
         _need(engine).pause_ingest(True)
         return {"paused": True}
 
-    @app.post("/ingest/resume", dependencies=[Depends(require_token)])
+    @control.post("/ingest/resume")
     def ingest_resume() -> dict[str, bool]:
         _need(engine).pause_ingest(False)
         return {"paused": False}
 
-    @app.post("/policy/reload", dependencies=[Depends(require_token)])
+    @control.post("/policy/reload")
     def policy_reload() -> JSONResponse:
         """Read the policy file now; 422 with the field named if it is invalid (the old policy stays)."""
         r = _need(engine).reload_policy()
@@ -138,21 +212,20 @@ def create_app(engine: Engine | None = None, token: str | None = None) -> FastAP
             raise UnknownRound(f"round {round_id!r} has no snapshot")
         return m
 
-    @app.post("/rounds", dependencies=[Depends(require_token)], status_code=202)
+    @control.post("/rounds", status_code=202)
     def trigger(body: TriggerBody | None = None) -> TriggerResult:
         """Start a round now (one at a time; ignores the minimum gap, not an empty buffer)."""
         return _need(engine).trigger((body or TriggerBody()).reason)
 
-    @app.post("/rounds/{round_id}/cancel", dependencies=[Depends(require_token)])
+    @control.post("/rounds/{round_id}/cancel")
     def cancel(round_id: str) -> CancelResult:
         try:
             return _need(engine).cancel(round_id)
         except KeyError:
             raise UnknownRound(f"no round {round_id!r}") from None
 
-    @app.post(
+    @control.post(
         "/rollback",
-        dependencies=[Depends(require_token)],
         response_model=RollbackResult,
         responses={502: {"model": RollbackResult, "description": "the rollback failed on a replica"}},
     )
@@ -160,6 +233,7 @@ def create_app(engine: Engine | None = None, token: str | None = None) -> FastAP
         out = _need(engine).rollback((body or RollbackBody()).to)
         return JSONResponse(out.model_dump(mode="json", by_alias=True), status_code=200 if out.ok else 502)
 
+    app.include_router(control)
     return app
 
 
