@@ -652,6 +652,9 @@ REQUIRED_ALERTS = {
     "CptdSwapSlow",
     "CptdPolicyReloadRefused",
     "CptdLeaderLeaseLost",
+    "CptdRedisMemoryNearMax",
+    "CptdRedisMaxmemoryUnset",
+    "CptdCheckpointDiskLow",
 }
 
 
