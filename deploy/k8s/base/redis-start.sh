@@ -8,7 +8,8 @@
 #
 # The limit comes from the downward API (env REDIS_MEMORY_LIMIT, bytes, set
 # from resources.limits.memory in redis.yaml), so maxmemory follows any change
-# of the limit and the two cannot drift. REDIS_MAXMEMORY_PERCENT of it (75 by
+# of the limit and the two cannot drift (a container without a memory limit gets
+# the node's allocatable memory there: set a limit). REDIS_MAXMEMORY_PERCENT of it (75 by
 # default) leaves room for what Redis uses outside its dataset: allocator
 # fragmentation, client buffers, and the copy-on-write pages of the forked
 # child that rewrites the AOF or writes the RDB snapshot.
