@@ -176,6 +176,8 @@ class FileCredentials(CredentialProvider):
 ACL_COMMANDS = (
     # connection and scripts (redis-py's register_script: EVALSHA, then SCRIPT LOAD/EVAL when the cache is cold)
     "ping", "select", "evalsha", "eval", "script|load", "multi", "exec",
+    # server memory for the cptd_redis_* gauges (INFO memory; INFO has no per-section ACL, it is read-only)
+    "info",
     # strings, hashes, lists, sets, sorted sets
     "get", "set", "mget", "incr", "incrby", "del", "exists", "pexpire",
     "hget", "hset", "hgetall", "hlen", "hmget", "hvals", "hdel", "hexists", "hincrby",
@@ -570,3 +572,12 @@ class RedisStore:
 
     def ping(self) -> bool:
         return bool(self.r.ping())
+
+    def memory_info(self) -> dict[str, int | str]:
+        """INFO memory's used_memory, maxmemory (0 = none) and maxmemory_policy: how close Redis is to refusing writes."""
+        info = self.r.info("memory")
+        return {
+            "used_memory": int(info["used_memory"]),
+            "maxmemory": int(info["maxmemory"]),
+            "maxmemory_policy": str(info["maxmemory_policy"]),
+        }

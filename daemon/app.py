@@ -1,6 +1,7 @@
 """The cptd process: builds everything from the policy file and runs until SIGTERM.
 
 Threads: the ingest loop (main thread), the HTTP API, the policy watcher, the
+resource gauges (Redis memory, checkpoint volume: daemon/resource_gauges.py), the
 APScheduler triggers and the round runner (with its lease renewer). On SIGTERM
 it stops taking new work, lets the current ingest batch commit, stops a running
 trainer (the round resumes from its checkpoint and persisted phase on the next
@@ -22,6 +23,7 @@ import uvicorn
 from connectors.kafka import broker_connected, diagnose
 from connectors.redis_store import RedisStore, connect
 from daemon import metrics as M
+from daemon import resource_gauges
 from daemon.api import create_app
 from daemon.ingest import Ingestor, IngestState
 from daemon.policy_watch import PolicyWatcher
@@ -273,6 +275,9 @@ class Daemon:
         http = threading.Thread(target=server.run, name="http", daemon=True)
         http.start()
         threading.Thread(target=self.watcher.run, args=(self.stop,), name="policy-watch", daemon=True).start()
+        threading.Thread(
+            target=resource_gauges.run, args=(self.store, self.settings.checkpoint_dir, self.stop), name="resources", daemon=True
+        ).start()
         rounds = threading.Thread(target=self.runner.run, args=(self.stop,), name="rounds", daemon=True)
         rounds.start()
         self._apply_triggers()

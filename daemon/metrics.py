@@ -163,3 +163,21 @@ POLICY_RELOAD_ERRORS = Counter(
 LEADER = Gauge("cptd_leader", "1 while this process holds the round-runner lease", registry=REGISTRY)
 LEASE_LOST = Counter("cptd_leader_lease_lost_total", "Times this process lost the round-runner lease while holding it", registry=REGISTRY)
 UP_SINCE = Gauge("cptd_start_time_seconds", "Unix time this process started", registry=REGISTRY)
+
+# --- resources: Redis memory and the checkpoint volume (daemon/resource_gauges.py, every 15 s) ---------------------
+# Each reads 0 until the first read: the alerts divide by the `> 0` total, so a daemon that has just started is silent.
+REDIS_USED_MEMORY = Gauge(
+    "cptd_redis_used_memory_bytes", "Redis INFO memory used_memory: bytes of the dataset and overhead", registry=REGISTRY
+)
+REDIS_MAXMEMORY = Gauge(
+    "cptd_redis_maxmemory_bytes",
+    "Redis INFO memory maxmemory: where a noeviction Redis refuses writes (0 = no limit: the kernel OOM-kills it instead)",
+    registry=REGISTRY,
+)
+REDIS_MEMORY_READ_AT = Gauge(
+    "cptd_redis_memory_read_timestamp_seconds", "Unix time of the last successful Redis INFO memory read (0 = never)", registry=REGISTRY
+)
+CHECKPOINT_DISK_FREE = Gauge(
+    "cptd_checkpoint_disk_free_bytes", "Bytes free to cptd on the volume of CPTD_CHECKPOINT_DIR (rounds, checkpoints)", registry=REGISTRY
+)
+CHECKPOINT_DISK_TOTAL = Gauge("cptd_checkpoint_disk_total_bytes", "Size in bytes of the volume of CPTD_CHECKPOINT_DIR", registry=REGISTRY)

@@ -652,6 +652,9 @@ REQUIRED_ALERTS = {
     "CptdSwapSlow",
     "CptdPolicyReloadRefused",
     "CptdLeaderLeaseLost",
+    "CptdRedisMemoryNearMax",
+    "CptdRedisMaxmemoryUnset",
+    "CptdCheckpointDiskLow",
 }
 
 
@@ -700,3 +703,73 @@ def test_redis_is_tls_only_with_cptd_acl_user():
     assert env["CPTD_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "CPTD_REDIS_PASSWORD"
     assert env["CPTD_REDIS_CA_FILE"]["value"].startswith("/var/run/secrets/redis-tls/")
     assert 'CPTD_REDIS_URL="rediss://' in (ROOT / "docs" / "kubernetes.md").read_text()
+
+
+# ---- Redis: a maxmemory below the container's memory limit, so noeviction refuses writes before the OOM killer acts
+def _k8s_expand(s: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion of command/args: defined names are replaced, `$$` is a literal `$`, the rest stays."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), s)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_redis_gets_a_maxmemory_below_its_container_memory_limit(overlay, tmp_path):
+    """Run the rendered Redis container's command (its start script, with the downward API's value of the memory limit)
+    under a real redis-server and read back maxmemory and maxmemory-policy from the running server."""
+    from kubernetes.utils import parse_quantity
+
+    from daemon.dev.services import redis_server_binary, wait_for
+
+    docs = build(overlay)
+    pod = by_kind(docs, "StatefulSet")["cptd-redis"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    limit = int(parse_quantity(c["resources"]["limits"]["memory"]))
+    # The downward API: every env var the container gets, as the kubelet resolves it (secrets stand in as fixed words).
+    env: dict[str, str] = {}
+    for e in c["env"]:
+        ref = e.get("valueFrom", {})
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "resourceFieldRef" in ref:
+            field = ref["resourceFieldRef"]
+            assert field.get("containerName", c["name"]) == c["name"] and field["resource"] == "limits.memory", e
+            divisor = int(parse_quantity(field.get("divisor", "1")))
+            env[e["name"]] = str(-(-limit // divisor))  # the kubelet rounds up
+        else:
+            env[e["name"]] = f"secret-{e['name'].lower()}"
+    # The ConfigMap mounted where the command looks for it, with what the pod cannot have here swapped out:
+    # TLS files (plaintext on a unix socket instead) and the /data volume.
+    conf_dir = tmp_path / "etc-redis"
+    conf_dir.mkdir()
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "conf")
+    cm_name = next(v for v in pod["volumes"] if v["name"] == "conf")["configMap"]["name"]
+    data = by_kind(docs, "ConfigMap")[cm_name]["data"]
+    sock = tmp_path / "redis.sock"
+    conf_lines = [ln for ln in data["redis.conf"].splitlines() if not ln.startswith(("tls-", "bind ", "dir "))]
+    (conf_dir / "redis.conf").write_text("\n".join([*conf_lines, f"unixsocket {sock}", f"dir {tmp_path}", ""]))
+    for name, text in data.items():
+        if name != "redis.conf":
+            (conf_dir / name).write_text(text)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "redis-server").symlink_to(redis_server_binary())
+
+    def local(arg: str) -> str:
+        return arg.replace(mount["mountPath"], str(conf_dir))
+
+    argv = [local(_k8s_expand(a, env)) for a in [*c.get("command", []), *c.get("args", [])]]
+    log_path = tmp_path / "redis.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(argv, env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env}, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        import redis as redis_lib
+
+        client = redis_lib.Redis(unix_socket_path=str(sock), password=env["REDIS_PASSWORD"], decode_responses=True)
+        wait_for(client.ping, 30, "redis-server started by the rendered command", proc=proc, log_path=log_path)
+        maxmemory = int(client.config_get("maxmemory")["maxmemory"])
+        policy = client.config_get("maxmemory-policy")["maxmemory-policy"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert policy == "noeviction"
+    # Below the limit with room for fragmentation, client buffers and the AOF-rewrite fork; not so low it wastes the pod.
+    assert 0.6 * limit <= maxmemory <= 0.8 * limit, (maxmemory, limit)
