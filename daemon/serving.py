@@ -14,6 +14,7 @@ The swap sequence is docs/architecture.md §4; docs/serving.md says why each ste
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,8 @@ from connectors.vllm import (
     validate_lora_adapter,
 )
 from daemon import metrics
+
+log = logging.getLogger("cptd.serving")
 
 # --------------------------------------------------------------------------- state
 
@@ -267,45 +270,44 @@ class ServingController:
         self._mark(r.url, status=status, target_version=version, error=None)
         paused_at: float | None = None
         try:
-            if old_fp is None:
-                old_fp = self._step(rec, r, "checksum_before", r.fingerprint)
-            self._step(rec, r, "pause", r.pause)
-            paused_at = time.monotonic()
-            # From here the replica's weights are in flux: the state must not claim a version.
-            self._mark(r.url, version=None)
-            self._step(rec, r, "reload_weights", lambda: r.reload_weights(checkpoint))
-            self._step(rec, r, "reset_prefix_cache", r.reset_prefix_cache)
-            # Labelled before resume (the original design did it after): no output of the new weights
-            # ever carries the old version.
-            self._step(rec, r, "update_weight_version", lambda: r.set_weight_version(version))
-            self._step(rec, r, "resume", r.resume)
-            rec.pause_seconds = time.monotonic() - paused_at
-            paused_at = None
-            metrics.SWAP_PAUSE_SECONDS.labels(replica=r.url).observe(rec.pause_seconds)
-            live = self._step(rec, r, "verify_weight_info", r.weight_version)
-            if live != version:
-                raise ServingError(r.url, "verify_weight_info", f"server reports {live!r}, expected {version!r}")
-            fp = self._step(rec, r, "verify_checksum", r.fingerprint)
-            if expect_fingerprint is not None and fp != expect_fingerprint:
-                raise ServingError(r.url, "verify_checksum", f"fingerprint {fp} != recorded {expect_fingerprint} for {version}")
-            # Unchanged checksums mean a silent no-op reload, unless the replica's weights were unknown before
-            # (a swap cut off by a daemon crash may already have loaded exactly these weights).
-            if (
-                expect_fingerprint is None
-                and fp == old_fp
-                and rec.from_version is not None
-                and Path(checkpoint).resolve() != Path(rs.checkpoint or "").resolve()
-            ):
-                raise ServingError(r.url, "verify_checksum", "weight checksums unchanged after reload")
-            smoke = self._step(rec, r, "verify_smoke", lambda: r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens))
+            try:
+                if old_fp is None:
+                    old_fp = self._step(rec, r, "checksum_before", r.fingerprint)
+                self._step(rec, r, "pause", r.pause)
+                paused_at = time.monotonic()
+                # From here the replica's weights are in flux: the state must not claim a version.
+                self._mark(r.url, version=None)
+                self._step(rec, r, "reload_weights", lambda: r.reload_weights(checkpoint))
+                self._step(rec, r, "reset_prefix_cache", r.reset_prefix_cache)
+                # Labelled before resume (the original design did it after): no output of the new weights
+                # ever carries the old version.
+                self._step(rec, r, "update_weight_version", lambda: r.set_weight_version(version))
+                self._step(rec, r, "resume", r.resume)
+                rec.pause_seconds = time.monotonic() - paused_at
+                paused_at = None
+                metrics.SWAP_PAUSE_SECONDS.labels(replica=r.url).observe(rec.pause_seconds)
+                live = self._step(rec, r, "verify_weight_info", r.weight_version)
+                if live != version:
+                    raise ServingError(r.url, "verify_weight_info", f"server reports {live!r}, expected {version!r}")
+                fp = self._step(rec, r, "verify_checksum", r.fingerprint)
+                if expect_fingerprint is not None and fp != expect_fingerprint:
+                    raise ServingError(r.url, "verify_checksum", f"fingerprint {fp} != recorded {expect_fingerprint} for {version}")
+                # Unchanged checksums mean a silent no-op reload, unless the replica's weights were unknown before
+                # (a swap cut off by a daemon crash may already have loaded exactly these weights).
+                if (
+                    expect_fingerprint is None
+                    and fp == old_fp
+                    and rec.from_version is not None
+                    and Path(checkpoint).resolve() != Path(rs.checkpoint or "").resolve()
+                ):
+                    raise ServingError(r.url, "verify_checksum", "weight checksums unchanged after reload")
+                smoke = self._step(rec, r, "verify_smoke", lambda: r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens))
+            finally:
+                if paused_at is not None:
+                    # Whatever cut the swap short (a failed step, a Redis error or Fenced from the state save,
+                    # Stop), the replica must not keep holding client requests: nothing else would resume it.
+                    self._resume_after_failure(r, rec, paused_at)
         except ServingError as e:
-            if paused_at is not None:
-                # Never leave a replica holding client requests: resume even though the swap failed.
-                try:
-                    r.resume()
-                    rec.pause_seconds = time.monotonic() - paused_at
-                except ServingError:
-                    pass
             rec.error = e.to_dict()
             self._mark(r.url, status="failed", step=e.step, error=str(e))
             return rec
@@ -323,6 +325,15 @@ class ServingController:
             smoke_text=smoke,
         )
         return rec
+
+    @staticmethod
+    def _resume_after_failure(r: Replica, rec: ReplicaSwapRecord, paused_at: float) -> None:
+        """Resume a replica a cut-short swap left paused; a failure here is logged, never raised over the cause."""
+        try:
+            r.resume()
+            rec.pause_seconds = time.monotonic() - paused_at
+        except ServingError as e:
+            log.error("replica left paused: resume after a failed swap failed", extra={"replica": r.url, "error": str(e)})
 
     def deploy(self, checkpoint: str | Path, version: str, reference: str | Path | None = None) -> DeployRecord:
         """Swap every replica, one at a time; if any fails, every replica touched goes back."""

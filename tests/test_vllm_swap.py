@@ -10,12 +10,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from safetensors.torch import load_file, save_file
 
+from connectors.redis_store import Fenced, RedisStore
 from connectors.vllm import Replica, ServingConfig, ServingError, request_errors
 from daemon import metrics
 from daemon.dev.services import free_port
+from daemon.round_record import Parent, RoundRecord, RoundState, Trigger
+from daemon.rounds.context import RoundContext
+from daemon.rounds.state_machine import drive
 from daemon.serving import ServingController, ServingState
+from daemon.settings import Settings
+from policies.config import Policy
 from tests.vllm_fixtures import SERVED_NAME, TinyModels
 
 PROMPT = "the quick fox of round"
@@ -376,3 +383,74 @@ def test_serving_state_without_lora_paths_still_loads():
     old = json.dumps({"lora_active": "cptd-r1", "lora_versions": ["cptd-r1"]})  # written before lora_paths existed
     state = ServingState.from_json(old)
     assert state.lora_paths == {} and state.lora_active == "cptd-r1"
+
+
+@pytest.mark.parametrize("save_error", [redis.exceptions.ConnectionError("Redis went away"), Fenced("another daemon holds the lease")])
+def test_a_state_save_failing_while_paused_still_resumes_the_replica(vllm_server, tiny_models, save_error):
+    """The save right after /pause raises (Redis down, lease lost): the error reaches the caller, the replica is resumed."""
+    _reset_to_base(vllm_server.url, tiny_models.base)
+    fail = [True]
+
+    def save(state: ServingState) -> None:
+        rs = state.replicas.get(vllm_server.url)
+        if rs is not None and rs.step == "pause" and rs.version is None and fail:  # paused: weights about to change
+            fail.clear()
+            raise save_error
+
+    c = ServingController([vllm_server.url], on_state=save)
+    try:
+        c.adopt(str(tiny_models.base), "base")
+        with pytest.raises(type(save_error)):
+            c.deploy(tiny_models.other, "round-save-fails")
+        assert not fail  # the failure did happen, after the pause
+        r = c.replicas[0]
+        assert not r.is_paused()
+        assert r.weight_version() == "base" and r.fingerprint() == c.state.versions["base"].fingerprint
+    finally:
+        c.close()
+
+
+def test_a_deploy_cut_short_by_redis_fails_the_round_with_the_replica_back_on_the_served_version(
+    vllm_server, tiny_models, redis_client, tmp_path
+):
+    """After the reload, the state save raises a Redis error: the round ends FAILED only once the replica is back on base."""
+    _reset_to_base(vllm_server.url, tiny_models.base)
+    store = RedisStore(redis_client, "swapcut")
+    ctx = RoundContext(store, Settings(checkpoint_dir=tmp_path), get_policy=Policy, owner="swap-test")
+    ctx.fence = store.lease_acquire(ctx.owner, 120)
+    fail = [True]
+
+    def save(state: ServingState) -> None:
+        if state.replicas[vllm_server.url].step == "reset_prefix_cache" and fail:  # new weights loaded, label still "base"
+            fail.clear()
+            raise redis.exceptions.ConnectionError("Redis went away")
+        store.put_serving(ctx.fenced(), state.to_json())
+
+    ctx.serving = ServingController([vllm_server.url], on_state=save)
+    try:
+        ctx.serving.adopt(str(tiny_models.base), "base")
+        rec = RoundRecord(
+            id="r00001",
+            number=1,
+            state=RoundState.DEPLOYING,
+            created_at=0,
+            updated_at=0,
+            trigger=Trigger(kind="manual"),
+            owner=ctx.owner,
+            policy_hash="",
+            policy=Policy(),
+            parent=Parent(version="base", checkpoint=str(tiny_models.base)),
+            candidate=str(tiny_models.other),
+        )
+        ctx.put(rec)
+        out = drive(ctx, rec.id)
+        assert not fail and out.state == RoundState.FAILED
+        assert out.error is not None and "ConnectionError" in out.error, out.error
+        r = ctx.serving.replicas[0]
+        assert not r.is_paused()
+        assert r.weight_version() == "base" and r.fingerprint() == ctx.serving.state.versions["base"].fingerprint
+        assert not ctx.reconcile_due
+        saved = ServingState.from_json(store.get_serving() or "")
+        assert saved.desired_version == "base" and saved.replicas[vllm_server.url].version == "base"
+    finally:
+        ctx.serving.close()

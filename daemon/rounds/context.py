@@ -85,6 +85,7 @@ class RoundContext:
     serving_lock: threading.Lock = field(default_factory=threading.Lock)  # one deploy or rollback at a time
     kube_api_client: Any = None  # the Kubernetes API client (tests point it at a fake API); None = in-cluster/kubeconfig
     launcher: Launcher | None = None  # the job running now
+    reconcile_due: bool = False  # a DEPLOYING error may have left replicas on different versions: reconcile first
 
     # ------------------------------------------------------------------ the record
     def fenced(self) -> Fence:

@@ -3,8 +3,11 @@
 The swap sequence, the watch and the adapter bookkeeping are the serving
 controller's (daemon/serving.py); this phase decides when and records what
 happened. A deploy first checks what the replicas serve, so a resumed round
-that already swapped goes straight to the watch. Operator rollbacks come here
-too: they take the same lock as a deploy, so the two never interleave.
+that already swapped goes straight to the watch; otherwise it checks that its
+parent is still what is served, so it never undoes an operator rollback.
+Operator rollbacks come here too: they take the same lock as a deploy, held
+until the deploy's end state is written, so the two never interleave. After a
+DEPLOYING error the replicas are reconciled (`reconcile_serving`).
 """
 
 from __future__ import annotations
@@ -39,12 +42,20 @@ def deploying(ctx: RoundContext, rec: RoundRecord) -> None:
     assert ctx.serving is not None and rec.candidate is not None
     serving = ctx.serving
     adapter = policy.train.mode != "full"  # lora/qlora: the adapter goes out under its own name; the base weights stay
+    # Held until the round's end state is written: an operator rollback is refused until then, so it never lands
+    # between the swap and the record of it (nor between the parent check and the swap).
     with ctx.serving_lock:
         state = serving.state
         if adapter:
             done = state.lora_active == serving.lora_name(rec.id)
         else:
             done = state.desired_version == rec.id and all(r.version == rec.id for r in state.replicas.values())
+        if not done:
+            refusal = parent_refusal(ctx, rec, adapter)
+            if refusal is not None:
+                raise RoundFailed(refusal, requeue=True)
+        # From here an error may leave replicas on different versions: the state machine reconciles after it.
+        ctx.reconcile_due = True
         if not done:
             d = (
                 serving.deploy_lora(rec.candidate, rec.id, max_rank=policy.train.lora_r)
@@ -65,13 +76,56 @@ def deploying(ctx: RoundContext, rec: RoundRecord) -> None:
                 rec.rollback = RollbackRecord(at=time.time(), trigger="watch", reason=w.regression, to=to, ok=bool(back and back.ok))
                 rec.docs = release(ctx, rec)
                 ctx.enter(rec, RoundState.ROLLED_BACK)
+                ctx.reconcile_due = False  # a rollback that failed is in the record; desired_version is still this round
                 return
-    rec.deployed_at = time.time()
-    rec.docs = release(ctx, rec)
-    M.ROUND_LAST_SUCCESS.set(rec.deployed_at)
-    log.info("round deployed", extra={"round_id": rec.id, "route_model": rec.deploy.route_model if rec.deploy else None})
-    ctx.enter(rec, RoundState.DEPLOYED)
+        rec.deployed_at = time.time()
+        rec.docs = release(ctx, rec)
+        M.ROUND_LAST_SUCCESS.set(rec.deployed_at)
+        log.info("round deployed", extra={"round_id": rec.id, "route_model": rec.deploy.route_model if rec.deploy else None})
+        ctx.enter(rec, RoundState.DEPLOYED)
+        ctx.reconcile_due = False
     prune(ctx, policy.rounds.keep_rounds)
+
+
+def parent_refusal(ctx: RoundContext, rec: RoundRecord, adapter: bool) -> str | None:
+    """Why the round may not deploy: what it was trained from is no longer what is served; None when it still is.
+
+    An operator rollback while the round trained means the parent was judged bad: deploying a descendant of it
+    would silently undo the rollback. An adapter round continues both the served base and the active adapter.
+    """
+    assert ctx.serving is not None
+    state = ctx.serving.state
+    if state.desired_version != rec.parent.version:
+        return (
+            f"DEPLOYING: round {rec.id} was trained from version {rec.parent.version!r}, but version "
+            f"{state.desired_version!r} is served now (rolled back since?); not deploying it, so the rollback stands"
+        )
+    if adapter and state.lora_active != rec.parent.adapter:
+        return (
+            f"DEPLOYING: round {rec.id} continues adapter {rec.parent.adapter!r}, but clients are routed to "
+            f"{state.lora_active or 'the base model'!r} now (rolled back since?); not deploying it, so the rollback stands"
+        )
+    return None
+
+
+def reconcile_serving(ctx: RoundContext, roll_back_diverged: bool = True) -> None:
+    """Read what each replica serves and bring the ones that differ back to the desired version.
+
+    Runs when a lease holder takes over and after any DEPLOYING error that may have left the replicas on
+    different versions (`RoundContext.reconcile_due`). The state is first written under the fence, so a daemon
+    that lost the lease touches no replica: the new holder reconciles at its take-over.
+    """
+    serving = ctx.serving
+    assert serving is not None
+    with ctx.serving_lock:
+        ctx.store.put_serving(ctx.fenced(), serving.state.to_json())
+        rec = serving.reconcile()
+        log.info("reconciled serving state", extra={"live": rec.live, "diverged": rec.diverged, "errors": rec.errors})
+        desired = serving.state.desired_version
+        if rec.diverged and roll_back_diverged and not rec.errors and desired is not None:
+            out = serving.rollback("reconcile", to_version=desired)
+            log.info("brought diverged replicas back to the deployed version", extra={"version": desired, "ok": out.ok})
+        ctx.reconcile_due = False
 
 
 def wait_for_blackouts(ctx: RoundContext, rec: RoundRecord) -> None:

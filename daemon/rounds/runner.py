@@ -196,12 +196,9 @@ class RoundRunner:
             ctx.serving.adopt(base, BASE_VERSION)
             log.info("adopted the serving model", extra={"checkpoint": base, "version": BASE_VERSION})
         else:
-            rec = ctx.serving.reconcile()
-            log.info("reconciled serving state", extra={"live": rec.live, "diverged": rec.diverged, "errors": rec.errors})
             deploying_now = unfinished is not None and unfinished.state == RoundState.DEPLOYING  # its resumed deploy converges them
-            if rec.diverged and not deploying_now and not rec.errors:
-                out = ctx.serving.rollback("reconcile", to_version=state.desired_version)
-                log.info("brought diverged replicas back to the deployed version", extra={"version": state.desired_version, "ok": out.ok})
+            deploying.reconcile_serving(ctx, roll_back_diverged=not deploying_now)
+        ctx.reconcile_due = False
         return unfinished.id if unfinished else None
 
     # ------------------------------------------------------------------ main loop
@@ -222,6 +219,8 @@ class RoundRunner:
                 if self.taken_over_epoch != f.epoch:
                     resume = self.take_over()
                     self.taken_over_epoch = f.epoch
+                if self.ctx.reconcile_due:  # a failed deploy whose reconcile failed too: no round before the replicas agree
+                    deploying.reconcile_serving(self.ctx)
                 resume = resume or self.next_round()
                 if resume is None:
                     self.wake.wait(1.0)

@@ -7,7 +7,9 @@ A round's record is written before each phase starts and each phase is
 idempotent, so a daemon killed anywhere resumes the round from its persisted
 phase. Every write checks the lease's fencing token in the same Redis call,
 so a daemon that lost the lease cannot overwrite the new holder's state. Any
-error in a phase ends the round FAILED with its cause, never the daemon.
+error in a phase ends the round FAILED with its cause, never the daemon; an
+error in DEPLOYING after the replicas were touched first reconciles them, so a
+failed round never leaves them on different versions.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from connectors.redis_store import Fenced
 from connectors.vllm import ServingError
 from daemon.round_record import TERMINAL, RoundRecord, RoundState
 from daemon.rounds.context import Cancelled, RoundContext, RoundFailed, Stop
-from daemon.rounds.deploying import deploying
+from daemon.rounds.deploying import deploying, reconcile_serving
 from daemon.rounds.document_fate import release, requeue
 from daemon.rounds.evaluating import evaluating
 from daemon.rounds.pending import pending
@@ -50,7 +52,10 @@ def drive(ctx: RoundContext, rid: str) -> RoundRecord:
                 raise Cancelled()
             try:
                 PHASE[rec.state](ctx, rec)
-            except (Stop, Fenced, RoundFailed):
+            except (Stop, Fenced):
+                ctx.reconcile_due = False  # the replicas are the next lease holder's: it reconciles at take-over
+                raise
+            except RoundFailed:
                 raise
             except ServingError as e:
                 raise RoundFailed(f"{rec.state.value}: {e}") from e
@@ -58,6 +63,11 @@ def drive(ctx: RoundContext, rid: str) -> RoundRecord:
                 log.exception("round phase failed", extra={"round_id": rid, "state": rec.state.value})
                 raise RoundFailed(f"{rec.state.value}: {type(e).__name__}: {e}") from e
     except RoundFailed as e:
+        if ctx.reconcile_due:  # DEPLOYING failed after touching replicas: put them on one version before saying FAILED
+            try:
+                reconcile_serving(ctx)
+            except Exception:  # noqa: BLE001 - the flag stays set; the runner reconciles before its next round
+                log.exception("reconcile after a failed deploy failed", extra={"round_id": rid})
         rec.error = e.cause
         rec.docs = requeue(ctx, rec) if e.requeue else release(ctx, rec)
         ctx.enter(rec, RoundState.FAILED)
