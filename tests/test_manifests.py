@@ -434,6 +434,61 @@ def test_training_job_from_the_template_validates():
         assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == n
 
 
+def _peer_matches(peer: dict, labels: dict[str, str], namespace: str = "cptd") -> bool:
+    """A NetworkPolicy peer against a pod of `namespace`: selectors by matchLabels; an ipBlock may match any pod."""
+    if "ipBlock" in peer:
+        return True
+    ns_sel = peer.get("namespaceSelector")
+    if ns_sel is not None and not (ns_sel.get("matchLabels") or {}).items() <= {"kubernetes.io/metadata.name": namespace}.items():
+        return False
+    pod_sel = peer.get("podSelector") or {}
+    return (pod_sel.get("matchLabels") or {}).items() <= labels.items()
+
+
+def _rules_admit(rules: list[dict], key: str, labels: dict[str, str], port: int) -> bool:
+    for rule in rules:
+        peers, ports = rule.get(key), rule.get("ports")
+        if (not peers or any(_peer_matches(p, labels) for p in peers)) and (not ports or any(p.get("port") == port for p in ports)):
+            return True
+    return False
+
+
+def network_allows(docs: list[dict], src: dict[str, str], dst: dict[str, str], port: int) -> bool:
+    """Whether the rendered NetworkPolicies let a pod labelled `src` open `port` on a pod labelled `dst` (one namespace).
+
+    The API's semantics: a pod selected by no policy of a direction is open in it; once selected, only the union of
+    the selecting policies' rules lets traffic through, and egress and ingress must both agree."""
+    allowed: dict[str, list[bool]] = {"Ingress": [], "Egress": []}
+    for np in by_kind(docs, "NetworkPolicy").values():
+        spec = np["spec"]
+        for direction, pod, peer, key in (("Ingress", dst, src, "from"), ("Egress", src, dst, "to")):
+            if direction in spec.get("policyTypes", ["Ingress"]) and (spec["podSelector"].get("matchLabels") or {}).items() <= pod.items():
+                allowed[direction].append(_rules_admit(spec.get(direction.lower()) or [], key, peer, port))
+    return all(not v or any(v) for v in allowed.values())
+
+
+def test_training_pods_hold_no_secret_and_cannot_reach_redis():
+    """The trainer reads its spec and the shared volume: no Redis URL, no Secret in its env, no route to Redis."""
+    from connectors.kubernetes_jobs import WorkloadSpec, job_manifest, template_shape
+
+    docs = build("multi-gpu")
+    tpl = by_kind(docs, "CronJob")["cptd-train-template"]["spec"]["jobTemplate"]
+    _, gpus = template_shape(tpl)
+    job = job_manifest(WorkloadSpec("r00012", 1, "cptd", "/s.json", "d", tpl, "job", 2, gpus))
+    for pod_spec in (tpl["spec"]["template"]["spec"], job["spec"]["template"]["spec"]):  # the template and what is created
+        for c in pod_spec["containers"]:
+            names = {e["name"] for e in c.get("env") or []}
+            assert not {"CPTD_REDIS_URL", "CPTD_REDIS_PASSWORD", "CPTD_API_TOKEN"} & names and "envFrom" not in c
+            assert not [e for e in c.get("env") or [] if "secretKeyRef" in (e.get("valueFrom") or {})]
+    trainer = job["spec"]["template"]["metadata"]["labels"]
+    redis = by_kind(docs, "StatefulSet")["cptd-redis"]["spec"]["template"]["metadata"]["labels"]
+    daemon = by_kind(docs, "Deployment")["cptd-daemon"]["spec"]["template"]["metadata"]["labels"]
+    assert not network_allows(docs, trainer, redis, 6379), "a training pod can open a connection to Redis"
+    assert network_allows(docs, daemon, redis, 6379)  # the check is not vacuous: the daemon still can
+    assert network_allows(docs, trainer, trainer, 29500)  # the rendezvous between a Job's pods
+    assert not network_allows(docs, trainer, daemon, 8080)
+
+
 def test_daemon_rbac_is_least_privilege():
     docs = build("multi-gpu")
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
