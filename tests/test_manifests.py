@@ -16,6 +16,7 @@ schemas in tests/custom_resource_schemas.py, written from the CRDs.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 import jsonschema
 import kubernetes_validate
 import pytest
+import redis as redis_lib
 import yaml
 
 from tests.custom_resource_schemas import CR_SCHEMAS
@@ -743,11 +745,10 @@ def test_redis_is_tls_only_with_cptd_acl_user():
     assert directives["port"] == "0" and directives["tls-port"] == "6379"
     assert {"tls-cert-file", "tls-key-file", "tls-ca-cert-file"} <= set(directives)
     redis = by_kind(docs, "StatefulSet")["cptd-redis"]["spec"]["template"]["spec"]
-    args = redis["containers"][0]["args"]
-    i = args.index("--user")
-    assert args[i + 1 : i + 4] == ["cptd", "on", ">$(CPTD_REDIS_PASSWORD)"]
+    container = redis["containers"][0]
+    assert "printf 'user cptd on >%s' \"$CPTD_REDIS_PASSWORD\"" in container["command"][2]  # the start script's user line
     name = load_policy(DEPLOY / "policy.example.yaml").name
-    assert args[i + 4 :] == acl_rule(name).split()
+    assert container["args"] == acl_rule(name).split()  # ... followed by these rules
     assert "--tls" in redis["containers"][0]["readinessProbe"]["exec"]["command"]
     daemon = by_kind(docs, "Deployment")["cptd-daemon"]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in daemon["env"]}
@@ -755,3 +756,62 @@ def test_redis_is_tls_only_with_cptd_acl_user():
     assert env["CPTD_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "CPTD_REDIS_PASSWORD"
     assert env["CPTD_REDIS_CA_FILE"]["value"].startswith("/var/run/secrets/redis-tls/")
     assert 'CPTD_REDIS_URL="rediss://' in (ROOT / "docs" / "kubernetes.md").read_text()
+
+
+def _secret_env_names(container: dict) -> set[str]:
+    """Env names of a container whose value is secret: read from a Secret, or named like a secret."""
+    secretish = re.compile(r"PASSWORD|PASSWD|SECRET|CREDENTIAL|SASL|(^|_)(TOKEN|KEY|AUTH)(_|$)")
+    return {e["name"] for e in container.get("env") or [] if "secretKeyRef" in (e.get("valueFrom") or {}) or secretish.search(e["name"])}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_secret_reaches_a_command_line(overlay):
+    """`ps` shows every process's arguments to anyone on the node: no container's command or args names a secret."""
+    checked = 0
+    for where, pod in pod_specs(build(overlay)).items():
+        for c in [*pod.get("initContainers", []), *pod["containers"]]:
+            argv = " ".join([*c.get("command", []), *c.get("args", [])])
+            for name in _secret_env_names(c):
+                checked += 1
+                assert f"$({name})" not in argv, f"{where} container {c['name']} puts {name} on its command line"
+            assert "--requirepass" not in argv and "--pass " not in argv and not re.search(r"(^| )-a ", argv), where
+    assert checked >= 3  # Redis's two passwords at least: the check is not vacuous
+
+
+def test_redis_start_script_keeps_passwords_off_every_command_line(tmp_path):
+    """The manifest's start script, run against a real redis-server: neither its arguments nor its environment hold a
+    password, the default user needs REDIS_PASSWORD, and user cptd logs in with its own and stays in its prefix."""
+    from daemon.dev.services import free_port, wait_for
+
+    container = by_kind(build("single-gpu"), "StatefulSet")["cptd-redis"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:2] == ["sh", "-c"]
+    port = free_port()
+    (tmp_path / "redis.conf").write_text(f'port {port}\nbind 127.0.0.1\ndir {tmp_path}\nsave ""\nappendonly no\n')
+    script = container["command"][2].replace("/etc/redis/redis.conf", str(tmp_path / "redis.conf")).replace("/run/redis", str(tmp_path))
+    secrets = {"REDIS_PASSWORD": "admin-pw-3f9a", "CPTD_REDIS_PASSWORD": "cptd-pw-7c21"}
+    env = {"PATH": os.environ["PATH"], **secrets}
+    proc = subprocess.Popen(["sh", "-c", script, *container["command"][3:], *container["args"]], env=env, cwd=tmp_path)
+    try:
+        cptd = redis_lib.Redis(port=port, username="cptd", password=secrets["CPTD_REDIS_PASSWORD"])
+        wait_for(lambda: _pings(cptd), 20, "redis-server started by the manifest's script", proc=proc)
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+        for pw in secrets.values():
+            assert pw.encode() not in argv and pw.encode() not in environ
+        assert cptd.set("cptd:{default}:k", "1")
+        with pytest.raises(redis_lib.exceptions.NoPermissionError):
+            cptd.set("other", "1")
+        with pytest.raises(redis_lib.exceptions.AuthenticationError):
+            redis_lib.Redis(port=port).ping()
+        assert redis_lib.Redis(port=port, password=secrets["REDIS_PASSWORD"]).ping()
+        assert (tmp_path / "secrets.conf").stat().st_mode & 0o077 == 0  # only Redis's user reads the written file
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _pings(r: redis_lib.Redis) -> bool:
+    try:
+        return bool(r.ping())
+    except Exception:  # noqa: BLE001 - not up yet: polled again
+        return False
