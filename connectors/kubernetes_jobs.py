@@ -16,6 +16,9 @@ Workload shapes:
 The pod template comes from the suspended CronJob the operator keeps in the cluster (`spec.jobTemplate`): image,
 resources, volumes, service account, node selector and tolerations are the operator's; the launcher sets names,
 labels, the torchrun command, `subdomain`, `terminationMessagePolicy: FallbackToLogsOnError` and the Indexed mode.
+The template's env is kept except what a trainer must never hold (`workload_env`): the daemon's own settings
+(CPTD_*, the Redis URL above all), values read from a Secret, secret-named variables and `envFrom`. The trainer
+reads its spec and the shared volume and talks to no service but its peers.
 Nodes per workload: the template annotation `cptd.io/nodes` (default 1); GPUs per node: `cptd.io/gpus-per-node`, else
 the trainer container's `nvidia.com/gpu` limit.
 """
@@ -45,6 +48,7 @@ ANNOTATION_GPUS = "cptd.io/gpus-per-node"
 TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 _INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"  # set by the Job controller
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|CREDENTIAL|SASL|(^|_)(TOKEN|KEY|AUTH)(_|$)", re.IGNORECASE)
 
 
 class KubernetesLaunchError(Exception):
@@ -144,6 +148,20 @@ def _trainer_container(pod_spec: dict[str, Any]) -> dict[str, Any]:
     return next((c for c in cs if c.get("name") == "trainer"), cs[0])
 
 
+def workload_env(env: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The template's env minus the daemon's settings (CPTD_*), Secret-backed values and secret-named variables.
+
+    An operator's template may have been written from the daemon's pod (the shipped one once carried CPTD_REDIS_URL);
+    a trainer holding Redis credentials could rewrite the round state it is only meant to be driven by."""
+    out = []
+    for e in env or []:
+        name = str(e.get("name", ""))
+        if name.startswith("CPTD_") or _SECRET_NAME.search(name) or "secretKeyRef" in (e.get("valueFrom") or {}):
+            continue
+        out.append(e)
+    return out
+
+
 def torchrun_command(spec: WorkloadSpec) -> list[str]:
     cmd = ["torchrun", f"--nnodes={spec.nodes}", f"--nproc-per-node={spec.gpus_per_node}"]
     if spec.nodes == 1:
@@ -173,7 +191,8 @@ def job_manifest(spec: WorkloadSpec) -> dict[str, Any]:
     c["command"] = torchrun_command(spec)
     c.pop("args", None)
     c["terminationMessagePolicy"] = "FallbackToLogsOnError"  # the trainer's traceback tail becomes the pod's message
-    env = [e for e in c.get("env") or [] if e.get("name") != "CPTD_NODE_RANK"]
+    c.pop("envFrom", None)  # whole Secrets and ConfigMaps: not filterable by name, so not passed
+    env = workload_env(c.get("env"))
     env.append(
         {
             "name": "CPTD_NODE_RANK",
@@ -222,8 +241,8 @@ def trainjob_manifest(spec: WorkloadSpec) -> dict[str, Any]:
         "numProcPerNode": spec.gpus_per_node,
         "resourcesPerNode": c.get("resources") or {},
     }
-    if c.get("env"):
-        trainer["env"] = c["env"]
+    if env := workload_env(c.get("env")):
+        trainer["env"] = env
     return {
         "apiVersion": f"{TRAINJOB_GROUP}/{TRAINJOB_VERSION}",
         "kind": "TrainJob",

@@ -15,6 +15,9 @@ device check) is `python -m MODULE SPEC.json` with a typed spec
 A job has succeeded when its launcher says it ended well *and* its result file
 is there; the round reads that file and nothing else (no stdout, no log lines).
 `JsonlFollower` is the one reader of a job's progress file as it grows.
+
+A child process sees an allow-listed environment (`job_environment`): the
+runtime's variables, never the daemon's settings or secrets.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +84,49 @@ class Launcher(Protocol):
         """The daemon stops or lost the lease: a child process is stopped (it resumes later), a workload runs on."""
 
 
+# What a job may see of the daemon's environment. A job reads its spec file and the shared volume and talks to no
+# service, so it needs the runtime's variables only: the daemon's own settings (CPTD_*: the Redis URL, the API token,
+# Kafka's SASL credentials) and any other secret stay with the daemon. Allow-listed, not deny-listed, so a secret
+# added to the daemon's pod later is not handed to jobs by default.
+JOB_ENV_NAMES = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "TMP", "TEMP", "LD_LIBRARY_PATH"}
+    | {"SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "XDG_CACHE_HOME", "TOKENIZERS_PARALLELISM"}
+)
+JOB_ENV_PREFIXES = (
+    "LC_",
+    "PYTHON",  # PYTHONPATH, PYTHONHASHSEED, ...
+    "OMP_",
+    "KMP_",
+    "MKL_",
+    "OPENBLAS_",
+    "TORCH",  # TORCH_HOME, TORCHINDUCTOR_*, TORCH_NCCL_*
+    "PYTORCH_",  # PYTORCH_CUDA_ALLOC_CONF
+    "CUDA_",
+    "CUBLAS_",
+    "CUDNN_",
+    "NCCL_",
+    "NVIDIA_",
+    "GLOO_",
+    "TRITON_",
+    "HF_",
+    "HUGGINGFACE_",
+    "TRANSFORMERS_",
+)
+# Even an allowed prefix never carries one of these (HF_TOKEN, NCCL_..._KEY): jobs load models from disk only.
+_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|CREDENTIAL|SASL|(^|_)(TOKEN|KEY|AUTH)(_|$)", re.IGNORECASE)
+
+
+def job_environment(parent: dict[str, str], cpu_threads: int = 0) -> dict[str, str]:
+    """The environment of a job's child process: the allow-listed runtime variables of `parent`, nothing else."""
+    env = {k: v for k, v in parent.items() if (k in JOB_ENV_NAMES or k.startswith(JOB_ENV_PREFIXES)) and not _SECRET_NAME.search(k)}
+    env["PYTHONUNBUFFERED"] = "1"
+    if cpu_threads:
+        # Every torch child, not only the trainer: on a small shared CPU box a second OpenMP thread waiting
+        # for a busy core made the evaluator 7x slower (docs/round-engine.md, Training on a CPU).
+        env["OMP_NUM_THREADS"] = str(cpu_threads)
+    return env
+
+
 def _pdeathsig() -> None:
     """Child processes die with the daemon (Linux), so a restarted daemon never races a leftover job."""
     try:
@@ -107,11 +154,7 @@ class ProcessLauncher:
         self.job = job
         job.spec.write(job.spec_path)
         with open(job.log_path, "ab") as out:
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
-            if self.cpu_threads:
-                # Every torch child, not only the trainer: on a small shared CPU box a second OpenMP thread waiting
-                # for a busy core made the evaluator 7x slower (docs/round-engine.md, Training on a CPU).
-                env["OMP_NUM_THREADS"] = str(self.cpu_threads)
+            env = job_environment(dict(os.environ), self.cpu_threads)
             self.proc = subprocess.Popen(self.command(job), stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_pdeathsig)
 
     def poll(self) -> JobEnd | None:

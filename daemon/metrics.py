@@ -104,7 +104,7 @@ CURATION_DOCS = Counter(
 ROUND_SHARE = Gauge(
     "cptd_round_share",
     "Shares of the last round's tokens: kind=provenance (of new tokens: human, unknown, synthetic), kind=real (new + replay), "
-    "kind=domain (of new tokens)",
+    "kind=domain (of new tokens; value: a domain the policy names, unknown, or other)",
     ["kind", "value"],
     registry=REGISTRY,
 )

@@ -19,13 +19,13 @@ from pydantic import Field, ValidationError, model_validator
 
 from policies.base import Section
 from policies.collapse import CollapsePolicy
-from policies.curation import CurationPolicy
+from policies.curation import OTHER_DOMAINS, CurationPolicy
 from policies.dedup import DedupPolicy
 from policies.drift import DriftPolicy
 from policies.gates import GatePolicy
 from policies.language_mix import LanguageMixPolicy
 from policies.lr_schedule import SchedulePolicy
-from policies.provenance import ProvenancePolicy
+from policies.provenance import UNKNOWN_DOMAIN, ProvenancePolicy
 from policies.quality import QualityPolicy
 from policies.replay import ReplayPolicy
 from policies.round_policy import RoundsPolicy, TriggerPolicy
@@ -90,6 +90,14 @@ class Policy(Section):
     train: TrainPolicy = TrainPolicy()
     rounds: RoundsPolicy = RoundsPolicy()
     triggers: TriggerPolicy = TriggerPolicy()
+
+    def named_domains(self) -> frozenset[str]:
+        """The domains the operator named (curation targets, source rules, classifier labels) and 'unknown'.
+
+        A producer's `meta.domain` may be anything; this bounded set is what a metric label may say (the rest is
+        counted as 'other'), so a producer cannot grow Prometheus's series without bound."""
+        named = {*self.curation.domain_targets, *self.provenance.domain_sources, *self.provenance.classifier.examples}
+        return frozenset(named - {OTHER_DOMAINS} | {UNKNOWN_DOMAIN})
 
     @model_validator(mode="after")
     def _dead_letter_not_consumed(self) -> Policy:

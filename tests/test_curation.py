@@ -146,3 +146,33 @@ def test_nothing_selectable_selects_nothing():
     cands = [Candidate(f"s{i}", 100, provenance="synthetic") for i in range(3)]
     sel = select_round(cands, 10**6, CurationPolicy(), CollapsePolicy(synthetic_cap=0.0))
     assert sel.chosen == [] and set(sel.waiting.values()) == {"synthetic_cap"}
+
+
+def test_the_domain_metric_label_takes_only_the_policys_domains_and_other():
+    """Producers write any meta.domain; the round-share gauge names only the policy's domains, 'unknown' and 'other'."""
+    from daemon import metrics as M
+    from daemon.round_record import CurationRecord
+    from daemon.rounds.pool_choice import export_shares
+
+    policy = parse_policy(
+        {
+            "curation": {"domain_targets": {"news": 0.5, "*": 0.5}},
+            "provenance": {"domain_sources": {"law": ["courts/*"]}, "classifier": {"examples": {"code": CODE, "news": NEWS}}},
+        }
+    )
+    assert policy.named_domains() == {"news", "law", "code", "unknown"}
+    docs = [("n1", "feeds/a", {"domain": "news"}), ("c1", "courts/x", {}), ("z1", "web", {"domain": "Producer-Invented-7f3a"})]
+    docs += [(f"z{i}", "web", {"domain": f"spam-{i}"}) for i in range(2, 6)]
+    cands = [Candidate(k, 100, domain=classify("text", src, meta, policy.provenance).domain) for k, src, meta in docs]
+
+    def share(value: str) -> float | None:
+        return M.REGISTRY.get_sample_value("cptd_round_share", {"kind": "domain", "value": value})
+
+    export_shares(CurationRecord(domains=shares_by(cands, [c.key for c in cands], "domain")), policy)
+    assert share("other") == pytest.approx(5 / 7) and share("news") == pytest.approx(1 / 7) and share("law") == pytest.approx(1 / 7)
+    assert share("code") == 0.0 and share("unknown") == 0.0
+    samples = [s for m in M.REGISTRY.collect() if m.name == "cptd_round_share" for s in m.samples]
+    labels = {s.labels["value"] for s in samples if s.labels["kind"] == "domain"}
+    assert not [v for v in labels if "spam" in v or "producer" in v], labels
+    export_shares(CurationRecord(domains={"code": 1.0}), policy)  # the next round: no value of the last one lingers
+    assert share("code") == 1.0 and share("other") == 0.0 and share("news") == 0.0

@@ -7,6 +7,8 @@ fake API in tests/test_kubernetes_launcher.py.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,30 @@ def test_a_failed_trainer_fails_the_round_naming_the_phase_code_and_cause(tmp_pa
     assert (
         store.record is not None and store.record["train"]["spec"]["round_id"] == rec.id
     )  # the record was written, progress followed to the end
+
+
+def test_a_child_sees_the_runtime_environment_but_no_daemon_setting_or_secret(tmp_path, monkeypatch):
+    """A real child under a daemon environment holding the Redis URL, the API token and other secrets: it gets none."""
+    secrets = {
+        "CPTD_REDIS_URL": "rediss://cptd:hunter2@redis:6379/0",
+        "CPTD_API_TOKEN": "api-token",
+        "CPTD_KAFKA_SASL_PASSWORD": "sasl",
+        "CPTD_REDIS_PASSWORD": "pw",
+        "HF_TOKEN": "hf_xyz",
+        "AWS_SECRET_ACCESS_KEY": "aws",
+        "NCCL_SOCKET_IFNAME_KEY": "k",
+    }
+    for k, v in {**secrets, "NCCL_DEBUG": "WARN", "LC_ALL": "C.UTF-8", "TOKENIZERS_PARALLELISM": "false"}.items():
+        monkeypatch.setenv(k, v)
+
+    class PrintsItsEnvironment(ProcessLauncher):
+        def command(self, job: Job) -> list[str]:
+            dump = "import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"
+            return [sys.executable, "-c", dump, str(job.spec.result_file)]
+
+    seen = run_to_end(_job(tmp_path), PrintsItsEnvironment(cpu_threads=3))
+    assert not set(secrets) & set(seen), sorted(set(secrets) & set(seen))
+    assert not [k for k in seen if k.startswith("CPTD_")]
+    assert seen["PATH"] == os.environ["PATH"] and seen["OMP_NUM_THREADS"] == "3" and seen["PYTHONUNBUFFERED"] == "1"
+    assert seen["NCCL_DEBUG"] == "WARN" and seen["LC_ALL"] == "C.UTF-8" and seen["TOKENIZERS_PARALLELISM"] == "false"
+    assert seen.get("PYTHONPATH") == os.environ.get("PYTHONPATH")  # the job imports the daemon's code as the daemon does

@@ -234,7 +234,7 @@ def test_job_shape_indexed_one_pod_per_node_with_static_rendezvous():
     assert "args" not in c and c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     env = {e["name"]: e for e in c["env"]}
     assert env["CPTD_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-    assert "CPTD_REDIS_URL" in env, "the template's env is kept"
+    assert env["NCCL_DEBUG"]["value"] == "WARN", "the template's env is kept"
     # the operator's template decides image, resources, volumes, service account, tolerations
     tpl_pod = _template()["spec"]["template"]["spec"]
     assert c["resources"] == tpl_pod["containers"][0]["resources"] and c["image"] == "cptd"
@@ -335,6 +335,34 @@ def test_first_run_creates_job_and_service_restart_attaches(fake):
     # ... and refuses a Job of its name made for another spec
     with pytest.raises(KubernetesLaunchError, match="another spec"):
         _launcher(fake).ensure(_spec(nodes=2, digest="other"))
+
+
+def test_the_workload_never_holds_the_daemons_settings_or_a_secret(fake):
+    """A template written from the daemon's pod (Redis URL, API token, a Secret by envFrom): the trainer gets none of it."""
+    cj = fake.objects[("cronjobs", "cptd-train-template")]
+    c = cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    from_secret = {"valueFrom": {"secretKeyRef": {"name": "cptd-secrets", "key": "CPTD_REDIS_URL"}}}
+    c["env"] += [
+        {"name": "CPTD_REDIS_URL", **from_secret},
+        {"name": "CPTD_API_TOKEN", "value": "t"},
+        {"name": "WANDB_API_KEY", "value": "k"},
+        {"name": "REDIS_URL", **from_secret},  # any name: read from a Secret is enough
+        {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
+    ]
+    c["envFrom"] = [{"secretRef": {"name": "cptd-secrets"}}]
+    launcher = _launcher(fake)
+    tpl = launcher.load_template("cptd-train-template", NS)
+    for kind in ("job", "trainjob"):
+        spec = WorkloadSpec("r00012", 1, NS, "/checkpoints/rounds/r00012/train-spec.json", "d1", tpl, kind)  # type: ignore[arg-type]
+        assert launcher.ensure(spec) is True
+    posted = {p.rsplit("/", 1)[-1]: b for m, p, _q, b in fake.requests if m == "POST" and not p.endswith("/services")}
+    job_c = posted["jobs"]["spec"]["template"]["spec"]["containers"][0]
+    for env in (job_c["env"], posted["trainjobs"]["spec"]["trainer"]["env"]):
+        names = {e["name"] for e in env}
+        assert not names & {"CPTD_REDIS_URL", "CPTD_API_TOKEN", "WANDB_API_KEY", "REDIS_URL"}
+        assert not [e for e in env if "secretKeyRef" in (e.get("valueFrom") or {})]
+        assert {"NCCL_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING"} <= names
+    assert "envFrom" not in job_c and "CPTD_NODE_RANK" in {e["name"] for e in job_c["env"]}
 
 
 def test_conflict_on_create_means_already_there(fake):

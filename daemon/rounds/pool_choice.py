@@ -253,10 +253,28 @@ def curation_record(
         real_share=real_share(replay_ratio, synthetic),
         real_floor=policy.collapse.real_floor,
     )
+    export_shares(rec, policy)
+    return rec
+
+
+OTHER_DOMAIN_LABEL = "other"
+
+
+def domain_label_shares(domains: dict[str, float], named: frozenset[str]) -> dict[str, float]:
+    """A round's domain shares under bounded label values: every named domain (0 when absent, so a past round's value
+    does not linger) and 'other' for the sum of domains the policy does not name (a producer's free-form meta.domain)."""
+    out = dict.fromkeys(sorted(named | {OTHER_DOMAIN_LABEL}), 0.0)
+    for dom, x in domains.items():
+        label = dom if dom in named else OTHER_DOMAIN_LABEL
+        out[label] += x
+    return out
+
+
+def export_shares(rec: CurationRecord, policy: Policy) -> None:
+    """The round's shares as gauges; the domain label takes values from the policy only (domain_label_shares)."""
     for cls, x in rec.provenance.items():
         M.ROUND_SHARE.labels("provenance", cls).set(x)
-    for dom, x in rec.domains.items():
+    for dom, x in domain_label_shares(rec.domains, policy.named_domains()).items():
         M.ROUND_SHARE.labels("domain", dom).set(x)
     M.ROUND_SHARE.labels("real", "real").set(rec.real_share or 0.0)
-    M.SYNTHETIC_CAP_BINDING_ROUNDS.set(streak)
-    return rec
+    M.SYNTHETIC_CAP_BINDING_ROUNDS.set(rec.cap_binding_rounds)
