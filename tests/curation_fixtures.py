@@ -8,6 +8,7 @@ pre-trained briefly on English prose by the round trainer (daemon/dev/demo.py,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -56,4 +57,21 @@ def generate(url: str, prompts: list[str], max_tokens: int = 160, temperature: f
         r = httpx.post(url + "/v1/completions", json=body, timeout=300)
         r.raise_for_status()
         out += [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    return out
+
+
+def generate_until(url: str, prompts: list[str], enough: Callable[[list[str]], bool], seed: int = 0, chunk: int = 64) -> list[str]:
+    """Completions of `prompts` in order, `chunk` prompts at a time, until `enough(completions so far)` holds.
+
+    Sampling on a CPU costs most of a collapse-guard test, and a test needs only
+    so many usable completions. Each request's seed follows its prompts'
+    position (as in one `generate` call over all prompts), so the completions
+    are those of a single pass, cut where enough of them are usable.
+    """
+    assert chunk % 16 == 0, "a chunk must be whole requests of `generate`, or the seeds would shift"
+    out: list[str] = []
+    for j in range(0, len(prompts), chunk):
+        out += generate(url, prompts[j : j + chunk], seed=seed + j)
+        if enough(out):
+            break
     return out

@@ -23,7 +23,7 @@ from daemon.dev.services import create_topics, wait_for
 from daemon.round_record import TERMINAL
 from policies.config import Policy
 from policies.quality import build_filters, judge
-from tests.curation_fixtures import generate
+from tests.curation_fixtures import generate_until
 from tests.streams import distinct, echoes, good_docs, produce, stored_text
 
 pytestmark = pytest.mark.slow
@@ -56,10 +56,17 @@ def test_echoes_are_caught_capped_and_kept_out_of_replay(topics, bootstrap, engl
     assert len(human) == 120, f"only {len(human)} human documents distinct from the replay seed"
     stored = replay + [stored_text(h, filters) for h in human]
     # The served model writes: 180 completions of prompts cut from English prose that pass the heuristic filters
-    # (those that do not never reach a round anyway).
+    # (those that do not never reach a round anyway). Prompts are sampled in order, 64 at a time, only until 180 are
+    # usable (about 320 of the 464 here): the completions of one pass over them all, cut short.
     prompts = list(dict.fromkeys(" ".join(d.split()[:12]) for d in english_docs(500, 1024, seed=77)))
-    out = [g for g in generate(english_vllm.url, prompts, seed=5) if len(g.split()) >= 50 and judge(g, filters).accepted]
+
+    def usable(texts: list[str]) -> list[str]:
+        return [g for g in texts if len(g.split()) >= 50 and judge(g, filters).accepted]
+
+    sampled = generate_until(english_vllm.url, prompts, lambda c: len(distinct(usable(c), stored, policy)) >= 180, seed=5)
+    out = usable(sampled)
     gens = distinct(out, stored, policy)
+    print(f"\n{len(gens)} usable completions of {len(out)} passing the filters, from {len(sampled)}/{len(prompts)} prompts")
     assert len(gens) >= 180, f"only {len(gens)} usable completions of {len(out)}"
     echoed, labelled = gens[:120], gens[120:180]
     vocab = [w for d in human[:30] for w in d.split()]
@@ -143,7 +150,11 @@ def test_detector_is_calibrated_on_samples_and_separates_held_out_ones(tmp_path,
     policy = Policy()
     human = good_docs(40, policy, seed=8)
     prompts = [" ".join(d.split()[:12]) for d in english_docs(60, 1024, seed=78)]
-    gens = [g for g in generate(english_vllm.url, prompts, seed=9) if len(g.split()) >= 40][:40]
+
+    def usable(texts: list[str]) -> list[str]:
+        return [g for g in texts if len(g.split()) >= 40]
+
+    gens = usable(generate_until(english_vllm.url, prompts, lambda c: len(usable(c)) >= 40, seed=9, chunk=16))[:40]
     assert len(gens) >= 30
     half_h, half_g = len(human) // 2, len(gens) // 2
     files = {}
