@@ -148,7 +148,9 @@ def test_detector_is_calibrated_on_samples_and_separates_held_out_ones(tmp_path,
     from daemon.jobs.specs import DetectorSpec
 
     policy = Policy()
-    human = good_docs(40, policy, seed=8)
+    # 40 human documents a half: calibrated at a 5% false-positive rate on one half, the other half's rate is a sample
+    # of 40 (one document is 2.5%), so the bound below leaves room for sampling noise, not for a detector that fails.
+    human = good_docs(80, policy, seed=8)
     prompts = [" ".join(d.split()[:12]) for d in english_docs(60, 1024, seed=78)]
 
     def usable(texts: list[str]) -> list[str]:
@@ -185,4 +187,4 @@ def test_detector_is_calibrated_on_samples_and_separates_held_out_ones(tmp_path,
         f"{cal['generated_caught']:.1%} generated caught); held out: {flagged:.1%} of {len(h)} human flagged, "
         f"{caught:.1%} of {len(g)} generated caught"
     )
-    assert caught >= 0.9 and flagged <= 0.1
+    assert caught >= 0.9 and flagged <= 0.15
