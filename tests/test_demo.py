@@ -69,8 +69,9 @@ def test_demo_deploys_a_round_and_stops_everything(tmp_path: Path):
     assert produced == accounted
     for line in ("drift ", "replay ratio", "LR schedule", "train loss", "gate           ACCEPTED", "swap           ok", "before", "after"):
         assert line in out, line
-    before = re.search(r"before\s+(.*)", out).group(1)
-    after = re.search(r"after\s+(.*)", out).group(1)
+    # The report's two completion lines ("  before       '...'"), not the first "before"/"after" anywhere in the output.
+    before = re.search(r"^  before\s+(.*)$", out, re.M).group(1)
+    after = re.search(r"^  after\s+(.*)$", out, re.M).group(1)
     assert before != after  # the deployed round changed what vLLM answers
     caught, back = map(int, re.search(r"echoes: (\d+) of the (\d+) documents the served model wrote were caught", out).groups())
     assert back == 40 and caught >= 0.9 * back, out[-3000:]  # its own outputs came back and were recognised
