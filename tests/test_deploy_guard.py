@@ -14,12 +14,13 @@ import redis as redis_lib
 
 from connectors.redis_store import Fence, RedisStore
 from daemon.dev.services import free_port
-from daemon.round_record import Parent, RoundRecord, RoundState, Trigger
+from daemon.round_record import Parent, RoundRecord, RoundState
 from daemon.rounds.context import RoundContext
 from daemon.rounds.state_machine import drive
 from daemon.serving import KnownVersion, ReplicaState, ServingController, ServingState
 from daemon.settings import Settings
 from policies.config import Policy
+from tests.job_context import bare_record
 
 
 class LockWitness(RedisStore):
@@ -44,19 +45,9 @@ def _context(store: RedisStore, tmp_path: Path, state: ServingState) -> RoundCon
 
 
 def _deploying_round(ctx: RoundContext, rid: str, parent: str, candidate: Path) -> RoundRecord:
-    rec = RoundRecord(
-        id=rid,
-        number=int(rid.lstrip("r")),
-        state=RoundState.DEPLOYING,
-        created_at=0,
-        updated_at=0,
-        trigger=Trigger(kind="manual"),
-        owner=ctx.owner,
-        policy_hash="",
-        policy=Policy(),
-        parent=Parent(version=parent, checkpoint=f"/ck/{parent}"),
-        candidate=str(candidate),
-    )
+    rec = bare_record(rid, RoundState.DEPLOYING)
+    rec.owner, rec.policy, rec.candidate = ctx.owner, Policy(), str(candidate)
+    rec.parent = Parent(version=parent, checkpoint=f"/ck/{parent}")
     ctx.put(rec)
     return rec
 

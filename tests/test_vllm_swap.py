@@ -17,12 +17,13 @@ from connectors.redis_store import Fenced, RedisStore
 from connectors.vllm import Replica, ServingConfig, ServingError, request_errors
 from daemon import metrics
 from daemon.dev.services import free_port
-from daemon.round_record import Parent, RoundRecord, RoundState, Trigger
+from daemon.round_record import Parent, RoundState
 from daemon.rounds.context import RoundContext
 from daemon.rounds.state_machine import drive
 from daemon.serving import ServingController, ServingState
 from daemon.settings import Settings
 from policies.config import Policy
+from tests.job_context import bare_record
 from tests.vllm_fixtures import SERVED_NAME, TinyModels
 
 PROMPT = "the quick fox of round"
@@ -429,19 +430,9 @@ def test_a_deploy_cut_short_by_redis_fails_the_round_with_the_replica_back_on_th
     ctx.serving = ServingController([vllm_server.url], on_state=save)
     try:
         ctx.serving.adopt(str(tiny_models.base), "base")
-        rec = RoundRecord(
-            id="r00001",
-            number=1,
-            state=RoundState.DEPLOYING,
-            created_at=0,
-            updated_at=0,
-            trigger=Trigger(kind="manual"),
-            owner=ctx.owner,
-            policy_hash="",
-            policy=Policy(),
-            parent=Parent(version="base", checkpoint=str(tiny_models.base)),
-            candidate=str(tiny_models.other),
-        )
+        rec = bare_record("r00001", RoundState.DEPLOYING)
+        rec.owner, rec.policy, rec.candidate = ctx.owner, Policy(), str(tiny_models.other)
+        rec.parent = Parent(version="base", checkpoint=str(tiny_models.base))
         ctx.put(rec)
         out = drive(ctx, rec.id)
         assert not fail and out.state == RoundState.FAILED
