@@ -37,6 +37,8 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
+from connectors.secret_names import SECRET_NAME
+
 WorkloadKind = Literal["job", "trainjob"]
 RDZV_PORT = 29500
 LABEL_ROUND = "cptd.io/round"
@@ -48,7 +50,6 @@ ANNOTATION_GPUS = "cptd.io/gpus-per-node"
 TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 _INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"  # set by the Job controller
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|CREDENTIAL|SASL|(^|_)(TOKEN|KEY|AUTH)(_|$)", re.IGNORECASE)
 
 
 class KubernetesLaunchError(Exception):
@@ -156,7 +157,7 @@ def workload_env(env: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     out = []
     for e in env or []:
         name = str(e.get("name", ""))
-        if name.startswith("CPTD_") or _SECRET_NAME.search(name) or "secretKeyRef" in (e.get("valueFrom") or {}):
+        if name.startswith("CPTD_") or SECRET_NAME.search(name) or "secretKeyRef" in (e.get("valueFrom") or {}):
             continue
         out.append(e)
     return out

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from connectors.secret_names import SECRET_NAME
 from daemon.jobs.specs import JobSpec
 from daemon.settings import Settings
 
@@ -113,12 +113,11 @@ JOB_ENV_PREFIXES = (
     "TRANSFORMERS_",
 )
 # Even an allowed prefix never carries one of these (HF_TOKEN, NCCL_..._KEY): jobs load models from disk only.
-_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|CREDENTIAL|SASL|(^|_)(TOKEN|KEY|AUTH)(_|$)", re.IGNORECASE)
 
 
 def job_environment(parent: dict[str, str], cpu_threads: int = 0) -> dict[str, str]:
     """The environment of a job's child process: the allow-listed runtime variables of `parent`, nothing else."""
-    env = {k: v for k, v in parent.items() if (k in JOB_ENV_NAMES or k.startswith(JOB_ENV_PREFIXES)) and not _SECRET_NAME.search(k)}
+    env = {k: v for k, v in parent.items() if (k in JOB_ENV_NAMES or k.startswith(JOB_ENV_PREFIXES)) and not SECRET_NAME.search(k)}
     env["PYTHONUNBUFFERED"] = "1"
     if cpu_threads:
         # Every torch child, not only the trainer: on a small shared CPU box a second OpenMP thread waiting
