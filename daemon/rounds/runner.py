@@ -115,7 +115,7 @@ class RoundRunner:
             asks.append((None, auto[0]))
         started: str | None = None
         if asks:  # read once: nothing changes them until a round starts, and then the rest are merged
-            last_start = max((r.created_at for r in self.list_rounds()), default=None)
+            last_start = max((r.created_at for r in self.ctx.list_rounds(limit=1)), default=None)  # the newest round
             tokens = self.buffer_tokens()
         for req_id, kind in asks:
             if started:
