@@ -93,7 +93,7 @@ class Daemon:
             M.REPLAY_CAP_DOCS.set(out["replay"]["cap"])
             out["rounds"] = self.runner.status()
             out["rounds"]["triggers"] = self.scheduler.jobs()
-            latest = self.runner.ctx.list_rounds(limit=1)  # one record read, not all
+            latest = self.runner.list_rounds(limit=1)  # one record read, not all
             shown = {"id", "state", "error", "created_at", "updated_at", "curation"}
             out["rounds"]["latest"] = latest[0].model_dump(mode="json", include=shown) if latest else None
         except Exception as e:  # noqa: BLE001 - status must answer even when Redis is down
@@ -101,7 +101,7 @@ class Daemon:
         return out
 
     def rounds(self, limit: int = 50) -> list[RoundSummary]:
-        return [RoundSummary.of(r) for r in self.runner.ctx.list_rounds(limit=limit)][::-1]
+        return [RoundSummary.of(r) for r in self.runner.list_rounds(limit=limit)][::-1]
 
     def round(self, round_id: str) -> RoundRecord | None:
         rec = self.runner.get_round(round_id)
