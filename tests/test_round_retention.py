@@ -23,6 +23,7 @@ from daemon.jobs.specs import TrainSpec
 from daemon.round_record import CURVE_POINTS, Parent, RoundState, Snapshot, TrainRecord
 from daemon.rounds.context import RoundContext
 from daemon.rounds.pending import pending
+from daemon.rounds.retention import protected
 from daemon.rounds.state_machine import drive
 from daemon.rounds.training import ProgressRecorder
 from daemon.serving import KnownVersion, ReplicaState, ServingController, ServingState
@@ -98,6 +99,8 @@ def test_a_failed_round_prunes_directories_but_never_what_serving_needs(redis_cl
     # keep_rounds 1: r00005 is the newest finished directory (r00006 wrote none); live, rollback target, adapter kept
     assert left == ["r00001", "r00002", "r00003", "r00005", "r00099"], left
     assert "r00004" not in state.versions
+    state.lora_versions = [ctx.serving.lora_name("r00005")]  # an adapter loaded everywhere, by name only
+    assert "r00005" in protected(ctx)
 
 
 def test_pending_refuses_a_round_the_volume_cannot_hold(redis_client: redis_lib.Redis, tmp_path: Path):

@@ -57,6 +57,8 @@ def protected(ctx: RoundContext) -> set[str]:
     state = ctx.serving.state
     out = {v for v in (state.desired_version, state.previous_version) if v}
     out |= {r.version for r in state.replicas.values() if r.version}
+    prefix = ctx.serving.lora_name("")  # adapters are named prefix + round id
+    out |= {n.removeprefix(prefix) for n in (*state.lora_versions, state.lora_active) if n and n.startswith(prefix)}
     root = ctx.settings.checkpoint_dir / "rounds"
     for path in state.lora_paths.values():
         p = Path(path)
