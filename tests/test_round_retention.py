@@ -165,6 +165,18 @@ def test_old_records_are_archived_and_still_served(redis_client: redis_lib.Redis
     assert daemon.round("../records/r00001") is None  # an id is never a path
 
 
+def test_the_newest_round_of_a_kind_is_found_without_reading_them_all(redis_client: redis_lib.Redis, tmp_path: Path):
+    store = RedisStore(redis_client, "keep")
+    ctx = _context(store, tmp_path, _policy())
+    for n in range(1, 51):
+        _ended(ctx, f"r{n:05d}", RoundState.REJECTED if n % 2 else RoundState.DEPLOYED, with_dir=False)
+    redis_client.config_resetstat()
+    found = next(r for r in ctx.newest_rounds(page=20) if r.state == RoundState.REJECTED)
+    assert found.id == "r00049"
+    assert redis_client.info("commandstats")["cmdstat_hmget"]["calls"] == 1  # one page of 20, not 50 records
+    assert [r.id for r in ctx.newest_rounds(page=20)] == [f"r{n:05d}" for n in range(50, 0, -1)]
+
+
 def test_request_results_expire(redis_client: redis_lib.Redis):
     store = RedisStore(redis_client, "keep")
     store.set_request_result("q1", {"round": "r00001"})

@@ -16,7 +16,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,13 @@ class RoundContext:
     def list_rounds(self, limit: int | None = None) -> list[RoundRecord]:
         """The newest `limit` records in Redis (all of them when None; retention bounds them), oldest first."""
         return [RoundRecord.model_validate(r) for r in self.store.list_rounds(limit)]
+
+    def newest_rounds(self, page: int = 20) -> Iterator[RoundRecord]:
+        """The records in Redis, newest first, read a page at a time: a search for the latest of a kind reads only
+        up to what it finds."""
+        ids = self.store.round_ids()[::-1]
+        for i in range(0, len(ids), page):
+            yield from (RoundRecord.model_validate(r) for r in self.store.get_rounds(ids[i : i + page]) if r is not None)
 
     def archived_record_path(self, rid: str) -> Path | None:
         """Where a round's archived record lives; None for an id that is no file name (it came from a URL)."""
