@@ -14,7 +14,8 @@ with the policy in force, so lowering a cap frees space at the next round's end:
   (keep_rounds is far below keep_records), and one small file per round is all it costs.
 * cancel marks of rounds that ended are removed (a mark only matters while its round runs).
 
-A failure here is logged and never fails a round: the next round's end tries again.
+A failure here (a lost lease included) is logged and never fails a round or a rollback: the next round's end
+tries again.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def tidy(ctx: RoundContext) -> None:
         archive_records(ctx, rounds.keep_records)
         marks = ctx.store.cancel_marks()
         ctx.store.clear_cancel([rid for rid, raw in zip(marks, ctx.store.get_rounds(marks), strict=True) if not unfinished(raw)])
-    except (Stop, Fenced):
-        raise
-    except Exception:  # noqa: BLE001 - retention never fails a round; the next round's end retries
+    except (Stop, Fenced) as e:  # the round has ended already; the next lease holder tidies at its next round's end
+        log.warning("retention skipped: lease lost", extra={"reason": str(e)})
+    except Exception:  # noqa: BLE001 - retention never fails a round (nor an operator's rollback); the next end retries
         log.exception("retention failed")
 
 
