@@ -29,12 +29,14 @@ Keys:
   replay_members SET content keys in the reservoir
   lease     STRING owner id of the daemon that runs rounds (PX = lease TTL)
   epoch     STRING fencing token: incremented every time the lease changes hands
-  rounds    HASH  round id -> round record JSON (lineage); round_seq STRING last round number
+  rounds    HASH  round id -> round record JSON (lineage): the newest rounds.keep_records finished ones, the
+            unfinished ones and those serving still needs (older ones are archived on disk, daemon/rounds/retention.py);
+            round_seq STRING last round number
   round:ID:docs LIST content keys a round took from the buffer at SNAPSHOT
   serving   STRING ServingState JSON (what each vLLM replica serves)
   requests  HASH  request id -> JSON (round requests from the API, taken by the lease holder)
-  request_results HASH request id -> JSON (the round it started, or why not)
-  cancel    SET   round ids an operator asked to cancel
+  request_result:ID STRING JSON (the round request ID started, or why not); expires after REQUEST_RESULT_TTL_S
+  cancel    SET   round ids an operator asked to cancel (a finished round's mark is removed at its end)
 
 Round state is written only by the lease holder, and every such write checks
 (in the same Lua call) that the lease and the epoch are still the writer's:
@@ -90,6 +92,16 @@ class StoredDoc(BaseModel):
 
 def _doc(key: str, blob: bytes | str) -> StoredDoc:
     return StoredDoc.model_validate({**json.loads(blob), "key": key})
+
+
+# How long the answer to an operator's round request is kept (the API that took the request waits seconds for it).
+REQUEST_RESULT_TTL_S = 24 * 3600
+
+
+def round_number(round_id: str) -> int:
+    """The number in a round id (r00042 -> 42): ids sort by it, and a number outgrows the five digits."""
+    digits = "".join(c for c in round_id if c.isdigit())
+    return int(digits) if digits else 0
 
 
 OUTCOMES = ("accepted", "duplicate", "near_duplicate", "rejected", "dead_lettered", "indexed")
@@ -180,9 +192,9 @@ ACL_COMMANDS = (
     "info",
     # strings, hashes, lists, sets, sorted sets
     "get", "set", "mget", "incr", "incrby", "del", "exists", "pexpire",
-    "hget", "hset", "hgetall", "hlen", "hmget", "hvals", "hdel", "hexists", "hincrby",
+    "hget", "hset", "hgetall", "hlen", "hmget", "hvals", "hkeys", "hdel", "hexists", "hincrby",
     "lrange", "rpush",
-    "sadd", "srem", "sismember", "smismember",
+    "sadd", "srem", "sismember", "smismember", "smembers",
     "zadd", "zcard", "zrange", "zrem", "zremrangebyrank", "zscore",
 )  # fmt: skip
 
@@ -260,12 +272,7 @@ class RedisStore:
         self._remove = client.register_script(lua_source("remove_docs.lua", _DROP_DOC))
         self._replay_place = client.register_script(lua_source("replay_place.lua", _DROP_DOC))
         self.k_lease, self.k_epoch, self.k_rounds, self.k_round_seq = p + "lease", p + "epoch", p + "rounds", p + "round_seq"
-        self.k_serving, self.k_requests, self.k_request_results, self.k_cancel = (
-            p + "serving",
-            p + "requests",
-            p + "request_results",
-            p + "cancel",
-        )
+        self.k_serving, self.k_requests, self.k_cancel = p + "serving", p + "requests", p + "cancel"
         self._prefix = p
         self._lease_acquire = client.register_script(lua_source("lease_acquire.lua"))
         self._lease_release = client.register_script(lua_source("lease_release.lua"))
@@ -492,9 +499,27 @@ class RedisStore:
         v = self.r.hget(self.k_rounds, round_id)
         return json.loads(v) if v else None
 
-    def list_rounds(self) -> list[dict[str, Any]]:
-        """All round records, oldest first (ids sort by their number)."""
-        return sorted((json.loads(v) for v in self.r.hvals(self.k_rounds)), key=lambda r: r.get("number", 0))
+    def round_ids(self) -> list[str]:
+        """Ids of the records Redis holds, oldest first: HKEYS reads ids only, and retention bounds the hash."""
+        return sorted((_text(k) for k in self.r.hkeys(self.k_rounds)), key=round_number)
+
+    def get_rounds(self, round_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Records in the order of `round_ids`, None where Redis has none."""
+        if not round_ids:
+            return []
+        return [json.loads(v) if v else None for v in self.r.hmget(self.k_rounds, list(round_ids))]
+
+    def list_rounds(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The newest `limit` records (every one Redis holds when None), oldest first; only those are read."""
+        ids = self.round_ids()
+        ids = ids if limit is None else ids[max(len(ids) - limit, 0) :]
+        return [r for r in self.get_rounds(ids) if r is not None]
+
+    def delete_rounds(self, fence: Fence, round_ids: Sequence[str]) -> None:
+        """Drop records from Redis (retention, after they were archived); the lease holder's write like any other."""
+        if round_ids:
+            self._fenced(self._put_round, fence, [self.k_rounds], ["", ""])  # fencing check only
+            self.r.hdel(self.k_rounds, *round_ids)
 
     def round_list_key(self, round_id: str) -> str:
         return f"{self._prefix}round:{round_id}:docs"
@@ -557,11 +582,12 @@ class RedisStore:
         raw, _ = pipe.execute()
         return {_text(k): json.loads(v) for k, v in raw.items()}
 
-    def set_request_result(self, request_id: str, result: dict[str, Any]) -> None:
-        self.r.hset(self.k_request_results, request_id, json.dumps(result))
+    def set_request_result(self, request_id: str, result: dict[str, Any], ttl_s: int = REQUEST_RESULT_TTL_S) -> None:
+        """One key per request, with an expiry: the API waits seconds for it, so it never needs to outlive a day."""
+        self.r.set(self._prefix + f"request_result:{request_id}", json.dumps(result), ex=ttl_s)
 
     def request_result(self, request_id: str) -> dict[str, Any] | None:
-        v = self.r.hget(self.k_request_results, request_id)
+        v = self.r.get(self._prefix + f"request_result:{request_id}")
         return json.loads(v) if v else None
 
     def request_cancel(self, round_id: str) -> None:
@@ -569,6 +595,14 @@ class RedisStore:
 
     def cancel_requested(self, round_id: str) -> bool:
         return bool(self.r.sismember(self.k_cancel, round_id))
+
+    def cancel_marks(self) -> list[str]:
+        return sorted(_text(m) for m in cast("set[bytes | str]", self.r.smembers(self.k_cancel)))
+
+    def clear_cancel(self, round_ids: Sequence[str]) -> None:
+        """Forget the marks of rounds that ended: a mark only matters while its round runs."""
+        if round_ids:
+            self.r.srem(self.k_cancel, *round_ids)
 
     def ping(self) -> bool:
         return bool(self.r.ping())

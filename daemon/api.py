@@ -16,7 +16,7 @@ import hmac
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -40,7 +40,7 @@ class Engine(Protocol):
     def reload_policy(self) -> dict[str, Any]: ...
     def rounds(self, limit: int = 50) -> list[RoundSummary]: ...
     def round(self, round_id: str) -> RoundRecord | None: ...
-    def round_manifest(self, round_id: str) -> list[dict[str, Any]] | None: ...
+    def round_manifest(self, round_id: str, offset: int = 0, limit: int = 1000) -> list[dict[str, Any]] | None: ...
     def trigger(self, reason: str, wait_s: float = 5.0) -> TriggerResult: ...
     def cancel(self, round_id: str) -> CancelResult: ...
     def rollback(self, to: str | None) -> RollbackResult: ...
@@ -54,6 +54,9 @@ ERROR_STATUS: dict[type[Exception], int] = {
     RuntimeError: 409,  # busy (a deploy or rollback in progress) or rounds disabled
 }
 
+
+# Read routes answer in bounded pages: a round's manifest has a line per document (millions on a large round).
+MANIFEST_PAGE, MAX_MANIFEST_PAGE, MAX_ROUNDS = 1000, 10_000, 1000
 
 # Control bodies are a reason or a round id: anything near this size is a mistake or an attack, refused unread.
 MAX_BODY_BYTES = 16 * 1024
@@ -192,7 +195,7 @@ def create_app(engine: Engine | None = None, token: str | None = None) -> FastAP
         return JSONResponse({"changed": r["changed"], "policy_hash": r["policy_hash"], "message": r["message"]})
 
     @app.get("/rounds")
-    def rounds(limit: int = 50) -> list[RoundSummary]:
+    def rounds(limit: int = Query(50, ge=1, le=MAX_ROUNDS)) -> list[RoundSummary]:
         """Newest first, one summary per round."""
         return _need(engine).rounds(limit)
 
@@ -205,9 +208,12 @@ def create_app(engine: Engine | None = None, token: str | None = None) -> FastAP
         return rec
 
     @app.get("/rounds/{round_id}/manifest")
-    def round_manifest(round_id: str) -> list[dict[str, Any]]:
-        """The documents the round took: content hash, Kafka topic/partition/offset, held out or trained."""
-        m = _need(engine).round_manifest(round_id)
+    def round_manifest(
+        round_id: str, offset: int = Query(0, ge=0), limit: int = Query(MANIFEST_PAGE, ge=1, le=MAX_MANIFEST_PAGE)
+    ) -> list[dict[str, Any]]:
+        """The documents the round took, one page: content hash, Kafka topic/partition/offset, held out or trained.
+        A page shorter than `limit` is the last."""
+        m = _need(engine).round_manifest(round_id, offset, limit)
         if m is None:
             raise UnknownRound(f"round {round_id!r} has no snapshot")
         return m

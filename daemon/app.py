@@ -24,7 +24,7 @@ from connectors.kafka import broker_connected, diagnose
 from connectors.redis_store import RedisStore, connect
 from daemon import metrics as M
 from daemon import resource_gauges
-from daemon.api import create_app
+from daemon.api import MANIFEST_PAGE, create_app
 from daemon.ingest import Ingestor, IngestState
 from daemon.policy_watch import PolicyWatcher
 from daemon.round_record import TERMINAL, CancelResult, RollbackResult, RoundRecord, RoundState, RoundSummary, TriggerResult
@@ -93,7 +93,7 @@ class Daemon:
             M.REPLAY_CAP_DOCS.set(out["replay"]["cap"])
             out["rounds"] = self.runner.status()
             out["rounds"]["triggers"] = self.scheduler.jobs()
-            latest = self.runner.list_rounds()[-1:]
+            latest = self.runner.list_rounds(limit=1)  # one record read, not all
             shown = {"id", "state", "error", "created_at", "updated_at", "curation"}
             out["rounds"]["latest"] = latest[0].model_dump(mode="json", include=shown) if latest else None
         except Exception as e:  # noqa: BLE001 - status must answer even when Redis is down
@@ -101,7 +101,7 @@ class Daemon:
         return out
 
     def rounds(self, limit: int = 50) -> list[RoundSummary]:
-        return [RoundSummary.of(r) for r in self.runner.list_rounds()[-limit:]][::-1]
+        return [RoundSummary.of(r) for r in self.runner.list_rounds(limit=limit)][::-1]
 
     def round(self, round_id: str) -> RoundRecord | None:
         rec = self.runner.get_round(round_id)
@@ -109,7 +109,9 @@ class Daemon:
             rec.policy = None  # the full policy copy is large; its hash is there
         return rec
 
-    def round_manifest(self, round_id: str) -> list[dict[str, Any]] | None:
+    def round_manifest(self, round_id: str, offset: int = 0, limit: int = MANIFEST_PAGE) -> list[dict[str, Any]] | None:
+        """Lines offset .. offset+limit of the round's manifest; lines before are skipped unparsed, none after is read."""
+        import itertools
         import json as _json
         from pathlib import Path
 
@@ -117,7 +119,10 @@ class Daemon:
         if rec is None or rec.snapshot is None:
             return None
         p = Path(rec.snapshot.manifest)
-        return [_json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+        if not p.exists():
+            return []
+        with p.open("rb") as f:
+            return [_json.loads(x) for x in itertools.islice(f, offset, offset + limit)]
 
     def trigger(self, reason: str, wait_s: float = 5.0) -> TriggerResult:
         if self.runner.disabled:

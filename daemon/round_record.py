@@ -161,15 +161,39 @@ class TrainProgress(Part):
     tokens_per_s: float | None = None
 
 
+# Most points of the loss/LR curve a record keeps; the trainer's progress.jsonl keeps every step.
+CURVE_POINTS = 512
+
+
 class TrainRecord(Part):
     spec: TrainSpec  # as written for the trainer (daemon/jobs/specs.py): typed policy sections inside
     spec_digest: str
     out_dir: str
     launcher: str
     progress: TrainProgress = Field(default_factory=TrainProgress)
-    curve: list[tuple[int, float, float]] = Field(default_factory=list)  # (step, loss, lr)
+    curve: list[tuple[int, float, float]] = Field(default_factory=list)  # (step, loss, lr), at most CURVE_POINTS
+    curve_stride: int = 1  # the curve keeps the steps first + k * stride, and the newest step
     evals: list[TrainEval] = Field(default_factory=list)  # held-out losses at eval steps, as the trainer logged them
     result: TrainResult | None = None  # the trainer's result.json
+
+    def add_curve_point(self, point: tuple[int, float, float], max_points: int = CURVE_POINTS) -> None:
+        """Append a step's (step, loss, lr), keeping the curve evenly spread over the whole run in at most `max_points`.
+
+        A record is rewritten every few seconds and read by /rounds: one point per step would grow it without bound
+        over a long round. Points sit on a stride from the first step; when the curve is full the stride doubles
+        and every other point goes. The newest step is always kept (the curve ends where training is), and a
+        resumed trainer's repeated steps replace the ones it repeats."""
+        curve = [c for c in self.curve if c[0] < point[0]]
+        if len(curve) >= 2 and not self._on_stride(curve, curve[-1]):
+            curve.pop()  # kept only as the newest step until now
+        curve.append(point)
+        while len(curve) > max_points:
+            self.curve_stride *= 2
+            curve = [c for i, c in enumerate(curve) if i == len(curve) - 1 or self._on_stride(curve, c)]
+        self.curve = curve
+
+    def _on_stride(self, curve: list[tuple[int, float, float]], c: tuple[int, float, float]) -> bool:
+        return (c[0] - curve[0][0]) % self.curve_stride == 0
 
 
 class EvalProgress(Part):

@@ -187,7 +187,20 @@ class RoundsPolicy(Section):
     keep_rounds: int = Field(
         default=3,
         ge=1,
-        description="finished rounds whose checkpoints stay on disk, besides the live one and its rollback target, which are never deleted",
+        description="finished round directories kept on disk (newest, whatever their end state), besides the live version's, its "
+        "rollback target's and a kept adapter's, which are never deleted",
+    )
+    keep_records: int = Field(
+        default=200,
+        ge=1,
+        description="finished round records kept in Redis (newest); older ones are archived as JSON under "
+        "$CPTD_CHECKPOINT_DIR/records/ and still served by GET /rounds/{id}",
+    )
+    min_free_gb: float | None = Field(
+        default=None,
+        ge=0,
+        description="free space (GB) the checkpoint volume must have for a round to start; default (unset): estimated "
+        "from the parent checkpoint's size, the train mode and train.keep_checkpoints (round_disk_bytes)",
     )
     watch_s: float = Field(
         default=0, ge=0, le=3600, description="post-deploy watch window in seconds before a round counts as settled (0: none)"
@@ -336,9 +349,60 @@ def split_heldout(keys: Sequence[str], frac: float, max_docs: int, seed: str) ->
 
 
 def prune_rounds(finished: Sequence[str], protected: set[str], keep: int) -> list[str]:
-    """Round ids (oldest first in `finished`) whose checkpoints may be deleted: all but the newest
-    `keep`, never one in `protected` (the live round and its rollback target)."""
+    """Round ids (oldest first in `finished`) whose directories (or records) may go: all but the newest
+    `keep`, never one in `protected` (the live round, its rollback target, what a replica still serves)."""
     if keep < 0:
         raise ValueError(f"keep must be >= 0, got {keep}")
     old = finished[: max(len(finished) - keep, 0)]
     return [r for r in old if r not in protected]
+
+
+# Bytes per parameter of AdamW's state and of fp32 master weights, as the trainer writes them in a checkpoint
+# (daemon/jobs/trainer.py: two fp32 moments per trainable parameter; masters when the parent is not fp32).
+ADAM_STATE_BYTES = 8
+MASTER_BYTES = 4
+GB = 10**9  # rounds.min_free_gb is in these
+
+
+def round_disk_bytes(
+    parent_bytes: int,
+    param_bytes: int,
+    mode: str,
+    keep_checkpoints: int,
+    mainline: bool,
+    data_bytes: int = 0,
+    adapter_fraction: float = 1.0,
+) -> int:
+    """What a round writes to the checkpoint volume at its peak, from the sizes the daemon measured.
+
+    Full weights: each kept resumable checkpoint holds the weights in the parent's dtype (`parent_bytes`), the fp32
+    masters when the parent's dtype is narrower (`param_bytes` < 4) and AdamW's two fp32 moments; the trainer
+    writes one more checkpoint before deleting the oldest, then `final/` (the weights) and, on the infinite
+    schedule, `mainline/` (another resumable state). An adapter round writes the same shape of files for its
+    adapter only: `adapter_fraction` is the adapter's parameters over the base's (about 2 r / hidden for square
+    projections), a few percent on real models. `data_bytes` covers the round's data files.
+    """
+    if parent_bytes < 0 or param_bytes <= 0 or keep_checkpoints < 1 or not 0 < adapter_fraction <= 1:
+        raise ValueError(f"bad sizes: parent {parent_bytes} B, {param_bytes} B/param, keep {keep_checkpoints}, adapter {adapter_fraction}")
+    params = parent_bytes / param_bytes
+    if mode == "full":
+        weights: float = parent_bytes
+        state = params * (ADAM_STATE_BYTES + (MASTER_BYTES if param_bytes < MASTER_BYTES else 0))
+    else:  # lora / qlora: fp32 adapter weights and their AdamW state; the base is never written
+        weights = params * adapter_fraction * MASTER_BYTES
+        state = params * adapter_fraction * ADAM_STATE_BYTES
+    checkpoint = weights + state
+    total = (keep_checkpoints + 1) * checkpoint + weights + (checkpoint if mainline else 0)
+    return math.ceil(total) + max(data_bytes, 0)
+
+
+def disk_refusal(free_bytes: int, needed_bytes: int) -> str | None:
+    """Why a round may not start on this volume: it would fill it mid-training (a round that fails late wastes the
+    hours before and can leave a half-written checkpoint). None when the space is there."""
+    if free_bytes >= needed_bytes:
+        return None
+    return (
+        f"the checkpoint volume has {free_bytes:,} bytes free ({free_bytes / GB:.2f} GB) but the round needs "
+        f"{needed_bytes:,} bytes ({needed_bytes / GB:.2f} GB); free space (a lower rounds.keep_rounds, old files) "
+        "or set rounds.min_free_gb"
+    )

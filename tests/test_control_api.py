@@ -51,7 +51,7 @@ class _Engine:
     def round(self, round_id: str) -> RoundRecord | None:
         return None
 
-    def round_manifest(self, round_id: str) -> list[dict[str, Any]] | None:
+    def round_manifest(self, round_id: str, offset: int = 0, limit: int = 1000) -> list[dict[str, Any]] | None:
         return None
 
     def trigger(self, reason: str, wait_s: float = 5.0) -> TriggerResult:

@@ -60,3 +60,12 @@ def test_deployments_do_not_share_keys(redis_client):
     a.write_batch([cand(0, "k1")], max_exact_keys=100)
     assert b.write_batch([cand(0, "k1")], max_exact_keys=100).outcomes == ["accepted"]
     assert all(k.startswith((b"cptd:{a}:", b"cptd:{b}:")) for k in redis_client.keys("*"))
+
+
+def test_a_snapshot_that_takes_no_document_is_an_empty_list(redis_client):
+    """Lua's -0 is the string "-0", which HINCRBY refuses: a round whose curation chose nothing must not fail on it."""
+    store = RedisStore(redis_client, "empty")
+    fence = store.lease_acquire("me", 60)
+    assert fence is not None
+    assert store.snapshot_take(fence, "r00001", 1000) == []
+    assert store.snapshot_take(fence, "r00002", 1000, chosen=["gone"]) == []

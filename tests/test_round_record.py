@@ -114,7 +114,7 @@ class _Engine:
     def round(self, round_id):
         return self.rec.model_copy(update={"policy": None}) if round_id == self.rec.id else None
 
-    def round_manifest(self, round_id):
+    def round_manifest(self, round_id, offset=0, limit=1000):
         return None
 
     def trigger(self, reason, wait_s=5.0):

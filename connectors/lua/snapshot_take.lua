@@ -39,6 +39,6 @@ for _, key in ipairs(taken) do
   redis.call('ZREM', buffer, key)
   redis.call('RPUSH', lst, key)
 end
-redis.call('HINCRBY', stats, 'buffer_docs', -#taken)
-redis.call('HINCRBY', stats, 'buffer_bytes', -used)
+redis.call('HINCRBY', stats, 'buffer_docs', 0 - #taken)  -- not -#taken: Lua writes -0 as "-0", which HINCRBY refuses
+redis.call('HINCRBY', stats, 'buffer_bytes', 0 - used)
 return taken

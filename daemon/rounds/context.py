@@ -13,9 +13,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from policies.config import Policy
 log = logging.getLogger("cptd.rounds")
 
 BASE_VERSION = "base"
+ROUND_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what a round id may be when it names a file
 
 
 class Stop(Exception):
@@ -99,12 +101,29 @@ class RoundContext:
         self.store.put_round(self.fenced(), rec.id, rec.to_store())
 
     def get_round(self, rid: str) -> RoundRecord | None:
+        """The record from Redis, or from its archive once retention moved it out (daemon/rounds/retention.py)."""
         raw = self.store.get_round(rid)
+        if raw is None:
+            path = self.archived_record_path(rid)
+            raw = json.loads(path.read_bytes()) if path is not None and path.exists() else None
         return RoundRecord.model_validate(raw) if raw is not None else None
 
-    def list_rounds(self) -> list[RoundRecord]:
-        """Every round record, oldest first."""
-        return [RoundRecord.model_validate(r) for r in self.store.list_rounds()]
+    def list_rounds(self, limit: int | None = None) -> list[RoundRecord]:
+        """The newest `limit` records in Redis (all of them when None; retention bounds them), oldest first."""
+        return [RoundRecord.model_validate(r) for r in self.store.list_rounds(limit)]
+
+    def newest_rounds(self, page: int = 20) -> Iterator[RoundRecord]:
+        """The records in Redis, newest first, read a page at a time: a search for the latest of a kind reads only
+        up to what it finds."""
+        ids = self.store.round_ids()[::-1]
+        for i in range(0, len(ids), page):
+            yield from (RoundRecord.model_validate(r) for r in self.store.get_rounds(ids[i : i + page]) if r is not None)
+
+    def archived_record_path(self, rid: str) -> Path | None:
+        """Where a round's archived record lives; None for an id that is no file name (it came from a URL)."""
+        if not ROUND_ID.fullmatch(rid):
+            return None
+        return self.settings.checkpoint_dir / "records" / f"{rid}.json"
 
     def enter(self, rec: RoundRecord, state: RoundState) -> None:
         now = time.time()

@@ -13,13 +13,11 @@ DEPLOYING error the replicas are reconciled (`reconcile_serving`).
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from datetime import datetime, timezone
 
 from daemon import metrics as M
 from daemon.round_record import (
-    TERMINAL,
     DeploySummary,
     DeployWait,
     RollbackRecord,
@@ -30,8 +28,9 @@ from daemon.round_record import (
 )
 from daemon.rounds.context import RoundContext, RoundFailed, Stop
 from daemon.rounds.document_fate import release
+from daemon.rounds.retention import tidy
 from daemon.serving import DeployRecord
-from policies.round_policy import blackout_match, next_swap_allowed, prune_rounds
+from policies.round_policy import blackout_match, next_swap_allowed
 
 log = logging.getLogger("cptd.rounds")
 
@@ -84,7 +83,6 @@ def deploying(ctx: RoundContext, rec: RoundRecord) -> None:
         log.info("round deployed", extra={"round_id": rec.id, "route_model": rec.deploy.route_model if rec.deploy else None})
         ctx.enter(rec, RoundState.DEPLOYED)
         ctx.reconcile_due = False
-    prune(ctx, policy.rounds.keep_rounds)
 
 
 def parent_refusal(ctx: RoundContext, rec: RoundRecord, adapter: bool) -> str | None:
@@ -148,19 +146,6 @@ def deploy_summary(d: DeployRecord) -> DeploySummary:
     return DeploySummary.model_validate({**out, "pause_seconds_max": max(pauses) if pauses else None})
 
 
-def prune(ctx: RoundContext, keep: int) -> None:
-    """Delete old round directories; never the live one, its rollback target, or an unfinished round."""
-    assert ctx.serving is not None
-    state = ctx.serving.state
-    rounds = ctx.list_rounds()
-    protected = {v for v in (state.desired_version, state.previous_version) if v} | {r.id for r in rounds if r.state not in TERMINAL}
-    finished = [r.id for r in rounds if r.state in TERMINAL and ctx.round_dir(r.id).exists()]
-    for rid in prune_rounds(finished, protected, keep):
-        shutil.rmtree(ctx.round_dir(rid), ignore_errors=True)
-        state.versions.pop(rid, None)
-        log.info("pruned round checkpoints", extra={"round_id": rid})
-
-
 def rollback(ctx: RoundContext, to: str | None = None) -> RollbackResult:
     """The operator's rollback: serve the previous (or the named) version again; the live round becomes ROLLED_BACK."""
     serving = ctx.serving
@@ -203,3 +188,4 @@ def mark_rolled_back(ctx: RoundContext, rid: str, to: str | None) -> None:
     if rec is not None and rec.state == RoundState.DEPLOYED:
         rec.rollback = RollbackRecord(at=time.time(), trigger="operator", to=to, ok=True)
         ctx.enter(rec, RoundState.ROLLED_BACK)
+        tidy(ctx)

@@ -1,19 +1,52 @@
-"""PENDING: refuse a round that could not deploy, before it moves a document or trains a step."""
+"""PENDING: refuse a round that could not finish or deploy, before it moves a document or trains a step."""
 
 from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
 
 from daemon.job_launchers import Job
 from daemon.jobs.specs import DeviceCheckSpec
 from daemon.round_record import RoundRecord, RoundState
 from daemon.rounds.context import Cancelled, RoundContext, RoundFailed
 from policies.config import Policy
+from policies.round_policy import GB, disk_refusal, round_disk_bytes
+
+PARAM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # config.json's dtype -> bytes per parameter
 
 
 def pending(ctx: RoundContext, rec: RoundRecord) -> None:
-    refusal = refusal_of(ctx, ctx.policy_of(rec), rec)
+    policy = ctx.policy_of(rec)
+    refusal = space_refusal(ctx, policy, rec) or refusal_of(ctx, policy, rec)
     if refusal:
         raise RoundFailed(f"PENDING: refused before taking any document: {refusal}", requeue=True)
     ctx.enter(rec, RoundState.SNAPSHOT)
+
+
+def space_refusal(ctx: RoundContext, policy: Policy, rec: RoundRecord) -> str | None:
+    """A round that fills the checkpoint volume fails hours later, mid-checkpoint: refuse it now, naming needed vs free.
+
+    Needed is `rounds.min_free_gb` when set, else the estimate of policies.round_policy.round_disk_bytes from the
+    parent checkpoint's size and dtype, measured here (policies/ reads no disk)."""
+    ctx.settings.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(ctx.settings.checkpoint_dir).free
+    if policy.rounds.min_free_gb is not None:
+        return disk_refusal(free, round(policy.rounds.min_free_gb * GB))
+    parent = Path(rec.parent.checkpoint) if rec.parent.checkpoint else None
+    weights = sum(f.stat().st_size for f in parent.glob("*.safetensors")) if parent and parent.is_dir() else 0
+    config = json.loads((parent / "config.json").read_text()) if parent and (parent / "config.json").is_file() else {}
+    hidden = config.get("hidden_size") or 0
+    needed = round_disk_bytes(
+        parent_bytes=weights,
+        param_bytes=PARAM_BYTES.get(config.get("torch_dtype") or config.get("dtype") or "", 2),  # unknown: 2, the larger estimate
+        mode=policy.train.mode,
+        keep_checkpoints=policy.train.keep_checkpoints,
+        mainline=policy.schedule.kind == "infinite",
+        data_bytes=3 * round(policy.rounds.budget_tokens * policy.rounds.bytes_per_token),  # new + held out + replay files
+        adapter_fraction=min(1.0, 2 * policy.train.lora_r / hidden) if hidden else 1.0,
+    )
+    return disk_refusal(free, needed)
 
 
 def refusal_of(ctx: RoundContext, policy: Policy, rec: RoundRecord) -> str | None:

@@ -232,8 +232,8 @@ def curation_record(
         return None
     selection = decision.selection
     synthetic = decision.provenance.get("synthetic", 0.0)
-    previous = [r for r in ctx.list_rounds() if r.curation is not None and r.state in TERMINAL]
-    before = previous[-1].curation.cap_binding_rounds if previous and previous[-1].curation else 0
+    previous = next((r for r in ctx.newest_rounds() if r.curation is not None and r.state in TERMINAL), None)
+    before = previous.curation.cap_binding_rounds if previous and previous.curation else 0
     streak = cap_binding_streak(before, selection.cap_binding)
     rec = CurationRecord(
         pool_docs=decision.pool_docs,

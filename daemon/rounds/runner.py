@@ -115,7 +115,7 @@ class RoundRunner:
             asks.append((None, auto[0]))
         started: str | None = None
         if asks:  # read once: nothing changes them until a round starts, and then the rest are merged
-            last_start = max((r.created_at for r in self.list_rounds()), default=None)
+            last_start = max((r.created_at for r in self.list_rounds(limit=1)), default=None)  # the newest round
             tokens = self.buffer_tokens()
         for req_id, kind in asks:
             if started:
@@ -164,8 +164,8 @@ class RoundRunner:
     def get_round(self, rid: str) -> RoundRecord | None:
         return self.ctx.get_round(rid)
 
-    def list_rounds(self) -> list[RoundRecord]:
-        return self.ctx.list_rounds()
+    def list_rounds(self, limit: int | None = None) -> list[RoundRecord]:
+        return self.ctx.list_rounds(limit)
 
     # ------------------------------------------------------------------ taking over
     def save_serving(self, state: ServingState) -> None:

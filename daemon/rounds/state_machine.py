@@ -9,7 +9,8 @@ phase. Every write checks the lease's fencing token in the same Redis call,
 so a daemon that lost the lease cannot overwrite the new holder's state. Any
 error in a phase ends the round FAILED with its cause, never the daemon; an
 error in DEPLOYING after the replicas were touched first reconciles them, so a
-failed round never leaves them on different versions.
+failed round never leaves them on different versions. Whatever the end, retention
+then runs (daemon/rounds/retention.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from daemon.rounds.deploying import deploying, reconcile_serving
 from daemon.rounds.document_fate import release, requeue
 from daemon.rounds.evaluating import evaluating
 from daemon.rounds.pending import pending
+from daemon.rounds.retention import tidy
 from daemon.rounds.snapshot import snapshot
 from daemon.rounds.training import training
 
@@ -73,4 +75,6 @@ def drive(ctx: RoundContext, rid: str) -> RoundRecord:
         ctx.enter(rec, RoundState.FAILED)
     finally:
         ctx.stop_job()
+    if rec.state in TERMINAL:
+        tidy(ctx)  # every end state, not only a deploy: failed and rejected rounds leave files too
     return rec

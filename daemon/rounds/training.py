@@ -3,7 +3,9 @@
 The spec goes into the record before the job starts (with its digest and the
 launcher), so a resumed round runs the same spec and the trainer resumes from
 its newest checkpoint in the same directory. Progress comes from the trainer's
-progress.jsonl, into metrics every tick and into the record every few seconds.
+progress.jsonl, into metrics every tick and into the record every few seconds;
+the record's loss curve is downsampled to at most CURVE_POINTS points
+(TrainRecord.add_curve_point), while progress.jsonl keeps every step.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class ProgressRecorder:
             elif ev["event"] == "step":
                 progress.step, progress.loss, progress.lr = ev["step"], ev["loss"], ev["lr"]
                 progress.tokens, progress.tokens_per_s = ev["tokens"], ev["tokens_per_s"]
-                train.curve = [c for c in train.curve if c[0] < ev["step"]] + [(ev["step"], round(ev["loss"], 4), ev["lr"])]
+                train.add_curve_point((ev["step"], round(ev["loss"], 4), ev["lr"]))
                 M.TRAIN_LOSS.set(ev["loss"])
                 M.TRAIN_LR.set(ev["lr"])
                 M.TRAIN_STEP.set(ev["step"])

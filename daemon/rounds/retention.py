@@ -1,0 +1,112 @@
+"""Retention: what finished rounds leave behind stays bounded, whichever way they ended.
+
+`tidy` runs at every terminal state (DEPLOYED, REJECTED, FAILED, ROLLED_BACK, the operator's rollback included),
+with the policy in force, so lowering a cap frees space at the next round's end:
+
+* round directories: the newest `rounds.keep_rounds` finished ones stay, whatever their end state (a failed or
+  rejected round's directory holds its logs and eval report, which is what an operator reads about it; its
+  weights are useless, but the newest few are the ones asked about). Never deleted: an unfinished round's, the
+  live version's, its rollback target's, any version a replica reports, a round whose adapter is still loaded or
+  kept, and a directory whose round neither Redis nor the archive knows (Redis may have lost it: not ours to judge).
+* round records: the newest `rounds.keep_records` stay in Redis; older finished ones are written whole to
+  `$CPTD_CHECKPOINT_DIR/records/<id>.json` and removed from Redis. `GET /rounds/{id}` reads the archive
+  (`RoundContext.get_round`). The archive is not the round's directory: that is deleted long before
+  (keep_rounds is far below keep_records), and one small file per round is all it costs.
+* cancel marks of rounds that ended are removed (a mark only matters while its round runs).
+
+A failure here (a lost lease included) is logged and never fails a round or a rollback: the next round's end
+tries again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from connectors.redis_store import Fenced, round_number
+from daemon.round_record import TERMINAL, RoundRecord
+from daemon.rounds.context import RoundContext, Stop, write_atomic
+from policies.round_policy import prune_rounds
+
+log = logging.getLogger("cptd.rounds")
+
+
+def tidy(ctx: RoundContext) -> None:
+    """Prune directories, archive old records, forget the cancel marks of ended rounds (see the module doc)."""
+    rounds = ctx.get_policy().rounds
+    try:
+        prune_directories(ctx, rounds.keep_rounds)
+        archive_records(ctx, rounds.keep_records)
+        marks = ctx.store.cancel_marks()
+        ctx.store.clear_cancel([rid for rid, raw in zip(marks, ctx.store.get_rounds(marks), strict=True) if not unfinished(raw)])
+    except (Stop, Fenced) as e:  # the round has ended already; the next lease holder tidies at its next round's end
+        log.warning("retention skipped: lease lost", extra={"reason": str(e)})
+    except Exception:  # noqa: BLE001 - retention never fails a round (nor an operator's rollback); the next end retries
+        log.exception("retention failed")
+
+
+def unfinished(raw: dict[str, Any] | None) -> bool:
+    return raw is not None and RoundRecord.model_validate(raw).state not in TERMINAL
+
+
+def protected(ctx: RoundContext) -> set[str]:
+    """Rounds whose files serving may still need: live, rollback target, what any replica reports, kept adapters."""
+    assert ctx.serving is not None
+    state = ctx.serving.state
+    out = {v for v in (state.desired_version, state.previous_version) if v}
+    out |= {r.version for r in state.replicas.values() if r.version}
+    prefix = ctx.serving.lora_name("")  # adapters are named prefix + round id
+    out |= {n.removeprefix(prefix) for n in (*state.lora_versions, state.lora_active) if n and n.startswith(prefix)}
+    root = ctx.settings.checkpoint_dir / "rounds"
+    for path in state.lora_paths.values():
+        p = Path(path)
+        if p.is_relative_to(root) and p != root:
+            out.add(p.relative_to(root).parts[0])
+    return out
+
+
+def prune_directories(ctx: RoundContext, keep: int) -> list[str]:
+    """Delete finished round directories beyond the newest `keep`; returns the ids deleted."""
+    if ctx.serving is None:  # not knowing what is served, nothing can be called safe to delete
+        return []
+    root = ctx.settings.checkpoint_dir / "rounds"
+    ids = sorted((p.name for p in root.iterdir() if p.is_dir()), key=round_number) if root.is_dir() else []
+    finished = [rid for rid, raw in zip(ids, ctx.store.get_rounds(ids), strict=True) if ended(ctx, rid, raw)]
+    gone = prune_rounds(finished, protected(ctx), keep)
+    for rid in gone:
+        shutil.rmtree(root / rid, ignore_errors=True)
+        ctx.serving.state.versions.pop(rid, None)  # no rollback to a version whose files are gone
+        log.info("pruned round directory", extra={"round_id": rid})
+    return gone
+
+
+def ended(ctx: RoundContext, rid: str, raw: dict[str, Any] | None) -> bool:
+    """The round finished: its record says so, or it was archived (only finished records are)."""
+    if raw is not None:
+        return RoundRecord.model_validate(raw).state in TERMINAL
+    path = ctx.archived_record_path(rid)
+    return path is not None and path.exists()
+
+
+def archive_records(ctx: RoundContext, keep: int) -> list[str]:
+    """Move finished records beyond the newest `keep` out of Redis into the archive; returns the ids moved.
+
+    Reads only the records beyond the cap (one per round in the steady state), never the whole hash."""
+    ids = ctx.store.round_ids()
+    old = ids[: max(len(ids) - keep, 0)]
+    keep_ids = protected(ctx) if ctx.serving is not None else set()
+    moved = []
+    for rid, raw in zip(old, ctx.store.get_rounds(old), strict=True):
+        path = ctx.archived_record_path(rid)
+        if raw is None or path is None or rid in keep_ids or unfinished(raw):
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(raw, sort_keys=True).encode())
+        moved.append(rid)
+    ctx.store.delete_rounds(ctx.fenced(), moved)
+    if moved:
+        log.info("archived round records", extra={"rounds": moved, "archive": str(ctx.settings.checkpoint_dir / "records")})
+    return moved
