@@ -257,7 +257,7 @@ def storage_figures(spec: PlanSpec, m: dict[str, Any]) -> dict[str, int]:
     n_ckpt = math.ceil(steps / tp.checkpoint_interval)
     mainline = ckpt if spec.schedule_kind == "infinite" else 0
     return {
-        "device_at_load": loaded if full else loaded,
+        "device_at_load": loaded,
         "host_load_per_rank": loaded,
         "host_export_rank0": export,
         "checkpoint_bytes": ckpt,
