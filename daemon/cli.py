@@ -391,6 +391,71 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(workdir=a.workdir, docs=a.docs, pretrain_steps=a.pretrain_steps, round_steps=a.round_steps)
 
 
+def plan_spec(a: argparse.Namespace, out: str) -> Any:
+    """The PlanSpec of `cptd plan`'s flags, or a refusal (ValueError) that names the bad input."""
+    from pydantic import ValidationError
+
+    from daemon.jobs.specs import PlanSpec
+    from policies.config import PolicyError, load_policy
+
+    try:
+        policy = load_policy(a.policy) if a.policy else None
+    except PolicyError as e:
+        raise ValueError(f"invalid policy: {e}") from None
+    try:
+        shape = json.loads(open(a.model, encoding="utf-8").read())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {a.model}: not a readable config.json ({e})") from None
+    missing = [k for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers") if not isinstance(shape, dict) or k not in shape]
+    if missing:
+        raise ValueError(f"--model {a.model}: a Hugging Face config.json needs {', '.join(missing)}")
+    if a.gpus < 1 or a.nodes < 1:
+        raise ValueError(f"--gpus {a.gpus} --nodes {a.nodes}: both must be at least 1")
+    if a.nodes > a.gpus or a.gpus % a.nodes:
+        raise ValueError(f"--gpus {a.gpus} over --nodes {a.nodes}: every node needs the same number of GPUs, at least one")
+    train = policy.train if policy else None
+    if train is not None and train.mode == "qlora":
+        raise ValueError("train.mode qlora: the 4-bit base cannot be built on fake tensors; plan the round as lora")
+    try:
+        return PlanSpec(
+            model_shape=shape,
+            **({"train": train} if train is not None else {}),
+            schedule_kind=policy.schedule.kind if policy else "constant",
+            gpus=a.gpus,
+            nodes=a.nodes,
+            gpu_memory_gb=a.gpu_memory_gb,
+            host_memory_gb=a.host_memory_gb,
+            volume_gb=a.volume_gb,
+            steps=a.steps,
+            out=out,
+        )
+    except ValidationError as e:
+        raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    """The memory plan of a round (docs/round-engine.md, Memory plan). The trainer's own step on fake tensors, in a
+    child process: this process never imports torch. Exit 0 fits, 3 does not fit what was declared, 2 bad input."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="cptd-plan-") as d:
+        try:
+            spec = plan_spec(a, str(Path(d) / "plan.json"))
+        except ValueError as e:
+            print(f"cptd plan: {e}", file=sys.stderr)
+            return 2
+        spec_path = spec.write(Path(d) / "spec.json")
+        done = subprocess.run([sys.executable, "-m", spec.module, str(spec_path)], capture_output=True, text=True)
+        if done.returncode != 0 or not spec.result_file.exists():
+            print(f"cptd plan: the plan job failed (exit {done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        result = json.loads(spec.result_file.read_text())
+    print(json.dumps(result, indent=1, sort_keys=True) if a.json else done.stdout, end="" if not a.json else "\n")
+    return 3 if result["refusals"] else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="cptd", description="continual pre-training daemon")
     ap.add_argument("--url", default=os.environ.get("CPTD_URL", "http://127.0.0.1:8080"), help="API of a running daemon")
@@ -448,6 +513,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-len", type=int, default=512)
     p.set_defaults(fn=cmd_calibrate_detector)
+    p = add("plan", help="memory plan of a round: per-GPU peak, host memory, checkpoint bytes (the trainer's step on fake tensors)")
+    p.add_argument("--policy", default=None, help="policy file whose train section is planned (default: the defaults)")
+    p.add_argument("--model", required=True, help="the model's Hugging Face config.json (no weights needed)")
+    p.add_argument("--gpus", type=int, required=True, help="ranks in all")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpu-memory-gb", type=float, default=None, help="per GPU, GiB")
+    p.add_argument("--host-memory-gb", type=float, default=None, help="per node, GiB")
+    p.add_argument("--volume-gb", type=float, default=None, help="the checkpoint volume, GiB")
+    p.add_argument("--steps", type=int, default=None, help="a round's optimizer steps (default: max_steps, else one checkpoint interval)")
+    p.set_defaults(fn=cmd_plan)
     p = add("validate-policy", help="check a policy file; exit 1 and name the field if invalid")
     p.add_argument("file")
     p.set_defaults(fn=cmd_validate_policy)

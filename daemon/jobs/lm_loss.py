@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
 
     from daemon.jobs.model_loader import CausalLM
@@ -25,6 +26,16 @@ class LossResult:
     mean_nll: float  # nats per predicted token
     tokens: int
     per_doc: list[float]  # mean nats per token of each document (nan for a document with no predicted token)
+
+
+def window_nll(model: CausalLM, inp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """NLL of each predicted token of a padded batch of windows ([B, W-1], 0 at padding): the step that holds the
+    memory, shared with the memory plan (daemon/jobs/memory_plan.py), which runs it on fake tensors."""
+    import torch
+
+    logits = model(input_ids=inp, attention_mask=mask).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    return -logp.gather(-1, inp[:, 1:].unsqueeze(-1)).squeeze(-1) * mask[:, 1:]
 
 
 def mean_token_loss(
@@ -62,11 +73,7 @@ def mean_token_loss(
             for i, (_, w) in enumerate(chunk):
                 inp[i, : len(w)] = torch.tensor(w)
                 mask[i, : len(w)] = 1
-            inp, mask = inp.to(device), mask.to(device)
-            logits = model(input_ids=inp, attention_mask=mask).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tgt = inp[:, 1:]
-            nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * mask[:, 1:]
+            nll = window_nll(model, inp.to(device), mask.to(device))
             for i, (d, _) in enumerate(chunk):
                 doc_nll[d] += float(nll[i].sum())
                 doc_tok[d] += int(mask[i, 1:].sum())

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
     from transformers import PreTrainedModel
 
 DCP_DIR = "resume/dcp"  # inside a checkpoint / main-line directory, beside the consolidated weights
@@ -41,11 +42,12 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None, cpu_offload: bool) -> torch.nn.Module:
+def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None, cpu_offload: bool, mesh: DeviceMesh | None = None) -> torch.nn.Module:
     """fully_shard each decoder layer, then the root. Compute in `compute_dtype` (bf16-mixed), gradients reduced
-    in fp32, fp32 masters kept sharded; optionally all of it in CPU memory."""
+    in fp32, fp32 masters kept sharded; optionally all of it in CPU memory. `mesh`: the default (all ranks) unless
+    given; the memory plan passes one made before it enters torch's fake-tensor mode."""
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
-    kw: dict = {"mp_policy": mp}
+    kw: dict = {"mp_policy": mp, "mesh": mesh}
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
     for unit in units(model):

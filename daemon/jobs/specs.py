@@ -335,3 +335,64 @@ class DeviceCheckSpec(JobSpec):
     @property
     def result_file(self) -> Path:
         return Path(self.out)
+
+
+# --------------------------------------------------------------------------- memory plan
+
+
+class PlanSpec(JobSpec):
+    """Input of `python -m daemon.jobs.memory_plan SPEC.json` (`cptd plan`): one training step and one evaluation
+    step of `train` on a model of `model_config`'s shape, on `gpus` fake ranks (docs/round-engine.md, Memory plan).
+
+    real: run the same step on real tensors, on the ranks torchrun started (gloo, CPU): the check of the plan."""
+
+    module: ClassVar[str] = "daemon.jobs.memory_plan"
+    model_shape: dict[str, Any]  # a Hugging Face config.json (its published shape; no weights)
+    train: TrainPolicy = Field(default_factory=TrainPolicy)
+    schedule_kind: str = "constant"  # infinite: a round also writes its main line
+    gpus: int = Field(default=1, ge=1, le=4096)  # ranks in all
+    nodes: int = Field(default=1, ge=1, le=512)
+    gpu_memory_gb: float | None = Field(default=None, gt=0)  # per GPU, in GiB; None: not checked
+    host_memory_gb: float | None = Field(default=None, gt=0)  # per node
+    volume_gb: float | None = Field(default=None, gt=0)  # the checkpoint volume
+    steps: int | None = Field(default=None, ge=1)  # a round's optimizer steps (None: train.max_steps, else one checkpoint interval)
+    eval_batch_size: int = Field(default=8, ge=1)  # mean_token_loss's windows per forward
+    real: bool = False
+    out: str
+
+    @property
+    def result_file(self) -> Path:
+        return Path(self.out)
+
+
+class PlanResult(BaseModel):
+    """Per rank, in bytes. Device figures come from torch's memory tracker over the step; host and volume figures
+    from the shapes and the trainer's own load, export and checkpoint layout (docs/round-engine.md, Memory plan)."""
+
+    world: int
+    nodes: int
+    fsdp: bool
+    precision: str
+    mode: str  # fake: FakeTensorMode and a fake process group; real: real tensors on gloo ranks
+    parameters_total: int  # numbers of parameters of the model
+    trainable_total: int
+    peak: int  # the training step's peak: the sum of the five below
+    parameters: int  # sharded and unsharded (all-gathered) parameters, buffers
+    gradients: int  # sharded and unsharded gradients, and those fsdp keeps unsharded through accumulation
+    optimizer: int
+    activations: int  # saved for backward, and the step's inputs
+    temporaries: int  # all-gather / reduce-scatter buffers, logits, the loss' intermediates
+    accumulated_gradients: int = 0  # of `gradients`: unsharded fp32 gradients held between micro-batches (fsdp, grad_accum > 1)
+    eval_peak: int  # the evaluation step's peak (training state resident)
+    device_at_load: int  # the whole model in the trainable dtype, moved to the GPU before it is sharded
+    host_load_per_rank: int  # each rank reads the whole parent into host memory
+    host_export_rank0: int  # rank 0 gathers every weight in fp32 and writes a copy in the parent's dtype
+    checkpoint_bytes: int  # one resumable checkpoint, all ranks together
+    final_bytes: int  # the candidate, in the parent's dtype
+    round_written_bytes: int
+    round_held_bytes: int  # the newest keep_checkpoints checkpoints, the main line and the candidate at once
+    checkpoints_per_round: int
+    steps: int
+    refusals: list[str] = Field(default_factory=list)  # why this round does not fit what was declared; empty: fits
+    rss_delta: int | None = None  # real mode: peak resident set over the step minus the resident set before it
+    seconds: float = 0.0

@@ -216,6 +216,27 @@ def packed_logits(model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, position_ids=pos, use_cache=False).logits
 
 
+def micro_batch_loss(fwd, x: torch.Tensor, pos: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of one packed micro-batch (fp32 logits over the whole vocabulary).
+    One function for the round and for the memory plan (daemon/jobs/memory_plan.py), which runs it on fake tensors."""
+    logits = packed_logits(fwd, x, pos)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def optimizer_step(opt: torch.optim.Optimizer, params: list, scaler, grad_clip: float) -> torch.Tensor:
+    """Clip, step, free the gradients; returns the norm before clipping (a DTensor under fsdp)."""
+    if scaler is not None:
+        scaler.unscale_(opt)  # clip the true gradients; a step with inf/nan gradients is skipped by scaler.step
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
 def make_optimizer(model, train_policy: TrainPolicy, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; no weight decay on vectors (norms, biases), as in nanoGPT. Low-precision parameters get
     AdamWFp32State: torch's AdamW would keep its moments in the parameters' bf16."""
@@ -617,23 +638,12 @@ def run(spec: TrainSpec) -> dict:
             sync = nullcontext() if (not ddp or last) else model.no_sync()
             with sync:  # DDP and FSDP reduce gradients only on the last micro-batch
                 with autocast():
-                    logits = packed_logits(fwd, x, p)
-                loss = F.cross_entropy(
-                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
-                )
+                    loss = micro_batch_loss(fwd, x, p, y)
                 scaled = loss / n_tgt
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             loss_sum += float(loss.detach())
-        if scaler is not None:
-            scaler.unscale_(opt)  # clip the true gradients; a step with inf/nan gradients is skipped by scaler.step
-        norm = torch.nn.utils.clip_grad_norm_(params, train_policy.grad_clip)
+        norm = optimizer_step(opt, params, scaler, train_policy.grad_clip)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # fsdp: a DTensor
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
         step += 1
         tokens += n_tgt * world
         dt = time.perf_counter() - t0

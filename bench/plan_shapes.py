@@ -1,0 +1,118 @@
+"""The memory plan of three published shapes (docs/round-engine.md, Memory plan): no GPU, no weights.
+
+    python bench/plan_shapes.py                 # all shapes and policies, ~10 min on one core
+    python bench/plan_shapes.py --only 8b       # one shape
+
+Each row is `python -m daemon.jobs.memory_plan SPEC` (what `cptd plan` runs): the trainer's own step, sharded by
+the trainer's own FSDP code, on fake tensors and N fake ranks, under torch's memory tracker. Shapes are the
+published config.json files in tests/data/model_shapes/. Policies: the default `train` section (what a policy
+that says nothing gets, with parallelism fsdp where there are several GPUs) and one sized for the model
+(micro-batch 1, activation checkpointing), each at grad_accum 4 and 1: grad_accum > 1 under fsdp keeps every
+layer's fp32 gradients unsharded on every rank (issue 23), and the plan shows it. The 8B row "issue 23's" is
+the setting the issue measured (1 x 2048, no activation checkpointing, grad_accum 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from daemon.jobs.specs import PlanResult, PlanSpec  # noqa: E402
+
+SHAPES = Path(__file__).resolve().parent.parent / "tests" / "data" / "model_shapes"
+SIZED = {"micro_batch_size": 1, "seq_len": 2048, "activation_checkpointing": True}
+# (key, shape file, GPUs, nodes, GiB per GPU, host GiB per node, volume GiB, [(policy name, train section)])
+CASES = [
+    ("0.5b", "qwen2.5-0.5b.json", 1, 1, 80, 64, 100, [("default", {}), ("accum 1", {"grad_accum": 1})]),
+    (
+        "8b",
+        "llama-3-8b.json",
+        8,
+        1,
+        80,
+        256,
+        500,
+        [
+            ("default", {"parallelism": "fsdp"}),
+            ("sized", {"parallelism": "fsdp", **SIZED, "grad_accum": 4}),
+            ("sized, accum 1", {"parallelism": "fsdp", **SIZED, "grad_accum": 1}),
+            ("issue 23's", {"parallelism": "fsdp", **SIZED, "activation_checkpointing": False, "grad_accum": 1}),
+        ],
+    ),
+    (
+        "70b",
+        "llama-3-70b.json",
+        16,
+        2,
+        80,
+        256,
+        500,
+        [
+            ("sized", {"parallelism": "fsdp", **SIZED, "grad_accum": 4}),
+            ("sized, accum 1", {"parallelism": "fsdp", **SIZED, "grad_accum": 1}),
+        ],
+    ),
+]
+
+
+def row(name: str, shape: str, gpus: int, nodes: int, gpu: float, r: PlanResult, spec: PlanSpec) -> str:
+    def g(x: int) -> str:
+        return f"{x / 2**30:,.1f}"
+
+    t = spec.train
+    fits = "yes" if not r.refusals else "**no**"
+    return (
+        f"| {shape} | {gpus} x {gpu:g} GiB / {nodes} | {name}: {t.micro_batch_size}x{t.seq_len}, accum {t.grad_accum}, "
+        f"AC {'on' if t.activation_checkpointing else 'off'} | {g(r.peak)} | {g(r.parameters)} | {g(r.gradients)} "
+        f"({g(r.accumulated_gradients)}) | {g(r.optimizer)} | {g(r.activations)} | {g(r.temporaries)} | {g(r.eval_peak)} | "
+        f"{g(r.device_at_load)} | {g(r.host_load_per_rank)} | {g(r.host_export_rank0)} | {g(r.checkpoint_bytes)} | "
+        f"{g(r.round_held_bytes)} | {fits} |"
+    )
+
+
+HEADER = (
+    "| shape | GPUs / nodes | policy | peak | params | grads (held unsharded) | optimizer | activations | temporaries | "
+    "eval peak | GPU at load | host at load, per rank | host at export, rank 0 | per checkpoint | held by a round | fits |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=[c[0] for c in CASES], default=None)
+    a = ap.parse_args()
+    rows, env = [], {**os.environ, "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as d:
+        for key, shape, gpus, nodes, gpu, host, volume, policies in CASES:
+            if a.only and key != a.only:
+                continue
+            for name, train in policies:
+                out = Path(d) / f"{key}-{len(rows)}.json"
+                spec = PlanSpec(
+                    model_shape=json.loads((SHAPES / shape).read_text()),
+                    train=train,
+                    gpus=gpus,
+                    nodes=nodes,
+                    gpu_memory_gb=gpu,
+                    host_memory_gb=host,
+                    volume_gb=volume,
+                    out=str(out),
+                )
+                path = spec.write(Path(d) / f"spec-{len(rows)}.json")
+                done = subprocess.run([sys.executable, "-m", spec.module, str(path)], capture_output=True, text=True, env=env)
+                if done.returncode != 0:
+                    raise SystemExit(f"{shape} {name}: plan failed\n{done.stderr[-3000:]}")
+                print(f"== {shape}, {name}\n{done.stdout}", flush=True)
+                rows.append(row(name, shape.removesuffix(".json"), gpus, nodes, gpu, PlanResult.model_validate_json(out.read_text()), spec))
+    print("per rank, GiB\n" + HEADER + "\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

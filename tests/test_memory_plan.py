@@ -1,0 +1,138 @@
+"""The memory plan (`cptd plan`, daemon/jobs/memory_plan.py): the trainer's step on fake tensors predicts a real one.
+
+The same PlanSpec runs twice: on fake tensors with N fake ranks (the plan), and
+on real tensors on N gloo ranks under torchrun (the measurement: torch's memory
+tracker over real allocations, and the growth of the resident set, printed). The
+plan of the Llama-3-8B shape on 8 ranks is checked against figures derived here
+from its config.json, not copied from a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import main as cli_main
+from daemon.jobs.specs import PlanResult, PlanSpec
+
+SHAPES = Path(__file__).parent / "data" / "model_shapes"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# A small Llama, wide enough that its tensors, not the allocator's rounding, make up the peak.
+SMALL = {
+    "model_type": "llama",
+    "vocab_size": 4096,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+    "dtype": "bfloat16",
+}
+SMALL_TRAIN = {"parallelism": "fsdp", "micro_batch_size": 2, "seq_len": 128, "grad_accum": 4, "device": "cpu"}
+
+
+def run_plan(tmp: Path, name: str, ranks: int = 1, **kw) -> PlanResult:
+    spec = PlanSpec(out=str(tmp / f"{name}.result.json"), **kw)
+    path = spec.write(tmp / f"{name}.json")
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
+    done = subprocess.run([*launcher, "-m", spec.module, str(path)], capture_output=True, text=True, timeout=600, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return PlanResult.model_validate_json(spec.result_file.read_text())
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_fake_plan_predicts_the_real_step(tmp_path, world):
+    plan = run_plan(tmp_path, "fake", model_shape=SMALL, train=SMALL_TRAIN, gpus=world)
+    real = run_plan(tmp_path, "real", ranks=world, model_shape=SMALL, train=SMALL_TRAIN, gpus=world, real=True)
+    assert (plan.mode, real.mode, plan.world, real.world) == ("fake", "real", world, world)
+    ratio = plan.peak / real.peak
+    assert real.rss_delta is not None
+    # What the step adds to what a rank holds between steps (its fp32 shards and AdamW state), against RSS growth.
+    growth = plan.peak - plan.optimizer - 4 * plan.trainable_total // world
+    print(
+        f"\n{world} rank(s): plan peak {plan.peak / 2**20:.2f} MiB, measured (tracker, real tensors) {real.peak / 2**20:.2f} MiB, "
+        f"ratio {ratio:.3f}; the step's growth: plan {growth / 2**20:.1f} MiB, resident set {real.rss_delta / 2**20:.1f} MiB "
+        f"(ratio {growth / real.rss_delta:.2f})"
+    )
+    assert 0.85 <= ratio <= 1.15
+    for col in ("parameters", "optimizer"):  # the state at the peak is shape-exact
+        assert getattr(plan, col) == getattr(real, col), col
+    assert plan.peak == plan.parameters + plan.gradients + plan.optimizer + plan.activations + plan.temporaries
+    if world > 1:  # fsdp with grad_accum > 1 holds every layer's fp32 gradient unsharded between micro-batches (issue 23)
+        assert real.accumulated_gradients > 0 and plan.accumulated_gradients == real.accumulated_gradients
+        assert plan.accumulated_gradients >= 4 * plan.trainable_total * 0.9
+
+
+def llama_parameters(c: dict) -> int:
+    h, i, v, layers = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
+    layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # q, o; k, v; gate, up, down; two norms
+    return layers * layer + v * h * (1 if c["tie_word_embeddings"] else 2) + h
+
+
+def test_8b_plan_on_8_ranks_is_what_the_shapes_say(tmp_path):
+    shape = json.loads((SHAPES / "llama-3-8b.json").read_text())
+    n, ranks = llama_parameters(shape), 8
+    train = {"parallelism": "fsdp", "micro_batch_size": 1, "seq_len": 256, "grad_accum": 1, "activation_checkpointing": True}
+    r = run_plan(tmp_path, "8b", model_shape=shape, train=train, gpus=ranks, eval_batch_size=1, gpu_memory_gb=24, volume_gb=500)
+    assert r.parameters_total == r.trainable_total == n
+    assert r.fsdp and r.precision == "bf16-mixed"
+    shard = n / ranks
+    unit = shape["vocab_size"] * shape["hidden_size"]  # the largest FSDP unit: the embedding, or the LM head
+    assert 4 * shard <= r.parameters <= 4 * shard + 2 * 2 * unit  # fp32 shards + at most two bf16 units gathered
+    assert 8 * shard <= r.optimizer <= 8 * shard * 1.01  # AdamW's two fp32 moments, sharded (padding aside)
+    assert r.gradients <= 4 * shard + 4 * unit  # sharded fp32 gradients, and the unit being reduced
+    assert r.accumulated_gradients == 0  # grad_accum 1: nothing held between micro-batches
+    # Activation checkpointing keeps each layer's bf16 input; fp32 at most
+    assert r.activations <= shape["num_hidden_layers"] * train["micro_batch_size"] * train["seq_len"] * shape["hidden_size"] * 4
+    assert r.peak == r.parameters + r.gradients + r.optimizer + r.activations + r.temporaries
+    # Today's load, export and checkpoint layout: every rank holds the whole fp32 model before sharding; rank 0
+    # gathers it in fp32 and writes a bf16 copy; a checkpoint is bf16 weights + fp32 masters + two fp32 moments.
+    assert r.device_at_load == r.host_load_per_rank == 4 * n
+    assert r.host_export_rank0 == 6 * n
+    assert r.checkpoint_bytes == 14 * n and r.final_bytes == 2 * n
+    assert any("over the declared 24 GiB" in why and "whole model" in why for why in r.refusals)  # 32 GB at load
+    assert all("volume" not in why for why in r.refusals)  # 120 GB held, 500 GiB declared
+
+
+@pytest.mark.parametrize(
+    ("args", "cause"),
+    [
+        (["--model", "{missing}", "--gpus", "1"], "not a readable config.json"),
+        (["--model", "{not_a_model}", "--gpus", "1"], "needs model_type"),
+        (["--model", "{model}", "--gpus", "0"], "must be at least 1"),
+        (["--model", "{model}", "--gpus", "3", "--nodes", "2"], "same number of GPUs"),
+        (["--model", "{model}", "--gpus", "2", "--gpu-memory-gb", "-1"], "gpu_memory_gb"),
+        (["--model", "{model}", "--gpus", "1", "--policy", "{qlora}"], "qlora"),
+        (["--model", "{model}", "--gpus", "1", "--policy", "{bad_policy}"], "invalid policy"),
+    ],
+)
+def test_cli_refuses_bad_input_with_the_cause(tmp_path, capsys, args, cause):
+    files = {
+        "missing": tmp_path / "absent.json",
+        "not_a_model": tmp_path / "list.json",
+        "model": SHAPES / "llama-3-8b.json",
+        "qlora": tmp_path / "qlora.yaml",
+        "bad_policy": tmp_path / "bad.yaml",
+    }
+    files["not_a_model"].write_text(json.dumps({"hidden_size": 8}))
+    files["qlora"].write_text("name: t\ntrain:\n  mode: qlora\n")
+    files["bad_policy"].write_text("name: t\ntrain:\n  micro_batch_size: 0\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["plan", *(a.format(**files) for a in args)])
+    assert exit_.value.code == 2
+    assert cause in capsys.readouterr().err
+
+
+def test_cli_does_not_import_torch():
+    code = "import sys, daemon.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], env=ENV).returncode == 0
