@@ -15,12 +15,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from connectors.redis_store import RedisStore, connect
+from connectors.redis_store import Fence, RedisStore, connect
 from daemon.dev.services import Service, redis_service, wait_for
 from daemon.job_launchers import Job, ProcessLauncher
 from daemon.jobs.specs import TrainSpec
@@ -28,9 +29,13 @@ from daemon.round_record import RoundRecord, RoundState, TrainRecord
 from daemon.rounds import state_machine
 from daemon.rounds.context import RoundContext, Stop
 from daemon.rounds.runner import RoundRunner
+from daemon.rounds.state_machine import drive
+from daemon.serving import KnownVersion, ServingState
 from daemon.settings import Settings
 from policies.config import Policy
 from tests.job_context import bare_record
+from tests.test_deploy_guard import _context as deploy_guard_context
+from tests.test_deploy_guard import _deploying_round as deploying_round
 
 # The lease is renewed every TTL/3 and ends 0.8 TTL after its last renewal, so an outage shorter than 0.46 TTL
 # (3.7 s) cannot end it; the job is polled every second.
@@ -102,7 +107,7 @@ def test_a_redis_outage_during_training_keeps_the_trainer_and_a_longer_one_resum
                 stop.wait(0.1)
                 continue
             try:
-                outcomes.append(state_machine.drive(ctx, rec.id).state.value)
+                outcomes.append(drive(ctx, rec.id).state.value)
                 return
             except Stop as e:
                 outcomes.append(f"Stop: {e}")
@@ -152,3 +157,38 @@ def test_a_redis_outage_during_training_keeps_the_trainer_and_a_longer_one_resum
         driver.join(30)
         for svc in servers[1:]:  # the fixture stops the first
             svc.kill()
+
+
+class OutageAtDeployed(RedisStore):
+    """The real store; Redis goes down (killed, restarted 1.5 s later) just as the round's DEPLOYED state is written."""
+
+    servers: list[Service]
+    workdir: Path
+
+    def put_round(self, fence: Fence, round_id: str, record: dict[str, Any], serving: str | None = None) -> None:
+        if record.get("state") == RoundState.DEPLOYED.value and len(self.servers) == 1:
+            port = self.servers[0].port
+            self.servers[0].kill()
+            timer = threading.Timer(1.5, lambda: self.servers.append(redis_service(self.workdir, port=port).start()))
+            timer.start()
+        super().put_round(fence, round_id, record, serving)
+
+
+def test_a_deploy_whose_final_save_meets_an_outage_ends_deployed_not_failed(redis_server: Service, redis_url: str, tmp_path: Path):
+    # Every replica serves r00004 already (the swap is done); the write of DEPLOYED meets Redis down.
+    state = ServingState(
+        versions={"base": KnownVersion("base", "/ck/base", "fp-base"), "r00004": KnownVersion("r00004", "/ck/r00004", "fp-4")},
+        desired_version="r00004",
+        previous_version="base",
+    )
+    store = OutageAtDeployed(connect(redis_url, retry=Retry(NoBackoff(), 0)), "deploy-outage")
+    store.servers, store.workdir = [redis_server], tmp_path / "redis"
+    ctx = deploy_guard_context(store, tmp_path / "ck", state)
+    deploying_round(ctx, "r00004", parent="base", candidate=tmp_path / "rounds" / "r00004" / "final")
+    try:
+        out = drive(ctx, "r00004")
+    finally:
+        for svc in store.servers[1:]:
+            svc.kill()
+    assert len(store.servers) == 2  # the outage happened
+    assert out.state == RoundState.DEPLOYED and out.error is None, out.error

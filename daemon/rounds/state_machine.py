@@ -100,10 +100,8 @@ def run_phase(ctx: RoundContext, rec: RoundRecord) -> None:
             outage.over()
             if fresh is None:
                 raise KeyError(rec.id)
-            for name in type(rec).model_fields:
+            for name in type(rec).model_fields:  # the serving controller's state stays: this holder knows it
                 setattr(rec, name, getattr(fresh, name))
-            if rec.state == RoundState.DEPLOYING and ctx.reconcile_due:  # as at a take-over, before the deploy reruns
-                reconcile_serving(ctx, roll_back_diverged=False)
         if rec.state in TERMINAL:
             return
         if rec.state != RoundState.DEPLOYING and ctx.store.cancel_requested(rec.id):
