@@ -37,6 +37,9 @@ Keys:
   requests  HASH  request id -> JSON (round requests from the API, taken by the lease holder)
   request_result:ID STRING JSON (the round request ID started, or why not); expires after REQUEST_RESULT_TTL_S
   cancel    SET   round ids an operator asked to cancel (a finished round's mark is removed at its end)
+  control   HASH  request id -> JSON (leader-only operator requests such as a rollback, sent to any daemon, taken by the
+                  lease holder; the answer goes to request_result:ID)
+  ingest_pause STRING JSON {by, at}: the operator's ingest pause, read by every daemon's ingest loop at its batch boundary
 
 Round state is written only by the lease holder, and every such write checks
 (in the same Lua call) that the lease and the epoch are still the writer's:
@@ -273,6 +276,7 @@ class RedisStore:
         self._replay_place = client.register_script(lua_source("replay_place.lua", _DROP_DOC))
         self.k_lease, self.k_epoch, self.k_rounds, self.k_round_seq = p + "lease", p + "epoch", p + "rounds", p + "round_seq"
         self.k_serving, self.k_requests, self.k_cancel = p + "serving", p + "requests", p + "cancel"
+        self.k_control, self.k_ingest_pause = p + "control", p + "ingest_pause"
         self._prefix = p
         self._lease_acquire = client.register_script(lua_source("lease_acquire.lua"))
         self._lease_release = client.register_script(lua_source("lease_release.lua"))
@@ -576,9 +580,19 @@ class RedisStore:
         self.r.hset(self.k_requests, request_id, json.dumps(request))
 
     def take_requests(self) -> dict[str, dict[str, Any]]:
+        return self._take_all(self.k_requests)
+
+    def add_control(self, request_id: str, request: dict[str, Any]) -> None:
+        self.r.hset(self.k_control, request_id, json.dumps(request))
+
+    def take_control(self) -> dict[str, dict[str, Any]]:
+        return self._take_all(self.k_control)
+
+    def _take_all(self, key: str) -> dict[str, dict[str, Any]]:
+        """Every request in the hash, removed in the same transaction: each is taken by one lease holder only."""
         pipe = self.r.pipeline(transaction=True)
-        pipe.hgetall(self.k_requests)
-        pipe.delete(self.k_requests)
+        pipe.hgetall(key)
+        pipe.delete(key)
         raw, _ = pipe.execute()
         return {_text(k): json.loads(v) for k, v in raw.items()}
 
@@ -589,6 +603,20 @@ class RedisStore:
     def request_result(self, request_id: str) -> dict[str, Any] | None:
         v = self.r.get(self._prefix + f"request_result:{request_id}")
         return json.loads(v) if v else None
+
+    def set_ingest_pause(self, by: str | None, at: float = 0.0) -> None:
+        """The operator's ingest pause for every daemon (`by` names who asked); None lifts it."""
+        if by is None:
+            self.r.delete(self.k_ingest_pause)
+        else:
+            self.r.set(self.k_ingest_pause, json.dumps({"by": by, "at": at}))
+
+    def ingest_pause(self) -> dict[str, Any] | None:
+        v = self.r.get(self.k_ingest_pause)
+        return json.loads(v) if v else None
+
+    def ingest_paused(self) -> bool:
+        return bool(self.r.exists(self.k_ingest_pause))
 
     def request_cancel(self, round_id: str) -> None:
         self.r.sadd(self.k_cancel, round_id)

@@ -52,6 +52,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     PermissionError: 409,  # this daemon does not hold the round lease
     ValueError: 409,  # the request contradicts the state (round already ended, unknown rollback target)
     RuntimeError: 409,  # busy (a deploy or rollback in progress) or rounds disabled
+    ConnectionError: 503,  # Redis, where the request would be kept, is unreachable
 }
 
 
@@ -233,11 +234,16 @@ def create_app(engine: Engine | None = None, token: str | None = None) -> FastAP
     @control.post(
         "/rollback",
         response_model=RollbackResult,
-        responses={502: {"model": RollbackResult, "description": "the rollback failed on a replica"}},
+        responses={
+            202: {"model": RollbackResult, "description": "queued: the lease holder has not answered yet"},
+            502: {"model": RollbackResult, "description": "the rollback failed on a replica"},
+        },
     )
     def rollback(body: RollbackBody | None = None) -> JSONResponse:
+        """Any daemon takes it: one that does not hold the round lease has the holder carry it out and relays its answer."""
         out = _need(engine).rollback((body or RollbackBody()).to)
-        return JSONResponse(out.model_dump(mode="json", by_alias=True), status_code=200 if out.ok else 502)
+        code = 202 if out.queued else 200 if out.ok else 502
+        return JSONResponse(out.model_dump(mode="json", by_alias=True), status_code=code)
 
     app.include_router(control)
     return app

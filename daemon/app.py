@@ -46,7 +46,6 @@ class Daemon:
         # brokers refuse us (TLS, credentials): the process stays up and /readyz says why, instead of a crash loop.
         self.ingestor: Ingestor | None = None
         self.kafka_error: str | None = None
-        self.operator_paused = threading.Event()
         self.stop = threading.Event()
         self.started = time.time()
         self.watcher = PolicyWatcher(settings.policy, policy, self._apply_policy)
@@ -84,6 +83,7 @@ class Daemon:
             },
         }
         try:
+            out["ingest"]["operator_pause"] = self.store.ingest_pause()  # {by, at}: holds for every daemon
             out["counts"] = ingest_counts(self.store)
             out["buffer"] = self.store.buffer_stats()
             # accepted documents per provenance class (human, unknown, synthetic) and the echo index size
@@ -185,7 +185,11 @@ class Daemon:
         return {"changed": changed, "message": msg, "policy_hash": policy_hash(self.policy), "error": self.watcher.last_error}
 
     def pause_ingest(self, paused: bool) -> None:
-        (self.operator_paused.set if paused else self.operator_paused.clear)()
+        """Kept in Redis: every daemon's ingest loop pauses at its next batch boundary, and a restart keeps it."""
+        try:
+            self.store.set_ingest_pause(self.runner.ctx.owner if paused else None, time.time())
+        except redis.RedisError as e:
+            raise ConnectionError(f"ingest pause not changed: {self.redis_reason(e)}") from e
 
     # --- connections --------------------------------------------------------------
     def _secrets(self) -> list[str]:
@@ -262,7 +266,6 @@ class Daemon:
             ing = retrying(attempt)
         except tenacity.RetryError:
             return None
-        ing.operator_paused = self.operator_paused
         self.kafka_error = None
         log.info("kafka connected", extra={"kafka": self.kafka.describe()})
         return ing

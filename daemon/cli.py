@@ -33,6 +33,8 @@ def _print_status(st: dict[str, Any]) -> None:
     if "redis_error" in st:
         print(f"redis       UNREACHABLE: {st['redis_error']}")
         return
+    if op := ing.get("operator_pause"):
+        print(f"            paused for every daemon by {op.get('by')} at {_ts(op.get('at'))} (POST /ingest/resume to any daemon lifts it)")
     b = st.get("buffer", {})
     print(
         f"buffer      {b.get('buffer_docs', 0):,} docs   {b.get('buffer_bytes', 0) / 1e6:,.1f} MB   "
@@ -250,8 +252,11 @@ def cmd_rollback(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(out))
     else:
-        print(f"rolled back from {out['from']} to {out['to']}" if out["ok"] else f"rollback FAILED: {out['error']}")
-    return 0 if out["ok"] else 1
+        if out.get("queued"):
+            print(f"rollback queued for the lease holder {out.get('lease_holder')} (request {out.get('request_id')}); see cptd status")
+        else:
+            print(f"rolled back from {out['from']} to {out['to']}" if out["ok"] else f"rollback FAILED: {out['error']}")
+    return 0 if out["ok"] or out.get("queued") else 1
 
 
 def cmd_run(a: argparse.Namespace) -> int:

@@ -180,7 +180,7 @@ class Ingestor:
             self.consumer.close()  # the caller retries: leave no client (and IO thread) behind
             raise
         self.state = IngestState()
-        self.operator_paused = threading.Event()
+        self.operator_paused = False  # the operator's pause as last read from Redis (any daemon may set it)
         self.owner = uuid.uuid4().hex  # names this process in the crash-loop guard's in-flight markers
         self._next_policy: Policy | None = None
         self._last_lag = 0.0
@@ -263,7 +263,7 @@ class Ingestor:
 
     def _should_pause(self) -> bool:
         """Decide the pause state from the operator flag and the buffer; returns True while paused."""
-        if self.operator_paused.is_set():
+        if self._operator_pause():
             self._set_paused("operator")
             return True
         if self.state.paused_cause is None:
@@ -282,6 +282,14 @@ class Ingestor:
             return False
         self._set_paused("buffer_full")
         return True
+
+    def _operator_pause(self) -> bool:
+        """POST /ingest/pause to any daemon sets a Redis key that every daemon reads here, at its batch boundary, so the
+        pause holds for every replica and across restarts. While Redis cannot be read, the last answer stands."""
+        paused = self._try(self.store.ingest_paused, "ingest_paused")
+        if paused is not None:
+            self.operator_paused = paused
+        return self.operator_paused
 
     def _hold(self, polled: dict[TopicPartition, list[Any]]) -> None:
         """Records can still arrive while paused (a rebalance hands us a fresh partition): rewind, don't drop."""

@@ -157,7 +157,9 @@ class ProcessLauncher:
             self.proc = subprocess.Popen(self.command(job), stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_pdeathsig)
 
     def poll(self) -> JobEnd | None:
-        assert self.proc is not None and self.job is not None
+        assert self.job is not None
+        if self.proc is None:  # stopped by another thread (the lease loop's stop_job) since the last poll
+            return JobEnd(ok=False, cause=f"{self.job.module} was stopped")
         rc = self.proc.poll()
         if rc is None:
             return None

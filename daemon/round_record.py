@@ -382,7 +382,10 @@ class CancelResult(BaseModel):
 
 
 class RollbackResult(BaseModel):
-    """Answer to `POST /rollback` and `cptd rollback`."""
+    """Answer to `POST /rollback` and `cptd rollback`: done (ok or not), or queued for the lease holder.
+
+    Sent to a daemon that does not hold the lease, the rollback is carried out by the holder (`request_id`,
+    `lease_holder`); `queued` means the holder had not answered within the wait, and `record` is then absent."""
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -390,4 +393,7 @@ class RollbackResult(BaseModel):
     from_version: str | None = Field(default=None, alias="from")
     to: str
     error: dict[str, str] | None = None
-    record: DeploySummary
+    record: DeploySummary | None = None
+    queued: bool = False
+    request_id: str | None = None
+    lease_holder: str | None = None

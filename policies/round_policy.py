@@ -208,6 +208,13 @@ class RoundsPolicy(Section):
     lease_ttl_s: float = Field(
         default=30, ge=3, le=600, description="time to live of the round lease; a daemon that stops renewing it loses the round to another"
     )
+    redis_outage_s: float = Field(
+        default=120,
+        ge=0,
+        le=3600,
+        description="how long a round waits out Redis being unreachable inside a phase (retried with back-off) before it fails; "
+        "the lease still ends after 0.8 lease_ttl_s without Redis (docs/architecture.md §3)",
+    )
     suites: dict[str, str] = Field(
         default={},
         description="regression suite name -> a multiple-choice JSONL path, or an lm-evaluation-harness task YAML (.yaml/.yml) "

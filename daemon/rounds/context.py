@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from connectors.redis_store import Fence, RedisStore
 from connectors.vllm import ServingError
 from daemon import failpoints
@@ -54,6 +56,33 @@ class Cancelled(RoundFailed):
 
     def __init__(self) -> None:
         super().__init__("cancelled by operator", requeue=True)
+
+
+def redis_outage(e: BaseException) -> bool:
+    """Redis unreachable or not answering (down, restarting, loading its data, failing over): worth waiting out.
+    A refused password, a script error or Fenced is not an outage: waiting would not change the answer."""
+    return isinstance(e, (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)) and not isinstance(e, redis.AuthenticationError)
+
+
+@dataclass
+class Outage:
+    """How long Redis has been failing a round's calls: an outage shorter than `bound_s` is waited out, not a failure."""
+
+    bound_s: Callable[[], float]  # read when an outage starts: the policy in force
+    since: float | None = None
+
+    def over(self) -> None:
+        if self.since is not None:
+            log.info("redis reachable again", extra={"outage_s": round(time.monotonic() - self.since, 1)})
+        self.since = None
+
+    def failed(self, e: BaseException, round_id: str | None) -> bool:
+        """Note a failed call; True once the outage has lasted longer than the bound."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            log.warning("redis unreachable; waiting it out", extra={"round_id": round_id, "error": repr(e), "bound_s": self.bound_s()})
+        return now - self.since > self.bound_s()
 
 
 def write_atomic(path: Path, blob: bytes) -> None:
@@ -185,23 +214,27 @@ class RoundContext:
         tracked = rec is not None  # a round's job is stopped with the lease; the drift trigger's probe just ends
         if tracked:
             self.launcher = launcher
+        outage = Outage(lambda: self.get_policy().rounds.redis_outage_s)
         try:
             if hit:
                 failpoints.hit(hit)
             t0 = time.monotonic()
-            while (end := launcher.poll()) is None:
-                if on_tick:
-                    on_tick()
-                if self.fence is None or self.stop.is_set():
+            while (end := launcher.poll()) is None or not end.ok:
+                if self.fence is None or self.stop.is_set():  # the lease loop may have stopped the job already
                     launcher.detach()
                     raise Stop("lease lost" if self.fence is None else "stopping")
-                if rec is not None and self.store.cancel_requested(rec.id):
+                if end is not None:
+                    break
+                if self.redis_calls(on_tick, rec, outage, prefix):
                     launcher.cancel()
                     raise Cancelled()
                 if timeout and time.monotonic() - t0 > timeout:
                     launcher.cancel()
                     raise RoundFailed(f"{prefix}{job.module} ran past {timeout} s")
                 self.stop.wait(min(1.0, self.settings.train_poll_s) if training else 1.0)
+        except BaseException:
+            launcher.detach()  # whatever ended the loop early (a Fenced write, a bug): no job is left running unfollowed
+            raise
         finally:
             if tracked:
                 self.launcher = None
@@ -210,6 +243,24 @@ class RoundContext:
         if not end.ok:
             raise RoundFailed(f"{prefix}{end.cause}")
         return job.result()
+
+    def redis_calls(self, on_tick: Callable[[], None] | None, rec: RoundRecord | None, outage: Outage, prefix: str) -> bool:
+        """A job poll's Redis calls (its progress into the record, the operator's cancel mark); True when cancelled.
+
+        While Redis is unreachable the job keeps running and the loop keeps polling it: the lease loop ends the
+        job if the outage outlasts the lease, and an outage longer than `rounds.redis_outage_s` fails the round."""
+        try:
+            if on_tick:
+                on_tick()
+            cancelled = rec is not None and self.store.cancel_requested(rec.id)
+        except Exception as e:
+            if not redis_outage(e):
+                raise
+            if outage.failed(e, rec.id if rec else None):
+                raise RoundFailed(f"{prefix}Redis unreachable for over {outage.bound_s():g} s: {e}") from e
+            return False
+        outage.over()
+        return cancelled
 
     def stop_job(self) -> None:
         """Lease lost or daemon stopping: the job running now is stopped or left, as its launcher does."""

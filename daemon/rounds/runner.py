@@ -4,7 +4,10 @@ Only the lease holder creates and drives rounds (connectors/redis_store.py's
 fenced writes). A new lease holder first learns what the replicas serve: a
 predecessor may have died mid-swap (`take_over`). Requests come from the
 scheduler's triggers (automatic) and from operators (manual, kept in Redis);
-`policies/round_policy.py` decides whether each may start a round.
+`policies/round_policy.py` decides whether each may start a round. A
+leader-only operator request sent to another daemon (a rollback) is queued in
+Redis too; the holder's control thread carries it out at once, even while a
+round trains, and writes the answer the sender waits for.
 
 The round keeps a copy of the policy it started under: a reload during a round
 changes the next round, never the running one (so a resumed round is the same
@@ -35,6 +38,12 @@ from policies.config import Policy, policy_hash
 from policies.round_policy import estimate_tokens, should_start
 
 log = logging.getLogger("cptd.rounds")
+
+# A control request the lease holder takes later than this is answered "expired", not carried out: an operator who was
+# told "queued" minutes ago (no lease holder then) may not want that rollback any more.
+CONTROL_MAX_AGE_S = 300.0
+# The operator's refusals a lease holder answers with, raised again by the daemon that forwarded the request.
+REFUSALS: dict[str, type[Exception]] = {"PermissionError": PermissionError, "ValueError": ValueError, "RuntimeError": RuntimeError}
 
 
 class RoundRunner:
@@ -208,6 +217,7 @@ class RoundRunner:
             return
         self.ctx.stop = stop
         threading.Thread(target=self.lease_loop, args=(stop,), name="lease", daemon=True).start()
+        threading.Thread(target=self.control_loop, args=(stop,), name="control", daemon=True).start()
         resume: str | None = None  # a round to (re)drive: left by a predecessor, or interrupted by an error here
         while not stop.is_set():
             f = self.ctx.fence
@@ -243,8 +253,46 @@ class RoundRunner:
             self.active = None
 
     # ------------------------------------------------------------------ operator actions and reading
-    def rollback(self, to: str | None = None) -> RollbackResult:
-        return deploying.rollback(self.ctx, to)
+    def rollback(self, to: str | None = None, wait_s: float = 60.0) -> RollbackResult:
+        """Roll back here when this daemon holds the lease; otherwise queue it for the holder and wait up to `wait_s`
+        for its answer (its refusal is raised here), or answer `queued` with the holder's name."""
+        if self.leader():
+            return deploying.rollback(self.ctx, to)
+        req = uuid.uuid4().hex[:12]
+        self.ctx.store.add_control(req, {"kind": "rollback", "to": to, "at": time.time()})
+        deadline = time.monotonic() + wait_s
+        while (res := self.ctx.store.request_result(req)) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        holder, _ = self.ctx.store.lease_holder()
+        if res is None:
+            return RollbackResult(ok=False, to=to or "", queued=True, request_id=req, lease_holder=holder)
+        if "error" in res:
+            raise REFUSALS.get(res.get("refusal", ""), RuntimeError)(f"lease holder {holder}: {res['error']}")
+        return RollbackResult.model_validate({**res["rollback"], "request_id": req, "lease_holder": holder})
+
+    def control_loop(self, stop: threading.Event) -> None:
+        """The lease holder carries out the control requests other daemons queued, at once (a round may be training)."""
+        while not stop.wait(0.2 if self.leader() else 1.0):
+            if not self.leader():
+                continue
+            try:
+                for req, body in self.ctx.store.take_control().items():
+                    self.ctx.store.set_request_result(req, self.answer_control(body))
+            except Exception as e:  # noqa: BLE001 - Redis down: the requests stay queued until it is back
+                log.warning("control requests not read", extra={"error": repr(e)})
+
+    def answer_control(self, body: dict[str, Any]) -> dict[str, Any]:
+        age = time.time() - float(body.get("at", 0))
+        if age > CONTROL_MAX_AGE_S:
+            return {"error": f"not carried out: queued {age:.0f} s ago, over {CONTROL_MAX_AGE_S:.0f} s", "refusal": "RuntimeError"}
+        if body.get("kind") != "rollback":
+            return {"error": f"unknown control request {body.get('kind')!r}", "refusal": "ValueError"}
+        log.info("rollback requested through another daemon", extra={"to": body.get("to")})
+        try:
+            out = deploying.rollback(self.ctx, body.get("to"))
+        except tuple(REFUSALS.values()) as e:
+            return {"error": str(e), "refusal": type(e).__name__}
+        return {"rollback": out.model_dump(mode="json", by_alias=True)}
 
     def probe_drift(self) -> float | None:
         """The drift trigger's periodic probe (skipped while a round runs)."""
