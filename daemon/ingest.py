@@ -177,6 +177,8 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
         self.ing.state.assigned = []
+        for topic_partition in revoked:  # its next owner seeks it to the stored offset, and so do we if it comes back
+            self.ing._sought.pop((topic_partition.topic, topic_partition.partition), None)
         log.info(
             "partitions revoked",
             extra={"partitions": [f"{topic_partition.topic}/{topic_partition.partition}" for topic_partition in revoked]},
