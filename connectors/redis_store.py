@@ -9,7 +9,8 @@ and per-partition offsets together), so Redis either has all of a batch or
 none of it. The stored offsets make redelivery harmless: a message at an
 offset below the partition's stored "next offset" was already accounted for
 and is skipped, which gives exact counts under at-least-once delivery, crash
-restarts and consumer-group rebalances.
+restarts and consumer-group rebalances. A batch starting above the stored
+offset (Redis lost the batches in between) is refused whole (`OffsetGap`).
 
 Keys:
   docs      HASH  content key -> document JSON (buffer and replay documents)
@@ -19,7 +20,7 @@ Keys:
   counters  HASH  "outcome|reason" -> messages
   offsets   HASH  "topic|partition" -> next offset not yet accounted for
   inflight  HASH  "topic|partition" -> JSON marker of the batch being processed (crash-loop guard, daemon/ingest.py)
-  stats     HASH  buffer_docs, buffer_bytes, seq, redelivered, replay_seen, echo_seq
+  stats     HASH  buffer_docs, buffer_bytes, seq, redelivered, replay_seen, echo_seq, offset_gaps, gap_offsets
   provenance HASH class (human, unknown, synthetic) -> documents accepted with it; echoes -> messages found to echo a completion
   echo_lsh  HASH  echo band key -> completion key (echo index of the served model's outputs, policies/collapse.py)
   echo      ZSET  completion key -> arrival sequence (capped at collapse.echo_max_docs, oldest evicted)
@@ -32,6 +33,8 @@ Keys:
   rounds    HASH  round id -> round record JSON (lineage): the newest rounds.keep_records finished ones, the
             unfinished ones and those serving still needs (older ones are archived on disk, daemon/rounds/retention.py);
             round_seq STRING last round number
+  identity  STRING JSON {id, created_at} of this deployment's Redis history; a copy lives on the checkpoint volume
+            (daemon/redis_loss.py: a Redis that lost it, or holds another, lost data)
   round:ID:docs LIST content keys a round took from the buffer at SNAPSHOT
   serving   STRING ServingState JSON (what each vLLM replica serves)
   requests  HASH  request id -> JSON (round requests from the API, taken by the lease holder)
@@ -54,7 +57,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -121,6 +124,19 @@ _ECHO_INDEX = "_echo_index.lua"  # echo_add() / echo_evict(): the echo index of 
 def lua_source(name: str, *preludes: str) -> str:
     """The text of connectors/lua/`name`, after the text of each prelude file, in order."""
     return "".join((_LUA_DIR / f).read_text(encoding="utf-8") for f in (*preludes, name))
+
+
+class OffsetGap(RuntimeError):
+    """write_batch refused a batch: a partition's first unaccounted offset is above its stored next offset.
+
+    Redis lost the batches in between (a restart that lost its last second) while Kafka had their offsets committed;
+    the caller re-reads the partition from the stored offset. `gaps`: (topic, partition) -> (stored, first offset)."""
+
+    def __init__(self, gaps: dict[tuple[str, int], tuple[int, int]]):
+        super().__init__(
+            "offset gap: " + ", ".join(f"{t}/{p} stored next offset {s}, batch starts at {f}" for (t, p), (s, f) in sorted(gaps.items()))
+        )
+        self.gaps = gaps
 
 
 class Fenced(RuntimeError):
@@ -277,6 +293,8 @@ class RedisStore:
         self.k_lease, self.k_epoch, self.k_rounds, self.k_round_seq = p + "lease", p + "epoch", p + "rounds", p + "round_seq"
         self.k_serving, self.k_requests, self.k_cancel = p + "serving", p + "requests", p + "cancel"
         self.k_control, self.k_ingest_pause = p + "control", p + "ingest_pause"
+        self.k_identity = p + "identity"
+        self._next_round = client.register_script(lua_source("next_round.lua"))
         self._prefix = p
         self._lease_acquire = client.register_script(lua_source("lease_acquire.lua"))
         self._lease_release = client.register_script(lua_source("lease_release.lua"))
@@ -293,10 +311,19 @@ class RedisStore:
         return where(self.r)
 
     # --- ingest -------------------------------------------------------------
-    def write_batch(self, items: Sequence[BatchItem], max_exact_keys: int, max_echo: int = 200_000) -> BatchResult:
+    def write_batch(
+        self,
+        items: Sequence[BatchItem],
+        max_exact_keys: int,
+        max_echo: int = 200_000,
+        accept_gaps: Mapping[tuple[str, int], int] | None = None,
+    ) -> BatchResult:
+        """Account a batch; OffsetGap (nothing written) when it starts above a partition's stored next offset, unless
+        `accept_gaps` names that partition with exactly that stored offset (the caller re-read from it: a real hole)."""
         header = {
             "max_exact": max_exact_keys,
             "max_echo": max_echo,
+            "accept_gaps": {partition_key(t, p): o for (t, p), o in (accept_gaps or {}).items()},
             "items": [
                 [
                     partition_key(i.topic, i.partition),
@@ -320,7 +347,14 @@ class RedisStore:
         keys = [self.k_docs, self.k_buffer, self.k_exact, self.k_lsh, self.k_counters, self.k_offsets, self.k_stats]
         keys += [self.k_echo_lsh, self.k_echo, self.k_echo_bands, self.k_provenance]
         res = self._write(keys=keys, args=[json.dumps(header, separators=(",", ":")), *blobs])
-        res = [_text(x) for x in res]
+        res = [_text(x) if isinstance(x, (bytes, str)) else x for x in res]
+        if res and res[0] == "gap":
+            gaps = {}
+            for i in range(0, len(res), 4):
+                topic, _, part = str(res[i + 1]).rpartition("|")
+                gaps[(topic, int(part))] = (int(res[i + 2]), int(res[i + 3]))
+            raise OffsetGap(gaps)
+        res = [str(x) for x in res]
         pairs = [r.partition("|")[::2] for r in res[:-2]]
         return BatchResult(
             outcomes=[o for o, _ in pairs], reasons=[r for _, r in pairs], buffer_docs=int(res[-2]), buffer_bytes=int(res[-1])
@@ -481,8 +515,33 @@ class RedisStore:
             raise
 
     # --- rounds -----------------------------------------------------------------
-    def next_round_number(self) -> int:
-        return int(self.r.incr(self.k_round_seq))
+    def next_round_number(self, above: int = 0) -> int:
+        """The next round number: above both the last one Redis handed out and `above` (the highest round directory
+        on the checkpoint volume), so a Redis that lost `round_seq` never hands out an id a directory already has."""
+        return int(self._next_round(keys=[self.k_round_seq], args=[int(above)]))
+
+    def round_seq(self) -> int:
+        """The last round number handed out (0: none, or Redis lost it)."""
+        return int(self.r.get(self.k_round_seq) or 0)
+
+    def set_round_seq(self, n: int) -> None:
+        """Set the last round number (the operator's `cptd accept-redis-reset`, while rounds are refused)."""
+        self.r.set(self.k_round_seq, int(n))
+
+    def identity(self) -> str | None:
+        """The identity JSON of this deployment's Redis history, None when Redis has none."""
+        v = self.r.get(self.k_identity)
+        return _text(v) if v else None
+
+    def set_identity(self, blob: str, replace: bool = False) -> str:
+        """Write the identity (only where none exists unless `replace`); returns the identity Redis holds after."""
+        self.r.set(self.k_identity, blob, nx=not replace)
+        return self.identity() or blob
+
+    def restore_serving(self, serving: str) -> bool:
+        """Put a saved ServingState back where Redis has none (the operator's `cptd accept-redis-reset`); never
+        overwrites one a lease holder wrote. True if written."""
+        return bool(self.r.set(self.k_serving, serving, nx=True))
 
     def put_round(self, fence: Fence, round_id: str, record: dict[str, Any], serving: str | None = None) -> None:
         args: list[Any] = [round_id, json.dumps(record, sort_keys=True, default=str)]

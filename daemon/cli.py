@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from connectors.redis_store import RedisStore
+    from daemon.settings import Settings
     from policies.config import Policy
 
 
@@ -48,6 +49,8 @@ def _print_status(st: dict[str, Any]) -> None:
     rp = st.get("replay", {})
     print(f"replay      {rp.get('replay_docs', 0):,} / {rp.get('cap', 0):,} docs (reservoir over {rp.get('replay_seen', 0):,} seen)")
     rd = st.get("rounds") or {}
+    if rd.get("redis_loss"):
+        print(f"REDIS LOST DATA  {rd['redis_loss']['cause']}\n  what to do: {rd['redis_loss']['action']}")
     if not rd.get("enabled", True):
         print(f"rounds      disabled: {rd.get('disabled_reason')}")
     elif rd:
@@ -269,11 +272,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     return run(s)
 
 
-def _file_policy_store(a: argparse.Namespace) -> tuple[Path, Policy, RedisStore] | int:
-    """What the file-loading commands share: the policy in force, `a.file`, and the deployment's Redis store; 2 on failure."""
-    from pathlib import Path
-
-    from connectors.redis_store import RedisStore
+def _policy_store(a: argparse.Namespace) -> tuple[Settings, Policy, RedisStore] | int:
+    """The settings, the policy in force (from `a.policy` or $CPTD_POLICY) and the deployment's Redis store; 2 when the
+    policy file is invalid (said on stderr)."""
+    from connectors.redis_store import RedisStore, connect
     from daemon.settings import Settings
     from policies.config import PolicyError, load_policy
 
@@ -283,11 +285,22 @@ def _file_policy_store(a: argparse.Namespace) -> tuple[Path, Policy, RedisStore]
     except PolicyError as e:
         print(f"invalid policy: {e}", file=sys.stderr)
         return 2
+    return s, policy, RedisStore(connect(s.redis_url.get_secret_value(), **s.redis_options()), policy.name)
+
+
+def _file_policy_store(a: argparse.Namespace) -> tuple[Path, Policy, RedisStore] | int:
+    """What the file-loading commands share: the policy in force, `a.file`, and the deployment's Redis store; 2 on failure."""
+    from pathlib import Path
+
+    opened = _policy_store(a)
+    if isinstance(opened, int):
+        return opened
+    _, policy, store = opened
     path = Path(a.file)
     if not path.is_file():
         print(f"{path}: no such file", file=sys.stderr)
         return 2
-    return path, policy, RedisStore.from_url(s.redis_url.get_secret_value(), policy.name)
+    return path, policy, store
 
 
 def cmd_index_echoes(a: argparse.Namespace) -> int:
@@ -384,6 +397,27 @@ def cmd_seed_replay(a: argparse.Namespace) -> int:
         if len(rep.invalid) > 20:
             print(f"  ... and {len(rep.invalid) - 20} more invalid lines", file=sys.stderr)
     return 1 if rep.invalid else 0
+
+
+def cmd_accept_redis_reset(a: argparse.Namespace) -> int:
+    """Exit 0: Redis agrees with the checkpoint volume (made to with --yes, or already); 1: it does not and --yes was
+    not given (the changes are shown, nothing written); 2: the policy file is invalid."""
+    from daemon.redis_loss import accept_reset
+
+    opened = _policy_store(a)
+    if isinstance(opened, int):
+        return opened
+    s, _, store = opened
+    plan = accept_reset(store, s.checkpoint_dir, apply=a.yes)
+    if a.json:
+        applied = bool(a.yes and plan.cause)
+        print(json.dumps({"cause": plan.cause, "changes": plan.changes, "applied": applied, "identity": plan.identity.id}))
+    elif plan.cause is None:
+        print(f"Redis agrees with the checkpoint volume {s.checkpoint_dir}: nothing to accept")
+    else:
+        print(f"Redis lost data: {plan.cause}")
+        print(("changed:" if a.yes else "would change (run again with --yes):") + "".join(f"\n  - {c}" for c in plan.changes))
+    return 0 if plan.cause is None or a.yes else 1
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -528,6 +562,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--volume-gb", type=float, default=None, help="the checkpoint volume, GiB")
     p.add_argument("--steps", type=int, default=None, help="a round's optimizer steps (default: max_steps, else one checkpoint interval)")
     p.set_defaults(fn=cmd_plan)
+    p = add("accept-redis-reset", help="after Redis lost data and an operator checked: make Redis agree with the checkpoint volume")
+    p.add_argument("--policy", default=None)
+    p.add_argument("--yes", action="store_true", help="write the changes (without it: only show them)")
+    p.set_defaults(fn=cmd_accept_redis_reset)
     p = add("validate-policy", help="check a policy file; exit 1 and name the field if invalid")
     p.add_argument("file")
     p.set_defaults(fn=cmd_validate_policy)

@@ -7,6 +7,11 @@ Promises (docs/architecture.md §2; mechanisms in docs/ingest.md):
   next offset. Redelivered offsets are recognised there and not counted again.
 * Offsets are committed to Kafka only after Redis acknowledged the batch and
   the dead-letter producer acknowledged its records.
+* No hole: a batch that starts above its partition's stored next offset (Redis
+  lost accounted batches whose Kafka offsets were committed) is refused before
+  anything is sent, and the partition is re-read from the stored offset; a hole
+  met again right after that re-read is Kafka's own (compaction, transaction
+  markers, retention): accepted and counted.
 * Back-pressure: at the buffer cap, or while Redis is unreachable, all
   assigned partitions are paused; at most one batch is held in memory.
 * SIGTERM (the `stop` event) lets the current batch finish and commit.
@@ -47,7 +52,7 @@ from connectors.kafka import (
     make_dead_letter_producer,
     stuck_partition,
 )
-from connectors.redis_store import BatchItem, BatchResult, RedisStore
+from connectors.redis_store import BatchItem, BatchResult, OffsetGap, RedisStore
 from daemon import failpoints
 from daemon import metrics as M
 from policies.collapse import ECHO, echo_dedup_policy
@@ -116,6 +121,18 @@ def guard_plan(
     return plan
 
 
+def offset_gaps(msgs: list[Any], stored: dict[tuple[str, int], int]) -> dict[tuple[str, int], tuple[int, int]]:
+    """Partitions whose first message (of those not yet accounted) lies above the stored next offset: (stored, first).
+
+    A partition with no stored offset has nothing to compare with (its first batch, or a Redis that lost every
+    offset: daemon/redis_loss.py's case)."""
+    first: dict[tuple[str, int], int] = {}
+    for m in msgs:
+        topic_partition = (m.topic, m.partition)
+        first[topic_partition] = min(first.get(topic_partition, m.offset), m.offset)
+    return {tp: (stored[tp], f) for tp, f in first.items() if tp in stored and f > stored[tp]}
+
+
 _LIBC: ctypes.CDLL | None = None
 
 
@@ -160,6 +177,8 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
         self.ing.state.assigned = []
+        for topic_partition in revoked:  # its next owner seeks it to the stored offset, and so do we if it comes back
+            self.ing._sought.pop((topic_partition.topic, topic_partition.partition), None)
         log.info(
             "partitions revoked",
             extra={"partitions": [f"{topic_partition.topic}/{topic_partition.partition}" for topic_partition in revoked]},
@@ -185,6 +204,8 @@ class Ingestor:
         self._next_policy: Policy | None = None
         self._last_lag = 0.0
         self._echo_index_seen: bool | None = None  # whether an echo index exists (re-read every 5 s)
+        # partition -> the stored offset it was last sought to and not yet written from: a hole met there is Kafka's
+        self._sought: dict[tuple[str, int], int] = {}
 
     # --- control -------------------------------------------------------------
     def set_policy(self, policy: Policy) -> None:
@@ -210,6 +231,7 @@ class Ingestor:
             off = stored.get((topic_partition.topic, topic_partition.partition))
             if off is not None:
                 self.consumer.seek(topic_partition, off)
+                self._sought[(topic_partition.topic, topic_partition.partition)] = off
         if self.state.paused_cause:
             self.consumer.pause(*assigned)
         self.state.assigned = sorted(
@@ -323,8 +345,11 @@ class Ingestor:
             )
             M.INGEST_CORRUPT_RECORDS.labels(topic_partition.topic, str(topic_partition.partition)).inc()
             ref = OffsetRef(topic_partition.topic, topic_partition.partition, offset)
-            if self._process_until_done([ref], stop, {_key(ref): ("corrupt_batch", detail)}, {}):
-                self.consumer.seek(topic_partition, offset + 1)
+            try:
+                if self._process_until_done([ref], stop, {_key(ref): ("corrupt_batch", detail)}, {}):
+                    self.consumer.seek(topic_partition, offset + 1)
+            except OffsetGap as gap:
+                self._reread(gap, [])
             return {}
 
     def _process_all(self, msgs: list[Any], stop: threading.Event) -> None:
@@ -332,7 +357,11 @@ class Ingestor:
         pending = msgs
         while pending:
             chunk, forced, markers = self._next_chunk(pending)
-            if not self._process_until_done(chunk, stop, forced, markers):
+            try:
+                if not self._process_until_done(chunk, stop, forced, markers):
+                    return
+            except OffsetGap as gap:
+                self._reread(gap, pending)
                 return
             done = {_key(m) for m in chunk}
             pending = [m for m in pending if _key(m) not in done]
@@ -408,6 +437,23 @@ class Ingestor:
             self._set_paused("buffer_full")
         return True
 
+    def _reread(self, gap: OffsetGap, pending: list[Any]) -> None:
+        """A batch refused for a hole before it: seek each such partition back to its stored offset (Kafka still has the
+        messages Redis lost) and the other partitions of the polled batch to their first unwritten message."""
+        starts: dict[tuple[str, int], int] = {}
+        for m in pending:
+            starts[(m.topic, m.partition)] = min(starts.get((m.topic, m.partition), m.offset), m.offset)
+        for topic_partition, (stored, first) in gap.gaps.items():
+            starts[topic_partition] = stored
+            self._sought[topic_partition] = stored
+            log.error(
+                "offset gap: Redis lost accounted batches; re-reading the partition from its stored offset",
+                extra={"topic_partition": f"{topic_partition[0]}/{topic_partition[1]}", "stored": stored, "batch_first": first},
+            )
+        M.INGEST_OFFSET_GAPS.labels("refused").inc(len(gap.gaps))
+        for (topic, partition), off in starts.items():
+            self.consumer.seek(TopicPartition(topic, partition), off)
+
     def _commit(self, msgs: list[Any]) -> None:
         offsets: dict[TopicPartition, int] = {}
         for m in msgs:
@@ -442,6 +488,10 @@ class Ingestor:
             self.store.set_inflight(markers)
         stored = self.store.stored_offsets()
         msgs = [m for m in msgs if m.offset >= stored.get((m.topic, m.partition), -1)]
+        gaps = offset_gaps(msgs, stored)
+        kafka_holes = {tp: at for tp, (at, _) in gaps.items() if self._sought.get(tp) == at}
+        if len(kafka_holes) < len(gaps):  # refused before any dead letter is sent: the re-read sends them once
+            raise OffsetGap({tp: g for tp, g in gaps.items() if tp not in kafka_holes})
         policy = self.policy
         items: list[BatchItem] = []
         dead: list[Dead] = []
@@ -534,7 +584,15 @@ class Ingestor:
             if outcome == "dead_lettered":
                 items.append(BatchItem(m.topic, m.partition, m.offset, "dead_lettered", reason))
         items.sort(key=lambda i: (i.topic, i.partition, i.offset))
-        result = self.store.write_batch(items, policy.dedup.max_exact_keys, policy.collapse.echo_max_docs)
+        result = self.store.write_batch(items, policy.dedup.max_exact_keys, policy.collapse.echo_max_docs, kafka_holes)
+        for topic_partition in {(i.topic, i.partition) for i in items}:
+            self._sought.pop(topic_partition, None)
+        for topic_partition, (at, first) in gaps.items():
+            M.INGEST_OFFSET_GAPS.labels("accepted").inc()
+            log.warning(
+                "offset gap accepted: Kafka has no records there (compaction, transaction markers or retention)",
+                extra={"topic_partition": f"{topic_partition[0]}/{topic_partition[1]}", "stored": at, "first": first},
+            )
         for item, outcome, reason in zip(items, result.outcomes, result.reasons, strict=False):
             if outcome != "skipped":
                 M.INGEST_DOCS.labels(outcome, reason).inc()

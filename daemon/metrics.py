@@ -50,6 +50,15 @@ REDIS_ERRORS = Counter("cptd_redis_errors_total", "Redis operations that failed 
 DEAD_LETTER_PRODUCE_ERRORS = Counter(
     "cptd_dead_letter_produce_errors_total", "Dead-letter sends that failed (the batch is retried, nothing committed)", registry=REGISTRY
 )
+INGEST_OFFSET_GAPS = Counter(
+    "cptd_ingest_offset_gaps_total",
+    "Batches starting above their partition's stored next offset: refused (Redis lost accounted batches; the partition "
+    "is re-read from the stored offset) or accepted (met again right after that re-read: Kafka has no record there)",
+    ["action"],
+    registry=REGISTRY,
+)
+for _action in ("refused", "accepted"):  # exported at 0 from the start, so the first gap is an increase to alert on
+    INGEST_OFFSET_GAPS.labels(_action)
 INGEST_CORRUPT_RECORDS = Counter(
     "cptd_ingest_corrupt_records_total",
     "Offsets skipped because the Kafka record batch holding them could not be decoded (corrupt compressed data, CRC "
@@ -163,6 +172,11 @@ POLICY_RELOAD_ERRORS = Counter(
 LEADER = Gauge("cptd_leader", "1 while this process holds the round-runner lease", registry=REGISTRY)
 LEASE_LOST = Counter("cptd_leader_lease_lost_total", "Times this process lost the round-runner lease while holding it", registry=REGISTRY)
 UP_SINCE = Gauge("cptd_start_time_seconds", "Unix time this process started", registry=REGISTRY)
+REDIS_DATA_LOSS = Gauge(
+    "cptd_redis_data_loss",
+    "1 while Redis disagrees with the checkpoint volume (identity, round directories, serving state): rounds refused",
+    registry=REGISTRY,
+)
 
 # --- resources: Redis memory and the checkpoint volume (daemon/resource_gauges.py, every 15 s) ---------------------
 # Each reads 0 until the first read: the alerts divide by the `> 0` total, so a daemon that has just started is silent.

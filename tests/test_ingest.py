@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
-from kafka import KafkaConsumer
+import redis as redis_lib
+from kafka import KafkaConsumer, KafkaProducer
 
 from connectors.redis_store import RedisStore
+from daemon import metrics as M
 from daemon.dev.services import create_topics, redis_service, wait_for
-from policies.config import load_policy
+from daemon.ingest import Ingestor
+from policies.config import Policy, load_policy
 from tests.conftest import make_policy
 from tests.streams import expected_counts, good_docs, mixed_stream, produce
 
@@ -317,3 +323,81 @@ def test_100_oversize_messages_of_5mb_keep_ingest_rss_flat(setup, ingest_procs, 
     )
     assert counts(store)[("dead_lettered", "oversize")] == 100
     assert growth_mb < 100
+
+
+def _namespace(r: redis_lib.Redis, name: str) -> dict[bytes, bytes]:
+    """Every key of a deployment, DUMPed: what Redis had persisted at this moment."""
+    return {k: r.dump(k) for k in r.scan_iter(match=f"cptd:{{{name}}}:*")}
+
+
+def _lose_everything_after(r: redis_lib.Redis, name: str, persisted: dict[bytes, bytes]) -> None:
+    """Put the deployment's keys back as they were: a Redis restart that lost what came after (appendfsync everysec)."""
+    for k in r.scan_iter(match=f"cptd:{{{name}}}:*"):
+        if k not in persisted:
+            r.delete(k)
+    for k, v in persisted.items():
+        r.restore(k, 0, v, replace=True)
+
+
+@contextmanager
+def ingesting(policy: Policy, bootstrap: str, store: RedisStore) -> Iterator[None]:
+    """The ingest loop in a thread of the test process (cheaper than `cptd run`), stopped and closed at the end."""
+    ing = Ingestor(policy, bootstrap, store)
+    stop = threading.Event()
+    loop = threading.Thread(target=ing.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        loop.join(timeout=30)
+
+
+def _gaps(action: str) -> float:
+    return M.REGISTRY.get_sample_value("cptd_ingest_offset_gaps_total", {"action": action}) or 0
+
+
+def test_a_redis_that_lost_committed_batches_is_refilled_from_kafka_with_exact_counts(setup, bootstrap, topics):
+    """Redis loses its last batches after Kafka committed their offsets, and the consumer goes on from its position:
+    the next batch starts above the stored offset, is refused, and the partition is re-read from the stored offset."""
+    _, policy, store = setup(partitions=1, ingest={"batch_max_docs": 10})
+    docs = good_docs(30, policy, seed=11)
+    refused_before = _gaps("refused")
+    with ingesting(policy, bootstrap, store):
+        produce(bootstrap, topics["docs"], [d.encode() for d in docs[:10]])
+        wait_total(store, 10)
+        persisted = _namespace(store.r, policy.name)
+        produce(bootstrap, topics["docs"], [d.encode() for d in docs[10:20]])
+        wait_total(store, 20)
+        _lose_everything_after(store.r, policy.name, persisted)
+        assert store.stored_offsets() == {(topics["docs"], 0): 10}
+        produce(bootstrap, topics["docs"], [d.encode() for d in docs[20:]])
+        wait_total(store, 30)
+    assert counts(store) == Counter({("accepted", ""): 30})
+    assert store.stored_offsets() == {(topics["docs"], 0): 30}
+    assert len(store.buffer_keys()) == 30  # the lost batch's documents are back
+    assert _gaps("refused") > refused_before
+    assert b"offset_gaps" not in store.r.hgetall(store.k_stats)  # no hole was accepted: Kafka had every offset
+
+
+def test_a_hole_kafka_itself_has_is_accepted_after_one_re_read_and_counted(setup, bootstrap, topics):
+    """A transaction's commit marker takes an offset no consumer is given: the batch after it starts one above the stored
+    offset. It is refused once, re-read from the stored offset, met again, and then accepted as Kafka's own hole."""
+    _, policy, store = setup(partitions=1)
+    docs = good_docs(8, policy, seed=12)
+    refused_before, accepted_before = _gaps("refused"), _gaps("accepted")
+    with ingesting(policy, bootstrap, store):
+        tx = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"tx-{topics['name']}", enable_idempotence=True)
+        tx.init_transactions()
+        tx.begin_transaction()
+        for d in docs[:3]:
+            tx.send(topics["docs"], d.encode())
+        tx.commit_transaction()  # offsets 0-2, the commit marker at 3
+        tx.close()
+        wait_total(store, 3)
+        produce(bootstrap, topics["docs"], [d.encode() for d in docs[3:]])  # offsets 4-8
+        wait_total(store, 8)
+    assert store.stored_offsets() == {(topics["docs"], 0): 9}
+    stats = store.r.hgetall(store.k_stats)
+    assert (int(stats[b"offset_gaps"]), int(stats[b"gap_offsets"])) == (1, 1)  # 8 counted + 1 offset in a hole = 0..8
+    assert (_gaps("refused") - refused_before, _gaps("accepted") - accepted_before) == (1, 1)

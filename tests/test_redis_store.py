@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from connectors.redis_store import BatchItem, RedisStore
+import pytest
+
+from connectors.redis_store import BatchItem, OffsetGap, RedisStore
 
 
 def cand(off: int, key: str, bands=(), part: int = 0, nbytes: int = 10) -> BatchItem:
@@ -69,3 +71,32 @@ def test_a_snapshot_that_takes_no_document_is_an_empty_list(redis_client):
     assert fence is not None
     assert store.snapshot_take(fence, "r00001", 1000) == []
     assert store.snapshot_take(fence, "r00002", 1000, chosen=["gone"]) == []
+
+
+def test_a_batch_starting_above_the_stored_offset_is_refused_whole_unless_the_hole_is_kafkas(redis_client):
+    s = RedisStore(redis_client, "gaps")
+    s.write_batch([cand(0, "k0"), cand(1, "k1"), cand(0, "p1", part=1)], max_exact_keys=100)
+    before = (s.counters(), s.stored_offsets(), s.buffer_keys())
+    # Redis lost offsets 2..4 of partition 0 (Kafka had them committed): the batch would leave a hole.
+    batch = [cand(5, "k5"), cand(6, "k6"), cand(1, "p2", part=1)]
+    with pytest.raises(OffsetGap) as refused:
+        s.write_batch(batch, max_exact_keys=100)
+    assert refused.value.gaps == {("t", 0): (2, 5)}
+    assert (s.counters(), s.stored_offsets(), s.buffer_keys()) == before  # nothing of the batch was written
+    # Re-read from the stored offset 2 and still starting at 5: Kafka has nothing there; accepted and counted.
+    r = s.write_batch(batch, max_exact_keys=100, accept_gaps={("t", 0): 2})
+    assert r.outcomes == ["accepted"] * 3
+    assert s.stored_offsets() == {("t", 0): 7, ("t", 1): 2}
+    stats = redis_client.hgetall("cptd:{gaps}:stats")
+    assert (int(stats[b"offset_gaps"]), int(stats[b"gap_offsets"])) == (1, 3)
+    # An acceptance for another stored offset is no acceptance.
+    with pytest.raises(OffsetGap):
+        s.write_batch([cand(9, "k9")], max_exact_keys=100, accept_gaps={("t", 0): 2})
+
+
+def test_round_numbers_stay_above_the_floor_the_caller_read_from_disk(redis_client):
+    s = RedisStore(redis_client, "seq")
+    assert s.next_round_number() == 1
+    assert s.next_round_number(above=7) == 8  # round directories up to r00007 on the volume, Redis said 1
+    assert s.next_round_number(above=3) == 9
+    assert s.round_seq() == 9

@@ -17,6 +17,7 @@ import time
 from datetime import datetime, timezone
 
 from daemon import metrics as M
+from daemon import redis_loss
 from daemon.round_record import (
     DeploySummary,
     DeployWait,
@@ -116,7 +117,7 @@ def reconcile_serving(ctx: RoundContext, roll_back_diverged: bool = True) -> Non
     serving = ctx.serving
     assert serving is not None
     with ctx.serving_lock:
-        ctx.store.put_serving(ctx.fenced(), serving.state.to_json())
+        redis_loss.put_serving(ctx.store, ctx.fenced(), ctx.settings.checkpoint_dir, serving.state.to_json())
         rec = serving.reconcile()
         log.info("reconciled serving state", extra={"live": rec.live, "diverged": rec.diverged, "errors": rec.errors})
         desired = serving.state.desired_version

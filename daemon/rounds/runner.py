@@ -26,7 +26,7 @@ from typing import Any
 
 from connectors.redis_store import Fenced, RedisStore
 from connectors.vllm import ServingConfig
-from daemon import failpoints
+from daemon import failpoints, redis_loss
 from daemon import metrics as M
 from daemon.round_record import TERMINAL, Parent, PhaseTimes, RollbackResult, RoundRecord, RoundState, Trigger
 from daemon.rounds import deploying, drift_measure
@@ -61,6 +61,7 @@ class RoundRunner:
         self.auto: tuple[str, str] | None = None  # latest automatic trigger not acted on yet
         self.active: str | None = None
         self.taken_over_epoch = 0
+        self.redis_loss: str | None = None  # why Redis is taken to have lost data (daemon/redis_loss.py); rounds wait
         self.urls = settings.replica_urls()
         self.disabled = None if self.urls else "no vLLM replicas configured (CPTD_VLLM_URLS or CPTD_VLLM_CONTROL_URL)"
 
@@ -143,7 +144,7 @@ class RoundRunner:
         return started
 
     def create(self, policy: Policy, kind: str, reason: str, req_id: str | None) -> str:
-        n = self.ctx.store.next_round_number()
+        n = self.ctx.store.next_round_number(above=redis_loss.highest_round_on_disk(self.ctx.settings.checkpoint_dir))
         rid = f"r{n:05d}"
         state = self.ctx.serving.state if self.ctx.serving else ServingState()
         live = state.desired_version
@@ -181,7 +182,23 @@ class RoundRunner:
         for replica in state.replicas.values():
             if replica.status == "swapping" and replica.step:
                 failpoints.hit(f"deploy.{replica.step}")
-        self.ctx.store.put_serving(self.ctx.fenced(), state.to_json())
+        redis_loss.put_serving(self.ctx.store, self.ctx.fenced(), self.ctx.settings.checkpoint_dir, state.to_json())
+
+    def redis_lost(self) -> bool:
+        """Check Redis's history against the checkpoint volume's (daemon/redis_loss.py); True while rounds must wait."""
+        try:
+            cause = redis_loss.check(self.ctx.store, self.ctx.settings.checkpoint_dir)
+        except Exception as e:  # noqa: BLE001 - Redis or the volume unreadable: no round could run anyway; retried
+            log.warning("redis data-loss check failed", extra={"error": str(e)})
+            return True
+        if cause != self.redis_loss:
+            if cause:
+                log.error("redis data loss detected; rounds refused", extra={"cause": cause, "action": redis_loss.ACTION})
+            else:
+                log.info("redis history agrees with the checkpoint volume; rounds allowed", extra={"was": self.redis_loss})
+        self.redis_loss = cause
+        M.REDIS_DATA_LOSS.set(1 if cause else 0)
+        return cause is not None
 
     def take_over(self) -> str | None:
         """New lease holder: learn what the replicas serve (a predecessor may have died mid-swap).
@@ -221,7 +238,7 @@ class RoundRunner:
         resume: str | None = None  # a round to (re)drive: left by a predecessor, or interrupted by an error here
         while not stop.is_set():
             f = self.ctx.fence
-            if f is None:
+            if self.redis_lost() or f is None:  # before any take-over: never adopt replicas over a lost history
                 self.wake.wait(1.0)
                 self.wake.clear()
                 continue
@@ -308,6 +325,7 @@ class RoundRunner:
             "epoch": epoch,
             "owner": self.ctx.owner,
             "active": self.active,
+            "redis_loss": {"cause": self.redis_loss, "action": redis_loss.ACTION} if self.redis_loss else None,
         }
         raw = self.ctx.store.get_serving()
         if raw:
