@@ -195,6 +195,13 @@ class RoundsPolicy(Section):
     lease_ttl_s: float = Field(
         default=30, ge=3, le=600, description="time to live of the round lease; a daemon that stops renewing it loses the round to another"
     )
+    reconcile_interval_s: float = Field(
+        default=60,
+        ge=1,
+        le=86400,
+        description="between deploys, how often the lease holder reads each replica's weight label and adapters; one that "
+        "is out of step (a restarted server serves its boot checkpoint) is reconciled back to the deployed version",
+    )
     suites: dict[str, str] = Field(
         default={},
         description="regression suite name -> a multiple-choice JSONL path, or an lm-evaluation-harness task YAML (.yaml/.yml) "
