@@ -88,10 +88,12 @@ class ReplicaDiscovery:
         return "ready" if code == 200 else f"unreachable: /health answered {code}"
 
     def waiting(self) -> str | None:
-        """Why rounds cannot run now for want of a replica; None when there is at least one."""
-        if self.urls:
-            return None
-        return f"no vLLM replica ready: {self.error or f'{self.control_url} resolves to no address'}"
+        """Why rounds cannot start now for want of a replica: none found, or none answered /health at the last look."""
+        if not self.urls:
+            return f"no vLLM replica ready: {self.error or f'{self.control_url} resolves to no address'}"
+        if self.health and "ready" not in self.health.values():
+            return "no vLLM replica ready: " + "; ".join(f"{u} {why}" for u, why in self.health.items())
+        return None
 
     def describe(self) -> dict[str, Any]:
         """For /status: where the set comes from, the replicas and their health, the last resolution error."""

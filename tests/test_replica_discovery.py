@@ -36,6 +36,28 @@ def test_service_urls_keep_scheme_and_port_and_bracket_ipv6():
     assert service_urls("http://vllm.cptd.svc", lambda host, port: [f"10.0.0.{port - 79}"]) == ["http://10.0.0.1:80"]
 
 
+def test_with_no_replica_resolvable_at_start_rounds_stay_enabled_and_wait(redis_client, tmp_path):
+    """A headless Service with no Ready pod yet (a name that resolves to nothing): no crash, rounds are not disabled,
+    the lease holder takes the lease but adopts nothing, and says why it waits."""
+    settings = Settings(checkpoint_dir=tmp_path, vllm_control_url="http://cptd-vllm.invalid:8000", vllm_discovery_s=0.1)
+    runner = RoundRunner(RedisStore(redis_client, "nowhere"), settings, Policy, owner="wait-test")
+    assert runner.disabled is None
+    stop = threading.Event()
+    thread = threading.Thread(target=runner.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_for(runner.leader, 30, "the round lease")
+        first = runner.discovery.resolved_at
+        wait_for(lambda: runner.discovery.resolved_at != first, 30, "another resolution while leading")
+        status = runner.status()
+        assert status["enabled"] and status["leader"] and status["disabled_reason"] is None
+        assert status["waiting"].startswith("no vLLM replica ready: http://cptd-vllm.invalid:8000: ")
+        assert runner.ctx.serving is None and runner.ctx.store.get_serving() is None and runner.taken_over_epoch == 0
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
 def _restart(url: str, base) -> None:
     """What a restarted vLLM pod serves: its boot checkpoint, labelled "default", no runtime adapters."""
     reset_to_base(url, base)
@@ -142,6 +164,8 @@ def test_the_daemon_is_ready_without_vllm_and_waits_for_a_replica(tmp_path, topi
     wait_for(lambda: dead.status()["vllm"]["health"], 30, "a replica health read", 0.2, dead.proc)
     vllm = dead.status()["vllm"]
     assert vllm["urls"] == [down] and vllm["health"][down].startswith("unreachable: ConnectError")
+    wait_for(lambda: dead.status()["rounds"]["waiting"], 30, "rounds waiting for a replica that answers", 0.2, dead.proc)
+    assert dead.status()["rounds"]["waiting"].startswith(f"no vLLM replica ready: {down} unreachable: ConnectError")
     status = none.status()
     assert status["vllm"]["urls"] == [] and "cptd-vllm.invalid" in status["vllm"]["error"]
     assert status["rounds"]["enabled"] and "no vLLM replica ready" in status["rounds"]["waiting"]
