@@ -152,7 +152,7 @@ class Daemon:
         """Readiness as docs/kubernetes.md states it: Redis answers a PING and the Kafka consumer is connected to a
         bootstrap broker. The reason names each one down. vLLM is not part of it: a restarting replica must not take
         both daemon pods out of their Service (ingest and the control API work without vLLM; rounds wait for a
-        replica). Replica health is in /status (`rounds.replicas`) and the cptd_vllm_replicas gauge."""
+        replica). Replica health is in /status (`vllm`) and the cptd_vllm_replicas gauge."""
         down: list[str] = []
         try:
             self.store.ping()
