@@ -81,6 +81,7 @@ class Daemon:
                 "kafka": self.kafka.describe(),
                 "kafka_error": self.kafka_error,
             },
+            "vllm": self.runner.discovery.describe(),  # the replicas found now and their /health (not part of /readyz)
         }
         try:
             out["ingest"]["operator_pause"] = self.store.ingest_pause()  # {by, at}: holds for every daemon
@@ -153,10 +154,10 @@ class Daemon:
         return self.runner.rollback(to)
 
     def ready(self) -> tuple[bool, str]:
-        """Readiness as docs/kubernetes.md states it: Redis answers a PING, the Kafka consumer is connected to a
-        bootstrap broker, and (when rounds are on) every vLLM replica answers /health. The reason names each one down."""
-        import httpx
-
+        """Readiness as docs/kubernetes.md states it: Redis answers a PING and the Kafka consumer is connected to a
+        bootstrap broker. The reason names each one down. vLLM is not part of it: a restarting replica must not take
+        both daemon pods out of their Service (ingest and the control API work without vLLM; rounds wait for a
+        replica). Replica health is in /status (`vllm`) and the cptd_vllm_replicas gauge."""
         down: list[str] = []
         try:
             self.store.ping()
@@ -170,14 +171,6 @@ class Daemon:
                 down.append(self.scrub(f"kafka {self.kafka.describe()}: {why}") or "")
         except Exception as e:  # noqa: BLE001
             down.append(self.scrub(f"kafka {self.kafka.describe()}: {e}") or "")
-        if self.runner.disabled is None:
-            for url in self.runner.urls:
-                try:
-                    code = httpx.get(url + "/health", timeout=2.0, verify=self.settings.vllm_verify()).status_code
-                    if code != 200:
-                        down.append(f"vllm {url}: /health answered {code}")
-                except httpx.HTTPError as e:
-                    down.append(f"vllm {url} unreachable: {e}")
         return (False, "; ".join(down)) if down else (True, "ok")
 
     def reload_policy(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ The swap sequence is docs/architecture.md §4; docs/serving.md says why each ste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -226,6 +227,54 @@ class ServingController:
         """The model name clients should send: the active LoRA adapter, else the served base model."""
         return self.state.lora_active or self.base_model_name()
 
+    # --- the replica set (daemon/replica_discovery.py) -------------------------
+    def set_replicas(self, urls: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Serve exactly `urls` from now on; returns (added, dropped). The caller holds the serving lock (no swap runs).
+
+        A new replica gets a state entry that claims no version (reconcile reads what it serves); a vanished one
+        leaves the state. Its client is not closed: a thread outside the lock (scoring) may still be reading.
+        """
+        wanted = list(dict.fromkeys(u.rstrip("/") for u in urls))
+        have = {r.url: r for r in self.replicas}
+        added = [u for u in wanted if u not in have]
+        dropped = [u for u in {**have, **self.state.replicas} if u not in wanted]  # a predecessor's old addresses too
+        if added or dropped:
+            self.replicas = [have.get(u) or Replica(u, self.config) for u in wanted]  # a new list: loops over the old one run on
+            for u in dropped:
+                self.state.replicas.pop(u, None)
+                with contextlib.suppress(KeyError):  # one series per address ever seen would grow without bound
+                    metrics.LIVE_VERSION.remove(u)
+            for u in added:
+                self.state.replicas.setdefault(u, ReplicaState(url=u))
+            self._save()
+        return added, dropped
+
+    def out_of_step(self) -> list[str]:
+        """Replicas that may not serve what the state says, from cheap reads (/health, the label, the adapter list).
+
+        The periodic check: a server restarted behind the daemon's back reports the label "default" and has
+        lost its runtime adapters, so no weight checksum is needed to find it; only then does reconcile run.
+        An unreachable replica counts only while the state still claims a version for it.
+        """
+        wanted = set(self.state.lora_versions) | ({self.state.lora_active} if self.state.lora_active else set())
+        out = []
+        for r in list(self.replicas):
+            rs = self.state.replicas.get(r.url) or ReplicaState(url=r.url)
+            try:
+                if not r.health():
+                    raise ServingError(r.url, "health", "/health did not answer 200")
+                ok = (
+                    rs.version is not None
+                    and rs.version == self.state.desired_version
+                    and r.weight_version() == rs.version
+                    and (not wanted or wanted <= set(r.model_ids()))
+                )
+            except ServingError:
+                ok = rs.version is None and rs.status == "unknown"  # already known lost: reconcile would change nothing
+            if not ok:
+                out.append(r.url)
+        return out
+
     # --- adopt -----------------------------------------------------------------
     def adopt(self, checkpoint: str, version: str) -> None:
         """Take over servers that were started with `checkpoint`: label them `version` and remember its fingerprint."""
@@ -382,15 +431,16 @@ class ServingController:
             out.append(one)
         return out
 
-    def rollback(self, trigger: str = "operator", to_version: str | None = None) -> DeployRecord:
-        """Put every replica back on `to_version` (default: the version before the last deploy)."""
+    def rollback(self, trigger: str = "operator", to_version: str | None = None, only: Iterable[str] | None = None) -> DeployRecord:
+        """Put every replica (or those in `only`) back on `to_version` (default: the version before the last deploy)."""
         target = to_version or self.state.previous_version
         if target is None or target not in self.state.versions:
             raise ValueError(f"nothing to roll back to (target {target!r} unknown)")
         kv = self.state.versions[target]
         metrics.ROLLBACKS.labels(trigger=trigger).inc()
         rec = DeployRecord(kind="rollback", version=target, checkpoint=kv.checkpoint, started_at=time.time())
-        rec.replicas = self._restore(self.replicas, target)
+        chosen = None if only is None else set(only)
+        rec.replicas = self._restore([r for r in self.replicas if chosen is None or r.url in chosen], target)
         rec.ok = all(x.ok for x in rec.replicas)
         if not rec.ok:
             rec.error = next(x.error for x in rec.replicas if not x.ok)

@@ -65,7 +65,13 @@ class Settings(BaseSettings):
     )
     vllm_urls: str = Field(default="", description="CPTD_VLLM_URLS; comma-separated replica URLs")
     vllm_control_url: str | None = Field(
-        default=None, description="CPTD_VLLM_CONTROL_URL; a headless Service URL, resolved to one URL per replica address"
+        default=None,
+        description="CPTD_VLLM_CONTROL_URL; a headless Service URL, resolved again and again to one URL per replica address",
+    )
+    vllm_discovery_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="CPTD_VLLM_DISCOVERY_S; seconds between resolutions of the control URL and replica health reads",
     )
     vllm_api_key: SecretStr | None = Field(default=None, description="CPTD_VLLM_API_KEY; vLLM's --api-key")
     vllm_ca_file: Path | None = Field(default=None, description="CPTD_VLLM_CA_FILE; CA bundle for https replica URLs")
@@ -99,19 +105,6 @@ class Settings(BaseSettings):
 
     def base_checkpoint_path(self) -> Path:
         return self.base_checkpoint or self.checkpoint_dir / "base"
-
-    def replica_urls(self) -> list[str]:
-        """Explicit URLs, else one per address the control Service resolves to (a headless Service lists every pod)."""
-        urls = [u.strip().rstrip("/") for u in self.vllm_urls.split(",") if u.strip()]
-        if urls or not self.vllm_control_url:
-            return urls
-        import socket
-        from urllib.parse import urlsplit
-
-        u = urlsplit(self.vllm_control_url)
-        port = u.port or (443 if u.scheme == "https" else 80)
-        addrs = sorted({str(a[4][0]) for a in socket.getaddrinfo(u.hostname, port, proto=socket.IPPROTO_TCP)})
-        return [f"{u.scheme}://{f'[{a}]' if ':' in a else a}:{port}" for a in addrs]
 
     def kafka(self) -> KafkaConnection:
         """The Kafka connection every client is built from (connectors.kafka.kafka_client_config)."""

@@ -215,6 +215,13 @@ class RoundsPolicy(Section):
         description="how long a round waits out Redis being unreachable inside a phase (retried with back-off) before it fails; "
         "the lease still ends after 0.8 lease_ttl_s without Redis (docs/architecture.md §3)",
     )
+    reconcile_interval_s: float = Field(
+        default=60,
+        ge=1,
+        le=86400,
+        description="between deploys, how often the lease holder reads each replica's weight label and adapters; one that "
+        "is out of step (a restarted server serves its boot checkpoint) is reconciled back to the deployed version",
+    )
     suites: dict[str, str] = Field(
         default={},
         description="regression suite name -> a multiple-choice JSONL path, or an lm-evaluation-harness task YAML (.yaml/.yml) "

@@ -136,6 +136,7 @@ REQUIRED_ALERTS = {
     "CptdRedisMemoryNearMax",
     "CptdRedisMaxmemoryUnset",
     "CptdCheckpointDiskLow",
+    "CptdVllmReplicasDown",
 }
 
 

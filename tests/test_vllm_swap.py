@@ -14,7 +14,7 @@ import redis
 from safetensors.torch import load_file, save_file
 
 from connectors.redis_store import Fenced, RedisStore
-from connectors.vllm import Replica, ServingConfig, ServingError, request_errors
+from connectors.vllm import ServingConfig, ServingError, request_errors
 from daemon import metrics
 from daemon.dev.services import free_port
 from daemon.round_record import Parent, RoundState
@@ -24,21 +24,9 @@ from daemon.serving import ServingController, ServingState
 from daemon.settings import Settings
 from policies.config import Policy
 from tests.job_context import bare_record
-from tests.vllm_fixtures import SERVED_NAME, TinyModels
+from tests.vllm_fixtures import SERVED_NAME, TinyModels, reset_to_base
 
 PROMPT = "the quick fox of round"
-
-
-def _reset_to_base(url: str, base: Path) -> None:
-    """Tests share one server: put its weights back to the boot checkpoint before each test."""
-    r = Replica(url)
-    try:
-        r.pause()
-        r.reload_weights(str(base))
-        r.reset_prefix_cache()
-        r.resume()
-    finally:
-        r.close()
 
 
 def _handler_count(url: str, handler: str) -> float:
@@ -52,7 +40,7 @@ def _handler_count(url: str, handler: str) -> float:
 
 @pytest.fixture
 def controller(vllm_server, tiny_models: TinyModels):
-    _reset_to_base(vllm_server.url, tiny_models.base)
+    reset_to_base(vllm_server.url, tiny_models.base)
     saved: list[str] = []
     c = ServingController([vllm_server.url], on_state=lambda s: saved.append(s.to_json()))
     c.adopt(str(tiny_models.base), "base")
@@ -179,7 +167,7 @@ def test_corrupt_candidates_rejected_before_server_is_touched(controller, tiny_m
 
 
 def test_lora_round_adapters_get_new_names_and_old_ones_unload(vllm_server, tiny_models):
-    _reset_to_base(vllm_server.url, tiny_models.base)
+    reset_to_base(vllm_server.url, tiny_models.base)
     c = ServingController([vllm_server.url], config=ServingConfig(lora_prefix=f"t{int(time.time())}", lora_keep=2))
     c.adopt(str(tiny_models.base), "base")
     r = c.replicas[0]
@@ -235,7 +223,7 @@ def test_watch_rolls_back_a_regressed_replica(controller, tiny_models, vllm_serv
 
 
 def test_two_replicas_deploy_one_at_a_time(controller, tiny_models, vllm_server, vllm_crash_server):
-    _reset_to_base(vllm_crash_server.url, tiny_models.base)
+    reset_to_base(vllm_crash_server.url, tiny_models.base)
     c = ServingController([vllm_server.url, vllm_crash_server.url])
     c.adopt(str(tiny_models.base), "base")
     rec = c.deploy(tiny_models.other, "round-2r")
@@ -249,8 +237,8 @@ def test_two_replicas_deploy_one_at_a_time(controller, tiny_models, vllm_server,
 
 
 def test_server_killed_mid_swap_rolls_back_others_and_reconciles(tiny_models, vllm_server, vllm_crash_server, tmp_path):
-    _reset_to_base(vllm_server.url, tiny_models.base)
-    _reset_to_base(vllm_crash_server.url, tiny_models.base)
+    reset_to_base(vllm_server.url, tiny_models.base)
+    reset_to_base(vllm_crash_server.url, tiny_models.base)
     state_file = tmp_path / "serving-state.json"
     killed: list[str] = []
 
@@ -327,7 +315,7 @@ def _rollbacks(trigger: str) -> float:
 
 
 def test_lora_rollback_goes_back_one_adapter_then_to_the_base_model(vllm_server, tiny_models):
-    _reset_to_base(vllm_server.url, tiny_models.base)
+    reset_to_base(vllm_server.url, tiny_models.base)
     saved: list[str] = []
     c = ServingController(
         [vllm_server.url],
@@ -389,7 +377,7 @@ def test_serving_state_without_lora_paths_still_loads():
 @pytest.mark.parametrize("save_error", [redis.exceptions.ConnectionError("Redis went away"), Fenced("another daemon holds the lease")])
 def test_a_state_save_failing_while_paused_still_resumes_the_replica(vllm_server, tiny_models, save_error):
     """The save right after /pause raises (Redis down, lease lost): the error reaches the caller, the replica is resumed."""
-    _reset_to_base(vllm_server.url, tiny_models.base)
+    reset_to_base(vllm_server.url, tiny_models.base)
     fail = [True]
 
     def save(state: ServingState) -> None:
@@ -415,7 +403,7 @@ def test_a_deploy_cut_short_by_redis_fails_the_round_with_the_replica_back_on_th
     vllm_server, tiny_models, redis_client, tmp_path
 ):
     """After the reload, the state save raises a Redis error: the round ends FAILED only once the replica is back on base."""
-    _reset_to_base(vllm_server.url, tiny_models.base)
+    reset_to_base(vllm_server.url, tiny_models.base)
     store = RedisStore(redis_client, "swapcut")
     ctx = RoundContext(store, Settings(checkpoint_dir=tmp_path), get_policy=Policy, owner="swap-test")
     ctx.fence = store.lease_acquire(ctx.owner, 120)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from connectors.vllm import Replica
 from daemon.dev.vllm_server import VLLMServer
 
 CORPUS = [
@@ -81,6 +82,18 @@ def start_server(models: TinyModels, log_name: str) -> VLLMServer:
     return VLLMServer(
         model=str(models.base), served_model_name=SERVED_NAME, enable_lora=True, max_lora_rank=8, log_path=models.root / log_name
     ).start(timeout=300)
+
+
+def reset_to_base(url: str, base: Path) -> None:
+    """Tests share one server: put its weights back to the boot checkpoint before each test."""
+    r = Replica(url)
+    try:
+        r.pause()
+        r.reload_weights(str(base))
+        r.reset_prefix_cache()
+        r.resume()
+    finally:
+        r.close()
 
 
 @pytest.fixture(scope="session")

@@ -114,17 +114,27 @@ def reconcile_serving(ctx: RoundContext, roll_back_diverged: bool = True) -> Non
     different versions (`RoundContext.reconcile_due`). The state is first written under the fence, so a daemon
     that lost the lease touches no replica: the new holder reconciles at its take-over.
     """
+    with ctx.serving_lock:
+        reconcile_locked(ctx, roll_back_diverged)
+
+
+def reconcile_locked(ctx: RoundContext, roll_back_diverged: bool = True) -> None:
+    """`reconcile_serving` for a caller that holds the serving lock already (the periodic upkeep).
+
+    Only the diverged replicas that answered are swapped back: one that is unreachable cannot be, and one
+    already on the desired version need not be (a restarted replica is brought back without touching the rest).
+    """
     serving = ctx.serving
     assert serving is not None
-    with ctx.serving_lock:
-        redis_loss.put_serving(ctx.store, ctx.fenced(), ctx.settings.checkpoint_dir, serving.state.to_json())
-        rec = serving.reconcile()
-        log.info("reconciled serving state", extra={"live": rec.live, "diverged": rec.diverged, "errors": rec.errors})
-        desired = serving.state.desired_version
-        if rec.diverged and roll_back_diverged and not rec.errors and desired is not None:
-            out = serving.rollback("reconcile", to_version=desired)
-            log.info("brought diverged replicas back to the deployed version", extra={"version": desired, "ok": out.ok})
-        ctx.reconcile_due = False
+    redis_loss.put_serving(ctx.store, ctx.fenced(), ctx.settings.checkpoint_dir, serving.state.to_json())
+    rec = serving.reconcile()
+    log.info("reconciled serving state", extra={"live": rec.live, "diverged": rec.diverged, "errors": rec.errors})
+    desired = serving.state.desired_version
+    fixable = [u for u in rec.diverged if u not in rec.errors]
+    if fixable and roll_back_diverged and desired is not None:
+        out = serving.rollback("reconcile", to_version=desired, only=fixable)
+        log.info("brought diverged replicas back to the deployed version", extra={"version": desired, "replicas": fixable, "ok": out.ok})
+    ctx.reconcile_due = False
 
 
 def wait_for_blackouts(ctx: RoundContext, rec: RoundRecord) -> None:

@@ -28,8 +28,9 @@ from connectors.redis_store import Fenced, RedisStore
 from connectors.vllm import ServingConfig
 from daemon import failpoints, redis_loss
 from daemon import metrics as M
+from daemon.replica_discovery import ReplicaDiscovery, Resolver, resolve_addresses
 from daemon.round_record import TERMINAL, Parent, PhaseTimes, RollbackResult, RoundRecord, RoundState, Trigger
-from daemon.rounds import deploying, drift_measure
+from daemon.rounds import deploying, drift_measure, serving_upkeep
 from daemon.rounds.context import BASE_VERSION, RoundContext, Stop
 from daemon.rounds.state_machine import drive
 from daemon.serving import ServingController, ServingState
@@ -54,6 +55,7 @@ class RoundRunner:
         get_policy: Callable[[], Policy],
         owner: str | None = None,
         kube_api_client: Any = None,
+        resolve: Resolver = resolve_addresses,
     ):
         owner = owner or settings.pod_name or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ctx = RoundContext(store, settings, get_policy, owner, kube_api_client=kube_api_client)
@@ -62,8 +64,9 @@ class RoundRunner:
         self.active: str | None = None
         self.taken_over_epoch = 0
         self.redis_loss: str | None = None  # why Redis is taken to have lost data (daemon/redis_loss.py); rounds wait
-        self.urls = settings.replica_urls()
-        self.disabled = None if self.urls else "no vLLM replicas configured (CPTD_VLLM_URLS or CPTD_VLLM_CONTROL_URL)"
+        self.discovery = ReplicaDiscovery(settings, resolve)
+        self.discovery.refresh(probe=False)  # none may resolve yet: rounds then wait for one (`waiting`)
+        self.disabled = None if self.discovery.configured() else "no vLLM replicas configured (CPTD_VLLM_URLS or CPTD_VLLM_CONTROL_URL)"
 
     # ------------------------------------------------------------------ lease
     def leader(self) -> bool:
@@ -216,7 +219,7 @@ class RoundRunner:
             api_key=s.vllm_api_key.get_secret_value() if s.vllm_api_key else None,
             ca_file=str(s.vllm_ca_file) if s.vllm_ca_file else None,
         )
-        ctx.serving = ServingController(self.urls, state, on_state=self.save_serving, config=config)
+        ctx.serving = ServingController(self.discovery.urls, state, on_state=self.save_serving, config=config)
         if state.desired_version is None:
             base = str(s.base_checkpoint_path().resolve())
             ctx.serving.adopt(base, BASE_VERSION)
@@ -235,6 +238,7 @@ class RoundRunner:
         self.ctx.stop = stop
         threading.Thread(target=self.lease_loop, args=(stop,), name="lease", daemon=True).start()
         threading.Thread(target=self.control_loop, args=(stop,), name="control", daemon=True).start()
+        threading.Thread(target=self.keep_replicas, args=(stop,), name="replicas", daemon=True).start()
         resume: str | None = None  # a round to (re)drive: left by a predecessor, or interrupted by an error here
         while not stop.is_set():
             f = self.ctx.fence
@@ -243,8 +247,12 @@ class RoundRunner:
                 self.wake.clear()
                 continue
             try:
+                if self.discovery.waiting():
+                    self.wake.wait(1.0)  # no replica to learn from or to serve a round: nothing is adopted or started
+                    self.wake.clear()
+                    continue
                 if self.taken_over_epoch != f.epoch:
-                    resume = self.take_over()
+                    resume = self.active = self.take_over()  # `active` at once: the upkeep leaves a resumed DEPLOYING round alone
                     self.taken_over_epoch = f.epoch
                 if self.ctx.reconcile_due:  # a failed deploy whose reconcile failed too: no round before the replicas agree
                     deploying.reconcile_serving(self.ctx)
@@ -261,6 +269,31 @@ class RoundRunner:
                 log.exception("round runner error", extra={"error": repr(e)})
                 stop.wait(5.0)
         self.ctx.stop_job()
+
+    def keep_replicas(self, stop: threading.Event) -> None:
+        """Every CPTD_VLLM_DISCOVERY_S: resolve the replicas again; the lease holder adopts the set and reconciles new
+        replicas, and every rounds.reconcile_interval_s the ones found out of step (daemon/rounds/serving_upkeep.py)."""
+        last_check = time.monotonic()
+        while not stop.is_set():
+            urls = self.discovery.refresh()
+            f = self.ctx.fence
+            if f is not None and self.taken_over_epoch == f.epoch:
+                due = time.monotonic() - last_check >= self.ctx.get_policy().rounds.reconcile_interval_s
+                try:
+                    done = serving_upkeep.upkeep(self.ctx, urls, self.deploying_now, due)
+                    if done is not None and done.checked:
+                        last_check = time.monotonic()
+                except (Stop, Fenced) as e:
+                    log.warning("replica upkeep paused", extra={"reason": str(e)})
+                except Exception as e:  # noqa: BLE001 - Redis or vLLM down: the next pass tries again
+                    log.exception("replica upkeep error", extra={"error": repr(e)})
+            stop.wait(self.ctx.settings.vllm_discovery_s)
+
+    def deploying_now(self) -> bool:
+        """Whether the round being driven (or about to be resumed) is DEPLOYING: its deploy converges the replicas."""
+        rid = self.active
+        rec = self.ctx.get_round(rid) if rid else None
+        return rec is not None and rec.state == RoundState.DEPLOYING
 
     def drive(self, rid: str) -> RoundRecord:
         self.active = rid
@@ -326,6 +359,7 @@ class RoundRunner:
             "owner": self.ctx.owner,
             "active": self.active,
             "redis_loss": {"cause": self.redis_loss, "action": redis_loss.ACTION} if self.redis_loss else None,
+            "waiting": self.discovery.waiting(),  # why no round starts now (no vLLM replica), else None
         }
         raw = self.ctx.store.get_serving()
         if raw:
