@@ -49,7 +49,14 @@ class TrainPolicy(Section):
     )
     activation_checkpointing: bool = Field(default=False, description="recompute decoder-layer activations in backward (less memory)")
     cpu_offload: bool = Field(default=False, description="fsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="also the collective backend's: cuda -> nccl, cpu -> gloo")
+    collective_timeout_min: float = Field(
+        default=30,
+        gt=0,
+        le=24 * 60,
+        description="minutes a rank waits in a collective; above NCCL's 10-minute default, since the other ranks wait at "
+        "a barrier while rank 0 evaluates or writes a checkpoint",
+    )
     seed: int = Field(default=0, ge=0, description="base seed; each round derives its data/init seeds from it and the round id")
 
     @model_validator(mode="after")

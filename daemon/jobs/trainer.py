@@ -365,7 +365,9 @@ def save_weights(dst: Path, model, train_policy: TrainPolicy, parent: Path, full
 
 
 def load_trainer_state(src: Path, opt, scaler) -> dict:
-    blob = torch.load(src / "trainer_state.pt", weights_only=True)
+    """Rank 0 saved from its GPU (cuda:0): read into host memory, not onto cuda:0 by every rank; load_state_dict then
+    moves each optimizer tensor to its parameter's device, this rank's own. The RNG state must stay on the CPU."""
+    blob = torch.load(src / "trainer_state.pt", weights_only=True, map_location="cpu")
     opt.load_state_dict(blob["optimizer"])
     if scaler is not None and "grad_scaler" in blob:
         scaler.load_state_dict(blob["grad_scaler"])
@@ -432,6 +434,16 @@ def peak_memory(device: torch.device) -> dict:
 # ---------------------------------------------------------------- the round
 
 
+def process_group_options(device: torch.device, timeout_min: float) -> dict:
+    """init_process_group's arguments for a rank on `device`: the backend follows the device the policy names (a
+    CPU round on a CUDA host stays on gloo, and a CUDA one gets nccl), NCCL binds eagerly to the rank's own GPU
+    (device_id), and the timeout is the policy's: ranks wait at a barrier while rank 0 evaluates or writes."""
+    from datetime import timedelta
+
+    cuda = device.type == "cuda"
+    return {"backend": "nccl" if cuda else "gloo", "timeout": timedelta(minutes=timeout_min), "device_id": device if cuda else None}
+
+
 def gradient_sync(model: torch.nn.Module, ddp: bool, last: bool) -> AbstractContextManager:
     """The context of one micro-batch's backward. DDP all-reduces only on the last (no_sync before): its gradients
     are whole on every rank anyway. FSDP2 keeps its default, a reduce-scatter every micro-batch, as torchtitan does:
@@ -459,14 +471,16 @@ def run(spec: TrainSpec) -> dict:
     train_policy, sp = spec.train, spec.schedule  # typed from the policy file on: TrainPolicy, SchedulePolicy
     out = Path(spec.out_dir)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = resolve_device(train_policy.device)
+    if device.type == "cuda":  # before init: NCCL binds the rank to the current device
+        torch.cuda.set_device(device)
     if distributed:
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(**process_group_options(device, train_policy.collective_timeout_min))
     ddp, fsdp = distributed and train_policy.parallelism == "ddp", distributed and train_policy.parallelism == "fsdp"
     rank, world = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     main_proc = rank == 0
-    device = resolve_device(train_policy.device)
     parent = Path(spec.parent_dir)
     parent_dtype = checkpoint_dtype(parent)
     precision = resolve_precision(train_policy.precision, dtype_name(parent_dtype), device.type)
@@ -478,7 +492,6 @@ def run(spec: TrainSpec) -> dict:
     if device.type == "cpu" or train_policy.cpu_offload:  # the training state lives in host memory
         release_freed_host_memory()
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     out.mkdir(parents=True, exist_ok=True)
     if main_proc:  # one trainer per out dir: a rerun waits until one left over from a killed daemon has died
