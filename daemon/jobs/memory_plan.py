@@ -160,7 +160,8 @@ def measure_step(spec: PlanSpec, world: int, fake: bool) -> dict[str, Any]:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (world,))
-    precision = resolve_precision(tp.precision, str(parent_dtype(spec.model_shape)).removeprefix("torch."), "cpu" if not fake else "cuda")
+    dtype = str(parent_dtype(spec.model_shape)).removeprefix("torch.")
+    precision = resolve_precision(tp.precision, dtype, "cpu" if not fake else "cuda", "fsdp" if fsdp else "ddp")
     param_dtype = torch.bfloat16 if precision == "bf16-params" else torch.float32
     amp_dtype = DTYPES[MIXED[precision]] if precision in MIXED else None
     cpu = torch.device("cpu")
@@ -305,6 +306,8 @@ def plan(spec: PlanSpec) -> PlanResult:
     tp = spec.train
     if tp.mode == "qlora":
         raise ValueError("train.mode qlora: the 4-bit base (bitsandbytes) cannot be built on fake tensors; plan it as lora")
+    if tp.cpu_offload and spec.gpus == 1:
+        raise ValueError("train.cpu_offload with one GPU: offloading is FSDP's, and one rank is not sharded; the trainer refuses it")
     if spec.nodes > spec.gpus:
         raise ValueError(f"{spec.nodes} nodes for {spec.gpus} GPUs: every node needs at least one")
     world = spec.gpus

@@ -471,6 +471,11 @@ def run(spec: TrainSpec) -> dict:
     train_policy, sp = spec.train, spec.schedule  # typed from the policy file on: TrainPolicy, SchedulePolicy
     out = Path(spec.out_dir)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if train_policy.cpu_offload and not distributed:  # before anything is read or written
+        raise SystemExit(
+            "train.cpu_offload with one rank: offloading is FSDP's, and one rank is not sharded, so the training state "
+            "would stay on the GPU; run fsdp on several ranks (CPTD_TRAIN_LAUNCHER=torchrun:N, N > 1) or drop cpu_offload"
+        )
     device = resolve_device(train_policy.device)
     if device.type == "cuda":  # before init: NCCL binds the rank to the current device
         torch.cuda.set_device(device)
@@ -483,7 +488,7 @@ def run(spec: TrainSpec) -> dict:
     main_proc = rank == 0
     parent = Path(spec.parent_dir)
     parent_dtype = checkpoint_dtype(parent)
-    precision = resolve_precision(train_policy.precision, dtype_name(parent_dtype), device.type)
+    precision = resolve_precision(train_policy.precision, dtype_name(parent_dtype), device.type, "fsdp" if fsdp else "ddp")
     # bf16-params trains the weights in bf16 itself; every other precision keeps fp32 trainable (master) weights.
     param_dtype = torch.bfloat16 if precision == "bf16-params" else torch.float32
     amp_dtype = DTYPES[MIXED[precision]] if precision in MIXED else None
