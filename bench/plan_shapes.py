@@ -7,8 +7,8 @@ Each row is `python -m daemon.jobs.memory_plan SPEC` (what `cptd plan` runs): th
 the trainer's own FSDP code, on fake tensors and N fake ranks, under torch's memory tracker. Shapes are the
 published config.json files in tests/data/model_shapes/. Policies: the default `train` section (what a policy
 that says nothing gets, with parallelism fsdp where there are several GPUs) and one sized for the model
-(micro-batch 1, activation checkpointing), each at grad_accum 4 and 1: grad_accum > 1 under fsdp keeps every
-layer's fp32 gradients unsharded on every rank (issue 23), and the plan shows it. The 8B row "issue 23's" is
+(micro-batch 1, activation checkpointing), each at grad_accum 4 and 1: under fsdp every micro-batch is
+reduce-scattered, so accumulation holds sharded gradients only (it held every layer's unsharded, issue 23). The 8B row "issue 23's" is
 the setting the issue measured (1 x 2048, no activation checkpointing, grad_accum 1).
 """
 

@@ -18,7 +18,8 @@ class TrainPolicy(Section):
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16-params", "fp16-mixed"] = Field(
         default="auto",
         description="training math; candidates are always written in the parent's dtype. auto: bf16 parent -> bf16-mixed, "
-        "fp16 parent -> fp16-mixed, fp32 parent -> fp32 on CPU and bf16-mixed on CUDA (docs/round-engine.md, Precision)",
+        "fp16 parent -> fp16-mixed (bf16-mixed under fsdp), fp32 parent -> fp32 on CPU and bf16-mixed on CUDA "
+        "(docs/round-engine.md, Precision)",
     )
     micro_batch_size: int = Field(default=8, ge=1, le=4096, description="packed sequences per forward pass (per GPU)")
     seq_len: int = Field(default=2048, ge=16, le=131_072, description="tokens per packed sequence")
@@ -49,7 +50,14 @@ class TrainPolicy(Section):
     )
     activation_checkpointing: bool = Field(default=False, description="recompute decoder-layer activations in backward (less memory)")
     cpu_offload: bool = Field(default=False, description="fsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="also the collective backend's: cuda -> nccl, cpu -> gloo")
+    collective_timeout_min: float = Field(
+        default=30,
+        gt=0,
+        le=24 * 60,
+        description="minutes a rank waits in a collective; above NCCL's 10-minute default, since the other ranks wait at "
+        "a barrier while rank 0 evaluates or writes a checkpoint",
+    )
     seed: int = Field(default=0, ge=0, description="base seed; each round derives its data/init seeds from it and the round id")
 
     @model_validator(mode="after")
@@ -61,7 +69,7 @@ class TrainPolicy(Section):
         if self.parallelism == "fsdp" and self.mode == "qlora":
             raise ValueError("train.parallelism fsdp does not shard a 4-bit base; qlora rounds run on one GPU (ddp)")
         if self.cpu_offload and self.parallelism != "fsdp":
-            raise ValueError("train.cpu_offload needs train.parallelism fsdp")
+            raise ValueError("train.cpu_offload needs train.parallelism fsdp (on several ranks: one rank is not sharded)")
         return self
 
 
@@ -69,12 +77,15 @@ class TrainPolicy(Section):
 MIXED = {"bf16-mixed": "bfloat16", "fp16-mixed": "float16"}  # autocast dtype over fp32 master weights
 
 
-def resolve_precision(precision: str, parent_dtype: str, device_type: str) -> str:
-    """The concrete precision of a round: the policy's, or for "auto" the parent's dtype on this device."""
+def resolve_precision(precision: str, parent_dtype: str, device_type: str, parallelism: str = "ddp") -> str:
+    """The concrete precision of a round: the policy's, or for "auto" the parent's dtype on this device. `parallelism`:
+    what the ranks actually run ("fsdp" only with several); fsdp has no sharded GradScaler, so an fp16 parent trains
+    in bf16-mixed there (bf16 covers fp16's range) and is still written in fp16, never in a combination the
+    policy's validation refuses."""
     if precision != "auto":
         return precision
     if parent_dtype == "bfloat16":
         return "bf16-mixed"
     if parent_dtype == "float16":
-        return "fp16-mixed"
+        return "bf16-mixed" if parallelism == "fsdp" else "fp16-mixed"
     return "bf16-mixed" if device_type == "cuda" else "fp32"

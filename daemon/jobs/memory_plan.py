@@ -36,6 +36,7 @@ from daemon.jobs.lm_loss import window_nll
 from daemon.jobs.model_loader import DTYPES
 from daemon.jobs.specs import PlanResult, PlanSpec, write_result
 from daemon.jobs.trainer import (
+    gradient_sync,
     make_optimizer,
     micro_batch_loss,
     optimizer_step,
@@ -88,7 +89,8 @@ def build_model(spec: PlanSpec, param_dtype: torch.dtype, device: torch.device) 
 
 
 def accumulated_grad_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the unsharded gradients FSDP2 keeps between micro-batches when gradient sync is off."""
+    """Bytes of the unsharded gradients FSDP2 keeps between micro-batches when gradient sync is off (0 since the
+    trainer reduce-scatters every micro-batch; the plan would show a return of issue 23's whole gradients)."""
     total = 0
     for m in model.modules():
         group = getattr(m, "_get_fsdp_state", None) and m._get_fsdp_state()._fsdp_param_group  # type: ignore[operator]
@@ -158,7 +160,8 @@ def measure_step(spec: PlanSpec, world: int, fake: bool) -> dict[str, Any]:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (world,))
-    precision = resolve_precision(tp.precision, str(parent_dtype(spec.model_shape)).removeprefix("torch."), "cpu" if not fake else "cuda")
+    dtype = str(parent_dtype(spec.model_shape)).removeprefix("torch.")
+    precision = resolve_precision(tp.precision, dtype, "cpu" if not fake else "cuda", "fsdp" if fsdp else "ddp")
     param_dtype = torch.bfloat16 if precision == "bf16-params" else torch.float32
     amp_dtype = DTYPES[MIXED[precision]] if precision in MIXED else None
     cpu = torch.device("cpu")
@@ -187,12 +190,10 @@ def measure_step(spec: PlanSpec, world: int, fake: bool) -> dict[str, Any]:
             """The trainer's step; returns the most gradient bytes fsdp held unsharded between micro-batches."""
             held = 0
             for m in range(micro_batches):
-                last = m == micro_batches - 1
-                if fsdp:
-                    model.set_requires_gradient_sync(last)
-                with autocast():
-                    loss = micro_batch_loss(model, x, pos, x)
-                (loss / n_tgt).backward()
+                with gradient_sync(model, False, last=m == micro_batches - 1):  # the trainer's; no DDP reducer here
+                    with autocast():
+                        loss = micro_batch_loss(model, x, pos, x)
+                    (loss / n_tgt).backward()
                 held = max(held, accumulated_grad_bytes(model))
                 t.reset_mod_stats()  # the tracker takes one forward per module per context otherwise
             optimizer_step(opt, params, None, tp.grad_clip)
@@ -201,7 +202,7 @@ def measure_step(spec: PlanSpec, world: int, fake: bool) -> dict[str, Any]:
         # The first step makes the optimizer state, under a tracker of its own: FSDPMemTracker counts AdamW's new
         # DTensor moments once at their global size there (a whole fp32 model, gone at once; not what the
         # allocator holds). The second step is the steady state, and the plan. Micro-batches after its second hold
-        # nothing more: the accumulated gradients exist from the first no-sync backward on.
+        # nothing more: each reduce-scatters into the same sharded gradients.
         with tracker(model, opt, fsdp) as t:
             step(1)
         base_rss = rss()
@@ -305,6 +306,8 @@ def plan(spec: PlanSpec) -> PlanResult:
     tp = spec.train
     if tp.mode == "qlora":
         raise ValueError("train.mode qlora: the 4-bit base (bitsandbytes) cannot be built on fake tensors; plan it as lora")
+    if tp.cpu_offload and spec.gpus == 1:
+        raise ValueError("train.cpu_offload with one GPU: offloading is FSDP's, and one rank is not sharded; the trainer refuses it")
     if spec.nodes > spec.gpus:
         raise ValueError(f"{spec.nodes} nodes for {spec.gpus} GPUs: every node needs at least one")
     world = spec.gpus

@@ -41,8 +41,9 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,9 @@ from daemon.jobs.specs import TrainSpec, read_texts, write_result
 from policies.lr_schedule import anneal_steps_for, round_lr
 from policies.replay import replay_tokens_for
 from policies.train import MIXED, TrainPolicy, resolve_precision
+
+if TYPE_CHECKING:
+    from torch.nn.parallel import DistributedDataParallel
 
 IGNORE = -100
 # fp32 trainable parameters, when the written weights are rounded. In a subdirectory: a mid-round checkpoint the gate
@@ -361,7 +365,9 @@ def save_weights(dst: Path, model, train_policy: TrainPolicy, parent: Path, full
 
 
 def load_trainer_state(src: Path, opt, scaler) -> dict:
-    blob = torch.load(src / "trainer_state.pt", weights_only=True)
+    """Rank 0 saved from its GPU (cuda:0): read into host memory, not onto cuda:0 by every rank; load_state_dict then
+    moves each optimizer tensor to its parameter's device, this rank's own. The RNG state must stay on the CPU."""
+    blob = torch.load(src / "trainer_state.pt", weights_only=True, map_location="cpu")
     opt.load_state_dict(blob["optimizer"])
     if scaler is not None and "grad_scaler" in blob:
         scaler.load_state_dict(blob["grad_scaler"])
@@ -428,6 +434,24 @@ def peak_memory(device: torch.device) -> dict:
 # ---------------------------------------------------------------- the round
 
 
+def process_group_options(device: torch.device, timeout_min: float) -> dict:
+    """init_process_group's arguments for a rank on `device`: the backend follows the device the policy names (a
+    CPU round on a CUDA host stays on gloo, and a CUDA one gets nccl), NCCL binds eagerly to the rank's own GPU
+    (device_id), and the timeout is the policy's: ranks wait at a barrier while rank 0 evaluates or writes."""
+    from datetime import timedelta
+
+    cuda = device.type == "cuda"
+    return {"backend": "nccl" if cuda else "gloo", "timeout": timedelta(minutes=timeout_min), "device_id": device if cuda else None}
+
+
+def gradient_sync(model: torch.nn.Module, ddp: bool, last: bool) -> AbstractContextManager:
+    """The context of one micro-batch's backward. DDP all-reduces only on the last (no_sync before): its gradients
+    are whole on every rank anyway. FSDP2 keeps its default, a reduce-scatter every micro-batch, as torchtitan does:
+    the gradients accumulate in each rank's shard; turning the sync off kept every layer's fp32 gradient unsharded
+    on every rank until the last micro-batch (issue 23: 30 GiB per GPU for an 8B model, whatever the world size)."""
+    return cast("DistributedDataParallel", model).no_sync() if ddp and not last else nullcontext()
+
+
 class Progress:
     """JSON lines to OUT/progress.jsonl and stdout; on a resume, records for re-run steps appear again (take the last)."""
 
@@ -447,17 +471,24 @@ def run(spec: TrainSpec) -> dict:
     train_policy, sp = spec.train, spec.schedule  # typed from the policy file on: TrainPolicy, SchedulePolicy
     out = Path(spec.out_dir)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if train_policy.cpu_offload and not distributed:  # before anything is read or written
+        raise SystemExit(
+            "train.cpu_offload with one rank: offloading is FSDP's, and one rank is not sharded, so the training state "
+            "would stay on the GPU; run fsdp on several ranks (CPTD_TRAIN_LAUNCHER=torchrun:N, N > 1) or drop cpu_offload"
+        )
+    device = resolve_device(train_policy.device)
+    if device.type == "cuda":  # before init: NCCL binds the rank to the current device
+        torch.cuda.set_device(device)
     if distributed:
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(**process_group_options(device, train_policy.collective_timeout_min))
     ddp, fsdp = distributed and train_policy.parallelism == "ddp", distributed and train_policy.parallelism == "fsdp"
     rank, world = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     main_proc = rank == 0
-    device = resolve_device(train_policy.device)
     parent = Path(spec.parent_dir)
     parent_dtype = checkpoint_dtype(parent)
-    precision = resolve_precision(train_policy.precision, dtype_name(parent_dtype), device.type)
+    precision = resolve_precision(train_policy.precision, dtype_name(parent_dtype), device.type, "fsdp" if fsdp else "ddp")
     # bf16-params trains the weights in bf16 itself; every other precision keeps fp32 trainable (master) weights.
     param_dtype = torch.bfloat16 if precision == "bf16-params" else torch.float32
     amp_dtype = DTYPES[MIXED[precision]] if precision in MIXED else None
@@ -466,7 +497,6 @@ def run(spec: TrainSpec) -> dict:
     if device.type == "cpu" or train_policy.cpu_offload:  # the training state lives in host memory
         release_freed_host_memory()
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     out.mkdir(parents=True, exist_ok=True)
     if main_proc:  # one trainer per out dir: a rerun waits until one left over from a killed daemon has died
@@ -632,11 +662,7 @@ def run(spec: TrainSpec) -> dict:
         for m in range(train_policy.grad_accum):
             b = mine[m * train_policy.micro_batch_size : (m + 1) * train_policy.micro_batch_size]
             x, p, y = ids[b].to(device), pos[b].to(device), tgt[b].to(device)
-            last = m == train_policy.grad_accum - 1
-            if fsdp:
-                model.set_requires_gradient_sync(last)
-            sync = nullcontext() if (not ddp or last) else model.no_sync()
-            with sync:  # DDP and FSDP reduce gradients only on the last micro-batch
+            with gradient_sync(model, ddp, last=m == train_policy.grad_accum - 1):
                 with autocast():
                     loss = micro_batch_loss(fwd, x, p, y)
                 scaled = loss / n_tgt
