@@ -78,6 +78,7 @@ class Stack:
     produced: dict[tuple[int, int], float] = field(default_factory=dict)  # (partition, offset) -> produced at (time.time)
     ends: dict[int, int] = field(default_factory=dict)  # partition -> next offset after what was produced
     exits: list[dict[str, Any]] = field(default_factory=list)  # daemons that exited on their own (no fault killed them)
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # "id@created_at" -> the round record as last read
 
     @property
     def bootstrap(self) -> str:
@@ -370,10 +371,13 @@ def start_stack(cfg: SoakConfig, doms: list[Domain], log: Callable[[str], None])
 
 
 def safe_rounds(s: Stack) -> list[dict[str, Any]]:
+    """The round records in Redis now; each is also kept in `s.records`, so a record Redis loses is still reported."""
     try:
-        return s.store.list_rounds()
+        recs = s.store.list_rounds()
     except Exception:  # noqa: BLE001 - Redis may be down or empty: a fault, not a harness error
         return []
+    s.records |= {f"{r['id']}@{r['created_at']}": r for r in recs}
+    return recs
 
 
 def caught_up(s: Stack) -> bool:
@@ -476,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs-per-round", type=int, default=40)
     ap.add_argument("--round-steps", type=int, default=12)
     ap.add_argument("--outage-s", type=float, default=60.0)
+    ap.add_argument("--round-timeout-s", type=float, default=900.0, help="how long one batch's rounds may take before it is a finding")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--no-png", action="store_true")
     a = ap.parse_args(argv)
@@ -487,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         docs_per_round=a.docs_per_round,
         round_steps=a.round_steps,
         outage_s=a.outage_s,
+        round_timeout_s=a.round_timeout_s,
         workdir=a.workdir,
         png=not a.no_png,
     )

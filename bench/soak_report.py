@@ -210,7 +210,8 @@ def finish(
             f"accounting: {produced} produced, {counts['total']} accounted ({by}); dead letters {dl_distinct} distinct, "
             f"{dl_expected} expected (dead_lettered + rejected)"
         )
-    recs = safe_rounds(s)
+    live = {f"{r['id']}@{r['created_at']}" for r in safe_rounds(s)}
+    recs = sorted(s.records.values(), key=lambda r: r["created_at"])
     rounds = [
         {
             "id": r["id"],
@@ -218,6 +219,7 @@ def finish(
             "trigger_reason": r["trigger"].get("reason", ""),
             "state": r["state"],
             "reason": end_reason(r),
+            "gone_from_redis": f"{r['id']}@{r['created_at']}" not in live,
             "created_at": r["created_at"],
             "updated_at": r["updated_at"],
             "seconds": round(r["updated_at"] - r["created_at"], 1),
@@ -227,6 +229,9 @@ def finish(
     bad = [r for r in rounds if r["state"] not in TERMINAL or not r["reason"]]
     if bad:
         findings.append(f"rounds not terminal or without a reason: {[(r['id'], r['state'], r['reason']) for r in bad]}")
+    gone = [r["id"] for r in rounds if r["gone_from_redis"]]
+    if gone:
+        findings.append(f"round records gone from Redis (the report keeps their last state): {gone}")
     ids = [r["id"] for r in rounds]
     if len(ids) != len(set(ids)):
         findings.append(f"round ids repeat: {sorted(i for i in set(ids) if ids.count(i) > 1)}")
@@ -336,7 +341,11 @@ def summary(report: dict[str, Any]) -> str:
         f"messages   {a['produced']} produced, {a['accounted']} accounted {a['by_outcome']}; dead letters "
         f"{a['dead_letter_distinct']} distinct ({a['dead_letter_messages']} sent), {a['dead_letter_expected']} expected",
     ]
-    lines += [f"round      {x['id']} {x['trigger']:<7} {x['state']:<11} {x['seconds']:>6.1f} s  {x['reason'][:90]}" for x in r["list"]]
+    lines += [
+        f"round      {x['id']} {x['trigger']:<7} {x['state']:<11} {x['seconds']:>6.1f} s  {x['reason'][:90]}"
+        + (" (record gone from Redis)" if x["gone_from_redis"] else "")
+        for x in r["list"]
+    ]
     lines += [
         f"fault      {f['kind']:<14} batch {f['round']} planned {f['phase']:<10} fired in {f['fired_in']}: {f['note']}"
         for f in report["faults"]
