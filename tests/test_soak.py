@@ -59,7 +59,7 @@ def test_a_broker_restart_resets_open_connections_and_the_port_answers_again():
             proxy.stop()
 
 
-@pytest.mark.slow  # two vLLM starts, the broker, Redis, two daemons and three rounds: ~5 min on 2 cores
+@pytest.mark.slow  # two vLLM starts, the broker, Redis, two daemons and three rounds: 180-190 s on 2 cores
 @pytest.mark.timeout(1200)
 def test_three_rounds_under_four_faults_keep_every_invariant(tmp_path: Path):
     cfg = SoakConfig(
