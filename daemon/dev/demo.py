@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 import httpx
 import yaml
 
+from daemon.dev.process_control import DaemonProcess, daemon_env
 from daemon.dev.services import Service, create_topics, free_port, kafka_service, redis_service, wait_for
 from daemon.job_launchers import Job, JsonlFollower, ProcessLauncher
 from daemon.jobs.specs import TrainSpec
@@ -393,23 +394,16 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
         print(f"4. replay       reservoir seeded with {rep.placed} general-English documents (what `cptd seed-replay` does)")
 
         port = free_port()
-        env = dict(
-            os.environ,
-            CPTD_POLICY=str(policy),
-            CPTD_REDIS_URL=f"redis://127.0.0.1:{redis.port}/0",
-            CPTD_KAFKA_BOOTSTRAP=bootstrap,
-            CPTD_HTTP_HOST="127.0.0.1",
-            CPTD_HTTP_PORT=str(port),
-            CPTD_API_TOKEN=TOKEN,
-            CPTD_VLLM_URLS=vllm.url,
-            CPTD_CHECKPOINT_DIR=str(root / "checkpoints"),
-            CPTD_BASE_CHECKPOINT=str(base),
-            # One torch thread for every job the daemon starts (trainer, drift probe, evaluator, detector): on 2 cores
-            # shared with vLLM and anything else, a second OpenMP thread waiting for a busy core made the evaluator 7x
-            # slower (docs/round-engine.md, Training on a CPU).
-            CPTD_TRAIN_CPU_THREADS="1",
+        env = daemon_env(
+            policy=policy,
+            redis_url=f"redis://127.0.0.1:{redis.port}/0",
+            bootstrap=bootstrap,
+            port=port,
+            token=TOKEN,
+            vllm_urls=[vllm.url],
+            checkpoint_dir=root / "checkpoints",
+            base_checkpoint=base,
         )
-        log = open(root / "cptd.log", "ab")
         api = f"http://127.0.0.1:{port}"
         status = lambda: httpx.get(api + "/status", timeout=5).json()  # noqa: E731
 
@@ -430,9 +424,8 @@ def run_demo(workdir: str | None = None, docs: int = 1200, pretrain_steps: int =
         print(f"   vLLM up after {time.monotonic() - vllm_proc_start:.0f} s")
         before = _complete(vllm.url, PROMPT)
 
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        daemon = DaemonProcess(env, root / "cptd.log").start().proc
+        assert daemon is not None
         print(f"6. cptd         {api}  (logs: {root / 'cptd.log'}; try `CPTD_URL={api} cptd status`)")
         wait_for(lambda: status()["ingest"]["assigned"], 120, "the daemon to join the consumer group", 0.3, daemon)
 

