@@ -213,7 +213,7 @@ class RoundsPolicy(Section):
         ge=0,
         le=3600,
         description="how long a round waits out Redis being unreachable inside a phase (retried with back-off) before it fails; "
-        "the lease still ends after 0.8 lease_ttl_s without Redis (docs/architecture.md §3)",
+        "0: the first such error fails the round; the lease still ends after 0.8 lease_ttl_s without Redis (docs/architecture.md §3)",
     )
     reconcile_interval_s: float = Field(
         default=60,

@@ -399,13 +399,17 @@ def test_a_state_save_failing_while_paused_still_resumes_the_replica(vllm_server
         c.close()
 
 
-def test_a_deploy_cut_short_by_redis_fails_the_round_with_the_replica_back_on_the_served_version(
-    vllm_server, tiny_models, redis_client, tmp_path
+@pytest.mark.parametrize("outage_s", [0, 120], ids=["no-outage-allowance", "outage-waited-out"])
+def test_a_deploy_cut_short_by_redis_never_leaves_the_replica_paused_or_between_versions(
+    vllm_server, tiny_models, redis_client, tmp_path, outage_s
 ):
-    """After the reload, the state save raises a Redis error: the round ends FAILED only once the replica is back on base."""
+    """After the reload, the state save raises a Redis error. With no outage allowance the round ends FAILED only once
+    the replica is back on base; with one (`rounds.redis_outage_s`, the default) DEPLOYING is run again and the round
+    ends DEPLOYED. Either way the replica is resumed and serves one version that the saved state names."""
     reset_to_base(vllm_server.url, tiny_models.base)
-    store = RedisStore(redis_client, "swapcut")
-    ctx = RoundContext(store, Settings(checkpoint_dir=tmp_path), get_policy=Policy, owner="swap-test")
+    store = RedisStore(redis_client, f"swapcut{outage_s}")
+    policy = Policy.model_validate({"rounds": {"redis_outage_s": outage_s}})
+    ctx = RoundContext(store, Settings(checkpoint_dir=tmp_path), get_policy=lambda: policy, owner="swap-test")
     ctx.fence = store.lease_acquire(ctx.owner, 120)
     fail = [True]
 
@@ -423,13 +427,18 @@ def test_a_deploy_cut_short_by_redis_fails_the_round_with_the_replica_back_on_th
         rec.parent = Parent(version="base", checkpoint=str(tiny_models.base))
         ctx.put(rec)
         out = drive(ctx, rec.id)
-        assert not fail and out.state == RoundState.FAILED
-        assert out.error is not None and "ConnectionError" in out.error, out.error
+        assert not fail
         r = ctx.serving.replicas[0]
         assert not r.is_paused()
-        assert r.weight_version() == "base" and r.fingerprint() == ctx.serving.state.versions["base"].fingerprint
         assert not ctx.reconcile_due
+        served = "base" if outage_s == 0 else "r00001"
+        if outage_s == 0:
+            assert out.state == RoundState.FAILED
+            assert out.error is not None and "ConnectionError" in out.error, out.error
+        else:
+            assert out.state == RoundState.DEPLOYED, out.error
+        assert r.weight_version() == served and r.fingerprint() == ctx.serving.state.versions[served].fingerprint
         saved = ServingState.from_json(store.get_serving() or "")
-        assert saved.desired_version == "base" and saved.replicas[vllm_server.url].version == "base"
+        assert saved.desired_version == served and saved.replicas[vllm_server.url].version == served
     finally:
         ctx.serving.close()

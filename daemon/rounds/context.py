@@ -77,12 +77,12 @@ class Outage:
         self.since = None
 
     def failed(self, e: BaseException, round_id: str | None) -> bool:
-        """Note a failed call; True once the outage has lasted longer than the bound."""
+        """Note a failed call; True once the outage has lasted as long as the bound (a bound of 0: at the first error)."""
         now = time.monotonic()
         if self.since is None:
             self.since = now
             log.warning("redis unreachable; waiting it out", extra={"round_id": round_id, "error": repr(e), "bound_s": self.bound_s()})
-        return now - self.since > self.bound_s()
+        return now - self.since >= self.bound_s()
 
 
 def write_atomic(path: Path, blob: bytes) -> None:
