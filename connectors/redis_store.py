@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -662,6 +663,13 @@ class RedisStore:
     def request_result(self, request_id: str) -> dict[str, Any] | None:
         v = self.r.get(self._prefix + f"request_result:{request_id}")
         return json.loads(v) if v else None
+
+    def wait_request_result(self, request_id: str, wait_s: float, poll_s: float = 0.1) -> dict[str, Any] | None:
+        """The answer the lease holder wrote for a queued request, polled for up to `wait_s`; None when none came."""
+        deadline = time.monotonic() + wait_s
+        while (res := self.request_result(request_id)) is None and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        return res
 
     def set_ingest_pause(self, by: str | None, at: float = 0.0) -> None:
         """The operator's ingest pause for every daemon (`by` names who asked); None lifts it."""

@@ -129,12 +129,9 @@ class Daemon:
         if self.runner.disabled:
             raise RuntimeError(f"rounds are disabled: {self.runner.disabled}")
         req = self.runner.request_manual(reason)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            res = self.store.request_result(req)
-            if res is not None:
-                return TriggerResult(request_id=req, **res)
-            time.sleep(0.1)
+        res = self.store.wait_request_result(req, wait_s)
+        if res is not None:
+            return TriggerResult(request_id=req, **res)
         holder, _ = self.store.lease_holder()
         return TriggerResult(request_id=req, queued=True, lease_holder=holder)
 

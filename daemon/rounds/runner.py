@@ -310,9 +310,7 @@ class RoundRunner:
             return deploying.rollback(self.ctx, to)
         req = uuid.uuid4().hex[:12]
         self.ctx.store.add_control(req, {"kind": "rollback", "to": to, "at": time.time()})
-        deadline = time.monotonic() + wait_s
-        while (res := self.ctx.store.request_result(req)) is None and time.monotonic() < deadline:
-            time.sleep(0.1)
+        res = self.ctx.store.wait_request_result(req, wait_s)
         holder, _ = self.ctx.store.lease_holder()
         if res is None:
             return RollbackResult(ok=False, to=to or "", queued=True, request_id=req, lease_holder=holder)
