@@ -32,6 +32,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from connectors.redis_store import Fence, RedisStore
+from daemon.rounds.context import write_atomic
 
 IDENTITY_FILE = "redis-identity.json"
 SERVING_FILE = "serving-state.json"
@@ -51,13 +52,6 @@ class Identity(BaseModel):
     id: str
     created_at: float
     reset_accepted_at: float | None = None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """tmp file + rename: every daemon reads the old file or the whole new one."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def volume_identity(checkpoint_dir: Path) -> Identity | None:
@@ -85,7 +79,7 @@ def put_serving(store: RedisStore, fence: Fence, checkpoint_dir: Path, serving: 
     runs at every take-over, reads the truth from the replicas."""
     store.put_serving(fence, serving)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(checkpoint_dir / SERVING_FILE, serving)
+    write_atomic(checkpoint_dir / SERVING_FILE, serving.encode())
 
 
 def check(store: RedisStore, checkpoint_dir: Path) -> str | None:
@@ -103,7 +97,7 @@ def check(store: RedisStore, checkpoint_dir: Path) -> str | None:
         red = Identity.model_validate_json(store.set_identity(Identity(id=uuid.uuid4().hex, created_at=time.time()).model_dump_json()))
     if red is not None and vol is None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(checkpoint_dir / IDENTITY_FILE, red.model_dump_json())
+        write_atomic(checkpoint_dir / IDENTITY_FILE, red.model_dump_json().encode())
     elif vol is not None and red is None:
         causes.append(f"Redis has no identity but the checkpoint volume has {vol.id}: Redis was emptied or replaced")
     elif vol is not None and red is not None and vol.id != red.id:
@@ -149,7 +143,7 @@ def accept_reset(store: RedisStore, checkpoint_dir: Path, apply: bool) -> ResetP
         changes.append(f"restore the serving state saved on the checkpoint volume ({checkpoint_dir / SERVING_FILE})")
     if apply:
         store.set_identity(keep.model_dump_json(), replace=True)
-        _write_atomic(checkpoint_dir / IDENTITY_FILE, keep.model_dump_json())
+        write_atomic(checkpoint_dir / IDENTITY_FILE, keep.model_dump_json().encode())
         if top > seq:
             store.set_round_seq(top)
         if saved is not None:

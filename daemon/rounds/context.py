@@ -86,8 +86,9 @@ class Outage:
 
 
 def write_atomic(path: Path, blob: bytes) -> None:
-    """tmp file + rename: a reader (or a resumed round) sees the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
+    """tmp file + rename: a reader (or a resumed round) sees the old file or the whole new one. The tmp name is the
+    writer's own, so daemons writing one file at once (daemon/redis_loss.py's identity) never share a tmp file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(blob)
     os.replace(tmp, path)
 
