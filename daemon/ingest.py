@@ -121,16 +121,21 @@ def guard_plan(
     return plan
 
 
+def first_offsets(msgs: list[Any]) -> dict[tuple[str, int], int]:
+    """The lowest offset of `msgs` in each partition."""
+    first: dict[tuple[str, int], int] = {}
+    for m in msgs:
+        topic_partition = (m.topic, m.partition)
+        first[topic_partition] = min(first.get(topic_partition, m.offset), m.offset)
+    return first
+
+
 def offset_gaps(msgs: list[Any], stored: dict[tuple[str, int], int]) -> dict[tuple[str, int], tuple[int, int]]:
     """Partitions whose first message (of those not yet accounted) lies above the stored next offset: (stored, first).
 
     A partition with no stored offset has nothing to compare with (its first batch, or a Redis that lost every
     offset: daemon/redis_loss.py's case)."""
-    first: dict[tuple[str, int], int] = {}
-    for m in msgs:
-        topic_partition = (m.topic, m.partition)
-        first[topic_partition] = min(first.get(topic_partition, m.offset), m.offset)
-    return {tp: (stored[tp], f) for tp, f in first.items() if tp in stored and f > stored[tp]}
+    return {tp: (stored[tp], f) for tp, f in first_offsets(msgs).items() if tp in stored and f > stored[tp]}
 
 
 _LIBC: ctypes.CDLL | None = None
@@ -440,9 +445,7 @@ class Ingestor:
     def _reread(self, gap: OffsetGap, pending: list[Any]) -> None:
         """A batch refused for a hole before it: seek each such partition back to its stored offset (Kafka still has the
         messages Redis lost) and the other partitions of the polled batch to their first unwritten message."""
-        starts: dict[tuple[str, int], int] = {}
-        for m in pending:
-            starts[(m.topic, m.partition)] = min(starts.get((m.topic, m.partition), m.offset), m.offset)
+        starts = first_offsets(pending)
         for topic_partition, (stored, first) in gap.gaps.items():
             starts[topic_partition] = stored
             self._sought[topic_partition] = stored
