@@ -146,19 +146,19 @@ class RequestLoop:
 
     `workers` clients, each with one request in flight and `gap_s` between requests: with no gap,
     some request is in flight at every moment of the swap however short it is (a swap of the demo's
-    model takes a fraction of a second). Loopback only and bounded: at most `max_requests` requests
-    and `max_s` seconds, whichever comes first.
+    model takes a fraction of a second). Loopback only, and bounded in time (`max_s`), not in count:
+    a count ran out before the swap on a loaded machine, where the evaluator's exit and the gate
+    took longer than the requests lasted (CI, stop 29: 3000 sent in 27 s, none during the swap).
     """
 
-    def __init__(self, url: str, workers: int = 2, gap_s: float = 0.0, max_requests: int = 3000, max_s: float = 120.0):
+    def __init__(self, url: str, workers: int = 2, gap_s: float = 0.0, max_s: float = 600.0):
         if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"the demo's request loop only targets a loopback server, not {url}")
-        self.url, self.workers, self.gap_s, self.max_requests, self.max_s = url, workers, gap_s, max_requests, max_s
+        self.url, self.workers, self.gap_s, self.max_s = url, workers, gap_s, max_s
         self.results: list[tuple[float, float, str | None]] = []  # (sent, answered or failed, error) as time.time()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._claimed = 0
         self._deadline = 0.0
         self.started_at: float | None = None  # time.time()
 
@@ -181,11 +181,7 @@ class RequestLoop:
             t.join(timeout=65)
 
     def _claim(self) -> bool:
-        with self._lock:
-            if self._stop.is_set() or self._claimed >= self.max_requests or time.monotonic() >= self._deadline:
-                return False
-            self._claimed += 1
-            return True
+        return not self._stop.is_set() and time.monotonic() < self._deadline
 
     def _run(self) -> None:
         body = {"model": "cptd", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
