@@ -78,6 +78,7 @@ class Daemon:
                 "batches": s.batches,
                 "last_commit": s.last_commit,
                 "last_error": self.scrub(s.last_error),
+                "broker_error": self.scrub(s.broker_error),  # set while a broker restart is being waited out
                 "kafka": self.kafka.describe(),
                 "kafka_error": self.kafka_error,
             },
@@ -235,7 +236,7 @@ class Daemon:
             why = diagnose(self.kafka)
             if why:
                 raise ConnectionError(why)
-            return Ingestor(self.policy, self.kafka, self.store)
+            return Ingestor(self.policy, self.kafka, self.store, broker_retry_max_s=self.settings.kafka_retry_max_s)
 
         def failed(rs: tenacity.RetryCallState) -> None:
             e = rs.outcome.exception() if rs.outcome else None

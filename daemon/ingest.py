@@ -172,6 +172,7 @@ class IngestState:
     batches: int = 0
     last_commit: float | None = None
     last_error: str | None = None
+    broker_error: str | None = None  # set while the broker fails with retriable errors; cleared by the next good poll
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -194,8 +195,17 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 class Ingestor:
-    def __init__(self, policy: Policy, bootstrap: KafkaConnection | str, store: RedisStore, client_id: str = "cptd-ingest"):
+    def __init__(
+        self,
+        policy: Policy,
+        bootstrap: KafkaConnection | str,
+        store: RedisStore,
+        client_id: str = "cptd-ingest",
+        broker_retry_max_s: float = 30.0,
+    ):
         self.store = store
+        self.broker_retry_max_s = broker_retry_max_s
+        self._broker_delay = 0.0
         self._use_policy(policy)
         self.consumer: KafkaConsumer = make_consumer(bootstrap, policy.ingest, client_id)
         try:
@@ -273,7 +283,7 @@ class Ingestor:
             while not stop.is_set():
                 self._apply_policy()
                 if self._should_pause():
-                    self._hold(self.consumer.poll(timeout_ms=500))
+                    self._hold(self._poll_alive(stop, timeout_ms=500))
                     self._report_gauges()  # lag keeps growing while paused: that is what operators watch
                     continue
                 polled = self._poll(stop)
@@ -332,10 +342,11 @@ class Ingestor:
         kafka-python raises the decode error from every poll while the position stays on the batch. The
         offset at the position is dead-lettered by reference (`corrupt_batch`), counted like any message,
         and the position moves one past it; a batch of N records is so skipped in N polls, each offset
-        accounted exactly once. Other Kafka errors propagate as before.
+        accounted exactly once. Retriable Kafka errors (the broker down) are waited out (`_poll_alive`);
+        other Kafka errors (authorization, a misconfigured group) propagate and stop the daemon.
         """
         try:
-            return self.consumer.poll(timeout_ms=self.policy.ingest.batch_max_wait_ms, max_records=self.policy.ingest.batch_max_docs)
+            return self._poll_alive(stop, timeout_ms=self.policy.ingest.batch_max_wait_ms, max_records=self.policy.ingest.batch_max_docs)
         except Exception as e:
             if isinstance(e, KafkaError) and not isinstance(e, (CorruptRecordError, UnsupportedCodecError)):
                 raise
@@ -356,6 +367,31 @@ class Ingestor:
             except OffsetGap as gap:
                 self._reread(gap, [])
             return {}
+
+    def _poll_alive(self, stop: threading.Event, **kw: Any) -> dict[TopicPartition, list[Any]]:
+        """consumer.poll(), with a broker restart waited out instead of raised.
+
+        kafka-python raises KafkaConnectionError (from the coordinator lookup) while the broker is restarting; that
+        error used to end Ingestor.run and with it the whole daemon, a running round's job included, on every broker
+        restart. A retriable error now returns no records after a back-off (0.5 s doubling to broker_retry_max_s):
+        the position has not moved, the batch held by the caller stays held, and the next good poll clears the error.
+        """
+        try:
+            polled = self.consumer.poll(**kw)
+        except KafkaError as e:
+            if not e.retriable:
+                raise
+            self._broker_delay = min(max(self._broker_delay * 2, 0.5), self.broker_retry_max_s)
+            self.state.broker_error = self.state.last_error = f"kafka: {type(e).__name__}: {e}"
+            M.KAFKA_ERRORS.labels("poll").inc()
+            log.warning("kafka broker unavailable; retrying", extra={"error": self.state.broker_error, "retry_in_s": self._broker_delay})
+            stop.wait(self._broker_delay)
+            return {}
+        if self.state.broker_error is not None:
+            log.info("kafka broker back", extra={"after": self.state.broker_error})
+            self.state.broker_error = None
+        self._broker_delay = 0.0
+        return polled
 
     def _process_all(self, msgs: list[Any], stop: threading.Event) -> None:
         """Process a polled batch in chunks the crash-loop guard allows (normally the whole batch at once)."""
@@ -431,7 +467,7 @@ class Ingestor:
                 if stop.wait(delay):
                     log.warning("stopping with an unwritten batch; it will be redelivered", extra={"docs": len(msgs)})
                     return False
-                self._hold(self.consumer.poll(timeout_ms=0))
+                self._hold(self._poll_alive(stop, timeout_ms=0))
                 delay = min(delay * 2, self.policy.ingest.redis_retry_max_s)
         if self.state.paused_cause == "redis_down":
             self._set_paused(None)

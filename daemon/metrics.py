@@ -59,6 +59,13 @@ INGEST_OFFSET_GAPS = Counter(
 )
 for _action in ("refused", "accepted"):  # exported at 0 from the start, so the first gap is an increase to alert on
     INGEST_OFFSET_GAPS.labels(_action)
+KAFKA_ERRORS = Counter(
+    "cptd_kafka_errors_total",
+    "Broker calls of the ingest loop that failed with a retriable Kafka error (a broker restarting, the group "
+    "coordinator moving); ingest holds its batch and retries with back-off instead of exiting",
+    ["op"],
+    registry=REGISTRY,
+)
 INGEST_CORRUPT_RECORDS = Counter(
     "cptd_ingest_corrupt_records_total",
     "Offsets skipped because the Kafka record batch holding them could not be decoded (corrupt compressed data, CRC "

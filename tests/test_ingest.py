@@ -6,6 +6,7 @@ import hashlib
 import signal
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,8 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from connectors.redis_store import RedisStore
 from daemon import metrics as M
-from daemon.dev.services import create_topics, redis_service, wait_for
+from daemon.dev.process_control import TcpProxy
+from daemon.dev.services import create_topics, free_port, kafka_service, redis_service, wait_for
 from daemon.ingest import Ingestor
 from policies.config import Policy, load_policy
 from tests.conftest import make_policy
@@ -401,3 +403,46 @@ def test_a_hole_kafka_itself_has_is_accepted_after_one_re_read_and_counted(setup
     stats = store.r.hgetall(store.k_stats)
     assert (int(stats[b"offset_gaps"]), int(stats[b"gap_offsets"])) == (1, 1)  # 8 counted + 1 offset in a hole = 0..8
     assert (_gaps("refused") - refused_before, _gaps("accepted") - accepted_before) == (1, 1)
+
+
+def test_a_broker_restart_is_waited_out_without_ending_ingest_and_nothing_is_lost(tmp_path, redis_url):
+    """Clients see a broker restart as every connection reset and the port refusing (the proxy in front of tansu
+    stopped), then the same broker and log. kafka-python raises KafkaConnectionError from poll meanwhile; that used
+    to end Ingestor.run, and with it `cptd run` and any running round. Now ingest waits and goes on, counting exactly."""
+    kafka_port = free_port()
+    proxy = TcpProxy(kafka_port).start()
+    kafka = kafka_service(tmp_path / "kafka", port=kafka_port, advertised_port=proxy.port).start()
+    try:
+        boot = f"127.0.0.1:{proxy.port}"
+        tag = uuid.uuid4().hex[:8]
+        topics = {"docs": f"docs-{tag}", "dlq": f"dlq-{tag}", "group": f"group-{tag}", "name": f"t{tag}"}
+        create_topics(boot, {topics["docs"]: 1, topics["dlq"]: 1})
+        policy = load_policy(make_policy(tmp_path, topics, ingest={"max_message_bytes": 65536, "batch_max_docs": 10}))
+        store = RedisStore.from_url(redis_url, policy.name)
+        docs = good_docs(30, policy, seed=13)
+        errors_before = M.REGISTRY.get_sample_value("cptd_kafka_errors_total", {"op": "poll"}) or 0
+        ing = Ingestor(policy, boot, store, broker_retry_max_s=2)
+        stop = threading.Event()
+        loop = threading.Thread(target=ing.run, args=(stop,), daemon=True)
+        loop.start()
+        try:
+            produce(boot, topics["docs"], [d.encode() for d in docs[:15]])
+            wait_total(store, 15)
+            proxy.stop()
+            wait_for(lambda: ing.state.broker_error is not None or not loop.is_alive(), 120, "ingest to meet the broker down")
+            assert loop.is_alive(), "the ingest loop ended on a broker restart"
+            assert "KafkaConnectionError" in ing.state.broker_error or "Timeout" in ing.state.broker_error, ing.state.broker_error
+            proxy.start()
+            produce(boot, topics["docs"], [d.encode() for d in docs[15:]])
+            wait_total(store, 30)
+            wait_for(lambda: ing.state.broker_error is None, 60, "the broker error cleared by a good poll")
+            assert loop.is_alive()
+        finally:
+            stop.set()
+            loop.join(timeout=30)
+        assert counts(store) == Counter({("accepted", ""): 30})
+        assert store.stored_offsets() == {(topics["docs"], 0): 30}
+        assert (M.REGISTRY.get_sample_value("cptd_kafka_errors_total", {"op": "poll"}) or 0) > errors_before
+    finally:
+        proxy.stop()
+        kafka.kill()
