@@ -57,6 +57,8 @@ class ModelScores:
     name: str
     new_nll: float  # held-out new documents, nats/token
     replay_nll: float  # held-out replay documents, nats/token
+    new_tokens: int | None = None  # tokens scored in each set (None: not reported); 0 makes its loss nan
+    replay_tokens: int | None = None
     suites: dict[str, float] = field(default_factory=dict)  # suite name -> accuracy in [0, 1]
     canaries: int = 0
     canary_failures: tuple[str, ...] = ()
@@ -64,6 +66,7 @@ class ModelScores:
 
 # One code per rule, like the quality filters' reason codes: metrics and alerts key on the code, people read the message.
 REASONS = {
+    "heldout_empty": "a held-out set had no token to score (no replay documents, or no new ones held out)",
     "non_finite_loss": "a held-out loss is nan/inf: forgetting or adaptation cannot be measured",
     "forgetting_exceeded": "held-out replay loss rose more than max_forgetting_nats / max_forgetting_relative allow",
     "adaptation_below_min": "held-out new-data loss fell less than min_adaptation_nats",
@@ -72,6 +75,14 @@ REASONS = {
     "canaries_failed": "a canary prompt lost its exact greedy continuation",
     "no_candidate": "the round produced no scored checkpoint",
     "chosen": "accepted: the best passing checkpoint by select_by",
+}
+
+
+EMPTY_HELDOUT = {
+    "replay": "the replay held-out set is empty, so forgetting cannot be measured: the replay reservoir has no documents "
+    "(a new deployment, or a Redis that lost its data); seed it with `cptd seed-replay`",
+    "new": "the new-data held-out set is empty, so adaptation cannot be measured: raise rounds.heldout_frac or "
+    "rounds.heldout_max_docs",
 }
 
 
@@ -115,7 +126,10 @@ def check_checkpoint(policy: GatePolicy, serving: ModelScores, cand: ModelScores
 
     adaptation = serving.new_nll - cand.new_nll
     forgetting = cand.replay_nll - serving.replay_nll
-    if not all(math.isfinite(x) for x in (serving.new_nll, serving.replay_nll, cand.new_nll, cand.replay_nll)):
+    empty = [kind for kind in ("new", "replay") if 0 in (getattr(serving, f"{kind}_tokens"), getattr(cand, f"{kind}_tokens"))]
+    if empty:  # not a nan of the model's making: say which set was empty and what fills it
+        fail("heldout_empty", "; ".join(EMPTY_HELDOUT[kind] for kind in empty))
+    elif not all(math.isfinite(x) for x in (serving.new_nll, serving.replay_nll, cand.new_nll, cand.replay_nll)):
         fail("non_finite_loss", "non-finite loss (nan/inf) in held-out evaluation")
     else:
         bounds = []

@@ -72,6 +72,17 @@ def test_nan_loss_rejects_and_canaries_can_be_waived():
     assert not empty.accepted and [r.code for r in empty.reasons] == ["no_candidate"]
 
 
+def test_an_empty_replay_held_out_set_rejects_naming_the_empty_reservoir_not_a_nan():
+    """A Redis that lost its data loses the replay reservoir: the replay held-out set is empty and its loss nan.
+    The soak met this as "non-finite loss (nan/inf)", which sends the operator to look for a diverged model."""
+    serving = ModelScores("serving", new_nll=3.0, replay_nll=math.nan, new_tokens=500, replay_tokens=0)
+    d = gate_round(GatePolicy(), serving, [ModelScores("c", new_nll=2.9, replay_nll=math.nan, new_tokens=500, replay_tokens=0)])
+    assert not d.accepted and [r.code for r in d.reasons] == ["heldout_empty"]
+    assert "replay reservoir has no documents" in d.reasons[0].message and "cptd seed-replay" in d.reasons[0].message
+    nan = ModelScores("c", new_nll=math.nan, replay_nll=2.0, new_tokens=500, replay_tokens=500)  # tokens scored: the model's nan
+    assert gate_round(GatePolicy(), SERVING, [nan]).reasons[0].code == "non_finite_loss"
+
+
 def test_selection_rule_is_configurable():
     ckpts = [cand("a", new=2.5, replay=2.04), cand("b", new=2.8, replay=1.99)]
     assert gate_round(GatePolicy(select_by="adaptation"), SERVING, ckpts).chosen == "a"

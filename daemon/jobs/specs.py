@@ -213,6 +213,8 @@ class ModelReport:
             name=self.name,
             new_nll=self.new.mean_nll,
             replay_nll=self.replay.mean_nll,
+            new_tokens=self.new.tokens,
+            replay_tokens=self.replay.tokens,
             suites={k: v.accuracy for k, v in self.suites.items()},
             canaries=len(self.canaries),
             canary_failures=tuple(c.name for c in self.canaries if not c.passed),
