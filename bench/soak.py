@@ -10,8 +10,10 @@ the daemon's RSS and the held-out loss per domain; at the end it checks the inva
 writes soak-report.json and soak-report.png. A broken invariant is a finding, reported, never hidden.
 
 Each fault is one small function in FAULTS (name -> phases it may fire in, what it does). `--faults` picks them,
-a name may repeat; DEFAULT_FAULTS are the kinds the current code survives, the others are there to be switched
-on as their fixes land (bench/README.md).
+a name may repeat, `kind@PHASE` pins the phase instead of drawing it; DEFAULT_FAULTS are the four that cost
+seconds (the CI soak's). The replicas are found through a URLs file (CPTD_VLLM_URLS_FILE) that `vllm_new_port`
+rewrites; `redis_flush` waits for the daemon to refuse, then runs `cptd accept-redis-reset --yes` as the runbook
+says; `disk_full` sets the policy's `rounds.min_free_gb` a few GB under the free space at start and crosses it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +42,9 @@ from daemon.round_record import TERMINAL
 DOCS_TOPIC, DLQ_TOPIC = "cptd.documents", "cptd.dead-letter"
 TOKEN = "soak-token"
 SERVED_NAME = "soak"
-ORDER = ("PENDING", "SNAPSHOT", "TRAINING", "EVALUATING", "DEPLOYING", "END")  # END: the round is terminal
-DEFAULT_FAULTS = ("daemon_kill", "leader_change", "redis_kill", "daemon_kill")  # kinds the current code survives (bench/README.md)
+# BEFORE: ahead of the batch; END: the round is terminal
+ORDER = ("BEFORE", "PENDING", "SNAPSHOT", "TRAINING", "EVALUATING", "DEPLOYING", "END")
+DEFAULT_FAULTS = ("daemon_kill", "leader_change", "redis_kill", "broker_restart")  # kinds the current code survives (bench/README.md)
 BROKEN = (b'{"text": "cut off', b'{"title": "no text"}')  # invalid_json, missing_text: two dead letters per batch
 
 
@@ -54,7 +59,7 @@ class SoakConfig:
     heldout_docs: int = 12  # per domain, never produced: the forgetting curve
     outage_s: float = 60.0  # redis_outage
     broker_down_s: float = 5.0  # broker_restart
-    filler_mb: int = 256  # disk_full
+    disk_headroom_gb: float = 3.0  # disk_full: the policy's floor this far under the free space at start
     round_timeout_s: float = 900.0
     workdir: Path | None = None
     png: bool = True
@@ -79,6 +84,12 @@ class Stack:
     ends: dict[int, int] = field(default_factory=dict)  # partition -> next offset after what was produced
     exits: list[dict[str, Any]] = field(default_factory=list)  # daemons that exited on their own (no fault killed them)
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # "id@created_at" -> the round record as last read
+    urls_file: Path | None = None  # CPTD_VLLM_URLS_FILE: the replicas' URLs, rewritten when one moves
+    min_free_bytes: int | None = None  # the policy's rounds.min_free_gb, set when disk_full is scheduled
+    # redis_flush: what Redis counted and stored before it was emptied (accounting adds it), and when
+    flushed_counts: list[dict[str, Any]] = field(default_factory=list)
+    offset_floor: dict[int, int] = field(default_factory=dict)  # partition -> stored next offset before a flush
+    flushed_at: list[float] = field(default_factory=list)
 
     @property
     def bootstrap(self) -> str:
@@ -137,8 +148,31 @@ def redis_kill(s: Stack) -> str:
 
 
 def redis_flush(s: Stack) -> str:
+    """Emptied Redis must be noticed and refused (nothing deployed on a forgotten history) until the operator accepts
+    it: the soak waits for the daemon to say so, then does what the runbook says (`cptd accept-redis-reset --yes`)."""
+    from daemon.app import ingest_counts
+
+    s.flushed_counts.append(ingest_counts(s.store))
+    for (topic, partition), off in s.store.stored_offsets().items():
+        if topic == DOCS_TOPIC:
+            s.offset_floor[partition] = max(s.offset_floor.get(partition, 0), off)
+    s.flushed_at.append(time.time())
     s.store.r.flushall()
-    return "FLUSHALL: Redis emptied under the running daemon"
+    t0 = time.monotonic()
+
+    def loss() -> Any:
+        d = s.leader()
+        return d.alive() and ((d.status().get("rounds") or {}).get("redis_loss") or None)
+
+    seen = wait_for(loss, 120, "the daemon to report the Redis data loss", 0.5)
+    took = time.monotonic() - t0
+    d = s.leader()
+    argv = [sys.executable, "-m", "daemon.cli", "accept-redis-reset", "--yes", "--json"]
+    r = subprocess.run(argv, env=d.env, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(f"accept-redis-reset exited {r.returncode}: {r.stdout[-500:]} {r.stderr[-500:]}")
+    changes = json.loads(r.stdout.strip().splitlines()[-1]).get("changes") or []
+    return f"FLUSHALL; refused after {took:.1f} s ({seen['cause'][:80]}); accept-redis-reset --yes: {len(changes)} changes"
 
 
 def redis_outage(s: Stack) -> str:
@@ -154,23 +188,40 @@ def broker_restart(s: Stack) -> str:
 
 
 def vllm_new_port(s: Stack) -> str:
+    """A restarted pod on a new address, serving its boot weights: discovery (the URLs file, re-read every 2 s here)
+    must find it and the periodic reconcile bring it to the deployed version."""
     v = s.vllms[-1]
     old = v.url
     new = relaunch_on_new_port(v)
-    return f"replica {old} SIGKILLed and started on {new} with its boot model (the daemon was told {old})"
+    write_urls(s)
+    return f"replica {old} SIGKILLed and started on {new} with its boot model; the URLs file now lists {new}"
+
+
+def write_urls(s: Stack) -> None:
+    assert s.urls_file is not None
+    tmp = s.urls_file.with_suffix(".tmp")
+    tmp.write_text("".join(v.url + "\n" for v in s.vllms))
+    tmp.replace(s.urls_file)  # whole or not at all, as a config-management tool writes it
 
 
 def disk_full(s: Stack) -> str:
+    """The volume nearly full before a round: a filler that takes the free space 1 GB below the policy's floor.
+
+    Without a loop device the volume is the machine's disk (tens of GB free), so the soak's policy sets
+    `rounds.min_free_gb` a few GB under the free space at start, and the filler is sized at fire time to cross it.
+    The round must be refused at PENDING, naming free vs needed, and give its documents back; the filler goes
+    after the batch, and the next round takes them."""
     import os
     import shutil
 
+    assert s.min_free_bytes is not None, "disk_full needs the floor set at start (start_stack)"
+    free = shutil.disk_usage(s.ckpt).free
+    size = max(1 << 20, free - s.min_free_bytes + 10**9)
     filler = s.ckpt / ".soak-filler"
     with open(filler, "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, s.cfg.filler_mb << 20)
-    free = shutil.disk_usage(s.ckpt).free
-    # Without a loop device the volume is the machine's disk: the filler only takes `filler_mb`. A round is refused only
-    # where the daemon checks free space against a policy floor (issue 24); set that floor above `free` to see it refuse.
-    return f"{s.cfg.filler_mb} MiB filler in the checkpoint volume ({free >> 20} MiB left free); removed after the round"
+        os.posix_fallocate(f.fileno(), 0, size)
+    left = shutil.disk_usage(s.ckpt).free
+    return f"{size >> 20} MiB filler: {left / 1e9:.2f} GB free under the {s.min_free_bytes / 1e9:.2f} GB floor; removed after the batch"
 
 
 FAULTS: dict[str, Fault] = {
@@ -181,7 +232,7 @@ FAULTS: dict[str, Fault] = {
     "redis_outage": Fault(("TRAINING",), redis_outage),
     "broker_restart": Fault(("PENDING", "TRAINING", "END"), broker_restart),
     "vllm_new_port": Fault(("TRAINING", "END"), vllm_new_port),
-    "disk_full": Fault(("PENDING",), disk_full),
+    "disk_full": Fault(("BEFORE",), disk_full),
 }
 
 
@@ -197,13 +248,18 @@ class Planned:
 
 def schedule(faults: list[str], rounds: int, seed: int) -> list[Planned]:
     """Seeded: faults spread over the rounds (at most ceil(F/R) per round), each at a phase its kind allows."""
-    unknown = [f for f in faults if f not in FAULTS]
+    kinds = [f.partition("@")[0] for f in faults]
+    unknown = [k for k in kinds if k not in FAULTS]
     if unknown:
         raise ValueError(f"unknown fault kinds {unknown}: choose from {', '.join(FAULTS)}")
+    pinned = {i: f.partition("@")[2] for i, f in enumerate(faults) if "@" in f}  # kind@PHASE: that phase, not a draw
+    wrong = [faults[i] for i, ph in pinned.items() if ph not in FAULTS[kinds[i]].phases]
+    if wrong:
+        raise ValueError(f"faults pinned to a phase their kind cannot fire in: {wrong}")
     rng = random.Random(seed)
     slots = [i % rounds for i in range(len(faults))]
     rng.shuffle(slots)
-    out = [Planned(k, r, rng.choice(FAULTS[k].phases)) for k, r in zip(faults, slots, strict=True)]
+    out = [Planned(k, r, pinned.get(i) or rng.choice(FAULTS[k].phases)) for i, (k, r) in enumerate(zip(kinds, slots, strict=True))]
     return sorted(out, key=lambda p: (p.round, ORDER.index(p.phase)))
 
 
@@ -260,7 +316,7 @@ def produce(s: Stack, msgs: list[bytes]) -> None:
 # --------------------------------------------------------------------------- setup
 
 
-def soak_policy(path: Path, cfg: SoakConfig, min_tokens: int) -> None:
+def soak_policy(path: Path, cfg: SoakConfig, min_tokens: int, min_free_gb: float | None = None) -> None:
     """Tiny rounds (the test's tiny Llama, a dozen steps), a buffer trigger at about half a batch."""
     path.write_text(
         yaml.safe_dump(
@@ -290,6 +346,7 @@ def soak_policy(path: Path, cfg: SoakConfig, min_tokens: int) -> None:
                     "eval_checkpoints": 1,
                     "lease_ttl_s": 4,
                     "watch_s": 2,
+                    **({"min_free_gb": min_free_gb} if min_free_gb is not None else {}),
                 },
                 "quality": {"language": {"languages": ["en", "de"]}},  # the stream's third domain is German
                 "gates": {"max_forgetting_nats": 1.0, "min_adaptation_nats": 0.0},
@@ -327,7 +384,13 @@ def start_stack(cfg: SoakConfig, doms: list[Domain], log: Callable[[str], None])
         # a buffer trigger at half a batch's estimated tokens (bytes / 4): one round per batch
         min_tokens = max(1, sum(len(t.encode()) for t in doms[0].stream[: cfg.docs_per_round]) // 8)
         policy_path = root / "policy.yaml"
-        soak_policy(policy_path, cfg, min_tokens)
+        ckpt = root / "checkpoints"
+        ckpt.mkdir(exist_ok=True)
+        # disk_full: a floor a few GB under the free space now, which its filler crosses (the volume is the machine's disk)
+        min_free_gb = None
+        if any(f.startswith("disk_full") for f in cfg.faults):
+            min_free_gb = max(0.0, round(shutil.disk_usage(ckpt).free / 1e9 - cfg.disk_headroom_gb, 2))
+        soak_policy(policy_path, cfg, min_tokens, min_free_gb)
         redis_url = f"redis://127.0.0.1:{redis.port}/0"
         store = RedisStore.from_url(redis_url, "soak")
         seed_file = root / "seed-replay.jsonl"
@@ -337,9 +400,9 @@ def start_stack(cfg: SoakConfig, doms: list[Domain], log: Callable[[str], None])
         for v in vllms:
             v.wait_healthy(600)
         log(f"vLLM: {cfg.replicas} replicas up in {time.monotonic() - t0:.0f} s after the rest was ready")
-        n_daemons = max(FAULTS[f].needs_daemons for f in cfg.faults) if cfg.faults else 1
-        ckpt = root / "checkpoints"
-        ckpt.mkdir(exist_ok=True)
+        n_daemons = max(FAULTS[f.partition("@")[0]].needs_daemons for f in cfg.faults) if cfg.faults else 1
+        urls_file = root / "vllm-replicas"
+        urls_file.write_text("".join(v.url + "\n" for v in vllms))
         daemons = []
         for k in range(n_daemons):
             env = daemon_env(
@@ -348,10 +411,12 @@ def start_stack(cfg: SoakConfig, doms: list[Domain], log: Callable[[str], None])
                 bootstrap=f"127.0.0.1:{proxy.port}",
                 port=free_port(),
                 token=TOKEN,
-                vllm_urls=[v.url for v in vllms],
+                vllm_urls=[],  # discovered from the file, as a restarted replica on a new port must be
                 checkpoint_dir=ckpt,
                 base_checkpoint=base,
                 POD_NAME=f"cptd-{k}",
+                CPTD_VLLM_URLS_FILE=str(urls_file),
+                CPTD_VLLM_DISCOVERY_S="2",
             )
             daemons.append(DaemonProcess(env, root / f"cptd-{k}.log").start())
             started.append(daemons[-1])
@@ -360,7 +425,10 @@ def start_stack(cfg: SoakConfig, doms: list[Domain], log: Callable[[str], None])
         # every partition owned by some daemon, and one of them leading, before the first message is produced
         wait_for(lambda: sum(len(d.status()["ingest"]["assigned"]) for d in daemons) >= 2, 120, "the consumer group to settle", 0.3)
         wait_for(lambda: any(d.is_leader() for d in daemons), 60, "a daemon to take the round lease", 0.3)
-        return Stack(cfg, root, redis, kafka, proxy, vllms, daemons, store, policy_path, ckpt, min_tokens)
+        floor = round(min_free_gb * 1e9) if min_free_gb is not None else None
+        return Stack(
+            cfg, root, redis, kafka, proxy, vllms, daemons, store, policy_path, ckpt, min_tokens, urls_file=urls_file, min_free_bytes=floor
+        )
     except BaseException:
         for x in reversed(started):
             x.stop() if not isinstance(x, Service) else x.kill()
@@ -380,12 +448,34 @@ def safe_rounds(s: Stack) -> list[dict[str, Any]]:
     return recs
 
 
+def buffer_below_trigger(s: Stack) -> bool:
+    """No round is about to start: what waits in the buffer is under the buffer trigger (a refused round gives its
+    documents back, and the round that takes them belongs to this batch)."""
+    from policies.config import load_policy
+    from policies.round_policy import estimate_tokens
+
+    try:
+        waiting = estimate_tokens(s.store.buffer_stats()["buffer_bytes"], load_policy(s.policy_path).rounds)
+    except Exception:  # noqa: BLE001 - Redis down
+        return False
+    return waiting < s.min_tokens
+
+
+def free_disk_after_refusal(s: Stack, ended: list[dict[str, Any]], log: Callable[[str], None]) -> None:
+    """disk_full's filler goes once a round was refused for it, as an operator frees space after the alert."""
+    filler = s.ckpt / ".soak-filler"
+    if filler.exists() and any(r["state"] == "FAILED" and "PENDING: refused" in (r.get("error") or "") for r in ended):
+        filler.unlink()
+        log("  disk freed: the filler removed after the round was refused at PENDING")
+
+
 def caught_up(s: Stack) -> bool:
     try:
         stored = s.store.stored_offsets()
     except Exception:  # noqa: BLE001 - Redis down
         return False
-    return all(stored.get((DOCS_TOPIC, p), 0) >= end for p, end in s.ends.items())
+    floor = s.offset_floor  # a flushed Redis forgot its offsets; what it stored before still counts
+    return all(max(stored.get((DOCS_TOPIC, p), 0), floor.get(p, 0)) >= end for p, end in s.ends.items())
 
 
 def supervise(s: Stack) -> None:
@@ -401,10 +491,21 @@ def supervise(s: Stack) -> None:
         d.start()
 
 
+def fire(s: Stack, p: Planned, phase: str, log: Callable[[str], None]) -> None:
+    p.fired_in, p.at = phase, time.time()
+    try:
+        p.note = FAULTS[p.kind].fire(s)
+    except Exception as e:  # noqa: BLE001 - a fault the stack did not survive is a finding
+        p.note = f"the fault itself failed: {type(e).__name__}: {e}"
+    log(f"  fault {p.kind:<14} in {phase:<10} {p.note}")
+
+
 def run_round(s: Stack, i: int, msgs: list[bytes], planned: list[Planned], seen: set[tuple[str, float]], log) -> list[str]:
     """Produce batch i, follow the round(s) it triggers, fire the round's faults; returns notes of what went wrong."""
-    produce(s, msgs)
     todo = [p for p in planned if p.round == i]
+    while todo and todo[0].phase == "BEFORE":  # ahead of the batch, so the round it triggers meets it at PENDING
+        fire(s, todo.pop(0), "BEFORE", log)
+    produce(s, msgs)
     deadline = time.monotonic() + s.cfg.round_timeout_s
     started: list[str] = []
     notes: list[str] = []
@@ -415,17 +516,12 @@ def run_round(s: Stack, i: int, msgs: list[bytes], planned: list[Planned], seen:
         started += [r["id"] for r in new if r["id"] not in started]
         seen |= {(r["id"], r["created_at"]) for r in new}
         active = [r for r in recs if r["state"] not in TERMINAL]
+        free_disk_after_refusal(s, [r for r in recs if r["id"] in started and r["state"] in TERMINAL], log)
         phase = active[0]["state"] if active else ("END" if started else None)
         if phase is not None and todo and ORDER.index(phase) >= ORDER.index(todo[0].phase):
-            p = todo.pop(0)
-            p.fired_in, p.at = phase, time.time()
-            try:
-                p.note = FAULTS[p.kind].fire(s)
-            except Exception as e:  # noqa: BLE001 - a fault the stack did not survive is a finding
-                p.note = f"the fault itself failed: {type(e).__name__}: {e}"
-            log(f"  fault {p.kind:<14} in {phase:<10} {p.note}")
+            fire(s, todo.pop(0), phase, log)
             continue
-        if started and not active and not todo and caught_up(s):
+        if started and not active and not todo and caught_up(s) and buffer_below_trigger(s):
             return notes
         time.sleep(0.1)  # poll interval of the round record; the loop ends on its conditions or the deadline
     if not started:
@@ -458,7 +554,8 @@ def run_soak(cfg: SoakConfig, log: Callable[[str], None] = print) -> dict[str, A
             notes += run_round(s, i, msgs, planned, seen, log)
             (s.ckpt / ".soak-filler").unlink(missing_ok=True)
             soak_report.keep_manifests(s, manifests)
-            samples.append(soak_report.sample(s, doms, i, name))
+            settled = soak_report.settle(s)
+            samples.append(soak_report.sample(s, doms, i, name) | {"settle_s": settled})
             last = samples[-1]
             log(
                 f"batch {i} ({name}, {len(msgs)} msgs): {time.monotonic() - t0:.0f} s; replicas {last['versions']}"

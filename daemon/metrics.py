@@ -171,7 +171,7 @@ ROLLBACKS = Counter("cptd_rollbacks_total", "Rollbacks, by trigger (swap_failed,
 LIVE_VERSION = Info("cptd_live_weight_version", "Weight version (round id) each replica serves", ["replica"], registry=REGISTRY)
 VLLM_REPLICAS = Gauge(
     "cptd_vllm_replicas",
-    "vLLM replicas discovered (CPTD_VLLM_URLS, or the addresses CPTD_VLLM_CONTROL_URL resolves to now), by state of their "
+    "vLLM replicas discovered (CPTD_VLLM_URLS, the URLs file, or the addresses CPTD_VLLM_CONTROL_URL resolves to now), by state of their "
     "/health at the last look (ready, unreachable); exported only when vLLM is configured",
     ["state"],
     registry=REGISTRY,

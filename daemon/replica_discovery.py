@@ -4,6 +4,9 @@ A headless Service (CPTD_VLLM_CONTROL_URL) lists one address per Ready vLLM pod.
 be none (vLLM still loading), and a restarted pod comes back on a new address, serving its boot checkpoint. So
 the Service is resolved again every CPTD_VLLM_DISCOVERY_S; the round runner adopts the set it finds and
 reconciles the replicas that are new (daemon/rounds/serving_upkeep.py). Explicit CPTD_VLLM_URLS are fixed.
+Outside Kubernetes, CPTD_VLLM_URLS_FILE plays the Service's part, as Prometheus's file_sd does: whatever starts the
+replicas writes their URLs there, and the file is read again at every refresh (the soak moves a replica to a new
+port this way, bench/soak.py).
 
 Each replica's /health is read at every refresh too, for /status and the cptd_vllm_replicas gauge: replica
 health is reported, never part of the daemon's own readiness (two daemon pods going NotReady because vLLM
@@ -16,6 +19,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,6 +36,12 @@ Resolver = Callable[[str, int], list[str]]  # (host, port) -> addresses
 def resolve_addresses(host: str, port: int) -> list[str]:
     """Every address DNS gives for `host` now (a headless Service: one per Ready pod); socket.gaierror when none."""
     return sorted({str(a[4][0]) for a in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)})
+
+
+def file_urls(path: Path) -> list[str]:
+    """The replica URLs listed in `path`: one per line, blank lines and # comments skipped."""
+    lines = (ln.split("#", 1)[0].strip() for ln in path.read_text(encoding="utf-8").splitlines())
+    return sorted({ln.rstrip("/") for ln in lines if ln})
 
 
 def service_urls(control_url: str, resolve: Resolver = resolve_addresses) -> list[str]:
@@ -52,18 +62,29 @@ class ReplicaDiscovery:
         self.settings = settings
         self.resolve = resolve
         self.fixed = [u.strip().rstrip("/") for u in settings.vllm_urls.split(",") if u.strip()]
-        self.control_url = None if self.fixed else settings.vllm_control_url
+        self.urls_file = None if self.fixed else settings.vllm_urls_file
+        self.control_url = None if self.fixed or self.urls_file else settings.vllm_control_url
         self.urls: list[str] = list(self.fixed)
         self.health: dict[str, str] = {}  # url -> "ready" | "unreachable: why"
         self.error: str | None = None
         self.resolved_at: float | None = None
 
     def configured(self) -> bool:
-        return bool(self.fixed or self.control_url)
+        return bool(self.fixed or self.urls_file or self.control_url)
 
     def refresh(self, probe: bool = True) -> list[str]:
-        """Resolve the control URL again (explicit URLs stay as they are), then read each replica's /health."""
-        if self.control_url:
+        """Resolve the control URL (or read the URLs file) again; explicit URLs stay as they are. Then read each /health."""
+        if self.urls_file:
+            try:
+                urls = file_urls(self.urls_file)
+                self.error = None
+            except (OSError, UnicodeDecodeError) as e:  # being rewritten, or gone: keep the last set, as for a DNS blip
+                urls, self.error = self.urls, f"{self.urls_file}: {type(e).__name__}: {e}"
+            if urls != self.urls:
+                log.info("vLLM replica set changed", extra={"before": self.urls, "after": urls})
+            self.urls = urls
+            self.resolved_at = time.time()
+        elif self.control_url:
             try:
                 urls = service_urls(self.control_url, self.resolve)
                 self.error = None
@@ -90,7 +111,7 @@ class ReplicaDiscovery:
     def waiting(self) -> str | None:
         """Why rounds cannot start now for want of a replica: none found, or none answered /health at the last look."""
         if not self.urls:
-            return f"no vLLM replica ready: {self.error or f'{self.control_url} resolves to no address'}"
+            return f"no vLLM replica ready: {self.error or f'{self.urls_file or self.control_url} lists no replica'}"
         if self.health and "ready" not in self.health.values():
             return "no vLLM replica ready: " + "; ".join(f"{u} {why}" for u, why in self.health.items())
         return None
@@ -98,7 +119,11 @@ class ReplicaDiscovery:
     def describe(self) -> dict[str, Any]:
         """For /status: where the set comes from, the replicas and their health, the last resolution error."""
         return {
-            "source": "CPTD_VLLM_URLS" if self.fixed else f"CPTD_VLLM_CONTROL_URL {self.control_url}",
+            "source": "CPTD_VLLM_URLS"
+            if self.fixed
+            else f"CPTD_VLLM_URLS_FILE {self.urls_file}"
+            if self.urls_file
+            else f"CPTD_VLLM_CONTROL_URL {self.control_url}",
             "urls": self.urls,
             "health": dict(self.health),
             "resolved_at": self.resolved_at,

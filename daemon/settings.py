@@ -68,10 +68,16 @@ class Settings(BaseSettings):
         default=None,
         description="CPTD_VLLM_CONTROL_URL; a headless Service URL, resolved again and again to one URL per replica address",
     )
+    vllm_urls_file: Path | None = Field(
+        default=None,
+        description="CPTD_VLLM_URLS_FILE; a file of replica URLs (one per line, # comments), read again every "
+        "CPTD_VLLM_DISCOVERY_S: replicas outside Kubernetes, kept current by whatever starts them",
+    )
     vllm_discovery_s: float = Field(
         default=10.0,
         gt=0,
-        description="CPTD_VLLM_DISCOVERY_S; seconds between resolutions of the control URL and replica health reads",
+        description="CPTD_VLLM_DISCOVERY_S; seconds between resolutions of the control URL (or reads of the URLs file) "
+        "and replica health reads",
     )
     vllm_api_key: SecretStr | None = Field(default=None, description="CPTD_VLLM_API_KEY; vLLM's --api-key")
     vllm_ca_file: Path | None = Field(default=None, description="CPTD_VLLM_CA_FILE; CA bundle for https replica URLs")

@@ -17,7 +17,7 @@ import httpx
 from connectors.redis_store import RedisStore
 from connectors.vllm import Replica
 from daemon.dev.services import create_topics, free_port, wait_for
-from daemon.replica_discovery import service_urls
+from daemon.replica_discovery import ReplicaDiscovery, service_urls
 from daemon.rounds.runner import RoundRunner
 from daemon.serving import ServingState
 from daemon.settings import Settings
@@ -34,6 +34,22 @@ def test_service_urls_keep_scheme_and_port_and_bracket_ipv6():
         "https://[fd00::3]:8443",
     ]
     assert service_urls("http://vllm.cptd.svc", lambda host, port: [f"10.0.0.{port - 79}"]) == ["http://10.0.0.1:80"]
+
+
+def test_a_urls_file_is_read_again_at_every_refresh_and_an_unreadable_one_keeps_the_last_set(tmp_path):
+    """CPTD_VLLM_URLS_FILE: what starts the replicas outside Kubernetes rewrites it; the daemon follows."""
+    f = tmp_path / "replicas"
+    f.write_text("# the replicas\nhttp://127.0.0.1:8001/\n\nhttp://127.0.0.1:8000  # first\n")
+    d = ReplicaDiscovery(Settings(vllm_urls_file=f, vllm_control_url="http://ignored:8000"))
+    assert d.configured() and d.control_url is None
+    assert d.refresh(probe=False) == ["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
+    f.write_text("http://127.0.0.1:9001\n")  # one replica restarted on a new port, the other gone
+    assert d.refresh(probe=False) == ["http://127.0.0.1:9001"] and d.error is None
+    f.unlink()
+    assert d.refresh(probe=False) == ["http://127.0.0.1:9001"]
+    assert d.error and "FileNotFoundError" in d.error and d.describe()["source"] == f"CPTD_VLLM_URLS_FILE {f}"
+    f.write_text("")
+    assert d.refresh(probe=False) == [] and "lists no replica" in (d.waiting() or "")
 
 
 def test_with_no_replica_resolvable_at_start_rounds_stay_enabled_and_wait(redis_client, tmp_path):

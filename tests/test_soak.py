@@ -64,7 +64,7 @@ def test_a_broker_restart_resets_open_connections_and_the_port_answers_again():
 def test_three_rounds_under_four_faults_keep_every_invariant(tmp_path: Path):
     cfg = SoakConfig(
         rounds=3,
-        faults=["daemon_kill", "leader_change", "redis_kill", "daemon_kill"],
+        faults=["daemon_kill", "leader_change", "redis_kill", "broker_restart"],
         seed=1,
         replicas=2,
         docs_per_round=24,

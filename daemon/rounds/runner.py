@@ -66,7 +66,11 @@ class RoundRunner:
         self.redis_loss: str | None = None  # why Redis is taken to have lost data (daemon/redis_loss.py); rounds wait
         self.discovery = ReplicaDiscovery(settings, resolve)
         self.discovery.refresh(probe=False)  # none may resolve yet: rounds then wait for one (`waiting`)
-        self.disabled = None if self.discovery.configured() else "no vLLM replicas configured (CPTD_VLLM_URLS or CPTD_VLLM_CONTROL_URL)"
+        self.disabled = (
+            None
+            if self.discovery.configured()
+            else ("no vLLM replicas configured (CPTD_VLLM_URLS, CPTD_VLLM_URLS_FILE or CPTD_VLLM_CONTROL_URL)")
+        )
 
     # ------------------------------------------------------------------ lease
     def leader(self) -> bool:
