@@ -10,6 +10,7 @@ and linting need no helm binary and no network.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import jsonschema
@@ -19,7 +20,7 @@ import yaml
 
 from tests.custom_resource_schemas import CR_SCHEMAS
 from tests.manifest_tools import CHART, DEPLOY, ROOT, by_kind, pod_specs, render_chart
-from tests.test_manifests import CORE_GROUPS, K8S_VERSION, _group
+from tests.test_manifests import CORE_GROUPS, K8S_VERSION, _group, network_allows
 
 EXAMPLE = DEPLOY / "helm" / "examples" / "production-stack-strimzi-kube-prometheus.yaml"
 EVALUATION = {"kafka": {"bundled": {"enabled": True}}}  # everything bundled: the smallest install that renders
@@ -196,7 +197,11 @@ def test_launcher_modes():
     assert not by_kind(single, "Role") and not by_kind(single, "CronJob")
     four = render_chart({**EVALUATION, "launcher": {"inPod": {"gpus": 4}}})
     assert daemon_env(four)["CPTD_TRAIN_LAUNCHER"]["value"] == "torchrun:4"
-    # The bundled Redis grants cptd's ACL user exactly what connectors/redis_store.py sends.
+    # The bundled Redis and vLLM proxy run the kustomize base's files; Redis grants cptd's ACL user exactly what
+    # connectors/redis_store.py sends.
+    base = DEPLOY / "k8s" / "base"
+    assert by_kind(single, "ConfigMap")["cptd-redis"]["data"] == {f: (base / f).read_text() for f in ("redis.conf", "redis-start.sh")}
+    assert by_kind(single, "ConfigMap")["cptd-vllm-proxy"]["data"] == {"vllm-proxy.conf": (base / "vllm-proxy.conf").read_text()}
     redis = by_kind(single, "StatefulSet")["cptd-redis"]["spec"]["template"]["spec"]["containers"][0]
     assert " ".join(redis["args"]) == acl_rule("default")
 
@@ -227,6 +232,16 @@ def test_launcher_modes():
     assert trainer["image"] == daemon["spec"]["template"]["spec"]["containers"][0]["image"]
     assert not [e for e in trainer.get("env") or [] if "secretKeyRef" in (e.get("valueFrom") or {})], "no Secret reaches a trainer"
     assert "CPTD_REDIS_URL" not in {e["name"] for e in trainer.get("env") or []}
+    labels = {
+        name: d["spec"]["template"]["metadata"]["labels"]
+        for name, d in {**by_kind(multi, "Deployment"), **by_kind(multi, "StatefulSet")}.items()
+    }
+    trainer_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert not network_allows(multi, trainer_labels, labels["cptd-redis"], 6379), "a training pod can open a connection to Redis"
+    assert network_allows(multi, labels["cptd-daemon"], labels["cptd-redis"], 6379)
+    assert network_allows(multi, labels["cptd-daemon"], labels["cptd-vllm"], 8000)
+    assert not network_allows(multi, trainer_labels, labels["cptd-vllm"], 8000)
+    assert network_allows(multi, trainer_labels, trainer_labels, 29500)
 
 
 @pytest.mark.parametrize(
@@ -237,11 +252,12 @@ def test_launcher_modes():
         ({"kafka": {"bootstrap": "k:9092", "securityProtocol": "SASL_SSL"}}, "needs kafka.sasl.mechanism"),
         ({**EVALUATION, "redis": {"bundled": {"enabled": False}}}, "redis.url is empty"),
         ({**EVALUATION, "vllm": {"controlUrl": "http://v:8000"}}, "pick one"),
-        ({**EVALUATION, "launcher": {"mode": "slurm"}}, 'launcher.mode="slurm"'),
+        ({**EVALUATION, "launcher": {"mode": "slurm"}}, "at '/launcher/mode': value must be one of 'inPod', 'kubernetes'"),
+        ({"kafka": {"bootstap": "k:9092"}}, "at '/kafka': additional properties 'bootstap' not allowed"),  # values.schema.json
     ],
 )
 def test_values_the_daemon_cannot_run_are_refused_by_name(values, message):
     import helm_python
 
-    with pytest.raises(helm_python.HelmError, match=message.replace(".", r"\.")):
+    with pytest.raises(helm_python.HelmError, match=re.escape(message)):
         render_chart(values)

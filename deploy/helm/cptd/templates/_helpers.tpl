@@ -48,22 +48,17 @@ capabilities:
 {{- default (printf "%s-checkpoints" (include "cptd.fullname" .)) .Values.storage.checkpoints.existingClaim -}}
 {{- end -}}
 
-{{/* Refusals before anything renders: combinations the daemon cannot run, named. */}}
+{{/* Refusals before anything renders: combinations the daemon cannot run, named (values.schema.json refuses
+   misspelled keys, wrong types and unknown enum values). */}}
 {{- define "cptd.validate" -}}
 {{- if .Values.storage.objectStorage.enabled -}}
 {{- fail "storage.objectStorage: checkpoints on object storage are not supported by this cptd version (issue 25, item 2); use storage.checkpoints (a ReadWriteMany volume)" -}}
-{{- end -}}
-{{- if not (has .Values.launcher.mode (list "inPod" "kubernetes")) -}}
-{{- fail (printf "launcher.mode=%q: use inPod or kubernetes" .Values.launcher.mode) -}}
 {{- end -}}
 {{- if and (not .Values.kafka.bootstrap) (not .Values.kafka.bundled.enabled) -}}
 {{- fail "kafka.bootstrap is empty: set your Kafka's bootstrap (host:port) or kafka.bundled.enabled=true" -}}
 {{- end -}}
 {{- if and .Values.kafka.bootstrap .Values.kafka.bundled.enabled -}}
 {{- fail "kafka.bootstrap and kafka.bundled.enabled are both set: pick one" -}}
-{{- end -}}
-{{- if not (has .Values.kafka.securityProtocol (list "PLAINTEXT" "SSL" "SASL_PLAINTEXT" "SASL_SSL")) -}}
-{{- fail (printf "kafka.securityProtocol=%q: use PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL" .Values.kafka.securityProtocol) -}}
 {{- end -}}
 {{- if and (hasPrefix "SASL_" .Values.kafka.securityProtocol) (not .Values.kafka.sasl.mechanism) -}}
 {{- fail (printf "kafka.securityProtocol=%s needs kafka.sasl.mechanism" .Values.kafka.securityProtocol) -}}
