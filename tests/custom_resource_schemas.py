@@ -1,7 +1,7 @@
 """Structural schemas for the custom resources the manifests use (tests/test_manifests.py checks them).
 
 Strimzi (Kafka, KafkaNodePool, KafkaTopic, KafkaUser) and Prometheus Operator
-(ServiceMonitor) resources are custom resources; their CRD schemas are not
+(ServiceMonitor, PrometheusRule) resources are custom resources; their CRD schemas are not
 available from a package registry, so they are checked against these: the fields
 cptd's manifests use, written from the CRDs (kafka.strimzi.io/v1beta2,
 monitoring.coreos.com/v1) with their types, enums, required fields and
@@ -272,6 +272,48 @@ CR_SCHEMAS = {
                         },
                     },
                 },
+            },
+        },
+    ),
+    # PrometheusRule (monitoring.coreos.com/v1): groups of alerting or recording rules, as in a Prometheus rules file.
+    ("monitoring.coreos.com/v1", "PrometheusRule"): _cr(
+        "monitoring.coreos.com/v1",
+        "PrometheusRule",
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": {"type": "string"},
+                            "limit": {"type": "integer"},
+                            "partial_response_strategy": {"type": "string"},
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["expr"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "alert": {"type": "string"},
+                                        "record": {"type": "string"},
+                                        "expr": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                                        "for": {"type": "string"},
+                                        "keep_firing_for": {"type": "string"},
+                                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                }
             },
         },
     ),

@@ -1,7 +1,7 @@
-"""The offline tools the deployment tests run (kubectl's kustomize, promtool) and the rendered manifests.
+"""The offline tools the deployment tests run (kubectl's kustomize, Helm as a library, promtool) and the rendered manifests.
 
 A missing tool fails the test with the command that installs it. Shared by tests/test_manifests.py,
-tests/test_monitoring_rules.py and tests/test_redis_deployment.py.
+tests/test_helm_chart.py, tests/test_monitoring_rules.py and tests/test_redis_deployment.py.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ("single-gpu", "multi-gpu")
+CHART = DEPLOY / "helm" / "cptd"
 
 
 # --------------------------------------------------------------------------- tools
@@ -55,10 +56,21 @@ _BUILDS: dict[str, list[dict]] = {}
 
 def build(overlay: str) -> list[dict]:
     if overlay not in _BUILDS:
-        res = run([kubectl(), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(DEPLOY / "k8s" / "overlays" / overlay)])
+        res = run([kubectl(), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)])
         assert res.returncode == 0, f"kustomize build {overlay} failed:\n{res.stderr}"
         _BUILDS[overlay] = [d for d in yaml.safe_load_all(res.stdout) if d]
     return _BUILDS[overlay]
+
+
+# --------------------------------------------------------------------------- helm template
+def render_chart(values: dict, release: str = "cptd", namespace: str = "cptd") -> list[dict]:
+    """`helm template` of deploy/helm/cptd through helm-python-sdk (Helm's Go SDK in the wheel: no binary, no network)."""
+    try:
+        import helm_python
+    except ImportError:
+        pytest.fail("helm-python-sdk not installed. Install it: pip install -e '.[dev]'", pytrace=False)
+    rendered = helm_python.Chart.load(str(CHART)).render(values, name=release, namespace=namespace)
+    return [d for _, text in sorted(rendered.items()) for d in yaml.safe_load_all(text) if d]
 
 
 def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:

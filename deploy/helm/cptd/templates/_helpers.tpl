@@ -1,0 +1,84 @@
+{{/* Object names: "<fullname>-<component>"; fullname = fullnameOverride or the release name. */}}
+{{- define "cptd.fullname" -}}
+{{- default .Release.Name .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels of every object; "cptd.selector" (name + instance) is the part selectors use. */}}
+{{- define "cptd.selector" -}}
+app.kubernetes.io/name: {{ include "cptd.fullname" .root }}-{{ .component }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+{{- end -}}
+
+{{- define "cptd.labels" -}}
+{{ include "cptd.selector" . }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/part-of: cptd
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ .root.Chart.Name }}-{{ .root.Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* The policy text, and the parsed policy (for its name, topics and group). */}}
+{{- define "cptd.policyText" -}}
+{{- if .Values.policy }}{{ .Values.policy }}{{ else }}{{ .Files.Get "files/policy.yaml" }}{{ end -}}
+{{- end -}}
+
+{{- define "cptd.image" -}}
+{{ .repository }}:{{ .tag }}
+{{- end -}}
+
+{{/* The restricted Pod Security Standard, for a pod running as uid/gid .uid. */}}
+{{- define "cptd.podSecurity" -}}
+runAsNonRoot: true
+runAsUser: {{ .uid }}
+runAsGroup: {{ .uid }}
+fsGroup: {{ .uid }}
+fsGroupChangePolicy: OnRootMismatch
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "cptd.containerSecurity" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+{{- end -}}
+
+{{- define "cptd.checkpointsClaim" -}}
+{{- default (printf "%s-checkpoints" (include "cptd.fullname" .)) .Values.storage.checkpoints.existingClaim -}}
+{{- end -}}
+
+{{/* Refusals before anything renders: combinations the daemon cannot run, named (values.schema.json refuses
+   misspelled keys, wrong types and unknown enum values). */}}
+{{- define "cptd.validate" -}}
+{{- if .Values.storage.objectStorage.enabled -}}
+{{- fail "storage.objectStorage: checkpoints on object storage are not supported by this cptd version (issue 25, item 2); use storage.checkpoints (a ReadWriteMany volume)" -}}
+{{- end -}}
+{{- if and (not .Values.kafka.bootstrap) (not .Values.kafka.bundled.enabled) -}}
+{{- fail "kafka.bootstrap is empty: set your Kafka's bootstrap (host:port) or kafka.bundled.enabled=true" -}}
+{{- end -}}
+{{- if and .Values.kafka.bootstrap .Values.kafka.bundled.enabled -}}
+{{- fail "kafka.bootstrap and kafka.bundled.enabled are both set: pick one" -}}
+{{- end -}}
+{{- if and (hasPrefix "SASL_" .Values.kafka.securityProtocol) (not .Values.kafka.sasl.mechanism) -}}
+{{- fail (printf "kafka.securityProtocol=%s needs kafka.sasl.mechanism" .Values.kafka.securityProtocol) -}}
+{{- end -}}
+{{- if and (not .Values.redis.url) (not .Values.redis.bundled.enabled) -}}
+{{- fail "redis.url is empty: set your Redis URL (rediss://host:6379/0) or redis.bundled.enabled=true" -}}
+{{- end -}}
+{{- if and .Values.redis.url .Values.redis.bundled.enabled -}}
+{{- fail "redis.url and redis.bundled.enabled are both set: pick one" -}}
+{{- end -}}
+{{- if and (not .Values.vllm.controlUrl) (not .Values.vllm.urls) (not .Values.vllm.bundled.enabled) -}}
+{{- fail "vllm.controlUrl and vllm.urls are empty: set one (your engines' headless Service) or vllm.bundled.enabled=true" -}}
+{{- end -}}
+{{- if and (or .Values.vllm.controlUrl .Values.vllm.urls) .Values.vllm.bundled.enabled -}}
+{{- fail "vllm.controlUrl/urls and vllm.bundled.enabled are both set: pick one" -}}
+{{- end -}}
+{{- if and .Values.vllm.headlessService.create (not .Values.vllm.headlessService.selector) -}}
+{{- fail "vllm.headlessService.create needs vllm.headlessService.selector (your vLLM pods' labels)" -}}
+{{- end -}}
+{{- if and .Values.kafka.strimzi.enabled (not .Values.kafka.strimzi.cluster) -}}
+{{- fail "kafka.strimzi.enabled needs kafka.strimzi.cluster (the name of your Kafka resource)" -}}
+{{- end -}}
+{{- end -}}
