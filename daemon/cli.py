@@ -652,17 +652,20 @@ def main(argv: list[str] | None = None) -> None:
     except CliError as e:
         code = _fail(a, args, str(e), e.code)
     except ValidationError as e:  # settings from the environment, or an answer that is not a round record
-        what = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
+        what = "; ".join(
+            (f"{'.'.join(map(str, err['loc']))}: " if err["loc"] else "") + err["msg"].removeprefix("Value error, ") for err in e.errors()
+        )
         code = _fail(a, args, f"invalid {e.title}: {what}", Exit.BAD_INPUT)
     except BrokenPipeError:  # `cptd policy-schema | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
         code = Exit.OK
     except KeyboardInterrupt:
         code = _fail(a, args, "interrupted", Exit.NO)
-    except Exception as e:  # noqa: BLE001 - a bug or an unforeseen failure: named in one line, logged in full if logs are set up
+    except Exception as e:  # noqa: BLE001 - a bug or an unforeseen failure: named in one line
         import logging
 
-        logging.getLogger("cptd.cli").debug("command failed", exc_info=True)
+        if logging.getLogger().handlers:  # `cptd run` set up its JSON logs: the traceback goes there, as a field
+            logging.getLogger("cptd.cli").error("command failed", exc_info=True)
         code = _fail(a, args, f"{type(e).__name__}: {e}", Exit.NO)
     sys.exit(int(code))
 

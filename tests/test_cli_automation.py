@@ -181,7 +181,7 @@ def test_a_refused_trigger_and_a_queued_answer(served, capsys):
     assert r.status_code == 404 and r.json() == {"error": "no answer to request 'nope' yet"}
 
 
-def test_errors_are_one_line_and_json_with_json(tmp_path: Path, capsys):
+def test_errors_are_one_line_and_json_with_json(tmp_path: Path, capsys, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
     dead = f"http://127.0.0.1:{free_port()}"
@@ -200,6 +200,12 @@ def test_errors_are_one_line_and_json_with_json(tmp_path: Path, capsys):
         assert (rc, out) == (code, "") and err.count("\n") == 1 and err.startswith("cptd: ") and words in err, (argv, err)
         rc, out, err = cli(capsys, "--json", *argv)
         assert (rc, err) == (code, "") and words in json.loads(out)["error"], (argv, out)
+    monkeypatch.setenv("CPTD_TRAIN_LAUNCHER", "bogus")
+    rc, out, err = cli(capsys, "run", "--policy", str(bad))
+    assert (rc, out) == (
+        Exit.BAD_INPUT,
+        "",
+    ) and err == "cptd: invalid Settings: CPTD_TRAIN_LAUNCHER='bogus' is not supported: use subprocess, torchrun:N or kubernetes\n"
 
 
 def test_exit_codes_version_and_completion_are_there_for_scripts(capsys):
