@@ -235,24 +235,30 @@ def cmd_trigger(a: argparse.Namespace) -> int:
         if e.status == 409:  # rounds disabled, or the request contradicts the state: no round will start
             raise CliError(str(e), Exit.REFUSED) from None
         raise
+    if not (a.wait and a.json):  # --wait --json prints one object: the end
+        _say_triggered(a, out)
     if a.wait and out.get("queued"):
         out = round_wait.await_answer(a, _getter(a), out, until)
         if out is None:
             return Exit.TIMEOUT
-    if not (a.wait and a.json):  # --wait --json prints one object: the end
-        if a.json:
-            print(json.dumps(out))
-        elif out.get("round"):
-            print(f"round {out['round']} started" + (f" ({out['note']})" if out.get("note") else ""))
-        elif out.get("refused"):
-            print(f"no round started: {out['refused']}")
-        else:
-            print(f"request {out['request_id']} queued for the lease holder {out.get('lease_holder')!r}")
+        if not a.json:
+            _say_triggered(a, out)
     if not out.get("round"):
         if a.wait and a.json:
             print(json.dumps({"round": None, "refused": out.get("refused"), "exit": int(Exit.REFUSED), "outcome": "REFUSED"}))
         return Exit.OK if out.get("queued") else Exit.REFUSED
     return round_wait.wait_round(a, _getter(a), out["round"], until) if a.wait else Exit.OK
+
+
+def _say_triggered(a: argparse.Namespace, out: dict[str, Any]) -> None:
+    if a.json:
+        print(json.dumps(out))
+    elif out.get("round"):
+        print(f"round {out['round']} started" + (f" ({out['note']})" if out.get("note") else ""), flush=True)
+    elif out.get("refused"):
+        print(f"no round started: {out['refused']}")
+    else:
+        print(f"request {out['request_id']} queued for the lease holder {out.get('lease_holder')!r}", flush=True)
 
 
 def _getter(a: argparse.Namespace) -> round_wait.Get:

@@ -161,6 +161,34 @@ def test_trigger_wait_follows_the_round_the_lease_holder_starts_to_its_end(serve
     }  # fmt: skip
 
 
+def test_a_trigger_the_lease_holder_answers_late_is_followed_through_its_answer(served, capsys):
+    """The daemon answers `queued` after waiting 5 s for the holder (a daemon without the lease); the CLI then reads
+    GET /requests/{id} until the holder answers, and follows the round it names."""
+    url, ctx = served
+    done: list[int] = []
+
+    def run() -> None:
+        with pytest.raises(SystemExit) as e:
+            main(["trigger", "--wait", "--url", url, "--poll", "0.05", "--timeout", "60"])
+        done.append(int(e.value.code or 0))
+
+    t = threading.Thread(target=run)
+    t.start()
+    req = wait_for(lambda: list(ctx.store.take_requests()), timeout=10, what="the trigger request in Redis")[0]
+    seen = ""
+
+    def printed(line: str) -> bool:
+        nonlocal seen
+        seen += capsys.readouterr().out
+        return line in seen
+
+    wait_for(lambda: printed(f"request {req} queued"), timeout=30, what="the daemon's queued answer")
+    _round(ctx, "r00008", RoundState.REJECTED)
+    ctx.store.set_request_result(req, {"round": "r00008"})
+    t.join(timeout=30)
+    assert done == [Exit.REJECTED] and printed("round r00008 ended REJECTED: exit 10")
+
+
 def test_a_refused_trigger_and_a_queued_answer(served, capsys):
     url, ctx = served
     answered: list[str] = []
