@@ -42,6 +42,7 @@ class Engine(Protocol):
     def round(self, round_id: str) -> RoundRecord | None: ...
     def round_manifest(self, round_id: str, offset: int = 0, limit: int = 1000) -> list[dict[str, Any]] | None: ...
     def trigger(self, reason: str, wait_s: float = 5.0) -> TriggerResult: ...
+    def trigger_result(self, request_id: str) -> TriggerResult | None: ...
     def cancel(self, round_id: str) -> CancelResult: ...
     def rollback(self, to: str | None) -> RollbackResult: ...
 
@@ -223,6 +224,15 @@ def create_app(engine: Engine | None = None, token: str | None = None) -> FastAP
     def trigger(body: TriggerBody | None = None) -> TriggerResult:
         """Start a round now (one at a time; ignores the minimum gap, not an empty buffer)."""
         return _need(engine).trigger((body or TriggerBody()).reason)
+
+    @app.get("/requests/{request_id}")
+    def request_result(request_id: str) -> TriggerResult:
+        """The lease holder's answer to a `POST /rounds` that was answered `queued` (the round it started, or why
+        not): 404 until it has answered, and after the answer expires. `cptd trigger --wait` polls it."""
+        res = _need(engine).trigger_result(request_id)
+        if res is None:
+            raise HTTPException(404, f"no answer to request {request_id!r} yet")
+        return res
 
     @control.post("/rounds/{round_id}/cancel")
     def cancel(round_id: str) -> CancelResult:

@@ -136,6 +136,10 @@ class Daemon:
         holder, _ = self.store.lease_holder()
         return TriggerResult(request_id=req, queued=True, lease_holder=holder)
 
+    def trigger_result(self, request_id: str) -> TriggerResult | None:
+        res = self.store.request_result(request_id)
+        return TriggerResult.model_validate({**res, "request_id": request_id}) if res is not None else None
+
     def cancel(self, round_id: str) -> CancelResult:
         rec = self.runner.get_round(round_id)
         if rec is None:

@@ -2,7 +2,9 @@
 
 Commands that inspect or steer a running daemon talk to its HTTP API
 (--url, default $CPTD_URL or http://127.0.0.1:8080); the rest run locally.
-Tables for people by default, --json for scripts.
+Tables for people by default, --json for scripts. Every error is one line on
+stderr (with --json: {"error": message} on stdout) and an exit code of EXIT,
+never a traceback: scripts and workflow steps (Airflow, Argo) branch on the code.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from daemon import round_wait
+from daemon.cli_exit import EXIT, ApiError, CliError, Exit, say_error
 from daemon.round_record import RoundRecord
 
 if TYPE_CHECKING:
@@ -89,17 +92,12 @@ def cmd_validate_policy(a: argparse.Namespace) -> int:
     try:
         p = load_policy(a.file)
     except PolicyError as e:
-        print(f"invalid policy: {e}", file=sys.stderr)
-        return 1
+        raise CliError(f"invalid policy: {e}", Exit.NO) from None
     if a.json:
         print(json.dumps({"valid": True, "hash": policy_hash(p), "policy": p.model_dump(mode="json")}, indent=2))
     else:
         print(f"{a.file}: valid (hash {policy_hash(p)}, deployment {p.name!r})")
     return 0
-
-
-class ApiError(Exception):
-    pass
 
 
 def _api(a: argparse.Namespace, method: str, path: str, body: dict | None = None, timeout: float = 30) -> Any:
@@ -109,7 +107,10 @@ def _api(a: argparse.Namespace, method: str, path: str, body: dict | None = None
     headers = {}
     token = os.environ.get("CPTD_API_TOKEN")
     if not token and os.environ.get("CPTD_API_TOKEN_FILE"):
-        token = open(os.environ["CPTD_API_TOKEN_FILE"]).read().strip()
+        try:
+            token = open(os.environ["CPTD_API_TOKEN_FILE"]).read().strip()
+        except OSError as e:
+            raise CliError(f"CPTD_API_TOKEN_FILE {os.environ['CPTD_API_TOKEN_FILE']}: {e.strerror}") from None
     if method != "GET" and token:
         headers["Authorization"] = f"Bearer {token}"
     try:
@@ -121,22 +122,10 @@ def _api(a: argparse.Namespace, method: str, path: str, body: dict | None = None
     except ValueError:
         data = {"error": r.text}
     if r.status_code >= 400:
-        raise ApiError(f"cptd answered {r.status_code}: {data.get('error', data) if isinstance(data, dict) else data}")
+        raise ApiError(f"cptd answered {r.status_code}: {data.get('error', data) if isinstance(data, dict) else data}", r.status_code)
     return data
 
 
-def _calling(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def run(a: argparse.Namespace) -> int:
-        try:
-            return fn(a)
-        except ApiError as e:
-            print(e, file=sys.stderr)
-            return 2
-
-    return run
-
-
-@_calling
 def cmd_status(a: argparse.Namespace) -> int:
     st = _api(a, "GET", "/status")
     print(json.dumps(st, indent=2)) if a.json else _print_status(st)
@@ -217,7 +206,6 @@ def print_round(rec: RoundRecord) -> None:
         print(f"  error       {rec.error}")
 
 
-@_calling
 def cmd_rounds(a: argparse.Namespace) -> int:
     if a.round:
         rec = _api(a, "GET", f"/rounds/{a.round}")
@@ -228,28 +216,61 @@ def cmd_rounds(a: argparse.Namespace) -> int:
     return 0
 
 
-@_calling
+def cmd_round(a: argparse.Namespace) -> int:
+    """One round's lineage; with --wait, its end (the exit code says which: Exit)."""
+    if a.wait:
+        return round_wait.wait_round(a, _getter(a), a.round, round_wait.deadline(a))
+    rec = _api(a, "GET", f"/rounds/{a.round}")
+    print(json.dumps(rec, indent=2)) if a.json else print_round(RoundRecord.model_validate(rec))
+    return 0
+
+
 def cmd_trigger(a: argparse.Namespace) -> int:
-    out = _api(a, "POST", "/rounds", {"reason": a.reason})
+    """Exit 0 when a round started (or the request was queued for the lease holder), Exit.REFUSED when none did;
+    with --wait, how the round ended."""
+    until = round_wait.deadline(a)
+    try:
+        out = _api(a, "POST", "/rounds", {"reason": a.reason})
+    except ApiError as e:
+        if e.status == 409:  # rounds disabled, or the request contradicts the state: no round will start
+            raise CliError(str(e), Exit.REFUSED) from None
+        raise
+    if not (a.wait and a.json):  # --wait --json prints one object: the end
+        _say_triggered(a, out)
+    if a.wait and out.get("queued"):
+        out = round_wait.await_answer(a, _getter(a), out, until)
+        if out is None:
+            return Exit.TIMEOUT
+        if not a.json:
+            _say_triggered(a, out)
+    if not out.get("round"):
+        if a.wait and a.json:
+            print(json.dumps({"round": None, "refused": out.get("refused"), "exit": int(Exit.REFUSED), "outcome": "REFUSED"}))
+        return Exit.OK if out.get("queued") else Exit.REFUSED
+    return round_wait.wait_round(a, _getter(a), out["round"], until) if a.wait else Exit.OK
+
+
+def _say_triggered(a: argparse.Namespace, out: dict[str, Any]) -> None:
     if a.json:
         print(json.dumps(out))
     elif out.get("round"):
-        print(f"round {out['round']} started" + (f" ({out['note']})" if out.get("note") else ""))
+        print(f"round {out['round']} started" + (f" ({out['note']})" if out.get("note") else ""), flush=True)
     elif out.get("refused"):
         print(f"no round started: {out['refused']}")
     else:
-        print(f"request {out['request_id']} queued for the lease holder {out.get('lease_holder')!r}")
-    return 0 if out.get("round") or out.get("queued") else 1
+        print(f"request {out['request_id']} queued for the lease holder {out.get('lease_holder')!r}", flush=True)
 
 
-@_calling
+def _getter(a: argparse.Namespace) -> round_wait.Get:
+    return lambda path: _api(a, "GET", path)
+
+
 def cmd_cancel(a: argparse.Namespace) -> int:
     out = _api(a, "POST", f"/rounds/{a.round}/cancel")
     print(json.dumps(out)) if a.json else print(f"cancel requested for round {a.round} (was {out['state']})")
     return 0
 
 
-@_calling
 def cmd_rollback(a: argparse.Namespace) -> int:
     out = _api(a, "POST", "/rollback", {"to": a.round}, timeout=600)
     if a.json:
@@ -268,38 +289,39 @@ def cmd_run(a: argparse.Namespace) -> int:
     from daemon.settings import Settings
 
     s = Settings() if a.policy is None else Settings(policy=a.policy)
+    _load_policy(s.policy)  # refused in one line before anything starts (run() reads it again)
     logs.setup(s.log_level)
     return run(s)
 
 
-def _policy_store(a: argparse.Namespace) -> tuple[Settings, Policy, RedisStore] | int:
-    """The settings, the policy in force (from `a.policy` or $CPTD_POLICY) and the deployment's Redis store; 2 when the
-    policy file is invalid (said on stderr)."""
-    from connectors.redis_store import RedisStore, connect
-    from daemon.settings import Settings
+def _load_policy(path: Path | str) -> Policy:
     from policies.config import PolicyError, load_policy
 
-    s = Settings() if a.policy is None else Settings(policy=a.policy)
     try:
-        policy = load_policy(s.policy)
+        return load_policy(path)
     except PolicyError as e:
-        print(f"invalid policy: {e}", file=sys.stderr)
-        return 2
+        raise CliError(f"invalid policy: {e}") from None
+
+
+def _policy_store(a: argparse.Namespace) -> tuple[Settings, Policy, RedisStore]:
+    """The settings, the policy in force (from `a.policy` or $CPTD_POLICY) and the deployment's Redis store; CliError
+    when the policy file is invalid."""
+    from connectors.redis_store import RedisStore, connect
+    from daemon.settings import Settings
+
+    s = Settings() if a.policy is None else Settings(policy=a.policy)
+    policy = _load_policy(s.policy)
     return s, policy, RedisStore(connect(s.redis_url.get_secret_value(), **s.redis_options()), policy.name)
 
 
-def _file_policy_store(a: argparse.Namespace) -> tuple[Path, Policy, RedisStore] | int:
-    """What the file-loading commands share: the policy in force, `a.file`, and the deployment's Redis store; 2 on failure."""
+def _file_policy_store(a: argparse.Namespace) -> tuple[Path, Policy, RedisStore]:
+    """What the file-loading commands share: the policy in force, `a.file`, and the deployment's Redis store."""
     from pathlib import Path
 
-    opened = _policy_store(a)
-    if isinstance(opened, int):
-        return opened
-    _, policy, store = opened
+    _, policy, store = _policy_store(a)
     path = Path(a.file)
     if not path.is_file():
-        print(f"{path}: no such file", file=sys.stderr)
-        return 2
+        raise CliError(f"{path}: no such file")
     return path, policy, store
 
 
@@ -307,10 +329,7 @@ def cmd_index_echoes(a: argparse.Namespace) -> int:
     """Exit 0: all lines indexed; 1: some lines invalid (named, the rest indexed); 2: nothing could be read."""
     from daemon.index_echoes import index_echoes
 
-    opened = _file_policy_store(a)
-    if isinstance(opened, int):
-        return opened
-    path, policy, store = opened
+    path, policy, store = _file_policy_store(a)
     rep = index_echoes(path, store, policy)
     out = {"lines": rep.lines, "indexed": rep.indexed, "invalid": len(rep.invalid), "echo_index": store.provenance_counts()["echo_index"]}
     if a.json:
@@ -335,8 +354,7 @@ def cmd_calibrate_detector(a: argparse.Namespace) -> int:
     files = {"human": Path(a.human), "generated": Path(a.generated)}
     for name, f in files.items():
         if not f.is_file():
-            print(f"--{name} {f}: no such file", file=sys.stderr)
-            return 2
+            raise CliError(f"--{name} {f}: no such file")
     reference = a.reference or str(Settings().base_checkpoint_path())
     with tempfile.TemporaryDirectory(prefix="cptd-calibrate-") as tmp:
         docs = Path(tmp) / "docs.jsonl"
@@ -349,8 +367,7 @@ def cmd_calibrate_detector(a: argparse.Namespace) -> int:
         try:
             scores = run_to_end(Job(spec, Path(tmp) / "spec.json", Path(tmp) / "detector.log"))["rows"]
         except JobFailed as e:
-            print(f"the detector job failed: {e}", file=sys.stderr)
-            return 2
+            raise CliError(f"the detector job failed: {e}") from None
     by = {name: [s["score"] for s in scores if s["key"].startswith(name + ":") and s["score"] is not None] for name in files}
     cal = calibrate(by["human"], by["generated"], a.max_false_positive)
     if a.json:
@@ -370,10 +387,7 @@ def cmd_seed_replay(a: argparse.Namespace) -> int:
 
     from daemon.seed_replay import seed_replay
 
-    opened = _file_policy_store(a)
-    if isinstance(opened, int):
-        return opened
-    path, policy, store = opened
+    path, policy, store = _file_policy_store(a)
     rep = seed_replay(path, store, policy, random.Random(a.seed))
     st = store.replay_stats()
     out = {
@@ -404,10 +418,7 @@ def cmd_accept_redis_reset(a: argparse.Namespace) -> int:
     not given (the changes are shown, nothing written); 2: the policy file is invalid."""
     from daemon.redis_loss import accept_reset
 
-    opened = _policy_store(a)
-    if isinstance(opened, int):
-        return opened
-    s, _, store = opened
+    s, _, store = _policy_store(a)
     plan = accept_reset(store, s.checkpoint_dir, apply=a.yes)
     if a.json:
         applied = bool(a.yes and plan.cause)
@@ -483,24 +494,71 @@ def cmd_plan(a: argparse.Namespace) -> int:
         try:
             spec = plan_spec(a, str(Path(d) / "plan.json"))
         except ValueError as e:
-            print(f"cptd plan: {e}", file=sys.stderr)
-            return 2
+            raise CliError(f"plan: {e}") from None
         spec_path = spec.write(Path(d) / "spec.json")
         done = subprocess.run([sys.executable, "-m", spec.module, str(spec_path)], capture_output=True, text=True)
         if done.returncode != 0 or not spec.result_file.exists():
-            print(f"cptd plan: the plan job failed (exit {done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr)
-            return 1
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise CliError(f"plan: the plan job failed (exit {done.returncode}): {last}", Exit.NO)
         result = json.loads(spec.result_file.read_text())
     print(json.dumps(result, indent=1, sort_keys=True) if a.json else done.stdout, end="" if not a.json else "\n")
     return 3 if result["refusals"] else 0
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="cptd", description="continual pre-training daemon")
+def policy_schema() -> dict[str, Any]:
+    """The JSON Schema of the policy file (deploy/policy.schema.json is this, committed for editors)."""
+    from policies.config import Policy
+
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **Policy.model_json_schema()}
+
+
+def cmd_policy_schema(a: argparse.Namespace) -> int:
+    print(json.dumps(policy_schema(), indent=2))
+    return 0
+
+
+def cmd_completion(a: argparse.Namespace) -> int:
+    """The shell's completion script, generated from the parser itself by shtab (never out of date)."""
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=a.shell))
+    return 0
+
+
+def cptd_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cptd")
+    except PackageNotFoundError:
+        return "unknown (not installed: run from a source tree)"
+
+
+def _epilog() -> str:
+    rows = "\n".join(f"  {int(code):>2}  {why}" for code, why in EXIT.items())
+    return (
+        f"exit codes (every command; --wait: `trigger --wait`, `round ID --wait`):\n{rows}\n\n"
+        'errors: one line on stderr; with --json, {"error": ...} on stdout'
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as a CliError (one line, JSON with --json) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        sub = self.prog.removeprefix("cptd").strip()  # "cptd round" -> "round"; say_error says "cptd: " already
+        raise CliError(f"{sub + ': ' if sub else ''}{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(
+        prog="cptd", description="continual pre-training daemon", epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--version", action="version", version=f"cptd {cptd_version()}")
     ap.add_argument("--url", default=os.environ.get("CPTD_URL", "http://127.0.0.1:8080"), help="API of a running daemon")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     # The same two options after the subcommand (`cptd status --json`); SUPPRESS keeps a value given before it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS, help="API of a running daemon")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -520,12 +578,17 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_demo)
     p = add("status", help="ingest counts, buffer and state of a running daemon")
     p.set_defaults(fn=cmd_status)
+    p = add("round", help="show one round's lineage; --wait: until it ends, the exit code saying how (see below)")
+    p.add_argument("round")
+    _wait_options(p)
+    p.set_defaults(fn=cmd_round)
     p = add("rounds", help="list rounds, or show one round's lineage")
     p.add_argument("round", nargs="?")
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(fn=cmd_rounds)
     p = add("trigger", help="start a round now (token from $CPTD_API_TOKEN[_FILE])")
     p.add_argument("--reason", default="cli")
+    _wait_options(p)
     p.set_defaults(fn=cmd_trigger)
     p = add("cancel", help="cancel a running round (its documents go back to the buffer)")
     p.add_argument("round")
@@ -569,8 +632,53 @@ def main(argv: list[str] | None = None) -> None:
     p = add("validate-policy", help="check a policy file; exit 1 and name the field if invalid")
     p.add_argument("file")
     p.set_defaults(fn=cmd_validate_policy)
-    a = ap.parse_args(argv)
-    sys.exit(a.fn(a))
+    p = add("policy-schema", help="print the policy file's JSON Schema (deploy/policy.schema.json, for editors)")
+    p.set_defaults(fn=cmd_policy_schema)
+    p = add("completion", help="print a shell completion script: cptd completion bash > /etc/bash_completion.d/cptd")
+    p.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+    p.set_defaults(fn=cmd_completion)
+    return ap
+
+
+def _wait_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true", help="wait until the round ends; the exit code says how (cptd --help)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="with --wait: give up after S seconds (exit 14)")
+    p.add_argument("--poll", type=float, default=2.0, metavar="S", help="with --wait: seconds between reads of the round")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one command; every error ends here as one line (JSON with --json) and an Exit code, never a traceback."""
+    from pydantic import ValidationError
+
+    args = sys.argv[1:] if argv is None else argv
+    a: argparse.Namespace | None = None
+    try:
+        a = build_parser().parse_args(args)
+        code = a.fn(a)
+    except CliError as e:
+        code = _fail(a, args, str(e), e.code)
+    except ValidationError as e:  # settings from the environment, or an answer that is not a round record
+        what = "; ".join(
+            (f"{'.'.join(map(str, err['loc']))}: " if err["loc"] else "") + err["msg"].removeprefix("Value error, ") for err in e.errors()
+        )
+        code = _fail(a, args, f"invalid {e.title}: {what}", Exit.BAD_INPUT)
+    except BrokenPipeError:  # `cptd policy-schema | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        code = Exit.OK
+    except KeyboardInterrupt:
+        code = _fail(a, args, "interrupted", Exit.NO)
+    except Exception as e:  # noqa: BLE001 - a bug or an unforeseen failure: named in one line
+        import logging
+
+        if logging.getLogger().handlers:  # `cptd run` set up its JSON logs: the traceback goes there, as a field
+            logging.getLogger("cptd.cli").error("command failed", exc_info=True)
+        code = _fail(a, args, f"{type(e).__name__}: {e}", Exit.NO)
+    sys.exit(int(code))
+
+
+def _fail(a: argparse.Namespace | None, args: list[str], message: str, code: Exit) -> Exit:
+    say_error(" ".join(message.split()), a.json if a is not None else "--json" in args)  # one line, whatever the message held
+    return code
 
 
 if __name__ == "__main__":

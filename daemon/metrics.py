@@ -108,6 +108,12 @@ ROUND_PHASE_SECONDS = Histogram(
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600),
     registry=REGISTRY,
 )
+ROUND_WEBHOOKS = Counter(
+    "cptd_round_webhooks_total",
+    "Round-end webhook deliveries (CPTD_ROUND_WEBHOOK_URL) by outcome: sent, or failed after its bounded retries",
+    ["outcome"],
+    registry=REGISTRY,
+)
 ROUND_LAST_SUCCESS = Gauge("cptd_round_last_deployed_timestamp_seconds", "Unix time the last round was deployed", registry=REGISTRY)
 DRIFT_SCORE = Gauge("cptd_drift_score", "Drift of the latest measured batch against the reference set", ["statistic"], registry=REGISTRY)
 CURATION_DOCS = Counter(

@@ -39,6 +39,10 @@ class RoundState(str, Enum):
 PHASES = (RoundState.PENDING, RoundState.SNAPSHOT, RoundState.TRAINING, RoundState.EVALUATING, RoundState.DEPLOYING)
 TERMINAL = frozenset({RoundState.DEPLOYED, RoundState.REJECTED, RoundState.FAILED, RoundState.ROLLED_BACK})
 
+# The cause every cancelled round ends FAILED with (its error starts with it): how `cptd round --wait` and the
+# round-end webhook tell an operator's cancel from a failure without a state of its own.
+CANCEL_CAUSE = "cancelled by operator"
+
 
 class Part(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -318,6 +322,10 @@ class RoundRecord(Part):
     rollback: RollbackRecord | None = None
     deployed_at: float | None = None
     docs: DocsFate | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.state == RoundState.FAILED and (self.error or "").startswith(CANCEL_CAUSE)
 
     def to_store(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

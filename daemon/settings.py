@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     train_runtime: str = Field(default="torch-distributed", description="CPTD_TRAIN_RUNTIME; the TrainJob's runtimeRef (trainjob only)")
     train_poll_s: float = Field(default=5.0, gt=0, description="CPTD_TRAIN_POLL_S; seconds between workload status reads")
     train_cpu_threads: int = Field(default=0, description="CPTD_TRAIN_CPU_THREADS; OMP threads of every local job (0 = torch default)")
+    round_webhook_url: SecretStr | None = Field(
+        default=None, description="CPTD_ROUND_WEBHOOK_URL; POSTed a small JSON when a round ends (daemon/round_webhook.py)"
+    )
     pod_name: str | None = Field(default=None, validation_alias="POD_NAME", description="POD_NAME; names this daemon as lease holder")
 
     @model_validator(mode="after")

@@ -25,10 +25,10 @@ import redis
 
 from connectors.redis_store import Fence, RedisStore
 from connectors.vllm import ServingError
-from daemon import failpoints
+from daemon import failpoints, round_webhook
 from daemon import metrics as M
 from daemon.job_launchers import Job, JobStartError, Launcher, launcher_for
-from daemon.round_record import PHASES, TERMINAL, PhaseTimes, RoundRecord, RoundState
+from daemon.round_record import CANCEL_CAUSE, PHASES, TERMINAL, PhaseTimes, RoundRecord, RoundState
 from daemon.serving import ServingController
 from daemon.settings import Settings
 from policies.config import Policy
@@ -55,7 +55,7 @@ class Cancelled(RoundFailed):
     """The operator cancelled the round: it ends FAILED with its documents requeued, whatever phase asked."""
 
     def __init__(self) -> None:
-        super().__init__("cancelled by operator", requeue=True)
+        super().__init__(CANCEL_CAUSE, requeue=True)
 
 
 def redis_outage(e: BaseException) -> bool:
@@ -169,6 +169,10 @@ class RoundContext:
         if state in TERMINAL:
             M.ROUNDS.labels(state=state.value).inc()
         log.info("round phase", extra={"round_id": rec.id, "state": state.value})
+        if state in TERMINAL and self.settings.round_webhook_url is not None:  # every end passes here, once (after the write)
+            serving = self.serving.state.desired_version if self.serving is not None else None
+            event = round_webhook.round_ended(rec, self.get_policy().name, serving)
+            round_webhook.send(self.settings.round_webhook_url.get_secret_value(), event)
 
     @staticmethod
     def policy_of(rec: RoundRecord) -> Policy:

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from daemon import metrics as M
 from daemon import redis_loss
 from daemon.round_record import (
+    CANCEL_CAUSE,
     DeploySummary,
     DeployWait,
     RollbackRecord,
@@ -146,7 +147,7 @@ def wait_for_blackouts(ctx: RoundContext, rec: RoundRecord) -> None:
             ctx.put(rec)
             log.info("deploy waits for a blackout window to end", extra={"round_id": rec.id, "blackout": expr})
         if ctx.store.cancel_requested(rec.id):
-            raise RoundFailed("cancelled by operator while waiting for a blackout window", requeue=True)
+            raise RoundFailed(f"{CANCEL_CAUSE} while waiting for a blackout window", requeue=True)
         if ctx.stop.wait(5.0):
             raise Stop("stopping")
 
