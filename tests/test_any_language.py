@@ -86,7 +86,8 @@ def test_calibrated_profile_round_trips_and_pastes_into_a_policy(tmp_path, capsy
         fit, held_out = docs[::2], docs[1::2]
         cal = calibrate_profile(lang, fit)
         share = _accepted(lang, held_out, profiles={lang: cal.profile.overrides()})
-        print(f"\n{lang}: a profile calibrated on {len(fit)} documents accepts {share:.1%} of the other {len(held_out)}")
+        with capsys.disabled():
+            print(f"\n{lang}: a profile calibrated on {len(fit)} documents accepts {share:.1%} of the other {len(held_out)}")
         assert share >= MIN_ROUND_TRIP, (lang, share, cal.yaml())
     # The CLI prints YAML that a policy takes as it is, and the language no longer needs a warning.
     sample = tmp_path / "ko.jsonl"

@@ -11,12 +11,19 @@ filters' language check for them.
 * `clean_docs(lang)`: consecutive translated paragraphs of one page, joined
   with blank lines into documents of about `target_chars` characters (at least
   two paragraphs), as a web page's body would be.
+* `section_docs(lang)`: the same with the command screens and listings
+  between the paragraphs (technical prose as the handbook shows it).
+* `manpage_docs(lang)`: translated manual pages (/usr/share/man/<lang>; for
+  "en", the English pages of the programs the Ukrainian ones cover), roff
+  turned into paragraphs, for languages the handbook lacks or barely has
+  (uk, ko), joined as `clean_docs` joins the handbook's.
 * `junk_docs(lang)`: pages a quality filter should refuse, made from that same
   language's text: menus/boilerplate, repeated lines, symbol soup, ellipsis
   teasers, keyword lists, repeated-phrase spam, number tables, one-liners.
 
 Everything is deterministic for a given package version and seed. The
-handbook has no Hindi translation (nor th); `LOCALES` lists what is used.
+handbook has no Hindi or Ukrainian translation (nor th), and its Korean one
+is a few pages; `LOCALES` and `MAN_LOCALES` list what is used.
 """
 
 from __future__ import annotations
@@ -40,7 +47,6 @@ LOCALES = {
     "en": "en-US",
     # Languages without a built-in profile (judged by the generic profile of their script).
     "ko": "ko-KR",
-    "el": "el-GR",
     "fa": "fa-IR",
 }
 CJK = ("zh", "ja")
@@ -82,8 +88,6 @@ def _script_share(text: str, lang: str) -> float:
         ok = sum("\u0600" <= c <= "\u06ff" or "\u0750" <= c <= "\u077f" for c in letters)
     elif lang == "ko":
         ok = sum("\uac00" <= c <= "\ud7a3" or "\u1100" <= c <= "\u11ff" or "\u3130" <= c <= "\u318f" for c in letters)
-    elif lang == "el":
-        ok = sum("\u0370" <= c <= "\u03ff" or "\u1f00" <= c <= "\u1fff" for c in letters)
     else:
         return 1.0
     return ok / len(letters)
@@ -93,7 +97,7 @@ def in_language(par: str, lang: str) -> bool:
     """Is this paragraph written in `lang` (rather than left in English)?"""
     if lang == "uk" and (not any(c in "іїєґІЇЄҐ" for c in par) or any(c in "ыэъЫЭЪ" for c in par)):
         return False  # Ukrainian letters, and none that only Russian uses
-    if lang in ("zh", "ja", "ru", "ar", "ko", "el", "uk", "fa"):
+    if lang in ("zh", "ja", "ru", "ar", "ko", "uk", "fa"):
         if lang == "ja" and not any("\u3040" <= c <= "\u30ff" for c in par):
             return False  # Japanese prose always has kana; Chinese has none
         if lang == "zh" and any("\u3040" <= c <= "\u30ff" for c in par):
