@@ -104,7 +104,8 @@ def prose_for_language_id(text: str, max_chars: int) -> str:
     ASCII in every language; py3langid scores them as English or as noise, and a French paragraph on
     `apt-get --no-install-recommends` can come out as not French. Words of the language, accented or not, stay
     (a token with a non-ASCII character is never code here). Twice the characters are read so that what is
-    removed is replaced. ~0.2 ms per call, so the language rule asks for it only on a first look that rejected.
+    removed is replaced. ~0.2 ms per call, so the language rule asks for it only when a first look rejected the
+    text as English or with a low score.
     """
     words = text[: 2 * max_chars].split()
     return " ".join(w for w in words if not (w.isascii() and _CODE_TOKEN.search(w)))[:max_chars]

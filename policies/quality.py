@@ -409,10 +409,11 @@ def _detector(p: LanguagePolicy) -> Callable[[Doc], tuple[str, float]]:
         return d.language
 
     def classify(text: str) -> tuple[str, float]:
-        """py3langid on the first characters; if that rejects, a second look at them without the code they cite."""
+        """py3langid on the first characters; if that says English or is unsure, and rejects, a second look at them
+        without the code they cite (commands and options read as English, or as noise)."""
         first = lid.classify(text[: p.max_chars])
-        if first[0] in allowed and first[1] >= p.min_score:
-            return first
+        if first[0] in allowed and first[1] >= p.min_score or first[0] != "en" and first[1] >= p.min_score:
+            return first  # accepted, or confidently another language than English: code reads as English or noise
         prose = prose_for_language_id(text, p.max_chars)
         if len(prose) < len(text[: p.max_chars]) // 3 or prose == text[: p.max_chars]:
             return first  # (almost) all code, or nothing to remove: the first look stands

@@ -17,7 +17,7 @@ import yaml
 from daemon import cli
 from daemon.dev import multilingual_corpus as mc
 from policies.config import parse_policy
-from policies.language_calibration import calibrate_profile
+from policies.language_calibration import calibrate_profile, read_sample
 from policies.language_id import langid_classifier, prose_for_language_id
 from policies.quality import QualityPolicy, build_filters, generic_profile_languages, judge
 from policies.text_statistics import sentence_count
@@ -132,3 +132,18 @@ def test_language_check_looks_past_commands_options_and_paths() -> None:
         now = sum(judge(d, filters).reason in ("language_not_allowed", "language_low_score") for d in docs)
         print(f"\n{lang} sections: {raw} of {len(docs)} not {lang} to the model on the raw text, {now} rejected by the language check")
         assert now <= raw and now <= len(docs) // 100, (lang, raw, now)
+    # The second look lets no other language through: English and German technical prose stay refused for French.
+    french_only = build_filters(QualityPolicy.model_validate({"language": {"languages": ["fr"]}}))
+    for lang in ("en", "de"):
+        docs = _docs(lang, "sections")[:60]
+        assert all(judge(d, french_only).reason in ("language_not_allowed", "language_low_score") for d in docs), lang
+
+
+def test_calibration_sample_errors_name_the_line(tmp_path) -> None:
+    bad = tmp_path / "s.jsonl"
+    bad.write_text('{"text": "un"}\n{"txt": "deux"}\n')
+    with pytest.raises(ValueError, match=r"s.jsonl:2: not a JSON object with a 'text' field"):
+        read_sample(bad)
+    plain = tmp_path / "s.txt"
+    plain.write_text("premier document\n\ndeux paragraphes\n---\nsecond document\n")
+    assert read_sample(plain) == ["premier document\n\ndeux paragraphes", "second document"]
