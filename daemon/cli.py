@@ -93,10 +93,30 @@ def cmd_validate_policy(a: argparse.Namespace) -> int:
         p = load_policy(a.file)
     except PolicyError as e:
         raise CliError(f"invalid policy: {e}", Exit.NO) from None
+    from policies.quality import generic_profile_languages
+
+    generic = generic_profile_languages(p.quality)  # languages judged by their script's rules, not a profile of their own
     if a.json:
-        print(json.dumps({"valid": True, "hash": policy_hash(p), "policy": p.model_dump(mode="json")}, indent=2))
+        out = {"valid": True, "hash": policy_hash(p), "generic_language_profiles": generic, "policy": p.model_dump(mode="json")}
+        print(json.dumps(out, indent=2))
     else:
         print(f"{a.file}: valid (hash {policy_hash(p)}, deployment {p.name!r})")
+    for lang, script in generic.items():
+        print(
+            f"warning: quality.language.languages: {lang!r} has no profile; judged by the generic {script} script profile "
+            f"(derive one: cptd calibrate-language --lang {lang} --sample FILE)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_calibrate_language(a: argparse.Namespace) -> int:
+    from policies.language_calibration import calibrate_profile, read_sample
+
+    try:
+        print(calibrate_profile(a.lang, read_sample(a.sample), tail=a.tail).yaml(), end="")
+    except (OSError, ValueError) as e:
+        raise CliError(f"calibrate-language: {e}", Exit.BAD_INPUT) from None
     return 0
 
 
@@ -629,6 +649,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default=None)
     p.add_argument("--yes", action="store_true", help="write the changes (without it: only show them)")
     p.set_defaults(fn=cmd_accept_redis_reset)
+    p = add("calibrate-language", help="derive a language profile from a clean sample; prints YAML for quality.profiles")
+    p.add_argument("--lang", required=True, help="ISO 639 code")
+    p.add_argument("--sample", required=True, help="clean documents: JSONL with text, or plain text split by lines of ---")
+    p.add_argument("--tail", type=float, default=0.01, help="share of the sample each threshold may cut")
+    p.set_defaults(fn=cmd_calibrate_language)
     p = add("validate-policy", help="check a policy file; exit 1 and name the field if invalid")
     p.add_argument("file")
     p.set_defaults(fn=cmd_validate_policy)

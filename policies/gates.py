@@ -81,8 +81,7 @@ REASONS = {
 EMPTY_HELDOUT = {
     "replay": "the replay held-out set is empty, so forgetting cannot be measured: the replay reservoir has no documents "
     "(a new deployment, or a Redis that lost its data); seed it with `cptd seed-replay`",
-    "new": "the new-data held-out set is empty, so adaptation cannot be measured: raise rounds.heldout_frac or "
-    "rounds.heldout_max_docs",
+    "new": "the new-data held-out set is empty, so adaptation cannot be measured: raise rounds.heldout_frac or rounds.heldout_max_docs",
 }
 
 

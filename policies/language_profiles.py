@@ -7,8 +7,11 @@ are, from weakest to strongest: the quality sections, the built-in profile of
 its language (`BUILTIN_PROFILES`), the policy's `quality.profiles.<lang>`.
 English has an empty built-in profile, so English verdicts are those of the
 sections alone. A language with neither a built-in nor a policy profile is
-judged by the sections with whitespace words and without the stop-word rule
-(the sections' stop words are English).
+judged by the generic profile of its script (`GENERIC_PROFILES`, `SCRIPT_OF`):
+the sections with whitespace words (character words for Han), without the
+stop-word rule (the sections' stop words are English), with word-length and
+alphabetic-word bounds of the script; `cptd validate-policy` warns about each
+such language, and `cptd calibrate-language` derives a profile of its own.
 
 The reference is FineWeb-2 (datatrove's multilingual word tokenizers and its
 per-language Gopher thresholds). Values here were chosen from the
@@ -155,3 +158,59 @@ BUILTIN_PROFILES: dict[str, LanguageProfile] = {
         max_dup_10_gram_frac=0.20,
     ),
 }
+
+
+# --------------------------------------------------------------------------- generic profiles, by script
+
+# The script each language py3langid knows is written in (Latin unless listed). A language without a profile of
+# its own is judged by its script's generic profile, so `languages: [ko]` does not fall back to English rules.
+_SCRIPT_LANGS = {
+    "cyrillic": "ba be bg kk ky mk mn ru sr tg tt uk",
+    "greek": "el grc",
+    "armenian": "hy",
+    "georgian": "ka",
+    "arabic": "ar ary arz fa ps sdh ug ur",
+    "hebrew": "he hbo",
+    "brahmic": "as bn gom gu hi kn ml mr ne or pa sa si ta te",
+    "hangul": "ko",
+    "han": "zh wuu yue ja",
+    "ethiopic": "am",
+    "southeast_asian": "th lo km my dz",
+}
+SCRIPT_OF: dict[str, str] = {lang: script for script, langs in _SCRIPT_LANGS.items() for lang in langs.split()}
+
+GENERIC_PROFILES: dict[str, LanguageProfile] = {
+    # English rules, without the stop-word rule (the sections' stop words are English).
+    "latin": LanguageProfile(min_stop_words=0),
+    # Inflected alphabets that set off clauses with commas (like ru): more punctuation tokens per word, longer words.
+    "cyrillic": LanguageProfile(min_stop_words=0, max_mean_word_length=12.0, min_alpha_words_ratio=0.7),
+    "greek": LanguageProfile(min_stop_words=0, max_mean_word_length=12.0, min_alpha_words_ratio=0.7),
+    "armenian": LanguageProfile(min_stop_words=0, max_mean_word_length=12.0, min_alpha_words_ratio=0.7),
+    "georgian": LanguageProfile(min_stop_words=0, max_mean_word_length=14.0, min_alpha_words_ratio=0.7),
+    # Abjads: clitics attach to words, short vowels are not written; sentences run long (as the ar profile).
+    "arabic": LanguageProfile(
+        min_stop_words=0, min_mean_word_length=2.5, max_mean_word_length=12.0, min_alpha_words_ratio=0.7, min_sentences=3
+    ),
+    "hebrew": LanguageProfile(
+        min_stop_words=0, min_mean_word_length=2.5, max_mean_word_length=12.0, min_alpha_words_ratio=0.7, min_sentences=3
+    ),
+    # Devanagari and its relatives: vowel signs are characters of their own (as the hi profile).
+    "brahmic": LanguageProfile(min_stop_words=0, min_mean_word_length=2.0, max_mean_word_length=14.0, min_alpha_words_ratio=0.7),
+    # Korean: a space-separated word (eojeol) is a stem with its particles, written in 2-4 syllable blocks.
+    "hangul": LanguageProfile(min_stop_words=0, min_mean_word_length=1.5, max_mean_word_length=8.0, min_alpha_words_ratio=0.7),
+    # Han characters without a profile of their own (Cantonese, Wu): one word per character, as zh.
+    "han": LanguageProfile(**{**_CJK, "min_stop_words": 0}),
+    "ethiopic": LanguageProfile(min_stop_words=0, min_mean_word_length=2.0, min_alpha_words_ratio=0.7, min_sentences=3),
+    # No spaces between words (Thai, Lao, Khmer, Burmese, Tibetan) and no dictionary segmenter here: the whitespace
+    # "words" are phrases, so only the length bounds are opened; calibrate a profile on real text (calibrate-language).
+    "southeast_asian": LanguageProfile(
+        min_stop_words=0, min_words=10, max_mean_word_length=100.0, min_alpha_words_ratio=0.5, min_words_per_line=1, min_sentences=1
+    ),
+}
+assert set(GENERIC_PROFILES) == {"latin", *_SCRIPT_LANGS}
+
+
+def generic_profile(lang: str) -> tuple[str, LanguageProfile]:
+    """(script, profile) a language without a profile of its own is judged by."""
+    script = SCRIPT_OF.get(lang, "latin")
+    return script, GENERIC_PROFILES[script]

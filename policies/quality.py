@@ -61,8 +61,15 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from policies.base import Section
-from policies.language_id import langid_classifier
-from policies.language_profiles import BUILTIN_PROFILES, LanguageProfile, Segmentation, check_language_code, normalize_lang_field
+from policies.language_id import langid_classifier, prose_for_language_id
+from policies.language_profiles import (
+    BUILTIN_PROFILES,
+    LanguageProfile,
+    Segmentation,
+    check_language_code,
+    generic_profile,
+    normalize_lang_field,
+)
 from policies.text_statistics import TextStatistics, WordCounts, duplicates, sentence_count
 from policies.word_segmentation import TERMINAL_PUNCTUATION, VOCAB, segment
 
@@ -214,9 +221,11 @@ def resolve_profile(policy: QualityPolicy, lang: str | None) -> Profile:
     """Sections <- built-in profile of `lang` <- policy.profiles[lang]; None: the sections alone (English)."""
     builtin = BUILTIN_PROFILES.get(lang) if lang else None
     custom = policy.profiles.get(lang) if lang else None
+    if lang and builtin is None:
+        builtin = generic_profile(lang)[1]  # its script's rules; no stop-word rule without a list of its own
+        if custom is not None and custom.stop_words is not None:
+            builtin = builtin.model_copy(update={"min_stop_words": None})
     merged: dict[str, Any] = {}
-    if lang and builtin is None and (custom is None or custom.stop_words is None):
-        merged["min_stop_words"] = 0  # the sections' stop words are English: no stop-word rule without a list of its own
     for prof in (builtin, custom):
         if prof is not None:
             merged.update(prof.overrides())
@@ -237,6 +246,18 @@ def resolve_profile(policy: QualityPolicy, lang: str | None) -> Profile:
     if q.min_words > q.max_words:
         raise ValueError(f"{where}: min_words ({q.min_words}) is above max_words ({q.max_words})")
     return Profile(lang, seg, sections["gopher_repetition"], q, sections["c4"], sections["fineweb"])
+
+
+def generic_profile_languages(policy: QualityPolicy) -> dict[str, str]:
+    """Allowed languages judged by a generic script profile (no built-in profile, none in the policy) -> the script.
+
+    `cptd validate-policy` warns about each: the script's rules are a starting point, not a measured profile.
+    """
+    if not policy.language.enabled:
+        return {}
+    return {
+        lang: generic_profile(lang)[0] for lang in policy.language.languages if lang not in BUILTIN_PROFILES and lang not in policy.profiles
+    }
 
 
 @dataclass(frozen=True)
@@ -379,12 +400,25 @@ class FilterChain(list[Filter]):
 def _detector(p: LanguagePolicy) -> Callable[[Doc], tuple[str, float]]:
     """Doc -> (language, score): the trusted `lang` field when the policy says so and the message has one, else py3langid."""
     lid = langid_classifier()
+    allowed = set(p.languages)
 
     def detect(d: Doc) -> tuple[str, float]:
         if d.language is None:
             trusted = normalize_lang_field(d.lang_field) if p.trust_lang_field else None
-            d.language = (trusted, 1.0) if trusted else lid.classify(d.text[: p.max_chars])
+            d.language = (trusted, 1.0) if trusted else classify(d.text)
         return d.language
+
+    def classify(text: str) -> tuple[str, float]:
+        """py3langid on the first characters; if that says English or is unsure, and rejects, a second look at them
+        without the code they cite (commands and options read as English, or as noise)."""
+        first = lid.classify(text[: p.max_chars])
+        if first[0] in allowed and first[1] >= p.min_score or first[0] != "en" and first[1] >= p.min_score:
+            return first  # accepted, or confidently another language than English: code reads as English or noise
+        prose = prose_for_language_id(text, p.max_chars)
+        if len(prose) < len(text[: p.max_chars]) // 3 or prose == text[: p.max_chars]:
+            return first  # (almost) all code, or nothing to remove: the first look stands
+        second = lid.classify(prose)
+        return second if second[0] in allowed and second[1] >= p.min_score else first
 
     return detect
 

@@ -66,7 +66,7 @@ def segment(text: str, segmentation: str) -> str:
 
 
 # spaCy's English affix classes, as sets we test one character at a time.
-_PUNCT = set(",:;!?¿؟¡()[]{}<>_#*&。？！，、；：～·।،۔؛٪…")
+_PUNCT = set(",:;!?¿؟¡()[]{}<>_#*&。？！，、；：～·।،۔؛٪…") | set("։؟۔܀܁܂।॥။።፧፨᙮᠃᠉‼‽⁇⁈⁉。．｡！？")
 _QUOTES = set("'\"”“`‘´’‚,„»«「」『』（）〔〕【】《》〈〉⟦⟧")
 _CURRENCY = set("$£€¥฿₽﷼₴₠₡₢₣₤₥₦₧₨₩₪₫₭₮₯₰₱₲₳₵₶₷₸₹₺₻₼₾₿")
 _UNITS = tuple(
@@ -140,7 +140,7 @@ def _suffix_len(s: str) -> int:
         p = s[-2]
         if c == "+" and p.isdigit():
             starts.append(n - 1)
-        if c == "." and (p.isdigit() or p.islower() or p in "%²-+" or p in _PUNCT or p in _Q):
+        if c == "." and (p.isdigit() or p.islower() or _caseless_letter(p) or p in "%²-+" or p in _PUNCT or p in _Q):
             starts.append(n - 1)
         if c == "." and n >= 3 and p.isupper() and s[-3].isupper():
             starts.append(n - 1)
@@ -153,6 +153,15 @@ def _suffix_len(s: str) -> int:
                 starts.append(n - len(u))
                 break
     return n - min(starts) if starts else 0
+
+
+def _caseless_letter(c: str) -> bool:
+    """A letter of a script without case (Hangul, Arabic, Hebrew, Devanagari, Thai ...) or a combining mark ending one.
+
+    spaCy's English rule splits a full stop off a word only after a lowercase letter; in a script without case
+    that never happens, "합니다." stayed one word and no sentence ever ended (C4 then rejected Korean prose).
+    """
+    return (c.isalpha() and not c.islower() and not c.isupper() and not c.istitle()) or unicodedata.category(c) in ("Mn", "Mc")
 
 
 def _special(s: str) -> tuple[str, ...] | None:
@@ -232,6 +241,7 @@ _SYMBOL_CHARS = frozenset(
 )
 # Sentence terminals of the common scripts: a word that is one of these ends a sentence, a line ending in one ends in punctuation.
 TERMINAL_PUNCTUATION = ".!?։؟۔܀܁܂।॥။።፧፨᙮᠃᠉‼‽⁇⁈⁉。．｡！？"
+_MARKS = ("Mn", "Mc")
 _MAX_VOCAB = 1 << 21
 _MAX_MEMO = 1 << 20
 
@@ -292,8 +302,8 @@ class Vocabulary:
                 self.flags = np.concatenate([self.flags, np.zeros_like(self.flags)])
             self.lens[i] = len(w)
             f = 0
-            if any(c.isalpha() for c in w):
-                f |= F_ALPHA
+            if any(c.isalpha() or unicodedata.category(c) in _MARKS for c in w):
+                f |= F_ALPHA  # a letter, or a combining mark (a Devanagari vowel sign, an Arabic vowel): part of a word
             if all(c in _SYMBOL_CHARS for c in w):
                 f |= F_SYMBOL
             if all(unicodedata.category(c).startswith("P") for c in w):
