@@ -35,7 +35,7 @@ install-test: install
 	@test -d /usr/share/doc/debian-handbook/html/vi-VN || { echo "installing Debian package debian-handbook (multilingual filter tests)"; \
 	  (apt-get install -y -qq debian-handbook >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq debian-handbook)) >/dev/null; }
 	@test -d /usr/share/man/uk/man8 -a -d /usr/share/man/ko/man1 || { echo "reinstalling passwd login procps psmisc xz-utils for their translated man pages (tests/test_any_language.py)"; \
-	  apt-get install --reinstall -y -qq passwd login procps psmisc xz-utils >/dev/null; }
+	  (apt-get install --reinstall -y -qq passwd login procps psmisc xz-utils >/dev/null 2>&1 || (apt-get update -qq && apt-get install --reinstall -y -qq passwd login procps psmisc xz-utils)) >/dev/null; }
 
 demo: install
 	$(BIN)/cptd demo
