@@ -167,12 +167,22 @@ def redis_flush(s: Stack) -> str:
     seen = wait_for(loss, 120, "the daemon to report the Redis data loss", 0.5)
     took = time.monotonic() - t0
     d = s.leader()
-    argv = [sys.executable, "-m", "daemon.cli", "accept-redis-reset", "--yes", "--json"]
-    r = subprocess.run(argv, env=d.env, capture_output=True, text=True, timeout=120)
+    out = cli(d, "accept-redis-reset", "--yes", "--json")
+    changes, todo = out.get("changes") or [], out.get("todo") or []
+    then = "nothing more"
+    if any("seed-replay" in t for t in todo):  # the runbook's last step: the reservoir went with the rest
+        cli(d, "seed-replay", str(s.root / "seed-replay.jsonl"))
+        then = "seed-replay (the reservoir was empty)"
+    return f"FLUSHALL; refused after {took:.1f} s ({seen['cause'][:80]}); accept-redis-reset --yes: {len(changes)} changes; then {then}"
+
+
+def cli(d: DaemonProcess, *args: str) -> dict[str, Any]:
+    """A `cptd` command run as an operator would in the daemon's pod (its environment); its JSON answer, or {}."""
+    r = subprocess.run([sys.executable, "-m", "daemon.cli", *args], env=d.env, capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
-        raise RuntimeError(f"accept-redis-reset exited {r.returncode}: {r.stdout[-500:]} {r.stderr[-500:]}")
-    changes = json.loads(r.stdout.strip().splitlines()[-1]).get("changes") or []
-    return f"FLUSHALL; refused after {took:.1f} s ({seen['cause'][:80]}); accept-redis-reset --yes: {len(changes)} changes"
+        raise RuntimeError(f"cptd {args[0]} exited {r.returncode}: {r.stdout[-500:]} {r.stderr[-500:]}")
+    last = r.stdout.strip().splitlines()[-1:] if "--json" in args else []
+    return json.loads(last[0]) if last else {}
 
 
 def redis_outage(s: Stack) -> str:

@@ -442,12 +442,16 @@ def cmd_accept_redis_reset(a: argparse.Namespace) -> int:
     plan = accept_reset(store, s.checkpoint_dir, apply=a.yes)
     if a.json:
         applied = bool(a.yes and plan.cause)
-        print(json.dumps({"cause": plan.cause, "changes": plan.changes, "applied": applied, "identity": plan.identity.id}))
+        print(
+            json.dumps({"cause": plan.cause, "changes": plan.changes, "applied": applied, "identity": plan.identity.id, "todo": plan.todo})
+        )
     elif plan.cause is None:
         print(f"Redis agrees with the checkpoint volume {s.checkpoint_dir}: nothing to accept")
     else:
         print(f"Redis lost data: {plan.cause}")
         print(("changed:" if a.yes else "would change (run again with --yes):") + "".join(f"\n  - {c}" for c in plan.changes))
+        if plan.todo:
+            print("then:" + "".join(f"\n  - {t}" for t in plan.todo))
     return 0 if plan.cause is None or a.yes else 1
 
 

@@ -26,7 +26,7 @@ import os
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -116,6 +116,7 @@ class ResetPlan:
     cause: str | None
     changes: list[str]
     identity: Identity
+    todo: list[str] = field(default_factory=list)  # what the operator still has to do that this cannot
 
 
 def accept_reset(store: RedisStore, checkpoint_dir: Path, apply: bool) -> ResetPlan:
@@ -141,6 +142,12 @@ def accept_reset(store: RedisStore, checkpoint_dir: Path, apply: bool) -> ResetP
     saved = saved_serving(checkpoint_dir) if store.get_serving() is None else None
     if saved is not None:
         changes.append(f"restore the serving state saved on the checkpoint volume ({checkpoint_dir / SERVING_FILE})")
+    todo = []
+    if store.replay_stats()["replay_docs"] == 0:  # lost with the rest: every round's gate would reject (heldout_empty)
+        todo.append(
+            "the replay reservoir is empty: re-seed it with `cptd seed-replay FILE.jsonl` (a sample of the original "
+            "pre-training mix); until then every round is rejected, forgetting cannot be measured"
+        )
     if apply:
         store.set_identity(keep.model_dump_json(), replace=True)
         write_atomic(checkpoint_dir / IDENTITY_FILE, keep.model_dump_json().encode())
@@ -148,4 +155,4 @@ def accept_reset(store: RedisStore, checkpoint_dir: Path, apply: bool) -> ResetP
             store.set_round_seq(top)
         if saved is not None:
             store.restore_serving(saved)
-    return ResetPlan(cause, changes, keep)
+    return ResetPlan(cause, changes, keep, todo)

@@ -107,7 +107,9 @@ def test_accept_redis_reset_restores_identity_round_numbers_and_the_serving_stat
 
     with pytest.raises(SystemExit) as dry:
         main(["accept-redis-reset"])
-    assert dry.value.code == 1 and "would change" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert dry.value.code == 1 and "would change" in out
+    assert "replay reservoir is empty" in out and "cptd seed-replay" in out  # the emptied reservoir: the gate would reject every round
     assert redis_loss.check(store, checkpoints) is not None  # a dry run writes nothing
 
     with pytest.raises(SystemExit) as done:
