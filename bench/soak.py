@@ -346,7 +346,7 @@ def soak_policy(path: Path, cfg: SoakConfig, min_tokens: int, min_free_gb: float
                 },
                 "schedule": {"kind": "rewarm_cosine", "peak_lr": 3e-3, "warmup_frac": 0.1},
                 "drift": {"peak_lr_min": 2e-3, "peak_lr_max": 4e-3, "probe_docs": 16, "probe_max_len": 64},
-                "replay": {"mode": "fixed", "fixed_ratio": 0.3, "reservoir_docs": 500},
+                "replay": {"mode": "fixed", "fixed_ratio": 0.3, "reservoir_docs": 200},  # reached early: Redis flat at its caps
                 "rounds": {
                     "budget_tokens": 10**8,
                     "min_tokens": min_tokens,
