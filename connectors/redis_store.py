@@ -362,10 +362,13 @@ class RedisStore:
         )
 
     def echo_lookup(self, keys: Sequence[Sequence[str]]) -> list[list[str | None]]:
-        """Per document, the indexed completion under each of its echo keys (band or sampled shingle), in one HMGET."""
-        flat = [k for ks in keys for k in ks]
-        found = iter(self.r.hmget(self.k_echo_lsh, flat) if flat else [])
-        return [[None if v is None else _text(v) for v in (next(found) for _ in ks)] for ks in keys]
+        """Per document, the indexed completion under each of its echo keys (band or sampled shingle), in one HMGET
+        of the batch's distinct keys (documents of one domain share many shingles; packing the command is most of
+        the cost)."""
+        distinct = list(dict.fromkeys(k for ks in keys for k in ks))
+        values = self.r.hmget(self.k_echo_lsh, distinct) if distinct else []
+        found = {k: _text(v) for k, v in zip(distinct, values, strict=True) if v is not None}
+        return [[found.get(k) for k in ks] for ks in keys]
 
     def echo_hits(self, bands: Sequence[Sequence[str]]) -> list[str | None]:
         """Per document (its echo band keys), the indexed completion it shares a band with, or None."""
