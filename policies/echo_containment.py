@@ -64,6 +64,7 @@ def completion_keys(texts: Sequence[str], policy: CollapsePolicy) -> list[list[s
 
 
 def document_bands(texts: Sequence[str], policy: CollapsePolicy) -> list[list[str]]:
+    """Per text, its echo LSH band keys (resemblance: a shared one decides before containment is asked)."""
     params = echo_dedup_policy(policy)
     return band_keys(minhash_signatures(texts, params), params) if texts else []
 
