@@ -3,6 +3,11 @@ human documents of the same domain are flagged, by resemblance alone (the echo i
 containment (the defaults). Then what ingest's check costs per document against a real Redis, and the index's memory.
 
     PYTHONPATH=$PWD .venv/bin/python -m bench.echo_recall [--completions 300] [--human 1000] [--seed 1]
+    PYTHONPATH=$PWD .venv/bin/python -m bench.echo_recall --completions-file gens.jsonl   # real completions instead
+
+A completions file holds one JSON object with a "text" per line: completions a served model wrote (those of 50
+words or more that pass the quality filters are used), checked against 400 human documents of the standard
+library's prose (tests.streams.good_docs, seed 5) with the same edits.
 
 The test sets are daemon/dev/echo_corpus.py's (offline, seeded): completions cut from one half of the sources,
 human documents from the other half, in two domains (the standard library's docstrings, the Debian handbook).
@@ -58,13 +63,39 @@ def _redis_cost(completions: list[str], docs: list[str], policy: CollapsePolicy)
     return out
 
 
+def _from_file(path: Path, policy: CollapsePolicy) -> None:
+    import json
+    import random
+
+    from daemon.dev.echo_corpus import edit_all
+    from policies.config import Policy
+    from policies.quality import build_filters, judge
+    from tests.streams import good_docs
+
+    filters = build_filters(Policy().quality)
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+    gens = [t for t in texts if len(t.split()) >= 50 and judge(t, filters).accepted]
+    human = good_docs(400, Policy(), seed=5)
+    edited = edit_all(gens, human, random.Random(0))
+    words = sum(len(g.split()) for g in gens) / max(len(gens), 1)
+    print(f"{len(gens)} of {len(texts)} completions usable ({words:.0f} words on average), {len(human)} human documents:")
+    for name, p in (("resemblance (before)", policy.model_copy(update={"echo_containment": False})), ("+ containment", policy)):
+        r = _rates(gens, edited, human, p)
+        caught = ", ".join(f"{k} {v:.1%}" for k, v in r.items() if k != "human")
+        print(f"{name}: {caught}; human {round(r['human'] * len(human))}/{len(human)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--completions", type=int, default=300)
     ap.add_argument("--human", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--completions-file", type=Path, help="JSON lines of real completions, instead of the offline sets")
     args = ap.parse_args()
     policy = CollapsePolicy()
+    if args.completions_file:
+        _from_file(args.completions_file, policy)
+        return
     before = policy.model_copy(update={"echo_containment": False})
     cols = [*EDITS, "human"]
     print(f"{args.completions} completions indexed, one edited copy of each, {args.human} human documents; per domain:")

@@ -21,10 +21,10 @@ al., 2023), and accumulating data works where replacing it does not
   it; policies/echo_containment.py): the share of a completion found in the
   document, and of a window of the document found in a completion, from a hash-
   chosen sample of their shingles. Defaults chosen on bench/echo_recall.py's sets:
-  a quarter of the words rewritten and sentences reordered 94-96% caught
-  (resemblance alone 23-30%), the first half 100% (94-97%), a third of a human
-  document 100% (50%), no human document of the same domain flagged (0/2,000);
-  on 100-word completions of the demo's weak model the rewrite is caught 77%;
+  a quarter of the words rewritten and sentences reordered 96-97% caught
+  (resemblance alone 26-27%), the first half 100% (94-97%), a third of a human
+  document 100% (49-52%), no human document of the same domain flagged (0/2,000);
+  on 100-word completions of the demo's weak model the rewrite is caught 75%;
 * caps the synthetic share (labelled, echoes, or flagged by the detector) of a
   round's new tokens, and keeps real data (human + unknown new, plus replay)
   above a floor;

@@ -109,11 +109,22 @@ def echo_cases(domain: str, n_completions: int, n_human: int, seed: int = 0) -> 
     completions = [_passage(rng, model_side, rng.randint(100, 300)) for _ in range(n_completions)]
     human = [_passage(rng, human_side, rng.choice([60, 150, 300, 600, 600, 1200])) for _ in range(n_human)]
     vocab = [w for paras in human_side[:50] for p in paras for w in p.split()]  # replacements from the domain
-    edited = {
+    hosts = [_passage(rng, human_side, 700) for _ in completions]
+    return EchoCases(completions, _edits(completions, vocab, hosts, rng), human)
+
+
+def _edits(completions: list[str], vocab: list[str], hosts: list[str], rng: random.Random) -> dict[str, list[str]]:
+    return {
         "exact": list(completions),
         "replace10": [_replace(c, rng, vocab, 0.10) for c in completions],
         "rewrite25": [_shuffle_sentences(_replace(c, rng, vocab, 0.25), rng) for c in completions],
         "first_half": [" ".join(c.split()[: len(c.split()) // 2]) for c in completions],
-        "embedded": [_embed(c, _passage(rng, human_side, 700), rng) for c in completions],
+        "embedded": [_embed(c, h, rng) for c, h in zip(completions, hosts, strict=True)],
     }
-    return EchoCases(completions, edited, human)
+
+
+def edit_all(completions: list[str], human: list[str], rng: random.Random) -> dict[str, list[str]]:
+    """The same edits of completions from elsewhere (a served model's): replacement words and hosts from `human`."""
+    vocab = [w for t in human[:50] for w in t.split()]
+    hosts = [human[rng.randrange(len(human))] for _ in completions]
+    return _edits(completions, vocab, hosts, rng)
