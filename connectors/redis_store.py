@@ -361,17 +361,25 @@ class RedisStore:
             outcomes=[o for o, _ in pairs], reasons=[r for _, r in pairs], buffer_docs=int(res[-2]), buffer_bytes=int(res[-1])
         )
 
+    def echo_lookup(self, keys: Sequence[Sequence[str]]) -> list[list[str | None]]:
+        """Per document, the indexed completion under each of its echo keys (band or sampled shingle), in one HMGET
+        of the batch's distinct keys (documents of one domain share many shingles; packing the command is most of
+        the cost)."""
+        distinct = list(dict.fromkeys(k for ks in keys for k in ks))
+        values = self.r.hmget(self.k_echo_lsh, distinct) if distinct else []
+        found = {k: _text(v) for k, v in zip(distinct, values, strict=True) if v is not None}
+        return [[found.get(k) for k in ks] for ks in keys]
+
     def echo_hits(self, bands: Sequence[Sequence[str]]) -> list[str | None]:
         """Per document (its echo band keys), the indexed completion it shares a band with, or None."""
-        flat = [b for bs in bands for b in bs]
-        if not flat:
-            return [None] * len(bands)
-        found = iter(self.r.hmget(self.k_echo_lsh, flat))
-        out: list[str | None] = []
-        for bs in bands:
-            hits = [h for h in (next(found) for _ in bs) if h is not None]
-            out.append(_text(hits[0]) if hits else None)
-        return out
+        return [next((h for h in hits if h is not None), None) for hits in self.echo_lookup(bands)]
+
+    def echo_entries(self, completions: Sequence[str]) -> dict[str, list[str]]:
+        """The keys indexed per completion (band keys, then sampled shingle keys); an evicted one is left out."""
+        if not completions:
+            return {}
+        raw = self.r.hmget(self.k_echo_bands, list(completions))
+        return {c: _text(v).split(",") for c, v in zip(completions, raw, strict=True) if v is not None}
 
     def echo_add(self, completions: Sequence[tuple[str, Sequence[str]]], max_echo: int) -> int:
         """Index completions (content key, echo band keys) outside ingest; returns how many were new."""

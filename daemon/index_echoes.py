@@ -3,7 +3,7 @@
 Where the serving stack cannot publish its completions to a topic
 (`collapse.echo_topics`), an operator exports them (request logs, a sample
 generated for the purpose) and indexes them here; incoming documents that
-near-duplicate one are then echoes (docs/ingest.md, Provenance and echoes).
+near-duplicate or contain one (or are contained in one) are then echoes (docs/ingest.md, Provenance and echoes).
 Lines are validated like Kafka messages; a bad line is named and skipped.
 """
 
@@ -14,10 +14,10 @@ from pathlib import Path
 
 from connectors.redis_store import RedisStore
 from daemon.seed_replay import read_messages
-from policies.collapse import echo_dedup_policy
 from policies.config import Policy
-from policies.dedup import band_keys, content_key, minhash_signatures
+from policies.dedup import content_key
 from policies.document import Malformed
+from policies.echo_containment import completion_keys
 
 
 @dataclass
@@ -29,13 +29,12 @@ class EchoReport:
 
 def index_echoes(path: Path, store: RedisStore, policy: Policy, batch: int = 1000) -> EchoReport:
     report = EchoReport()
-    params = echo_dedup_policy(policy.collapse)
     pending: list[str] = []
 
     def flush() -> None:
         if pending:
-            bands = band_keys(minhash_signatures(pending, params), params)
-            pairs = [(content_key(t), b) for t, b in zip(pending, bands, strict=True)]
+            keys = completion_keys(pending, policy.collapse)  # band keys and sampled shingle keys, as ingest indexes them
+            pairs = [(content_key(t), k) for t, k in zip(pending, keys, strict=True)]
             report.indexed += store.echo_add(pairs, policy.collapse.echo_max_docs)
             pending.clear()
 

@@ -55,10 +55,12 @@ from connectors.kafka import (
 from connectors.redis_store import BatchItem, BatchResult, OffsetGap, RedisStore
 from daemon import failpoints
 from daemon import metrics as M
-from policies.collapse import ECHO, echo_dedup_policy
+from daemon.echo_lookup import EchoHashingError, find_echoes
+from policies.collapse import ECHO
 from policies.config import Policy
-from policies.dedup import DocumentKeys, band_keys, content_key, document_keys, minhash_signatures
+from policies.dedup import DocumentKeys, content_key, document_keys
 from policies.document import Document, Malformed, parse_message
+from policies.echo_containment import completion_keys
 from policies.provenance import Provenance, classify, source_rejection
 from policies.quality import build_filters, judge
 from policies.round_policy import estimate_tokens
@@ -230,7 +232,6 @@ class Ingestor:
     def _use_policy(self, policy: Policy) -> None:
         self.policy = policy
         self.filters = build_filters(policy.quality)
-        self.echo_dedup = echo_dedup_policy(policy.collapse)
         self.echo_topics = frozenset(policy.collapse.echo_topics)
         M.BUFFER_CAP_DOCS.set(policy.buffer.max_docs)
         M.BUFFER_CAP_BYTES.set(policy.buffer.max_bytes)
@@ -640,37 +641,30 @@ class Ingestor:
         M.INGEST_BATCH_SECONDS.observe(time.perf_counter() - t0)
         return result
 
-    def _echo_bands(self, texts: list[str]) -> list[list[str]]:
-        return band_keys(minhash_signatures(texts, self.echo_dedup), self.echo_dedup) if texts else []
-
     def _index_completions(self, completions: list[tuple[Any, str]], dead: list[Dead]) -> list[BatchItem]:
-        """Served-model outputs become echo-index entries (outcome `indexed`); one whose hashing raises is dead-lettered."""
+        """Served-model outputs become echo-index entries (outcome `indexed`: band keys and sampled shingle keys);
+        one whose hashing raises is dead-lettered."""
         items = []
         for m, text in completions:
             try:
-                bands = self._echo_bands([text])[0]
-                items.append(BatchItem(m.topic, m.partition, m.offset, "indexed", ECHO, content_key(text), 0, tuple(bands)))
+                keys = completion_keys([text], self.policy.collapse)[0]
+                items.append(BatchItem(m.topic, m.partition, m.offset, "indexed", ECHO, content_key(text), 0, tuple(keys)))
             except Exception as e:  # noqa: BLE001 - one message's failure must not stop ingest
                 dead.append(self._internal_error(m, "echo index", e))
         return items
 
     def _echo_hits(self, texts: list[str], indexed: list[BatchItem]) -> list[str | None]:
-        """Per candidate text, the indexed completion it near-duplicates (in Redis, or `indexed` in this batch), or None."""
+        """Per candidate text, the indexed completion it echoes (find_echoes), or None."""
         if self._echo_index_seen is None:
             counts = self._try(self.store.provenance_counts, "provenance_counts")
             self._echo_index_seen = bool(counts and counts["echo_index"])
         if not texts or (not self.echo_topics and not self._echo_index_seen):
             return [None] * len(texts)
         try:
-            bands = self._echo_bands(texts)
-        except Exception as e:  # noqa: BLE001 - the echo check is advisory; the documents are not lost
-            log.error("echo hashing failed; batch not checked for echoes", extra={"error": f"{type(e).__name__}: {e}"})
+            return find_echoes(self.store, texts, indexed, self.policy.collapse)
+        except EchoHashingError as e:  # the echo check is advisory; the documents are not lost
+            log.error("echo hashing failed; batch not checked for echoes", extra={"error": str(e)})
             return [None] * len(texts)
-        hits = self.store.echo_hits(bands)
-        if indexed:
-            local = {b: it.key for it in indexed for b in it.bands}
-            hits = [h or next((local[b] for b in bs if b in local), None) for h, bs in zip(hits, bands, strict=True)]
-        return hits
 
     def _dedup_keys(self, texts: list[str]) -> list[DocumentKeys | Exception]:
         """Dedup keys for the batch in one call; if that raises, one call per text, so only the failing text is lost."""

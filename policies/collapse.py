@@ -15,7 +15,16 @@ al., 2023), and accumulating data works where replacing it does not
   trigrams with one. Measured on 75 generations of a small pre-trained Llama and
   400 human documents (docs/ingest.md, Echoes): exact copies 100%, 5% of words
   replaced or dropped 100%, 10% 95%; ingest's own 5-gram index caught 21% at 5%;
-  no human document matched;
+  no human document matched. Resemblance misses what differs in length from the
+  completion (a cut, a completion embedded in a longer page, a heavy rewrite), so
+  the index also matches by containment (`echo_containment` and the knobs after
+  it; policies/echo_containment.py): the share of a completion found in the
+  document, and of a window of the document found in a completion, from a hash-
+  chosen sample of their shingles. Defaults chosen on bench/echo_recall.py's sets:
+  a quarter of the words rewritten and sentences reordered 96-97% caught
+  (resemblance alone 26-27%), the first half 100% (94-97%), a third of a human
+  document 100% (49-52%), no human document of the same domain flagged (0/2,000);
+  on 100-word completions of the demo's weak model the rewrite is caught 75%;
 * caps the synthetic share (labelled, echoes, or flagged by the detector) of a
   round's new tokens, and keeps real data (human + unknown new, plus replay)
   above a floor;
@@ -53,6 +62,30 @@ class CollapsePolicy(Section):
     echo_bands: int = Field(default=20, ge=1, le=64, description="LSH bands of the echo index")
     echo_rows_per_band: int = Field(default=3, ge=1, le=32, description="rows per band; threshold ~ (1/bands)**(1/rows) = 0.37 at 20x3")
     echo_max_docs: int = Field(default=200_000, ge=1, description="completions kept in the echo index (oldest evicted)")
+    echo_containment: bool = Field(
+        default=True,
+        description="also match by containment (policies/echo_containment.py): a completion cut, embedded in a longer "
+        "document or partly rewritten shares too few shingles overall for the LSH bands, but most of its own or of a "
+        "stretch of the document",
+    )
+    echo_sample_every: int = Field(
+        default=4, ge=1, le=64, description="1 in this many shingles (by hash value) is indexed and looked up for containment"
+    )
+    echo_max_shingles: int = Field(
+        default=256, ge=8, le=4096, description="most sampled shingles indexed per completion (the smallest hashes of a longer one)"
+    )
+    echo_min_shared: int = Field(
+        default=6, ge=1, description="least distinct sampled shingles a document must share with one completion to echo it by containment"
+    )
+    echo_completion_share: float = Field(
+        default=0.2, gt=0, le=1, description="echo when this share of a completion's sampled shingles is in the document"
+    )
+    echo_window: int = Field(
+        default=24, ge=4, le=1024, description="sampled shingles per window of the document (24 at 1 in 4: about 100 words)"
+    )
+    echo_window_share: float = Field(
+        default=0.25, gt=0, le=1, description="echo when this share of one window of the document is in one completion"
+    )
     synthetic_cap: float = Field(
         default=0.15, ge=0, le=1, description="most share of a round's new tokens that may be synthetic or suspected (10-20% is safe)"
     )

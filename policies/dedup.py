@@ -277,7 +277,7 @@ def _mix64(z):
 
 @njit(cache=True, nogil=True)
 def _shingle_hashes(buf, start, end, ngram, words, shingles):
-    """Hash each word, then each run of `ngram` consecutive words, into 32 bits.
+    """Hash each word, then each run of `ngram` consecutive words, into 64 bits (MinHash uses the top 32).
 
     A text shorter than `ngram` words is one shingle of all its words (as FineWeb
     does), so short documents still get a signature. Returns the shingle count.
@@ -312,7 +312,7 @@ def _shingle_hashes(buf, start, end, ngram, words, shingles):
         s = np.uint64(span)
         for j in range(span):
             s += words[i + j] * weights[j]
-        shingles[i] = _mix64(s) >> np.uint64(32)
+        shingles[i] = _mix64(s)
     return count
 
 
@@ -337,7 +337,7 @@ def _signature_kernel(buf, starts, ends, ngram, mul, add, out):
             b = add[p]
             lo = np.uint64(0xFFFFFFFF)
             for i in range(count):
-                v = (a * shingles[i] + b) >> np.uint64(32)
+                v = (a * (shingles[i] >> np.uint64(32)) + b) >> np.uint64(32)
                 if v < lo:
                     lo = v
             out[d, p] = lo
@@ -378,6 +378,35 @@ def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape:
         raise ValueError(f"signatures differ in length: {a.shape} vs {b.shape}")
     return float(np.mean(a == b))
+
+
+@njit(cache=True, nogil=True)
+def _all_shingles_kernel(buf, starts, ends, ngram, out, out_ends):
+    """Every text's 64-bit shingle hashes, in text order, one after another in `out`."""
+    longest = 1
+    for d in range(starts.shape[0]):
+        longest = max(longest, ends[d] - starts[d])
+    words = np.empty(longest // 2 + 1, dtype=np.uint64)
+    shingles = np.empty(longest // 2 + 1, dtype=np.uint64)
+    pos = 0
+    for d in range(starts.shape[0]):
+        count = _shingle_hashes(buf, starts[d], ends[d], ngram, words, shingles)
+        out[pos : pos + count] = shingles[:count]
+        pos += count
+        out_ends[d] = pos
+
+
+def shingle_hashes(texts: Sequence[str], ngram_size: int) -> list[np.ndarray]:
+    """Per normalized text, the 64-bit hashes of its word `ngram_size`-grams in order (the shingles MinHash sees).
+
+    For containment, which MinHash cannot estimate: echo detection samples them
+    (policies/echo_containment.py) to ask how much of one text is in another.
+    """
+    norm = _normalize_batch(texts)
+    out = np.empty(int(np.sum((norm.ends - norm.starts) // 2 + 1)) if texts else 0, dtype=np.uint64)
+    out_ends = np.empty(len(texts), dtype=np.int64)
+    _all_shingles_kernel(norm.buf, norm.starts, norm.ends, ngram_size, out, out_ends)
+    return np.split(out[: int(out_ends[-1])], out_ends[:-1]) if texts else []
 
 
 # --------------------------------------------------------------------------- LSH bands
@@ -444,4 +473,5 @@ __all__ = [
     "minhash_signatures",
     "near_duplicate_threshold",
     "normalize",
+    "shingle_hashes",
 ]

@@ -13,9 +13,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 from daemon.dev.sample_corpus import english_docs, mixed_corpus
-from policies.collapse import echo_dedup_policy
 from policies.config import Policy
-from policies.dedup import band_keys, content_key, document_keys, minhash_signatures
+from policies.dedup import content_key, document_keys
+from policies.echo_containment import match_echoes
 from policies.quality import FilterChain, build_filters, judge
 
 
@@ -58,14 +58,9 @@ def distinct(texts: list[str], others: list[str], policy: Policy) -> list[str]:
 
 
 def echoes(texts: list[str], completions: list[str], policy: Policy) -> list[bool]:
-    """Whether each message text shares an echo-index band with one of `completions`, as ingest decides it: on the
-    message's own text, with the echo index's MinHash/LSH parameters (policies.collapse)."""
-    if not texts or not completions:
-        return [False] * len(texts)
-    params = echo_dedup_policy(policy.collapse)
-    bands = band_keys(minhash_signatures([*completions, *texts], params), params)
-    indexed = {b for bs in bands[: len(completions)] for b in bs}
-    return [bool(indexed.intersection(bs)) for bs in bands[len(completions) :]]
+    """Whether each message text echoes one of `completions` (a shared echo band, or containment either way), as
+    ingest decides it: on the message's own text, with the echo index's parameters (policies.collapse)."""
+    return [m is not None for m in match_echoes(texts, completions, policy.collapse)]
 
 
 def _near_copy(text: str, rng: random.Random) -> str:

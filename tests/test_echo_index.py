@@ -74,7 +74,7 @@ def test_ingest_indexes_the_echo_topic_and_marks_copies(ingest_procs, redis_url,
     from policies.config import load_policy
     from policies.quality import build_filters, judge
     from tests.conftest import make_policy
-    from tests.streams import good_docs, produce
+    from tests.streams import echoes, good_docs, produce
 
     echo_topic = topics["docs"] + "-completions"
     create_topics(bootstrap, {topics["docs"]: 2, topics["dlq"]: 1, echo_topic: 1})
@@ -88,8 +88,12 @@ def test_ingest_indexes_the_echo_topic_and_marks_copies(ingest_procs, redis_url,
     store = RedisStore.from_url(redis_url, policy.name)
     d = ingest_procs(path, redis_url, bootstrap)
     d.wait_assigned()
-    docs = good_docs(60, policy, seed=12)
-    gens, human = docs[:20], docs[20:]
+    docs = good_docs(260, policy, seed=12)
+    # english_docs draws paragraphs from one pool, so most documents share one with some completion: an embedded copy
+    # that containment rightly flags. The people here write their own (tests.streams.echoes decides as ingest does).
+    gens = docs[:20]
+    human = [t for t, e in zip(docs[20:], echoes(docs[20:], gens, policy), strict=True) if not e][:40]
+    assert len(human) == 40, f"only {len(human)} documents share nothing with the completions"
     produce(bootstrap, echo_topic, [json.dumps({"text": g}).encode() for g in gens])
     wait_for(lambda: store.provenance_counts()["echo_index"] == len(gens), 60, "the echo index", 0.2, d.proc)
     rng = random.Random(0)
@@ -117,3 +121,31 @@ CLASSIFIER = {
     "code": ["def main(): import os; return os.path.join(a, b) # the function returns the joined path"],
     "prose": ["The river runs past the old town and the fields, where people walk in the evening."],
 }
+
+
+def test_ingest_finds_cut_and_embedded_echoes_in_redis_as_the_reference_does(redis_client, tmp_path):
+    """daemon/echo_lookup.find_echoes (what ingest runs) against `cptd index-echoes`' Redis entries, and against
+    completions of the same batch not yet written, decides as policies.echo_containment.match_echoes in memory."""
+    from daemon.dev.echo_corpus import echo_cases
+    from daemon.echo_lookup import find_echoes
+    from policies.echo_containment import completion_keys, match_echoes
+
+    policy = Policy()
+    cases = echo_cases("handbook", 40, 40, seed=5)
+    docs = [*cases.edited["rewrite25"], *cases.edited["first_half"], *cases.edited["embedded"], *cases.human]
+    expected = match_echoes(docs, cases.completions, policy.collapse)
+    assert sum(e is not None for e in expected[:120]) >= 108 and not any(expected[120:])  # the reference catches them
+    f = tmp_path / "completions.jsonl"
+    f.write_text("".join(json.dumps({"text": g}) + "\n" for g in cases.completions))
+    s = RedisStore(redis_client, "contain")
+    assert index_echoes(f, s, policy).indexed == 40
+    assert find_echoes(s, docs, [], policy.collapse) == expected
+    batch = [
+        BatchItem("c", 0, i, "indexed", "echo", content_key(g), 0, tuple(k))
+        for i, (g, k) in enumerate(zip(cases.completions, completion_keys(cases.completions, policy.collapse), strict=True))
+    ]
+    assert find_echoes(RedisStore(redis_client, "empty"), docs, batch, policy.collapse) == expected
+    # evicted completions take their containment keys along: what is left decides as an index of the newest alone
+    s.echo_add([], 1)
+    assert redis_client.hlen(s.k_echo_lsh) == len(completion_keys(cases.completions[-1:], policy.collapse)[0])
+    assert find_echoes(s, docs, [], policy.collapse) == match_echoes(docs, cases.completions[-1:], policy.collapse)
