@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     train_runtime: str = Field(default="torch-distributed", description="CPTD_TRAIN_RUNTIME; the TrainJob's runtimeRef (trainjob only)")
     train_poll_s: float = Field(default=5.0, gt=0, description="CPTD_TRAIN_POLL_S; seconds between workload status reads")
     train_cpu_threads: int = Field(default=0, description="CPTD_TRAIN_CPU_THREADS; OMP threads of every local job (0 = torch default)")
+    # --- what the trainer's hardware holds: the memory plan checks a round against it at PENDING (docs/round-engine.md) ---
+    train_gpu_memory_gb: float | None = Field(
+        default=None, gt=0, description="CPTD_TRAIN_GPU_MEMORY_GB; GiB of memory on each GPU a round trains on (unset: no plan at PENDING)"
+    )
+    train_host_memory_gb: float | None = Field(
+        default=None, gt=0, description="CPTD_TRAIN_HOST_MEMORY_GB; GiB of host memory per training node (checked only with the GPU figure)"
+    )
     pod_name: str | None = Field(default=None, validation_alias="POD_NAME", description="POD_NAME; names this daemon as lease holder")
 
     @model_validator(mode="after")
