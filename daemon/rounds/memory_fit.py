@@ -44,9 +44,16 @@ KNOBS = {
 LOAD_KNOB = "train.mode lora, or more memory per GPU or node (load and export hold the whole model: docs/round-engine.md, Memory plan)"
 
 
+# The code the plan's figures come from: a new version of any of them plans again instead of reading an old result.
+PLAN_CODE = ("memory_plan.py", "trainer.py", "sharding.py", "lm_loss.py")
+
+
 def plan_key(shape: dict[str, Any], spec: PlanSpec) -> str:
-    """The hash the cached plan is filed under: the parent's shape, the train policy, ranks, nodes, the declaration."""
+    """The hash the cached plan is filed under: the parent's shape, the train policy, ranks, nodes, the declaration
+    and the plan's code."""
+    jobs = Path(__file__).parent.parent / "jobs"
     what = {
+        "code": [hashlib.sha256((jobs / name).read_bytes()).hexdigest() for name in PLAN_CODE],
         "shape": shape,
         "train": spec.train.model_dump(mode="json"),
         "schedule": spec.schedule_kind,
