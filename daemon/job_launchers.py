@@ -288,6 +288,25 @@ def launcher_for(settings: Settings, training: bool, api_client: Any = None) -> 
     raise JobStartError(f"launcher {kind!r} is not supported by this version (use subprocess, torchrun:N or kubernetes)")
 
 
+def train_ranks(settings: Settings, api_client: Any = None) -> tuple[int, int]:
+    """(ranks in all, nodes) a round's trainer runs on: what the memory plan at PENDING plans for. Kubernetes: the
+    job template's nodes x GPUs per node, read as the launcher reads it (JobStartError when it cannot be read)."""
+    kind = settings.train_launcher
+    if kind.startswith("torchrun:"):
+        return int(kind.split(":", 1)[1]), 1
+    if kind == "kubernetes":
+        from connectors.kubernetes_jobs import KubernetesLauncher, KubernetesLaunchError, current_namespace, template_shape
+
+        try:
+            namespace = settings.train_namespace or current_namespace()
+            template = KubernetesLauncher(api_client).load_template(settings.train_job_template, namespace)
+            nodes, per_node = template_shape(template)
+        except KubernetesLaunchError as e:
+            raise JobStartError(str(e)) from e
+        return nodes * per_node, nodes
+    return 1, 1
+
+
 class JobFailed(RuntimeError):
     """A job ended without its result: the launcher's cause (exit code and log tail, or the workload's)."""
 

@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     round_webhook_url: SecretStr | None = Field(
         default=None, description="CPTD_ROUND_WEBHOOK_URL; POSTed a small JSON when a round ends (daemon/round_webhook.py)"
     )
+    # --- what the trainer's hardware holds: the memory plan checks a round against it at PENDING (docs/round-engine.md) ---
+    train_gpu_memory_gb: float | None = Field(
+        default=None, gt=0, description="CPTD_TRAIN_GPU_MEMORY_GB; GiB of memory on each GPU a round trains on (unset: no plan at PENDING)"
+    )
+    train_host_memory_gb: float | None = Field(
+        default=None, gt=0, description="CPTD_TRAIN_HOST_MEMORY_GB; GiB of host memory per training node (checked only with the GPU figure)"
+    )
     pod_name: str | None = Field(default=None, validation_alias="POD_NAME", description="POD_NAME; names this daemon as lease holder")
 
     @model_validator(mode="after")

@@ -573,3 +573,19 @@ def test_trainjob_create_attach_fail_and_delete(fake):
     fake.requests.clear()
     launcher.delete(spec)
     assert [(m, p, q) for m, p, q, _b in fake.requests] == [("DELETE", f"{base}/{spec.name}", {"propagationPolicy": "Foreground"})]
+
+
+def test_the_memory_plan_plans_the_ranks_the_launcher_starts(fake):
+    """PENDING's memory plan (daemon/rounds/memory_fit.py) plans the ranks a round trains on: one child process,
+    torchrun's N, or the job template's nodes x GPUs per node; an unreadable template is a JobStartError, named."""
+    from daemon.job_launchers import JobStartError, train_ranks
+    from daemon.settings import Settings
+
+    client = k8s.ApiClient(k8s.Configuration(host=fake.host))
+    assert train_ranks(Settings(train_launcher="subprocess")) == (1, 1)
+    assert train_ranks(Settings(train_launcher="torchrun:4")) == (4, 1)
+    nodes, per_node = template_shape(_template())
+    settings = Settings(train_launcher="kubernetes", train_namespace=NS, train_job_template="cptd-train-template")
+    assert train_ranks(settings, client) == (nodes * per_node, nodes)
+    with pytest.raises(JobStartError, match="no-such-template"):
+        train_ranks(settings.model_copy(update={"train_job_template": "no-such-template"}), client)

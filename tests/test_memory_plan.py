@@ -143,3 +143,63 @@ def test_cli_refuses_bad_input_with_the_cause(tmp_path, capsys, args, cause):
 def test_cli_does_not_import_torch():
     code = "import sys, daemon.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], env=ENV).returncode == 0
+
+
+def test_pending_refuses_a_round_whose_plan_does_not_fit_the_declared_gpu(redis_client, tmp_path):
+    """CPTD_TRAIN_GPU_MEMORY_GB=24, one rank, full fine-tune: a Llama-3-8B parent (its config.json only; PENDING
+    reads nothing else of it) is refused before any document moves, with the plan's figures; a small parent under
+    the same declaration is not; a second 8B round reads the cached plan instead of running it again."""
+    from connectors.redis_store import BatchItem, RedisStore
+    from daemon.round_record import RoundState
+    from daemon.rounds.context import RoundContext
+    from daemon.rounds.pending import pending
+    from daemon.rounds.state_machine import drive
+    from daemon.settings import Settings
+    from policies.config import Policy
+    from tests.test_round_retention import _pending_round
+
+    store = RedisStore(redis_client, "plan")
+    docs = [BatchItem("t", 0, i, "candidate", key=f"k{i}", nbytes=5, doc={"text": f"doc {i}", "bytes": 5}) for i in range(5)]
+    store.write_batch(docs, max_exact_keys=1000)
+    buffered = sorted(store.buffer_keys())
+    assert len(buffered) == 5
+    # The smallest step the trainer takes: the 8B full fine-tune's weights, gradients and AdamW state alone are ~120 GiB.
+    policy = Policy.model_validate({"train": {"mode": "full", "micro_batch_size": 1, "seq_len": 16, "grad_accum": 1, "device": "cpu"}})
+    settings = Settings(checkpoint_dir=tmp_path / "ck", train_gpu_memory_gb=24, train_cpu_threads=1)
+    ctx = RoundContext(store, settings, get_policy=lambda: policy, owner="plan-test")
+    ctx.fence = store.lease_acquire(ctx.owner, 600)
+
+    def parent(name: str, shape: dict) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(shape))
+        return tmp_path / name
+
+    big = parent("llama-3-8b", json.loads((SHAPES / "llama-3-8b.json").read_text()))
+    _pending_round(ctx, "r00001", big)
+    out = drive(ctx, "r00001")
+
+    print(f"\n{out.error}")
+    assert out.state == RoundState.FAILED and out.snapshot is None, out
+    assert out.docs is not None and out.docs.fate == "requeued" and out.docs.docs == 0
+    assert sorted(store.buffer_keys()) == buffered  # no document taken
+    assert out.error is not None and "refused before taking any document" in out.error
+    plan = PlanResult.model_validate_json((tmp_path / "ck" / "rounds" / "r00001" / "memory-plan.json").read_text())
+    assert plan.world == 1 and plan.peak > 24 * 2**30
+    for figure in (f"peak {plan.peak / 2**30:.1f} GiB per GPU", "against 24 GiB declared", "CPTD_TRAIN_GPU_MEMORY_GB=24"):
+        assert figure in out.error, figure
+    main = max(("parameters", "gradients", "optimizer", "activations", "temporaries"), key=lambda c: getattr(plan, c))
+    assert f"{main} {getattr(plan, main) / 2**30:.1f} GiB the largest part" in out.error
+    assert "Change: " in out.error and "train." in out.error.split("Change: ")[1]
+
+    small = parent("small", {**SMALL, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2})
+    _pending_round(ctx, "r00002", small)
+    rec = ctx.get_round("r00002")
+    assert rec is not None
+    pending(ctx, rec)
+    assert rec.state == RoundState.SNAPSHOT
+
+    _pending_round(ctx, "r00003", big)  # the same shape, policy, ranks and declaration: the cached plan
+    again = drive(ctx, "r00003")
+    assert again.state == RoundState.FAILED and again.error == out.error.replace("r00001", "r00003")
+    assert not (tmp_path / "ck" / "rounds" / "r00003" / "memory-plan-spec.json").exists()
+    assert len(list((tmp_path / "ck" / "plans").iterdir())) == 2  # the 8B plan and the small one

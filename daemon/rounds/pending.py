@@ -10,6 +10,7 @@ from daemon.job_launchers import Job
 from daemon.jobs.specs import DeviceCheckSpec
 from daemon.round_record import RoundRecord, RoundState
 from daemon.rounds.context import Cancelled, RoundContext, RoundFailed
+from daemon.rounds.memory_fit import memory_refusal
 from policies.config import Policy
 from policies.round_policy import GB, disk_refusal, round_disk_bytes
 
@@ -18,7 +19,7 @@ PARAM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # config.json's dtype
 
 def pending(ctx: RoundContext, rec: RoundRecord) -> None:
     policy = ctx.policy_of(rec)
-    refusal = space_refusal(ctx, policy, rec) or refusal_of(ctx, policy, rec)
+    refusal = space_refusal(ctx, policy, rec) or refusal_of(ctx, policy, rec) or memory_refusal(ctx, policy, rec)
     if refusal:
         raise RoundFailed(f"PENDING: refused before taking any document: {refusal}", requeue=True)
     ctx.enter(rec, RoundState.SNAPSHOT)
