@@ -347,10 +347,10 @@ def plot(report: dict[str, Any], out: Path) -> str:
         "disk": [x["disk_bytes"] for x in xs],
         "daemon RSS": [sum(v for v in x["daemon_rss"].values() if v) or None for x in xs],
     }
-    for name, vals in series.items():
-        first = next((v for v in vals if v), None)
-        ax[1].plot(b, [v / first if v and first else None for v in vals], marker=".", label=name)
-    ax[1].set(title="resources, relative to the first sample", xlabel="after batch")
+    for name, vals in series.items():  # as a share of the series' peak: flat at the end is what bounded looks like
+        peak = max((v for v in vals if v), default=None)
+        ax[1].plot(b, [v / peak if v and peak else None for v in vals], marker=".", label=name)
+    ax[1].set(title="resources, as a share of their peak", xlabel="after batch", ylim=(0, 1.05))
     ax[1].legend()
     fresh = report["freshness_s"]
     ax[2].bar(["p50", "p95"], [fresh["p50"] or 0, fresh["p95"] or 0])
