@@ -17,7 +17,10 @@ the end of a warm-up step to the end of the last step, so data loading, the
 optimizer and logging all count, for both.
 
 MFU = 6 * N * tokens/s / peak, N = parameters that take part in matmuls (all
-but the input embedding table), peak = 989e12 FLOP/s (H100 SXM bf16 dense).
+but the input embedding table). The peak is read off the device (`device_peak`):
+SMs x dense bf16 FLOP per clock per SM for its compute capability x its maximum
+SM clock from NVML (an H100 SXM: 132 x 4096 x 1.98 GHz), and beside it the rate a
+large bf16 matmul reaches there, which no datasheet constant can overstate.
 `mfu_attn` adds the attention matmuls, 12 * layers * hidden * seq_len FLOPs per
 token (PaLM appendix B; it counts the full seq x seq score matrix, so it
 overstates work under causal/per-document masks).
@@ -51,7 +54,38 @@ WORDS = (
     "the of and to in is was for on that with as by at from it an be this are which or his her their river city market "
     "model data learning system paper result method train value table number people house water light music"
 ).split()
-PEAK_FLOPS = {"cuda": 989e12}
+# Dense bf16 tensor-core FLOP per clock per SM, by compute capability (A100, H100/H200). Others: the measured matmul only.
+BF16_FLOP_PER_CLOCK_PER_SM = {(8, 0): 2048, (9, 0): 4096}
+
+
+def device_peak() -> dict:
+    """The GPU's bf16 peak from the device itself: its SMs, its compute capability and its maximum SM clock, and the
+    rate an 8192^3 bf16 matmul reaches (the mean of 10 after 3 warm-ups), so an MFU names both."""
+    props = torch.cuda.get_device_properties(0)
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        clock_hz = pynvml.nvmlDeviceGetMaxClockInfo(pynvml.nvmlDeviceGetHandleByIndex(0), pynvml.NVML_CLOCK_SM) * 1e6
+    except Exception:  # noqa: BLE001 - no NVML: the measured matmul still stands
+        clock_hz = None
+    per_sm = BF16_FLOP_PER_CLOCK_PER_SM.get((props.major, props.minor))
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    return {
+        "name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "sms": props.multi_processor_count,
+        "max_sm_clock_mhz": clock_hz / 1e6 if clock_hz else None,
+        "peak_flops": props.multi_processor_count * per_sm * clock_hz if per_sm and clock_hz else None,
+        "matmul_flops": 10 * 2 * 8192**3 / (time.perf_counter() - t0),
+    }
 
 
 def documents(n: int, seed: int) -> list[str]:
@@ -60,7 +94,7 @@ def documents(n: int, seed: int) -> list[str]:
     return [" ".join(r.choice(WORDS) for _ in range(max(3, int(r.lognormvariate(4.0, 0.9))))) + "." for _ in range(n)]
 
 
-def build_model(out: Path, cfg: tuple, texts: list[str], seed: int = 0) -> Path:
+def build_model(out: Path, cfg: tuple, texts: list[str], seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, inter, layers, heads, kv, vocab, seq_len, _ = cfg
@@ -79,7 +113,7 @@ def build_model(out: Path, cfg: tuple, texts: list[str], seed: int = 0) -> Path:
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
+    LlamaForCausalLM(config).to(dtype).save_pretrained(str(out), safe_serialization=True)
     return out
 
 
@@ -93,27 +127,32 @@ def matmul_params(model_dir: Path) -> tuple[int, int, int]:
     return per_layer * L + h * v, L, h
 
 
-def ours(
-    model_dir: Path, data: Path, out: Path, steps: int, seq_len: int, batch: int, device: str, warm: int, compile_: bool, attn: str
-) -> dict:
-    spec = TrainSpec(
+def production_train(policy: str, device: str, steps: int, seq_len: int | None = None, batch: int | None = None) -> dict:
+    """The `train` section a round of `policy` gets (grad_accum, precision, clip, optimizer...); the bench sets only
+    the step count, the device and, where given, the shape it times (seq_len, micro-batch)."""
+    from policies.config import load_policy
+
+    train = load_policy(policy).train.model_dump(mode="json")
+    shape = {"seq_len": seq_len or train["seq_len"], "micro_batch_size": batch or train["micro_batch_size"]}
+    return train | shape | {"max_steps": steps, "eval_interval": 10**6, "checkpoint_interval": 10**6, "device": device}
+
+
+def bench_spec(model_dir: Path, data: Path, out: Path, train: dict, compile_: bool, attn: str = "auto") -> TrainSpec:
+    """A round's TrainSpec on one data file at a constant LR: the schedule is the only thing a bench does not time."""
+    return TrainSpec(
         parent_dir=str(model_dir),
         out_dir=str(out),
         new_path=str(data),
         schedule={"kind": "constant", "peak_lr": 3e-4},
-        train={
-            "seq_len": seq_len,
-            "micro_batch_size": batch,
-            "grad_accum": 1,
-            "max_steps": steps,
-            "eval_interval": 10**6,
-            "checkpoint_interval": 10**6,
-            "device": device,
-        },
+        train=train,
         compile=compile_,
         attn_implementation=attn,
+        round_id="bench",
     )
-    run(spec)
+
+
+def ours(model_dir: Path, data: Path, out: Path, train: dict, warm: int, compile_: bool, attn: str) -> dict:
+    run(bench_spec(model_dir, data, out, train, compile_, attn))
     ev = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]
     step_events = [e for e in ev if e["event"] == "step"]
     tokens = step_events[-1]["tokens"] - step_events[warm - 1]["tokens"]
@@ -121,7 +160,7 @@ def ours(
 
 
 def hf_trainer(
-    model_dir: Path, texts: list[str], out: Path, steps: int, seq_len: int, batch: int, device: str, warm: int, packed: bool
+    model_dir: Path, texts: list[str], out: Path, steps: int, seq_len: int, batch: int, accum: int, device: str, warm: int, packed: bool
 ) -> dict:
     from transformers import (
         AutoModelForCausalLM,
@@ -163,6 +202,7 @@ def hf_trainer(
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
         max_steps=steps,
         learning_rate=3e-4,
         lr_scheduler_type="constant",
@@ -181,8 +221,8 @@ def hf_trainer(
         optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
     )
     Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[Clock()]).train()
-    # counts[i] is the batch of step i (no accumulation, no prefetch beyond one batch).
-    return {"useful_tokens": sum(counts[warm:steps]), "seconds": ends[steps - 1] - ends[warm - 1]}
+    # counts[i] is micro-batch i, in order: step k's are [k * accum, (k + 1) * accum).
+    return {"useful_tokens": sum(counts[warm * accum : steps * accum]), "seconds": ends[steps - 1] - ends[warm - 1]}
 
 
 def main() -> None:
@@ -197,26 +237,25 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile our model (GPU)")
     ap.add_argument("--attn", default="auto", help="our attention implementation: auto | sdpa | flex_attention | flash_attention_2")
     ap.add_argument("--skip-hf", action="store_true", help="only our trainer (e.g. for the MFU figure)")
+    ap.add_argument("--policy", default=str(Path(__file__).resolve().parents[1] / "deploy" / "policy.example.yaml"))
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = CONFIGS[a.config]
     seq_len, batch = cfg[6], a.batch or cfg[7]
-    n_docs = a.docs or max(200, int(a.steps * batch * seq_len / 60 * 1.3))  # ~60 tokens/doc on average: enough for every step
+    train = production_train(a.policy, a.device, a.steps, seq_len, batch)
+    accum = train["grad_accum"]
+    n_docs = a.docs or max(200, int(a.steps * batch * accum * seq_len / 60 * 1.3))  # ~60 tokens/doc on average: enough for every step
     texts = documents(n_docs, 0)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         model_dir = build_model(d / "model", cfg, texts)
         data = d / "docs.jsonl"
         data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        res = {"ours": ours(model_dir, data, d / "ours", a.steps, seq_len, batch, a.device, a.warmup_steps, a.compile, a.attn)}
+        res = {"ours": ours(model_dir, data, d / "ours", train, a.warmup_steps, a.compile, a.attn)}
         if not a.skip_hf:
-            res["hf_trainer_padded"] = hf_trainer(
-                model_dir, texts, d / "hf", a.steps, seq_len, batch, a.device, a.warmup_steps, packed=False
-            )
-            res["hf_trainer_packed"] = hf_trainer(
-                model_dir, texts, d / "hfp", a.steps, seq_len, batch, a.device, a.warmup_steps, packed=True
-            )
+            for name, packed in (("hf_trainer_padded", False), ("hf_trainer_packed", True)):
+                res[name] = hf_trainer(model_dir, texts, d / name, a.steps, seq_len, batch, accum, a.device, a.warmup_steps, packed)
         n_mm, layers, hidden = matmul_params(model_dir)
     for r in res.values():
         r["tokens_per_s"] = r["useful_tokens"] / r["seconds"]
@@ -227,6 +266,8 @@ def main() -> None:
         "compile": a.compile,
         "seq_len": seq_len,
         "batch": batch,
+        "grad_accum": accum,
+        "precision": train["precision"],
         "steps": a.steps,
         "timed_steps": a.steps - a.warmup_steps,
         "threads": torch.get_num_threads(),
@@ -236,11 +277,12 @@ def main() -> None:
     if not a.skip_hf:
         report["ratio_vs_hf_padded"] = res["ours"]["tokens_per_s"] / res["hf_trainer_padded"]["tokens_per_s"]
         report["ratio_vs_hf_packed"] = res["ours"]["tokens_per_s"] / res["hf_trainer_packed"]["tokens_per_s"]
-    if a.device in PEAK_FLOPS:
-        tps = res["ours"]["tokens_per_s"]
-        report["mfu"] = 6 * n_mm * tps / PEAK_FLOPS[a.device]
-        report["mfu_attn"] = (6 * n_mm + 12 * layers * hidden * seq_len) * tps / PEAK_FLOPS[a.device]
-        report["gpu"] = torch.cuda.get_device_name()
+    if a.device == "cuda":
+        tps, report["gpu"] = res["ours"]["tokens_per_s"], device_peak()
+        for peak in ("peak_flops", "matmul_flops"):
+            if report["gpu"][peak]:
+                report[f"mfu_vs_{peak}"] = 6 * n_mm * tps / report["gpu"][peak]
+                report[f"mfu_attn_vs_{peak}"] = (6 * n_mm + 12 * layers * hidden * seq_len) * tps / report["gpu"][peak]
     print(json.dumps(report, indent=1))
 
 
