@@ -7,7 +7,8 @@ Each row is `python -m daemon.jobs.memory_plan SPEC` (what `cptd plan` runs): th
 the trainer's own FSDP code, on fake tensors and N fake ranks, under torch's memory tracker. Shapes are the
 published config.json files in tests/data/model_shapes/. Policies: the default `train` section (what a policy
 that says nothing gets, with parallelism fsdp where there are several GPUs) and one sized for the model
-(micro-batch 1, activation checkpointing), each at grad_accum 4 and 1: under fsdp every micro-batch is
+(the multi-gpu overlay's policy, deploy/k8s/overlays/multi-gpu/policy.yaml: fsdp, micro-batch 1, activation
+checkpointing), each at grad_accum 4 and 1: under fsdp every micro-batch is
 reduce-scattered, so accumulation holds sharded gradients only (it held every layer's unsharded, issue 23). The 8B row "issue 23's" is
 the setting the issue measured (1 x 2048, no activation checkpointing, grad_accum 1).
 """
@@ -25,9 +26,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.jobs.specs import PlanResult, PlanSpec  # noqa: E402
+from policies.config import load_policy  # noqa: E402
 
-SHAPES = Path(__file__).resolve().parent.parent / "tests" / "data" / "model_shapes"
-SIZED = {"micro_batch_size": 1, "seq_len": 2048, "activation_checkpointing": True}
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = ROOT / "tests" / "data" / "model_shapes"
+# "multi-gpu policy": the train section the multi-gpu overlay ships for 7B and up (fsdp, micro-batch 1 x 2048, AC on).
+SIZED = load_policy(ROOT / "deploy" / "k8s" / "overlays" / "multi-gpu" / "policy.yaml").train.model_dump(mode="json")
 # (key, shape file, GPUs, nodes, GiB per GPU, host GiB per node, volume GiB, [(policy name, train section)])
 CASES = [
     ("0.5b", "qwen2.5-0.5b.json", 1, 1, 80, 64, 100, [("default", {}), ("accum 1", {"grad_accum": 1})]),
@@ -41,9 +45,9 @@ CASES = [
         500,
         [
             ("default", {"parallelism": "fsdp"}),
-            ("sized", {"parallelism": "fsdp", **SIZED, "grad_accum": 4}),
-            ("sized, accum 1", {"parallelism": "fsdp", **SIZED, "grad_accum": 1}),
-            ("issue 23's", {"parallelism": "fsdp", **SIZED, "activation_checkpointing": False, "grad_accum": 1}),
+            ("multi-gpu policy", SIZED),
+            ("multi-gpu policy, accum 1", {**SIZED, "grad_accum": 1}),
+            ("issue 23's", {**SIZED, "activation_checkpointing": False, "grad_accum": 1}),
         ],
     ),
     (
@@ -55,8 +59,8 @@ CASES = [
         256,
         500,
         [
-            ("sized", {"parallelism": "fsdp", **SIZED, "grad_accum": 4}),
-            ("sized, accum 1", {"parallelism": "fsdp", **SIZED, "grad_accum": 1}),
+            ("multi-gpu policy", SIZED),
+            ("multi-gpu policy, accum 1", {**SIZED, "grad_accum": 1}),
         ],
     ),
 ]

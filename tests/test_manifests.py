@@ -295,8 +295,15 @@ def test_policy_configmap_is_the_example_policy_and_hot_reloadable(overlay):
 
     docs = build(overlay)
     cm = by_kind(docs, "ConfigMap")["cptd-policy"]  # exact name: no hash suffix, edits do not roll pods
-    assert cm["data"]["policy.yaml"] == (DEPLOY / "policy.example.yaml").read_text()
-    parse_policy(yaml.safe_load(cm["data"]["policy.yaml"]), "cptd-policy")
+    shipped = DEPLOY / "k8s" / "overlays" / overlay / "policy.yaml"
+    assert cm["data"]["policy.yaml"] == (shipped if shipped.exists() else DEPLOY / "policy.example.yaml").read_text()
+    policy = parse_policy(yaml.safe_load(cm["data"]["policy.yaml"]), "cptd-policy")
+    example = parse_policy(yaml.safe_load((DEPLOY / "policy.example.yaml").read_text()), "example")
+    # An overlay's own policy is the example's but for its train section, which it sizes for its GPUs.
+    assert policy.model_dump(exclude={"train"}) == example.model_dump(exclude={"train"})
+    if overlay == "multi-gpu":  # 7B and up: sharded, recomputed, one sequence per forward (docs/round-engine.md)
+        t = policy.train
+        assert (t.parallelism, t.activation_checkpointing, t.micro_batch_size, t.compile) == ("fsdp", True, 1, "auto")
     daemon = pod_specs(docs)["Deployment/cptd-daemon"]
     c = daemon["containers"][0]
     assert c["args"] == ["run", "--policy", "/etc/cptd/policy.yaml"]

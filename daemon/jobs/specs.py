@@ -97,7 +97,7 @@ class TrainSpec(JobSpec):
     data_seed: int = 0  # mixture draw, document shuffle, block order
     init_seed: int = 0  # LoRA init, dropout
     round_id: str = ""
-    compile: bool = False  # torch.compile the model (GPU runs)
+    compile: bool | None = None  # None: the policy's train.compile (auto: on CUDA); a bench sets it either way
     attn_implementation: str = "auto"  # auto: CUDA flash_attention_2 if installed else flex_attention; CPU sdpa
     cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default. 1 wins on a shared, oversubscribed box
 

@@ -53,7 +53,7 @@ from daemon.jobs.model_loader import DTYPES, checkpoint_dtype, dtype_name, load_
 from daemon.jobs.specs import TrainSpec, read_texts, write_result
 from policies.lr_schedule import anneal_steps_for, round_lr
 from policies.replay import replay_tokens_for
-from policies.train import MIXED, TrainPolicy, resolve_precision
+from policies.train import MIXED, TrainPolicy, resolve_compile, resolve_precision
 
 if TYPE_CHECKING:
     from torch.nn.parallel import DistributedDataParallel
@@ -596,7 +596,8 @@ def run(spec: TrainSpec) -> dict:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(model) if spec.compile else model
+    compiled = resolve_compile(train_policy.compile, device.type, train_policy.mode) if spec.compile is None else spec.compile
+    fwd = torch.compile(model) if compiled else model
 
     def autocast():  # noqa: ANN202 - fsdp casts through its MixedPrecisionPolicy instead
         return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None and not fsdp else nullcontext()
@@ -703,6 +704,7 @@ def run(spec: TrainSpec) -> dict:
         "global_step": global_step0 + main_steps,
         "mode": train_policy.mode,
         "precision": precision,
+        "compiled": compiled,
         "dtype": dtype_name(parent_dtype),  # what final/, checkpoints and the main line are written in
         "parallelism": train_policy.parallelism if distributed else "none",
         "world_size": world,
