@@ -43,15 +43,18 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None, cpu_offload: bool, mesh: DeviceMesh | None = None) -> torch.nn.Module:
-    """fully_shard each decoder layer, then the root. Compute in `compute_dtype` (bf16-mixed), gradients reduced
+    """fully_shard each unit (embedding, decoder layers, LM head), then the root. Compute in `compute_dtype` (bf16-mixed), gradients reduced
     in fp32, fp32 masters kept sharded; optionally all of it in CPU memory. `mesh`: the default (all ranks) unless
     given; the memory plan passes one made before it enters torch's fake-tensor mode."""
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
     kw: dict = {"mp_policy": mp, "mesh": mesh}
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
-    for unit in units(model):
-        fully_shard(unit, **kw)
+    sharded = units(model)
+    for i, unit in enumerate(sharded):
+        # The last unit's forward ends where backward begins, which would gather it again at once: keep it gathered
+        # (torchtitan's default; FSDP2 already does so for the root). 8B: the 1 GiB LM head held for that moment.
+        fully_shard(unit, reshard_after_forward=i < len(sharded) - 1, **kw)
     fully_shard(model, **kw)
     return model
 
