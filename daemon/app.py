@@ -48,7 +48,7 @@ class Daemon:
         self.kafka_error: str | None = None
         self.stop = threading.Event()
         self.started = time.time()
-        self.watcher = PolicyWatcher(settings.policy, policy, self._apply_policy)
+        self.watcher = PolicyWatcher(settings.policy, policy, self._apply_policy, lambda p: settings.policy_refusal(p.train))
         self.runner = RoundRunner(self.store, settings, lambda: self.policy)
         self.scheduler = Scheduler(self.runner.request)
         M.UP_SINCE.set(self.started)

@@ -21,10 +21,19 @@ log = logging.getLogger("cptd.policy")
 
 
 class PolicyWatcher:
-    def __init__(self, path: str | Path, current: Policy, on_change: Callable[[Policy], None]):
+    def __init__(
+        self,
+        path: str | Path,
+        current: Policy,
+        on_change: Callable[[Policy], None],
+        refusal: Callable[[Policy], str | None] = lambda _p: None,
+    ):
+        """`refusal`: what the deployment cannot run in a valid policy (Settings.policy_refusal), refused like an
+        invalid file."""
         self.path = Path(path)
         self.current = current
         self.on_change = on_change
+        self.refusal = refusal
         self.last_error: str | None = None
         self._seen = self._digest()
         M.POLICY_INFO.info({"hash": policy_hash(current), "name": current.name})
@@ -44,6 +53,8 @@ class PolicyWatcher:
         self._seen = digest
         try:
             new = load_policy(self.path)
+            if (why := self.refusal(new)) is not None:
+                raise PolicyError(f"{self.path}: {why}")
         except PolicyError as e:
             self.last_error = str(e)
             M.POLICY_RELOAD_ERRORS.inc()

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
     from connectors.kafka import KafkaConnection
+    from policies.train import TrainPolicy
 
 
 class Settings(BaseSettings):
@@ -121,6 +122,23 @@ class Settings(BaseSettings):
 
     def base_checkpoint_path(self) -> Path:
         return self.base_checkpoint or self.checkpoint_dir / "base"
+
+    def local_ranks(self) -> int | None:
+        """Ranks a round trains on where the settings alone say it (subprocess: 1, torchrun:N: N); None for kubernetes,
+        whose job template says it (PENDING reads it)."""
+        if self.train_launcher in ("subprocess", "process"):
+            return 1
+        return int(self.train_launcher[9:]) if self.train_launcher.startswith("torchrun:") else None
+
+    def policy_refusal(self, train: TrainPolicy) -> str | None:
+        """What in a policy's `train` section cannot run on this deployment's launcher: refused when the policy loads
+        (at start and on every reload, the old one staying in force), not when a round has already taken documents."""
+        if train.cpu_offload and self.local_ranks() == 1:
+            return (
+                f"train.cpu_offload: offloading is FSDP's, and CPTD_TRAIN_LAUNCHER={self.train_launcher} trains on one rank, "
+                "which is not sharded; use torchrun:N or kubernetes with several GPUs, or drop cpu_offload"
+            )
+        return None
 
     def kafka(self) -> KafkaConnection:
         """The Kafka connection every client is built from (connectors.kafka.kafka_client_config)."""

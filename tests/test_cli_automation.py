@@ -212,8 +212,11 @@ def test_a_refused_trigger_and_a_queued_answer(served, capsys):
 def test_errors_are_one_line_and_json_with_json(tmp_path: Path, capsys, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
+    offload = tmp_path / "offload.yaml"  # valid, but not on the default one-rank launcher
+    offload.write_text("name: x\ntrain: {parallelism: fsdp, cpu_offload: true}\n")
     dead = f"http://127.0.0.1:{free_port()}"
     cases = [
+        (["run", "--policy", str(offload)], Exit.BAD_INPUT, "invalid policy for this deployment: train.cpu_offload"),
         (["run", "--policy", str(tmp_path / "missing.yaml")], Exit.BAD_INPUT, "cannot read policy file"),
         (["run", "--policy", str(bad)], Exit.BAD_INPUT, "not valid YAML"),
         (["validate-policy", str(tmp_path / "missing.yaml")], Exit.NO, "cannot read policy file"),

@@ -75,3 +75,20 @@ def test_running_daemon_reloads_and_refuses(tmp_path, topics, bootstrap, redis_u
     metrics = httpx.get(f"http://127.0.0.1:{proc.port}/metrics", timeout=5).text
     assert "cptd_policy_reload_errors_total 1.0" in metrics
     assert proc.proc.poll() is None  # still running on the old policy
+
+
+def test_a_policy_the_launcher_cannot_run_is_refused_at_load_and_the_old_one_stays(tmp_path):
+    """cpu_offload is FSDP's: with the one-rank subprocess launcher it is refused when the policy loads, not at
+    TRAINING after a round took its documents."""
+    from daemon.settings import Settings
+
+    path = tmp_path / "policy.yaml"
+    path.write_text("name: x\ntrain: {parallelism: fsdp}\n")
+    local, sharded = Settings(train_launcher="subprocess"), Settings(train_launcher="torchrun:2")
+    applied = []
+    w = PolicyWatcher(path, load_policy(path), applied.append, lambda p: local.policy_refusal(p.train))
+    path.write_text("name: x\ntrain: {parallelism: fsdp, cpu_offload: true}\n")
+    changed, msg = w.check()
+    assert not changed and "train.cpu_offload" in msg and "CPTD_TRAIN_LAUNCHER=subprocess" in msg
+    assert w.current.train.cpu_offload is False and applied == []
+    assert sharded.policy_refusal(load_policy(path).train) is None  # several ranks: the same file is fine
