@@ -96,6 +96,20 @@ class Settings(BaseSettings):
     round_webhook_url: SecretStr | None = Field(
         default=None, description="CPTD_ROUND_WEBHOOK_URL; POSTed a small JSON when a round ends (daemon/round_webhook.py)"
     )
+    # --- experiment tracking (daemon/round_tracking.py): off unless a tracking URI is set ---
+    mlflow_tracking_uri: SecretStr | None = Field(
+        default=None,
+        description="CPTD_MLFLOW_TRACKING_URI; an MLflow tracking server, http(s)://[user:password@]host[:port][/path]: each "
+        "ended round becomes a run there and its candidate a registered model version (unset: no tracking)",
+    )
+    mlflow_tracking_token: SecretStr | None = Field(default=None, description="CPTD_MLFLOW_TRACKING_TOKEN; bearer token for the server")
+    mlflow_experiment: str = Field(default="cptd", min_length=1, description="CPTD_MLFLOW_EXPERIMENT; the experiment rounds go to")
+    mlflow_model_name: str | None = Field(
+        default=None, description="CPTD_MLFLOW_MODEL_NAME; the registered model candidates become versions of (default: the policy's name)"
+    )
+    mlflow_timeout_s: float = Field(
+        default=10.0, gt=0, le=120, description="CPTD_MLFLOW_TIMEOUT_S; the bound on each request to the tracking server"
+    )
     # --- what the trainer's hardware holds: the memory plan checks a round against it at PENDING (docs/round-engine.md) ---
     train_gpu_memory_gb: float | None = Field(
         default=None, gt=0, description="CPTD_TRAIN_GPU_MEMORY_GB; GiB of memory on each GPU a round trains on (unset: no plan at PENDING)"
