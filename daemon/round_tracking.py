@@ -63,9 +63,20 @@ class RoundRun:
 
 
 class Tracker(Protocol):
+    where: str  # the tracker's address for logs, never its credentials
+
     def export(self, run: RoundRun) -> str:
         """Create or update the round's run; returns where it is (for the log). Raises on any failure."""
         ...
+
+    def close(self) -> None: ...
+
+
+def tracker_for(settings: Settings, default_model: str) -> Tracker | None:
+    """The tracker the settings name, or None when tracking is off (the one place a second tracker would be chosen)."""
+    if settings.mlflow_tracking_uri is None:
+        return None
+    return MlflowTracker(settings, settings.mlflow_model_name or default_model)
 
 
 # ---------------------------------------------------------------------- the run, from the record
@@ -227,7 +238,7 @@ class MlflowTracker:
         assert settings.mlflow_tracking_uri is not None
         token = settings.mlflow_tracking_token.get_secret_value() if settings.mlflow_tracking_token else None
         self.client = MlflowClient(settings.mlflow_tracking_uri.get_secret_value(), token, settings.mlflow_timeout_s)
-        self.experiment, self.model_name = settings.mlflow_experiment, model_name
+        self.experiment, self.model_name, self.where = settings.mlflow_experiment, model_name, self.client.where
 
     def export(self, run: RoundRun) -> str:
         c = self.client
@@ -283,24 +294,27 @@ class RoundTracking:
         while not self.ctx.stop.is_set():
             self.wake.wait(RETRY_S)
             self.wake.clear()
-            if self.ctx.fence is not None:  # the lease holder's job: two daemons exporting one round could race
+            if self.ctx.fence is None:  # the lease holder's job: two daemons exporting one round could race
+                continue
+            try:
                 self.export_pending()
+            except Exception:  # noqa: BLE001 - a bug here must not end the thread: the next pass tries again
+                log.exception("tracking: pass failed")
 
     def export_pending(self) -> int:
-        """One pass over the rounds still to export; returns how many are left. Stops at the first failure (the
-        tracker is down or refusing: the next pass tries again)."""
-        settings, store = self.ctx.settings, self.ctx.store
-        if settings.mlflow_tracking_uri is None:
+        """One pass over the rounds still to export; returns how many are left (-1: Redis did not answer). Stops at
+        the first failed export (the tracker is down or refusing: the next pass tries again)."""
+        store = self.ctx.store
+        tracker = tracker_for(self.ctx.settings, self.ctx.get_policy().name)
+        if tracker is None:
             return 0
         try:
             pending = sorted(set(store.tracking_pending()) | self.unsaved)
         except Exception as e:  # noqa: BLE001 - Redis down: the next pass reads the set again
             log.warning("tracking: pending rounds not read", extra={"error": repr(e)})
+            tracker.close()
             return -1
         M.TRACKING_PENDING.set(len(pending))
-        if not pending:
-            return 0
-        tracker = MlflowTracker(settings, settings.mlflow_model_name or self.ctx.get_policy().name)
         try:
             for rid in list(pending):
                 rec = self.ctx.get_round(rid)
@@ -310,10 +324,12 @@ class RoundTracking:
                         where = tracker.export(round_run(rec))
                     except Exception as e:  # noqa: BLE001 - a tracker never fails a round: logged, counted, retried
                         M.TRACKING_EXPORTS.labels(outcome="failed").inc()
-                        log.warning("tracking: round not exported", extra={"round_id": rid, "host": tracker.client.where, "error": str(e)})
+                        log.warning("tracking: round not exported", extra={"round_id": rid, "host": tracker.where, "error": str(e)})
                         break
                     M.TRACKING_EXPORTS.labels(outcome="exported").inc()
                     log.info("tracking: round exported", extra={"round_id": rid, "run": where, "seconds": round(time.monotonic() - t0, 2)})
+                else:
+                    log.warning("tracking: round has no ended record; not exported", extra={"round_id": rid})
                 store.clear_tracking_pending(rid)
                 self.unsaved.discard(rid)
                 pending.remove(rid)

@@ -11,7 +11,7 @@ import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -132,6 +132,15 @@ class Settings(BaseSettings):
     def _kafka_settings_fit_together(self) -> Settings:
         self.kafka()  # a SASL protocol without a mechanism or credentials, a cert without its key: refused at start, named
         return self
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _mlflow_uri_is_http(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:  # refused at start, named; the export thread never meets a bad one
+            from connectors.mlflow_rest import MlflowClient
+
+            MlflowClient(v.get_secret_value()).close()
+        return v
 
     def base_checkpoint_path(self) -> Path:
         return self.base_checkpoint or self.checkpoint_dir / "base"

@@ -226,3 +226,14 @@ def test_a_stalled_tracker_never_holds_up_a_round_and_the_round_is_exported_late
     finally:
         ctx.stop.set()
         stalled.close()
+
+
+def test_a_tracking_uri_the_daemon_cannot_speak_to_is_refused_at_start():
+    """Only a tracking server's http(s) URL: a file store or `databricks` would fail every export, so the daemon
+    refuses to start with it (the field named) instead of a thread failing later."""
+    from pydantic import ValidationError
+
+    for uri in ("file:///mlruns", "databricks", "sqlite:///mlflow.db"):
+        with pytest.raises(ValidationError, match="mlflow_tracking_uri"):
+            Settings(mlflow_tracking_uri=uri)
+    assert Settings(mlflow_tracking_uri="https://u:p@mlflow.example:5000/x").mlflow_tracking_uri is not None
