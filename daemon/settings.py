@@ -11,7 +11,7 @@ import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -97,6 +97,20 @@ class Settings(BaseSettings):
     round_webhook_url: SecretStr | None = Field(
         default=None, description="CPTD_ROUND_WEBHOOK_URL; POSTed a small JSON when a round ends (daemon/round_webhook.py)"
     )
+    # --- experiment tracking (daemon/round_tracking.py): off unless a tracking URI is set ---
+    mlflow_tracking_uri: SecretStr | None = Field(
+        default=None,
+        description="CPTD_MLFLOW_TRACKING_URI; an MLflow tracking server, http(s)://[user:password@]host[:port][/path]: each "
+        "ended round becomes a run there and its candidate a registered model version (unset: no tracking)",
+    )
+    mlflow_tracking_token: SecretStr | None = Field(default=None, description="CPTD_MLFLOW_TRACKING_TOKEN; bearer token for the server")
+    mlflow_experiment: str = Field(default="cptd", min_length=1, description="CPTD_MLFLOW_EXPERIMENT; the experiment rounds go to")
+    mlflow_model_name: str | None = Field(
+        default=None, description="CPTD_MLFLOW_MODEL_NAME; the registered model candidates become versions of (default: the policy's name)"
+    )
+    mlflow_timeout_s: float = Field(
+        default=10.0, gt=0, le=120, description="CPTD_MLFLOW_TIMEOUT_S; the bound on each request to the tracking server"
+    )
     # --- what the trainer's hardware holds: the memory plan checks a round against it at PENDING (docs/round-engine.md) ---
     train_gpu_memory_gb: float | None = Field(
         default=None, gt=0, description="CPTD_TRAIN_GPU_MEMORY_GB; GiB of memory on each GPU a round trains on (unset: no plan at PENDING)"
@@ -119,6 +133,15 @@ class Settings(BaseSettings):
     def _kafka_settings_fit_together(self) -> Settings:
         self.kafka()  # a SASL protocol without a mechanism or credentials, a cert without its key: refused at start, named
         return self
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _mlflow_uri_is_http(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:  # refused at start, named; the export thread never meets a bad one
+            from connectors.mlflow_rest import MlflowClient
+
+            MlflowClient(v.get_secret_value()).close()
+        return v
 
     def base_checkpoint_path(self) -> Path:
         return self.base_checkpoint or self.checkpoint_dir / "base"

@@ -70,9 +70,11 @@ def test_import_arrows_point_one_way():
 
 
 def test_the_process_imports_neither_torch_nor_dev_tooling():
+    """Nor the mlflow package: experiment tracking speaks MLflow's REST API (connectors/mlflow_rest.py)."""
+    heavy = ("torch", "transformers", "peft", "mlflow")
     code = (
         "import sys, daemon.app, daemon.cli, daemon.api, daemon.rounds.runner, daemon.ingest, connectors.vllm; "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft') or m.startswith('daemon.dev')))"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r} or m.startswith('daemon.dev')))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

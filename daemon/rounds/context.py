@@ -25,7 +25,7 @@ import redis
 
 from connectors.redis_store import Fence, RedisStore
 from connectors.vllm import ServingError
-from daemon import failpoints, round_webhook
+from daemon import failpoints, round_tracking, round_webhook
 from daemon import metrics as M
 from daemon.job_launchers import Job, JobStartError, Launcher, launcher_for
 from daemon.round_record import CANCEL_CAUSE, PHASES, TERMINAL, PhaseTimes, RoundRecord, RoundState
@@ -118,6 +118,7 @@ class RoundContext:
     kube_api_client: Any = None  # the Kubernetes API client (tests point it at a fake API); None = in-cluster/kubeconfig
     launcher: Launcher | None = None  # the job running now
     reconcile_due: bool = False  # a DEPLOYING error may have left replicas on different versions: reconcile first
+    tracking: round_tracking.RoundTracking | None = None  # the export of ended rounds (CPTD_MLFLOW_TRACKING_URI), made at first use
 
     # ------------------------------------------------------------------ the record
     def fenced(self) -> Fence:
@@ -173,6 +174,13 @@ class RoundContext:
             serving = self.serving.state.desired_version if self.serving is not None else None
             event = round_webhook.round_ended(rec, self.get_policy().name, serving)
             round_webhook.send(self.settings.round_webhook_url.get_secret_value(), event)
+        if state in TERMINAL and self.settings.mlflow_tracking_uri is not None:  # exported by a thread, never holding up the round
+            self.tracker().ended(rec)
+
+    def tracker(self) -> round_tracking.RoundTracking:
+        if self.tracking is None:
+            self.tracking = round_tracking.RoundTracking(self)
+        return self.tracking
 
     @staticmethod
     def policy_of(rec: RoundRecord) -> Policy:

@@ -232,6 +232,8 @@ class RoundRunner:
             deploying_now = unfinished is not None and unfinished.state == RoundState.DEPLOYING  # its resumed deploy converges them
             deploying.reconcile_serving(ctx, roll_back_diverged=not deploying_now)
         ctx.reconcile_due = False
+        if s.mlflow_tracking_uri is not None:  # rounds a predecessor ended but did not export
+            ctx.tracker().kick()
         return unfinished.id if unfinished else None
 
     # ------------------------------------------------------------------ main loop
