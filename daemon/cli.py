@@ -226,6 +226,11 @@ def print_round(rec: RoundRecord) -> None:
         print(f"  gate        {'ACCEPTED ' + str(g.chosen) if g.accepted else 'REJECTED'}")
         for r in g.reasons:
             print(f"              [{r.code}] {r.checkpoint + ': ' if r.checkpoint else ''}{r.message}")
+    if ap := rec.approval:
+        how = f"{ap.decision} by {ap.by or '-'} at {_ts(ap.at)}" if ap.decision else f"waiting until {_ts(ap.deadline)}"
+        print(f"  approval    {how}" + (f": {ap.note}" if ap.note else ""))
+    if sh := rec.shadow:
+        print(f"  shadow      would have deployed {sh.version} ({sh.kind}) to {len(sh.replicas)} replica(s) serving {sh.serving_version}")
     if dp := rec.deploy:
         print(f"  deploy      {'ok' if dp.ok else 'FAILED'}  pause max {_f(dp.pause_seconds_max, '.3f')} s  at {_ts(rec.deployed_at)}")
         if dp.route_model:
