@@ -76,7 +76,7 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return int(e.value.code or 0), out, err
 
 
-def evaluated_round(d: Daemon, rid: str, candidate: Path, parent: Path, docs: int = 6) -> RoundRecord:
+def evaluated_round(d: Daemon, rid: str, candidate: Path, parent: Path, docs: int = 6, policy: Policy | None = None) -> RoundRecord:
     """A round whose trainer and evaluator have finished: its documents taken from the buffer, `final` the candidate, the
     evaluator's report written (the candidate better on the new documents, no worse on replay), state EVALUATING."""
     ctx, store = d.runner.ctx, d.store
@@ -87,7 +87,7 @@ def evaluated_round(d: Daemon, rid: str, candidate: Path, parent: Path, docs: in
     out.mkdir(parents=True)
     (out / "final").symlink_to(candidate)
     rec = bare_record(rid, RoundState.EVALUATING)
-    rec.owner, rec.policy, rec.parent = ctx.owner, d.policy, Parent(version="base", checkpoint=str(parent))
+    rec.owner, rec.policy, rec.parent = ctx.owner, policy or d.policy, Parent(version="base", checkpoint=str(parent))
     spec = TrainSpec(parent_dir=str(parent), out_dir=str(out), new_path=str(out / "new.jsonl"), round_id=rid)
     result = TrainResult(round_id=rid, steps=12, final=str(out / "final"))
     rec.train = TrainRecord(spec=spec, spec_digest="-", out_dir=str(out), launcher="subprocess", result=result)
@@ -166,6 +166,19 @@ def test_a_shadow_round_never_touches_a_replica(redis_client, tmp_path, on_repli
         assert rounds["deploy_mode"] == "shadow" and rounds["latest"]["shadow"]["version"] == "r00001"
         assert 'cptd_deploy_mode{mode="shadow"} 1.0' in httpx.get(url + "/metrics", timeout=10).text
 
+    # A LoRA round in shadow mode: its adapter is checked as deploy_lora would check it, and never loaded.
+    lora = Policy.model_validate({"name": "shadow", "deploy": {"mode": "shadow"}, "train": {"mode": "lora", "lora_r": 8, "lora_alpha": 16}})
+    evaluated_round(d, "r00002", tiny_models.lora1, tiny_models.base, policy=lora)
+    models, before = on_replica.model_ids(), replica_calls(on_replica.url)
+    rec = d.runner.drive("r00002")
+    assert rec.state == RoundState.SHADOWED, rec.error
+    assert writes(before, replica_calls(on_replica.url)) == {} and on_replica.model_ids() == models
+    assert rec.shadow is not None and (rec.shadow.kind, rec.shadow.route_model, rec.shadow.serving_version) == (
+        "lora",
+        "cptd-r00002",
+        "base",
+    )
+
 
 def test_an_approve_round_deploys_only_after_cptd_approve(redis_client, tmp_path, on_replica, tiny_models, capsys, monkeypatch):
     policy = Policy.model_validate({"name": "approve", "deploy": {"mode": "approve", "approval_timeout_s": 600}})
@@ -204,7 +217,7 @@ def test_an_approve_round_deploys_only_after_cptd_approve(redis_client, tmp_path
         assert httpx.get(url + "/status", timeout=10).json()["rounds"]["awaiting_approval"] is None
 
 
-def test_an_approval_nobody_gives_rejects_the_round_after_a_lease_change_and_reject_ends_it_too(
+def test_an_unanswered_approval_rejects_the_round_across_a_lease_change_and_reject_or_cancel_end_a_wait(
     redis_client, tmp_path, capsys, monkeypatch
 ):
     """No replica: nothing here would reach one (the decision is before DEPLOYING). The first lease holder stops while
@@ -249,3 +262,14 @@ def test_an_approval_nobody_gives_rejects_the_round_after_a_lease_change_and_rej
         assert rec2.state == RoundState.REJECTED and rec2.approval.decision == "rejected" and rec2.docs.fate == "released"
         rc, out, _ = cli(capsys, "round", "r00002", "--wait", "--json", "--url", url)
         assert rc == Exit.REJECTED
+
+        # A cancel while it waits ends it FAILED with its documents back in the buffer, as in any phase before DEPLOYING.
+        evaluated_round(b, "r00003", tmp_path / "candidate", tmp_path / "base")
+        driver = threading.Thread(target=lambda: b.runner.drive("r00003"), daemon=True)
+        driver.start()
+        wait_for(lambda: b.runner.get_round("r00003").state == RoundState.AWAITING_APPROVAL, 30, "the third wait")
+        assert cli(capsys, "cancel", "r00003", "--url", url)[0] == Exit.OK
+        driver.join(timeout=30)
+        rec3: Any = b.runner.get_round("r00003")
+        assert rec3.state == RoundState.FAILED and rec3.cancelled and rec3.docs.fate == "requeued"
+        assert sorted(b.store.buffer_keys()) == [f"r00003-doc{o}" for o in range(12, 18)]  # offsets 12..17: its six
