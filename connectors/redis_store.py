@@ -40,6 +40,8 @@ Keys:
   requests  HASH  request id -> JSON (round requests from the API, taken by the lease holder)
   request_result:ID STRING JSON (the round request ID started, or why not); expires after REQUEST_RESULT_TTL_S
   cancel    SET   round ids an operator asked to cancel (a finished round's mark is removed at its end)
+  approvals HASH  round id -> JSON {decision, by, note, at}: an operator's decision on a round waiting in
+                  AWAITING_APPROVAL (the first one stands; removed when its round has ended)
   control   HASH  request id -> JSON (leader-only operator requests such as a rollback, sent to any daemon, taken by the
                   lease holder; the answer goes to request_result:ID)
   ingest_pause STRING JSON {by, at}: the operator's ingest pause, read by every daemon's ingest loop at its batch boundary
@@ -294,7 +296,7 @@ class RedisStore:
         self.k_lease, self.k_epoch, self.k_rounds, self.k_round_seq = p + "lease", p + "epoch", p + "rounds", p + "round_seq"
         self.k_serving, self.k_requests, self.k_cancel = p + "serving", p + "requests", p + "cancel"
         self.k_control, self.k_ingest_pause = p + "control", p + "ingest_pause"
-        self.k_identity = p + "identity"
+        self.k_identity, self.k_approvals = p + "identity", p + "approvals"
         self.k_tracking = p + "tracking_pending"
         self._next_round = client.register_script(lua_source("next_round.lua"))
         self._prefix = p
@@ -717,6 +719,25 @@ class RedisStore:
 
     def clear_tracking_pending(self, round_id: str) -> None:
         self.r.srem(self.k_tracking, round_id)
+
+    def decide_approval(self, round_id: str, decision: dict[str, Any]) -> dict[str, Any] | None:
+        """Keep an operator's decision on a waiting round; the first one stands (HSETNX). Returns the decision already
+        kept when there is one (this one is then dropped), None when this one was kept."""
+        if self.r.hsetnx(self.k_approvals, round_id, json.dumps(decision)):
+            return None
+        return self.approval_decision(round_id)
+
+    def approval_decision(self, round_id: str) -> dict[str, Any] | None:
+        v = self.r.hget(self.k_approvals, round_id)
+        return json.loads(v) if v else None
+
+    def approval_marks(self) -> list[str]:
+        return sorted(_text(k) for k in cast("list[bytes | str]", self.r.hkeys(self.k_approvals)))
+
+    def clear_approvals(self, round_ids: Sequence[str]) -> None:
+        """Forget the decisions on rounds that ended (a decision only matters while its round waits)."""
+        if round_ids:
+            self.r.hdel(self.k_approvals, *round_ids)
 
     def ping(self) -> bool:
         return bool(self.r.ping())

@@ -21,12 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message
 
 from daemon import metrics as M
-from daemon.round_record import CancelResult, RollbackResult, RoundRecord, RoundSummary, TriggerResult
+from daemon.round_record import ApprovalResult, CancelResult, RollbackResult, RoundRecord, RoundSummary, TriggerResult
 
 
 class UnknownRound(KeyError):
@@ -44,6 +44,7 @@ class Engine(Protocol):
     def trigger(self, reason: str, wait_s: float = 5.0) -> TriggerResult: ...
     def trigger_result(self, request_id: str) -> TriggerResult | None: ...
     def cancel(self, round_id: str) -> CancelResult: ...
+    def decide(self, round_id: str, decision: str, by: str | None, note: str | None) -> ApprovalResult: ...
     def rollback(self, to: str | None) -> RollbackResult: ...
 
 
@@ -66,6 +67,11 @@ MAX_BODY_BYTES = 16 * 1024
 
 class TriggerBody(BaseModel):
     reason: str = "operator"
+
+
+class DecisionBody(BaseModel):
+    by: str | None = Field(default=None, max_length=200)  # who decides (the CLI sends user@host)
+    note: str | None = Field(default=None, max_length=2000)  # why; kept in the round's record
 
 
 class RollbackBody(BaseModel):
@@ -240,6 +246,23 @@ def create_app(engine: Engine | None = None, token: str | None = None) -> FastAP
             return _need(engine).cancel(round_id)
         except KeyError:
             raise UnknownRound(f"no round {round_id!r}") from None
+
+    def _decide(round_id: str, decision: str, body: DecisionBody | None) -> ApprovalResult:
+        b = body or DecisionBody()
+        try:
+            return _need(engine).decide(round_id, decision, b.by, b.note)
+        except KeyError:
+            raise UnknownRound(f"no round {round_id!r}") from None
+
+    @control.post("/rounds/{round_id}/approve")
+    def approve(round_id: str, body: DecisionBody | None = None) -> ApprovalResult:
+        """deploy.mode approve: deploy the round waiting in AWAITING_APPROVAL (409 naming its state if it is not)."""
+        return _decide(round_id, "approved", body)
+
+    @control.post("/rounds/{round_id}/reject")
+    def reject(round_id: str, body: DecisionBody | None = None) -> ApprovalResult:
+        """deploy.mode approve: the waiting round ends REJECTED, its documents released as after a gate rejection."""
+        return _decide(round_id, "rejected", body)
 
     @control.post(
         "/rollback",

@@ -27,8 +27,9 @@ from daemon import resource_gauges
 from daemon.api import MANIFEST_PAGE, create_app
 from daemon.ingest import Ingestor, IngestState
 from daemon.policy_watch import PolicyWatcher
-from daemon.round_record import TERMINAL, CancelResult, RollbackResult, RoundRecord, RoundState, RoundSummary, TriggerResult
+from daemon.round_record import TERMINAL, ApprovalResult, CancelResult, RollbackResult, RoundRecord, RoundState, RoundSummary, TriggerResult
 from daemon.round_triggers import Scheduler
+from daemon.rounds import approval
 from daemon.rounds.runner import RoundRunner
 from daemon.settings import Settings
 from policies.config import Policy, load_policy, policy_hash
@@ -95,9 +96,14 @@ class Daemon:
             M.REPLAY_CAP_DOCS.set(out["replay"]["cap"])
             out["rounds"] = self.runner.status()
             out["rounds"]["triggers"] = self.scheduler.jobs()
-            latest = self.runner.list_rounds(limit=1)  # one record read, not all
-            shown = {"id", "state", "error", "created_at", "updated_at", "curation"}
+            latest = self.runner.list_rounds(limit=1)  # one record read, not all (one round at a time: a waiting one is it)
+            shown = {"id", "state", "error", "created_at", "updated_at", "curation", "approval", "shadow"}
             out["rounds"]["latest"] = latest[0].model_dump(mode="json", include=shown) if latest else None
+            out["rounds"]["deploy_mode"] = self.policy.deploy.mode  # the next round's; a running round keeps its own
+            waiting = latest[0] if latest and latest[0].state == RoundState.AWAITING_APPROVAL else None
+            out["rounds"]["awaiting_approval"] = (
+                waiting.approval.model_dump(include={"since", "deadline"}) | {"round": waiting.id} if waiting and waiting.approval else None
+            )
         except Exception as e:  # noqa: BLE001 - status must answer even when Redis is down
             out["redis_error"] = self.redis_reason(e)
         return out
@@ -151,6 +157,10 @@ class Daemon:
         self.store.request_cancel(round_id)
         self.runner.wake.set()
         return CancelResult(round=round_id, cancel_requested=True, state=rec.state)
+
+    def decide(self, round_id: str, decision: str, by: str | None, note: str | None) -> ApprovalResult:
+        """Any daemon takes it: the decision is kept in Redis, where the lease holder's waiting round reads it."""
+        return approval.decide(self.store, self.runner.get_round(round_id), round_id, decision, by, note)
 
     def rollback(self, to: str | None) -> RollbackResult:
         return self.runner.rollback(to)

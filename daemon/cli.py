@@ -146,6 +146,16 @@ def _api(a: argparse.Namespace, method: str, path: str, body: dict | None = None
     return data
 
 
+def _post_refusable(a: argparse.Namespace, path: str, body: dict[str, Any]) -> Any:
+    """A POST the daemon may refuse because it contradicts the state (409): that refusal is Exit.REFUSED."""
+    try:
+        return _api(a, "POST", path, body)
+    except ApiError as e:
+        if e.status == 409:
+            raise CliError(str(e), Exit.REFUSED) from None
+        raise
+
+
 def cmd_status(a: argparse.Namespace) -> int:
     st = _api(a, "GET", "/status")
     print(json.dumps(st, indent=2)) if a.json else _print_status(st)
@@ -216,6 +226,11 @@ def print_round(rec: RoundRecord) -> None:
         print(f"  gate        {'ACCEPTED ' + str(g.chosen) if g.accepted else 'REJECTED'}")
         for r in g.reasons:
             print(f"              [{r.code}] {r.checkpoint + ': ' if r.checkpoint else ''}{r.message}")
+    if ap := rec.approval:
+        how = f"{ap.decision} by {ap.by or '-'} at {_ts(ap.at)}" if ap.decision else f"waiting until {_ts(ap.deadline)}"
+        print(f"  approval    {how}" + (f": {ap.note}" if ap.note else ""))
+    if sh := rec.shadow:
+        print(f"  shadow      would have deployed {sh.version} ({sh.kind}) to {len(sh.replicas)} replica(s) serving {sh.serving_version}")
     if dp := rec.deploy:
         print(f"  deploy      {'ok' if dp.ok else 'FAILED'}  pause max {_f(dp.pause_seconds_max, '.3f')} s  at {_ts(rec.deployed_at)}")
         if dp.route_model:
@@ -249,12 +264,7 @@ def cmd_trigger(a: argparse.Namespace) -> int:
     """Exit 0 when a round started (or the request was queued for the lease holder), Exit.REFUSED when none did;
     with --wait, how the round ended."""
     until = round_wait.deadline(a)
-    try:
-        out = _api(a, "POST", "/rounds", {"reason": a.reason})
-    except ApiError as e:
-        if e.status == 409:  # rounds disabled, or the request contradicts the state: no round will start
-            raise CliError(str(e), Exit.REFUSED) from None
-        raise
+    out = _post_refusable(a, "/rounds", {"reason": a.reason})  # 409: rounds disabled, or the request contradicts the state
     if not (a.wait and a.json):  # --wait --json prints one object: the end
         _say_triggered(a, out)
     if a.wait and out.get("queued"):
@@ -288,6 +298,18 @@ def _getter(a: argparse.Namespace) -> round_wait.Get:
 def cmd_cancel(a: argparse.Namespace) -> int:
     out = _api(a, "POST", f"/rounds/{a.round}/cancel")
     print(json.dumps(out)) if a.json else print(f"cancel requested for round {a.round} (was {out['state']})")
+    return 0
+
+
+def cmd_decide(a: argparse.Namespace) -> int:
+    """`cptd approve ID` / `cptd reject ID`: the operator's decision on a round waiting in AWAITING_APPROVAL.
+    Exit.REFUSED (with the round's state named) when the round is not waiting, or another decision came first."""
+    import getpass
+    import socket
+
+    by = a.by or f"{getpass.getuser()}@{socket.gethostname()}"
+    out = _post_refusable(a, f"/rounds/{a.round}/{a.cmd}", {"by": by, "note": a.note})
+    print(json.dumps(out)) if a.json else print(f"round {a.round} {out['decision']}: the lease holder acts on it within a second")
     return 0
 
 
@@ -619,6 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cancel", help="cancel a running round (its documents go back to the buffer)")
     p.add_argument("round")
     p.set_defaults(fn=cmd_cancel)
+    for name, what in (("approve", "deploy"), ("reject", "not deploy (it ends REJECTED)")):
+        p = add(name, help=f"deploy.mode approve: {what} a round waiting in AWAITING_APPROVAL")
+        p.add_argument("round")
+        p.add_argument("--note", default=None, help="why (kept in the round's record)")
+        p.add_argument("--by", default=None, help="who decides (default: user@host)")
+        p.set_defaults(fn=cmd_decide)
     p = add("rollback", help="serve the previous version again, or the named round (or 'base')")
     p.add_argument("round", nargs="?")
     p.set_defaults(fn=cmd_rollback)

@@ -25,6 +25,7 @@ class Exit(IntEnum):
     CANCELLED = 12
     OTHER_END = 13
     TIMEOUT = 14
+    SHADOWED = 15
 
 
 EXIT: dict[Exit, str] = {
@@ -33,13 +34,15 @@ EXIT: dict[Exit, str] = {
     " accept-redis-reset without --yes), or an unexpected error (named)",
     Exit.BAD_INPUT: "bad input: usage, an unreadable file, invalid settings, or the daemon answered an error (4xx/5xx)",
     Exit.DOES_NOT_FIT: "plan: the round does not fit what was declared",
-    Exit.REFUSED: "trigger: the daemon started no round (its reason is printed: empty buffer, a round running, rounds disabled)",
+    Exit.REFUSED: "trigger: the daemon started no round (its reason is printed: empty buffer, a round running, rounds disabled);"
+    " approve, reject: the round is not waiting for approval (its state is printed), or was decided otherwise already",
     Exit.UNREACHABLE: "no daemon answers at --url ($CPTD_URL); while waiting: none answered for 5 minutes",
     Exit.REJECTED: "--wait: the round ended REJECTED (the gate said no)",
     Exit.FAILED: "--wait: the round ended FAILED",
     Exit.CANCELLED: "--wait: the round ended FAILED because an operator cancelled it",
     Exit.OTHER_END: "--wait: the round ended in another terminal state (ROLLED_BACK)",
     Exit.TIMEOUT: "--wait: --timeout passed before the round ended (it goes on)",
+    Exit.SHADOWED: "--wait: the round ended SHADOWED (deploy.mode shadow: the gate accepted, nothing was deployed)",
 }
 
 

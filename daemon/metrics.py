@@ -94,12 +94,29 @@ DEDUP_KEYS = Gauge(
 # --- rounds -------------------------------------------------------------------
 ROUNDS = Counter(
     "cptd_rounds_total",
-    "Rounds that reached a terminal state, by state (DEPLOYED, REJECTED, FAILED, ROLLED_BACK)",
+    "Rounds that reached a terminal state, by state (DEPLOYED, REJECTED, FAILED, ROLLED_BACK, SHADOWED)",
     ["state"],
     registry=REGISTRY,
 )
 ROUND_PHASE = Gauge(
-    "cptd_round_phase", "1 for the phase the current round is in (PENDING ... DEPLOYING), 0 otherwise", ["phase"], registry=REGISTRY
+    "cptd_round_phase",
+    "1 for the phase the current round is in (PENDING ... AWAITING_APPROVAL, DEPLOYING), 0 otherwise",
+    ["phase"],
+    registry=REGISTRY,
+)
+ROUND_AWAITING_APPROVAL = Gauge(
+    "cptd_round_awaiting_approval_since_timestamp_seconds",
+    "Unix time the round now waiting for an operator's approval (deploy.mode approve) began to wait; 0 when none waits",
+    registry=REGISTRY,
+)
+ROUND_APPROVALS = Counter(
+    "cptd_round_approvals_total",
+    "How the rounds that waited for approval ended the wait: approved, rejected (by an operator), timed_out",
+    ["decision"],
+    registry=REGISTRY,
+)
+DEPLOY_MODE = Gauge(
+    "cptd_deploy_mode", "1 for the policy's deploy.mode (auto, shadow, approve), 0 for the others", ["mode"], registry=REGISTRY
 )
 ROUND_PHASE_SECONDS = Histogram(
     "cptd_round_phase_seconds",

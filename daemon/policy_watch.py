@@ -16,8 +16,17 @@ from pathlib import Path
 
 from daemon import metrics as M
 from policies.config import Policy, PolicyError, load_policy, policy_hash
+from policies.round_policy import DEPLOY_MODES
 
 log = logging.getLogger("cptd.policy")
+
+
+def export(policy: Policy) -> None:
+    """The policy in force as metrics: its hash, the synthetic cap's alert threshold, the deploy mode."""
+    M.POLICY_INFO.info({"hash": policy_hash(policy), "name": policy.name})
+    M.SYNTHETIC_CAP_ALERT_ROUNDS.set(policy.collapse.cap_alert_rounds)
+    for mode in DEPLOY_MODES:
+        M.DEPLOY_MODE.labels(mode=mode).set(1 if mode == policy.deploy.mode else 0)
 
 
 class PolicyWatcher:
@@ -36,8 +45,7 @@ class PolicyWatcher:
         self.refusal = refusal
         self.last_error: str | None = None
         self._seen = self._digest()
-        M.POLICY_INFO.info({"hash": policy_hash(current), "name": current.name})
-        M.SYNTHETIC_CAP_ALERT_ROUNDS.set(current.collapse.cap_alert_rounds)
+        export(current)
 
     def _digest(self) -> str | None:
         try:
@@ -73,8 +81,7 @@ class PolicyWatcher:
         self.current = new
         self.on_change(new)
         M.POLICY_RELOADS.inc()
-        M.POLICY_INFO.info({"hash": new_hash, "name": new.name})
-        M.SYNTHETIC_CAP_ALERT_ROUNDS.set(new.collapse.cap_alert_rounds)
+        export(new)
         log.info("policy reloaded", extra={"old_hash": old_hash, "policy_hash": new_hash})
         return True, new_hash
 

@@ -25,19 +25,28 @@ class RoundState(str, Enum):
     SNAPSHOT = "SNAPSHOT"
     TRAINING = "TRAINING"
     EVALUATING = "EVALUATING"
+    AWAITING_APPROVAL = "AWAITING_APPROVAL"  # deploy.mode approve: the gate accepted; an operator decides
     DEPLOYING = "DEPLOYING"
     DEPLOYED = "DEPLOYED"
     REJECTED = "REJECTED"
     FAILED = "FAILED"
     ROLLED_BACK = "ROLLED_BACK"
+    SHADOWED = "SHADOWED"  # deploy.mode shadow: the gate accepted; not deployed, `shadow` says what would have been
 
     @property
     def terminal(self) -> bool:
         return self in TERMINAL
 
 
-PHASES = (RoundState.PENDING, RoundState.SNAPSHOT, RoundState.TRAINING, RoundState.EVALUATING, RoundState.DEPLOYING)
-TERMINAL = frozenset({RoundState.DEPLOYED, RoundState.REJECTED, RoundState.FAILED, RoundState.ROLLED_BACK})
+PHASES = (
+    RoundState.PENDING,
+    RoundState.SNAPSHOT,
+    RoundState.TRAINING,
+    RoundState.EVALUATING,
+    RoundState.AWAITING_APPROVAL,
+    RoundState.DEPLOYING,
+)
+TERMINAL = frozenset({RoundState.DEPLOYED, RoundState.REJECTED, RoundState.FAILED, RoundState.ROLLED_BACK, RoundState.SHADOWED})
 
 # The cause every cancelled round ends FAILED with (its error starts with it): how `cptd round --wait` and the
 # round-end webhook tell an operator's cancel from a failure without a state of its own.
@@ -285,6 +294,28 @@ class RollbackRecord(Part):
     reason: str | None = None
 
 
+class ApprovalRecord(Part):
+    """deploy.mode approve: the wait for an operator's decision and how it ended."""
+
+    since: float  # when the round began to wait
+    deadline: float  # since + deploy.approval_timeout_s of the round's policy: past it, the round is rejected
+    decision: str | None = None  # approved | rejected | timed_out
+    by: str | None = None  # who decided (the CLI's user@host, or what the API caller said)
+    note: str | None = None
+    at: float | None = None
+
+
+class ShadowRecord(Part):
+    """deploy.mode shadow: what the round would have deployed, had the mode been auto. No replica was touched."""
+
+    version: str  # the version the replicas would have served (the round id)
+    kind: str  # deploy (full weights) | lora (an adapter under `route_model`)
+    candidate: str  # the checkpoint (or adapter) directory, validated against the served one as a deploy would
+    route_model: str | None = None
+    replicas: list[str] = Field(default_factory=list)  # the replicas it would have been swapped into
+    serving_version: str | None = None  # what they served, and still serve
+
+
 class DocsFate(Part):
     fate: str  # requeued (back to the buffer) | released (offered to replay, left the buffer)
     docs: int
@@ -316,6 +347,8 @@ class RoundRecord(Part):
     eval: EvalSummary | None = None
     gate: GateRecord | None = None
     candidate: str | None = None  # checkpoint directory the gate chose
+    approval: ApprovalRecord | None = None  # deploy.mode approve
+    shadow: ShadowRecord | None = None  # deploy.mode shadow
     deploy_wait: DeployWait | None = None
     deploy: DeploySummary | None = None
     watch: WatchRecord | None = None
@@ -386,6 +419,15 @@ class TriggerResult(BaseModel):
 class CancelResult(BaseModel):
     round: str
     cancel_requested: bool
+    state: RoundState
+
+
+class ApprovalResult(BaseModel):
+    """Answer to `POST /rounds/{id}/approve|reject` and `cptd approve|reject`: the decision is kept in Redis; the lease
+    holder's round, waiting in AWAITING_APPROVAL, acts on it within a second."""
+
+    round: str
+    decision: str  # approved | rejected
     state: RoundState
 
 

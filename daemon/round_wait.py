@@ -38,6 +38,8 @@ def outcome(rec: RoundRecord) -> Exit:
         return Exit.OK
     if rec.state == RoundState.REJECTED:
         return Exit.REJECTED
+    if rec.state == RoundState.SHADOWED:
+        return Exit.SHADOWED
     if rec.cancelled:
         return Exit.CANCELLED
     return Exit.FAILED if rec.state == RoundState.FAILED else Exit.OTHER_END
@@ -89,7 +91,7 @@ def wait_round(a: argparse.Namespace, get: Get, rid: str, until: float | None) -
             return Exit.TIMEOUT
         rec = RoundRecord.model_validate(raw)
         if rec.state != seen and not a.json:
-            print(f"round {rid} {rec.state.value}" + (f": {rec.error}" if rec.error else ""), flush=True)
+            print(f"round {rid} {rec.state.value}" + (f": {rec.error}" if rec.error else "") + _waiting(rec), flush=True)
         seen = rec.state
         if rec.state.terminal:
             code = outcome(rec)
@@ -103,6 +105,14 @@ def wait_round(a: argparse.Namespace, get: Get, rid: str, until: float | None) -
             say_timeout(a, rid, f"round {rid} still {rec.state.value} at --timeout {a.timeout:g} s")
             return Exit.TIMEOUT
         _pause(a, until)
+
+
+def _waiting(rec: RoundRecord) -> str:
+    """What a round waiting for approval needs, said once when the wait sees it begin."""
+    if rec.state != RoundState.AWAITING_APPROVAL or rec.approval is None:
+        return ""
+    until = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(rec.approval.deadline))
+    return f" (cptd approve {rec.id} | cptd reject {rec.id}; rejected if undecided at {until})"
 
 
 def say_timeout(a: argparse.Namespace, rid: str | None, message: str) -> None:

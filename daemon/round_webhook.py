@@ -37,15 +37,17 @@ class RoundEnded(BaseModel):
     round: str
     state: RoundState
     cancelled: bool  # FAILED because an operator cancelled it
-    reason: str | None  # the error of a failed round, the gate's reason codes of a rejected one
+    reason: str | None  # the error of a failed round; a rejected one's gate reason codes, or "approval rejected|timed_out"
     parent: str | None  # the version the round trained from
-    deployed_version: str | None  # the version serving once the round ended (the round itself when DEPLOYED)
+    deployed_version: str | None  # the version serving once the round ended (the round itself when DEPLOYED; never SHADOWED)
     at: float
 
 
 def round_ended(rec: RoundRecord, deployment: str, serving_version: str | None) -> RoundEnded:
     reason = rec.error
-    if reason is None and rec.state == RoundState.REJECTED and rec.gate is not None:
+    if reason is None and rec.state == RoundState.REJECTED and rec.approval is not None and rec.approval.decision:
+        reason = f"approval {rec.approval.decision}" + (f" by {rec.approval.by}" if rec.approval.by else "")
+    elif reason is None and rec.state == RoundState.REJECTED and rec.gate is not None:
         reason = ", ".join(r.code for r in rec.gate.reasons) or None
     return RoundEnded(
         deployment=deployment,

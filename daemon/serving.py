@@ -384,16 +384,31 @@ class ServingController:
         except ServingError as e:
             log.error("replica left paused: resume after a failed swap failed", extra={"replica": r.url, "error": str(e)})
 
+    def validate(
+        self, candidate: str | Path, version: str, adapter: bool = False, max_rank: int | None = None, reference: str | Path | None = None
+    ) -> None:
+        """The checks a deploy makes before it touches any replica (CheckpointError names each problem): a full
+        checkpoint against the served one (config, tensors, tokenizer), an adapter's rank and files and its unused
+        name. A shadow round asks exactly this, so what it says it would have deployed would have passed them."""
+        if adapter:
+            validate_lora_adapter(candidate, max_rank)
+            name = self.lora_name(version)
+            if name in self.state.lora_versions:
+                raise CheckpointError(str(candidate), [f"adapter name {name} already used; a new round needs a new name"])
+            return
+        prev = self.state.desired_version
+        ref = reference or (self.state.versions[prev].checkpoint if prev in self.state.versions else None)
+        if ref is None:
+            raise ValueError("no reference checkpoint: adopt() the serving checkpoint first or pass reference=")
+        validate_checkpoint(candidate, ref)
+
     def deploy(self, checkpoint: str | Path, version: str, reference: str | Path | None = None) -> DeployRecord:
         """Swap every replica, one at a time; if any fails, every replica touched goes back."""
         checkpoint = str(Path(checkpoint).resolve())
         rec = DeployRecord(kind="deploy", version=version, checkpoint=checkpoint, started_at=time.time())
         prev = self.state.desired_version
-        ref = reference or (self.state.versions[prev].checkpoint if prev in self.state.versions else None)
-        if ref is None:
-            raise ValueError("no reference checkpoint: adopt() the serving checkpoint first or pass reference=")
         try:
-            validate_checkpoint(checkpoint, ref)
+            self.validate(checkpoint, version, reference=reference)
         except CheckpointError as e:
             rec.rejected = e.problems
             rec.error = {"replica": "", "step": "validate", "message": str(e)}
@@ -585,9 +600,7 @@ class ServingController:
         name = self.lora_name(version)
         rec = DeployRecord(kind="lora", version=version, checkpoint=path, started_at=time.time(), route_model=name)
         try:
-            validate_lora_adapter(path, max_rank)
-            if name in self.state.lora_versions:
-                raise CheckpointError(path, [f"adapter name {name} already used; a new round needs a new name"])
+            self.validate(path, version, adapter=True, max_rank=max_rank)
         except CheckpointError as e:
             rec.rejected, rec.error, rec.finished_at = e.problems, {"replica": "", "step": "validate", "message": str(e)}, time.time()
             return rec

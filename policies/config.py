@@ -28,7 +28,7 @@ from policies.lr_schedule import SchedulePolicy
 from policies.provenance import UNKNOWN_DOMAIN, ProvenancePolicy
 from policies.quality import QualityPolicy
 from policies.replay import ReplayPolicy
-from policies.round_policy import RoundsPolicy, TriggerPolicy
+from policies.round_policy import DeployPolicy, RoundsPolicy, TriggerPolicy
 from policies.train import TrainPolicy
 
 
@@ -90,6 +90,7 @@ class Policy(Section):
     train: TrainPolicy = TrainPolicy()
     rounds: RoundsPolicy = RoundsPolicy()
     triggers: TriggerPolicy = TriggerPolicy()
+    deploy: DeployPolicy = DeployPolicy()
 
     def named_domains(self) -> frozenset[str]:
         """The domains the operator named (curation targets, source rules, classifier labels) and 'unknown'.

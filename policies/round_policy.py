@@ -1,4 +1,4 @@
-"""When a round starts, how big it is, and when its checkpoint may be swapped in.
+"""When a round starts, how big it is, and when and whether its checkpoint may be swapped in.
 
 Triggers (TriggerPolicy) are the operator's answer to "how often do we pay for a
 round": a crontab time, a fixed interval, a volume of new data, or a measured
@@ -22,6 +22,11 @@ also ORs a restricted day-of-month with a restricted day-of-week where
 APScheduler ANDs them; rather than pick one meaning silently, an expression
 restricting both is refused (write two expressions instead).
 
+Whether an accepted candidate is swapped in at all is the deploy mode
+(DeployPolicy): `auto` deploys it, `shadow` stops short of serving and records
+what it would have deployed, `approve` waits for an operator's decision, and
+one not given within `approval_timeout_s` counts as a rejection.
+
 All functions here are pure: `now` is passed in, nothing is read from a clock.
 """
 
@@ -33,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
+from typing import Literal
 from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.cron import CronTrigger
@@ -228,6 +234,27 @@ class RoundsPolicy(Section):
         "scored by lm-eval itself",
     )
     canaries: str | None = Field(default=None, description="JSONL path of canary prompts checked after a swap")
+
+
+DEPLOY_MODES = ("auto", "shadow", "approve")
+
+
+class DeployPolicy(Section):
+    """What happens to a candidate the gate accepted (docs/round-engine.md, Deploy modes)."""
+
+    mode: Literal["auto", "shadow", "approve"] = Field(
+        default="auto",
+        description="auto: deploy every accepted candidate; shadow: run every phase but DEPLOYING and record what would have "
+        "been deployed (the round ends SHADOWED, no replica is touched); approve: wait in AWAITING_APPROVAL for "
+        "`cptd approve ID` or `cptd reject ID` (or POST /rounds/ID/approve|reject)",
+    )
+    approval_timeout_s: float = Field(
+        default=86400,
+        ge=1,
+        le=30 * 86400,
+        description="approve mode: a round waiting longer than this for a decision is rejected (ends REJECTED, its documents "
+        "released as after a gate rejection)",
+    )
 
 
 def estimate_tokens(nbytes: int, policy: RoundsPolicy) -> int:

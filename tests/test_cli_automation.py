@@ -108,6 +108,7 @@ def test_round_wait_exit_code_says_how_the_round_ended(served, capsys):
         "r00003": (RoundState.FAILED, "TRAINING: trainer exited 1", Exit.FAILED),
         "r00004": (RoundState.FAILED, CANCEL_CAUSE, Exit.CANCELLED),
         "r00005": (RoundState.ROLLED_BACK, None, Exit.OTHER_END),
+        "r00010": (RoundState.SHADOWED, None, Exit.SHADOWED),
     }
     for rid, (state, error, _) in ends.items():
         _round(ctx, rid, state, error)

@@ -17,7 +17,7 @@ from connectors.redis_store import RedisStore
 from daemon import metrics as M
 from daemon import round_webhook
 from daemon.dev.services import wait_for
-from daemon.round_record import RoundState
+from daemon.round_record import ApprovalRecord, RoundState
 from daemon.rounds.context import RoundContext
 from daemon.settings import Settings
 from policies.config import Policy
@@ -100,3 +100,13 @@ def test_the_round_ends_without_waiting_for_the_webhook(redis_client: redis_lib.
     wait_for(slow.answered.is_set, timeout=30, what="the webhook's answer")
     body = slow.hits[0].decode()
     assert '"state":"FAILED"' in body and '"reason":"EVALUATING: ValueError: no held-out documents"' in body
+
+
+def test_the_event_says_why_an_approve_round_ended_rejected_and_that_a_shadow_round_changed_nothing():
+    rejected = bare_record("r00004", RoundState.REJECTED)
+    rejected.approval = ApprovalRecord(since=0, deadline=60, decision="rejected", by="ops@host", at=30)
+    assert round_webhook.round_ended(rejected, "hooks", "base").reason == "approval rejected by ops@host"
+    rejected.approval = ApprovalRecord(since=0, deadline=60, decision="timed_out", at=60)
+    assert round_webhook.round_ended(rejected, "hooks", "base").reason == "approval timed_out"
+    shadowed = round_webhook.round_ended(bare_record("r00005", RoundState.SHADOWED), "hooks", "r00003")
+    assert (shadowed.state, shadowed.deployed_version, shadowed.reason) == (RoundState.SHADOWED, "r00003", None)

@@ -8,6 +8,7 @@ pool_choice.py   SNAPSHOT's curation: score the candidate pool, choose (policies
 drift_measure.py the drift probe job: at SNAPSHOT and for the drift trigger
 training.py      TRAINING: the TrainSpec, the trainer job, its progress
 evaluating.py    EVALUATING: the evaluator job and the gate
+approval.py      after the gate: deploy.mode auto (DEPLOYING), shadow (SHADOWED), approve (AWAITING_APPROVAL, decisions)
 deploying.py     DEPLOYING: blackout windows, the swap, the watch; operator rollback; retention
 document_fate.py where a round's documents go when it ends: back to the buffer, or on to replay
 """

@@ -4,7 +4,8 @@ Candidates are the newest `rounds.eval_checkpoints` mid-round checkpoints and
 `final`. LoRA/QLoRA candidates are adapters, scored on the served base against
 what clients get now (the base + the active adapter). Everything is scored in
 the dtype vLLM serves in. The gate (policies/gates.py) accepts the best passing
-checkpoint or rejects with every reason; a report already written is not
+checkpoint or rejects with every reason; what follows an acceptance is the
+deploy mode's (daemon/rounds/approval.py); a report already written is not
 scored again on resume.
 """
 
@@ -18,6 +19,7 @@ from daemon import metrics as M
 from daemon.job_launchers import Job, JsonlFollower
 from daemon.jobs.specs import EvalReport, EvalSpec
 from daemon.round_record import CandidateScores, EvalProgress, EvalSummary, GateRecord, ModelLosses, RoundRecord, RoundState
+from daemon.rounds.approval import after_gate
 from daemon.rounds.context import RoundContext
 from daemon.rounds.document_fate import release
 from policies.gates import GateDecision, gate_round
@@ -83,7 +85,7 @@ def evaluating(ctx: RoundContext, rec: RoundRecord) -> None:
         return
     assert decision.chosen is not None  # an accepting gate names its checkpoint
     rec.candidate = dict(candidates)[decision.chosen]
-    ctx.enter(rec, RoundState.DEPLOYING)
+    after_gate(ctx, rec)  # deploy.mode: DEPLOYING, AWAITING_APPROVAL, or SHADOWED
 
 
 def record_eval_metrics(report: EvalReport, decision: GateDecision) -> None:

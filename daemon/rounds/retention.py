@@ -1,7 +1,7 @@
 """Retention: what finished rounds leave behind stays bounded, whichever way they ended.
 
-`tidy` runs at every terminal state (DEPLOYED, REJECTED, FAILED, ROLLED_BACK, the operator's rollback included),
-with the policy in force, so lowering a cap frees space at the next round's end:
+`tidy` runs at every terminal state (DEPLOYED, REJECTED, FAILED, ROLLED_BACK, SHADOWED, the operator's rollback
+included), with the policy in force, so lowering a cap frees space at the next round's end:
 
 * round directories: the newest `rounds.keep_rounds` finished ones stay, whatever their end state (a failed or
   rejected round's directory holds its logs and eval report, which is what an operator reads about it; its
@@ -12,7 +12,7 @@ with the policy in force, so lowering a cap frees space at the next round's end:
   `$CPTD_CHECKPOINT_DIR/records/<id>.json` and removed from Redis. `GET /rounds/{id}` reads the archive
   (`RoundContext.get_round`). The archive is not the round's directory: that is deleted long before
   (keep_rounds is far below keep_records), and one small file per round is all it costs.
-* cancel marks of rounds that ended are removed (a mark only matters while its round runs).
+* cancel marks and approval decisions of rounds that ended are removed (they only matter while their round runs).
 
 A failure here (a lost lease included) is logged and never fails a round or a rollback: the next round's end
 tries again.
@@ -35,13 +35,15 @@ log = logging.getLogger("cptd.rounds")
 
 
 def tidy(ctx: RoundContext) -> None:
-    """Prune directories, archive old records, forget the cancel marks of ended rounds (see the module doc)."""
+    """Prune directories, archive old records, forget the cancel marks and decisions of ended rounds (module doc)."""
     rounds = ctx.get_policy().rounds
     try:
         prune_directories(ctx, rounds.keep_rounds)
         archive_records(ctx, rounds.keep_records)
         marks = ctx.store.cancel_marks()
         ctx.store.clear_cancel([rid for rid, raw in zip(marks, ctx.store.get_rounds(marks), strict=True) if not unfinished(raw)])
+        decided = ctx.store.approval_marks()
+        ctx.store.clear_approvals([rid for rid, raw in zip(decided, ctx.store.get_rounds(decided), strict=True) if not unfinished(raw)])
     except (Stop, Fenced) as e:  # the round has ended already; the next lease holder tidies at its next round's end
         log.warning("retention skipped: lease lost", extra={"reason": str(e)})
     except Exception:  # noqa: BLE001 - retention never fails a round (nor an operator's rollback); the next end retries

@@ -1,7 +1,9 @@
 """The round state machine (docs/architecture.md §3): which phase runs next, and how a round ends.
 
     PENDING -> SNAPSHOT -> TRAINING -> EVALUATING -> DEPLOYING -> DEPLOYED
-    exits: REJECTED (the gate said no), FAILED (error or cancel, with cause), ROLLED_BACK
+    deploy.mode approve: EVALUATING -> AWAITING_APPROVAL -> DEPLOYING (approved) | REJECTED (rejected, timed out)
+    deploy.mode shadow:  EVALUATING -> SHADOWED (what it would have deployed is in the record; no replica touched)
+    exits: REJECTED (the gate or an operator said no), FAILED (error or cancel, with cause), ROLLED_BACK
 
 A round's record is written before each phase starts and each phase is
 idempotent, so a daemon killed anywhere resumes the round from its persisted
@@ -26,6 +28,7 @@ import tenacity
 from connectors.redis_store import Fenced
 from connectors.vllm import ServingError
 from daemon.round_record import TERMINAL, RoundRecord, RoundState
+from daemon.rounds.approval import awaiting_approval
 from daemon.rounds.context import Cancelled, Outage, RoundContext, RoundFailed, Stop, redis_outage
 from daemon.rounds.deploying import deploying, reconcile_serving
 from daemon.rounds.document_fate import release, requeue
@@ -42,6 +45,7 @@ PHASE: dict[RoundState, Callable[[RoundContext, RoundRecord], None]] = {
     RoundState.SNAPSHOT: snapshot,
     RoundState.TRAINING: training,
     RoundState.EVALUATING: evaluating,
+    RoundState.AWAITING_APPROVAL: awaiting_approval,
     RoundState.DEPLOYING: deploying,
 }
 
