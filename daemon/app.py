@@ -49,7 +49,7 @@ class Daemon:
         self.kafka_error: str | None = None
         self.stop = threading.Event()
         self.started = time.time()
-        self.watcher = PolicyWatcher(settings.policy, policy, self._apply_policy, lambda p: settings.policy_refusal(p.train))
+        self.watcher = PolicyWatcher(settings.policy, policy, self._apply_policy, settings.policy_refusal)
         self.runner = RoundRunner(self.store, settings, lambda: self.policy)
         self.scheduler = Scheduler(self.runner.request)
         M.UP_SINCE.set(self.started)

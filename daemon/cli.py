@@ -332,7 +332,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     s = Settings() if a.policy is None else Settings(policy=a.policy)
     policy = _load_policy(s.policy)  # refused in one line before anything starts (run() reads it again)
-    if (why := s.policy_refusal(policy.train)) is not None:
+    if (why := s.policy_refusal(policy)) is not None:
         raise CliError(f"invalid policy for this deployment: {why}")
     logs.setup(s.log_level)
     return run(s)

@@ -7,6 +7,7 @@ carry passwords and tokens are secrets, so they come from env or mounted files
 
 from __future__ import annotations
 
+import importlib.util
 import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -16,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
     from connectors.kafka import KafkaConnection
-    from policies.train import TrainPolicy
+    from policies.config import Policy
 
 
 class Settings(BaseSettings):
@@ -153,13 +154,19 @@ class Settings(BaseSettings):
             return 1
         return int(self.train_launcher[9:]) if self.train_launcher.startswith("torchrun:") else None
 
-    def policy_refusal(self, train: TrainPolicy) -> str | None:
-        """What in a policy's `train` section cannot run on this deployment's launcher: refused when the policy loads
-        (at start and on every reload, the old one staying in force), not when a round has already taken documents."""
-        if train.cpu_offload and self.local_ranks() == 1:
+    def policy_refusal(self, policy: Policy) -> str | None:
+        """What in a valid policy this deployment cannot run: refused when the policy loads (at start and on every
+        reload, the old one staying in force), not when a round has already taken documents."""
+        if policy.train.cpu_offload and self.local_ranks() == 1:
             return (
                 f"train.cpu_offload: offloading is FSDP's, and CPTD_TRAIN_LAUNCHER={self.train_launcher} trains on one rank, "
                 "which is not sharded; use torchrun:N or kubernetes with several GPUs, or drop cpu_offload"
+            )
+        harness = sorted(n for n, path in policy.rounds.suites.items() if str(path).endswith((".yaml", ".yml")))
+        if harness and importlib.util.find_spec("lm_eval") is None:
+            return (
+                f"rounds.suites {harness}: lm-eval task YAMLs are scored by lm-eval, which is not installed here "
+                "(pip install 'cptd[harness]', or an image built with EXTRAS=train,launcher,harness)"
             )
         return None
 

@@ -86,9 +86,9 @@ def test_a_policy_the_launcher_cannot_run_is_refused_at_load_and_the_old_one_sta
     path.write_text("name: x\ntrain: {parallelism: fsdp}\n")
     local, sharded = Settings(train_launcher="subprocess"), Settings(train_launcher="torchrun:2")
     applied = []
-    w = PolicyWatcher(path, load_policy(path), applied.append, lambda p: local.policy_refusal(p.train))
+    w = PolicyWatcher(path, load_policy(path), applied.append, local.policy_refusal)
     path.write_text("name: x\ntrain: {parallelism: fsdp, cpu_offload: true}\n")
     changed, msg = w.check()
     assert not changed and "train.cpu_offload" in msg and "CPTD_TRAIN_LAUNCHER=subprocess" in msg
     assert w.current.train.cpu_offload is False and applied == []
-    assert sharded.policy_refusal(load_policy(path).train) is None  # several ranks: the same file is fine
+    assert sharded.policy_refusal(load_policy(path)) is None  # several ranks: the same file is fine
