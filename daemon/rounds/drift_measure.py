@@ -47,7 +47,9 @@ def measure_for_round(ctx: RoundContext, rec: RoundRecord, new: Path, ref: Path)
         dtype=ctx.served_dtype(),
     )
     try:
-        return drift_stats(ctx.run_job(Job(spec, directory / "drift-spec.json", directory / "drift.log"), rec, timeout=1800))
+        return drift_stats(
+            ctx.run_job(Job(spec, directory / "drift-spec.json", directory / "drift.log", round_id=rec.id), rec, timeout=1800)
+        )
     except Cancelled:
         raise
     except RoundFailed as e:

@@ -195,7 +195,7 @@ def detector_scores(ctx: RoundContext, policy: Policy, rec: RoundRecord, pool: l
         dtype=ctx.served_dtype(),
     )
     try:
-        result = ctx.run_job(Job(spec, directory / "detector-spec.json", directory / "detector.log"), rec, timeout=3600)
+        result = ctx.run_job(Job(spec, directory / "detector-spec.json", directory / "detector.log", round_id=rec.id), rec, timeout=3600)
     except Cancelled:
         raise
     except RoundFailed as e:
