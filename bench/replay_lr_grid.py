@@ -38,11 +38,11 @@ import torch
 from daemon.dev import sample_corpus
 from daemon.dev.multilingual_corpus import paragraphs
 from daemon.dev.tiny_model import TinyLlamaShape, build_tiny_llama
-from daemon.jobs.drift_probe import drift_stats, sample
+from daemon.jobs.drift_probe import drift_stats
 from daemon.jobs.model_loader import load_causal_lm, load_tokenizer
 from daemon.jobs.specs import TrainSpec
 from daemon.jobs.trainer import run
-from policies.drift import DriftPolicy, adjust_for_drift, drift_score
+from policies.drift import DriftPolicy, adjust_for_drift, drift_score, probe_sample
 from policies.replay import ReplayPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     decisions, sps, budget = {}, {}, {}
     for s in shifts:
         sps[s] = {"d0_heldout": paths["d0_heldout"], "d1_heldout": paths[f"{s}_heldout"]}
-        stats = drift_stats(model, tok, sample(d1[s][0], 64, 0), sample(d0_train, 64, 1), max_len=args.seq_len)
+        stats = drift_stats(model, tok, probe_sample(d1[s][0], 64, 0), probe_sample(d0_train, 64, 1), max_len=args.seq_len)
         decisions[s] = dec = adjust_for_drift(stats, drift_policy, replay_policy)
         print(f"shift {s}: drift {json.dumps(dec.to_record()['stats'])} -> score {drift_score(stats, drift_policy):.3f}", flush=True)
         print(f"  decision: level {dec.level} replay {dec.replay_ratio:.3f} peak LR {dec.peak_lr:.2e} warmup {dec.warmup_frac}", flush=True)

@@ -1,8 +1,16 @@
-"""Training workloads on Kubernetes, through the official `kubernetes` client: objects, create-or-attach, status, delete.
+"""Round workloads on Kubernetes, through the official `kubernetes` client: objects, create-or-attach, status, delete.
 
-The round runner (CPTD_TRAIN_LAUNCHER=kubernetes) builds a `WorkloadSpec` per round and attempt and calls
+The round runner (CPTD_TRAIN_LAUNCHER=kubernetes) builds a `WorkloadSpec` per round, job kind and attempt and calls
 `KubernetesLauncher.ensure`, then `status` until the workload ends, `delete` on cancel. Nothing here decides
 what a round does next: that stays with the round state machine.
+
+The trainer is `distributed`: the shapes below. Every other job that loads a model (evaluator, drift probe,
+generated-text detector, device check) is a plain Job from the same pod template: one pod, one process
+(`python -m MODULE SPEC`), the container's `nvidia.com/gpu` request and limit set to one (each of those jobs uses
+one device), no Service, no rendezvous, whatever the trainer's workload kind. Its CPU and memory stay the
+template's: it never runs beside its round's trainer, and loading a model needs host memory about the model.
+Each job kind has its own name (`cptd-<role>-<round>-a<attempt>`), so a round's evaluator never meets its trainer's
+Job, and a restarted daemon re-attaches to the job it was following by that name.
 
 Workload shapes:
 * `job` (default): a `batch/v1` Indexed Job, completions = parallelism = nodes, one pod per node, plus a headless
@@ -44,6 +52,7 @@ RDZV_PORT = 29500
 LABEL_ROUND = "cptd.io/round"
 LABEL_ATTEMPT = "cptd.io/attempt"
 LABEL_WORKLOAD = "cptd.io/workload"
+LABEL_ROLE = "cptd.io/job"  # train, eval, drift, detector, device-check
 ANNOTATION_DIGEST = "cptd.io/spec-digest"
 ANNOTATION_NODES = "cptd.io/nodes"
 ANNOTATION_GPUS = "cptd.io/gpus-per-node"
@@ -57,7 +66,8 @@ class KubernetesLaunchError(Exception):
 
 
 def workload_name(round_id: str, attempt: int = 1, prefix: str = "cptd-train") -> str:
-    """`cptd-train-r00012-a1`: deterministic per round and attempt, DNS-1123 label safe, at most 63 characters.
+    """`cptd-train-r00012-a1` (`cptd-eval-r00012-a1`, ...): deterministic per round, job kind (the prefix) and attempt,
+    DNS-1123 label safe, at most 63 characters.
 
     A DNS label because the name is also the headless Service's and the pods' hostnames (`<name>-<index>`)."""
     raw = f"{prefix}-{round_id}-a{attempt}".lower()
@@ -94,7 +104,7 @@ class WorkloadSpec:
     round_id: str
     attempt: int
     namespace: str
-    spec_path: str  # the TrainSpec JSON on the shared volume, same path in the daemon's and the trainer's pods
+    spec_path: str  # the job's spec JSON on the shared volume, same path in the daemon's and the job's pods
     spec_digest: str
     template: dict[str, Any]  # the CronJob's spec.jobTemplate (metadata + spec of a Job), camelCase as in YAML
     kind: WorkloadKind = "job"
@@ -102,10 +112,13 @@ class WorkloadSpec:
     gpus_per_node: int = 1
     runtime: str = "torch-distributed"  # TrainJob only: the ClusterTrainingRuntime
     port: int = RDZV_PORT
+    module: str = "daemon.jobs.trainer"  # python -m MODULE SPEC
+    role: str = "train"  # the job kind: names the workload
+    distributed: bool = True  # torchrun over nodes x GPUs; False: one process on one GPU, a plain Job
 
     @property
     def name(self) -> str:
-        return workload_name(self.round_id, self.attempt)
+        return workload_name(self.round_id, self.attempt, prefix=f"cptd-{self.role}")
 
     def labels(self) -> dict[str, str]:
         return {
@@ -114,6 +127,7 @@ class WorkloadSpec:
             "app.kubernetes.io/managed-by": "cptd-daemon",
             LABEL_ROUND: self.round_id,
             LABEL_ATTEMPT: str(self.attempt),
+            LABEL_ROLE: self.role,
             LABEL_WORKLOAD: self.name,
         }
 
@@ -169,11 +183,17 @@ def torchrun_command(spec: WorkloadSpec) -> list[str]:
         cmd.append("--standalone")
     else:  # static rendezvous: rank 0 (completion index 0) hosts the store, the others reach it by its stable DNS name
         cmd += ["--node-rank=$(CPTD_NODE_RANK)", f"--master-addr={spec.name}-0.{spec.name}", f"--master-port={spec.port}"]
-    return [*cmd, "-m", "daemon.jobs.trainer", spec.spec_path]
+    return [*cmd, "-m", spec.module, spec.spec_path]
+
+
+def workload_command(spec: WorkloadSpec) -> list[str]:
+    """torchrun over every rank for the trainer; one `python -m MODULE SPEC` for any other job."""
+    return torchrun_command(spec) if spec.distributed else ["python", "-m", spec.module, spec.spec_path]
 
 
 def job_manifest(spec: WorkloadSpec) -> dict[str, Any]:
-    """The Indexed Job: the template's pod with our names, labels, command and rendezvous wiring."""
+    """The template's pod with our names, labels and command: for the trainer an Indexed Job with its rendezvous
+    wiring, for any other job one pod with the GPU count cut to the job's."""
     tpl = copy.deepcopy(spec.template)
     meta = tpl.get("metadata") or {}
     job_spec = tpl["spec"]
@@ -181,28 +201,33 @@ def job_manifest(spec: WorkloadSpec) -> dict[str, Any]:
     annotations = {**(meta.get("annotations") or {}), ANNOTATION_DIGEST: spec.spec_digest}
     job_spec.pop("selector", None)
     job_spec.pop("manualSelector", None)
-    job_spec.update(completionMode="Indexed", completions=spec.nodes, parallelism=spec.nodes)
+    if spec.distributed:
+        job_spec.update(completionMode="Indexed", completions=spec.nodes, parallelism=spec.nodes)
+    else:
+        job_spec.pop("completionMode", None)
+        job_spec.update(completions=1, parallelism=1)
     job_spec.setdefault("backoffLimit", 0)
     pod_meta = job_spec["template"].setdefault("metadata", {})
     pod_meta["labels"] = {**(pod_meta.get("labels") or {}), **spec.labels()}
     pod = job_spec["template"]["spec"]
-    pod["subdomain"] = spec.name
     pod["restartPolicy"] = "Never"
     c = _trainer_container(pod)
-    c["command"] = torchrun_command(spec)
+    c["command"] = workload_command(spec)
     c.pop("args", None)
-    c["terminationMessagePolicy"] = "FallbackToLogsOnError"  # the trainer's traceback tail becomes the pod's message
+    c["terminationMessagePolicy"] = "FallbackToLogsOnError"  # the job's traceback tail becomes the pod's message
     c.pop("envFrom", None)  # whole Secrets and ConfigMaps: not filterable by name, so not passed
     env = workload_env(c.get("env"))
-    env.append(
-        {
-            "name": "CPTD_NODE_RANK",
-            "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}},
-        }
-    )
+    if spec.distributed:
+        pod["subdomain"] = spec.name
+        env.append({"name": "CPTD_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": _INDEX_FIELD}}})
+        ports = [p for p in c.get("ports") or [] if p.get("containerPort") != spec.port]
+        c["ports"] = [*ports, {"name": "rdzv", "containerPort": spec.port, "protocol": "TCP"}]
+    else:
+        for key in ("limits", "requests"):
+            res = (c.get("resources") or {}).get(key) or {}
+            if "nvidia.com/gpu" in res:
+                res["nvidia.com/gpu"] = str(spec.gpus_per_node)
     c["env"] = env
-    ports = [p for p in c.get("ports") or [] if p.get("containerPort") != spec.port]
-    c["ports"] = [*ports, {"name": "rdzv", "containerPort": spec.port, "protocol": "TCP"}]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -237,7 +262,7 @@ def trainjob_manifest(spec: WorkloadSpec) -> dict[str, Any]:
         "image": c["image"],
         "command": ["torchrun"],
         # the torch plugin sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR/PORT, which torchrun reads
-        "args": ["-m", "daemon.jobs.trainer", spec.spec_path],
+        "args": ["-m", spec.module, spec.spec_path],
         "numNodes": spec.nodes,
         "numProcPerNode": spec.gpus_per_node,
         "resourcesPerNode": c.get("resources") or {},
@@ -285,7 +310,7 @@ class KubernetesLauncher:
             digest = ((existing.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_DIGEST)
             if digest and digest != spec.spec_digest:
                 raise KubernetesLaunchError(f"{spec.kind} {spec.namespace}/{spec.name} exists for another spec (digest {digest})")
-            if spec.kind == "job":
+            if spec.kind == "job" and spec.distributed:
                 self._ensure_service(spec, existing["metadata"].get("uid"))
             return False
         try:
@@ -299,7 +324,8 @@ class KubernetesLauncher:
             if e.status == 409 and not _raced:  # another daemon (or our previous life) won the race: attach
                 return self.ensure(spec, _raced=True)
             raise KubernetesLaunchError(f"creating {spec.kind} {spec.namespace}/{spec.name}: {_api_error(e)}") from e
-        self._ensure_service(spec, job.metadata.uid if job.metadata else None)
+        if spec.distributed:
+            self._ensure_service(spec, job.metadata.uid if job.metadata else None)
         return True
 
     def _ensure_service(self, spec: WorkloadSpec, owner_uid: str | None) -> None:
@@ -381,6 +407,9 @@ class KubernetesLauncher:
             self.delete_service(spec)
 
     def delete_service(self, spec: WorkloadSpec) -> None:
+        """The rendezvous Service of a distributed Job; a one-process Job has none."""
+        if not spec.distributed:
+            return
         try:
             self.core.delete_namespaced_service(spec.name, spec.namespace)
         except ApiException as e:

@@ -448,6 +448,23 @@ class Replica:
                 raise ServingError(self.url, step, f"unexpected /v1/completions answer: {e!r}: {r.text[:300]}") from None
         return out
 
+    def prompt_logprobs_refusal(self) -> str | None:
+        """Why `prompt_logprobs` must not be asked of this replica; None when it may. vLLM 0.32's engine dies on a
+        prompt-logprobs request when started with --enable-lora (vllm#29955, seen on the CPU build:
+        tests/test_doc_scoring.py): asking would take the replica down. ServingError when /server_info fails."""
+        if self.server_info().lora_enabled:
+            return f"replica {self.url} runs with --enable-lora, where prompt logprobs crash vLLM 0.32 (vllm#29955)"
+        return None
+
+    def tokenize(self, text: str, model: str | None = None) -> list[int]:
+        """The token ids of the whole of `text` under the served tokenizer (`POST /tokenize`), no special tokens."""
+        body = {"model": model or self.model_name(), "prompt": text, "add_special_tokens": False}
+        r = self.call("tokenize", "POST", "/tokenize", json_body=body)
+        try:
+            return [int(t) for t in r.json()["tokens"]]
+        except (ValueError, TypeError, KeyError) as e:
+            raise ServingError(self.url, "tokenize", f"unexpected /tokenize answer: {e!r}: {r.text[:300]}") from None
+
     def load_lora(self, name: str, path: str) -> None:
         self.call("load_lora_adapter", "POST", "/v1/load_lora_adapter", json_body={"lora_name": name, "lora_path": path})
 

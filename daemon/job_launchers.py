@@ -8,9 +8,16 @@ device check) is `python -m MODULE SPEC.json` with a typed spec
   (PR_SET_PDEATHSIG), so a restarted daemon never races a leftover job; the
   trainer resumes from its newest checkpoint instead.
 * `TorchrunLauncher`: the same, under `torch.distributed.run` with N ranks.
-* `KubernetesJobLauncher`: an Indexed Job (or a Kubeflow TrainJob) named after
-  the round (connectors/kubernetes_jobs.py). It outlives the daemon: a new lease
-  holder re-attaches by name, and only a cancel deletes it.
+* `KubernetesJobLauncher`: a Job from the operator's job template, named after
+  the round and the job kind (connectors/kubernetes_jobs.py): the trainer's is an
+  Indexed Job (or a Kubeflow TrainJob) over every node and GPU of the template,
+  every other job's one pod running one process on one GPU. It outlives the
+  daemon: a new lease holder re-attaches by name, and only a cancel deletes it.
+
+Which one runs a job (`launcher_for`) follows its spec, not its caller: a job that
+loads a model (`on_trainer_device`) runs where CPTD_TRAIN_LAUNCHER puts the
+trainer, so on the multi-gpu overlay nothing that loads a model runs in the
+daemon's pod (no GPU, 8 GiB); the memory plan (fake tensors) is a child process.
 
 A job has succeeded when its launcher says it ended well *and* its result file
 is there; the round reads that file and nothing else (no stdout, no log lines).
@@ -218,16 +225,33 @@ class KubernetesJobLauncher:
     def start(self, job: Job) -> None:
         from connectors.kubernetes_jobs import KubernetesLaunchError, WorkloadSpec, current_namespace, template_shape
 
+        if not job.round_id:
+            raise JobStartError(f"{job.module}: a Kubernetes workload is named after its round, and this job names none")
         self.job = job
         job.spec.write(job.spec_path)
         s = self.settings
         namespace = s.train_namespace or current_namespace()
         digest = job.spec.digest()
+        distributed = job.spec.distributed
         try:
             template = self.workloads.load_template(s.train_job_template, namespace)
-            nodes, gpus = template_shape(template)
+            # The trainer: every node and GPU of the template, as a Job or a TrainJob. Any other job: one process on
+            # one GPU of the same pod template, as a plain Job whatever train_workload says (no rendezvous to make).
+            nodes, gpus = template_shape(template) if distributed else (1, 1)
             self.workload = WorkloadSpec(
-                job.round_id, 1, namespace, str(job.spec_path), digest, template, s.train_workload, nodes, gpus, s.train_runtime
+                job.round_id,
+                1,
+                namespace,
+                str(job.spec_path),
+                digest,
+                template,
+                s.train_workload if distributed else "job",
+                nodes,
+                gpus,
+                s.train_runtime,
+                module=job.module,
+                role=job.spec.role,
+                distributed=distributed,
             )
             created = self.workloads.ensure(self.workload)
         except KubernetesLaunchError as e:
@@ -276,9 +300,13 @@ class JobStartError(RuntimeError):
     """The launcher could not start the job (a Kubernetes template missing, the API refusing the object)."""
 
 
-def launcher_for(settings: Settings, training: bool, api_client: Any = None) -> Launcher:
-    """Training runs where CPTD_TRAIN_LAUNCHER says; every other job is a child process on the daemon's machine."""
-    kind = settings.train_launcher if training else "subprocess"
+def launcher_for(settings: Settings, spec: JobSpec, api_client: Any = None) -> Launcher:
+    """A job that loads a model (`spec.on_trainer_device`) runs where CPTD_TRAIN_LAUNCHER puts the trainer: the trainer
+    on all its ranks, any other job as one process (torchrun:N: a child process on that machine; kubernetes: a one-GPU
+    Job from the trainer's template). A job that needs no device (the memory plan) is a child process of the daemon."""
+    kind = settings.train_launcher if spec.on_trainer_device else "subprocess"
+    if kind.startswith("torchrun:") and not spec.distributed:
+        kind = "subprocess"
     if kind in ("subprocess", "process"):
         return ProcessLauncher(settings.train_cpu_threads)
     if kind.startswith("torchrun:"):

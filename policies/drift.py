@@ -1,6 +1,7 @@
 """Drift of a round's new data against the replay/reference set -> replay ratio and peak LR.
 
-The daemon measures two statistics (daemon/jobs/drift_probe.py):
+The daemon measures two statistics (daemon/jobs/drift_probe.py on the trainer's device, or the served model through
+vLLM: daemon/rounds/drift_measure.py):
 
 * perplexity gap s = (L(new) - L(ref)) / L(ref), mean token NLL under the
   serving model. It asks the question that matters: how much does the model
@@ -25,7 +26,8 @@ Ibrahim et al. 2024). Evidence for each default is in docs/round-engine.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import random
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from pydantic import Field, model_validator
@@ -110,6 +112,38 @@ class DriftStats:
             "tokens_per_word_new": self.text_tokens_new / self.words_new if self.words_new else None,
             "tokens_per_word_ref": self.text_tokens_ref / self.words_ref if self.words_ref else None,
         }
+
+
+def probe_sample(texts: Sequence[str], n: int, seed: int) -> list[str]:
+    """A seeded sample, so a re-measured round gets the same statistics, by the job or through vLLM alike."""
+    if len(texts) <= n:
+        return list(texts)
+    return random.Random(seed).sample(list(texts), n)
+
+
+def measured_stats(
+    losses: tuple[float, float],
+    scored_tokens: tuple[int, int],
+    counts: tuple[Mapping[int, int], Mapping[int, int]],
+    new: Sequence[str],
+    ref: Sequence[str],
+) -> DriftStats:
+    """The statistics of (new, ref): their mean token NLLs and scored tokens, their whole texts' token histograms
+    (under the served tokenizer), however they were scored: the probe job's forward passes or vLLM's logprobs."""
+    cn, cr = counts
+    return DriftStats(
+        loss_new=losses[0],
+        loss_ref=losses[1],
+        js_distance=js_distance(cn, cr),
+        tokens_new=scored_tokens[0],
+        tokens_ref=scored_tokens[1],
+        text_tokens_new=sum(cn.values()),
+        text_tokens_ref=sum(cr.values()),
+        chars_new=sum(map(len, new)),
+        chars_ref=sum(map(len, ref)),
+        words_new=sum(len(t.split()) for t in new),
+        words_ref=sum(len(t.split()) for t in ref),
+    )
 
 
 @dataclass(frozen=True)

@@ -97,3 +97,42 @@ def test_errors_name_the_replica_and_the_documents(replica: Replica):
     with pytest.raises(ServingError) as e:
         replica.prompt_logprobs(["one", "two", "three"], model="no-such-model")
     assert replica.url in str(e.value) and "docs 1-3 of 3" in str(e.value)
+
+
+def test_drift_of_the_served_model_is_measured_through_vllm_with_no_model_loaded(replica: Replica, served_dir: Path, tmp_path: Path):
+    """SNAPSHOT's drift probe under the parent that serves now: losses from prompt logprobs (each document's first
+    `probe_max_len` tokens), token histograms from /tokenize; agrees with transformers on the served checkpoint, and
+    no drift probe job is started. A version no replica serves is left to the job on the trainer's device."""
+    from collections import Counter
+
+    from transformers import AutoTokenizer
+
+    from daemon.round_record import Parent, RoundState
+    from daemon.rounds.context import write_texts
+    from daemon.rounds.drift_measure import measure_for_round, serving_replica
+    from daemon.serving import ReplicaState, ServingController, ServingState
+    from daemon.settings import Settings
+    from policies.config import Policy
+    from policies.drift import js_distance
+    from tests.job_context import CancelFlag, bare_record, job_context
+
+    new, ref = CORPUS[:4], [d[:250] for d in english_docs(4, 600, seed=5)]
+    state = ServingState(desired_version="base", replicas={replica.url: ReplicaState(url=replica.url, version="base", status="serving")})
+    ctx = job_context(Settings(checkpoint_dir=tmp_path), CancelFlag(), serving=ServingController([replica.url], state))
+    rec = bare_record("r00002", RoundState.SNAPSHOT)
+    rec.policy = Policy.model_validate({"drift": {"probe_docs": 8, "probe_max_len": 64}})
+    rec.parent = Parent(version="base", checkpoint=str(served_dir))
+    write_texts(tmp_path / "new.jsonl", new)
+    write_texts(tmp_path / "ref.jsonl", ref)
+    s = measure_for_round(ctx, rec, tmp_path / "new.jsonl", tmp_path / "ref.jsonl")
+    assert s is not None and not (ctx.round_dir(rec.id) / "drift-spec.json").exists(), "measured through vLLM, no job"
+    for loss, tokens, texts in ((s.loss_new, s.tokens_new, new), (s.loss_ref, s.tokens_ref, ref)):
+        want = _hf_scores(served_dir, texts, 64)
+        assert tokens == sum(w.tokens for w in want)
+        assert abs(loss + math.fsum(w.logprob_sum for w in want) / tokens) < TOL
+    tok = AutoTokenizer.from_pretrained(str(served_dir))
+    cn, cr = (Counter(i for t in texts for i in tok(t, add_special_tokens=False).input_ids) for texts in (new, ref))
+    assert (s.text_tokens_new, s.text_tokens_ref) == (sum(cn.values()), sum(cr.values()))
+    assert s.js_distance == pytest.approx(js_distance(cn, cr)) and s.chars_new == sum(map(len, new))
+    assert serving_replica(ctx, "r00001") is None, "not served: the job measures it"
+    ctx.serving.close()

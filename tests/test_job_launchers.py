@@ -77,20 +77,46 @@ def test_cancel_stop_and_timeout_end_the_child_and_say_why(tmp_path, monkeypatch
     assert ctx.launcher is None
 
 
-def test_launchers_follow_the_setting_for_training_only():
-    assert isinstance(launcher_for(Settings(train_launcher="torchrun:4"), training=False), ProcessLauncher)
-    torchrun = launcher_for(Settings(train_launcher="torchrun:4"), training=True)
+def test_launchers_follow_the_spec_the_trainer_on_all_ranks_other_jobs_as_one_process():
+    check = DeviceCheckSpec(device="cuda", out="/o")
+    assert type(launcher_for(Settings(train_launcher="torchrun:4"), check)) is ProcessLauncher  # one process, not torchrun
+    torchrun = launcher_for(Settings(train_launcher="torchrun:4"), TrainSpec(parent_dir="/p", out_dir="/o", new_path="/n"))
     assert isinstance(torchrun, TorchrunLauncher) and torchrun.name == "torchrun:4"
     spec = TrainSpec(parent_dir="/p", out_dir="/o", new_path="/n")
     cmd = torchrun.command(Job(spec, Path("/s.json"), Path("/l.log")))
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node=4", "-m"] and cmd[-2:] == ["daemon.jobs.trainer", "/s.json"]
 
 
+def test_every_job_that_loads_a_model_goes_where_the_trainer_does_and_the_memory_plan_stays_in_the_daemon():
+    """CPTD_TRAIN_LAUNCHER=kubernetes: the evaluator, drift probe, detector and device check are Kubernetes Jobs (the
+    daemon's pod has no GPU there); the memory plan, on fake tensors, is a child process of the daemon."""
+    from kubernetes import client as k8s
+
+    from daemon.job_launchers import KubernetesJobLauncher
+    from daemon.jobs.specs import DetectorSpec, DriftSpec, EvalSpec, PlanSpec
+
+    settings = Settings(train_launcher="kubernetes")
+    api = k8s.ApiClient(k8s.Configuration(host="http://127.0.0.1:9"))  # never called: choosing calls no API
+    on_device = [
+        TrainSpec(parent_dir="/p", out_dir="/o", new_path="/n"),
+        EvalSpec(round_id="r1", serving="/s", candidates=[], new_path="/n", replay_path="/r", out="/o"),
+        DriftSpec(model="/s", new_path="/n", ref_path="/r", out="/o"),
+        DetectorSpec(served="/s", reference="/b", docs_path="/d", out="/o"),
+        DeviceCheckSpec(device="cuda", out="/o"),
+    ]
+    for spec in on_device:
+        assert isinstance(launcher_for(settings, spec, api), KubernetesJobLauncher), type(spec).__name__
+    assert [s.distributed for s in on_device] == [True, False, False, False, False]
+    plan = PlanSpec(model_shape={}, out="/o")
+    assert type(launcher_for(settings, plan, api)) is ProcessLauncher
+    assert type(launcher_for(Settings(train_launcher="torchrun:8"), plan)) is ProcessLauncher
+
+
 def test_cpu_threads_reach_every_job_not_only_the_trainer(tmp_path):
     """CPTD_TRAIN_CPU_THREADS=1 on a shared box: a job that is not the trainer (here the device check) gets it too."""
     for threads in (1, 2):  # torch caps the count at the cores it sees; one differs from its default on any multi-core box
         (tmp_path / str(threads)).mkdir()
-        out = run_to_end(_job(tmp_path / str(threads)), launcher_for(Settings(train_cpu_threads=threads), training=False))
+        out = run_to_end(_job(tmp_path / str(threads)), launcher_for(Settings(train_cpu_threads=threads), _job(tmp_path).spec))
         assert out["cpu_threads"] == threads
 
 

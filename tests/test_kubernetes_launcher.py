@@ -438,8 +438,9 @@ def test_failed_job_reports_condition_and_pod_termination_message(fake):
 
 
 # --------------------------------------------------------------------------- the launcher as a round runs it
-def _runner(fake: FakeApi, tmp_path: Path, cancel: bool = False, stop: bool = False):
-    """A round's training job under CPTD_TRAIN_LAUNCHER=kubernetes, run by RoundContext.run_job against the fake API."""
+def _runner(fake: FakeApi, tmp_path: Path, cancel: bool = False, stop: bool = False, spec=None, workload: str = "job"):
+    """A round's job (the trainer unless `spec` says) under CPTD_TRAIN_LAUNCHER=kubernetes, run by RoundContext.run_job
+    against the fake API."""
     from daemon.job_launchers import Job
     from daemon.jobs.specs import TrainSpec
     from daemon.round_record import RoundState
@@ -452,7 +453,7 @@ def _runner(fake: FakeApi, tmp_path: Path, cancel: bool = False, stop: bool = Fa
         train_launcher="kubernetes",
         train_namespace=NS,
         train_job_template="cptd-train-template",
-        train_workload="job",
+        train_workload=workload,
         train_runtime="torch-distributed",
         train_poll_s=0.05,
         checkpoint_dir=tmp_path,
@@ -461,12 +462,11 @@ def _runner(fake: FakeApi, tmp_path: Path, cancel: bool = False, stop: bool = Fa
     if stop:
         ctx.stop.set()
     rec = bare_record("r00012", RoundState.TRAINING)
-    job = Job(
-        TrainSpec(parent_dir="-", out_dir=str(out), new_path="-"), tmp_path / "train-spec.json", tmp_path / "train.log", round_id=rec.id
-    )
+    spec = spec or TrainSpec(parent_dir="-", out_dir=str(out), new_path="-")
+    job = Job(spec, tmp_path / f"{spec.role}-spec.json", tmp_path / f"{spec.role}.log", round_id=rec.id)
 
     def run():
-        return ctx.run_job(job, rec, training=True)
+        return ctx.run_job(job, rec)
 
     return run, out
 
@@ -589,3 +589,77 @@ def test_the_memory_plan_plans_the_ranks_the_launcher_starts(fake):
     assert train_ranks(settings, client) == (nodes * per_node, nodes)
     with pytest.raises(JobStartError, match="no-such-template"):
         train_ranks(settings.model_copy(update={"train_job_template": "no-such-template"}), client)
+
+
+# --------------------------------------------------------------------------- jobs that load a model, not the trainer
+def _one_process_specs(tmp_path: Path) -> list:
+    from daemon.jobs.specs import DetectorSpec, DeviceCheckSpec, DriftSpec, EvalSpec
+
+    d = tmp_path
+    return [
+        EvalSpec(round_id="r00012", serving="/s", candidates=[["final", "/f"]], new_path="/n", replay_path="/r", out=str(d / "eval.json")),
+        DriftSpec(model="/s", new_path="/n", ref_path="/r", out=str(d / "drift.json")),
+        DetectorSpec(served="/s", reference="/b", docs_path="/p", out=str(d / "detector.json")),
+        DeviceCheckSpec(device="cuda", out=str(d / "device-check.json")),
+    ]
+
+
+@pytest.mark.parametrize("workload", ["job", "trainjob"])
+def test_evaluator_drift_detector_and_device_check_run_as_one_process_on_one_gpu_under_their_own_name(fake, tmp_path, workload):
+    """On the multi-gpu overlay nothing that loads a model runs in the daemon's pod: each such job is a Job from the
+    trainer's template (its image, volume, node selector, tolerations; its env without secrets), one pod running
+    `python -m MODULE SPEC` on one GPU, named after the round and its kind, whatever the trainer's workload kind."""
+    from daemon.jobs.specs import TrainSpec
+    from daemon.rounds.context import Stop
+
+    tpl = _template()
+    tpl_pod = tpl["spec"]["template"]["spec"]
+    names = {workload_name("r00012", 1)}  # the trainer's
+    for spec in _one_process_specs(tmp_path):
+        fake.requests.clear()
+        run, _ = _runner(fake, tmp_path, stop=True, spec=spec, workload=workload)
+        with pytest.raises(Stop):  # created, then left running: the daemon stops
+            run()
+        name = f"cptd-{spec.role}-r00012-a1"
+        assert fake.mutations() == [("POST", f"/apis/batch/v1/namespaces/{NS}/jobs")], "a plain Job, no Service, no TrainJob"
+        job = [b for m, _p, _q, b in fake.requests if m == "POST"][0]
+        assert job["metadata"]["name"] == name
+        kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+        js = job["spec"]
+        assert js["completions"] == js["parallelism"] == 1 and "completionMode" not in js
+        pod = js["template"]["spec"]
+        c = pod["containers"][0]
+        assert c["command"] == ["python", "-m", spec.module, str(tmp_path / f"{spec.role}-spec.json")]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == "1"
+        assert c["resources"]["limits"]["memory"] == tpl_pod["containers"][0]["resources"]["limits"]["memory"]
+        assert "subdomain" not in pod and "CPTD_NODE_RANK" not in {e["name"] for e in c["env"]}
+        assert not [e for e in c["env"] if e["name"].startswith("CPTD_")]
+        assert pod["volumes"] == tpl_pod["volumes"] and pod["tolerations"] == tpl_pod["tolerations"] and c["image"] == "cptd"
+        assert js["template"]["metadata"]["labels"]["cptd.io/job"] == spec.role
+        names.add(name)
+    assert len(names) == 5, "every job kind of a round has its own workload name"
+    # the trainer keeps its shape and its name
+    assert TrainSpec.distributed and job_manifest(_spec())["spec"]["completionMode"] == "Indexed"
+
+
+def test_a_restarted_daemon_reattaches_to_its_evaluator_not_to_the_trainer(fake, tmp_path):
+    from daemon.jobs.specs import EvalSpec
+    from daemon.rounds.context import Stop
+
+    spec = _one_process_specs(tmp_path)[0]
+    assert isinstance(spec, EvalSpec)
+    trainer = workload_name("r00012", 1)
+    fake.objects[("jobs", trainer)] = {**job_manifest(_spec()), "status": {"succeeded": 1}}  # the round's finished trainer
+    run, _ = _runner(fake, tmp_path, stop=True, spec=spec)
+    with pytest.raises(Stop):
+        run()
+    name = "cptd-eval-r00012-a1"
+    assert ("jobs", name) in fake.objects
+    fake.objects[("jobs", name)]["status"] = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+    Path(spec.out).write_text('{"round_id": "r00012"}')
+    fake.requests.clear()
+    run, _ = _runner(fake, tmp_path, spec=spec)  # the next daemon: the same round's evaluator, the same spec
+    assert run() == {"round_id": "r00012"}
+    assert ("POST", f"/apis/batch/v1/namespaces/{NS}/jobs") not in fake.mutations(), "re-attached, not created again"
+    assert [(m, p) for m, p, _q, _b in fake.requests if m == "DELETE"] == [("DELETE", f"/apis/batch/v1/namespaces/{NS}/jobs/{name}")]
+    assert ("jobs", trainer) in fake.objects, "the trainer's Job is not the evaluator's"

@@ -9,7 +9,6 @@ same thing in the drift record and the eval record.
 
 from __future__ import annotations
 
-import random
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -19,19 +18,12 @@ from typing import TYPE_CHECKING
 from daemon.jobs.lm_loss import mean_token_loss
 from daemon.jobs.model_loader import DTYPES, load_causal_lm, load_tokenizer, resolve_device
 from daemon.jobs.specs import DriftSpec, read_texts, write_result
-from policies.drift import DriftStats, js_distance
+from policies.drift import DriftStats, measured_stats, probe_sample
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from daemon.jobs.model_loader import CausalLM
-
-
-def sample(texts: Sequence[str], n: int, seed: int) -> list[str]:
-    """A seeded sample, so a re-measured round gets the same statistics."""
-    if len(texts) <= n:
-        return list(texts)
-    return random.Random(seed).sample(list(texts), n)
 
 
 def unigram_counts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> Counter:
@@ -46,20 +38,8 @@ def drift_stats(
 ) -> DriftStats:
     ln = mean_token_loss(model, tokenizer, new, max_len=max_len)
     lr = mean_token_loss(model, tokenizer, ref, max_len=max_len)
-    cn, cr = unigram_counts(tokenizer, new), unigram_counts(tokenizer, ref)
-    return DriftStats(
-        loss_new=ln.mean_nll,
-        loss_ref=lr.mean_nll,
-        js_distance=js_distance(cn, cr),
-        tokens_new=ln.tokens,
-        tokens_ref=lr.tokens,
-        text_tokens_new=sum(cn.values()),
-        text_tokens_ref=sum(cr.values()),
-        chars_new=sum(map(len, new)),
-        chars_ref=sum(map(len, ref)),
-        words_new=sum(len(t.split()) for t in new),
-        words_ref=sum(len(t.split()) for t in ref),
-    )
+    counts = unigram_counts(tokenizer, new), unigram_counts(tokenizer, ref)
+    return measured_stats((ln.mean_nll, lr.mean_nll), (ln.tokens, lr.tokens), counts, new, ref)
 
 
 def measure_drift(
@@ -74,7 +54,7 @@ def measure_drift(
 ) -> DriftStats:
     """Under the serving model as served: its dtype, on the trainer's device (daemon/jobs/model_loader.py)."""
     model, tokenizer = load_causal_lm(model_dir, device=device, dtype=DTYPES[dtype] if dtype else None), load_tokenizer(model_dir)
-    return drift_stats(model, tokenizer, sample(new, max_docs, seed), sample(ref, max_docs, seed + 1), max_len)
+    return drift_stats(model, tokenizer, probe_sample(new, max_docs, seed), probe_sample(ref, max_docs, seed + 1), max_len)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,6 +50,12 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     module: ClassVar[str]  # python -m MODULE SPEC.json
+    # Where it runs (daemon/job_launchers.py launcher_for). True: it loads a model, so it runs where
+    # CPTD_TRAIN_LAUNCHER puts the trainer (a GPU Job on Kubernetes), never in the daemon's pod, which has no GPU
+    # on the multi-gpu overlay. False: it needs no device (the memory plan's fake tensors): a child of the daemon.
+    on_trainer_device: ClassVar[bool]
+    distributed: ClassVar[bool] = False  # True: every rank the launcher starts (the trainer); False: one process
+    role: ClassVar[str]  # names its Kubernetes workload, cptd-<role>-<round>-a<attempt>: one per job kind of a round
 
     @property
     def result_file(self) -> Path:
@@ -83,6 +89,9 @@ class TrainSpec(JobSpec):
     """Input of `python -m daemon.jobs.trainer SPEC.json` (docs/round-engine.md)."""
 
     module: ClassVar[str] = "daemon.jobs.trainer"
+    role: ClassVar[str] = "train"
+    on_trainer_device: ClassVar[bool] = True
+    distributed: ClassVar[bool] = True
     parent_dir: str  # HF checkpoint the round starts from (weights unless resuming / mainline_in); base model in lora mode
     out_dir: str
     new_path: str  # JSONL {"text": ...} per line
@@ -149,6 +158,8 @@ class EvalSpec(JobSpec):
     """Input of `python -m daemon.jobs.evaluator SPEC.json`: the serving model and every candidate, same data."""
 
     module: ClassVar[str] = "daemon.jobs.evaluator"
+    role: ClassVar[str] = "eval"
+    on_trainer_device: ClassVar[bool] = True
     round_id: str
     serving: str  # checkpoint directory of the serving model
     candidates: list[list[str]]  # [[name, checkpoint directory], ...]
@@ -290,6 +301,8 @@ class DriftSpec(JobSpec):
     """Input of `python -m daemon.jobs.drift_probe SPEC.json`; its result is one object of DriftStats fields."""
 
     module: ClassVar[str] = "daemon.jobs.drift_probe"
+    role: ClassVar[str] = "drift"
+    on_trainer_device: ClassVar[bool] = True
     model: str  # checkpoint directory of the serving model
     new_path: str  # new documents (JSONL)
     ref_path: str  # reference documents: the replay reservoir (JSONL)
@@ -309,6 +322,8 @@ class DetectorSpec(JobSpec):
     """Input of `python -m daemon.jobs.generated_text_detector SPEC.json`; its result holds one row per document."""
 
     module: ClassVar[str] = "daemon.jobs.generated_text_detector"
+    role: ClassVar[str] = "detector"
+    on_trainer_device: ClassVar[bool] = True
     served: str  # checkpoint directory of the served model (the performer)
     reference: str  # the original base checkpoint (the observer)
     docs_path: str  # documents to score (JSONL with "text"; "key" carried through when present)
@@ -331,6 +346,8 @@ class DeviceCheckSpec(JobSpec):
     device. Result: {"device", "refusal"} (refusal None when it runs)."""
 
     module: ClassVar[str] = "daemon.jobs.device_check"
+    role: ClassVar[str] = "device-check"
+    on_trainer_device: ClassVar[bool] = True
     device: str
     out: str
 
@@ -349,6 +366,8 @@ class PlanSpec(JobSpec):
     real: run the same step on real tensors, on the ranks torchrun started (gloo, CPU): the check of the plan."""
 
     module: ClassVar[str] = "daemon.jobs.memory_plan"
+    role: ClassVar[str] = "plan"
+    on_trainer_device: ClassVar[bool] = False  # fake tensors and a fake process group: no device, no weights
     model_shape: dict[str, Any]  # a Hugging Face config.json (its published shape; no weights)
     train: TrainPolicy = Field(default_factory=TrainPolicy)
     schedule_kind: str = "constant"  # infinite: a round also writes its main line

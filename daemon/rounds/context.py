@@ -207,20 +207,19 @@ class RoundContext:
         job: Job,
         rec: RoundRecord | None = None,
         *,
-        training: bool = False,
         timeout: float | None = None,
         on_tick: Callable[[], None] | None = None,
         hit: str | None = None,
         phase: str = "",
     ) -> Any:
-        """Start `job`, follow it to its end, return its result file's content.
+        """Start `job` where its spec says it runs (launcher_for), follow it to its end, return its result file's content.
 
         Raises Stop when the daemon stops or loses the lease (a child is stopped and resumes later; a Kubernetes
         workload runs on), Cancelled when the operator cancels `rec`, and RoundFailed, its cause prefixed with
         `phase`, when the job cannot start, runs past `timeout` or fails (with the launcher's cause)."""
         prefix = f"{phase}: " if phase else ""
         try:
-            launcher = launcher_for(self.settings, training, self.kube_api_client)
+            launcher = launcher_for(self.settings, job.spec, self.kube_api_client)
             launcher.start(job)
         except JobStartError as e:
             raise RoundFailed(f"{prefix}{job.module}: {e}") from e
@@ -234,7 +233,12 @@ class RoundContext:
             t0 = time.monotonic()
             while (end := launcher.poll()) is None or not end.ok:
                 if self.fence is None or self.stop.is_set():  # the lease loop may have stopped the job already
-                    launcher.detach()
+                    # a round's job is left to the next lease holder to re-attach; nobody re-attaches to the drift
+                    # trigger's probe, so a workload of it is deleted, not left running
+                    if tracked:
+                        launcher.detach()
+                    else:
+                        launcher.cancel()
                     raise Stop("lease lost" if self.fence is None else "stopping")
                 if end is not None:
                     break
@@ -244,7 +248,7 @@ class RoundContext:
                 if timeout and time.monotonic() - t0 > timeout:
                     launcher.cancel()
                     raise RoundFailed(f"{prefix}{job.module} ran past {timeout} s")
-                self.stop.wait(min(1.0, self.settings.train_poll_s) if training else 1.0)
+                self.stop.wait(min(1.0, self.settings.train_poll_s))  # a workload's own poll reads its status less often
         except BaseException:
             launcher.detach()  # whatever ended the loop early (a Fenced write, a bug): no job is left running unfollowed
             raise

@@ -1,24 +1,34 @@
-"""The drift probe job (daemon/jobs/drift_probe.py), at SNAPSHOT and for the drift trigger's periodic probe.
+"""Drift of new documents against the replay reservoir under the served model, at SNAPSHOT and for the drift
+trigger's periodic probe; the statistics become a score in policies/drift.py.
 
-Both score new documents against the replay reservoir under the serving
-model, as a job on the trainer's device; the statistics become a score in
-policies/drift.py. An unmeasured drift is not an error: the round goes on with
-the weak-shift defaults, and the record says why.
+Both measure the model that serves now (at SNAPSHOT the round's parent is it), so they ask vLLM first
+(`served_drift`): prompt logprobs for the losses, `/tokenize` for the token histograms, no model loaded anywhere.
+Where no replica can answer (none serves that version, or the replicas run with --enable-lora, where prompt
+logprobs crash vLLM 0.32) the drift probe job (daemon/jobs/drift_probe.py) loads the checkpoint on the trainer's
+device instead (daemon/job_launchers.py launcher_for). The two agree but for one thing: vLLM scores each document's
+first `probe_max_len` tokens with the tokenizer's own special tokens, where the job prepends BOS and scores every
+window of the document. An unmeasured drift is not an error: the round goes on with the weak-shift defaults, and
+the record says why.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from connectors.vllm import Replica, ServingError
 from daemon import metrics as M
 from daemon.job_launchers import Job
-from daemon.jobs.specs import DriftSpec
+from daemon.jobs.specs import DriftSpec, read_texts
 from daemon.round_record import RoundRecord
 from daemon.rounds.context import Cancelled, RoundContext, RoundFailed, Stop, write_texts
-from policies.drift import DriftStats, drift_score
+from policies.drift import DriftPolicy, DriftStats, drift_score, measured_stats, probe_sample
 
 log = logging.getLogger("cptd.rounds")
 
@@ -28,12 +38,68 @@ def drift_stats(result: dict[str, Any]) -> DriftStats:
     return DriftStats(**{f.name: result[f.name] for f in fields(DriftStats) if f.name in result})
 
 
+def served_drift(replica: Replica, model: str, new: Sequence[str], ref: Sequence[str], policy: DriftPolicy, seed: int = 0) -> DriftStats:
+    """The probe's statistics under `model` as `replica` serves it: the same samples as the job, each document's
+    first `probe_max_len` tokens scored by prompt logprobs, whole documents tokenized for the histograms."""
+    samples = probe_sample(new, policy.probe_docs, seed), probe_sample(ref, policy.probe_docs, seed + 1)
+    losses, scored, counts = [], [], []
+    for texts in samples:
+        docs = replica.prompt_logprobs(list(texts), model=model, max_tokens_per_doc=policy.probe_max_len)
+        n = sum(d.tokens for d in docs)
+        losses.append(-math.fsum(d.logprob_sum for d in docs) / n if n else math.nan)
+        scored.append(n)
+        hist: Counter[int] = Counter()
+        for t in texts:
+            hist.update(replica.tokenize(t, model))
+        counts.append(hist)
+    return measured_stats((losses[0], losses[1]), (scored[0], scored[1]), (counts[0], counts[1]), *samples)
+
+
+def serving_replica(ctx: RoundContext, version: str | None) -> tuple[Replica, str] | None:
+    """A replica that serves `version` now and may be asked prompt logprobs, with the base model's name; None (and
+    why, logged) when the probe must load the checkpoint on the trainer's device instead."""
+    serving = ctx.serving
+    if serving is None or version is None:
+        return None
+    live = [r for r in serving.replicas if (st := serving.state.replicas.get(r.url)) and st.version == version and st.status == "serving"]
+    if not live:
+        log.info("no replica serves the measured version; the drift probe job loads it", extra={"version": version})
+        return None
+    try:
+        refusal = live[0].prompt_logprobs_refusal()
+        if refusal is None:
+            return live[0], serving.base_model_name()
+    except ServingError as e:
+        refusal = str(e)
+    log.info("drift not measured through vLLM; the drift probe job loads the model", extra={"version": version, "why": refusal[:300]})
+    return None
+
+
+def measured_by_replica(ctx: RoundContext, version: str | None, new: Path, ref: Path, policy: DriftPolicy, seed: int) -> DriftStats | None:
+    """The statistics through vLLM, or None when no replica can give them (the job runs instead)."""
+    served = serving_replica(ctx, version)
+    if served is None:
+        return None
+    t0 = time.monotonic()
+    try:
+        stats = served_drift(*served, read_texts(new), read_texts(ref), policy, seed)
+    except ServingError as e:
+        log.warning("drift through vLLM failed; the drift probe job loads the model", extra={"error": str(e)[:500]})
+        return None
+    log.info("drift measured through vLLM", extra={"replica": served[0].url, "seconds": round(time.monotonic() - t0, 3)})
+    return stats
+
+
 def measure_for_round(ctx: RoundContext, rec: RoundRecord, new: Path, ref: Path) -> DriftStats | None:
-    """Under the parent checkpoint; no reference set or a failed probe = unmeasured (rec.drift_error says why)."""
+    """Under the parent (what serves now): through vLLM when a replica can, else the job on the trainer's device;
+    no reference set or a failed probe = unmeasured (rec.drift_error says why)."""
     parent = rec.parent.checkpoint
     if not parent or ref.stat().st_size == 0 or new.stat().st_size == 0:
         return None
     policy = ctx.policy_of(rec)
+    served = measured_by_replica(ctx, rec.parent.version, new, ref, policy.drift, rec.number)
+    if served is not None:
+        return served
     directory = ctx.round_dir(rec.id)
     spec = DriftSpec(
         model=parent,
@@ -47,7 +113,9 @@ def measure_for_round(ctx: RoundContext, rec: RoundRecord, new: Path, ref: Path)
         dtype=ctx.served_dtype(),
     )
     try:
-        return drift_stats(ctx.run_job(Job(spec, directory / "drift-spec.json", directory / "drift.log"), rec, timeout=1800))
+        return drift_stats(
+            ctx.run_job(Job(spec, directory / "drift-spec.json", directory / "drift.log", round_id=rec.id), rec, timeout=1800)
+        )
     except Cancelled:
         raise
     except RoundFailed as e:
@@ -70,6 +138,9 @@ def probe_serving(ctx: RoundContext, busy: bool) -> float | None:
     directory.mkdir(parents=True, exist_ok=True)
     write_texts(directory / "new.jsonl", [d.text for d in new])
     write_texts(directory / "ref.jsonl", [d.text for d in ref])
+    stats = measured_by_replica(ctx, live, directory / "new.jsonl", directory / "ref.jsonl", policy.drift, 0)
+    if stats is not None:
+        return record_probe(stats, policy.drift)
     spec = DriftSpec(
         model=known.checkpoint,
         new_path=str(directory / "new.jsonl"),
@@ -81,11 +152,17 @@ def probe_serving(ctx: RoundContext, busy: bool) -> float | None:
         dtype=ctx.served_dtype(),
     )
     spec.result_file.unlink(missing_ok=True)
+    # no round: a name of its own per run (a Kubernetes workload of a failed probe stays until its TTL)
+    job = Job(spec, directory / "drift-spec.json", directory / "drift.log", round_id=f"probe-{int(time.time())}")
     try:
-        result = ctx.run_job(Job(spec, directory / "drift-spec.json", directory / "drift.log"), timeout=1800)
+        result = ctx.run_job(job, timeout=1800)
     except (RoundFailed, Stop) as e:
         log.warning("drift probe failed", extra={"error": str(e)[-500:]})
         return None
-    score = drift_score(drift_stats(result), policy.drift)
+    return record_probe(drift_stats(result), policy.drift)
+
+
+def record_probe(stats: DriftStats, policy: DriftPolicy) -> float:
+    score = drift_score(stats, policy)
     M.DRIFT_SCORE.labels(statistic="probe_score").set(score)
     return score

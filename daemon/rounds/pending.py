@@ -64,7 +64,8 @@ def refusal_of(ctx: RoundContext, policy: Policy, rec: RoundRecord) -> str | Non
         directory.mkdir(parents=True, exist_ok=True)
         spec = DeviceCheckSpec(device=train.device, out=str(directory / "device-check.json"))
         try:
-            out = ctx.run_job(Job(spec, directory / "device-check-spec.json", directory / "device-check.log"), rec, timeout=300)
+            job = Job(spec, directory / "device-check-spec.json", directory / "device-check.log", round_id=rec.id)
+            out = ctx.run_job(job, rec, timeout=300)
         except Cancelled:
             raise
         except RoundFailed as e:

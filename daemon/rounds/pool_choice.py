@@ -145,10 +145,9 @@ def score_pool(ctx: RoundContext, policy: Policy, pool: list[StoredDoc]) -> tupl
     client = ctx.serving.replicas[0]
     model = ctx.serving.route_model()
     try:
-        if client.server_info().lora_enabled:
-            # vLLM 0.32's engine dies on a prompt-logprobs request when started with --enable-lora (vllm#29955,
-            # seen on the CPU build: tests/test_doc_scoring.py). Scoring would take the replica down: skip it, say why.
-            why = f"replica {client.url} runs with --enable-lora, where prompt logprobs crash vLLM 0.32 (vllm#29955): scoring skipped"
+        refusal = client.prompt_logprobs_refusal()
+        if refusal:  # scoring would take the replica down: skip it, say why
+            why = f"{refusal}: scoring skipped"
             log.warning(why)
             return {}, Scoring(scoring_error=why)
     except ServingError as e:
@@ -195,7 +194,7 @@ def detector_scores(ctx: RoundContext, policy: Policy, rec: RoundRecord, pool: l
         dtype=ctx.served_dtype(),
     )
     try:
-        result = ctx.run_job(Job(spec, directory / "detector-spec.json", directory / "detector.log"), rec, timeout=3600)
+        result = ctx.run_job(Job(spec, directory / "detector-spec.json", directory / "detector.log", round_id=rec.id), rec, timeout=3600)
     except Cancelled:
         raise
     except RoundFailed as e:

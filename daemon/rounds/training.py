@@ -30,7 +30,7 @@ def training(ctx: RoundContext, rec: RoundRecord) -> None:
     job = Job(train.spec, directory / "train-spec.json", directory / "train.log", round_id=rec.id)
     follow = ProgressRecorder(ctx, rec)
     try:
-        result = ctx.run_job(job, rec, training=True, on_tick=follow.tick, phase="TRAINING")
+        result = ctx.run_job(job, rec, on_tick=follow.tick, phase="TRAINING")
     finally:
         follow.tick(final=True)
     train.result = TrainResult.model_validate(result)
