@@ -92,3 +92,21 @@ def test_a_policy_the_launcher_cannot_run_is_refused_at_load_and_the_old_one_sta
     assert not changed and "train.cpu_offload" in msg and "CPTD_TRAIN_LAUNCHER=subprocess" in msg
     assert w.current.train.cpu_offload is False and applied == []
     assert sharded.policy_refusal(load_policy(path)) is None  # several ranks: the same file is fine
+
+
+def test_lm_eval_suites_without_the_harness_extra_are_refused_when_the_policy_loads(tmp_path, monkeypatch):
+    """An install without cptd[harness] (the image's default) refuses a policy naming lm-eval task YAMLs at load,
+    naming the extra, instead of failing every round at EVALUATING."""
+    import importlib.util
+
+    from daemon import settings as settings_module
+    from daemon.settings import Settings
+
+    path = tmp_path / "policy.yaml"
+    path.write_text("name: x\nrounds: {suites: {arc: arc.yaml, mine: mc.jsonl}}\n")
+    policy, s = load_policy(path), Settings()
+    assert s.policy_refusal(policy) is None  # this venv has lm-eval
+    real = importlib.util.find_spec
+    monkeypatch.setattr(settings_module.importlib.util, "find_spec", lambda name: None if name == "lm_eval" else real(name))
+    why = s.policy_refusal(policy)
+    assert why is not None and "rounds.suites ['arc']" in why and "cptd[harness]" in why
