@@ -261,3 +261,16 @@ def test_values_the_daemon_cannot_run_are_refused_by_name(values, message):
 
     with pytest.raises(helm_python.HelmError, match=re.escape(message)):
         render_chart(values)
+
+
+def test_tracking_values_set_the_mlflow_settings_and_the_token_comes_from_the_secret():
+    assert not any(n.startswith("CPTD_MLFLOW") for n in daemon_env(rendered("evaluation"))), "tracking is off by default"
+    values = {
+        **EVALUATION,
+        "tracking": {"mlflow": {"uri": "http://mlflow.ml:5000", "experiment": "fresh", "tokenSecretKey": "MLFLOW_TOKEN"}},
+    }
+    env = daemon_env(render_chart(values))
+    assert env["CPTD_MLFLOW_TRACKING_URI"]["value"] == "http://mlflow.ml:5000" and env["CPTD_MLFLOW_EXPERIMENT"]["value"] == "fresh"
+    assert env["CPTD_MLFLOW_TRACKING_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "cptd-secrets", "key": "MLFLOW_TOKEN"}
+    with pytest.raises(Exception, match="uri"):  # the daemon takes http(s) only: the chart refuses the rest by name
+        render_chart({**EVALUATION, "tracking": {"mlflow": {"uri": "file:///tmp/mlruns"}}})
