@@ -203,3 +203,15 @@ def test_pending_refuses_a_round_whose_plan_does_not_fit_the_declared_gpu(redis_
     assert again.state == RoundState.FAILED and again.error == out.error.replace("r00001", "r00003")
     assert not (tmp_path / "ck" / "rounds" / "r00003" / "memory-plan-spec.json").exists()
     assert len(list((tmp_path / "ck" / "plans").iterdir())) == 2  # the 8B plan and the small one
+
+
+def test_the_plan_cache_keeps_only_the_newest_plans(tmp_path):
+    """Every policy edit or new parent shape adds a cached plan: the volume must not collect them for ever."""
+    from daemon.rounds.memory_fit import prune_plans
+
+    for i in range(40):
+        f = tmp_path / f"{i:02d}.json"
+        f.write_text("{}")
+        os.utime(f, ns=(i * 10**9, i * 10**9))
+    prune_plans(tmp_path, keep=32)
+    assert sorted(f.name for f in tmp_path.iterdir()) == [f"{i:02d}.json" for i in range(8, 40)]

@@ -110,8 +110,20 @@ def memory_refusal(ctx: RoundContext, policy: Policy, rec: RoundRecord) -> str |
         result = PlanResult.model_validate(out)
         cached.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(cached, result.model_dump_json().encode())
+        prune_plans(cached.parent)
     log.info("memory plan", extra={"round_id": rec.id, "peak_gib": round(result.peak / GiB, 2), "fits": not result.refusals})
     return fit_refusal(result, s.train_gpu_memory_gb)
+
+
+KEEP_PLANS = 32  # distinct (shape, train section, ranks, declaration, code) combinations worth remembering
+
+
+def prune_plans(directory: Path, keep: int = KEEP_PLANS) -> None:
+    """The plan cache stays bounded: every policy edit, new parent shape or new version of the plan's code adds a
+    key, and only the newest few are ever asked again."""
+    plans = sorted(directory.glob("*.json"), key=lambda f: f.stat().st_mtime_ns)
+    for old in plans[: max(len(plans) - keep, 0)]:
+        old.unlink(missing_ok=True)
 
 
 def fit_refusal(r: PlanResult, gpu_memory_gb: float) -> str | None:
