@@ -6,19 +6,33 @@ text exactly the same way: each document is tokenised on its own, prefixed by
 BOS, cut into windows of at most `max_len` tokens, and every predicted token
 counts once. The mean is over tokens, not documents, so long documents weigh
 what they contain.
+
+token_nll is the one next-token cross-entropy of the project (training,
+held-out loss, benchmark log-likelihoods): the output projection runs over
+chunks of tokens and each chunk's logits are upcast to fp32 on their own, so
+the whole batch's vocabulary-wide fp32 logits (8 x 2048 x 128k = 8 GiB) never
+exist; under autograd each chunk is checkpointed, so backward holds one chunk's
+logits at a time, not all of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
     from daemon.jobs.model_loader import CausalLM
+
+IGNORE = -100  # a target that is not predicted (torch's cross-entropy default)
+LOGIT_CHUNK_BYTES = 512 * 2**20  # fp32 logits of one chunk: 1,046 tokens of a 128k vocabulary
+# Configs whose forward transforms the projection's output (softcapping, scaling): their loss is taken from the
+# whole logits, each chunk upcast on its own.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_TARGETS = "_cptd_next_tokens"  # set on the output projection for the length of one token_nll forward
 
 
 @dataclass(frozen=True)
@@ -28,14 +42,72 @@ class LossResult:
     per_doc: list[float]  # mean nats per token of each document (nan for a document with no predicted token)
 
 
+def token_nll(model: Any, next_tokens: torch.Tensor, chunk_tokens: int | None = None, **forward: Any) -> torch.Tensor:
+    """`model(**forward)`'s fp32 NLL of `next_tokens` ([B, L]: the token each position predicts, IGNORE where none;
+    0 there in the result), never holding more than `chunk_tokens` positions' logits (default: LOGIT_CHUNK_BYTES).
+
+    The loss is computed inside the output projection's own call, which the model makes once: under FSDP2 that call
+    is what gathers the projection's weight (its own unit), and under DDP the forward goes through the wrapper. The
+    projection's forward is replaced once per model by one that returns the NLL while targets are set on it, and
+    the logits otherwise; `model` may be wrapped (DDP, torch.compile, peft)."""
+    inner = getattr(model, "module", model)  # DDP
+    get_base = getattr(inner, "get_base_model", None)  # peft
+    base = get_base() if get_base is not None else inner
+    head = base.get_output_embeddings()
+    if head is None or any(getattr(base.config, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS):
+        logits = model(**forward).logits
+        return _chunked(lambda h: h, logits, next_tokens, chunk_tokens or _chunk_for(logits.shape[-1])).view(next_tokens.shape)
+    if "forward" not in head.__dict__:
+        head.forward = _head_forward.__get__(head)
+    setattr(head, _TARGETS, (next_tokens, chunk_tokens or _chunk_for(int(head.weight.shape[0]))))
+    try:
+        nll = model(**forward).logits
+    finally:
+        setattr(head, _TARGETS, None)
+    return nll.reshape(next_tokens.shape)
+
+
+def _head_forward(head: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """The output projection: per-position NLL while token_nll has set targets on it, its own forward otherwise."""
+    targets = getattr(head, _TARGETS, None)
+    own = type(head).forward.__get__(head)
+    if targets is None:
+        return own(hidden)
+    return _chunked(own, hidden, *targets)
+
+
+def _chunk_for(vocab: int) -> int:
+    return max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
+
+
+def _chunked(project: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, next_tokens: torch.Tensor, chunk: int) -> torch.Tensor:
+    """NLL per position, `chunk` positions at a time; checkpointed under autograd, so backward recomputes each
+    chunk's logits rather than keeping them all."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = next_tokens.reshape(-1)
+    parts = []
+    for i in range(0, h.shape[0], chunk):
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_nll, project, h[i : i + chunk], t[i : i + chunk], use_reentrant=False))
+        else:
+            parts.append(_nll(project, h[i : i + chunk], t[i : i + chunk]))
+    return torch.cat(parts)  # flat, not a view: FSDP2 hooks the projection's output for backward
+
+
+def _nll(project: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return F.cross_entropy(project(h).float(), t, ignore_index=IGNORE, reduction="none")
+
+
 def window_nll(model: CausalLM, inp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """NLL of each predicted token of a padded batch of windows ([B, W-1], 0 at padding): the step that holds the
     memory, shared with the memory plan (daemon/jobs/memory_plan.py), which runs it on fake tensors."""
-    import torch
-
-    logits = model(input_ids=inp, attention_mask=mask).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    return -logp.gather(-1, inp[:, 1:].unsqueeze(-1)).squeeze(-1) * mask[:, 1:]
+    nxt = inp[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)
+    return token_nll(model, nxt, input_ids=inp[:, :-1], attention_mask=mask[:, :-1])
 
 
 def mean_token_loss(
