@@ -108,14 +108,26 @@ def test_flash_attention_path_gets_each_documents_length(micro_batch):
     assert abs(float(packed - separate)) <= 1e-5 * float(separate)
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_chunked_loss_and_gradients_equal_the_whole_vocabulary_loss(tie):
-    """token_nll over chunks of 7 positions (checkpointed: backward recomputes each chunk's logits) against
-    cross-entropy over the whole micro-batch's logits: the same loss and the same gradients."""
+def with_head(kind: str) -> torch.nn.Module:
+    """A tiny model whose output projection is a plain Linear, the input embedding (tied), or a LoRA layer."""
+    if kind != "lora":
+        return tiny("sdpa", tie=kind == "tied")
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    return get_peft_model(tiny("sdpa"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+
+
+@pytest.mark.parametrize("head", ["linear", "tied", "lora"])
+def test_chunked_loss_and_gradients_equal_the_whole_vocabulary_loss(head):
+    """token_nll over chunks of 7 positions (a plain head: its own backward, one weight gradient buffer; a LoRA
+    head: checkpointed chunks of its forward) against cross-entropy over the whole micro-batch's logits: the same
+    loss and the same gradients."""
     ids, pos, tgt = pack(documents(60), 32, BOS)
     x, p, y = ids[:4], pos[:4], tgt[:4]
     nxt = torch.cat([y[:, 1:], torch.full_like(y[:, :1], IGNORE)], dim=1)
-    chunked_model, whole_model = tiny("sdpa", tie), tiny("sdpa", tie)
+    chunked_model, whole_model = with_head(head), with_head(head)
+    whole_model.load_state_dict(chunked_model.state_dict())
     chunked = token_nll(chunked_model, nxt, chunk_tokens=7, **packed_inputs(chunked_model, x, p)).sum()
     logits = whole_model(**packed_inputs(whole_model, x, p)).logits
     whole = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), nxt.reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -123,7 +135,10 @@ def test_chunked_loss_and_gradients_equal_the_whole_vocabulary_loss(tie):
     (whole / 100).backward()
     assert abs(chunked.item() - whole.item()) <= 1e-5 * whole.item()
     grads = {n: q.grad for n, q in whole_model.named_parameters()}
-    for n, q in chunked_model.named_parameters():
+    trained = [(n, q) for n, q in chunked_model.named_parameters() if q.requires_grad]
+    assert trained and all(q.grad is not None for _, q in trained)
+    for n, q in trained:
         torch.testing.assert_close(q.grad, grads[n], rtol=1e-5, atol=1e-6, msg=n)
-    assert chunked_model.lm_head._cptd_next_tokens is None  # the projection is itself again after the loss
+    out = chunked_model.get_output_embeddings()
+    assert out._cptd_next_tokens is None  # the projection is itself again after the loss
     torch.testing.assert_close(chunked_model(input_ids=x).logits, whole_model(input_ids=x).logits)

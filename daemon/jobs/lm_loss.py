@@ -11,24 +11,25 @@ token_nll is the one next-token cross-entropy of the project (training,
 held-out loss, benchmark log-likelihoods): the output projection runs over
 chunks of tokens and each chunk's logits are upcast to fp32 on their own, so
 the whole batch's vocabulary-wide fp32 logits (8 x 2048 x 128k = 8 GiB) never
-exist; under autograd each chunk is checkpointed, so backward holds one chunk's
-logits at a time, not all of them.
+exist; backward recomputes each chunk's logits rather than keeping them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
     from daemon.jobs.model_loader import CausalLM
 
 IGNORE = -100  # a target that is not predicted (torch's cross-entropy default)
-LOGIT_CHUNK_BYTES = 512 * 2**20  # fp32 logits of one chunk: 1,046 tokens of a 128k vocabulary
+LOGIT_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk: 523 tokens of a 128k vocabulary
 # Configs whose forward transforms the projection's output (softcapping, scaling): their loss is taken from the
 # whole logits, each chunk upcast on its own.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -73,7 +74,55 @@ def _head_forward(head: Any, hidden: torch.Tensor) -> torch.Tensor:
     own = type(head).forward.__get__(head)
     if targets is None:
         return own(hidden)
-    return _chunked(own, hidden, *targets)
+    if isinstance(head, torch.nn.Linear) and head.bias is None:
+        next_tokens, chunk = targets
+        return _linear_nll(hidden.reshape(-1, hidden.shape[-1]), head.weight, next_tokens.reshape(-1), chunk)
+    return _chunked(own, hidden, *targets)  # a LoRA head, a biased one: checkpointed chunks of its own forward
+
+
+def _linear_nll(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, chunk: int) -> torch.Tensor:
+    return cast("torch.Tensor", LinearNLL.apply(h, weight, t, chunk))
+
+
+class LinearNLL(torch.autograd.Function):
+    """NLL of `h @ weight.T` against targets, one chunk of rows at a time, forward and backward; the weight's
+    gradient is summed in place in one buffer. (Checkpointed chunks under autograd would sum it out of place: three
+    weight-sized tensors at once, a whole bf16 head more than the unchunked loss, 1 GiB for Llama-3-8B.)"""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, chunk: int) -> torch.Tensor:
+        dev = h.device.type
+        ctx.amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        ctx.chunk = chunk
+        ctx.save_for_backward(h, weight, t)
+        parts = [
+            F.cross_entropy((h[i : i + chunk] @ weight.T).float(), t[i : i + chunk], ignore_index=IGNORE, reduction="none")
+            for i in range(0, h.shape[0], chunk)
+        ]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        h, weight, t = ctx.saved_tensors
+        chunk, dev = ctx.chunk, h.device.type
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        with torch.autocast(dev, dtype=ctx.amp or torch.float32, enabled=ctx.amp is not None):
+            for i in range(0, h.shape[0], chunk):
+                hc, tc = h[i : i + chunk], t[i : i + chunk]
+                logits = (hc @ weight.T).float()
+                p = logits.sub_(logits.logsumexp(-1, keepdim=True)).exp_()  # softmax, in place
+                valid = (tc != IGNORE).to(p.dtype)
+                p.scatter_add_(1, tc.clamp(min=0).unsqueeze(1), -valid.unsqueeze(1))  # minus the target's one-hot
+                g = p.mul_((grad[i : i + chunk] * valid).unsqueeze(1)).to(ctx.amp or h.dtype)
+                if grad_h is not None:
+                    grad_h[i : i + chunk] = g @ weight
+                if grad_w is not None:
+                    if ctx.amp is None:
+                        grad_w.addmm_(g.T, hc)
+                    else:
+                        grad_w += g.T @ hc
+        return grad_h, grad_w, None, None
 
 
 def _chunk_for(vocab: int) -> int:
@@ -83,7 +132,6 @@ def _chunk_for(vocab: int) -> int:
 def _chunked(project: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, next_tokens: torch.Tensor, chunk: int) -> torch.Tensor:
     """NLL per position, `chunk` positions at a time; checkpointed under autograd, so backward recomputes each
     chunk's logits rather than keeping them all."""
-    import torch
     from torch.utils.checkpoint import checkpoint
 
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -98,8 +146,6 @@ def _chunked(project: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tens
 
 
 def _nll(project: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    import torch.nn.functional as F
-
     return F.cross_entropy(project(h).float(), t, ignore_index=IGNORE, reduction="none")
 
 
@@ -115,8 +161,6 @@ def mean_token_loss(
 ) -> LossResult:
     """Mean next-token NLL over all documents; one forward per window, batched with padding masked out."""
     import math
-
-    import torch
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
