@@ -1,6 +1,6 @@
 """The memory plan of three published shapes (docs/round-engine.md, Memory plan): no GPU, no weights.
 
-    python bench/plan_shapes.py                 # all shapes and policies, ~10 min on one core
+    python bench/plan_shapes.py                 # all shapes and policies, ~2.5 min of CPU on one core
     python bench/plan_shapes.py --only 8b       # one shape
 
 Each row is `python -m daemon.jobs.memory_plan SPEC` (what `cptd plan` runs): the trainer's own step, sharded by

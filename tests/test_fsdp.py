@@ -1,4 +1,5 @@
-"""FSDP2 rounds under torchrun, on CPU with gloo: the same model as DDP, sharded checkpoints, resume, multi-node.
+"""FSDP2 rounds under torchrun, on CPU with gloo (tests/train_device.py: CUDA with nccl where the host has a GPU per
+rank): the same model as DDP, sharded checkpoints, resume, multi-node.
 
 A bf16 tiny Llama is trained by two ranks with `train.parallelism: fsdp` and
 with `ddp` from the same spec; the consolidated candidate must be what the swap
@@ -26,6 +27,7 @@ from daemon.jobs.lm_loss import mean_token_loss
 from daemon.jobs.model_loader import load_causal_lm, load_tokenizer
 from daemon.jobs.specs import TrainSpec
 from tests.kill_at_checkpoint import kill_at_first_checkpoint
+from tests.train_device import train_device
 
 pytestmark = pytest.mark.slow  # several two-rank torchrun runs
 
@@ -52,7 +54,7 @@ def spec_file(world, name: str, **train) -> Path:
         new_path=str(d / "new.jsonl"),
         heldout_new_path=str(d / "held.jsonl"),
         schedule={"kind": "constant", "peak_lr": 3e-3},
-        train={**TRAIN, "device": "cpu", **train},
+        train={**TRAIN, "device": train_device(2), **train},  # two ranks, on one launcher or two
         data_seed=3,
         cpu_threads=1,
     )

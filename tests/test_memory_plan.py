@@ -64,8 +64,11 @@ def test_fake_plan_predicts_the_real_step(tmp_path, world):
         f"(ratio {growth / real.rss_delta:.2f})"
     )
     assert 0.85 <= ratio <= 1.15
-    for col in ("parameters", "optimizer"):  # the state at the peak is shape-exact
-        assert getattr(plan, col) == getattr(real, col), col
+    assert plan.optimizer == real.optimizer  # the state at the peak is shape-exact
+    # So are the parameters, but for the gathered LM head (bf16): the fake step peaks while the loss runs inside the
+    # head's call (lm_loss.token_nll), where the head is gathered; the real one peaks elsewhere in the step.
+    head = SMALL["vocab_size"] * SMALL["hidden_size"] * 2 if world > 1 else 0
+    assert plan.parameters - real.parameters in (0, head)
     assert plan.peak == plan.parameters + plan.gradients + plan.optimizer + plan.activations + plan.temporaries
     assert real.accumulated_gradients == plan.accumulated_gradients == 0  # fsdp reduce-scatters every micro-batch
 

@@ -28,6 +28,7 @@ from policies.drift import DriftPolicy, adjust_for_drift
 from policies.lr_schedule import SchedulePolicy, round_lr
 from policies.replay import ReplayPolicy
 from tests.kill_at_checkpoint import kill_at_first_checkpoint
+from tests.train_device import train_device
 
 pytestmark = pytest.mark.slow  # trains tiny models, SIGKILL/resume and torchrun runs
 
@@ -307,7 +308,8 @@ def test_drift_same_distribution_scores_lower_than_shifted(world):
 
 
 def test_torchrun_two_ranks_trains_one_consistent_model(world):
-    """DDP under torchrun (gloo on CPU): both ranks step together; the saved candidate learned the new domain."""
+    """DDP under torchrun (gloo on CPU, nccl where there is a GPU per rank): both ranks step together; the saved
+    candidate learned the new domain."""
     d = world["dir"]
     spec = make_spec(
         parent_dir=world["model_a"],
@@ -316,7 +318,7 @@ def test_torchrun_two_ranks_trains_one_consistent_model(world):
         heldout_new_path=world["b_held"],
         data_seed=5,
         schedule={"kind": "rewarm_cosine", "peak_lr": 3e-3, "warmup_frac": 0.05},
-        train={**TRAIN, "max_steps": 12, "eval_interval": 100},
+        train={**TRAIN, "max_steps": 12, "eval_interval": 100, "device": train_device(2)},
     )
     (d / "ddp.json").write_text(spec.to_json())
     cmd = [

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from daemon.jobs.lm_loss import mean_token_loss
+from daemon.jobs.lm_loss import IGNORE, mean_token_loss, token_nll
 from daemon.jobs.specs import (
     CanaryResult,
     EvalReport,
@@ -159,12 +159,13 @@ def loglikelihoods(
                 s = seqs[i][0][:-1]
                 inp[row, : len(s)] = torch.tensor(s)
                 mask[row, : len(s)] = 1
-            logp = torch.log_softmax(model(input_ids=inp.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1)
+            nxt = torch.full((len(idx), width), IGNORE, dtype=torch.long)  # each position's next token
             for row, i in enumerate(idx):
                 seq, n = seqs[i]
-                tgt = torch.tensor(seq[1:], device=device)
-                tok_lp = logp[row, : len(tgt)].gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-                out[i] = float(tok_lp[-n:].sum())
+                nxt[row, len(seq) - 1 - n : len(seq) - 1] = torch.tensor(seq[-n:])  # the continuation only
+            nll = token_nll(model, nxt.to(device), input_ids=inp.to(device), attention_mask=mask.to(device))
+            for row, _ in enumerate(idx):
+                out[idx[row]] = -float(nll[row].sum())
     return out
 
 

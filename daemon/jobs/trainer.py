@@ -24,10 +24,16 @@ Output layout (OUT = spec.out_dir):
 
 Packing: each document is BOS + tokens + EOS, documents are concatenated and
 cut into seq_len blocks (the tail shorter than one block is dropped), so no
-token is padding. position_ids restart at every document start; with no 2-D
-attention mask, transformers turns that into a block-diagonal causal mask
-(sdpa/eager/flex) or varlen attention (flash-attention), so attention never
-crosses documents. Targets that would predict a BOS across a boundary are masked.
+token is padding. position_ids restart at every document start, and they are
+the one description of the documents every attention implementation gets
+(packed_inputs): with no 2-D attention mask, transformers turns them into a
+per-row block-diagonal causal mask for sdpa, eager and flex
+(masking_utils.find_packed_sequence_indices); flash-attention gets the
+documents' cumulative lengths over the whole micro-batch, derived from the
+same positions, because transformers derives them itself only at batch size 1.
+So attention never crosses documents (tests/test_packing.py). Targets that
+would predict a BOS across a boundary are masked. The loss never holds the
+whole micro-batch's logits (lm_loss.token_nll).
 """
 
 from __future__ import annotations
@@ -46,9 +52,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
-import torch.nn.functional as F
 
-from daemon.jobs.lm_loss import mean_token_loss
+from daemon.jobs.lm_loss import IGNORE, mean_token_loss, token_nll
 from daemon.jobs.model_loader import DTYPES, checkpoint_dtype, dtype_name, load_causal_lm, load_tokenizer, resolve_device
 from daemon.jobs.specs import TrainSpec, read_texts, write_result
 from policies.lr_schedule import anneal_steps_for, round_lr
@@ -58,7 +63,6 @@ from policies.train import MIXED, TrainPolicy, resolve_compile, resolve_precisio
 if TYPE_CHECKING:
     from torch.nn.parallel import DistributedDataParallel
 
-IGNORE = -100
 # fp32 trainable parameters, when the written weights are rounded. In a subdirectory: a mid-round checkpoint the gate
 # picks is deployed as it is, and vLLM (and the swap's validation) read every *.safetensors at the top of the directory.
 MASTER_FILE = "resume/master_weights.safetensors"
@@ -214,17 +218,36 @@ def _has_flash_attn() -> bool:
         return False
 
 
+def packed_inputs(model, ids: torch.Tensor, pos: torch.Tensor) -> dict:
+    """The forward arguments of packed blocks ([B, L] each) under every attention implementation, all derived from
+    the restarting position_ids. No attention mask and no KV cache: transformers then builds the per-document
+    causal mask from the positions, row by row, for sdpa, eager and flex. Flash-attention takes no mask and
+    transformers reads the positions only at batch size 1, so it gets the documents' cumulative lengths over the
+    flattened micro-batch (the varlen kernel flattens it anyway), from transformers' own reading of positions."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+    from transformers.utils.generic import is_flash_attention_requested
+
+    kw: dict = {"input_ids": ids, "position_ids": pos, "use_cache": False}
+    if is_flash_attention_requested(config=_config(model)):
+        (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(pos)
+        kw.update(cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=int(max_q), max_length_k=int(max_k))
+    return kw
+
+
+def _config(model):  # noqa: ANN001, ANN202 - a model, or DDP / torch.compile around one
+    return getattr(model, "module", model).config
+
+
 def packed_logits(model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Forward over packed blocks. No attention mask and no KV cache: that is what lets transformers
-    derive the per-document causal mask from the restarting position_ids."""
-    return model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    """Logits of packed blocks (the whole vocabulary: for tests and inspection, not for the loss)."""
+    return model(**packed_inputs(model, ids, pos)).logits
 
 
 def micro_batch_loss(fwd, x: torch.Tensor, pos: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy of one packed micro-batch (fp32 logits over the whole vocabulary).
+    """Summed next-token cross-entropy of one packed micro-batch, in fp32 over chunks of tokens (lm_loss.token_nll).
     One function for the round and for the memory plan (daemon/jobs/memory_plan.py), which runs it on fake tensors."""
-    logits = packed_logits(fwd, x, pos)
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+    nxt = torch.cat([y[:, 1:], torch.full_like(y[:, :1], IGNORE)], dim=1)  # position t predicts token t+1
+    return token_nll(fwd, nxt, **packed_inputs(fwd, x, pos)).sum()
 
 
 def optimizer_step(opt: torch.optim.Optimizer, params: list, scaler, grad_clip: float) -> torch.Tensor:
