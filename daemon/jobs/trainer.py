@@ -13,10 +13,9 @@ Output layout (OUT = spec.out_dir):
   progress.jsonl         start / eval / step / checkpoint / mainline / done events
   checkpoints/step-N/    resumable state after N steps: weights in the parent's dtype (safetensors; full:
                          HF dir with tokenizer and the parent's config.json, lora/qlora: adapter),
-                         resume/master_weights.safetensors (fp32 trainable weights, when the written ones are
-                         rounded), resume/optimizer.pt (newest checkpoint only), trainer_state.pt (grad scaler,
-                         RNG), state.json; fsdp: resume/dcp (fp32 masters) and resume/optim (optimizer, newest
-                         checkpoint only), sharded, and the weights written row-wise by every rank
+                         resume/master_weights.safetensors (fp32 trainable weights, when rounded), resume/optimizer.pt
+                         (newest checkpoint only), trainer_state.pt (grad scaler, RNG), state.json; fsdp: resume/dcp
+                         (fp32 masters), resume/optim (newest only), weights written row-wise by every rank
   mainline/              infinite only: main-line state at the end of this round's main-line
                          steps, same format; the next round's spec names it as mainline_in
   final/                 the release candidate (infinite: the end of the anneal branch), in the parent's
@@ -152,9 +151,8 @@ def blocks_at(n_blocks: int, seed: int, start: int, count: int) -> list[int]:
 def load_model(
     spec: TrainSpec, train_policy: TrainPolicy, state_dir: str | None, device: torch.device, param_dtype: torch.dtype, meta: bool = False
 ):
-    """Parent weights, or those saved in state_dir (a checkpoint or main line), with trainable parameters in
-    param_dtype. lora/qlora put an adapter on the parent, which stays frozen in its own dtype (or 4-bit).
-    `meta`: full weights with the parameters on the meta device, to be sharded, then loaded (model_for_round)."""
+    """Parent weights, or those saved in state_dir (a checkpoint or main line), with trainable parameters in param_dtype.
+    lora/qlora: an adapter on the parent, frozen in its own dtype (or 4-bit). `meta`: see model_for_round."""
     attn = spec.attn_implementation
     if attn == "auto":
         # flex builds a sparse block mask from the per-document positions; sdpa would need a dense mask
