@@ -94,6 +94,11 @@ def test_fsdp_matches_ddp_and_writes_a_consolidated_candidate_in_the_parents_dty
     ckpt = sorted((d / "fsdp" / "checkpoints").glob("step-*"))[-1]
     assert sorted(p.name for p in (ckpt / "resume" / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # a shard per rank
     validate_checkpoint(ckpt, world["base"])  # a mid-round checkpoint is servable as it is
+    # optimizer state in the newest checkpoint only (a resume reads no other); every one keeps its weights and masters
+    for run, optim in (("fsdp", "resume/optim"), ("ddp", "resume/optimizer.pt")):
+        ckpts = sorted((d / run / "checkpoints").glob("step-*"))
+        assert len(ckpts) == 3 and [(c / optim).exists() for c in ckpts] == [False, False, True], run
+    assert all((c / "resume" / "dcp" / ".metadata").exists() for c in (d / "fsdp" / "checkpoints").glob("step-*"))
     ddp, fsdp, base = heldout(world, d / "ddp" / "final"), heldout(world, final), heldout(world, Path(world["base"]))
     assert fsdp < base - 1.0 and abs(fsdp - ddp) <= 0.02 * ddp, (base, ddp, fsdp)
 

@@ -105,12 +105,14 @@ def test_8b_plan_on_8_ranks_is_what_the_shapes_say(tmp_path):
     # Activation checkpointing keeps each layer's bf16 input; fp32 at most
     assert r.activations <= shape["num_hidden_layers"] * train["micro_batch_size"] * train["seq_len"] * shape["hidden_size"] * 4
     assert r.peak == r.parameters + r.gradients + r.optimizer + r.activations + r.temporaries
-    # Today's load, export and checkpoint layout: every rank holds the whole fp32 model before sharding; rank 0
-    # gathers it in fp32 and writes a bf16 copy; a checkpoint is bf16 weights + fp32 masters + two fp32 moments.
-    assert r.device_at_load == r.host_load_per_rank == 4 * n
-    assert r.host_export_rank0 == 6 * n
+    # Load, export and checkpoint layout: each rank builds its fp32 shard and reads only its rows of the parent; each
+    # writes its rows of the bf16 weights one tensor at a time (the largest: its part of the embedding); a checkpoint
+    # is bf16 weights + fp32 masters + two fp32 moments, the moments in the newest checkpoint only.
+    assert r.device_at_load == r.host_load_per_rank == 4 * n // ranks
+    assert r.host_export_rank0 == 2 * unit // ranks
     assert r.checkpoint_bytes == 14 * n and r.final_bytes == 2 * n
-    assert any("over the declared 24 GiB" in why and "whole model" in why for why in r.refusals)  # 32 GB at load
+    assert r.round_held_bytes == r.checkpoint_bytes + r.final_bytes  # one checkpoint over the plan's steps
+    assert all("at load" not in why for why in r.refusals)  # 3.7 GiB per GPU at load, 24 GiB declared
     assert all("volume" not in why for why in r.refusals)  # 120 GB held, 500 GiB declared
 
 

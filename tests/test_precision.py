@@ -25,7 +25,7 @@ from daemon.jobs.evaluator import EvalData, evaluate_round
 from daemon.jobs.lm_loss import mean_token_loss
 from daemon.jobs.model_loader import ModelLoadError, four_bit_refusal, load_causal_lm, load_tokenizer
 from daemon.jobs.specs import TrainSpec
-from daemon.jobs.trainer import MASTER_FILE, run
+from daemon.jobs.trainer import MASTER_FILE, OPTIMIZER_FILE, run
 from policies.train import TrainPolicy, resolve_compile
 from tests.kill_at_checkpoint import kill_at_first_checkpoint
 
@@ -126,7 +126,7 @@ def test_bf16_params_trains_bf16_weights_with_fp32_optimizer_state(world):
     r = run(spec(world, "bf16-params", world["bfloat16"], precision="bf16-params"))
     ck = sorted((Path(r["final"]).parent / "checkpoints").glob("step-*"))[-1]
     assert not (ck / MASTER_FILE).exists()  # the weights are the trained values themselves
-    opt = torch.load(ck / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    opt = torch.load(ck / OPTIMIZER_FILE, weights_only=True)["optimizer"]["state"]
     assert {t.dtype for s in opt.values() for k, t in s.items() if k != "step"} == {torch.float32}
     validate_checkpoint(r["final"], world["bfloat16"])
     assert dtypes(Path(r["final"])) == {"BF16"}

@@ -241,3 +241,48 @@ def _daemon(redis_client: redis_lib.Redis, tmp_path: Path) -> Daemon:
     policy.write_text("name: keep\n")
     settings = Settings(redis_url=f"redis://{kw['host']}:{kw['port']}/0", checkpoint_dir=tmp_path / "ck", policy=policy, vllm_urls="")
     return Daemon(Policy(name="keep"), settings)
+
+
+# ---------------------------------------------------------------------------------------------- optimizer state
+
+
+def test_an_evaluated_round_drops_its_checkpoints_optimizer_state(redis_client: redis_lib.Redis, tmp_path: Path):
+    """Once the gate has decided, the round trains no more: its checkpoints keep their weights and masters (the
+    chosen one is deployed as it is) and lose their optimizer state, most of their bytes; the main line keeps its
+    own, which the next round continues from. The evaluator's report is already written: no job runs."""
+    from daemon.jobs.specs import EvalReport, LossSummary, ModelReport, TrainResult
+    from daemon.rounds.evaluating import evaluating
+
+    ctx = _context(RedisStore(redis_client, "optim"), tmp_path, _policy())
+    out = ctx.round_dir("r00001") / "train"
+    layouts = {
+        "step-00000004": "resume/optimizer.pt",
+        "step-00000008": "resume/optim/__0_0.distcp",
+        "../mainline": "resume/optim/__0_0.distcp",
+    }
+    for name, optim in layouts.items():
+        d = out / "checkpoints" / name
+        (d / optim).parent.mkdir(parents=True, exist_ok=True)
+        (d / optim).write_bytes(b"o" * 4096)
+        (d / "model.safetensors").write_bytes(b"w")
+        (d / "resume" / "dcp").mkdir(parents=True, exist_ok=True)
+        (d / "resume" / "dcp" / "__0_0.distcp").write_bytes(b"m")
+    rec = bare_record("r00001", RoundState.EVALUATING)
+    rec.policy = ctx.get_policy()
+    rec.parent = Parent(version="base", checkpoint=str(tmp_path / "base"))
+    spec = TrainSpec(parent_dir=str(tmp_path / "base"), out_dir=str(out), new_path=str(tmp_path / "new.jsonl"))
+    result = TrainResult(steps=8, final=str(out / "final"), mainline=str(out / "mainline"))
+    rec.train = TrainRecord(spec=spec, spec_digest=spec.digest(), out_dir=str(out), launcher="subprocess", result=result)
+
+    def scored(name: str, nll: float) -> ModelReport:
+        return ModelReport(name=name, path=name, new=LossSummary(nll, 1.0, 100), replay=LossSummary(2.0, 1.0, 100))
+
+    report = EvalReport("r00001", scored("serving", 3.0), [scored("step-00000004", 2.5), scored("final", 2.4)])
+    (ctx.round_dir("r00001") / "eval_report.json").write_text(report.to_json())
+    ctx.put(rec)
+    evaluating(ctx, rec)
+    assert rec.gate is not None and rec.state in (RoundState.DEPLOYING, RoundState.REJECTED)
+    for name, optim in layouts.items():
+        d = out / "checkpoints" / name
+        assert (d / "model.safetensors").exists() and (d / "resume" / "dcp" / "__0_0.distcp").exists(), name
+        assert (d / optim).exists() == (name == "../mainline"), name

@@ -11,8 +11,7 @@ precision, activation checkpointing and LoRA) and one evaluation step
 of N ranks. torch's memory tracker (torch.distributed._tools, as torchtitan's
 estimation does) records what each rank's allocator would hold. The host and
 volume figures follow from the shapes and the trainer's load, export and
-checkpoint layout, as the code is today: the plan shows the known problems
-(docs/round-engine.md, Memory plan), it does not hide them.
+checkpoint layout, as the code is today (docs/round-engine.md, Memory plan).
 
 With `real: true` the same step runs on real tensors on the ranks torchrun
 started (gloo, CPU): the check that the fake plan predicts a real run.
@@ -255,19 +254,25 @@ def measure_step(spec: PlanSpec, world: int, fake: bool) -> dict[str, Any]:
 
 def storage_figures(spec: PlanSpec, m: dict[str, Any]) -> dict[str, int]:
     """Host memory at load and export, bytes written per checkpoint and per round: from the shapes and the trainer's
-    code as it is (trainer.load_model, save_sharded_state / save_state, save_weights)."""
+    code as it is (trainer.model_for_round, save_sharded_state / save_state, export_weights)."""
     tp = spec.train
     n, t = m["parameters_total"], m["trainable_total"]
     pb = torch.finfo(m["param_dtype"]).bits // 8
     out_b = torch.finfo(parent_dtype(spec.model_shape)).bits // 8
     full = tp.mode == "full"
-    # Every rank builds the whole model in host memory (full: in the trainable dtype), then moves it to its GPU whole.
-    loaded = n * pb if full else (n - t) * out_b + t * pb
+    sharded = full and m["fsdp"]
+    world = spec.gpus
+    # fsdp, full weights: built on the meta device, sharded, each rank reads only its rows (its shard, in the trainable
+    # dtype). Otherwise every rank builds the whole model in host memory, then moves it to its GPU whole.
+    loaded = n * pb // world if sharded else n * pb if full else (n - t) * out_b + t * pb
     weights_out = (n if full else t) * out_b  # the consolidated weights or adapter, in the parent's dtype
-    # fsdp: rank 0 gathers every trainable weight in fp32 on the host, then makes the parent-dtype copy it writes.
-    export = (n * pb if full else t * pb) + weights_out if m["fsdp"] else weights_out
+    # fsdp, full: each rank writes its rows one tensor at a time (the largest: the embedding's shard, in the parent's
+    # dtype); LoRA: rank 0 gathers the adapter and writes a copy; one replica: a parent-dtype copy of the weights.
+    largest = int(spec.model_shape.get("vocab_size", 0)) * int(spec.model_shape.get("hidden_size", 0)) * out_b // world
+    export = largest if sharded else t * pb + weights_out if m["fsdp"] else weights_out
     masters = t * pb if (m["fsdp"] or pb != out_b) else 0  # DCP's fp32 shards, or master_weights.safetensors
-    ckpt = weights_out + masters + 2 * 4 * t  # AdamW's two fp32 moments
+    ckpt = weights_out + masters + 2 * 4 * t  # the newest checkpoint: AdamW's two fp32 moments too
+    older = weights_out + masters  # older kept checkpoints drop their optimizer state
     steps = spec.steps or tp.max_steps or tp.checkpoint_interval
     n_ckpt = math.ceil(steps / tp.checkpoint_interval)
     mainline = ckpt if spec.schedule_kind == "infinite" else 0
@@ -278,7 +283,7 @@ def storage_figures(spec: PlanSpec, m: dict[str, Any]) -> dict[str, int]:
         "checkpoint_bytes": ckpt,
         "final_bytes": weights_out,
         "round_written_bytes": n_ckpt * ckpt + mainline + weights_out,
-        "round_held_bytes": min(n_ckpt, tp.keep_checkpoints) * ckpt + mainline + weights_out,
+        "round_held_bytes": ckpt + (min(n_ckpt, tp.keep_checkpoints) - 1) * older + mainline + weights_out,
         "checkpoints_per_round": n_ckpt,
         "steps": steps,
     }
@@ -296,14 +301,14 @@ def refusals(spec: PlanSpec, r: dict[str, Any]) -> list[str]:
             out.append(f"evaluation step peaks at {r['eval_peak'] / GiB:.1f} GiB per GPU, over the declared {spec.gpu_memory_gb:g} GiB")
         if r["device_at_load"] > cap:
             out.append(
-                f"each rank moves the whole model ({r['device_at_load'] / GiB:.1f} GiB) to its GPU before sharding, "
-                f"over the declared {spec.gpu_memory_gb:g} GiB"
+                f"each rank moves {'its shard' if r['device_at_load'] < r['final_bytes'] else 'the whole model'} "
+                f"({r['device_at_load'] / GiB:.1f} GiB) to its GPU at load, over the declared {spec.gpu_memory_gb:g} GiB"
             )
     if spec.host_memory_gb is not None:
         cap = spec.host_memory_gb * GiB
         if per_node * r["host_load_per_rank"] > cap:
             out.append(
-                f"load: {per_node} ranks per node each hold the whole model ({r['host_load_per_rank'] / GiB:.1f} GiB), "
+                f"load: {per_node} ranks per node each hold {r['host_load_per_rank'] / GiB:.1f} GiB, "
                 f"{per_node * r['host_load_per_rank'] / GiB:.1f} GiB over the declared {spec.host_memory_gb:g} GiB host memory"
             )
         if r["host_export_rank0"] > cap:
@@ -380,14 +385,14 @@ def table(spec: PlanSpec, r: PlanResult) -> str:
         f"    activations                      {g(r.activations)}",
         f"    temporaries                      {g(r.temporaries)}",
         f"  peak device memory, evaluation     {g(r.eval_peak)}",
-        f"  device memory at load              {g(r.device_at_load)}   (the whole model, before sharding)",
+        f"  device memory at load              {g(r.device_at_load)}",
         f"  host memory at load                {g(r.host_load_per_rank)}   (x {math.ceil(r.world / r.nodes)} ranks per node)",
         f"  host memory at export (rank 0)     {g(r.host_export_rank0)}",
         "volume (GiB)",
         f"  per checkpoint                     {g(r.checkpoint_bytes)}",
         f"  written per round                  {g(r.round_written_bytes)}   "
         f"({r.checkpoints_per_round} checkpoint(s) over {r.steps} steps, and the candidate)",
-        f"  held at once by a round            {g(r.round_held_bytes)}",
+        f"  held at once by a round            {g(r.round_held_bytes)}   (optimizer state in the newest checkpoint only)",
     ]
     if r.rss_delta is not None:
         rows.append(f"measured    resident set growth over the step {g(r.rss_delta)} GiB")

@@ -6,12 +6,16 @@ every rank. FSDP2 (`fully_shard`) splits parameters, gradients and AdamW state
 across ranks: a unit for the input embedding, one per decoder layer, one for
 the LM head and the root, the way torchtitan wraps its models. Mid-round state is written with torch.distributed.checkpoint
 (each rank its own shard, fp32 masters and optimizer state, so a resume is
-exact); the weights vLLM and the evaluator read are gathered once per
-checkpoint into an ordinary Hugging Face directory in the parent's dtype.
+exact). Full-weight models are never whole on any rank: built on the meta
+device, sharded, materialised as shards, and each rank reads its rows of the
+parent's safetensors and writes its rows of the consolidated weights vLLM and
+the evaluator read (daemon/jobs/safetensors_rows.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -27,11 +31,44 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from daemon.jobs.specs import OPTIMIZER_STATE
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
     from transformers import PreTrainedModel
 
-DCP_DIR = "resume/dcp"  # inside a checkpoint / main-line directory, beside the consolidated weights
+DCP_DIR = "resume/dcp"  # inside a checkpoint / main-line directory, beside the consolidated weights: fp32 masters
+OPTIM_DIR = OPTIMIZER_STATE[0]  # beside it: the optimizer state's shards, dropped from all but the newest checkpoint
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build a model whose parameters live on the meta device (no memory, no initialisation) while its buffers are
+    made for real: the rotary inv_freq a Llama computes at construction is not in its checkpoint, and its values
+    must be the ones a normal load computes. What accelerate's init_empty_weights(include_buffers=False) does."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and not p.is_meta:
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def materialise(model: torch.nn.Module, device: torch.device) -> None:
+    """Give a sharded meta model storage for its shards on `device` (values: garbage until loaded); its buffers,
+    made for real by parameters_on_meta, keep their values."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -79,22 +116,48 @@ def _trainable(model: torch.nn.Module) -> dict:
     return {k: v for k, v in get_model_state_dict(model).items() if k in names}
 
 
-def save_sharded(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-    """Every rank writes its shard of the trainable parameters (fp32) and of the optimizer state."""
-    dcp.save({"model": _trainable(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(path))
+def save_sharded(state_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Every rank writes its shard of the trainable parameters (fp32, DCP_DIR) and of the optimizer state (OPTIM_DIR):
+    two checkpoints, so an older checkpoint can drop its optimizer state and keep its masters."""
+    dcp.save({"model": _trainable(model)}, checkpoint_id=str(state_dir / DCP_DIR))
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(state_dir / OPTIM_DIR))
 
 
-def load_sharded(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+def load_sharded(state_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
     """Load what save_sharded wrote into an already sharded model and its optimizer (same world size)."""
-    state = {"model": _trainable(model), "optim": get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=str(path))
+    state = {"model": _trainable(model)}
+    dcp.load(state, checkpoint_id=str(state_dir / DCP_DIR))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
-    set_optimizer_state_dict(model, opt, state["optim"])
+    optim = {"optim": get_optimizer_state_dict(model, opt)}
+    # a main line written before the optimizer state had its own directory holds both in DCP_DIR
+    dcp.load(optim, checkpoint_id=str(state_dir / (OPTIM_DIR if (state_dir / OPTIM_DIR).exists() else DCP_DIR)))
+    set_optimizer_state_dict(model, opt, optim["optim"])
 
 
-def full_state_dict(model: torch.nn.Module) -> dict:
-    """The whole model, gathered on rank 0 in CPU memory (other ranks get {}); a collective: every rank calls it."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def full_state_dict(model: torch.nn.Module, names: set[str] | None = None) -> dict:
+    """The model (or the tensors in `names`), gathered on rank 0 in CPU memory (other ranks get {}); a collective:
+    every rank calls it. LoRA's adapter only: full weights are written row-wise, never gathered."""
+    sd = {k: v for k, v in model.named_parameters() if names is None or k in names}
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    out = {}
+    for k, v in sd.items():
+        full = v.full_tensor() if hasattr(v, "full_tensor") else v
+        if rank0:
+            out[k] = full.detach().cpu()
+        del full
+    return out
+
+
+def write_weights(dst: Path, model: torch.nn.Module, like: Path) -> None:
+    """Every rank writes its rows of the consolidated weights into `dst`, in the files, names and dtypes of `like`
+    (the parent); rank 0 creates the files first. A collective: every rank calls it."""
+    from daemon.jobs import safetensors_rows
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        safetensors_rows.write_headers(dst, like)
+    barrier()
+    safetensors_rows.write_rows(model, dst, safetensors_rows.layout(like)[0])
+    barrier()
 
 
 def barrier() -> None:

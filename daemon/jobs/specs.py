@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,6 +44,27 @@ def write_result(path: str | Path, result: Any) -> Path:
     tmp.write_text(json.dumps(result, sort_keys=True), encoding="utf-8")
     os.replace(tmp, p)
     return p
+
+
+# A trainer state directory's optimizer state (checkpoints/step-N/, mainline/): fsdp's DCP shards, or one replica's
+# file. Only what a resume needs; the newest checkpoint keeps it, older ones and an evaluated round's drop it.
+OPTIMIZER_STATE = ("resume/optim", "resume/optimizer.pt")
+
+
+def drop_optimizer_state(state_dir: str | Path) -> int:
+    """Delete a checkpoint's optimizer state, keeping its weights (servable, scorable) and fp32 masters; returns the
+    bytes freed. A checkpoint without it can no longer be resumed from, so callers keep it on the newest one while
+    the round may still train. Idempotent."""
+    freed = 0
+    for rel in OPTIMIZER_STATE:
+        path = Path(state_dir) / rel
+        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else []
+        freed += sum(f.stat().st_size for f in files)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+    return freed
 
 
 class JobSpec(BaseModel):

@@ -13,8 +13,9 @@ Output layout (OUT = spec.out_dir):
   progress.jsonl         start / eval / step / checkpoint / mainline / done events
   checkpoints/step-N/    resumable state after N steps: weights in the parent's dtype (safetensors; full:
                          HF dir with tokenizer and the parent's config.json, lora/qlora: adapter),
-                         master_weights.safetensors (fp32 trainable weights, when the written ones are
-                         rounded), trainer_state.pt (optimizer, grad scaler, RNG), state.json
+                         resume/master_weights.safetensors (fp32 trainable weights, when rounded), resume/optimizer.pt
+                         (newest checkpoint only), trainer_state.pt (grad scaler, RNG), state.json; fsdp: resume/dcp
+                         (fp32 masters), resume/optim (newest only), weights written row-wise by every rank
   mainline/              infinite only: main-line state at the end of this round's main-line
                          steps, same format; the next round's spec names it as mainline_in
   final/                 the release candidate (infinite: the end of the anneal branch), in the parent's
@@ -55,7 +56,7 @@ import torch
 
 from daemon.jobs.lm_loss import IGNORE, mean_token_loss, token_nll
 from daemon.jobs.model_loader import DTYPES, checkpoint_dtype, dtype_name, load_causal_lm, load_tokenizer, resolve_device
-from daemon.jobs.specs import TrainSpec, read_texts, write_result
+from daemon.jobs.specs import OPTIMIZER_STATE, TrainSpec, drop_optimizer_state, read_texts, write_result
 from policies.lr_schedule import anneal_steps_for, round_lr
 from policies.replay import replay_tokens_for
 from policies.train import MIXED, TrainPolicy, resolve_compile, resolve_precision
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
 # fp32 trainable parameters, when the written weights are rounded. In a subdirectory: a mid-round checkpoint the gate
 # picks is deployed as it is, and vLLM (and the swap's validation) read every *.safetensors at the top of the directory.
 MASTER_FILE = "resume/master_weights.safetensors"
+OPTIMIZER_FILE = OPTIMIZER_STATE[1]  # one replica's optimizer state (specs.drop_optimizer_state removes it)
 # The parent's own files a full checkpoint carries byte for byte: the swap compares config and tokenizer with the served ones.
 PARENT_FILES = (
     "config.json",
@@ -150,17 +152,26 @@ def blocks_at(n_blocks: int, seed: int, start: int, count: int) -> list[int]:
 # ---------------------------------------------------------------- model + state
 
 
-def load_model(spec: TrainSpec, train_policy: TrainPolicy, state_dir: str | None, device: torch.device, param_dtype: torch.dtype):
-    """Parent weights, or those saved in state_dir (a checkpoint or main line), with trainable parameters in
-    param_dtype. lora/qlora put an adapter on the parent, which stays frozen in its own dtype (or 4-bit)."""
+def load_model(
+    spec: TrainSpec, train_policy: TrainPolicy, state_dir: str | None, device: torch.device, param_dtype: torch.dtype, meta: bool = False
+):
+    """Parent weights, or those saved in state_dir (a checkpoint or main line), with trainable parameters in param_dtype.
+    lora/qlora: an adapter on the parent, frozen in its own dtype (or 4-bit). `meta`: see model_for_round."""
     attn = spec.attn_implementation
     if attn == "auto":
         # flex builds a sparse block mask from the per-document positions; sdpa would need a dense mask
         # (H100, 0.5B: 18% vs 34% MFU compiled)
         attn = ("flash_attention_2" if _has_flash_attn() else "flex_attention") if device.type == "cuda" else "sdpa"
-    if train_policy.mode == "full":
-        model = load_causal_lm(state_dir or spec.parent_dir, device=device, dtype=param_dtype, attn_implementation=attn)
-        model.train()
+    if train_policy.mode == "full" and meta:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from daemon.jobs import sharding
+
+        with sharding.parameters_on_meta():
+            cfg = AutoConfig.from_pretrained(spec.parent_dir)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=param_dtype, attn_implementation=attn).train()
+    elif train_policy.mode == "full":
+        model = load_causal_lm(state_dir or spec.parent_dir, device=device, dtype=param_dtype, attn_implementation=attn).train()
     else:
         quantize = "nf4" if train_policy.mode == "qlora" else None
         adapter = state_dir or _continuable_adapter(spec.adapter_in, train_policy)
@@ -197,6 +208,23 @@ def load_model(spec: TrainSpec, train_policy: TrainPolicy, state_dir: str | None
             for n, t in masters.items():
                 named[n].copy_(t)
     model.config.use_cache = False
+    return model
+
+
+def model_for_round(spec: TrainSpec, train_policy: TrainPolicy, state_dir: str | None, device, param_dtype, amp_dtype, fsdp: bool):
+    """The model a round trains (fsdp: sharded). Full weights under fsdp are never whole on a rank: built on the meta
+    device, sharded, then each rank reads only its rows of the parent (host memory at load: its shard, issue 23)."""
+    meta = fsdp and train_policy.mode == "full"
+    model = load_model(spec, train_policy, state_dir, device, param_dtype, meta=meta)
+    if train_policy.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if fsdp:
+        from daemon.jobs import safetensors_rows, sharding
+
+        sharding.shard(model, amp_dtype, train_policy.cpu_offload)
+        if meta:
+            sharding.materialise(model, torch.device("cpu") if train_policy.cpu_offload else device)
+            safetensors_rows.load_rows(model, Path(spec.parent_dir))
     return model
 
 
@@ -310,20 +338,25 @@ class AdamWFp32State(torch.optim.Optimizer):
                 p.copy_(w)
 
 
-def trainable_digest(model, full: dict | None = None) -> str:
-    """sha256 over the trainable tensors in name order: lets a caller check which weights a round started from.
-    `full`: the gathered state dict of a sharded model (its parameters are shards)."""
+def trainable_digest(model) -> str | None:
+    """sha256 over the trainable tensors in name order (fp32): which weights a round started from. fsdp: a collective
+    gathering one tensor at a time, never the model; rank 0 gets the digest the unsharded model gives, others None."""
     h = hashlib.sha256()
-    for name in sorted(n for n, p in model.named_parameters() if p.requires_grad):
-        t = full[name] if full is not None else dict(model.named_parameters())[name]
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    named = dict(model.named_parameters())
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    for name in sorted(n for n, p in named.items() if p.requires_grad):
+        t = named[name].detach()
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        if rank0:
+            h.update(name.encode())
+            h.update(t.float().cpu().contiguous().numpy().tobytes())
+        del t
+    return h.hexdigest()[:16] if rank0 else None
 
 
 def save_sharded_state(dst: Path, model, opt, train_policy: TrainPolicy, state: dict, parent: Path, main_proc: bool) -> None:
-    """fsdp: every rank writes its shard of the fp32 trainable weights and optimizer state (DCP) and its RNG;
-    rank 0 writes the gathered weights in the parent's dtype and renames the directory when all are done."""
+    """fsdp: every rank writes its shard of the fp32 trainable weights and optimizer state (DCP), its RNG and its rows
+    of the weights in the parent's dtype (LoRA: rank 0 the gathered adapter); rank 0 renames the dir when all are done."""
     from daemon.jobs import sharding
 
     tmp = dst.with_name(dst.name + ".tmp")
@@ -331,11 +364,10 @@ def save_sharded_state(dst: Path, model, opt, train_policy: TrainPolicy, state: 
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "resume").mkdir(parents=True)
     sharding.barrier()
-    sharding.save_sharded(tmp / sharding.DCP_DIR, model, opt)
+    sharding.save_sharded(tmp, model, opt)
     torch.save({"cpu_rng": torch.get_rng_state()}, tmp / "resume" / f"rng-{state['rank']}.pt")
-    full = sharding.full_state_dict(model)
+    export_weights(tmp, model, train_policy, parent, fsdp=True)
     if main_proc:
-        save_weights(tmp, model, train_policy, parent, full)
         (tmp / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "rank"}, indent=1))
     sharding.barrier()
     if main_proc:
@@ -359,7 +391,9 @@ def save_state(dst: Path, model, opt, scaler, train_policy: TrainPolicy, state: 
 
         (tmp / MASTER_FILE).parent.mkdir(exist_ok=True)
         save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, str(tmp / MASTER_FILE))
-    blob = {"optimizer": opt.state_dict(), "cpu_rng": torch.get_rng_state()}
+    (tmp / OPTIMIZER_FILE).parent.mkdir(exist_ok=True)
+    torch.save({"optimizer": opt.state_dict()}, tmp / OPTIMIZER_FILE)  # its own file: dropped once not the newest
+    blob = {"cpu_rng": torch.get_rng_state()}
     if scaler is not None:
         blob["grad_scaler"] = scaler.state_dict()
     torch.save(blob, tmp / "trainer_state.pt")
@@ -368,18 +402,32 @@ def save_state(dst: Path, model, opt, scaler, train_policy: TrainPolicy, state: 
     os.replace(tmp, dst)
 
 
+def export_weights(dst: Path, model, train_policy: TrainPolicy, parent: Path, fsdp: bool) -> None:
+    """The servable weights of a state dir or final/; fsdp: a collective. Full weights under fsdp: each rank writes its
+    rows into files laid out as the parent's, never gathered. LoRA under fsdp: the adapter is gathered on rank 0."""
+    from daemon.jobs import sharding
+
+    main_proc = not fsdp or torch.distributed.get_rank() == 0
+    if fsdp and train_policy.mode == "full":
+        sharding.write_weights(dst, model, parent)
+        if main_proc:
+            copy_parent_files(parent, dst)
+        return
+    full = sharding.full_state_dict(model, {n for n, p in model.named_parameters() if p.requires_grad}) if fsdp else None
+    if main_proc:
+        save_weights(dst, model, train_policy, parent, full)
+
+
 def save_weights(dst: Path, model, train_policy: TrainPolicy, parent: Path, full: dict | None = None) -> None:
     """full: an HF checkpoint dir (safetensors shards of at most 5 GB + index, tokenizer) whose config.json is the
     parent's, byte for byte; lora/qlora: adapter_config.json + adapter_model.safetensors (vLLM's LoRA layout).
-    Tensors in the parent's dtype. `full`: the gathered state dict of a sharded model."""
+    Tensors in the parent's dtype. `full`: the gathered adapter of a sharded LoRA model."""
     dst.mkdir(parents=True, exist_ok=True)
     dtype = checkpoint_dtype(parent)
     if train_policy.mode == "full":
         sd = {k: v.detach().to(dtype) for k, v in (full if full is not None else model.state_dict()).items()}
         model.save_pretrained(str(dst), state_dict=sd, safe_serialization=True, max_shard_size="5GB")
-        for name in PARENT_FILES:  # not save_pretrained's re-serialisation, which may reorder or add fields
-            if (parent / name).exists():
-                shutil.copyfile(parent / name, dst / name)
+        copy_parent_files(parent, dst)
     else:
         from peft import get_peft_model_state_dict
 
@@ -387,10 +435,18 @@ def save_weights(dst: Path, model, train_policy: TrainPolicy, parent: Path, full
         model.save_pretrained(str(dst), state_dict=sd, safe_serialization=True)
 
 
+def copy_parent_files(parent: Path, dst: Path) -> None:
+    """Not save_pretrained's re-serialisation of the config, which may reorder or add fields: the parent's files."""
+    for name in (n for n in PARENT_FILES if (parent / n).exists()):
+        shutil.copyfile(parent / name, dst / name)
+
+
 def load_trainer_state(src: Path, opt, scaler) -> dict:
     """Rank 0 saved from its GPU (cuda:0): read into host memory, not onto cuda:0 by every rank; load_state_dict then
     moves each optimizer tensor to its parameter's device, this rank's own. The RNG state must stay on the CPU."""
     blob = torch.load(src / "trainer_state.pt", weights_only=True, map_location="cpu")
+    if (src / OPTIMIZER_FILE).exists():  # before it had its own file, trainer_state.pt held the optimizer
+        blob.update(torch.load(src / OPTIMIZER_FILE, weights_only=True, map_location="cpu"))
     opt.load_state_dict(blob["optimizer"])
     if scaler is not None and "grad_scaler" in blob:
         scaler.load_state_dict(blob["grad_scaler"])
@@ -562,13 +618,9 @@ def run(spec: TrainSpec) -> dict:
             "depend on the world size, so a round resumes only with the world size it started with"
         )
     # fsdp: built from the parent, sharded, then the trainable weights and optimizer come from the DCP shards.
-    model = load_model(spec, train_policy, str(state_dir) if state_dir and not fsdp else None, device, param_dtype)
-    if train_policy.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = model_for_round(spec, train_policy, str(state_dir) if state_dir and not fsdp else None, device, param_dtype, amp_dtype, fsdp)
     if fsdp:
         from daemon.jobs import sharding
-
-        sharding.shard(model, amp_dtype, train_policy.cpu_offload)
     opt = make_optimizer(model, train_policy, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None  # fp16's range needs loss scaling
     torch.manual_seed(spec.init_seed)  # before loading state, which restores the RNG of a resumed run
@@ -576,7 +628,7 @@ def run(spec: TrainSpec) -> dict:
     if mainline_in:
         global_step0 = json.loads((mainline_in / "state.json").read_text())["global_step"]
     if state_dir and fsdp:
-        sharding.load_sharded(state_dir / sharding.DCP_DIR, model, opt)
+        sharding.load_sharded(state_dir, model, opt)
         torch.set_rng_state(torch.load(state_dir / "resume" / f"rng-{rank}.pt", weights_only=True)["cpu_rng"])
         st = json.loads((state_dir / "state.json").read_text())
     elif state_dir:
@@ -587,14 +639,14 @@ def run(spec: TrainSpec) -> dict:
     if init_from == "parent" and train_policy.mode != "full" and _continuable_adapter(spec.adapter_in, train_policy):
         init_from = "adapter"
     opt_steps0 = max((int(s["step"]) for s in opt.state_dict()["state"].values()), default=0)
-    full0 = sharding.full_state_dict(model) if fsdp else None  # a collective: every rank gathers, rank 0 keeps it
+    init_digest = trainable_digest(model)  # fsdp: a collective, one tensor at a time
     log(
         "start",
         round_id=spec.round_id,
         spec=spec.digest(),
         init_from=init_from,
         resumed_at=step,
-        init_digest=trainable_digest(model, full0) if main_proc else None,
+        init_digest=init_digest,
         optimizer_steps=opt_steps0,
         global_step0=global_step0,
         main_steps=main_steps,
@@ -612,7 +664,6 @@ def run(spec: TrainSpec) -> dict:
         precision=precision,
         parent_dtype=dtype_name(parent_dtype),
     )
-    del full0  # the gathered copy: not to be held through training
 
     raw_model = model
     if ddp:
@@ -657,8 +708,11 @@ def run(spec: TrainSpec) -> dict:
     def checkpoint(at: int) -> None:
         save(ckpt_dir / f"step-{at:08d}", at)
         if main_proc:
-            for old in sorted(ckpt_dir.glob("step-*"))[: -train_policy.keep_checkpoints]:
+            done = sorted(p for p in ckpt_dir.glob("step-*") if not p.name.endswith(".tmp"))
+            for old in done[: -train_policy.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
+            for old in done[-train_policy.keep_checkpoints : -1]:  # a resume reads the newest only
+                drop_optimizer_state(old)
             log("checkpoint", step=at, path=str(ckpt_dir / f"step-{at:08d}"))
         if distributed:
             torch.distributed.barrier()
@@ -733,11 +787,14 @@ def run(spec: TrainSpec) -> dict:
         "world_size": world,
         **train_peak,  # rank 0's, over the training steps (ranks are symmetric)
     }
-    full = sharding.full_state_dict(raw_model) if fsdp else None  # consolidated once, on rank 0
     if main_proc:
         for d in ("final", "final.tmp"):
             shutil.rmtree(out / d, ignore_errors=True)
-        save_weights(out / "final.tmp", raw_model, train_policy, parent, full)
+    if distributed:
+        torch.distributed.barrier()
+    if main_proc or fsdp:  # fsdp: every rank writes its rows
+        export_weights(out / "final.tmp", raw_model, train_policy, parent, fsdp)
+    if main_proc:
         os.replace(out / "final.tmp", out / "final")
         if train_peak:  # the whole process on rank 0: load, training, checkpoints and the final gather and write
             result["process_peak_memory_mb"] = max(load_peak, peak_memory(device).get("peak_memory_mb", 0.0))

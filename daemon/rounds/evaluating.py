@@ -6,7 +6,8 @@ what clients get now (the base + the active adapter). Everything is scored in
 the dtype vLLM serves in. The gate (policies/gates.py) accepts the best passing
 checkpoint or rejects with every reason; what follows an acceptance is the
 deploy mode's (daemon/rounds/approval.py); a report already written is not
-scored again on resume.
+scored again on resume. Once the gate has decided, the round's checkpoints
+drop their optimizer state (most of their bytes).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from daemon import metrics as M
 from daemon.job_launchers import Job, JsonlFollower
-from daemon.jobs.specs import EvalReport, EvalSpec
+from daemon.jobs.specs import EvalReport, EvalSpec, drop_optimizer_state
 from daemon.round_record import CandidateScores, EvalProgress, EvalSummary, GateRecord, ModelLosses, RoundRecord, RoundState
 from daemon.rounds.approval import after_gate
 from daemon.rounds.context import RoundContext
@@ -79,6 +80,10 @@ def evaluating(ctx: RoundContext, rec: RoundRecord) -> None:
         ],
     )
     rec.gate = GateRecord.model_validate(asdict(decision))
+    # Evaluated: the round trains no more, so its checkpoints need no optimizer state (their weights stay: the chosen
+    # one is deployed as it is). The main line keeps its own: the next round continues from it.
+    for ckpt in steps:
+        drop_optimizer_state(ckpt)
     if not decision.accepted:
         rec.docs = release(ctx, rec)
         ctx.enter(rec, RoundState.REJECTED)

@@ -40,8 +40,12 @@ KNOBS = {
     "activations": "train.activation_checkpointing true, or a smaller train.micro_batch_size or train.seq_len",
     "temporaries": "a smaller train.micro_batch_size or train.seq_len",
 }
-# When the steps fit and the load or export does not: today's trainer holds the whole model there.
-LOAD_KNOB = "train.mode lora, or more memory per GPU or node (load and export hold the whole model: docs/round-engine.md, Memory plan)"
+# When the steps fit and the load or export does not: fsdp loads and exports full weights a shard per rank, one
+# replica (and LoRA's base) the whole model.
+LOAD_KNOB = (
+    "train.parallelism fsdp on more ranks (full weights load and export a shard per rank), train.mode lora, or more memory "
+    "per GPU or node (docs/round-engine.md, Memory plan)"
+)
 
 
 # The code the plan's figures come from: a new version of any of them plans again instead of reading an old result.
