@@ -42,7 +42,8 @@ import torch  # noqa: E402
 
 from daemon.dev.tiny_model import train_tokenizer  # noqa: E402
 from daemon.jobs.specs import TrainSpec  # noqa: E402
-from daemon.jobs.trainer import pack, run, tokenize_docs  # noqa: E402
+from daemon.jobs.token_blocks import pack, tokenize_docs  # noqa: E402
+from daemon.jobs.trainer import run  # noqa: E402
 
 CONFIGS = {
     # name: (hidden, intermediate, layers, heads, kv heads, vocab, seq_len, micro batch)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
 from daemon.jobs.lm_loss import IGNORE, token_nll
-from daemon.jobs.trainer import micro_batch_loss, pack, packed_inputs
+from daemon.jobs.token_blocks import pack
+from daemon.jobs.trainer import micro_batch_loss, packed_inputs
 
 CONFIG = {
     "vocab_size": 97,

@@ -23,7 +23,8 @@ from daemon.dev.tiny_model import TinyLlamaShape, build_tiny_llama
 from daemon.jobs.drift_probe import measure_drift
 from daemon.jobs.lm_loss import mean_token_loss
 from daemon.jobs.specs import TrainSpec
-from daemon.jobs.trainer import pack, packed_logits, run, trainable_digest
+from daemon.jobs.token_blocks import pack
+from daemon.jobs.trainer import packed_logits, run, trainable_digest
 from policies.drift import DriftPolicy, adjust_for_drift
 from policies.lr_schedule import SchedulePolicy, round_lr
 from policies.replay import ReplayPolicy
