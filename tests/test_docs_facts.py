@@ -1,13 +1,19 @@
-"""Facts the docs state that the code can check: every setting they name exists, every `cptd` command they name runs.
+"""Facts the docs state that the code can check: every setting, `cptd` command and option, policy field, metric,
+alert, repository path, `python -m` module and Kubernetes object they name exists.
 
-Docs drift the quiet way (a renamed setting, a command that was folded into another); these two are cheap to keep
-true. Other facts (figures, behaviour) are held by the tests that measured them.
+Docs drift the quiet way (a renamed setting, a command that was folded into another, a field that moved into a
+sub-section); these are cheap to keep true. Other facts (figures, behaviour) are held by the tests that measured them.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
+from typing import Any, get_args
+
+import yaml
+from pydantic import BaseModel
 
 from daemon.cli import build_parser
 from daemon.settings import Settings
@@ -40,11 +46,130 @@ def test_every_setting_the_docs_name_exists():
 
 
 def test_every_cptd_command_the_docs_name_exists():
-    sub = next(a for a in build_parser()._actions if a.dest == "cmd")
-    commands = set(sub.choices)  # type: ignore[arg-type]
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "cmd")
+    commands: dict[str, argparse.ArgumentParser] = sub.choices  # type: ignore[assignment]
+    top = {o for a in parser._actions for o in a.option_strings}
     unknown: dict[str, list[str]] = {}
     for doc in DOCS:
-        for cmd in set(re.findall(r"`cptd ([a-z][a-z0-9-]*)", doc.read_text())):
+        text = doc.read_text()
+        for cmd in set(re.findall(r"`cptd ([a-z][a-z0-9-]*)", text)):
             if cmd not in commands:
                 unknown.setdefault(cmd, []).append(str(doc.relative_to(ROOT)))
-    assert not unknown, f"commands named in docs that cptd does not have: {unknown}"
+        # Its options too, in `inline code` and in command lines of code blocks (not `kubectl -n cptd run ...`).
+        for line in [*re.findall(r"`([^`\n]+)`", text), *text.splitlines()]:
+            for cmd, rest in re.findall(r"(?<![\w/-])(?<!-n )cptd ([a-z][a-z0-9-]*)([^`#|;&]*)", line):
+                if cmd in commands:
+                    options = top | {o for a in commands[cmd]._actions for o in a.option_strings}
+                    for opt in set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", rest)) - options:
+                        unknown[f"cptd {cmd} {opt}"] = [str(doc.relative_to(ROOT))]
+    assert not unknown, f"commands or options named in docs that cptd does not have: {unknown}"
+
+
+# --------------------------------------------------------------------------- policy fields, metrics, alerts, paths
+def _inline_code(doc: Path) -> list[str]:
+    """The `backticked` spans of a doc: where it names code, settings and paths (prose says the same words freely)."""
+    return re.findall(r"`([^`\n]+)`", doc.read_text())
+
+
+def _resolves(model: type[BaseModel], parts: list[str]) -> bool:
+    """Whether `a.b.c` is a field (or a property) path of a pydantic model, through nested models, dicts and lists."""
+    cur: Any = model
+    for i, part in enumerate(parts):
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            return False
+        if part not in cur.model_fields:
+            return i == len(parts) - 1 and isinstance(getattr(cur, part, None), property)
+        stack, cur = [cur.model_fields[part].annotation], None
+        while stack:  # the first model inside Optional[...], list[...], dict[str, ...]
+            a = stack.pop()
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                cur = a
+                break
+            stack.extend(get_args(a))
+    return True
+
+
+# Dotted names in a policy section's namespace that are not policy fields, and where each is made: /status fields,
+# a failpoint, MLflow params and metrics (besides the round record's paths and the trainer's step metrics).
+NOT_POLICY = {
+    "ingest.broker_error": "daemon/app.py",
+    "ingest.operator_pause": "daemon/app.py",
+    "rounds.awaiting_approval": "daemon/app.py",
+    "rounds.deploy_mode": "daemon/app.py",
+    "rounds.latest": "daemon/app.py",
+    "rounds.redis_loss": "daemon/rounds/runner.py",
+    "deploy.reload_weights": "daemon/serving.py",
+    "replay.ratio": "daemon/round_tracking.py",
+}
+FILE_SUFFIXES = ("json", "jsonl", "log", "yaml", "py", "lua")
+
+
+def test_every_policy_field_the_docs_name_exists():
+    from daemon.round_record import DriftStatsRecord, RoundRecord
+    from daemon.round_tracking import EVAL_METRICS, STEP_METRICS
+    from policies.config import Policy
+
+    for name, where in NOT_POLICY.items():
+        text = (ROOT / where).read_text()
+        assert name in text or f'"{name.rsplit(".", 1)[1]}' in text, f"{name} is no longer made in {where}"
+        assert not _resolves(Policy, name.split(".")), f"{name} is a policy field now: drop it from NOT_POLICY"
+    tracked = {f"train.{k}" for k in (*STEP_METRICS, *EVAL_METRICS)} | {f"drift.{k}" for k in DriftStatsRecord.model_fields}
+    unknown: dict[str, list[str]] = {}
+    for doc in DOCS:
+        for code in _inline_code(doc):
+            for m in re.finditer(r"(?<![\w./<-])([a-z_]+(?:\.[a-z_][a-z0-9_]*)+)(?![\w/-])", code):
+                name, parts = m.group(1), m.group(1).split(".")
+                if parts[0] not in Policy.model_fields or parts[-1] in FILE_SUFFIXES:
+                    continue
+                known = _resolves(Policy, parts) or _resolves(RoundRecord, parts) or name in tracked
+                if not known and not any(name == n or name.startswith(n + ".") for n in NOT_POLICY):
+                    unknown.setdefault(name, []).append(str(doc.relative_to(ROOT)))
+    assert not unknown, f"policy fields named in docs that the policy (or the round record) does not have: {unknown}"
+
+
+def test_every_metric_and_alert_the_docs_name_exists():
+    from daemon.metrics import REGISTRY
+    from tests.test_monitoring_rules import registry_sample_names
+
+    names = registry_sample_names() | {m.name for m in REGISTRY.collect() if m.type == "histogram"}  # `cptd_swap_pause_seconds`
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yaml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    unknown: dict[str, list[str]] = {}
+    for doc in DOCS:
+        text = doc.read_text()
+        for name in set(re.findall(r"\bcptd_[a-z0-9_]+\*?", text)):
+            family = name.endswith("_*") and any(n.startswith(name[:-1]) for n in names)  # "the `cptd_train_*` metrics"
+            if name not in names and not family:
+                unknown.setdefault(name, []).append(str(doc.relative_to(ROOT)))
+        for name in set(re.findall(r"\bCptd[A-Z][A-Za-z]+", text)):
+            if name not in alerts:
+                unknown.setdefault(name, []).append(str(doc.relative_to(ROOT)))
+    assert not unknown, f"metrics or alerts named in docs that daemon/metrics.py or the alert rules do not have: {unknown}"
+
+
+def test_every_path_module_and_object_the_docs_name_exists():
+    kinds = {"deploy": "Deployment", "statefulset": "StatefulSet", "svc": "Service"}
+    objects = {
+        (o["kind"], o["metadata"]["name"])
+        for f in (ROOT / "deploy" / "k8s" / "base").glob("*.yaml")
+        for o in yaml.safe_load_all(f.read_text())
+        if o and "metadata" in o
+    }
+    missing: dict[str, list[str]] = {}
+    for doc in DOCS:
+        where = str(doc.relative_to(ROOT))
+        for code in _inline_code(doc):
+            for m in re.finditer(r"(?<![\w./-])((?:daemon|connectors|policies|tests|deploy|bench|constraints|docs)/[\w./*-]*)", code):
+                path = m.group(1).rstrip(".")
+                if re.fullmatch(r"deploy/[a-z0-9-]+", path):  # `kubectl exec deploy/NAME`: an object, checked below
+                    continue
+                if not (sorted(ROOT.glob(path)) if "*" in path else (ROOT / path).exists()):
+                    missing.setdefault(path, []).append(where)
+        for module in re.findall(r"python -m ((?:daemon|connectors|policies|bench|tests)(?:\.\w+)+)\b(?!\.<)", doc.read_text()):
+            if not (ROOT / (module.replace(".", "/") + ".py")).exists():
+                missing.setdefault(module, []).append(where)
+        for kind, name in re.findall(r"\b(deploy|statefulset|svc)/([a-z0-9-]+)\b(?![./\w])", doc.read_text()):
+            if (kinds[kind], name) not in objects:
+                missing.setdefault(f"{kind}/{name}", []).append(where)
+    assert not missing, f"paths, modules or Kubernetes objects named in docs that do not exist: {missing}"
