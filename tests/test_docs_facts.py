@@ -90,8 +90,8 @@ def _resolves(model: type[BaseModel], parts: list[str]) -> bool:
     return True
 
 
-# Dotted names in a policy section's namespace that are not policy fields, and where each is made: /status fields,
-# a failpoint, MLflow params and metrics (besides the round record's paths and the trainer's step metrics).
+# Dotted names in a policy section's (or a round record part's) namespace that are neither, and where each is made:
+# /status fields, failpoints, MLflow params (besides the trainer's step metrics and the drift statistics).
 NOT_POLICY = {
     "ingest.broker_error": "daemon/app.py",
     "ingest.operator_pause": "daemon/app.py",
@@ -100,12 +100,13 @@ NOT_POLICY = {
     "rounds.latest": "daemon/app.py",
     "rounds.redis_loss": "daemon/rounds/runner.py",
     "deploy.reload_weights": "daemon/serving.py",
+    "snapshot.taken": "daemon/rounds/snapshot.py",
     "replay.ratio": "daemon/round_tracking.py",
 }
 FILE_SUFFIXES = ("json", "jsonl", "log", "yaml", "py", "lua")
 
 
-def test_every_policy_field_the_docs_name_exists():
+def test_every_policy_and_record_field_the_docs_name_exists():
     from daemon.round_record import DriftStatsRecord, RoundRecord
     from daemon.round_tracking import EVAL_METRICS, STEP_METRICS
     from policies.config import Policy
@@ -114,18 +115,19 @@ def test_every_policy_field_the_docs_name_exists():
         text = (ROOT / where).read_text()
         assert name in text or f'"{name.rsplit(".", 1)[1]}' in text, f"{name} is no longer made in {where}"
         assert not _resolves(Policy, name.split(".")), f"{name} is a policy field now: drop it from NOT_POLICY"
+        assert not _resolves(RoundRecord, name.split(".")), f"{name} is a record field now: drop it from NOT_POLICY"
     tracked = {f"train.{k}" for k in (*STEP_METRICS, *EVAL_METRICS)} | {f"drift.{k}" for k in DriftStatsRecord.model_fields}
     unknown: dict[str, list[str]] = {}
     for doc in DOCS:
         for code in _inline_code(doc):
             for m in re.finditer(r"(?<![\w./<-])([a-z_]+(?:\.[a-z_][a-z0-9_]*)+)(?![\w/-])", code):
                 name, parts = m.group(1), m.group(1).split(".")
-                if parts[0] not in Policy.model_fields or parts[-1] in FILE_SUFFIXES:
+                if parts[0] not in {*Policy.model_fields, *RoundRecord.model_fields} or set(parts) & set(FILE_SUFFIXES):
                     continue
                 known = _resolves(Policy, parts) or _resolves(RoundRecord, parts) or name in tracked
                 if not known and not any(name == n or name.startswith(n + ".") for n in NOT_POLICY):
                     unknown.setdefault(name, []).append(str(doc.relative_to(ROOT)))
-    assert not unknown, f"policy fields named in docs that the policy (or the round record) does not have: {unknown}"
+    assert not unknown, f"fields named in docs that neither the policy nor the round record has: {unknown}"
 
 
 def test_every_metric_and_alert_the_docs_name_exists():
