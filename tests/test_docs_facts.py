@@ -175,3 +175,22 @@ def test_every_path_module_and_object_the_docs_name_exists():
             if (kinds[kind], name) not in objects:
                 missing.setdefault(f"{kind}/{name}", []).append(where)
     assert not missing, f"paths, modules or Kubernetes objects named in docs that do not exist: {missing}"
+
+
+def _anchors(doc: Path) -> set[str]:
+    """GitHub's anchors of a doc's headings: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#{1,6} (.+)$", text, flags=re.M)}
+
+
+def test_every_link_in_the_docs_lands():
+    broken: dict[str, list[str]] = {}
+    for doc in DOCS:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", doc.read_text()):
+            page = doc.parent / target if target else doc
+            if page.suffix == ".md" and (not page.exists() or anchor not in _anchors(page)):
+                broken.setdefault(f"{target}#{anchor}", []).append(str(doc.relative_to(ROOT)))
+        for target in re.findall(r"\]\(([^)#\s:]+)[)#]", doc.read_text()):  # files and folders, not https://
+            if not (doc.parent / target).exists():
+                broken.setdefault(target, []).append(str(doc.relative_to(ROOT)))
+    assert not broken, f"links in docs to files or headings that do not exist: {broken}"
