@@ -8,6 +8,7 @@ sub-section); these are cheap to keep true. Other facts (figures, behaviour) are
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 from pathlib import Path
 from typing import Any, get_args
@@ -194,3 +195,56 @@ def test_every_link_in_the_docs_lands():
             if not (doc.parent / target).exists():
                 broken.setdefault(target, []).append(str(doc.relative_to(ROOT)))
     assert not broken, f"links in docs to files or headings that do not exist: {broken}"
+
+
+def _defines(src: str, name: str) -> bool:
+    """Whether a module's source defines `name` (a function, class, method, constant or class attribute)."""
+    return re.search(rf"^\s*((async )?def|class) {name}\b|^\s*{name}\s*[:=]", src, re.M) is not None
+
+
+def _defined(dotted: str) -> bool:
+    """Whether `pkg.module[.name[.attr]]` names a module of ours and what it defines (read, not imported: no torch)."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        module = ROOT.joinpath(*parts[:i])
+        if module.with_suffix(".py").exists():
+            src = module.with_suffix(".py").read_text()
+            return all(_defines(src, n) for n in parts[i:])
+        if module.is_dir():
+            return i == len(parts)
+    return False
+
+
+def _helm_value(values: dict[str, Any], dotted: str) -> bool:
+    """Whether `a.b.{c,d}` are keys of the chart's values.yaml (`...` in a brace list stands for the rest)."""
+    alternatives = [p[1:-1].split(",") if p.startswith("{") else [p] for p in re.findall(r"\{[^}]*\}|[^.{}]+", dotted)]
+    for path in itertools.product(*alternatives):
+        node: Any = values
+        for key in (k for k in path if k != "..."):
+            if not isinstance(node, dict) or key not in node:
+                return False
+            node = node[key]
+    return True
+
+
+def test_every_code_name_and_helm_value_the_docs_name_exists():
+    values = yaml.safe_load((ROOT / "deploy" / "helm" / "cptd" / "values.yaml").read_text())
+    helm = set(values) - {"policy", "image"}  # `policy.train.x`: MLflow params; `policy.yaml`, `image.tag` in prose
+    sources = [p.read_text() for d in ("daemon", "connectors", "policies") for p in sorted((ROOT / d).rglob("*.py"))]
+    unknown: dict[str, list[str]] = {}
+    for doc in DOCS:
+        for code in _inline_code(doc):
+            for cls, attr in re.findall(r"(?<![\w./-])([A-Z][a-z]\w*)\.([a-z_]\w*)\b(?!\.)", code):  # `ServingController.validate`
+                if not any(re.search(rf"^class {cls}\b", src, re.M) and _defines(src, attr) for src in sources):
+                    unknown.setdefault(f"{cls}.{attr}", []).append(str(doc.relative_to(ROOT)))
+            for m in re.finditer(r"(?<![\w./-])([a-zA-Z_]\w*(?:\.(?:\w+|\{[\w,.]+\}))+)", code):
+                name, first = m.group(1), m.group(1).split(".")[0]
+                if first in ("daemon", "connectors", "policies", "bench", "tests"):
+                    known = _defined(name) or (first in helm and _helm_value(values, name))  # `daemon.replicas`
+                elif first in helm:
+                    known = _helm_value(values, name)
+                else:
+                    continue
+                if not known:
+                    unknown.setdefault(name, []).append(str(doc.relative_to(ROOT)))
+    assert not unknown, f"modules, functions or Helm values named in docs that do not exist: {unknown}"
