@@ -248,3 +248,17 @@ def test_every_code_name_and_helm_value_the_docs_name_exists():
                 if not known:
                     unknown.setdefault(name, []).append(str(doc.relative_to(ROOT)))
     assert not unknown, f"modules, functions or Helm values named in docs that do not exist: {unknown}"
+
+
+def test_every_module_has_its_room_in_the_architecture():
+    """docs/architecture.md §1 lists every module of the process and what it does: a new one without its line is a
+    module nobody was told about."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    rooms = text[text.index("## 1.") : text.index("## 2.")]
+    unlisted = [
+        str(p.relative_to(ROOT))
+        for d in ("policies", "connectors", "daemon")
+        for p in sorted((ROOT / d).rglob("*.py"))
+        if p.name != "__init__.py" and not re.search(rf"(?<![\w/]){p.stem}(\.py)?\b", rooms)
+    ]
+    assert not unlisted, f"modules docs/architecture.md §1 does not list: {unlisted}"
