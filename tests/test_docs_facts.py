@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import re
 from pathlib import Path
 from typing import Any, get_args
@@ -262,3 +263,15 @@ def test_every_module_has_its_room_in_the_architecture():
         if p.name != "__init__.py" and not re.search(rf"(?<![\w/]){p.stem}(\.py)?\b", rooms)
     ]
     assert not unlisted, f"modules docs/architecture.md §1 does not list: {unlisted}"
+
+
+def test_monitoring_md_describes_every_dashboard_panel_by_its_title():
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "cptd-dashboard.json").read_text())
+    panels = {p["title"] for p in dashboard["panels"] if p.get("type") != "row"}
+    rows = {p["title"] for p in dashboard["panels"] if p.get("type") == "row"}
+    text = (ROOT / "docs" / "monitoring.md").read_text()
+    section = text[text.index("## The dashboard, panel by panel") : text.index("## Alerts")]
+    # "* **Title** — what it shows", "* **A**, **B** and **C** — ..."
+    described = {t for line in re.findall(r"^\* (.+?) — ", section, re.M) for t in re.findall(r"\*\*(.+?)\*\*", line)}
+    assert described == panels, f"panels not described: {panels - described}; described, not panels: {described - panels}"
+    assert set(re.findall(r"^### (.+)$", section, re.M)) == rows
