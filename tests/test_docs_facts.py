@@ -150,6 +150,10 @@ def test_every_metric_and_alert_the_docs_name_exists():
             if name not in alerts:
                 unknown.setdefault(name, []).append(str(doc.relative_to(ROOT)))
     assert not unknown, f"metrics or alerts named in docs that daemon/metrics.py or the alert rules do not have: {unknown}"
+    # Every alert's runbook_url points at its section of monitoring.md.
+    text = (ROOT / "docs" / "monitoring.md").read_text()
+    sections = set(re.findall(r"^### (Cptd\w+)$", text[text.index("## Alerts") :], re.M))
+    assert sections == alerts, f"alerts without a section: {alerts - sections}; sections without an alert: {sections - alerts}"
 
 
 def test_every_path_module_and_object_the_docs_name_exists():
