@@ -279,3 +279,12 @@ def test_monitoring_md_describes_every_dashboard_panel_by_its_title():
     described = {t for line in re.findall(r"^\* (.+?) — ", section, re.M) for t in re.findall(r"\*\*(.+?)\*\*", line)}
     assert described == panels, f"panels not described: {panels - described}; described, not panels: {described - panels}"
     assert set(re.findall(r"^### (.+)$", section, re.M)) == rows
+
+
+def test_daemon_md_lists_every_exit_code_cptd_has():
+    from daemon.cli_exit import Exit
+
+    text = (ROOT / "docs" / "daemon.md").read_text()
+    table = text[text.index("| exit | meaning |") :].split("\n\n")[0]
+    codes = {int(n) for n in re.findall(r"^\| (\d+) \|", table, re.M)}
+    assert codes == {int(e) for e in Exit}, f"docs/daemon.md's exit codes {sorted(codes)} are not cptd's {sorted(map(int, Exit))}"
