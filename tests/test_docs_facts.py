@@ -288,3 +288,15 @@ def test_daemon_md_lists_every_exit_code_cptd_has():
     table = text[text.index("| exit | meaning |") :].split("\n\n")[0]
     codes = {int(n) for n in re.findall(r"^\| (\d+) \|", table, re.M)}
     assert codes == {int(e) for e in Exit}, f"docs/daemon.md's exit codes {sorted(codes)} are not cptd's {sorted(map(int, Exit))}"
+
+
+def test_the_state_diagrams_have_every_round_state_and_no_other():
+    from daemon.round_record import RoundState
+
+    states = {s.value for s in RoundState}
+    for doc, heading in (("architecture.md", "## 3. A round"), ("daemon.md", "## A round")):
+        text = (ROOT / "docs" / doc).read_text()
+        diagram = re.search(r"```\n(.*?)```", text[text.index(heading) :], re.S)
+        assert diagram, f"{doc}: no state diagram under {heading!r}"
+        named = set(re.findall(r"\b[A-Z][A-Z_]{3,}\b", diagram.group(1)))
+        assert named == states, f"{doc}: states drawn but not RoundState {named - states}; RoundState not drawn {states - named}"
