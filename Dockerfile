@@ -8,6 +8,8 @@
 # nvidia-*-cu13 wheels), so the base is a CUDA 13.0 runtime image; the host
 # driver must support CUDA 13 (R580 or newer). To build for another CUDA line,
 # pass a matching pair: --build-arg CUDA_IMAGE=... --build-arg TORCH_VERSION=...
+# and a constraints/image.lock resolved for that torch: the committed lock pins
+# torch 2.13.0 and its CUDA 13 wheels, so another TORCH_VERSION cannot resolve.
 #
 # Stage 1 builds a self-contained Python (uv-managed CPython) and a venv in
 # /opt; stage 2 copies only those two directories onto a clean CUDA runtime
