@@ -300,3 +300,16 @@ def test_the_state_diagrams_have_every_round_state_and_no_other():
         assert diagram, f"{doc}: no state diagram under {heading!r}"
         named = set(re.findall(r"\b[A-Z][A-Z_]{3,}\b", diagram.group(1)))
         assert named == states, f"{doc}: states drawn but not RoundState {named - states}; RoundState not drawn {states - named}"
+
+
+def test_every_bench_option_the_docs_name_exists():
+    unknown: dict[str, list[str]] = {}
+    for doc in DOCS:
+        for line in doc.read_text().splitlines():
+            for script, module, rest in re.findall(r"python3? (?:(bench/\w+\.py)|-m (bench\.\w+))([^`|#;&]*)", line):
+                path = ROOT / (script or module.replace(".", "/") + ".py")
+                source = path.read_text() if path.exists() else ""
+                for opt in set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", rest)):
+                    if f'"{opt}"' not in source:  # argparse's add_argument("--opt", ...)
+                        unknown[f"{script or module} {opt}"] = [str(doc.relative_to(ROOT))]
+    assert not unknown, f"bench options named in docs that the bench does not have: {unknown}"
