@@ -313,3 +313,12 @@ def test_every_bench_option_the_docs_name_exists():
                     if f'"{opt}"' not in source:  # argparse's add_argument("--opt", ...)
                         unknown[f"{script or module} {opt}"] = [str(doc.relative_to(ROOT))]
     assert not unknown, f"bench options named in docs that the bench does not have: {unknown}"
+
+
+def test_every_make_target_the_docs_name_exists():
+    targets = set(re.findall(r"^([a-z][\w-]*):", (ROOT / "Makefile").read_text(), re.M))
+    unknown: dict[str, list[str]] = {}
+    for doc in DOCS:
+        for target in set(re.findall(r"(?:^|`|&& )make ([a-z][\w-]*)", doc.read_text(), re.M)) - targets:
+            unknown.setdefault(target, []).append(str(doc.relative_to(ROOT)))
+    assert not unknown, f"make targets named in docs that the Makefile does not have: {unknown}"
