@@ -154,6 +154,9 @@ def test_every_metric_and_alert_the_docs_name_exists():
     text = (ROOT / "docs" / "monitoring.md").read_text()
     sections = set(re.findall(r"^### (Cptd\w+)$", text[text.index("## Alerts") :], re.M))
     assert sections == alerts, f"alerts without a section: {alerts - sections}; sections without an alert: {sections - alerts}"
+    for rule in (r for g in rules["groups"] for r in g["rules"] if "alert" in r):
+        url = rule["annotations"].get("runbook_url", "")
+        assert url.endswith("/docs/monitoring.md#" + rule["alert"].lower()), f"{rule['alert']}: runbook_url {url!r} is not its section"
 
 
 def test_every_path_module_and_object_the_docs_name_exists():
