@@ -1,5 +1,7 @@
-"""Facts the docs state that the code can check: every setting, `cptd` command and option, policy field, metric,
-alert, repository path, `python -m` module and Kubernetes object they name exists.
+"""Facts the docs state that the code can check: every setting, `cptd` command and option, policy and round record
+field, metric, alert (and its runbook section), repository path, module, function, `python -m` module, Kubernetes
+object, Helm value, make target and bench option they name exists; links land; architecture.md §1 lists every
+module; monitoring.md describes every dashboard panel; the exit code table and the state diagrams are complete.
 
 Docs drift the quiet way (a renamed setting, a command that was folded into another, a field that moved into a
 sub-section); these are cheap to keep true. Other facts (figures, behaviour) are held by the tests that measured them.
@@ -59,7 +61,7 @@ def test_every_cptd_command_the_docs_name_exists():
             if cmd not in commands:
                 unknown.setdefault(cmd, []).append(str(doc.relative_to(ROOT)))
         # Its options too, in `inline code` and in command lines of code blocks (not `kubectl -n cptd run ...`).
-        for line in [*re.findall(r"`([^`\n]+)`", text), *text.splitlines()]:
+        for line in [*_inline_code(doc), *text.splitlines()]:
             for cmd, rest in re.findall(r"(?<![\w/-])(?<!-n )cptd ([a-z][a-z0-9-]*)([^`#|;&]*)", line):
                 if cmd in commands:
                     options = top | {o for a in commands[cmd]._actions for o in a.option_strings}
