@@ -78,7 +78,10 @@ class RollbackBody(BaseModel):
     to: str | None = None  # a round id (or "base"); default: the version before the live one
 
 
-def control_route(token: str | None, max_body: int = MAX_BODY_BYTES) -> type[APIRoute]:
+Token = str | None | Callable[[], str | None]  # a callable is asked at every request: a mounted Secret rotates
+
+
+def control_route(token: Token, max_body: int = MAX_BODY_BYTES) -> type[APIRoute]:
     """The route class of every mutating route: the bearer token is checked, then the body is read under a size cap,
     and only then does FastAPI parse and validate it. A FastAPI dependency would run after the body had been parsed,
     so a caller without a token could make the daemon read and parse any amount of JSON (and get 422, not 401)."""
@@ -88,7 +91,7 @@ def control_route(token: str | None, max_body: int = MAX_BODY_BYTES) -> type[API
             handle = super().get_route_handler()
 
             async def guarded(request: Request) -> Response:
-                _check_token(request, token)
+                _check_token(request, token() if callable(token) else token)
                 body = await _read_capped(request, max_body)
 
                 async def replay() -> Message:
@@ -139,7 +142,7 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def create_app(engine: Engine | None = None, token: str | None = None) -> FastAPI:
+def create_app(engine: Engine | None = None, token: Token = None) -> FastAPI:
     app = FastAPI(title="cptd", version="0.1.0", description="Continual pre-training daemon control API")
     control = APIRouter(route_class=control_route(token))
 

@@ -281,7 +281,7 @@ class Daemon:
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(self, self.settings.token()), host=self.settings.http_host, port=self.settings.http_port, log_level="warning"
+                create_app(self, self.settings.token), host=self.settings.http_host, port=self.settings.http_port, log_level="warning"
             )
         )
         # Signals are ours: uvicorn (>= 0.29) installs its handlers only when run on the main thread, and this is not it.

@@ -206,6 +206,8 @@ class Settings(BaseSettings):
         return ssl.create_default_context(cafile=str(self.vllm_ca_file)) if self.vllm_ca_file else True
 
     def token(self) -> str | None:
+        """The API's bearer token, read from CPTD_API_TOKEN_FILE at every call: a rotated Secret takes effect at once
+        (the kubelet swaps the mounted file), for the daemon as for the CLI, which reads the same file."""
         if self.api_token_file is not None:
             return self.api_token_file.read_text().strip() or None
         return self.api_token.get_secret_value() if self.api_token else None

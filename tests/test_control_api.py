@@ -193,3 +193,31 @@ def test_an_engine_bug_is_500_in_the_error_shape(api):
     url, _engine = api
     r = httpx.get(url + "/status")
     assert r.status_code == 500 and r.json() == {"error": "internal error (Boom)"}
+
+
+def test_a_rotated_token_file_takes_effect_without_a_restart(tmp_path):
+    """The daemon reads CPTD_API_TOKEN_FILE at every request, as the CLI does: after the Secret rotates, the new
+    token is accepted and the old one refused, with no restart (before: the token read once at start)."""
+    from daemon.settings import Settings
+
+    token_file = tmp_path / "api-token"
+    token_file.write_text("old-token\n")
+    settings = Settings(api_token_file=token_file)
+    app = create_app(_Engine(), settings.token)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _up(url), timeout=30, what="control API server")
+
+        def rollback(token: str) -> int:
+            return httpx.post(f"{url}/rollback", json={}, headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code
+
+        assert rollback("old-token") == 200
+        token_file.write_text("new-token\n")
+        assert (rollback("old-token"), rollback("new-token")) == (401, 200)
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)
