@@ -214,7 +214,7 @@ ACL_COMMANDS = (
     "info",
     # strings, hashes, lists, sets, sorted sets
     "get", "set", "mget", "incr", "incrby", "del", "exists", "pexpire",
-    "hget", "hset", "hgetall", "hlen", "hmget", "hvals", "hkeys", "hdel", "hexists", "hincrby",
+    "hget", "hset", "hsetnx", "hgetall", "hlen", "hmget", "hvals", "hkeys", "hdel", "hexists", "hincrby",
     "lrange", "rpush",
     "sadd", "srem", "sismember", "smismember", "smembers",
     "zadd", "zcard", "zrange", "zrem", "zremrangebyrank", "zscore",

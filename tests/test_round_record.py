@@ -79,7 +79,7 @@ def test_record_round_trips_through_the_stored_json_and_ignores_unknown_fields()
 
 
 def test_states_are_one_enum_and_terminal_ones_are_named():
-    assert {s.value for s in TERMINAL} == {"DEPLOYED", "REJECTED", "FAILED", "ROLLED_BACK"}
+    assert {s.value for s in TERMINAL} == {"DEPLOYED", "REJECTED", "FAILED", "ROLLED_BACK", "SHADOWED"}
     assert RoundState.DEPLOYED.terminal and not RoundState.TRAINING.terminal
     with pytest.raises(ValueError):
         RoundRecord.model_validate({**_record().to_store(), "state": "HALF_DONE"})
