@@ -162,7 +162,9 @@ class Settings(BaseSettings):
                 f"train.cpu_offload: offloading is FSDP's, and CPTD_TRAIN_LAUNCHER={self.train_launcher} trains on one rank, "
                 "which is not sharded; use torchrun:N or kubernetes with several GPUs, or drop cpu_offload"
             )
-        harness = sorted(n for n, path in policy.rounds.suites.items() if str(path).endswith((".yaml", ".yml")))
+        from policies.round_policy import is_harness_task
+
+        harness = sorted(n for n, path in policy.rounds.suites.items() if is_harness_task(path))
         if harness and importlib.util.find_spec("lm_eval") is None:
             return (
                 f"rounds.suites {harness}: lm-eval task YAMLs are scored by lm-eval, which is not installed here "

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
+from pathlib import PurePath
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -120,6 +121,11 @@ def _cached_trigger(expr: str, tz: str) -> CronTrigger:
 def _check_cron(expr: str) -> str:
     cron_trigger(expr)  # raises ValueError naming the expression
     return expr
+
+
+def is_harness_task(path: str | PurePath) -> bool:
+    """A suite value naming an lm-eval task YAML (else it is a multiple-choice JSONL)."""
+    return PurePath(path).suffix.lower() in (".yaml", ".yml")
 
 
 class TriggerPolicy(Section):

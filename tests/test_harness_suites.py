@@ -18,7 +18,8 @@ import pytest
 
 from daemon.dev.tiny_model import build_tiny_llama
 from daemon.jobs.evaluator import MCItem, score_mc
-from daemon.jobs.harness_suites import is_harness_task, score_harness_task
+from daemon.jobs.harness_suites import score_harness_task
+from policies.round_policy import is_harness_task
 
 SENTENCES = [
     "the cat sat on the mat",

@@ -31,6 +31,7 @@ from daemon.jobs.specs import (
     read_texts,
     write_result,
 )
+from policies.round_policy import is_harness_task
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -233,7 +234,7 @@ def _summary(model: CausalLM, tok: PreTrainedTokenizerBase, docs: Sequence[str],
 
 def score_suite(model: CausalLM, tok: PreTrainedTokenizerBase, name: str, path: str, data: EvalData) -> SuiteResult:
     """A suite file is an lm-evaluation-harness task YAML (scored by lm-eval itself) or our multiple-choice JSONL."""
-    if path.endswith((".yaml", ".yml")):
+    if is_harness_task(path):
         from daemon.jobs.harness_suites import score_harness_task
 
         return score_harness_task(model, tok, path, name, max_len=data.max_len)

@@ -45,11 +45,6 @@ _DEFAULT_OUTPUT_TYPE = "generate_until"  # lm_eval.config.task.TaskConfig's defa
 _OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
-def is_harness_task(path: str | Path) -> bool:
-    """A suite value naming an lm-eval task YAML (else it is a multiple-choice JSONL)."""
-    return Path(path).suffix.lower() in (".yaml", ".yml")
-
-
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
     """HF hub and datasets offline for the duration: the env vars for modules imported inside, and the module
