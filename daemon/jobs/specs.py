@@ -20,7 +20,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -351,6 +351,36 @@ class DetectorSpec(JobSpec):
     docs_path: str  # documents to score (JSONL with "text"; "key" carried through when present)
     out: str  # the result: {"rows": [{"key", "nll", "xent", "score", "tokens"}, ...], "docs", "device", "seconds"}
     adapter: str | None = None  # the served LoRA adapter, on top of `served`
+    max_len: int = 512
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str | None = None
+
+    @property
+    def result_file(self) -> Path:
+        return Path(self.out)
+
+
+class RaterSpec(JobSpec):
+    """Input of `python -m daemon.jobs.document_rater SPEC.json`: ratings (policies/rating.py) for a pool of documents.
+
+    `backend: head` reads the served model's hidden states and applies the head `cptd rater-train` wrote
+    (`path`, default rater/ next to `served`); `backend: classifier` runs the sequence-classification or
+    regression model at `path`.
+    """
+
+    module: ClassVar[str] = "daemon.jobs.document_rater"
+    role: ClassVar[str] = "rater"
+    on_trainer_device: ClassVar[bool] = True
+    backend: Literal["classifier", "head"]
+    docs_path: str  # documents to rate (JSONL with "text"; "key" carried through when present)
+    out: str  # the result: {"rows": [{"key", "overall", "criteria", "domain"} | {"key", "error"}], "docs", "device", "seconds"}
+    criteria: list[str]
+    domains: list[str]
+    scale: int = 5
+    served: str | None = None  # head: checkpoint directory of the served model
+    adapter: str | None = None  # head: the served LoRA adapter, on top of `served`
+    path: str | None = None  # classifier: the model directory; head: the head directory (default: <served>/rater)
     max_len: int = 512
     batch_size: int = 8
     device: str = "auto"
