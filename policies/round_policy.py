@@ -422,25 +422,52 @@ def round_disk_bytes(
 ) -> int:
     """What a round writes to the checkpoint volume at its peak, from the sizes the daemon measured.
 
-    Full weights: each kept resumable checkpoint holds the weights in the parent's dtype (`parent_bytes`), the fp32
-    masters when the parent's dtype is narrower (`param_bytes` < 4) and AdamW's two fp32 moments; the trainer
-    writes one more checkpoint before deleting the oldest, then `final/` (the weights) and, on the infinite
-    schedule, `mainline/` (another resumable state). An adapter round writes the same shape of files for its
-    adapter only: `adapter_fraction` is the adapter's parameters over the base's (about 2 r / hidden for square
-    projections), a few percent on real models. `data_bytes` covers the round's data files.
+    As the trainer writes them (daemon/jobs/trainer.py `checkpoint`): a resumable checkpoint holds the weights in the
+    parent's dtype (`parent_bytes`), the fp32 masters when that dtype is narrower (`param_bytes` < 4) and, for the
+    newest only, AdamW's two fp32 moments. The peak is while a checkpoint is written: the newest and the new one with
+    their moments, `keep_checkpoints` - 1 older ones without, then `final/` (the weights) and, on the infinite
+    schedule, `mainline/` (a resumable state that keeps its moments: the next round continues from it). An adapter
+    round writes the same shape of files for its adapter only: `adapter_fraction` is the adapter's parameters over
+    the base's (about 2 r / hidden for square projections). `data_bytes` covers the round's data files.
     """
     if parent_bytes < 0 or param_bytes <= 0 or keep_checkpoints < 1 or not 0 < adapter_fraction <= 1:
         raise ValueError(f"bad sizes: parent {parent_bytes} B, {param_bytes} B/param, keep {keep_checkpoints}, adapter {adapter_fraction}")
+    weights, masters, moments = _checkpoint_parts(parent_bytes, param_bytes, mode, adapter_fraction)
+    checkpoint = weights + masters + moments
+    total = 2 * checkpoint + (keep_checkpoints - 1) * (weights + masters) + weights + (checkpoint if mainline else 0)
+    return math.ceil(total) + max(data_bytes, 0)
+
+
+def _checkpoint_parts(parent_bytes: int, param_bytes: int, mode: str, adapter_fraction: float) -> tuple[float, float, float]:
+    """(weights, fp32 masters, AdamW moments) of one resumable checkpoint, in bytes."""
     params = parent_bytes / param_bytes
     if mode == "full":
-        weights: float = parent_bytes
-        state = params * (ADAM_STATE_BYTES + (MASTER_BYTES if param_bytes < MASTER_BYTES else 0))
-    else:  # lora / qlora: fp32 adapter weights and their AdamW state; the base is never written
-        weights = params * adapter_fraction * MASTER_BYTES
-        state = params * adapter_fraction * ADAM_STATE_BYTES
-    checkpoint = weights + state
-    total = (keep_checkpoints + 1) * checkpoint + weights + (checkpoint if mainline else 0)
-    return math.ceil(total) + max(data_bytes, 0)
+        return float(parent_bytes), params * MASTER_BYTES if param_bytes < MASTER_BYTES else 0.0, params * ADAM_STATE_BYTES
+    # lora / qlora: fp32 adapter weights (they are their own masters) and their AdamW state; the base is never written
+    return params * adapter_fraction * MASTER_BYTES, 0.0, params * adapter_fraction * ADAM_STATE_BYTES
+
+
+def volume_bytes(
+    parent_bytes: int,
+    param_bytes: int,
+    mode: str,
+    keep_checkpoints: int,
+    mainline: bool,
+    keep_rounds: int,
+    data_bytes: int = 0,
+    adapter_fraction: float = 1.0,
+) -> int:
+    """The checkpoint volume a deployment needs in its steady state, to size the volume by (docs/kubernetes.md).
+
+    The base model, the running round at its peak (`round_disk_bytes`), and the finished rounds retention keeps:
+    the newest `keep_rounds` plus the live version's and its rollback target's when they are older (two more at
+    most). A finished round keeps its candidate's weights and, on the infinite schedule, its `mainline/` state;
+    its other checkpoints are shed when it ends (daemon/rounds/retention.py `shed_checkpoints`).
+    """
+    running = round_disk_bytes(parent_bytes, param_bytes, mode, keep_checkpoints, mainline, data_bytes, adapter_fraction)
+    weights, masters, moments = _checkpoint_parts(parent_bytes, param_bytes, mode, adapter_fraction)
+    finished = weights + (weights + masters + moments if mainline else 0) + max(data_bytes, 0)
+    return math.ceil(parent_bytes + running + (keep_rounds + 2) * finished)
 
 
 def disk_refusal(free_bytes: int, needed_bytes: int) -> str | None:

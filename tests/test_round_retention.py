@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import redis as redis_lib
@@ -23,13 +24,13 @@ from daemon.jobs.specs import TrainSpec
 from daemon.round_record import CURVE_POINTS, Parent, RoundState, Snapshot, TrainRecord
 from daemon.rounds.context import RoundContext
 from daemon.rounds.pending import pending
-from daemon.rounds.retention import protected
+from daemon.rounds.retention import protected, tidy
 from daemon.rounds.state_machine import drive
 from daemon.rounds.training import ProgressRecorder
 from daemon.serving import KnownVersion, ReplicaState, ServingController, ServingState
 from daemon.settings import Settings
 from policies.config import Policy
-from policies.round_policy import RoundsPolicy, round_disk_bytes
+from policies.round_policy import RoundsPolicy, round_disk_bytes, volume_bytes
 from tests.job_context import CancelFlag, bare_record, job_context
 
 GB = 10**9
@@ -103,6 +104,38 @@ def test_a_failed_round_prunes_directories_but_never_what_serving_needs(redis_cl
     assert "r00005" in protected(ctx)
 
 
+def test_finished_rounds_shed_their_resumable_checkpoints_but_the_chosen_and_the_served(redis_client: redis_lib.Redis, tmp_path: Path):
+    """Nothing trains from a finished round's checkpoints again: all but the gate's choice and what serving names go,
+    whatever the end state; a round still running keeps all of them."""
+    store = RedisStore(redis_client, "shed")
+    state = ServingState(versions={"base": KnownVersion("base", "/ck/base", "fp")}, desired_version="base")
+    ctx = _context(store, tmp_path, _policy(keep_rounds=10), state)
+    steps = ("step-00000004", "step-00000008", "step-00000012", "step-00000016.tmp")
+    for rid, end in [("r00001", RoundState.DEPLOYED), ("r00002", RoundState.REJECTED), ("r00003", RoundState.TRAINING)]:
+        out = ctx.round_dir(rid) / "train"
+        for name in steps:
+            (out / "checkpoints" / name).mkdir(parents=True)
+            (out / "checkpoints" / name / "model.safetensors").write_bytes(b"w")
+        (out / "mainline").mkdir()
+        rec = bare_record(rid, end)
+        spec = TrainSpec(parent_dir=str(tmp_path / "base"), out_dir=str(out), new_path=str(tmp_path / "new.jsonl"))
+        rec.train = TrainRecord(spec=spec, spec_digest=spec.digest(), out_dir=str(out), launcher="subprocess")
+        rec.candidate = str(out / "checkpoints" / "step-00000008") if end == RoundState.DEPLOYED else None  # a gate that accepted
+        ctx.put(rec)
+    # an older version still named by serving (a rollback target, say) lives in a checkpoint the record did not choose
+    state.versions["r00001"] = KnownVersion("r00001", str(ctx.round_dir("r00001") / "train" / "checkpoints" / "step-00000004"), "fp")
+
+    tidy(ctx)
+
+    def left(rid: str) -> list[str]:
+        return sorted(p.name for p in (ctx.round_dir(rid) / "train" / "checkpoints").iterdir())
+
+    assert left("r00001") == ["step-00000004", "step-00000008"]
+    assert left("r00002") == []  # rejected: its weights serve nobody
+    assert left("r00003") == sorted(steps)  # still training
+    assert all((ctx.round_dir(r) / "train" / "mainline").is_dir() for r in ("r00001", "r00002", "r00003"))
+
+
 def test_pending_refuses_a_round_the_volume_cannot_hold(redis_client: redis_lib.Redis, tmp_path: Path):
     store = RedisStore(redis_client, "keep")
     ctx = _context(store, tmp_path, _policy())
@@ -126,12 +159,53 @@ def test_pending_refuses_a_round_the_volume_cannot_hold(redis_client: redis_lib.
 def test_round_disk_estimate_counts_checkpoints_optimizer_and_mainline():
     p = 2 * GB  # a 1B-parameter bf16 parent
     full = round_disk_bytes(p, 2, "full", keep_checkpoints=3, mainline=False)
-    # each checkpoint: weights 2 GB + fp32 masters 4 GB + AdamW moments 8 GB; one more than kept, then final/
-    assert full == 4 * 14 * GB + 2 * GB
+    # a checkpoint: weights 2 GB + fp32 masters 4 GB + AdamW moments 8 GB, the moments in the newest only; at the
+    # peak the newest and the one being written hold them, two older ones do not, then final/
+    assert full == 2 * 14 * GB + 2 * 6 * GB + 2 * GB
     assert round_disk_bytes(p, 2, "full", keep_checkpoints=3, mainline=True) == full + 14 * GB
     assert round_disk_bytes(4 * GB, 4, "full", keep_checkpoints=1, mainline=False) == 2 * 12 * GB + 4 * GB  # fp32: no masters
     adapter = round_disk_bytes(p, 2, "lora", keep_checkpoints=3, mainline=False, adapter_fraction=2 * 16 / 4096)
     assert adapter < full / 50
+
+
+def test_the_multi_gpu_overlay_volume_holds_an_8b_deployment_in_its_steady_state():
+    """Issue 23: the volume the manifests request matches what a round and retention keep, for the shape the overlay
+    ships for (Llama-3-8B, full weights, bf16) under its own policy: the base, the running round at its peak and
+    the finished rounds retention keeps (each shed to its candidate's weights and main line)."""
+    import torch
+    import yaml
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from policies.config import load_policy
+
+    repo = Path(__file__).resolve().parents[1]
+    policy = load_policy(repo / "deploy" / "k8s" / "overlays" / "multi-gpu" / "policy.yaml")
+    shape = json.loads((repo / "tests" / "data" / "model_shapes" / "llama-3-8b.json").read_text())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**shape))
+    parent = 2 * sum(p.numel() for p in model.parameters())  # bf16
+    need = volume_bytes(
+        parent,
+        2,
+        policy.train.mode,
+        policy.train.keep_checkpoints,
+        mainline=policy.schedule.kind == "infinite",
+        keep_rounds=policy.rounds.keep_rounds,
+    )
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(repo / "deploy" / "k8s" / "overlays" / "multi-gpu")], capture_output=True, text=True
+    )
+    assert built.returncode == 0, built.stderr
+    pvc = next(
+        d
+        for d in yaml.safe_load_all(built.stdout)
+        if d and d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"].endswith("checkpoints")
+    )
+    size = pvc["spec"]["resources"]["requests"]["storage"]
+    assert size.endswith("Gi") or size.endswith("Ti"), size
+    requested = int(size[:-2]) * (2**30 if size.endswith("Gi") else 2**40)
+    assert need <= requested, f"the overlay requests {size}, an 8B deployment needs {need / 2**30:.0f} GiB"
+    assert requested <= 1.5 * need, f"the overlay requests {size}, over 1.5x the {need / 2**30:.0f} GiB needed"
 
 
 # ---------------------------------------------------------------------------------------------- Redis

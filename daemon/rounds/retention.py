@@ -8,6 +8,11 @@ included), with the policy in force, so lowering a cap frees space at the next r
   weights are useless, but the newest few are the ones asked about). Never deleted: an unfinished round's, the
   live version's, its rollback target's, any version a replica reports, a round whose adapter is still loaded or
   kept, and a directory whose round neither Redis nor the archive knows (Redis may have lost it: not ours to judge).
+* resumable checkpoints of finished rounds (`checkpoints/step-*`) are shed as soon as the round ends: nothing
+  trains from them again (a next round continues from `mainline/` or from the deployed weights). The one the gate
+  chose stays (it is, or may become by `cptd rollback`, a served version), as does any directory serving state
+  names. So a finished full-weights round keeps about its weights, not `keep_checkpoints` copies of weights,
+  fp32 masters and moments (policies/round_policy.py `volume_bytes` sizes the volume by this).
 * round records: the newest `rounds.keep_records` stay in Redis; older finished ones are written whole to
   `$CPTD_CHECKPOINT_DIR/records/<id>.json` and removed from Redis. `GET /rounds/{id}` reads the archive
   (`RoundContext.get_round`). The archive is not the round's directory: that is deleted long before
@@ -39,6 +44,7 @@ def tidy(ctx: RoundContext) -> None:
     rounds = ctx.get_policy().rounds
     try:
         prune_directories(ctx, rounds.keep_rounds)
+        shed_checkpoints(ctx)
         archive_records(ctx, rounds.keep_records)
         marks = ctx.store.cancel_marks()
         ctx.store.clear_cancel([rid for rid, raw in zip(marks, ctx.store.get_rounds(marks), strict=True) if not unfinished(raw)])
@@ -82,6 +88,33 @@ def prune_directories(ctx: RoundContext, keep: int) -> list[str]:
         shutil.rmtree(root / rid, ignore_errors=True)
         ctx.serving.state.versions.pop(rid, None)  # no rollback to a version whose files are gone
         log.info("pruned round directory", extra={"round_id": rid})
+    return gone
+
+
+def shed_checkpoints(ctx: RoundContext) -> list[Path]:
+    """Delete finished rounds' resumable checkpoints but the gate's choice and what serving names; returns them."""
+    if ctx.serving is None:  # not knowing what is served, nothing can be called safe to delete
+        return []
+    root = ctx.settings.checkpoint_dir / "rounds"
+    ids = sorted((p.name for p in root.iterdir() if p.is_dir()), key=round_number) if root.is_dir() else []
+    state = ctx.serving.state
+    keep = {Path(v.checkpoint) for v in state.versions.values()} | {Path(p) for p in state.lora_paths.values()}
+    gone: list[Path] = []
+    for rid, raw in zip(ids, ctx.store.get_rounds(ids), strict=True):
+        if raw is None:  # archived (long finished, shed then) or unknown to Redis: not ours to judge
+            continue
+        rec = RoundRecord.model_validate(raw)
+        out = Path(rec.train.out_dir) if rec.train is not None and rec.train.out_dir else None
+        if rec.state not in TERMINAL or out is None or not out.is_relative_to(root / rid):
+            continue
+        held = keep | ({Path(rec.candidate)} if rec.candidate else set())
+        for step in sorted((out / "checkpoints").glob("step-*")):
+            if any(p == step or p.is_relative_to(step) for p in held):
+                continue
+            shutil.rmtree(step, ignore_errors=True)
+            gone.append(step)
+    if gone:
+        log.info("shed finished rounds' resumable checkpoints", extra={"paths": [str(p) for p in gone]})
     return gone
 
 
