@@ -3,7 +3,7 @@
 One `/v1/completions` request per document: the prompt is plain text, so a
 model without a chat template (a base model, the tiny test models) can judge
 too. With a JSON schema the request carries vLLM's structured outputs
-(`structured_outputs: {"json": schema, "disable_any_whitespace": true}`; vLLM 0.32 silently ignores the older
+(`structured_outputs: {"json": schema}`; vLLM 0.32 silently ignores the older
 `guided_json`, and also takes `response_format: {type: json_schema}`), so the
 answer is a well-formed object. What the
 answer means, and what to do with a bad one, is the caller's
@@ -41,7 +41,7 @@ class JudgeClient:
         """The text of one greedy completion; with `schema`, guided to follow it."""
         body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
         if schema is not None:
-            body["structured_outputs"] = {"json": schema, "disable_any_whitespace": True}  # compact: fewer tokens, no runaway
+            body["structured_outputs"] = {"json": schema}
         try:
             r = self._http.post("/v1/completions", json=body)
         except httpx.TimeoutException as e:

@@ -160,7 +160,9 @@ class Rating(BaseModel):
 def answer_schema(rater: RaterPolicy) -> dict[str, Any]:
     """The JSON schema a judge's answer must follow (vLLM's guided decoding enforces it): every criterion an integer
     in 1..scale, and the domain one of the policy's."""
-    props: dict[str, Any] = {c: {"type": "integer", "minimum": 1, "maximum": rater.scale} for c in rater.criteria}
+    # An enum, not minimum/maximum: grammar backends enforce an enum token by token, while a bounded integer may be
+    # left to the model (a weak one then writes digits until max_tokens cuts the object short).
+    props: dict[str, Any] = {c: {"type": "integer", "enum": list(range(1, rater.scale + 1))} for c in rater.criteria}
     props["domain"] = {"type": "string", "enum": list(rater.domains)}
     return {"type": "object", "properties": props, "required": [*rater.criteria, "domain"], "additionalProperties": False}
 
