@@ -163,7 +163,7 @@ class Selection(BaseModel):
     """A round's choice, as decided and as written to the round's data/curation.json (read back on resume)."""
 
     chosen: list[str] = Field(default_factory=list)  # in buffer order
-    waiting: dict[str, str] = Field(default_factory=dict)  # key -> why it waits (budget, domain_share, synthetic_cap)
+    waiting: dict[str, str] = Field(default_factory=dict)  # key -> why: budget, domain_share, synthetic_cap, below_threshold, unrated
     dropped: dict[str, str] = Field(default_factory=dict)  # key -> reason (ppl_low, ppl_high, passed_over)
     passed: list[str] = Field(default_factory=list)  # waiting keys this round passed over (counted towards max_passes)
     z: dict[str, float] = Field(default_factory=dict)  # robust z-score of each scored candidate
