@@ -147,7 +147,8 @@ ROUND_LAST_SUCCESS = Gauge("cptd_round_last_deployed_timestamp_seconds", "Unix t
 DRIFT_SCORE = Gauge("cptd_drift_score", "Drift of the latest measured batch against the reference set", ["statistic"], registry=REGISTRY)
 CURATION_DOCS = Counter(
     "cptd_curation_docs_total",
-    "Candidate documents of curated rounds by what happened to them: chosen, waiting (budget, domain_share, synthetic_cap) "
+    "Candidate documents of curated rounds by what happened to them: chosen, waiting (budget, domain_share, synthetic_cap, "
+    "below_threshold, unrated) "
     "or dropped (ppl_low, ppl_high, passed_over)",
     ["action", "reason"],
     registry=REGISTRY,
@@ -166,6 +167,13 @@ SYNTHETIC_CAP_BINDING_ROUNDS = Gauge(
 )
 SYNTHETIC_CAP_ALERT_ROUNDS = Gauge(
     "cptd_synthetic_cap_alert_rounds", "collapse.cap_alert_rounds of the policy in force (the alert's threshold)", registry=REGISTRY
+)
+RATER_DOCS = Counter(
+    "cptd_rater_docs_total",
+    "Candidate documents the rater (curation.rater) was asked about, by backend and outcome: rated, or why not "
+    "(timeout, invalid_output, out_of_range, request_failed, rater_error, job_failed, not_rated, abandoned, skipped)",
+    ["backend", "outcome"],
+    registry=REGISTRY,
 )
 SCORING_DOCS_PER_SECOND = Gauge(
     "cptd_scoring_docs_per_second", "Documents per second the served model scored in the last curated round", registry=REGISTRY

@@ -135,6 +135,36 @@ class LanguageMixRecord(Part):
     replay_docs: int = 0
 
 
+class RatingSpread(Part):
+    """One criterion's ratings over a set of documents (1..curation.rater.scale)."""
+
+    mean: float
+    q1: float
+    median: float
+    q3: float
+
+
+class RatedSet(Part):
+    """The ratings of one side of the selection (chosen, or waiting): per criterion, and documents per rater domain."""
+
+    docs: int = 0  # rated documents in the set
+    criteria: dict[str, RatingSpread] = Field(default_factory=dict)
+    domains: dict[str, int] = Field(default_factory=dict)
+
+
+class RaterRecord(Part):
+    """How the candidate pool was rated (policies/rating.py; daemon/rounds/doc_rating.py)."""
+
+    backend: str
+    rated_docs: int = 0
+    unrated: dict[str, int] = Field(default_factory=dict)  # reason -> documents the rater gave no rating
+    seconds: float | None = None
+    docs_per_s: float | None = None  # rated documents per second
+    error: str | None = None  # the rater as a whole failed or was refused (the round went on)
+    chosen: RatedSet | None = None
+    waiting: RatedSet | None = None
+
+
 class CurationRecord(Part):
     """How the round's new documents were chosen from the buffer (policies/curation.py, policies/collapse.py)."""
 
@@ -158,6 +188,7 @@ class CurationRecord(Part):
     cap_binding_rounds: int = 0  # rounds in a row, this one included, in which the cap bound
     real_share: float | None = None  # human + unknown share of new + replay tokens
     real_floor: float = 0.5
+    rater: RaterRecord | None = None  # curation.rater.backend is not off
 
 
 class TrainProgress(Part):

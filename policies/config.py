@@ -107,8 +107,9 @@ class Policy(Section):
         echo = set(self.collapse.echo_topics)
         if echo & {*self.ingest.topics, self.ingest.dead_letter_topic}:
             raise ValueError("collapse.echo_topics must differ from ingest.topics and ingest.dead_letter_topic (never trained on)")
-        if self.curation.select == "score" and self.curation.score == "off":
-            raise ValueError("curation.select: score needs curation.score: perplexity (there is no score to select by)")
+        refusal = self.curation.select_refusal()
+        if refusal:
+            raise ValueError(refusal)
         return self
 
 

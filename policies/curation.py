@@ -12,8 +12,15 @@ round's budget) by per-document perplexity, one `/v1/completions` request with
    z-score against the median and MAD) is templated text, boilerplate or an
    echo of the model; far *above* is noise. They leave the buffer and are listed
    in the round manifest with their reason, so nothing disappears unseen.
-2. **Selection** fills the round's budget oldest first (`select: oldest`) or
-   best score first (`select: score`, lowest NLL among the non-outliers).
+2. **Selection** fills the round's budget oldest first (`select: oldest`),
+   best score first (`select: score`, lowest NLL among the non-outliers), or by
+   the rater's overall score (policies/rating.py), as DataMan selects:
+   `top_k` highest first; `overall_threshold` every document at or above the
+   threshold, oldest first (the rest wait, `below_threshold`); `sample` draws
+   without replacement with weights exp(overall / temperature) (Gumbel-top-k,
+   seeded by the round, so a resumed round draws the same). Documents the rater
+   could not rate join after the rated ones or wait (`rater.on_error`,
+   `unrated`); they never count a pass, so a broken rater loses nothing.
 3. **Domain shares**: with `domain_targets`, each domain gets at most its share
    of the budget; a domain with too few documents leaves its quota to the
    others in proportion. Documents of over-represented domains wait in the
@@ -30,6 +37,8 @@ silt up with documents no round wants.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,9 +48,13 @@ from pydantic import BaseModel, Field, field_validator
 
 from policies.base import Section, check_shares
 from policies.collapse import CollapsePolicy
+from policies.rating import RaterPolicy
 
 PPL_LOW, PPL_HIGH, PASSED_OVER = "ppl_low", "ppl_high", "passed_over"
+BELOW_THRESHOLD, UNRATED = "below_threshold", "unrated"
 OTHER_DOMAINS = "*"
+UNKNOWN = "unknown"
+RATED_SELECT = ("overall_threshold", "top_k", "sample")  # the modes that need curation.rater
 
 
 class CurationPolicy(Section):
@@ -55,9 +68,16 @@ class CurationPolicy(Section):
         default=-3.0, le=0, description="drop documents whose robust z-score of NLL is below this (templated text, echoes); null: keep"
     )
     drop_high_z: float | None = Field(default=3.0, ge=0, description="drop documents whose robust z-score of NLL is above this (noise)")
-    select: Literal["oldest", "score"] = Field(
-        default="oldest", description="fill the budget oldest first, or lowest NLL first (score needs score: perplexity)"
+    select: Literal["oldest", "score", "overall_threshold", "top_k", "sample"] = Field(
+        default="oldest",
+        description="fill the budget oldest first, lowest NLL first (score: needs score: perplexity), or by the rater's overall "
+        "score: at or above overall_threshold oldest first, highest first (top_k), or sampled with temperature (sample)",
     )
+    overall_threshold: float | None = Field(
+        default=None, description="select: overall_threshold: the least overall rating (on the rater's 1..scale) a document needs"
+    )
+    temperature: float = Field(default=1.0, gt=0, le=1000, description="select: sample: weights exp(overall / temperature)")
+    rater: RaterPolicy = Field(default_factory=RaterPolicy, description="who rates the candidate pool (policies/rating.py)")
     domain_targets: dict[str, float] = Field(
         default_factory=dict,
         description="share of a round's new tokens per domain ('*' = all others); over-represented domains wait for a later round",
@@ -71,6 +91,21 @@ class CurationPolicy(Section):
     def _shares(cls, v: dict[str, float]) -> dict[str, float]:
         return check_shares(v)
 
+    def select_refusal(self) -> str | None:
+        """Why this select mode cannot run (policies/config.py refuses the policy with it), or None."""
+        if self.select == "score" and self.score == "off":
+            return "curation.select: score needs curation.score: perplexity (there is no score to select by)"
+        if self.select in RATED_SELECT and self.rater.backend == "off":
+            return (
+                f"curation.select: {self.select} needs curation.rater.backend (llm_judge, classifier or head): "
+                "there is no rating to select by"
+            )
+        if self.select == "overall_threshold" and self.overall_threshold is None:
+            return "curation.select: overall_threshold needs curation.overall_threshold"
+        if self.overall_threshold is not None and not 1 <= self.overall_threshold <= self.rater.scale:
+            return f"curation.overall_threshold must be within the rater's scale, 1..{self.rater.scale} (curation.rater.scale)"
+        return None
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -82,17 +117,53 @@ class Candidate:
     detector: float | None = None  # served / reference NLL ratio
     suspected: bool = False  # the detector flagged it
     passes: int = 0  # rounds that passed it over already
+    overall: float | None = None  # the rater's overall score (1..scale); None: not rated
 
     @property
     def synthetic(self) -> bool:
         return self.provenance == "synthetic" or self.suspected
 
 
+def candidate_domain(ingest_domain: str | None, rater_domain: str | None) -> str:
+    """The domain a document is mixed under: what ingest decided, or, when ingest did not know, the rater's."""
+    if ingest_domain and ingest_domain != UNKNOWN:
+        return ingest_domain
+    return rater_domain or UNKNOWN
+
+
+def gumbel_key(seed: str, key: str, overall: float, temperature: float) -> float:
+    """overall / T + Gumbel noise from a hash of (seed, key): sorting by it descending draws documents without
+    replacement with probabilities proportional to exp(overall / T) (Gumbel-top-k), the same draw for the same seed."""
+    h = int.from_bytes(hashlib.blake2b(f"{seed}|{key}".encode(), digest_size=8).digest(), "big")
+    u = (h + 0.5) / 2**64  # in (0, 1)
+    return overall / temperature - math.log(-math.log(u))
+
+
+def rated_order(live: Sequence[Candidate], cur: CurationPolicy, seed: str, waiting: dict[str, str]) -> list[Candidate]:
+    """The order a rated select mode fills the budget in; documents it refuses go to `waiting` with their reason."""
+    rated = [c for c in live if c.overall is not None]
+    if cur.select == "top_k":
+        rated.sort(key=lambda c: -(c.overall or 0.0))  # stable: ties stay oldest first
+    elif cur.select == "sample":
+        rated.sort(key=lambda c: -gumbel_key(seed, c.key, c.overall or 0.0, cur.temperature))
+    elif cur.select == "overall_threshold":
+        threshold = cur.overall_threshold if cur.overall_threshold is not None else 1.0
+        for c in rated:
+            if (c.overall or 0.0) < threshold:
+                waiting[c.key] = BELOW_THRESHOLD
+        rated = [c for c in rated if c.key not in waiting]
+    unrated = [c for c in live if c.overall is None]
+    if cur.rater.on_error == "wait":
+        waiting.update((c.key, UNRATED) for c in unrated)
+        return rated
+    return rated + unrated
+
+
 class Selection(BaseModel):
     """A round's choice, as decided and as written to the round's data/curation.json (read back on resume)."""
 
     chosen: list[str] = Field(default_factory=list)  # in buffer order
-    waiting: dict[str, str] = Field(default_factory=dict)  # key -> why it waits (budget, domain_share, synthetic_cap)
+    waiting: dict[str, str] = Field(default_factory=dict)  # key -> why: budget, domain_share, synthetic_cap, below_threshold, unrated
     dropped: dict[str, str] = Field(default_factory=dict)  # key -> reason (ppl_low, ppl_high, passed_over)
     passed: list[str] = Field(default_factory=list)  # waiting keys this round passed over (counted towards max_passes)
     z: dict[str, float] = Field(default_factory=dict)  # robust z-score of each scored candidate
@@ -138,8 +209,9 @@ def domain_quotas(have: Mapping[str, float], targets: Mapping[str, float], budge
     return quota
 
 
-def select_round(cands: Sequence[Candidate], budget_bytes: int, cur: CurationPolicy, col: CollapsePolicy) -> Selection:
-    """The round's documents from the candidate pool (given oldest first). Pure: same input, same selection."""
+def select_round(cands: Sequence[Candidate], budget_bytes: int, cur: CurationPolicy, col: CollapsePolicy, seed: str = "") -> Selection:
+    """The round's documents from the candidate pool (given oldest first). Pure: same input (and `seed`, the round's
+    id for `select: sample`), same selection."""
     sel = Selection()
     scored = {c.key: c.nll for c in cands if c.nll is not None}
     sel.z, sel.median_nll, sel.mad_nll = robust_z(scored)
@@ -152,14 +224,19 @@ def select_round(cands: Sequence[Candidate], budget_bytes: int, cur: CurationPol
             sel.dropped[c.key] = PPL_HIGH
         else:
             live.append(c)
-    order = sorted(live, key=lambda c: (c.nll is None, c.nll or 0.0)) if cur.select == "score" else live
+    if cur.select in RATED_SELECT:
+        order = rated_order(live, cur, seed, sel.waiting)
+    elif cur.select == "score":
+        order = sorted(live, key=lambda c: (c.nll is None, c.nll or 0.0))
+    else:
+        order = live
     targets = cur.domain_targets
 
     def group(c: Candidate) -> str:
         return c.domain if c.domain in targets else OTHER_DOMAINS
 
     have: dict[str, float] = {}
-    for c in live:
+    for c in order:  # what may be taken: a document already waiting (below the threshold, unrated) gives no domain its bytes
         have[group(c)] = have.get(group(c), 0.0) + c.bytes
     sel.domain_quota = domain_quotas(have, targets, budget_bytes)
     used: dict[str, float] = {}
@@ -190,7 +267,9 @@ def select_round(cands: Sequence[Candidate], budget_bytes: int, cur: CurationPol
         total -= c.bytes
         synth -= c.bytes
     for c in cands:  # oldest-first waits for the budget are only a queue; any other wait is a judgement on the document
-        if c.key in sel.waiting and (sel.waiting[c.key] != "budget" or cur.select == "score"):
+        if cur.select in RATED_SELECT and c.overall is None:
+            continue  # not rated: no judgement was made (a rater that fails must not wear the buffer down)
+        if c.key in sel.waiting and (sel.waiting[c.key] != "budget" or cur.select != "oldest"):
             if c.passes + 1 >= cur.max_passes:
                 sel.dropped[c.key] = PASSED_OVER
                 del sel.waiting[c.key]

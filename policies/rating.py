@@ -24,7 +24,10 @@ more data. This module is the contract every rater backend keeps:
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import math
+import re
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -71,6 +74,24 @@ DATAMAN_DOMAINS: tuple[str, ...] = (
 
 RaterBackend = Literal["off", "llm_judge", "classifier", "head"]
 
+# Why a document has no rating (the record counts them; `on_error` decides where they go).
+UNRATED_TIMEOUT = "timeout"  # the judge did not answer within timeout_s
+UNRATED_INVALID = "invalid_output"  # not a JSON object with every criterion and a known domain
+UNRATED_RANGE = "out_of_range"  # a rating outside 1..scale
+UNRATED_FAILED = "request_failed"  # the judge answered with an error, or could not be reached
+UNRATED_JOB = "job_failed"  # the rating job failed: nobody rated the pool
+UNRATED_MISSING = "not_rated"  # the backend returned no row for the document
+UNRATED_ROW = "rater_error"  # the rating job reported an error for the document
+UNRATED_ABANDONED = "abandoned"  # not asked: the judge failed every request for a while, the rest were given up
+UNRATED_SKIPPED = "skipped"  # the rater could not be used at all (the reason is in the record's error)
+
+# DataMan's pointwise prompt, shortened: every criterion on one scale, then the domain, as one JSON object.
+DEFAULT_PROMPT = (
+    "Rate the text below as pre-training data. Give each criterion an integer from 1 (worst) to {scale} (best), "
+    "then name the text's domain.\nCriteria: {criteria}.\nDomains: {domains}.\n"
+    "Answer with one JSON object: {example}\n\nText:\n<<<\n{text}\n>>>\nJSON: "
+)
+
 
 class RaterPolicy(Section):
     backend: RaterBackend = Field(
@@ -94,6 +115,11 @@ class RaterPolicy(Section):
     timeout_s: float = Field(default=60.0, gt=0, le=3600, description="llm_judge: seconds per request")
     guided: bool = Field(default=True, description="llm_judge: ask for JSON-schema-guided output (vLLM structured outputs)")
     max_doc_chars: int = Field(default=6000, ge=100, le=200_000, description="characters of a document shown to the rater")
+    max_tokens: int = Field(default=256, ge=16, le=8192, description="llm_judge: most tokens of one answer")
+    prompt: str | None = Field(
+        default=None,
+        description="llm_judge: prompt template with {text}, {criteria}, {domains}, {scale}, {example} (null: DataMan-style default)",
+    )
     # classifier / head
     path: str | None = Field(
         default=None,
@@ -111,6 +137,15 @@ class RaterPolicy(Section):
             raise ValueError("curation.rater.backend: llm_judge needs curation.rater.url and curation.rater.model")
         if self.backend == "classifier" and not self.path:
             raise ValueError("curation.rater.backend: classifier needs curation.rater.path (the model directory)")
+        if self.prompt is not None:
+            if "{text}" not in self.prompt:
+                raise ValueError("curation.rater.prompt must contain {text}")
+            try:
+                self.prompt.format(text="", criteria="", domains="", scale=0, example="")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(
+                    f"curation.rater.prompt: not a template of {{text}}, {{criteria}}, {{domains}}, {{scale}}, {{example}}: {e}"
+                ) from None
         return self
 
 
@@ -120,3 +155,58 @@ class Rating(BaseModel):
     overall: float  # 1..scale
     criteria: dict[str, float] = Field(default_factory=dict)  # criterion -> 1..scale (overall included)
     domain: str | None = None  # one of the policy's domains
+
+
+def answer_schema(rater: RaterPolicy) -> dict[str, Any]:
+    """The JSON schema a judge's answer must follow (vLLM's guided decoding enforces it): every criterion an integer
+    in 1..scale, and the domain one of the policy's."""
+    # An enum, not minimum/maximum: grammar backends enforce an enum token by token, while a bounded integer may be
+    # left to the model (a weak one then writes digits until max_tokens cuts the object short).
+    props: dict[str, Any] = {c: {"type": "integer", "enum": list(range(1, rater.scale + 1))} for c in rater.criteria}
+    props["domain"] = {"type": "string", "enum": list(rater.domains)}
+    return {"type": "object", "properties": props, "required": [*rater.criteria, "domain"], "additionalProperties": False}
+
+
+def judge_prompt(rater: RaterPolicy, text: str) -> str:
+    """The prompt for one document: the policy's template (or DataMan-style default), the text cut to max_doc_chars."""
+    example = json.dumps({**{c: rater.scale for c in rater.criteria}, "domain": rater.domains[0]})
+    return (rater.prompt or DEFAULT_PROMPT).format(
+        text=text[: rater.max_doc_chars],
+        criteria=", ".join(rater.criteria),
+        domains=", ".join(rater.domains),
+        scale=rater.scale,
+        example=example,
+    )
+
+
+_OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
+
+
+def parse_answer(raw: Any, rater: RaterPolicy) -> Rating | str:
+    """A judge's answer (its text, or a decoded row) as a Rating, or the reason it is none (UNRATED_INVALID, UNRATED_RANGE).
+
+    Without guided decoding a model may wrap the object in prose: the first {...} that parses is taken. Every
+    criterion must be present and within 1..scale; the domain must be one of the policy's."""
+    obj = raw
+    if isinstance(raw, str):
+        obj = None
+        for m in [raw.strip(), *(m.group(0) for m in _OBJECT.finditer(raw))]:
+            try:
+                obj = json.loads(m)
+                break
+            except ValueError:
+                continue
+    if not isinstance(obj, dict):
+        return UNRATED_INVALID
+    values: dict[str, float] = {}
+    for c in rater.criteria:
+        v = obj.get(c)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return UNRATED_INVALID
+        if not 1 <= v <= rater.scale:
+            return UNRATED_RANGE
+        values[c] = float(v)
+    domain = obj.get("domain")
+    if domain is not None and domain not in rater.domains:
+        return UNRATED_INVALID
+    return Rating(overall=values[OVERALL], criteria=values, domain=domain)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -18,13 +19,14 @@ from pydantic import BaseModel, Field
 from connectors.redis_store import StoredDoc
 from connectors.vllm import ServingError
 from daemon import metrics as M
-from daemon.job_launchers import Job
 from daemon.jobs.specs import DetectorSpec
-from daemon.round_record import TERMINAL, CurationRecord, RoundRecord
-from daemon.rounds.context import Cancelled, RoundContext, RoundFailed, write_atomic, write_jsonl
+from daemon.round_record import TERMINAL, CurationRecord, RaterRecord, RoundRecord
+from daemon.rounds.context import RoundContext, RoundFailed, write_atomic, write_jsonl
+from daemon.rounds.doc_rating import optional_job, pool_file, rate_pool, rated_set
 from policies.collapse import cap_binding_streak, real_share, suspected
 from policies.config import Policy
-from policies.curation import Candidate, Selection, select_round, shares_by
+from policies.curation import Candidate, Selection, candidate_domain, select_round, shares_by
+from policies.rating import Rating
 
 log = logging.getLogger("cptd.rounds")
 
@@ -37,6 +39,10 @@ class CandidateScore(BaseModel):
     detector: float | None = None  # Binoculars score (daemon/jobs/generated_text_detector.py)
     z: float | None = None  # robust z-score of nll in the pool
     suspected: bool | None = None  # the detector flagged it
+    overall: float | None = None  # the rater's overall score (curation.rater)
+    criteria: dict[str, float] | None = None  # the rater's ratings per criterion
+    rater_domain: str | None = None  # the domain the rater gave
+    unrated: str | None = None  # the rater was asked and gave no rating: why
 
 
 class Scoring(BaseModel):
@@ -56,6 +62,7 @@ class CurationDecision(BaseModel):
     scores: dict[str, CandidateScore] = Field(default_factory=dict)
     domains: dict[str, float] = Field(default_factory=dict)
     provenance: dict[str, float] = Field(default_factory=dict)
+    rater: RaterRecord | None = None  # how the pool was rated (curation.rater.backend not off)
     applied: bool = False  # the buffer-side effects (drops, pass counts) are done
 
 
@@ -85,6 +92,15 @@ def choose(ctx: RoundContext, policy: Policy, rec: RoundRecord, budget: int) -> 
     if policy.collapse.detector:
         for key, value in detector_scores(ctx, policy, rec, pool).items():
             scores.setdefault(key, CandidateScore()).detector = value
+    rater: RaterRecord | None = None
+    if policy.curation.rater.backend != "off":
+        rated = rate_pool(ctx, policy, rec, pool)
+        rater = rated.record()
+        for key, r in rated.ratings.items():
+            s = scores.setdefault(key, CandidateScore())
+            s.overall, s.criteria, s.rater_domain = r.overall, r.criteria, r.domain
+        for key, reason in rated.unrated.items():
+            scores.setdefault(key, CandidateScore()).unrated = reason
     passes = ctx.store.passes([d.key for d in pool])
     candidates = []
     for d, p in zip(pool, passes, strict=True):
@@ -93,15 +109,16 @@ def choose(ctx: RoundContext, policy: Policy, rec: RoundRecord, budget: int) -> 
             Candidate(
                 key=d.key,
                 bytes=d.bytes,
-                domain=d.domain or "unknown",
+                domain=candidate_domain(d.domain, s.rater_domain),
                 provenance=d.provenance or "unknown",
                 nll=s.nll,
                 detector=s.detector,
                 suspected=suspected(s.detector, policy.collapse),
                 passes=p,
+                overall=s.overall,
             )
         )
-    selection = select_round(candidates, budget, policy.curation, policy.collapse)
+    selection = select_round(candidates, budget, policy.curation, policy.collapse, seed=rec.id)
     if not selection.chosen:  # never fall back to taking the oldest documents the policy just refused
         why = dict(Counter(selection.waiting.values()))
         raise RoundFailed(
@@ -130,7 +147,11 @@ def choose(ctx: RoundContext, policy: Policy, rec: RoundRecord, budget: int) -> 
         scores=scores,
         domains=shares_by(candidates, selection.chosen, "domain"),
         provenance=shares_by(candidates, selection.chosen, "provenance"),
+        rater=rater,
     )
+    if rater is not None:
+        rater.chosen = rated_set(ratings_of(scores, selection.chosen), policy.curation.rater.criteria)
+        rater.waiting = rated_set(ratings_of(scores, selection.waiting), policy.curation.rater.criteria)
     write_decision(ctx, rec.id, decision)
     log.info(
         "curated the round's documents",
@@ -182,25 +203,31 @@ def detector_scores(ctx: RoundContext, policy: Policy, rec: RoundRecord, pool: l
     if not served:
         return {}
     directory = ctx.round_dir(rec.id)
-    write_jsonl(directory / "data" / "pool.jsonl", [{"key": d.key, "text": d.text} for d in pool])
     spec = DetectorSpec(
         served=served,
         reference=str(ctx.settings.base_checkpoint_path()),
         adapter=rec.parent.adapter_path,
-        docs_path=str(directory / "data" / "pool.jsonl"),
+        docs_path=str(pool_file(ctx, rec.id, pool)),
         out=str(directory / "data" / "detector.json"),
         max_len=policy.curation.max_doc_tokens,
         device=policy.train.device,
         dtype=ctx.served_dtype(),
     )
-    try:
-        result = ctx.run_job(Job(spec, directory / "detector-spec.json", directory / "detector.log", round_id=rec.id), rec, timeout=3600)
-    except Cancelled:
-        raise
-    except RoundFailed as e:
-        log.warning("the generated-text detector failed; the round goes on without it", extra={"round_id": rec.id, "error": e.cause})
+    result, cause = optional_job(ctx, rec, spec, "detector")
+    if result is None:
+        log.warning("the generated-text detector failed; the round goes on without it", extra={"round_id": rec.id, "error": cause})
         return {}
     return {r["key"]: r["score"] for r in result["rows"] if r.get("score") is not None}
+
+
+def ratings_of(scores: dict[str, CandidateScore], keys: Iterable[str]) -> list[Rating]:
+    """The ratings of `keys` that have one."""
+    out = []
+    for k in keys:
+        s = scores.get(k)
+        if s is not None and s.overall is not None:
+            out.append(Rating(overall=s.overall, criteria=s.criteria or {}, domain=s.rater_domain))
+    return out
 
 
 def apply_after_take(ctx: RoundContext, rid: str, keys: list[str]) -> CurationDecision | None:
@@ -251,6 +278,7 @@ def curation_record(
         cap_binding_rounds=streak,
         real_share=real_share(replay_ratio, synthetic),
         real_floor=policy.collapse.real_floor,
+        rater=decision.rater,
     )
     export_shares(rec, policy)
     return rec
