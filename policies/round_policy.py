@@ -419,6 +419,7 @@ def round_disk_bytes(
     mainline: bool,
     data_bytes: int = 0,
     adapter_fraction: float = 1.0,
+    staged: bool = False,
 ) -> int:
     """What a round writes to the checkpoint volume at its peak, from the sizes the daemon measured.
 
@@ -427,7 +428,10 @@ def round_disk_bytes(
     writes one more checkpoint before deleting the oldest, then `final/` (the weights) and, on the infinite
     schedule, `mainline/` (another resumable state). An adapter round writes the same shape of files for its
     adapter only: `adapter_fraction` is the adapter's parameters over the base's (about 2 r / hidden for square
-    projections), a few percent on real models. `data_bytes` covers the round's data files.
+    projections), a few percent on real models. `data_bytes` covers the round's data files. `staged`: checkpoints
+    on object storage, where the volume is local scratch that also holds the copies the trainer reads, the parent's
+    weights and, on the infinite schedule, the main line (the published candidate is uploaded from the round's own
+    files, so it costs no more scratch).
     """
     if parent_bytes < 0 or param_bytes <= 0 or keep_checkpoints < 1 or not 0 < adapter_fraction <= 1:
         raise ValueError(f"bad sizes: parent {parent_bytes} B, {param_bytes} B/param, keep {keep_checkpoints}, adapter {adapter_fraction}")
@@ -440,6 +444,8 @@ def round_disk_bytes(
         state = params * adapter_fraction * ADAM_STATE_BYTES
     checkpoint = weights + state
     total = (keep_checkpoints + 1) * checkpoint + weights + (checkpoint if mainline else 0)
+    if staged:
+        total += parent_bytes + (checkpoint if mainline else 0)
     return math.ceil(total) + max(data_bytes, 0)
 
 
