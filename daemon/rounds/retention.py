@@ -3,7 +3,8 @@
 `tidy` runs at every terminal state (DEPLOYED, REJECTED, FAILED, ROLLED_BACK, SHADOWED, the operator's rollback
 included), with the policy in force, so lowering a cap frees space at the next round's end:
 
-* round directories: the newest `rounds.keep_rounds` finished ones stay, whatever their end state (a failed or
+* round directories (and, on object storage, the round's objects under CHECKPOINT_URL/rounds/ID/, listed and
+  deleted by prefix): the newest `rounds.keep_rounds` finished ones stay, whatever their end state (a failed or
   rejected round's directory holds its logs and eval report, which is what an operator reads about it; its
   weights are useless, but the newest few are the ones asked about). Never deleted: an unfinished round's, the
   live version's, its rollback target's, any version a replica reports, a round whose adapter is still loaded or
