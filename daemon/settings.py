@@ -198,6 +198,11 @@ class Settings(BaseSettings):
                 f"train.mode {policy.train.mode} with CPTD_CHECKPOINT_URL: adapters are loaded by vLLM from a local path, "
                 "and checkpoints on object storage support full-weight rounds only; use train.mode full or a volume"
             )
+        if self.checkpoint_url is not None and policy.collapse.detector:
+            return (
+                "collapse.detector with CPTD_CHECKPOINT_URL: the detector job loads the served model and the base from local "
+                "paths, which are not staged from object storage yet; turn the detector off or use a volume"
+            )
         from policies.round_policy import is_harness_task
 
         harness = sorted(n for n, path in policy.rounds.suites.items() if is_harness_task(path))

@@ -109,6 +109,9 @@ def test_settings_refuse_what_object_storage_cannot_run():
     assert s.base_checkpoint_ref() == f"{URL}/base"
     lora = Policy.model_validate({"name": "x", "train": {"mode": "lora"}})
     assert "full-weight rounds only" in (s.policy_refusal(lora) or "")
+    detector = Policy.model_validate({"name": "x", "collapse": {"detector": True}})
+    assert "not staged from object storage" in (s.policy_refusal(detector) or "")
+    assert s.policy_refusal(Policy.model_validate({"name": "x"})) is None
 
 
 @pytest.fixture(scope="module")
