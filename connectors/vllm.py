@@ -20,7 +20,7 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from tenacity import RetryError, Retrying, retry_if_exception_type, retry_if_result, stop_after_attempt, wait_exponential
@@ -133,15 +133,60 @@ _IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash",
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def tokenizer_differences(candidate: Path, reference: Path) -> list[str]:
+class CheckpointFiles(Protocol):
+    """A checkpoint directory as the checks read it: a local one (`LocalFiles`) or one on object storage
+    (`connectors.object_store.ObjectFiles`, headers by ranged reads). Only names, small files and headers are read."""
+
+    def name(self) -> str: ...
+
+    def read(self, name: str) -> bytes | None:
+        """A small file's bytes (config, tokenizer files); None when absent."""
+
+    def safetensors(self) -> list[str]:
+        """The *.safetensors file names directly in the directory, sorted."""
+
+    def header(self, name: str) -> tuple[dict[str, Any], int, int]:
+        """(header, header length, file size) of one safetensors file; raises when it cannot be read."""
+
+
+@dataclass(frozen=True)
+class LocalFiles:
+    path: Path
+
+    def name(self) -> str:
+        return str(self.path)
+
+    def read(self, name: str) -> bytes | None:
+        f = self.path / name
+        return f.read_bytes() if f.is_file() else None
+
+    def safetensors(self) -> list[str]:
+        return [f.name for f in _safetensors_files(self.path)]
+
+    def header(self, name: str) -> tuple[dict[str, Any], int, int]:
+        f = self.path / name
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} exceeds file size {size}")
+            return json.loads(fh.read(n)), n, size
+
+
+def files_of(ckpt: str | Path | CheckpointFiles) -> CheckpointFiles:
+    return LocalFiles(Path(ckpt)) if isinstance(ckpt, (str, Path)) else ckpt
+
+
+def tokenizer_differences(candidate: str | Path | CheckpointFiles, reference: str | Path | CheckpointFiles) -> list[str]:
     """Tokenizer files that differ (or exist on one side only). vLLM loads the tokenizer when it starts, so a
     candidate with another tokenizer would be served through the old one: refused, never swapped."""
+    cand, ref = files_of(candidate), files_of(reference)
     out = []
     for name in _TOKENIZER_FILES:
-        c, r = candidate / name, reference / name
-        if c.exists() != r.exists():
-            out.append(f"tokenizer file {name}: {'only in the candidate' if c.exists() else 'missing from the candidate'}")
-        elif c.exists() and hashlib.sha256(c.read_bytes()).digest() != hashlib.sha256(r.read_bytes()).digest():
+        c, r = cand.read(name), ref.read(name)
+        if (c is None) != (r is None):
+            out.append(f"tokenizer file {name}: {'only in the candidate' if c is not None else 'missing from the candidate'}")
+        elif c is not None and r is not None and hashlib.sha256(c).digest() != hashlib.sha256(r).digest():
             out.append(f"tokenizer file {name} differs from the served one")
     return out
 
@@ -150,48 +195,44 @@ def _safetensors_files(d: Path) -> list[Path]:
     return sorted(d.glob("*.safetensors"))
 
 
-def tensor_inventory(ckpt: str | Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], list[str]]:
+def tensor_inventory(ckpt: str | Path | CheckpointFiles) -> tuple[dict[str, tuple[tuple[int, ...], str]], list[str]]:
     """name -> (shape, dtype) from safetensors headers only, plus problems (truncation, bad header).
 
     The byte-length check matters: a partly copied file still has a valid
-    header, and vLLM would find out only half-way through loading it.
+    header, and vLLM would find out only half-way through loading it. Only the
+    header is read (a local file or two ranged reads of an object), so the
+    daemon never loads a tensor nor imports torch.
     """
-    from safetensors import safe_open
-
-    d = Path(ckpt)
+    files = files_of(ckpt)
     inv: dict[str, tuple[tuple[int, ...], str]] = {}
     problems: list[str] = []
-    files = _safetensors_files(d)
-    if not files:
-        problems.append(f"no *.safetensors file in {d}")
-    for f in files:
+    names = files.safetensors()
+    if not names:
+        problems.append(f"no *.safetensors file in {files.name()}")
+    for name in names:
         try:
-            size = f.stat().st_size
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                if n <= 0 or 8 + n > size:
-                    raise ValueError(f"header length {n} exceeds file size {size}")
-                header = json.loads(fh.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            header, n, size = files.header(name)
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
             if 8 + n + end != size:
-                problems.append(f"{f.name}: truncated or padded ({size} bytes on disk, header describes {8 + n + end})")
+                problems.append(f"{name}: truncated or padded ({size} bytes stored, header describes {8 + n + end})")
                 continue
-            with safe_open(str(f), framework="numpy") as st:  # headers only; "numpy" keeps torch out of the daemon
-                for k in st.keys():
-                    sl = st.get_slice(k)
-                    inv[k] = (tuple(sl.get_shape()), str(sl.get_dtype()))
+            for k, v in tensors.items():
+                inv[k] = (tuple(int(x) for x in v["shape"]), str(v["dtype"]))
         except Exception as e:  # noqa: BLE001 - any unreadable file is a reason to reject
-            problems.append(f"{f.name}: unreadable safetensors ({e})")
+            problems.append(f"{name}: unreadable safetensors ({e})")
     return inv, problems
 
 
-def validate_checkpoint(candidate: str | Path, reference: str | Path) -> None:
+def validate_checkpoint(candidate: str | Path | CheckpointFiles, reference: str | Path | CheckpointFiles) -> None:
     """Reject a candidate before any server sees it: same config, every tensor, same shapes and dtypes."""
-    cand, ref = Path(candidate), Path(reference)
+    cand, ref = files_of(candidate), files_of(reference)
     problems: list[str] = []
     try:
-        c_cfg = json.loads((cand / "config.json").read_text())
-        r_cfg = json.loads((ref / "config.json").read_text())
+        c_raw, r_raw = cand.read("config.json"), ref.read("config.json")
+        if c_raw is None or r_raw is None:
+            raise OSError(f"no config.json in {(cand if c_raw is None else ref).name()}")
+        c_cfg, r_cfg = json.loads(c_raw), json.loads(r_raw)
         keys = (set(c_cfg) | set(r_cfg)) - _IGNORED_CONFIG_KEYS
         for k in sorted(keys):
             if c_cfg.get(k) != r_cfg.get(k):
@@ -218,7 +259,7 @@ def validate_checkpoint(candidate: str | Path, reference: str | Path) -> None:
             if c_inv[name] != r_inv[name]:
                 problems.append(f"tensor {name}: shape/dtype {c_inv[name]} != served {r_inv[name]}")
     if problems:
-        raise CheckpointError(str(cand), problems)
+        raise CheckpointError(cand.name(), problems)
 
 
 def validate_lora_adapter(adapter: str | Path, max_rank: int | None = None) -> None:

@@ -23,8 +23,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from connectors.object_store import ObjectFiles, ObjectStore, is_object_url
 from connectors.vllm import (
     CheckpointError,
+    CheckpointFiles,
+    LocalFiles,
     Replica,
     ServingConfig,
     ServingError,
@@ -170,6 +173,12 @@ class ReconcileRecord:
 
 # --------------------------------------------------------------------------- the controller
 
+
+def same_place(ref: str | Path) -> str:
+    """A checkpoint reference in one spelling: an s3:// URL as it is, a local path resolved."""
+    return str(ref).rstrip("/") if is_object_url(str(ref)) else str(Path(ref).resolve())
+
+
 DEFAULT_CONFIG = ServingConfig()  # frozen, so one instance serves every controller built without a config
 
 
@@ -187,8 +196,10 @@ class ServingController:
         state: ServingState | None = None,
         on_state: StateCallback | None = None,
         config: ServingConfig = DEFAULT_CONFIG,
+        store: ObjectStore | None = None,
     ):
         self.config = config
+        self.store = store  # where s3:// checkpoints are read (CPTD_CHECKPOINT_URL); None: local paths only
         self.replicas = [Replica(u, config) for u in urls]
         self.state = state or ServingState()
         for r in self.replicas:
@@ -199,6 +210,14 @@ class ServingController:
     def close(self) -> None:
         for r in self.replicas:
             r.close()
+
+    def files(self, ref: str | Path) -> CheckpointFiles:
+        """A checkpoint as the pre-swap checks read it: an s3:// URL on the object store, else a local directory."""
+        if is_object_url(str(ref)):
+            if self.store is None:
+                raise CheckpointError(str(ref), ["an s3:// checkpoint, but no object store is configured (CPTD_CHECKPOINT_URL)"])
+            return ObjectFiles(self.store, str(ref))
+        return LocalFiles(Path(ref))
 
     # --- state helpers ---------------------------------------------------------
     def _save(self) -> None:
@@ -347,7 +366,7 @@ class ServingController:
                     expect_fingerprint is None
                     and fp == old_fp
                     and rec.from_version is not None
-                    and Path(checkpoint).resolve() != Path(rs.checkpoint or "").resolve()
+                    and same_place(checkpoint) != same_place(rs.checkpoint or "")
                 ):
                     raise ServingError(r.url, "verify_checksum", "weight checksums unchanged after reload")
                 smoke = self._step(rec, r, "verify_smoke", lambda: r.complete(self.config.smoke_prompt, self.config.smoke_max_tokens))
@@ -400,11 +419,11 @@ class ServingController:
         ref = reference or (self.state.versions[prev].checkpoint if prev in self.state.versions else None)
         if ref is None:
             raise ValueError("no reference checkpoint: adopt() the serving checkpoint first or pass reference=")
-        validate_checkpoint(candidate, ref)
+        validate_checkpoint(self.files(candidate), self.files(ref))
 
     def deploy(self, checkpoint: str | Path, version: str, reference: str | Path | None = None) -> DeployRecord:
         """Swap every replica, one at a time; if any fails, every replica touched goes back."""
-        checkpoint = str(Path(checkpoint).resolve())
+        checkpoint = same_place(checkpoint)
         rec = DeployRecord(kind="deploy", version=version, checkpoint=checkpoint, started_at=time.time())
         prev = self.state.desired_version
         try:

@@ -60,10 +60,17 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # --- rounds and serving ---
     checkpoint_dir: Path = Field(
-        default=Path("/checkpoints"), description="CPTD_CHECKPOINT_DIR; round data and checkpoints, on a volume vLLM also mounts"
+        default=Path("/checkpoints"),
+        description="CPTD_CHECKPOINT_DIR; round data and checkpoints, on a volume vLLM also mounts (CPTD_CHECKPOINT_URL: scratch)",
     )
     base_checkpoint: Path | None = Field(
         default=None, description="CPTD_BASE_CHECKPOINT; what vLLM booted with (default CHECKPOINT_DIR/base)"
+    )
+    checkpoint_url: str | None = Field(
+        default=None,
+        description="CPTD_CHECKPOINT_URL; s3://bucket/prefix: the base (PREFIX/base), deployed candidates and main lines "
+        "(PREFIX/rounds/ID/...) on S3 or an S3-compatible store, which vLLM streams from; CHECKPOINT_DIR is then local "
+        "scratch. Endpoint and credentials: the AWS_* variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, ...)",
     )
     vllm_urls: str = Field(default="", description="CPTD_VLLM_URLS; comma-separated replica URLs")
     vllm_control_url: str | None = Field(
@@ -131,6 +138,24 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _checkpoint_url_supported(self) -> Settings:
+        if self.checkpoint_url is None:
+            return self
+        from connectors.object_store import split_url
+
+        split_url(self.checkpoint_url)  # an s3:// URL naming a bucket, or refused at start
+        if importlib.util.find_spec("boto3") is None:
+            raise ValueError("CPTD_CHECKPOINT_URL needs boto3, which is not installed here: pip install 'cptd[s3]'")
+        if self.base_checkpoint is not None:
+            raise ValueError("CPTD_BASE_CHECKPOINT with CPTD_CHECKPOINT_URL: the base is CHECKPOINT_URL/base; unset one of them")
+        if self.train_launcher == "kubernetes":
+            raise ValueError(
+                "CPTD_CHECKPOINT_URL with CPTD_TRAIN_LAUNCHER=kubernetes is not supported yet: the daemon stages checkpoints "
+                "in its own scratch, which a training pod does not see; use subprocess or torchrun:N"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _kafka_settings_fit_together(self) -> Settings:
         self.kafka()  # a SASL protocol without a mechanism or credentials, a cert without its key: refused at start, named
         return self
@@ -147,6 +172,12 @@ class Settings(BaseSettings):
     def base_checkpoint_path(self) -> Path:
         return self.base_checkpoint or self.checkpoint_dir / "base"
 
+    def base_checkpoint_ref(self) -> str:
+        """What vLLM booted with, as the serving state names it: CHECKPOINT_URL/base on object storage, else a path."""
+        if self.checkpoint_url is not None:
+            return self.checkpoint_url.rstrip("/") + "/base"
+        return str(self.base_checkpoint_path().resolve())
+
     def local_ranks(self) -> int | None:
         """Ranks a round trains on where the settings alone say it (subprocess: 1, torchrun:N: N); None for kubernetes,
         whose job template says it (PENDING reads it)."""
@@ -161,6 +192,16 @@ class Settings(BaseSettings):
             return (
                 f"train.cpu_offload: offloading is FSDP's, and CPTD_TRAIN_LAUNCHER={self.train_launcher} trains on one rank, "
                 "which is not sharded; use torchrun:N or kubernetes with several GPUs, or drop cpu_offload"
+            )
+        if self.checkpoint_url is not None and policy.train.mode != "full":
+            return (
+                f"train.mode {policy.train.mode} with CPTD_CHECKPOINT_URL: adapters are loaded by vLLM from a local path, "
+                "and checkpoints on object storage support full-weight rounds only; use train.mode full or a volume"
+            )
+        if self.checkpoint_url is not None and policy.collapse.detector:
+            return (
+                "collapse.detector with CPTD_CHECKPOINT_URL: the detector job loads the served model and the base from local "
+                "paths, which are not staged from object storage yet; turn the detector off or use a volume"
             )
         from policies.round_policy import is_harness_task
 

@@ -419,6 +419,7 @@ def round_disk_bytes(
     mainline: bool,
     data_bytes: int = 0,
     adapter_fraction: float = 1.0,
+    staged: bool = False,
 ) -> int:
     """What a round writes to the checkpoint volume at its peak, from the sizes the daemon measured.
 
@@ -428,13 +429,18 @@ def round_disk_bytes(
     their moments, `keep_checkpoints` - 1 older ones without, then `final/` (the weights) and, on the infinite
     schedule, `mainline/` (a resumable state that keeps its moments: the next round continues from it). An adapter
     round writes the same shape of files for its adapter only: `adapter_fraction` is the adapter's parameters over
-    the base's (about 2 r / hidden for square projections). `data_bytes` covers the round's data files.
+    the base's (about 2 r / hidden for square projections). `data_bytes` covers the round's data files. `staged`: checkpoints
+    on object storage, where the volume is local scratch that also holds the copies the trainer reads, the parent's
+    weights and, on the infinite schedule, the main line (the published candidate is uploaded from the round's own
+    files, so it costs no more scratch).
     """
     if parent_bytes < 0 or param_bytes <= 0 or keep_checkpoints < 1 or not 0 < adapter_fraction <= 1:
         raise ValueError(f"bad sizes: parent {parent_bytes} B, {param_bytes} B/param, keep {keep_checkpoints}, adapter {adapter_fraction}")
     weights, masters, moments = _checkpoint_parts(parent_bytes, param_bytes, mode, adapter_fraction)
     checkpoint = weights + masters + moments
     total = 2 * checkpoint + (keep_checkpoints - 1) * (weights + masters) + weights + (checkpoint if mainline else 0)
+    if staged:
+        total += parent_bytes + (checkpoint if mainline else 0)
     return math.ceil(total) + max(data_bytes, 0)
 
 

@@ -1,7 +1,7 @@
 """The Helm chart deploy/helm/cptd: it lints, renders objects valid against the Kubernetes schemas of two versions
 (and the custom resources against tests/custom_resource_schemas.py), and its values do what docs/kubernetes.md says:
-bring-your-own Kafka, Redis and vLLM replace the bundled ones, the launcher modes, monitoring, and object storage
-refused while cptd does not support it.
+bring-your-own Kafka, Redis and vLLM replace the bundled ones, the launcher modes, monitoring, and checkpoints on
+object storage (no volume; vLLM streams from the URL).
 
 Helm runs as a library: PyPI `helm-python-sdk` (dev extra) ships Helm's Go SDK compiled into its wheel, so rendering
 and linting need no helm binary and no network.
@@ -29,7 +29,21 @@ JOB_LAUNCHER = {
     "launcher": {"mode": "kubernetes"},
     "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}}, "prometheusRule": {"enabled": True}},
 }
-SCENARIOS = {"evaluation": EVALUATION, "job-launcher": JOB_LAUNCHER, "example": yaml.safe_load(EXAMPLE.read_text())}
+OBJECT_STORAGE = {
+    **EVALUATION,
+    "storage": {
+        "objectStorage": {
+            "enabled": True, "url": "s3://models/cptd/", "endpoint": "https://storage.googleapis.com", "region": "auto",
+            "credentialsSecret": "gcs-hmac", "scratchSize": "50Gi",
+        }
+    },
+}  # fmt: skip
+SCENARIOS = {
+    "evaluation": EVALUATION,
+    "job-launcher": JOB_LAUNCHER,
+    "object-storage": OBJECT_STORAGE,
+    "example": yaml.safe_load(EXAMPLE.read_text()),
+}
 _RENDERED: dict[str, list[dict]] = {}
 
 
@@ -86,7 +100,8 @@ def test_every_pod_is_restricted_and_every_reference_resolves(scenario):
     for name, spec in pod_specs(docs).items():
         assert spec["securityContext"]["runAsNonRoot"] is True, name
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
-        assert spec.get("automountServiceAccountToken") is (name == "Deployment/cptd-daemon" and scenario != "evaluation"), name
+        job_launcher = scenario in ("job-launcher", "example")  # only the Job launcher's daemon talks to the API server
+        assert spec.get("automountServiceAccountToken") is (name == "Deployment/cptd-daemon" and job_launcher), name
         if spec.get("serviceAccountName"):
             assert spec["serviceAccountName"] in sas, name
         for c in spec["containers"]:
@@ -247,7 +262,8 @@ def test_launcher_modes():
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({**EVALUATION, "storage": {"objectStorage": {"enabled": True, "url": "s3://b/p"}}}, "not supported by this cptd version"),
+        ({**JOB_LAUNCHER, "storage": {"objectStorage": {"enabled": True, "url": "s3://b/p"}}}, "launcher.mode kubernetes is not supported"),
+        ({**EVALUATION, "storage": {"objectStorage": {"enabled": True}}}, "storage.objectStorage.url is empty"),
         ({}, "kafka.bootstrap is empty"),
         ({"kafka": {"bootstrap": "k:9092", "securityProtocol": "SASL_SSL"}}, "needs kafka.sasl.mechanism"),
         ({**EVALUATION, "redis": {"bundled": {"enabled": False}}}, "redis.url is empty"),
@@ -261,6 +277,27 @@ def test_values_the_daemon_cannot_run_are_refused_by_name(values, message):
 
     with pytest.raises(helm_python.HelmError, match=re.escape(message)):
         render_chart(values)
+
+
+def test_object_storage_values_replace_the_volume_with_the_url():
+    docs = rendered("object-storage")
+    assert "PersistentVolumeClaim" not in {d["kind"] for d in docs}, "no volume with checkpoints on object storage"
+    env = daemon_env(docs)
+    assert env["CPTD_CHECKPOINT_URL"]["value"] == "s3://models/cptd/" and env["CPTD_CHECKPOINT_DIR"]["value"] == "/checkpoints"
+    assert env["AWS_ENDPOINT_URL"]["value"] == "https://storage.googleapis.com" and env["AWS_REGION"]["value"] == "auto"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "gcs-hmac", "key": key}
+    daemon_pod = by_kind(docs, "Deployment")["cptd-daemon"]["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in daemon_pod["volumes"]}["checkpoints"] == {"name": "checkpoints", "emptyDir": {"sizeLimit": "50Gi"}}
+    vllm = by_kind(docs, "Deployment")["cptd-vllm"]["spec"]["template"]["spec"]
+    engine = vllm["containers"][0]
+    engine_env = {e["name"]: e for e in engine["env"]}
+    assert "--load-format=runai_streamer" in engine["args"] and engine_env["CPTD_SERVING_MODEL"]["value"] == "s3://models/cptd/base"
+    assert engine_env["AWS_ENDPOINT_URL"] == env["AWS_ENDPOINT_URL"] and engine_env["AWS_SECRET_ACCESS_KEY"] == env["AWS_SECRET_ACCESS_KEY"]
+    assert "checkpoints" not in {m["name"] for m in engine["volumeMounts"]} | {v["name"] for v in vllm["volumes"]}
+    # The volume install is unchanged: a PVC, no URL, vLLM from /checkpoints/base.
+    plain = rendered("evaluation")
+    assert "CPTD_CHECKPOINT_URL" not in daemon_env(plain) and "PersistentVolumeClaim" in {d["kind"] for d in plain}
 
 
 def test_tracking_values_set_the_mlflow_settings_and_the_token_comes_from_the_secret():

@@ -141,8 +141,8 @@ def test_installs_come_from_the_locks_and_the_locks_cover_every_requirement():
     ignored = {"cptd", "pip", "setuptools", "wheel"}
     # This venv is the lock, exactly: a dependency added without `make lock` shows here, named.
     assert {n: v for n, v in here.items() if n not in ignored} == cpu
-    # The image's lock pins all that cptd[train,launcher,harness] pulls in, at the suite's versions where shared.
-    missing = closure(("train", "launcher", "harness")) - set(image) - {"cptd"}
+    # The image's lock pins all that cptd[train,launcher,harness,s3] pulls in, at the suite's versions where shared.
+    missing = closure(("train", "launcher", "harness", "s3")) - set(image) - {"cptd"}
     assert not missing, f"constraints/image.lock lacks {sorted(missing)}: run make lock"
     differ = {n: (v, cpu[n]) for n, v in image.items() if n in cpu and n not in ("torch", "triton") and v != cpu[n]}
     assert not differ, f"the image would run other versions than the suite: {differ}"

@@ -28,6 +28,7 @@ from connectors.kubernetes_jobs import (
     KubernetesLauncher,
     KubernetesLaunchError,
     WorkloadSpec,
+    _model,
     job_manifest,
     service_manifest,
     template_shape,
@@ -208,8 +209,8 @@ def test_created_objects_validate_against_kubernetes_schema(nodes, version):
         kubernetes_validate.validate(obj, version, strict=True)
     # the official client's model gives back exactly what we built (nothing dropped on the way to the API)
     api = k8s.ApiClient()
-    assert api.sanitize_for_serialization(k8s.V1Job.from_dict(job)) == job
-    assert api.sanitize_for_serialization(k8s.V1Service.from_dict(svc)) == svc
+    assert api.sanitize_for_serialization(_model(k8s.V1Job, job)) == job
+    assert api.sanitize_for_serialization(_model(k8s.V1Service, svc)) == svc
 
 
 def test_job_shape_indexed_one_pod_per_node_with_static_rendezvous():

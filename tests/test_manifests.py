@@ -77,7 +77,7 @@ def test_dockerfile_final_stage_is_nonroot_cuda_runtime_with_healthcheck():
     assert 'CMD ["run", "--policy", "/etc/cptd/policy.yaml"]' in final_text
     # torch pinned to the CUDA build that matches the base; the train extra; no vllm.
     assert re.search(r"ARG TORCH_VERSION=\d+\.\d+\.\d+", text)
-    assert "ARG EXTRAS=train,launcher" in text and '".[${EXTRAS}]"' in text and "vllm" not in re.sub(r"#.*", "", text)
+    assert "ARG EXTRAS=train,launcher,s3" in text and '".[${EXTRAS}]"' in text and "vllm" not in re.sub(r"#.*", "", text)
     dockerignore = (ROOT / ".dockerignore").read_text()
     assert dockerignore.splitlines()[1] == "*", ".dockerignore must exclude everything but what the build copies"
 

@@ -112,6 +112,7 @@ def test_8b_plan_on_8_ranks_is_what_the_shapes_say(tmp_path):
     assert r.host_export_rank0 == 2 * unit // ranks
     assert r.checkpoint_bytes == 14 * n and r.final_bytes == 2 * n
     assert r.round_held_bytes == r.checkpoint_bytes + r.final_bytes  # one checkpoint over the plan's steps
+    assert r.staged_bytes == r.published_bytes == r.final_bytes  # object storage: the parent staged, the candidate uploaded
     assert all("at load" not in why for why in r.refusals)  # 3.7 GiB per GPU at load, 24 GiB declared
     assert all("volume" not in why for why in r.refusals)  # 120 GB held, 500 GiB declared
 

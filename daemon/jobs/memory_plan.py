@@ -284,6 +284,8 @@ def storage_figures(spec: PlanSpec, m: dict[str, Any]) -> dict[str, int]:
         "final_bytes": weights_out,
         "round_written_bytes": n_ckpt * ckpt + mainline + weights_out,
         "round_held_bytes": ckpt + (min(n_ckpt, tp.keep_checkpoints) - 1) * older + mainline + weights_out,
+        "staged_bytes": weights_out + mainline,  # the parent is in the dtype the candidate is written in
+        "published_bytes": weights_out + mainline,
         "checkpoints_per_round": n_ckpt,
         "steps": steps,
     }
@@ -393,6 +395,10 @@ def table(spec: PlanSpec, r: PlanResult) -> str:
         f"  written per round                  {g(r.round_written_bytes)}   "
         f"({r.checkpoints_per_round} checkpoint(s) over {r.steps} steps, and the candidate)",
         f"  held at once by a round            {g(r.round_held_bytes)}   (optimizer state in the newest checkpoint only)",
+        "object storage (GiB, CPTD_CHECKPOINT_URL)",
+        f"  staged in scratch besides that     {g(r.staged_bytes)}   (the parent"
+        + (" and the main line)" if r.staged_bytes > r.final_bytes else ")"),
+        f"  uploaded per accepted round        {g(r.published_bytes)}",
     ]
     if r.rss_delta is not None:
         rows.append(f"measured    resident set growth over the step {g(r.rss_delta)} GiB")

@@ -464,6 +464,10 @@ class PlanResult(BaseModel):
     final_bytes: int  # the candidate, in the parent's dtype
     round_written_bytes: int
     round_held_bytes: int  # the newest keep_checkpoints checkpoints, the main line and the candidate at once
+    # on object storage (CPTD_CHECKPOINT_URL): what scratch holds besides round_held_bytes (the staged parent and main
+    # line), and what an accepted round uploads (the candidate and main line)
+    staged_bytes: int = 0
+    published_bytes: int = 0
     checkpoints_per_round: int
     steps: int
     refusals: list[str] = Field(default_factory=list)  # why this round does not fit what was declared; empty: fits

@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from connectors.object_store import ObjectStore
 from connectors.redis_store import Fence, RedisStore
 from connectors.vllm import ServingError
 from daemon import failpoints, round_tracking, round_webhook
@@ -119,6 +120,7 @@ class RoundContext:
     launcher: Launcher | None = None  # the job running now
     reconcile_due: bool = False  # a DEPLOYING error may have left replicas on different versions: reconcile first
     tracking: round_tracking.RoundTracking | None = None  # the export of ended rounds (CPTD_MLFLOW_TRACKING_URI), made at first use
+    objects: ObjectStore | None = None  # checkpoints on object storage (CPTD_CHECKPOINT_URL), made at first use: rounds/staging.py
 
     # ------------------------------------------------------------------ the record
     def fenced(self) -> Fence:

@@ -27,6 +27,7 @@ from daemon import metrics as M
 from daemon.job_launchers import Job
 from daemon.jobs.specs import DriftSpec, read_texts
 from daemon.round_record import RoundRecord
+from daemon.rounds import staging
 from daemon.rounds.context import Cancelled, RoundContext, RoundFailed, Stop, write_texts
 from policies.drift import DriftPolicy, DriftStats, drift_score, measured_stats, probe_sample
 
@@ -102,7 +103,7 @@ def measure_for_round(ctx: RoundContext, rec: RoundRecord, new: Path, ref: Path)
         return served
     directory = ctx.round_dir(rec.id)
     spec = DriftSpec(
-        model=parent,
+        model=staging.local_copy(ctx, parent),
         new_path=str(new),
         ref_path=str(ref),
         out=str(directory / "drift.json"),
@@ -142,7 +143,7 @@ def probe_serving(ctx: RoundContext, busy: bool) -> float | None:
     if stats is not None:
         return record_probe(stats, policy.drift)
     spec = DriftSpec(
-        model=known.checkpoint,
+        model=staging.local_copy(ctx, known.checkpoint),
         new_path=str(directory / "new.jsonl"),
         ref_path=str(directory / "ref.jsonl"),
         out=str(directory / "drift.json"),

@@ -20,6 +20,7 @@ from daemon import metrics as M
 from daemon.job_launchers import Job, JsonlFollower
 from daemon.jobs.specs import EvalReport, EvalSpec, drop_optimizer_state
 from daemon.round_record import CandidateScores, EvalProgress, EvalSummary, GateRecord, ModelLosses, RoundRecord, RoundState
+from daemon.rounds import staging
 from daemon.rounds.approval import after_gate
 from daemon.rounds.context import RoundContext
 from daemon.rounds.document_fate import release
@@ -40,7 +41,7 @@ def evaluating(ctx: RoundContext, rec: RoundRecord) -> None:
     spec = EvalSpec(
         round_id=rec.id,
         # lora/qlora: what clients get now (the served base + the active adapter) vs each adapter on that base
-        serving=(rec.parent.adapter_path or rec.parent.checkpoint) if adapters else rec.parent.checkpoint,
+        serving=(rec.parent.adapter_path or rec.parent.checkpoint) if adapters else staging.local_copy(ctx, rec.parent.checkpoint),
         base=rec.parent.checkpoint if adapters else None,
         device=policy.train.device,
         dtype=ctx.served_dtype(),
@@ -90,6 +91,10 @@ def evaluating(ctx: RoundContext, rec: RoundRecord) -> None:
         return
     assert decision.chosen is not None  # an accepting gate names its checkpoint
     rec.candidate = dict(candidates)[decision.chosen]
+    if ctx.settings.checkpoint_url is not None:  # what the deploy, a rollback and the next round read: on the store
+        rec.candidate = staging.publish(ctx, rec.id, rec.candidate, "candidate")
+        if rec.train.result.mainline:
+            staging.publish(ctx, rec.id, rec.train.result.mainline, "mainline")
     after_gate(ctx, rec)  # deploy.mode: DEPLOYING, AWAITING_APPROVAL, or SHADOWED
 
 

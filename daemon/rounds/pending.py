@@ -6,9 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
+from connectors.object_store import is_object_url, join
 from daemon.job_launchers import Job
 from daemon.jobs.specs import DeviceCheckSpec
 from daemon.round_record import RoundRecord, RoundState
+from daemon.rounds import staging
 from daemon.rounds.context import Cancelled, RoundContext, RoundFailed
 from daemon.rounds.memory_fit import memory_refusal
 from policies.config import Policy
@@ -34,9 +36,7 @@ def space_refusal(ctx: RoundContext, policy: Policy, rec: RoundRecord) -> str | 
     free = shutil.disk_usage(ctx.settings.checkpoint_dir).free
     if policy.rounds.min_free_gb is not None:
         return disk_refusal(free, round(policy.rounds.min_free_gb * GB))
-    parent = Path(rec.parent.checkpoint) if rec.parent.checkpoint else None
-    weights = sum(f.stat().st_size for f in parent.glob("*.safetensors")) if parent and parent.is_dir() else 0
-    config = json.loads((parent / "config.json").read_text()) if parent and (parent / "config.json").is_file() else {}
+    weights, config = parent_size(ctx, rec.parent.checkpoint)
     hidden = config.get("hidden_size") or 0
     needed = round_disk_bytes(
         parent_bytes=weights,
@@ -46,8 +46,24 @@ def space_refusal(ctx: RoundContext, policy: Policy, rec: RoundRecord) -> str | 
         mainline=policy.schedule.kind == "infinite",
         data_bytes=3 * round(policy.rounds.budget_tokens * policy.rounds.bytes_per_token),  # new + held out + replay files
         adapter_fraction=min(1.0, 2 * policy.train.lora_r / hidden) if hidden else 1.0,
+        staged=ctx.settings.checkpoint_url is not None,
     )
     return disk_refusal(free, needed)
+
+
+def parent_size(ctx: RoundContext, ref: str | None) -> tuple[int, dict]:
+    """The parent's safetensors bytes and its config.json, from the volume or from object storage (a listing and
+    one small read: nothing is downloaded to size a round)."""
+    if ref and is_object_url(ref):
+        store = staging.objects(ctx)
+        assert store is not None
+        weights = sum(n for rel, n in store.objects(ref) if "/" not in rel and rel.endswith(".safetensors"))
+        raw = store.read(join(ref, "config.json")) if store.size(join(ref, "config.json")) is not None else b"{}"
+        return weights, json.loads(raw)
+    parent = Path(ref) if ref else None
+    weights = sum(f.stat().st_size for f in parent.glob("*.safetensors")) if parent and parent.is_dir() else 0
+    config = json.loads((parent / "config.json").read_text()) if parent and (parent / "config.json").is_file() else {}
+    return weights, config
 
 
 def refusal_of(ctx: RoundContext, policy: Policy, rec: RoundRecord) -> str | None:

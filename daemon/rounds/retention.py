@@ -3,7 +3,8 @@
 `tidy` runs at every terminal state (DEPLOYED, REJECTED, FAILED, ROLLED_BACK, SHADOWED, the operator's rollback
 included), with the policy in force, so lowering a cap frees space at the next round's end:
 
-* round directories: the newest `rounds.keep_rounds` finished ones stay, whatever their end state (a failed or
+* round directories (and, on object storage, the round's objects under CHECKPOINT_URL/rounds/ID/, listed and
+  deleted by prefix): the newest `rounds.keep_rounds` finished ones stay, whatever their end state (a failed or
   rejected round's directory holds its logs and eval report, which is what an operator reads about it; its
   weights are useless, but the newest few are the ones asked about). Never deleted: an unfinished round's, the
   live version's, its rollback target's, any version a replica reports, a round whose adapter is still loaded or
@@ -33,6 +34,7 @@ from typing import Any
 
 from connectors.redis_store import Fenced, round_number
 from daemon.round_record import TERMINAL, RoundRecord
+from daemon.rounds import staging
 from daemon.rounds.context import RoundContext, Stop, write_atomic
 from policies.round_policy import prune_rounds
 
@@ -81,13 +83,18 @@ def prune_directories(ctx: RoundContext, keep: int) -> list[str]:
     if ctx.serving is None:  # not knowing what is served, nothing can be called safe to delete
         return []
     root = ctx.settings.checkpoint_dir / "rounds"
-    ids = sorted((p.name for p in root.iterdir() if p.is_dir()), key=round_number) if root.is_dir() else []
+    local = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+    stored = set(staging.stored_rounds(ctx))  # on object storage: the rounds with published objects too
+    ids = sorted(local | stored, key=round_number)
     finished = [rid for rid, raw in zip(ids, ctx.store.get_rounds(ids), strict=True) if ended(ctx, rid, raw)]
     gone = prune_rounds(finished, protected(ctx), keep)
     for rid in gone:
         shutil.rmtree(root / rid, ignore_errors=True)
+        objects = staging.delete_round(ctx, rid) if rid in stored else 0
         ctx.serving.state.versions.pop(rid, None)  # no rollback to a version whose files are gone
-        log.info("pruned round directory", extra={"round_id": rid})
+        log.info("pruned round directory", extra={"round_id": rid, "objects_deleted": objects})
+    if ctx.settings.checkpoint_url is not None:  # staged copies of versions no longer kept leave scratch
+        staging.drop_stale_cache(ctx, {v.checkpoint for v in ctx.serving.state.versions.values()})
     return gone
 
 

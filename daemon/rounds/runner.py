@@ -30,7 +30,7 @@ from daemon import failpoints, redis_loss
 from daemon import metrics as M
 from daemon.replica_discovery import ReplicaDiscovery, Resolver, resolve_addresses
 from daemon.round_record import TERMINAL, Parent, PhaseTimes, RollbackResult, RoundRecord, RoundState, Trigger
-from daemon.rounds import deploying, drift_measure, serving_upkeep
+from daemon.rounds import deploying, drift_measure, serving_upkeep, staging
 from daemon.rounds.context import BASE_VERSION, RoundContext, Stop
 from daemon.rounds.state_machine import drive
 from daemon.serving import ServingController, ServingState
@@ -223,9 +223,9 @@ class RoundRunner:
             api_key=s.vllm_api_key.get_secret_value() if s.vllm_api_key else None,
             ca_file=str(s.vllm_ca_file) if s.vllm_ca_file else None,
         )
-        ctx.serving = ServingController(self.discovery.urls, state, on_state=self.save_serving, config=config)
+        ctx.serving = ServingController(self.discovery.urls, state, on_state=self.save_serving, config=config, store=staging.objects(ctx))
         if state.desired_version is None:
-            base = str(s.base_checkpoint_path().resolve())
+            base = s.base_checkpoint_ref()
             ctx.serving.adopt(base, BASE_VERSION)
             log.info("adopted the serving model", extra={"checkpoint": base, "version": BASE_VERSION})
         else:

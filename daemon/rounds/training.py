@@ -17,6 +17,7 @@ from daemon import metrics as M
 from daemon.job_launchers import Job, JsonlFollower
 from daemon.jobs.specs import TrainEval, TrainResult, TrainSpec
 from daemon.round_record import RoundRecord, RoundState, TrainRecord
+from daemon.rounds import staging
 from daemon.rounds.context import BASE_VERSION, RoundContext, RoundFailed
 
 
@@ -26,6 +27,7 @@ def training(ctx: RoundContext, rec: RoundRecord) -> None:
         rec.train = TrainRecord(spec=spec, spec_digest=spec.digest(), out_dir=spec.out_dir, launcher=ctx.settings.train_launcher)
         ctx.put(rec)
     train = rec.train
+    stage_inputs(ctx, rec)
     directory = ctx.round_dir(rec.id)
     job = Job(train.spec, directory / "train-spec.json", directory / "train.log", round_id=rec.id)
     follow = ProgressRecorder(ctx, rec)
@@ -42,16 +44,12 @@ def train_spec(ctx: RoundContext, rec: RoundRecord) -> TrainSpec:
     policy = ctx.policy_of(rec)
     directory = ctx.round_dir(rec.id)
     seed = int(hashlib.sha256(f"{policy.train.seed}:{rec.id}".encode()).hexdigest()[:8], 16)
-    mainline = None
-    if policy.schedule.kind == "infinite" and rec.parent.version not in (None, BASE_VERSION):
-        previous = ctx.get_round(rec.parent.version)
-        result = previous.train.result if previous and previous.train else None
-        mainline = result.mainline if result else None
+    mainline = mainline_of(ctx, rec)
     parent = rec.parent.checkpoint  # lora/qlora: the base vLLM serves, which the adapter goes on
     if parent is None:
         raise RoundFailed("TRAINING: the serving version has no known checkpoint to train from")
     return TrainSpec(
-        parent_dir=parent,
+        parent_dir=staging.local_copy(ctx, parent),
         out_dir=str(directory / "train"),
         new_path=str(directory / "data/new.jsonl"),
         replay_path=str(directory / "data/replay.jsonl"),
@@ -60,13 +58,36 @@ def train_spec(ctx: RoundContext, rec: RoundRecord) -> TrainSpec:
         replay_ratio=rec.replay_ratio or 0.0,
         schedule=rec.schedule or policy.schedule,
         train=policy.train,
-        mainline_in=mainline,
+        mainline_in=staging.local_copy(ctx, mainline) if mainline else None,
         adapter_in=rec.parent.adapter_path if policy.train.mode != "full" else None,
         data_seed=seed,
         init_seed=seed + 1,
         round_id=rec.id,
         cpu_threads=ctx.settings.train_cpu_threads,
     )
+
+
+def mainline_of(ctx: RoundContext, rec: RoundRecord) -> str | None:
+    """The infinite schedule's main line the round continues: the parent round's (its published copy on object
+    storage); None on other schedules or from the base."""
+    if ctx.policy_of(rec).schedule.kind != "infinite" or rec.parent.version in (None, BASE_VERSION):
+        return None
+    if ctx.settings.checkpoint_url is not None:
+        return staging.published_mainline(ctx, rec.parent.version)
+    previous = ctx.get_round(rec.parent.version)
+    result = previous.train.result if previous and previous.train else None
+    return result.mainline if result else None
+
+
+def stage_inputs(ctx: RoundContext, rec: RoundRecord) -> None:
+    """On object storage: the parent and main line in scratch again (a restarted pod's scratch is empty); the
+    spec names their staged paths, which depend only on their URLs."""
+    if ctx.settings.checkpoint_url is None or rec.parent.checkpoint is None:
+        return
+    staging.local_copy(ctx, rec.parent.checkpoint)
+    mainline = mainline_of(ctx, rec)
+    if mainline:
+        staging.local_copy(ctx, mainline)
 
 
 class ProgressRecorder:

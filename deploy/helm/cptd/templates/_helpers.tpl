@@ -44,6 +44,26 @@ capabilities:
   drop: ["ALL"]
 {{- end -}}
 
+{{/* The AWS variables boto3 (the daemon) and the Run:ai streamer (vLLM) both read, for storage.objectStorage. */}}
+{{- define "cptd.objectStorageEnv" -}}
+{{- $o := .Values.storage.objectStorage -}}
+{{- with $o.endpoint }}
+- {name: AWS_ENDPOINT_URL, value: {{ . | quote }}}
+- {name: RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING, value: "0"}
+{{- end }}
+{{- with $o.region }}
+- {name: AWS_REGION, value: {{ . | quote }}}
+{{- end }}
+{{- if $o.credentialsSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef: {name: {{ $o.credentialsSecret }}, key: AWS_ACCESS_KEY_ID}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ $o.credentialsSecret }}, key: AWS_SECRET_ACCESS_KEY}
+{{- end }}
+{{- end -}}
+
 {{- define "cptd.checkpointsClaim" -}}
 {{- default (printf "%s-checkpoints" (include "cptd.fullname" .)) .Values.storage.checkpoints.existingClaim -}}
 {{- end -}}
@@ -52,7 +72,12 @@ capabilities:
    misspelled keys, wrong types and unknown enum values). */}}
 {{- define "cptd.validate" -}}
 {{- if .Values.storage.objectStorage.enabled -}}
-{{- fail "storage.objectStorage: checkpoints on object storage are not supported by this cptd version (issue 25, item 2); use storage.checkpoints (a ReadWriteMany volume)" -}}
+{{- if not .Values.storage.objectStorage.url -}}
+{{- fail "storage.objectStorage.url is empty: set s3://bucket/prefix (the base checkpoint at PREFIX/base)" -}}
+{{- end -}}
+{{- if eq .Values.launcher.mode "kubernetes" -}}
+{{- fail "storage.objectStorage with launcher.mode kubernetes is not supported: the daemon stages checkpoints in its own scratch, which a training pod does not see; use launcher.mode inPod" -}}
+{{- end -}}
 {{- end -}}
 {{- if and (not .Values.kafka.bootstrap) (not .Values.kafka.bundled.enabled) -}}
 {{- fail "kafka.bootstrap is empty: set your Kafka's bootstrap (host:port) or kafka.bundled.enabled=true" -}}
