@@ -2,14 +2,18 @@
 
 The judge is the tiny test Llama (tests/vllm_fixtures.py, the server without LoRA the scoring tests share). It knows
 nothing about quality, so these tests check the plumbing, not the judgement: with guided decoding its answers follow
-the schema and every document is rated; without it the model writes token salad (`invalid_output`); with a timeout
-shorter than any answer every request times out, and the rest are given up. Each time the round goes on, takes
+the schema and every document is rated; without it the model writes token salad (`invalid_output`). A judge that
+takes connections and never answers (a hung server: a listening socket, `silent_judge`) times every request out, and
+the rest are given up. (A timeout shorter than vLLM's answers is not a slow judge under load: a thread descheduled
+past the answer reads it at once, and the request succeeds.) Each time the round goes on, takes
 documents, and its record counts the rated and the unrated by reason.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,6 +55,15 @@ def rater(url: str, **kw) -> dict:
         "concurrency": 2,
         **kw,
     }
+
+
+@pytest.fixture
+def silent_judge() -> Iterator[str]:
+    """A server that accepts connections and never answers: the judge that hangs."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(64)  # the kernel completes the handshakes; nobody reads or writes
+        yield f"http://127.0.0.1:{srv.getsockname()[1]}"
 
 
 def buffer(store: RedisStore) -> list[str]:
@@ -122,21 +135,21 @@ def test_a_judge_writing_garbage_leaves_the_round_unrated_and_going(redis_client
     assert rec.curation is not None and rec.curation.waiting == {"budget": DOCS - len(manifest)}
 
 
-def test_a_judge_too_slow_times_out_and_the_documents_wait(redis_client, tmp_path, vllm_plain_server):
-    """timeout_s shorter than any answer: the first requests time out, the rest are given up; on_error: wait keeps every
+def test_a_judge_too_slow_times_out_and_the_documents_wait(redis_client, tmp_path, silent_judge):
+    """A judge that never answers within timeout_s: the first requests time out, the rest are given up; on_error: wait keeps every
     document in the buffer (no pass counted), and the round, with nothing to take, fails SNAPSHOT without dropping any."""
     from daemon.rounds.context import RoundFailed
 
     with pytest.raises(RoundFailed, match="unrated"):
-        run_snapshot(redis_client, tmp_path, {"select": "top_k", "rater": rater(vllm_plain_server.url, timeout_s=0.001, on_error="wait")})
+        run_snapshot(redis_client, tmp_path, {"select": "top_k", "rater": rater(silent_judge, timeout_s=0.2, on_error="wait")})
     decision_file = tmp_path / "rounds" / "r00001" / "data" / "curation.json"
     assert not decision_file.exists()  # nothing decided, nothing moved
     store = RedisStore(redis_client, tmp_path.name)
     assert redis_client.zcard(store.k_buffer) == DOCS and redis_client.hlen(store.k_passes) == 0
 
 
-def test_a_slow_judge_under_on_error_unrated_records_timeouts_and_abandoned(tmp_path, vllm_plain_server):
-    policy = RaterPolicy(**rater(vllm_plain_server.url, timeout_s=0.001))
+def test_a_slow_judge_under_on_error_unrated_records_timeouts_and_abandoned(tmp_path, silent_judge):
+    policy = RaterPolicy(**rater(silent_judge, timeout_s=0.2))
     ctx = job_context(Settings(checkpoint_dir=tmp_path), CancelFlag())
     out = judge_pool(ctx, policy, "r00001", [_doc(i) for i in range(DOCS)])
     reasons = list(out.unrated.values())
