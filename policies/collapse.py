@@ -86,6 +86,18 @@ class CollapsePolicy(Section):
     echo_window_share: float = Field(
         default=0.25, gt=0, le=1, description="echo when this share of one window of the document is in one completion"
     )
+    echo_dense_words: int = Field(
+        default=200,
+        ge=0,
+        description="completions and documents of at most this many words are also sampled 1 in echo_dense_sample_every "
+        "(a short completion rewritten keeps too few of its 1-in-echo_sample_every shingles); 0: off",
+    )
+    echo_dense_sample_every: int = Field(
+        default=1, ge=1, le=64, description="1 in this many shingles (by hash value) of a short text is indexed and looked up"
+    )
+    echo_dense_min_shared: int = Field(
+        default=12, ge=1, description="least distinct shingles of both samples a short document must share with a short completion"
+    )
     synthetic_cap: float = Field(
         default=0.15, ge=0, le=1, description="most share of a round's new tokens that may be synthetic or suspected (10-20% is safe)"
     )
@@ -113,6 +125,8 @@ class CollapsePolicy(Section):
         bad = [c for c in self.replay_admits if c not in PROVENANCE_CLASSES]
         if bad:
             raise ValueError(f"replay_admits: unknown provenance classes {bad} (allowed: {list(PROVENANCE_CLASSES)})")
+        if self.echo_sample_every % self.echo_dense_sample_every:
+            raise ValueError("echo_dense_sample_every must divide echo_sample_every (the dense sample holds the sparse one)")
         return self
 
     @property

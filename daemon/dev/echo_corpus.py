@@ -99,14 +99,15 @@ def _embed(completion: str, host: str, rng: random.Random) -> str:
     return "\n\n".join([*paras[:at], completion, *paras[at:]])
 
 
-def echo_cases(domain: str, n_completions: int, n_human: int, seed: int = 0) -> EchoCases:
-    """Completions from even-numbered sources, human documents (and embedding hosts) from odd-numbered ones."""
+def echo_cases(domain: str, n_completions: int, n_human: int, seed: int = 0, words: tuple[int, int] = (100, 300)) -> EchoCases:
+    """Completions from even-numbered sources, of `words` words (the demo model's real ones: 50 to 150), human
+    documents (and embedding hosts) from odd-numbered ones."""
     rng = random.Random(seed)
     sources = _sources(domain)
     model_side = [s for s in sources[0::2] if s]
     seen = {g for paras in model_side for p in paras for g in _grams(p)}
     human_side = [s for s in (_not_copied(s, seen) for s in sources[1::2]) if s]
-    completions = [_passage(rng, model_side, rng.randint(100, 300)) for _ in range(n_completions)]
+    completions = [_passage(rng, model_side, rng.randint(*words)) for _ in range(n_completions)]
     human = [_passage(rng, human_side, rng.choice([60, 150, 300, 600, 600, 1200])) for _ in range(n_human)]
     vocab = [w for paras in human_side[:50] for p in paras for w in p.split()]  # replacements from the domain
     hosts = [_passage(rng, human_side, 700) for _ in completions]
