@@ -86,6 +86,16 @@ class CollapsePolicy(Section):
     echo_window_share: float = Field(
         default=0.25, gt=0, le=1, description="echo when this share of one window of the document is in one completion"
     )
+    echo_candidates: int = Field(
+        default=3,
+        ge=1,
+        le=64,
+        description="completions per document, named by the most of its sample keys, whose index entries are read to count "
+        "what each shares with it (a key several completions share names only the latest)",
+    )
+    echo_candidate_hits: int = Field(
+        default=3, ge=1, description="least distinct sample keys of a document that must name a completion for it to be a candidate"
+    )
     echo_dense_words: int = Field(
         default=200,
         ge=0,

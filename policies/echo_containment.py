@@ -33,7 +33,8 @@ long completion cost what they did.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,8 +110,9 @@ class SampleSize:
     dense: int = 0  # `d` keys: a short completion's further sample
 
 
-def shingle_count(entry: Sequence[str]) -> SampleSize:
-    return SampleSize(sum(k.startswith(SHINGLE_PREFIX) for k in entry), sum(k.startswith(DENSE_PREFIX) for k in entry))
+def shingle_count(entry: Iterable[str]) -> SampleSize:
+    heads = Counter(k[:1] for k in entry)
+    return SampleSize(heads[SHINGLE_PREFIX], heads[DENSE_PREFIX])
 
 
 def _best_window(positions: list[int], length: int, window: int) -> int:
@@ -126,18 +128,16 @@ def _best_window(positions: list[int], length: int, window: int) -> int:
 
 
 def containment_candidates(shingles: Sequence[str], found: Sequence[str | None], policy: CollapsePolicy) -> list[str]:
-    """Completions sharing at least `echo_min_shared` distinct `c` keys with the document, or `echo_dense_min_shared`
-    distinct keys of both samples, most shared first: the only ones whose size the verdict needs."""
+    """The `echo_candidates` completions named by the most distinct sample keys of the document, at least
+    `echo_candidate_hits` of them: the only ones whose entries the verdict reads. A key several completions share
+    (a served model repeats itself) names only the latest, so the true source of a rewritten completion may be named
+    by few of its keys, a near-copy of it by more; the verdict counts what each candidate shares from its entry."""
     distinct: dict[str, set[str]] = {}
     for s, c in zip(shingles, found, strict=True):
         if c is not None:
             distinct.setdefault(c, set()).add(s)
     ranked = sorted(distinct.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-    return [
-        c
-        for c, ss in ranked
-        if sum(s.startswith(SHINGLE_PREFIX) for s in ss) >= policy.echo_min_shared or len(ss) >= policy.echo_dense_min_shared
-    ]
+    return [c for c, ss in ranked[: policy.echo_candidates] if len(ss) >= policy.echo_candidate_hits]
 
 
 def _contains(keys: Sequence[str], hits: list[bool], size: int, min_shared: int, window: int, policy: CollapsePolicy) -> bool:
@@ -157,17 +157,17 @@ def echo_verdict(
     band_found: Sequence[str | None],
     shingles: Sequence[str],
     found: Sequence[str | None],
-    sizes: Mapping[str, SampleSize],
+    entries: Mapping[str, Collection[str]],
     policy: CollapsePolicy,
 ) -> str | None:
     """The completion a document echoes, or None.
 
     `band_found`: per band key of the document, the completion indexed under it; `shingles`/`found`: the document's
-    sample keys and the completion indexed under each; `sizes`: sample keys per candidate completion
-    (`shingle_count` of its entry). A shared band (resemblance) decides first; then, per candidate, the share of the
-    completion found in the document, and the share of the best window of `echo_window` sampled shingles of the
-    document found in the completion: on the `c` sample, and when both are short on both samples together (a
-    window of as many words).
+    sample keys and the completion indexed under each; `entries`: the keys each candidate completion indexed (its
+    entry; one evicted since the lookup is left out and judged by the keys that named it). A shared band
+    (resemblance) decides first; then, per candidate, the share of the completion found in the document, and the
+    share of the best window of `echo_window` sampled shingles of the document found in the completion: on the `c`
+    sample, and when both are short on both samples together (a window of as many words).
     """
     for c in band_found:
         if c is not None:
@@ -178,13 +178,18 @@ def echo_verdict(
     dense_doc = len(sparse) < len(shingles)
     dense_window = policy.echo_window * policy.echo_sample_every // policy.echo_dense_sample_every
     for c in containment_candidates(shingles, found, policy):
-        size = sizes.get(c, SampleSize(0))
-        if dense_doc and size.dense:
-            hits = [x == c for x in found]
-            if _contains(shingles, hits, size.sparse + size.dense, policy.echo_dense_min_shared, dense_window, policy):
-                return c
-        hits = [found[i] == c for i in sparse]
-        if _contains([shingles[i] for i in sparse], hits, size.sparse, policy.echo_min_shared, policy.echo_window, policy):
+        entry = entries.get(c)
+        hits = [s in entry for s in shingles] if entry is not None else [x == c for x in found]
+        size = shingle_count(entry) if entry is not None else SampleSize(0)
+        if (
+            dense_doc
+            and size.dense
+            and _contains(shingles, hits, size.sparse + size.dense, policy.echo_dense_min_shared, dense_window, policy)
+        ):
+            return c
+        if _contains(
+            [shingles[i] for i in sparse], [hits[i] for i in sparse], size.sparse, policy.echo_min_shared, policy.echo_window, policy
+        ):
             return c
     return None
 
@@ -193,14 +198,14 @@ def match_echoes(texts: Sequence[str], completions: Sequence[str], policy: Colla
     """Per text, the content key of the completion it echoes, with the index held in memory as Redis holds it
     (a key shared by two completions points at the later one): what ingest decides, for tests and benches."""
     index: dict[str, str] = {}
-    sizes: dict[str, SampleSize] = {}
+    entries: dict[str, frozenset[str]] = {}
     for text, entry in zip(completions, completion_keys(completions, policy), strict=True):
         key = content_key(text)
-        if key in sizes:
+        if key in entries:
             continue
-        sizes[key] = shingle_count(entry)
+        entries[key] = frozenset(entry)
         index.update(dict.fromkeys(entry, key))
     out = []
     for bands, shingles in zip(document_bands(texts, policy), document_shingles(texts, policy), strict=True):
-        out.append(echo_verdict([index.get(b) for b in bands], shingles, [index.get(s) for s in shingles], sizes, policy))
+        out.append(echo_verdict([index.get(b) for b in bands], shingles, [index.get(s) for s in shingles], entries, policy))
     return out

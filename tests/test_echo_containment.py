@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.dev.echo_corpus import echo_cases
+from daemon.dev.echo_corpus import echo_cases, repeating_cases
 from policies.collapse import CollapsePolicy
 from policies.dedup import content_key
 from policies.echo_containment import (
@@ -62,6 +62,17 @@ def test_short_completions_rewritten_by_a_quarter_are_caught_by_the_dense_sample
         assert _caught(cases.edited[edit], cases.completions, policy) >= 0.95
 
 
+@pytest.mark.parametrize("domain", ["stdlib", "handbook"])
+def test_a_rewrite_is_caught_when_the_model_repeats_itself(domain: str) -> None:
+    """Most shingles of a completion a model wrote again name the later copy; the candidates' entries still count
+    what the document shares with each (the shingle pointers alone: 60% caught on these sets)."""
+    cases = repeating_cases(domain, 60, 400, seed=6)
+    policy = CollapsePolicy()
+    caught, flagged = _caught(cases.edited["rewrite25"], cases.completions, policy), _caught(cases.human, cases.completions, policy)
+    print(f"\n{domain}: rewrite25 among near-copies caught {caught:.1%}, human {flagged:.1%}")
+    assert caught >= 0.9 and flagged <= 0.01
+
+
 def test_only_short_texts_carry_dense_keys() -> None:
     policy = CollapsePolicy()
     short, long = " ".join(f"s{i}" for i in range(120)), " ".join(f"w{i}" for i in range(400))
@@ -90,25 +101,41 @@ def test_the_match_names_the_completion_and_each_direction_decides_alone() -> No
     assert match_echoes([cases.edited["embedded"][7]], gens, only_completion) == [content_key(gens[7])]
 
 
+def _entry(keys: list[str], sparse: int, dense: int = 0) -> frozenset[str]:
+    """An index entry holding `keys`, padded to `sparse` `c` keys and `dense` `d` keys."""
+    pad = [f"cpad{i}" for i in range(sparse - sum(k[0] == "c" for k in keys))]
+    return frozenset([*keys, *pad, *(f"dpad{i}" for i in range(dense - sum(k[0] == "d" for k in keys)))])
+
+
 def test_verdict_needs_enough_shared_shingles_and_bands_decide_first() -> None:
     policy = CollapsePolicy(echo_min_shared=3, echo_window=4)
     doc = ["c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8"]
     two = ["A", "A", None, None, None, None, None, None]
-    assert echo_verdict([None], doc, two, {"A": SampleSize(2)}, policy) is None  # all of A, but only 2 shared: chance
+    assert echo_verdict([None], doc, two, {"A": _entry(["c1", "c2"], 2)}, policy) is None  # all of A, but only 2 shared: chance
     three = ["A", None, "A", "A", None, None, None, None]
-    assert echo_verdict([None], doc, three, {"A": SampleSize(100)}, policy) == "A"  # 3 of the first window of 4
+    assert echo_verdict([None], doc, three, {"A": _entry(["c1", "c3", "c4"], 100)}, policy) == "A"  # 3 of the first window of 4
     spread = ["A", None, None, None, "A", None, None, "A"]
-    assert echo_verdict([None], doc, spread, {"A": SampleSize(100)}, policy) is None  # 3 shared, but 3% of A and 1 in any window
-    assert echo_verdict([None], doc, spread, {"A": SampleSize(10)}, policy) == "A"  # 30% of a small A
-    assert echo_verdict(["B", None], doc, three, {"A": SampleSize(100)}, policy) == "B"
-    assert echo_verdict([None], doc, three, {"A": SampleSize(100)}, policy.model_copy(update={"echo_containment": False})) is None
+    a3 = ["c1", "c5", "c8"]
+    assert echo_verdict([None], doc, spread, {"A": _entry(a3, 100)}, policy) is None  # 3 shared, but 3% of A and 1 in any window
+    assert echo_verdict([None], doc, spread, {"A": _entry(a3, 10)}, policy) == "A"  # 30% of a small A
+    assert echo_verdict(["B", None], doc, three, {"A": _entry(a3, 100)}, policy) == "B"
+    off = policy.model_copy(update={"echo_containment": False})
+    assert echo_verdict([None], doc, three, {"A": _entry(["c1", "c3", "c4"], 100)}, off) is None
+    # A key two completions share names the later one (B): A is named by 3 keys, but its entry holds 5 of the document's
+    split = CollapsePolicy(echo_min_shared=5, echo_window=8, echo_candidate_hits=3)
+    named = ["A", "B", "A", "B", "A", None, None, None]
+    entries = {"A": _entry(["c1", "c2", "c3", "c4", "c5"], 100), "B": _entry(["c2", "c4"], 100)}
+    assert echo_verdict([None], doc, named, entries, split) == "A"
+    assert echo_verdict([None], doc, named, {"B": entries["B"]}, split) is None  # A evicted: only the keys naming it count
+    assert echo_verdict([None], doc, named, entries, split.model_copy(update={"echo_candidate_hits": 4})) is None  # not a candidate
     # a short document and a short completion: `d` keys count too, against the dense bar and a window as many words long
     dense = CollapsePolicy(echo_min_shared=3, echo_window=4, echo_dense_sample_every=2, echo_dense_min_shared=4)  # window 8
     mixed = ["c1", "d1", "d2", "c2", "d3", "d4", "d5", "d6"]
     four = ["A", "A", "A", None, "A", None, None, None]  # one `c` key shared: the sparse rule cannot decide
-    assert echo_verdict([None], mixed, four, {"A": SampleSize(50, 150)}, dense) == "A"  # 4 of a window of 8
-    assert echo_verdict([None], mixed, four, {"A": SampleSize(50)}, dense) is None  # a long completion has no `d` keys
-    assert echo_verdict([None], mixed, four, {"A": SampleSize(50, 150)}, dense.model_copy(update={"echo_dense_min_shared": 5})) is None
+    short_a = _entry(["c1", "d1", "d2", "d3"], 50, 150)
+    assert echo_verdict([None], mixed, four, {"A": short_a}, dense) == "A"  # 4 of a window of 8
+    assert echo_verdict([None], mixed, ["A", *[None] * 7], {"A": _entry(["c1"], 50)}, dense) is None  # a long A has no `d` keys
+    assert echo_verdict([None], mixed, four, {"A": short_a}, dense.model_copy(update={"echo_dense_min_shared": 5})) is None
     assert _best_window([0, 2, 3, 9, 10, 11, 12], 20, 4) == 4 and _best_window([1, 5], 3, 10) == 2
 
 

@@ -129,3 +129,15 @@ def edit_all(completions: list[str], human: list[str], rng: random.Random) -> di
     vocab = [w for t in human[:50] for w in t.split()]
     hosts = [human[rng.randrange(len(human))] for _ in completions]
     return _edits(completions, vocab, hosts, rng)
+
+
+def repeating_cases(domain: str, n_completions: int, n_human: int, seed: int = 0, variants: int = 3) -> EchoCases:
+    """A served model that repeats itself, as the demo's small Llama does: each short completion (50 to 150 words) is
+    followed in the index by `variants` near-copies (30% of the words replaced), so most of its sampled shingles name
+    a later copy. `edited` holds the quarter-rewrite (`rewrite25`) of each first completion, in order."""
+    cases = echo_cases(domain, n_completions, n_human, seed=seed, words=(50, 150))
+    rng = random.Random(seed)
+    vocab = [w for h in cases.human[:50] for w in h.split()]
+    completions = [v for c in cases.completions for v in [c, *(_replace(c, rng, vocab, 0.3) for _ in range(variants))]]
+    rewrites = [_shuffle_sentences(_replace(c, rng, vocab, 0.25), rng) for c in cases.completions]
+    return EchoCases(completions, {"rewrite25": rewrites}, cases.human)
