@@ -23,8 +23,11 @@ al., 2023), and accumulating data works where replacing it does not
   chosen sample of their shingles. Defaults chosen on bench/echo_recall.py's sets:
   a quarter of the words rewritten and sentences reordered 96-97% caught
   (resemblance alone 26-27%), the first half 100% (94-97%), a third of a human
-  document 100% (49-52%), no human document of the same domain flagged (0/2,000);
-  on 100-word completions of the demo's weak model the rewrite is caught 75%;
+  document 100% (49-52%), no human document of the same domain flagged (0/2,000).
+  Short texts are also sampled densely (`echo_dense_words`), and what a document
+  shares with a candidate is counted from the candidate's entry: on the demo
+  model's own 93-word completions the rewrite is caught 95.8% (before: 59.3%),
+  0/1,000 human documents flagged;
 * caps the synthetic share (labelled, echoes, or flagged by the detector) of a
   round's new tokens, and keeps real data (human + unknown new, plus replay)
   above a floor;
