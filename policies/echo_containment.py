@@ -19,10 +19,16 @@ index, 00-3f). A completion keeps at most `echo_max_shingles` of them (the
 smallest hashes: a uniform sample of a long one). Checking a document costs one
 lookup per sampled shingle of it, in the batch's one HMGET.
 
+A sample key names one completion, the latest that indexed it, and a served
+model repeats itself (most sample keys of the demo model's completions belong to
+several), so the keys only pick the candidates; what a document shares with each
+is counted from the candidate's entry (its indexed keys, read in a second HMGET).
+
 Short texts are sampled densely as well. A completion of 100 words has about 25
 sampled shingles; a quarter-rewrite keeps about 10 of them, near the bar of
-`echo_min_shared` that keeps human documents out (bench/echo_recall.py: 75% of
-such rewrites of the demo model's real completions caught). So a completion of
+`echo_min_shared` that keeps human documents out (bench/echo_recall.py: 59% of
+such rewrites of the demo model's own completions caught before either change,
+96% after). So a completion of
 at most `echo_dense_words` words also indexes 1 in `echo_dense_sample_every` of
 its other shingles (prefixed `d`), and a document that short looks them up too.
 When both are short, the pair is compared on both samples together, with its
