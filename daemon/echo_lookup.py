@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from connectors.redis_store import BatchItem, RedisStore
 from policies.collapse import CollapsePolicy
-from policies.echo_containment import containment_candidates, document_bands, document_shingles, echo_verdict, shingle_count
+from policies.echo_containment import containment_candidates, document_bands, document_shingles, echo_verdict
 
 
 class EchoHashingError(RuntimeError):
@@ -20,7 +20,7 @@ class EchoHashingError(RuntimeError):
 def find_echoes(store: RedisStore, texts: list[str], indexed: list[BatchItem], collapse: CollapsePolicy) -> list[str | None]:
     """Per text, the indexed completion it echoes (in Redis, or `indexed`: this batch's completions, written after the
     lookup), or None: by a shared LSH band, or by containment (policies/echo_containment.py). One HMGET for the
-    batch's keys, and one more for the entries of the completions sharing enough sampled shingles with a document."""
+    batch's keys, and one more for the entries of the completions its sample keys name most (the candidates)."""
     try:
         bands = document_bands(texts, collapse)
         shingles = document_shingles(texts, collapse)
@@ -32,6 +32,6 @@ def find_echoes(store: RedisStore, texts: list[str], indexed: list[BatchItem], c
         found = [[local.get(k) or f for k, f in zip(b + s, fs, strict=True)] for b, s, fs in zip(bands, shingles, found, strict=True)]
     split = [(fs[: len(b)], fs[len(b) :]) for b, fs in zip(bands, found, strict=True)]
     wanted = {c for s, (bf, sf) in zip(shingles, split, strict=True) if not any(bf) for c in containment_candidates(s, sf, collapse)}
-    sizes = {it.key: shingle_count(it.bands) for it in indexed if it.key in wanted}
-    sizes.update({k: shingle_count(v) for k, v in store.echo_entries(sorted(wanted - sizes.keys())).items()})
-    return [echo_verdict(bf, s, sf, sizes, collapse) for s, (bf, sf) in zip(shingles, split, strict=True)]
+    entries = {it.key: frozenset(it.bands) for it in indexed if it.key in wanted}
+    entries.update({k: frozenset(v) for k, v in store.echo_entries(sorted(wanted - entries.keys())).items()})
+    return [echo_verdict(bf, s, sf, entries, collapse) for s, (bf, sf) in zip(shingles, split, strict=True)]

@@ -99,14 +99,15 @@ def _embed(completion: str, host: str, rng: random.Random) -> str:
     return "\n\n".join([*paras[:at], completion, *paras[at:]])
 
 
-def echo_cases(domain: str, n_completions: int, n_human: int, seed: int = 0) -> EchoCases:
-    """Completions from even-numbered sources, human documents (and embedding hosts) from odd-numbered ones."""
+def echo_cases(domain: str, n_completions: int, n_human: int, seed: int = 0, words: tuple[int, int] = (100, 300)) -> EchoCases:
+    """Completions from even-numbered sources, of `words` words (the demo model's real ones: 50 to 150), human
+    documents (and embedding hosts) from odd-numbered ones."""
     rng = random.Random(seed)
     sources = _sources(domain)
     model_side = [s for s in sources[0::2] if s]
     seen = {g for paras in model_side for p in paras for g in _grams(p)}
     human_side = [s for s in (_not_copied(s, seen) for s in sources[1::2]) if s]
-    completions = [_passage(rng, model_side, rng.randint(100, 300)) for _ in range(n_completions)]
+    completions = [_passage(rng, model_side, rng.randint(*words)) for _ in range(n_completions)]
     human = [_passage(rng, human_side, rng.choice([60, 150, 300, 600, 600, 1200])) for _ in range(n_human)]
     vocab = [w for paras in human_side[:50] for p in paras for w in p.split()]  # replacements from the domain
     hosts = [_passage(rng, human_side, 700) for _ in completions]
@@ -128,3 +129,15 @@ def edit_all(completions: list[str], human: list[str], rng: random.Random) -> di
     vocab = [w for t in human[:50] for w in t.split()]
     hosts = [human[rng.randrange(len(human))] for _ in completions]
     return _edits(completions, vocab, hosts, rng)
+
+
+def repeating_cases(domain: str, n_completions: int, n_human: int, seed: int = 0, variants: int = 3) -> EchoCases:
+    """A served model that repeats itself, as the demo's small Llama does: each short completion (50 to 150 words) is
+    followed in the index by `variants` near-copies (30% of the words replaced), so most of its sampled shingles name
+    a later copy. `edited` holds the quarter-rewrite (`rewrite25`) of each first completion, in order."""
+    cases = echo_cases(domain, n_completions, n_human, seed=seed, words=(50, 150))
+    rng = random.Random(seed)
+    vocab = [w for h in cases.human[:50] for w in h.split()]
+    completions = [v for c in cases.completions for v in [c, *(_replace(c, rng, vocab, 0.3) for _ in range(variants))]]
+    rewrites = [_shuffle_sentences(_replace(c, rng, vocab, 0.25), rng) for c in cases.completions]
+    return EchoCases(completions, {"rewrite25": rewrites}, cases.human)
