@@ -132,8 +132,9 @@ def main() -> None:
         ppl = [-x for x in perplexity(args.model, texts, args.max_len)]
         ppl_s = (time.perf_counter() - t) / len(texts)
         budgets = [args.budget, 0.4, 0.5]
+        print("AUC of good vs each kind and vs all; precision of the top share of the buffer (by rating; perplexity: lowest NLL)")
         print(f"served {args.model}; trained on {2 * args.train_docs} annotated documents, tested on {len(test)} others (50/50)")
-        print(f"{'':12s}" + "".join(f"{'AUC ' + k:>10s}" for k in (*KINDS, "all")) + "".join(f"{f'prec@{b:.0%}':>10s}" for b in budgets))
+        print(f"{'':12s}" + "".join(f"{k:>10s}" for k in (*KINDS, "all")) + "".join(f"{f'prec@{b:.0%}':>10s}" for b in budgets))
         print(table("perplexity", ppl, labels, budgets))
         print(table("head", head, labels, budgets))
         print(table("classifier", clf, labels, budgets))
