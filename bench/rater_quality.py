@@ -83,13 +83,14 @@ def heldout_loss(model_dir: Path, texts: list[str]) -> float:
     return mean_token_loss(m, load_tokenizer(model_dir), texts, max_len=256).mean_nll
 
 
-def train_on(tmp: Path, model: Path, texts: list[str], name: str, seed: int, steps: int) -> Path:
+def train_on(tmp: Path, model: Path, texts: list[str], name: str, seed: int, steps: int, grad_accum: int = 4) -> Path:
     data = tmp / f"{name}.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     spec = TrainSpec(
         parent_dir=str(model), out_dir=str(tmp / name), new_path=str(data),
         schedule={"kind": "rewarm_cosine", "peak_lr": 6e-4, "warmup_frac": 0.1},
-        train={"seq_len": 128, "max_steps": steps, "eval_interval": 10**6, "checkpoint_interval": 10**6, "device": "cpu"},
+        train={"seq_len": 128, "max_steps": steps, "grad_accum": grad_accum, "eval_interval": 10**6, "checkpoint_interval": 10**6,
+               "device": "cpu"},
         data_seed=seed, init_seed=seed, round_id=name, cpu_threads=1,
     )  # fmt: skip
     _run([sys.executable, "-m", spec.module, str(spec.write(tmp / f"{name}-spec.json"))])
@@ -106,7 +107,9 @@ def main() -> None:
     ap.add_argument("--classifier-epochs", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps of each round")
+    ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches (8 x 128 tokens) per step of each round")
     ap.add_argument("--skip-rounds", action="store_true")
+    ap.add_argument("--head-ratings", type=Path, help="only the rounds, on a previous run's head ratings (its rated-head.json)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="cptd-rater-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -118,6 +121,9 @@ def main() -> None:
         train = degraded_buffer(args.train_docs, args.train_docs, seed=0, exclude=pretrain)
         test = degraded_buffer(args.test_docs, args.test_docs, seed=1, exclude=pretrain + [t for t, _ in train])
         texts, labels = [t for t, _ in test], [lab for _, lab in test]
+        if args.head_ratings:
+            rounds(args, tmp, texts, [r["overall"] for r in json.loads(args.head_ratings.read_text())["rows"]], pretrain, train)
+            return
         ann = tmp / "annotations.jsonl"
         ann.write_text("".join(json.dumps(a) + "\n" for a in annotation_lines(train)))
         common = ["--annotations", str(ann), "--served", str(args.model), "--max-len", str(args.max_len), "--holdout", "0.1"]
@@ -142,24 +148,29 @@ def main() -> None:
         print(f"rater-train wall time (incl. features / fine-tuning): head {fit['head']:.0f} s, classifier {fit['classifier']:.0f} s")
         if args.skip_rounds:
             return
-        n = int(args.budget * len(texts))
-        chosen = [texts[i] for i in sorted(range(len(texts)), key=lambda i: -head[i])[:n]]
-        clean = [t for t, _ in degraded_buffer(40, 0, seed=99, exclude=pretrain + [t for t, _ in train] + texts)]
-        base = heldout_loss(args.model, clean)
-        sel, rnd = [], []
-        for seed in range(args.seeds):
-            sel.append(heldout_loss(train_on(tmp, args.model, chosen, f"head-{seed}", seed, args.steps), clean))
-            pick = random.Random(100 + seed).sample(texts, n)
-            rnd.append(heldout_loss(train_on(tmp, args.model, pick, f"random-{seed}", seed, args.steps), clean))
-            print(f"seed {seed}: held-out loss, head's selection {sel[-1]:.4f}, random pick {rnd[-1]:.4f}", flush=True)
-        spread = max(statistics.pstdev(sel), statistics.pstdev(rnd))
-        margin = statistics.mean(rnd) - statistics.mean(sel)
-        print(
-            f"held-out loss on {len(clean)} clean documents (base {base:.4f}), {n} documents, {args.steps} steps, {args.seeds} seeds: "
-            f"head {statistics.mean(sel):.4f} ± {statistics.pstdev(sel):.4f}, random {statistics.mean(rnd):.4f} ± "
-            f"{statistics.pstdev(rnd):.4f}; margin {margin:.4f} nats = {margin / (spread or 1e-9):.1f}x the larger spread; "
-            f"head lower in {sum(a < b for a, b in zip(sel, rnd, strict=True))}/{args.seeds} paired seeds"
-        )
+        rounds(args, tmp, texts, head, pretrain, train)
+
+
+def rounds(args: argparse.Namespace, tmp: Path, texts: list[str], head: list[float], pretrain: list[str], train: list) -> None:
+    """The trainer job on the head's top overall within the budget vs a random pick of the same size, per seed."""
+    n = int(args.budget * len(texts))
+    chosen = [texts[i] for i in sorted(range(len(texts)), key=lambda i: -head[i])[:n]]
+    clean = [t for t, _ in degraded_buffer(40, 0, seed=99, exclude=pretrain + [t for t, _ in train] + texts)]
+    base = heldout_loss(args.model, clean)
+    sel, rnd = [], []
+    for seed in range(args.seeds):
+        sel.append(heldout_loss(train_on(tmp, args.model, chosen, f"head-{seed}", seed, args.steps, args.grad_accum), clean))
+        pick = random.Random(100 + seed).sample(texts, n)
+        rnd.append(heldout_loss(train_on(tmp, args.model, pick, f"random-{seed}", seed, args.steps, args.grad_accum), clean))
+        print(f"seed {seed}: held-out loss, head's selection {sel[-1]:.4f}, random pick {rnd[-1]:.4f}", flush=True)
+    spread = max(statistics.pstdev(sel), statistics.pstdev(rnd))
+    margin = statistics.mean(rnd) - statistics.mean(sel)
+    print(
+        f"held-out loss on {len(clean)} clean documents (base {base:.4f}), {n} documents, {args.steps} steps, {args.seeds} seeds: "
+        f"head {statistics.mean(sel):.4f} ± {statistics.pstdev(sel):.4f}, random {statistics.mean(rnd):.4f} ± "
+        f"{statistics.pstdev(rnd):.4f}; margin {margin:.4f} nats = {margin / (spread or 1e-9):.1f}x the larger spread; "
+        f"head lower in {sum(a < b for a, b in zip(sel, rnd, strict=True))}/{args.seeds} paired seeds"
+    )
 
 
 if __name__ == "__main__":
