@@ -425,6 +425,12 @@ def cmd_calibrate_detector(a: argparse.Namespace) -> int:
     return 0
 
 
+def _rater_train(a: argparse.Namespace) -> int:
+    from daemon.rater_train import cmd_rater_train
+
+    return cmd_rater_train(a)
+
+
 def cmd_seed_replay(a: argparse.Namespace) -> int:
     """Exit 0: all lines seeded; 1: some lines invalid (named, the rest seeded); 2: nothing could be read."""
     import random
@@ -669,6 +675,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-len", type=int, default=512)
     p.set_defaults(fn=cmd_calibrate_detector)
+    p = add("rater-train", help="fit the head or classifier rater to pointwise ratings (JSONL); held-out agreement")
+    p.add_argument("--annotations", required=True, help='JSONL: {"text", "ratings": {criterion: 1..scale}, "domain"}')
+    p.add_argument("--served", default=None, help="checkpoint directory of the served model (default $CPTD_BASE_CHECKPOINT)")
+    p.add_argument("--adapter", default=None, help="head: the served LoRA adapter, if clients use one")
+    p.add_argument("--out", default=None, help="where the rater goes (default: <served>/rater)")
+    p.add_argument("--backend", choices=["head", "classifier"], default="head")
+    p.add_argument("--policy", default=None, help="take criteria, domains and scale from its curation.rater")
+    p.add_argument("--scale", type=int, default=5, help="ratings run 1..scale (without --policy)")
+    p.add_argument("--holdout", type=float, default=0.2, help="share of valid lines held out for the agreement figures")
+    p.add_argument("--min-annotations", type=int, default=20, help="refuse with fewer valid lines")
+    p.add_argument("--epochs", type=int, default=0, help="0: the backend's default")
+    p.add_argument("--lr", type=float, default=0.0, help="0: the backend's default")
+    p.add_argument("--hidden", type=int, default=0, help="head: one hidden layer of N units (0: linear)")
+    p.add_argument("--dtype", default=None, help="compute dtype of the served model (default: its own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(fn=_rater_train)
     p = add("plan", help="memory plan of a round: per-GPU peak, host memory, checkpoint bytes (the trainer's step on fake tensors)")
     p.add_argument("--policy", default=None, help="policy file whose train section is planned (default: the defaults)")
     p.add_argument("--model", required=True, help="the model's Hugging Face config.json (no weights needed)")

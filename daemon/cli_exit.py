@@ -30,9 +30,10 @@ class Exit(IntEnum):
 
 EXIT: dict[Exit, str] = {
     Exit.OK: "success; with --wait: the round ended DEPLOYED",
-    Exit.NO: "the answer is no (validate-policy: invalid; seed-replay, index-echoes: invalid lines; rollback failed;"
+    Exit.NO: "the answer is no (validate-policy: invalid; seed-replay, index-echoes, rater-train: invalid lines; rollback failed;"
     " accept-redis-reset without --yes), or an unexpected error (named)",
-    Exit.BAD_INPUT: "bad input: usage, an unreadable file, invalid settings, or the daemon answered an error (4xx/5xx)",
+    Exit.BAD_INPUT: "bad input: usage, an unreadable file, invalid settings, too few valid annotation lines (rater-train),"
+    " or the daemon answered an error (4xx/5xx)",
     Exit.DOES_NOT_FIT: "plan: the round does not fit what was declared",
     Exit.REFUSED: "trigger: the daemon started no round (its reason is printed: empty buffer, a round running, rounds disabled);"
     " approve, reject: the round is not waiting for approval (its state is printed), or was decided otherwise already",

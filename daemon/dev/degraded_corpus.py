@@ -167,3 +167,18 @@ def degraded_buffer(
             raise RuntimeError(f"could not make a {label!r} document that passes the quality filters in 200 tries")
     rng.shuffle(out)
     return out
+
+
+# Pointwise ratings (1..5) a careful annotator would give each kind: high for good prose, low on the criteria each
+# degradation breaks. They stand in for an LLM's ratings when a rater is trained from the buffer's labels.
+DERIVED_RATINGS: dict[str, dict[str, int]] = {
+    "good": {"overall": 5, "coherence": 5, "semantic_density": 4, "professionalism": 4, "language_consistency": 5, "accuracy": 4},
+    "shuffled": {"overall": 2, "coherence": 1, "semantic_density": 4, "professionalism": 3, "language_consistency": 5, "accuracy": 3},
+    "stuffed": {"overall": 2, "coherence": 3, "semantic_density": 1, "professionalism": 1, "language_consistency": 4, "accuracy": 3},
+    "mt_noise": {"overall": 1, "coherence": 2, "semantic_density": 3, "professionalism": 2, "language_consistency": 1, "accuracy": 2},
+}
+
+
+def annotation_lines(buffer: list[tuple[str, str]], domain: str = "technology") -> list[dict]:
+    """Annotation lines for `cptd rater-train` ({"text", "ratings", "domain"}) from a labelled buffer."""
+    return [{"text": text, "ratings": DERIVED_RATINGS[label], "domain": domain} for text, label in buffer]

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _windows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int) -> list[list[int]]:
+def token_windows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int) -> list[list[int]]:
     """Each document tokenised on its own with BOS, cut to its first `max_len` tokens (the score needs no more)."""
     bos = tokenizer.bos_token_id
     out = []
@@ -56,7 +56,7 @@ def binoculars(
     """Per document: mean NLL under `served`, cross-entropy served -> observer, their ratio, predicted tokens."""
     dev = next(served.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    wins = _windows(tokenizer, texts, max_len)
+    wins = token_windows(tokenizer, texts, max_len)
     out: list[dict] = []
     with torch.no_grad():
         for b in range(0, len(wins), batch_size):

@@ -391,6 +391,42 @@ class RaterSpec(JobSpec):
         return Path(self.out)
 
 
+class RaterTrainSpec(JobSpec):
+    """Input of `python -m daemon.jobs.rater_training SPEC.json` (`cptd rater-train`): a rater from pointwise ratings.
+
+    Annotation lines are {"text", "ratings": {criterion: 1..scale}, "domain"?} ("overall" may sit at top level).
+    Result: {"out_dir", "backend", "lines", "valid", "train", "heldout", "skipped": [{"line", "reason"}],
+    "agreement": {...}, "refusal", "device", "seconds"}; refusal is None when a rater was written.
+    """
+
+    module: ClassVar[str] = "daemon.jobs.rater_training"
+    role: ClassVar[str] = "rater-train"
+    on_trainer_device: ClassVar[bool] = True
+    annotations: str  # JSONL of pointwise ratings
+    served: str  # checkpoint directory of the served model (head: its hidden states; classifier: the model fine-tuned)
+    out_dir: str  # where the rater goes (default <served>/rater)
+    result_path: str
+    backend: Literal["classifier", "head"] = "head"
+    criteria: list[str]
+    domains: list[str]
+    scale: int = 5
+    adapter: str | None = None
+    holdout: float = 0.2  # share of valid lines held out for the agreement figures
+    min_annotations: int = 20  # fewer valid lines: refused
+    seed: int = 0
+    epochs: int = 0  # 0: the backend's default (head 400 full-batch steps; classifier 3 epochs)
+    lr: float = 0.0  # 0: the backend's default
+    hidden: int = 0  # head: one hidden layer of N units (0: linear heads)
+    max_len: int = 512
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str | None = None
+
+    @property
+    def result_file(self) -> Path:
+        return Path(self.result_path)
+
+
 class DeviceCheckSpec(JobSpec):
     """Input of `python -m daemon.jobs.device_check SPEC.json`: can 4-bit NF4 (qlora) run on `device`?
 
