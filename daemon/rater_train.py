@@ -35,11 +35,13 @@ def rater_train(a: argparse.Namespace) -> dict[str, Any]:
         raise CliError(f"--served {served}: not a checkpoint directory (no config.json)")
     criteria, domains, scale = list(DATAMAN_CRITERIA), list(DATAMAN_DOMAINS), a.scale
     if a.policy:
-        from policies.config import load_policy
+        from policies.config import PolicyError, load_policy
 
-        rater = getattr(load_policy(a.policy).curation, "rater", None)  # the policy's own schema, where it names one
-        if rater is not None:
-            criteria, domains, scale = list(rater.criteria), list(rater.domains), rater.scale
+        try:
+            rater = load_policy(a.policy).curation.rater  # the policy's own schema
+        except PolicyError as e:
+            raise CliError(f"--policy {a.policy}: {e}") from None
+        criteria, domains, scale = list(rater.criteria), list(rater.domains), rater.scale
     with tempfile.TemporaryDirectory(prefix="cptd-rater-train-") as tmp:
         spec = RaterTrainSpec(
             annotations=str(Path(a.annotations).resolve()), served=str(Path(served).resolve()), adapter=a.adapter,
