@@ -28,6 +28,7 @@ DOCS = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs"
 # pod template, vLLM's container and prefixes of a family of settings.
 OTHERS = {
     "CPTD_DEV_REDIS": "daemon/dev/services.py",
+    "CPTD_DEV_VLLM_PYTHON": "daemon/dev/vllm_server.py",
     "CPTD_FAILPOINTS": "daemon/failpoints.py",
     "CPTD_NODE_RANK": "connectors/kubernetes_jobs.py",
     "CPTD_SERVED_MODEL_NAME": "deploy/k8s/base/vllm.yaml",
