@@ -2,12 +2,11 @@
 
 One `/v1/completions` request per document: the prompt is plain text, so a
 model without a chat template (a base model, the tiny test models) can judge
-too. With a JSON schema the request carries vLLM's structured outputs
-(`structured_outputs: {"json": schema}`; vLLM 0.32 silently ignores the older
-`guided_json`, and also takes `response_format: {type: json_schema}`), so the
-answer is a well-formed object. What the
+too. With a pattern the request carries vLLM's structured outputs
+(`structured_outputs: {"regex": pattern}`; vLLM 0.32 silently ignores the older
+`guided_json`), so the answer has the caller's shape. What the
 answer means, and what to do with a bad one, is the caller's
-(policies/rating.py parses, daemon/rounds/doc_rating.py decides).
+(policies/rating.py writes the pattern and parses, daemon/rounds/doc_rating.py decides).
 """
 
 from __future__ import annotations
@@ -37,11 +36,11 @@ class JudgeClient:
         self.url = base_url(url)
         self._http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s), verify=verify)
 
-    def complete(self, model: str, prompt: str, max_tokens: int, schema: dict[str, Any] | None = None) -> str:
-        """The text of one greedy completion; with `schema`, guided to follow it."""
+    def complete(self, model: str, prompt: str, max_tokens: int, pattern: str | None = None) -> str:
+        """The text of one greedy completion; with `pattern`, guided to match it."""
         body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
-        if schema is not None:
-            body["structured_outputs"] = {"json": schema}
+        if pattern is not None:
+            body["structured_outputs"] = {"regex": pattern}
         try:
             r = self._http.post("/v1/completions", json=body)
         except httpx.TimeoutException as e:

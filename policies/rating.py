@@ -113,7 +113,7 @@ class RaterPolicy(Section):
     allow_served_replicas: bool = Field(default=False, description="llm_judge: allow url to be one of the served replicas")
     concurrency: int = Field(default=4, ge=1, le=256, description="llm_judge: requests in flight")
     timeout_s: float = Field(default=60.0, gt=0, le=3600, description="llm_judge: seconds per request")
-    guided: bool = Field(default=True, description="llm_judge: ask for JSON-schema-guided output (vLLM structured outputs)")
+    guided: bool = Field(default=True, description="llm_judge: guide the answer to the compact JSON object (vLLM structured outputs)")
     max_doc_chars: int = Field(default=6000, ge=100, le=200_000, description="characters of a document shown to the rater")
     max_tokens: int = Field(default=256, ge=16, le=8192, description="llm_judge: most tokens of one answer")
     prompt: str | None = Field(
@@ -157,14 +157,25 @@ class Rating(BaseModel):
     domain: str | None = None  # one of the policy's domains
 
 
-def answer_schema(rater: RaterPolicy) -> dict[str, Any]:
-    """The JSON schema a judge's answer must follow (vLLM's guided decoding enforces it): every criterion an integer
-    in 1..scale, and the domain one of the policy's."""
-    # An enum, not minimum/maximum: grammar backends enforce an enum token by token, while a bounded integer may be
-    # left to the model (a weak one then writes digits until max_tokens cuts the object short).
-    props: dict[str, Any] = {c: {"type": "integer", "enum": list(range(1, rater.scale + 1))} for c in rater.criteria}
-    props["domain"] = {"type": "string", "enum": list(rater.domains)}
-    return {"type": "object", "properties": props, "required": [*rater.criteria, "domain"], "additionalProperties": False}
+_REGEX_SPECIAL = set("\\.^$|?*+()[]{}")
+
+
+def _literal(text: str) -> str:
+    return "".join("\\" + ch if ch in _REGEX_SPECIAL else ch for ch in text)
+
+
+def answer_pattern(rater: RaterPolicy) -> str:
+    """The one shape a guided judge's answer may take, as a regular expression (vLLM's structured outputs `regex`):
+    the compact JSON object `{"<criterion>":<1..scale>,...,"domain":"<one of the policy's>"}`.
+
+    A regex rather than a JSON schema: a schema's grammar allows whitespace between tokens, and vLLM 0.32 reads the
+    switch that forbids it per server (`--structured-outputs-config.disable_any_whitespace`), not per request, so a
+    weak judge pads the object with whitespace until max_tokens cuts it short. Here every character is fixed but the
+    digits and the domain: the answer is a few tokens per criterion on any vLLM server, whatever its flags."""
+    digits = "(" + "|".join(str(i) for i in range(rater.scale, 0, -1)) + ")"
+    fields = [_literal(json.dumps(c, ensure_ascii=False)) + ":" + digits for c in rater.criteria]
+    domains = "(" + "|".join(_literal(json.dumps(d, ensure_ascii=False)) for d in rater.domains) + ")"
+    return "\\{" + ",".join([*fields, '"domain":' + domains]) + "\\}"
 
 
 def judge_prompt(rater: RaterPolicy, text: str) -> str:

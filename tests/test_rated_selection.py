@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from policies.collapse import CollapsePolicy
 from policies.config import PolicyError, parse_policy
 from policies.curation import BELOW_THRESHOLD, PASSED_OVER, UNRATED, Candidate, CurationPolicy, candidate_domain, select_round, shares_by
-from policies.rating import UNRATED_INVALID, UNRATED_RANGE, RaterPolicy, Rating, answer_schema, judge_prompt, parse_answer
+from policies.rating import UNRATED_INVALID, UNRATED_RANGE, RaterPolicy, Rating, answer_pattern, judge_prompt, parse_answer
 
 JUDGE = {"backend": "llm_judge", "url": "http://judge:8000", "model": "m"}
 
@@ -117,8 +118,14 @@ def test_an_unknown_ingest_domain_takes_the_raters():
 
 def test_answers_are_parsed_against_the_schema():
     r = RaterPolicy(**JUDGE, criteria=["coherence", "overall"], domains=["law", "coding"], scale=5)
-    assert answer_schema(r)["required"] == ["coherence", "overall", "domain"]
-    assert answer_schema(r)["properties"]["domain"]["enum"] == ["law", "coding"]
+    pattern = re.compile(answer_pattern(r))  # the compact object, nothing else: no whitespace for a judge to pad with
+    assert pattern.fullmatch('{"coherence":4,"overall":3,"domain":"law"}')
+    for bad in ('{"coherence": 4,"overall":3,"domain":"law"}', '{"coherence":6,"overall":3,"domain":"law"}',
+                '{"overall":3,"coherence":4,"domain":"law"}', '{"coherence":4,"overall":3,"domain":"news"}'):  # fmt: skip
+        assert not pattern.fullmatch(bad), bad
+    odd = RaterPolicy(**JUDGE, criteria=["overall"], domains=["Law & Order (US)", "café"], scale=10)
+    assert re.fullmatch(answer_pattern(odd), '{"overall":10,"domain":"Law & Order (US)"}')
+    assert re.fullmatch(answer_pattern(odd), '{"overall":1,"domain":"café"}')
     assert parse_answer('{"coherence": 4, "overall": 3, "domain": "law"}', r) == Rating(
         overall=3.0, criteria={"coherence": 4.0, "overall": 3.0}, domain="law"
     )

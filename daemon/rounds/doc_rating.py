@@ -42,7 +42,7 @@ from policies.rating import (
     UNRATED_TIMEOUT,
     RaterPolicy,
     Rating,
-    answer_schema,
+    answer_pattern,
     judge_prompt,
     parse_answer,
 )
@@ -128,7 +128,7 @@ def judge_pool(ctx: RoundContext, rater: RaterPolicy, rid: str, pool: Sequence[S
         return skipped("llm_judge", pool, UNRATED_SKIPPED, refusal)
     assert rater.url is not None and rater.model is not None  # RaterPolicy refuses llm_judge without them
     client = JudgeClient(rater.url, rater.timeout_s)
-    schema = answer_schema(rater) if rater.guided else None
+    pattern = answer_pattern(rater) if rater.guided else None
     lock = threading.Lock()
     failures_in_a_row = 0
     last_error: list[str] = []
@@ -141,7 +141,7 @@ def judge_pool(ctx: RoundContext, rater: RaterPolicy, rid: str, pool: Sequence[S
         if ctx.store.cancel_requested(rid):
             return CANCELLED
         try:
-            answer = client.complete(rater.model or "", judge_prompt(rater, d.text), rater.max_tokens, schema)
+            answer = client.complete(rater.model or "", judge_prompt(rater, d.text), rater.max_tokens, pattern)
         except JudgeError as e:
             with lock:
                 failures_in_a_row += 1
