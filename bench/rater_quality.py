@@ -123,11 +123,15 @@ def main() -> None:
 
             args.model = build_base_model(tmp / "english", 200)
         pretrain = english_docs(400, 2048, seed=1)
-        train = degraded_buffer(args.train_docs, args.train_docs, seed=0, exclude=pretrain)
-        test = degraded_buffer(args.test_docs, args.test_docs, seed=1, exclude=pretrain + [t for t, _ in train])
+        # The rounds' held-out clean text comes first, and neither buffer may use its paragraphs: a degraded document
+        # (shuffled sentences, stuffed or noised paragraphs) of a paragraph that is also in the held-out text would
+        # teach the random pick the held-out text itself.
+        clean = [t for t, _ in degraded_buffer(40, 0, seed=99, exclude=pretrain)]
+        train = degraded_buffer(args.train_docs, args.train_docs, seed=0, exclude=pretrain + clean)
+        test = degraded_buffer(args.test_docs, args.test_docs, seed=1, exclude=pretrain + clean + [t for t, _ in train])
         texts, labels = [t for t, _ in test], [lab for _, lab in test]
         if args.head_ratings:
-            rounds(args, tmp, texts, [r["overall"] for r in json.loads(args.head_ratings.read_text())["rows"]], pretrain, train)
+            rounds(args, tmp, texts, [r["overall"] for r in json.loads(args.head_ratings.read_text())["rows"]], clean)
             return
         ann = tmp / "annotations.jsonl"
         ann.write_text("".join(json.dumps(a) + "\n" for a in annotation_lines(train)))
@@ -153,14 +157,13 @@ def main() -> None:
         print("rater-train wall time (incl. features / fine-tuning): " + ", ".join(f"{k} {v:.0f} s" for k, v in fit.items()))
         if args.skip_rounds:
             return
-        rounds(args, tmp, texts, head, pretrain, train)
+        rounds(args, tmp, texts, head, clean)
 
 
-def rounds(args: argparse.Namespace, tmp: Path, texts: list[str], head: list[float], pretrain: list[str], train: list) -> None:
+def rounds(args: argparse.Namespace, tmp: Path, texts: list[str], head: list[float], clean: list[str]) -> None:
     """The trainer job on the head's top overall within the budget vs a random pick of the same size, per seed."""
     n = int(args.budget * len(texts))
     chosen = [texts[i] for i in sorted(range(len(texts)), key=lambda i: -head[i])[:n]]
-    clean = [t for t, _ in degraded_buffer(40, 0, seed=99, exclude=pretrain + [t for t, _ in train] + texts)]
     base = heldout_loss(args.model, clean)
     sel, rnd = [], []
     for seed in range(args.seeds):
