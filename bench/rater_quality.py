@@ -1,6 +1,7 @@
 """What the raters select: perplexity vs the trained head vs the classifier on the labelled buffer, then training on it.
 
-    python -m bench.rater_quality [--model DIR] [--seeds 3] [--steps 40] [--skip-rounds]
+    python -m bench.rater_quality [--model DIR] [--seeds 3] [--steps 40] [--skip-rounds] [--no-classifier] [--workdir W]
+    python -m bench.rater_quality --model W/english/checkpoints/base --head-ratings W/rated-head.json   # rounds only
 
 1. Annotations derived from the labelled buffer's labels (daemon/dev/degraded_corpus.py DERIVED_RATINGS) for
    `--train-docs` good and as many degraded documents train `cptd rater-train` (head, then classifier).
@@ -19,6 +20,7 @@ Both pre-training text and both buffers are disjoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -110,30 +112,36 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches (8 x 128 tokens) per step of each round")
     ap.add_argument("--skip-rounds", action="store_true")
     ap.add_argument("--head-ratings", type=Path, help="only the rounds, on a previous run's head ratings (its rated-head.json)")
+    ap.add_argument("--no-classifier", action="store_true", help="rate with the head and perplexity only")
+    ap.add_argument("--workdir", type=Path, help="keep the model, raters, ratings and rounds here (default: a temporary dir)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="cptd-rater-bench-") as tmp_name:
-        tmp = Path(tmp_name)
+    with contextlib.ExitStack() as stack:
+        tmp = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cptd-rater-bench-")))
+        tmp.mkdir(parents=True, exist_ok=True)
         if args.model is None:
             from daemon.dev.demo import build_base_model
 
             args.model = build_base_model(tmp / "english", 200)
         pretrain = english_docs(400, 2048, seed=1)
-        train = degraded_buffer(args.train_docs, args.train_docs, seed=0, exclude=pretrain)
-        test = degraded_buffer(args.test_docs, args.test_docs, seed=1, exclude=pretrain + [t for t, _ in train])
+        # The rounds' held-out clean text comes first, and neither buffer may use its paragraphs: a degraded document
+        # (shuffled sentences, stuffed or noised paragraphs) of a paragraph that is also in the held-out text would
+        # teach the random pick the held-out text itself.
+        clean = [t for t, _ in degraded_buffer(40, 0, seed=99, exclude=pretrain)]
+        train = degraded_buffer(args.train_docs, args.train_docs, seed=0, exclude=pretrain + clean)
+        test = degraded_buffer(args.test_docs, args.test_docs, seed=1, exclude=pretrain + clean + [t for t, _ in train])
         texts, labels = [t for t, _ in test], [lab for _, lab in test]
         if args.head_ratings:
-            rounds(args, tmp, texts, [r["overall"] for r in json.loads(args.head_ratings.read_text())["rows"]], pretrain, train)
+            rounds(args, tmp, texts, [r["overall"] for r in json.loads(args.head_ratings.read_text())["rows"]], clean)
             return
         ann = tmp / "annotations.jsonl"
         ann.write_text("".join(json.dumps(a) + "\n" for a in annotation_lines(train)))
         common = ["--annotations", str(ann), "--served", str(args.model), "--max-len", str(args.max_len), "--holdout", "0.1"]
-        fit = {
-            "head": _run([sys.executable, "-m", "daemon.cli", "rater-train", *common, "--out", str(tmp / "head"), "--dtype", "float32"]),
-            "classifier": _run([sys.executable, "-m", "daemon.cli", "rater-train", *common, "--out", str(tmp / "clf"), "--backend",
-                                "classifier", "--epochs", str(args.classifier_epochs)]),
-        }  # fmt: skip
+        fit = {"head": _run([sys.executable, "-m", "daemon.cli", "rater-train", *common, "--out", str(tmp / "head"), "--dtype", "float32"])}
+        if not args.no_classifier:
+            fit["classifier"] = _run([sys.executable, "-m", "daemon.cli", "rater-train", *common, "--out", str(tmp / "clf"),
+                                      "--backend", "classifier", "--epochs", str(args.classifier_epochs)])  # fmt: skip
         head, head_s = rated(tmp, "head", args.model, tmp / "head", texts, args.max_len)
-        clf, clf_s = rated(tmp, "classifier", args.model, tmp / "clf", texts, args.max_len)
+        clf, clf_s = ([], 0.0) if args.no_classifier else rated(tmp, "classifier", args.model, tmp / "clf", texts, args.max_len)
         t = time.perf_counter()
         ppl = [-x for x in perplexity(args.model, texts, args.max_len)]
         ppl_s = (time.perf_counter() - t) / len(texts)
@@ -143,19 +151,19 @@ def main() -> None:
         print(f"{'':12s}" + "".join(f"{k:>10s}" for k in (*KINDS, "all")) + "".join(f"{f'prec@{b:.0%}':>10s}" for b in budgets))
         print(table("perplexity", ppl, labels, budgets))
         print(table("head", head, labels, budgets))
-        print(table("classifier", clf, labels, budgets))
+        if clf:
+            print(table("classifier", clf, labels, budgets))
         print(f"seconds per document (rating job, CPU, incl. load): head {head_s:.3f}, classifier {clf_s:.3f}, perplexity (HF) {ppl_s:.3f}")
-        print(f"rater-train wall time (incl. features / fine-tuning): head {fit['head']:.0f} s, classifier {fit['classifier']:.0f} s")
+        print("rater-train wall time (incl. features / fine-tuning): " + ", ".join(f"{k} {v:.0f} s" for k, v in fit.items()))
         if args.skip_rounds:
             return
-        rounds(args, tmp, texts, head, pretrain, train)
+        rounds(args, tmp, texts, head, clean)
 
 
-def rounds(args: argparse.Namespace, tmp: Path, texts: list[str], head: list[float], pretrain: list[str], train: list) -> None:
+def rounds(args: argparse.Namespace, tmp: Path, texts: list[str], head: list[float], clean: list[str]) -> None:
     """The trainer job on the head's top overall within the budget vs a random pick of the same size, per seed."""
     n = int(args.budget * len(texts))
     chosen = [texts[i] for i in sorted(range(len(texts)), key=lambda i: -head[i])[:n]]
-    clean = [t for t, _ in degraded_buffer(40, 0, seed=99, exclude=pretrain + [t for t, _ in train] + texts)]
     base = heldout_loss(args.model, clean)
     sel, rnd = [], []
     for seed in range(args.seeds):
