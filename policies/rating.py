@@ -157,6 +157,8 @@ class Rating(BaseModel):
     domain: str | None = None  # one of the policy's domains
 
 
+# Escaped in a literal: only the metacharacters. re.escape also escapes spaces, '&', '-', '#' and '~', and those escapes
+# need not be accepted by the regex dialect of the server's grammar backend (xgrammar, guidance), which reads the pattern.
 _REGEX_SPECIAL = set("\\.^$|?*+()[]{}")
 
 
