@@ -1,6 +1,6 @@
 """What the raters select: perplexity vs the trained head vs the classifier on the labelled buffer, then training on it.
 
-    python -m bench.rater_quality [--model DIR] [--seeds 3] [--steps 40] [--skip-rounds] [--no-classifier] [--workdir W]
+    python -m bench.rater_quality [--model DIR] [--splits 5] [--seeds 3] [--steps 40] [--skip-rounds] [--no-classifier] [--workdir W]
     python -m bench.rater_quality --model W/english/checkpoints/base --head-ratings W/rated-head.json   # rounds only
 
 1. Annotations derived from the labelled buffer's labels (daemon/dev/degraded_corpus.py DERIVED_RATINGS) for
@@ -12,6 +12,9 @@
 3. Rounds: the trainer job (the round's, run directly) on the head's top overall within the budget, and on a
    random pick of the same size, for `--seeds` seeds each; held-out loss on clean prose (never in either buffer),
    with the run-to-run spread.
+4. `--splits K` repeats 1 and 2 on K pairs of buffers (split k: seeds 2k + 1 for the test buffer, drawn first,
+   and 2k for the training one) and prints each figure's mean and lowest over them: one 120-document test buffer
+   moves a rater's AUC by a few hundredths. The rounds use split 0.
 
 Without `--model` the curation tests' English model (demo-shaped Llama, 200 pre-training steps, bf16) is built.
 Both pre-training text and both buffers are disjoint.
@@ -59,20 +62,26 @@ def rated(tmp: Path, backend: str, model: Path, rater: Path, texts: list[str], m
 
 def perplexity(model: Path, texts: list[str], max_len: int) -> list[float]:
     """Mean token NLL per document (the curation's perplexity score, computed with transformers instead of vLLM)."""
+    import torch
+
     from daemon.jobs.lm_loss import mean_token_loss
     from daemon.jobs.model_loader import load_causal_lm, load_tokenizer
 
-    m, tok = load_causal_lm(model, device="cpu"), load_tokenizer(model)
+    m, tok = load_causal_lm(model, device="cpu", dtype=torch.float32), load_tokenizer(model)
     return [mean_token_loss(m, tok, [t], max_len=max_len).mean_nll for t in texts]
 
 
-def table(name: str, score: list[float], labels: list[str], budgets: list[float]) -> str:
+def cells(score: list[float], labels: list[str], budgets: list[float]) -> list[float]:
+    """AUC of good vs each kind and vs all, then the precision of the top share at each budget."""
     good = [s for s, lab in zip(score, labels, strict=True) if lab == "good"]
-    cells = [auc(good, [s for s, lab in zip(score, labels, strict=True) if lab == k]) or 0.0 for k in KINDS]
-    cells.append(auc(good, [s for s, lab in zip(score, labels, strict=True) if lab != "good"]) or 0.0)
+    out = [auc(good, [s for s, lab in zip(score, labels, strict=True) if lab == k]) or 0.0 for k in KINDS]
+    out.append(auc(good, [s for s, lab in zip(score, labels, strict=True) if lab != "good"]) or 0.0)
     order = sorted(range(len(score)), key=lambda i: -score[i])
-    precs = [sum(labels[i] == "good" for i in order[: int(b * len(score))]) / int(b * len(score)) for b in budgets]
-    return f"{name:12s}" + "".join(f"{c:10.3f}" for c in cells) + "".join(f"{p:10.3f}" for p in precs)
+    return out + [sum(labels[i] == "good" for i in order[: int(b * len(score))]) / int(b * len(score)) for b in budgets]
+
+
+def row(name: str, values: list[float]) -> str:
+    return f"{name:12s}" + "".join(f"{c:10.3f}" for c in values)
 
 
 def heldout_loss(model_dir: Path, texts: list[str]) -> float:
@@ -102,11 +111,12 @@ def train_on(tmp: Path, model: Path, texts: list[str], name: str, seed: int, ste
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="served checkpoint (default: the curation tests' English model, built)")
-    ap.add_argument("--train-docs", type=int, default=100)
+    ap.add_argument("--train-docs", type=int, default=300, help="good documents annotated (and as many degraded)")
     ap.add_argument("--test-docs", type=int, default=60)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--budget", type=float, default=0.3, help="share of the test buffer chosen (precision, rounds)")
     ap.add_argument("--classifier-epochs", type=int, default=3)
+    ap.add_argument("--splits", type=int, default=1, help="train/test buffer pairs the raters are fitted and measured on")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps of each round")
     ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches (8 x 128 tokens) per step of each round")
@@ -127,37 +137,57 @@ def main() -> None:
         # (shuffled sentences, stuffed or noised paragraphs) of a paragraph that is also in the held-out text would
         # teach the random pick the held-out text itself.
         clean = [t for t, _ in degraded_buffer(40, 0, seed=99, exclude=pretrain)]
-        train = degraded_buffer(args.train_docs, args.train_docs, seed=0, exclude=pretrain + clean)
-        test = degraded_buffer(args.test_docs, args.test_docs, seed=1, exclude=pretrain + clean + [t for t, _ in train])
-        texts, labels = [t for t, _ in test], [lab for _, lab in test]
-        if args.head_ratings:
-            rounds(args, tmp, texts, [r["overall"] for r in json.loads(args.head_ratings.read_text())["rows"]], clean)
-            return
-        ann = tmp / "annotations.jsonl"
-        ann.write_text("".join(json.dumps(a) + "\n" for a in annotation_lines(train)))
-        common = ["--annotations", str(ann), "--served", str(args.model), "--max-len", str(args.max_len), "--holdout", "0.1"]
-        fit = {"head": _run([sys.executable, "-m", "daemon.cli", "rater-train", *common, "--out", str(tmp / "head"), "--dtype", "float32"])}
-        if not args.no_classifier:
-            fit["classifier"] = _run([sys.executable, "-m", "daemon.cli", "rater-train", *common, "--out", str(tmp / "clf"),
-                                      "--backend", "classifier", "--epochs", str(args.classifier_epochs)])  # fmt: skip
-        head, head_s = rated(tmp, "head", args.model, tmp / "head", texts, args.max_len)
-        clf, clf_s = ([], 0.0) if args.no_classifier else rated(tmp, "classifier", args.model, tmp / "clf", texts, args.max_len)
-        t = time.perf_counter()
-        ppl = [-x for x in perplexity(args.model, texts, args.max_len)]
-        ppl_s = (time.perf_counter() - t) / len(texts)
-        budgets = [args.budget, 0.4, 0.5]
+        budgets = sorted({args.budget, 0.4, 0.5})
+        runs: dict[str, list[list[float]]] = {}
         print("AUC of good vs each kind and vs all; precision of the top share of the buffer (by rating; perplexity: lowest NLL)")
-        print(f"served {args.model}; trained on {2 * args.train_docs} annotated documents, tested on {len(test)} others (50/50)")
-        print(f"{'':12s}" + "".join(f"{k:>10s}" for k in (*KINDS, "all")) + "".join(f"{f'prec@{b:.0%}':>10s}" for b in budgets))
-        print(table("perplexity", ppl, labels, budgets))
-        print(table("head", head, labels, budgets))
-        if clf:
-            print(table("classifier", clf, labels, budgets))
-        print(f"seconds per document (rating job, CPU, incl. load): head {head_s:.3f}, classifier {clf_s:.3f}, perplexity (HF) {ppl_s:.3f}")
-        print("rater-train wall time (incl. features / fine-tuning): " + ", ".join(f"{k} {v:.0f} s" for k, v in fit.items()))
-        if args.skip_rounds:
-            return
-        rounds(args, tmp, texts, head, clean)
+        for split in range(args.splits):
+            # The test buffer first, so that it keeps the pool's variety: the rounds train on it. The training buffer,
+            # drawn from what is left, reuses paragraphs between its documents; it shares none with the test buffer.
+            test = degraded_buffer(args.test_docs, args.test_docs, seed=2 * split + 1, exclude=pretrain + clean)
+            train = degraded_buffer(args.train_docs, args.train_docs, seed=2 * split, exclude=pretrain + clean + [t for t, _ in test])
+            texts, labels = [t for t, _ in test], [lab for _, lab in test]
+            if args.head_ratings:
+                rounds(args, tmp, texts, [r["overall"] for r in json.loads(args.head_ratings.read_text())["rows"]], clean)
+                return
+            d = tmp if split == 0 else tmp / f"split-{split}"
+            d.mkdir(exist_ok=True)
+            scores, seconds = rate_split(args, d, train, texts)
+            print(f"split {split}: {args.model}; {2 * args.train_docs} annotated documents, {len(test)} others rated (50/50)")
+            print(f"{'':12s}" + "".join(f"{k:>10s}" for k in (*KINDS, "all")) + "".join(f"{f'prec@{b:.0%}':>10s}" for b in budgets))
+            for name, score in scores.items():
+                runs.setdefault(name, []).append(cells(score, labels, budgets))
+                print(row(name, runs[name][-1]))
+            print(seconds, flush=True)
+            if split == 0:
+                head0 = (texts, scores["head"])
+        if args.splits > 1:
+            print(f"over {args.splits} splits: mean, then the lowest")
+            for name, per in runs.items():
+                print(row(f"{name} mean", [statistics.mean(c) for c in zip(*per, strict=True)]))
+                print(row(f"{name} min", [min(c) for c in zip(*per, strict=True)]))
+        if not args.skip_rounds:
+            rounds(args, tmp, *head0, clean)
+
+
+def rate_split(args: argparse.Namespace, tmp: Path, train: list[tuple[str, str]], texts: list[str]) -> tuple[dict[str, list[float]], str]:
+    """Fit the raters on `train`'s derived annotations, then rate `texts` with each and with perplexity."""
+    ann = tmp / "annotations.jsonl"
+    ann.write_text("".join(json.dumps(a) + "\n" for a in annotation_lines(train)))
+    common = ["--annotations", str(ann), "--served", str(args.model), "--max-len", str(args.max_len), "--holdout", "0.1"]
+    fit = {"head": _run([sys.executable, "-m", "daemon.cli", "rater-train", *common, "--out", str(tmp / "head"), "--dtype", "float32"])}
+    if not args.no_classifier:
+        fit["classifier"] = _run([sys.executable, "-m", "daemon.cli", "rater-train", *common, "--out", str(tmp / "clf"),
+                                  "--backend", "classifier", "--epochs", str(args.classifier_epochs)])  # fmt: skip
+    t = time.perf_counter()
+    scores = {"perplexity": [-x for x in perplexity(args.model, texts, args.max_len)]}
+    secs = {"perplexity (HF, fp32)": (time.perf_counter() - t) / len(texts)}
+    scores["head"], secs["head"] = rated(tmp, "head", args.model, tmp / "head", texts, args.max_len)
+    if not args.no_classifier:
+        scores["classifier"], secs["classifier"] = rated(tmp, "classifier", args.model, tmp / "clf", texts, args.max_len)
+    return scores, (
+        "seconds per document (rating job, CPU, incl. load): " + ", ".join(f"{k} {v:.3f}" for k, v in secs.items())
+        + "; rater-train wall time (incl. features / fine-tuning): " + ", ".join(f"{k} {v:.0f} s" for k, v in fit.items())
+    )  # fmt: skip
 
 
 def rounds(args: argparse.Namespace, tmp: Path, texts: list[str], head: list[float], clean: list[str]) -> None:
