@@ -43,7 +43,7 @@ def rate(tmp: Path, backend: str, served: Path, path: Path, texts: list[str], **
 
 def test_head_trained_from_labels_selects_good_documents_it_never_saw(tmp_path, english_model):
     pretrain = english_docs(400, 2048, seed=1)  # the English model's pre-training text: kept out of both sets
-    train = degraded_buffer(100, 100, seed=0, exclude=pretrain)
+    train = degraded_buffer(300, 300, seed=0, exclude=pretrain)  # 600 annotations: the head's AUC needs them
     test = degraded_buffer(60, 60, seed=1, exclude=pretrain + [t for t, _ in train])
     lines = [json.dumps(a) for a in annotation_lines(train)]
     lines[3:3] = ["{not json", json.dumps({"text": "no overall", "ratings": {"coherence": 3}}), json.dumps({"text": "x", "overall": 9})]
@@ -59,7 +59,7 @@ def test_head_trained_from_labels_selects_good_documents_it_never_saw(tmp_path, 
         (5, "no overall rating"),
         (6, "ratings outside 1..5"),
     ]
-    assert res["valid"] == len(train) and res["heldout"] == 20 and res["agreement"]["overall_auc"] is not None
+    assert res["valid"] == len(train) and res["heldout"] == 60 and res["agreement"]["overall_auc"] is not None
     cfg = json.loads((tmp_path / "rater" / "rater.json").read_text())
     assert cfg["lineage"]["served"] == str(english_model.resolve()) and len(cfg["lineage"]["annotations_sha256"]) == 64
     assert "coherence" in cfg["criteria"] and "creativity" not in cfg["criteria"]  # only what was rated is predicted
@@ -77,10 +77,9 @@ def test_head_trained_from_labels_selects_good_documents_it_never_saw(tmp_path, 
     precision = sum(labels[i] == "good" for i in chosen) / budget
     print(f"\nhead on {len(test)} held-out documents: AUC overall {overall_auc:.3f}, per kind "
           f"{ {k: round(v or 0, 3) for k, v in per_kind.items()} }; precision at a 30% budget {precision:.3f}")  # fmt: skip
-    # Issue 26 asks for AUC >= 0.95 overall. The head reaches 0.954 on one machine and 0.933 on another: the English
-    # model's pre-training differs in its last bits between CPUs, and the head with it (bench/README.md). The suite
-    # asserts what holds on both, well above perplexity's 0.79 on the same sets; the 0.95 bar is not claimed.
-    assert overall_auc is not None and overall_auc >= 0.90
+    # Issue 26's bar. It holds from 600 annotations (0.951-0.975 overall, 0.90-0.96 against shuffled sentences over
+    # five train/test splits here, `python -m bench.rater_quality --splits 5`), not from 200 (0.92-0.95).
+    assert overall_auc is not None and overall_auc >= 0.95
     assert (per_kind["shuffled"] or 0) >= 0.90
     assert precision >= 0.95
     assert {row["domain"] for row in rows[:-1]} == {"technology"}
@@ -102,3 +101,11 @@ def test_rater_train_refuses_too_few_lines_and_the_classifier_backend_rates(tmp_
     rows = rate(tmp_path, "classifier", english_model, tmp_path / "clf", [t for t, _ in buf[:4]], max_len=64, dtype="bfloat16")
     for row in rows:
         assert 1 <= row["overall"] <= 5 and set(row["criteria"]) >= {"overall", "coherence"} and row["domain"] == "technology"
+
+
+def test_the_report_says_when_a_head_is_short_of_ratings():
+    from daemon.rater_train import FEW_LINES, report
+
+    res = {"backend": "head", "out_dir": "/r", "device": "cpu", "seconds": 3.0, "valid": 200, "train": 180, "heldout": 20, "skipped": []}
+    assert "note: 180 lines to fit from" in report(res)
+    assert "note:" not in report({**res, "train": FEW_LINES}) and "note:" not in report({**res, "backend": "classifier"})
