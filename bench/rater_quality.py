@@ -9,9 +9,9 @@
    baseline (mean token NLL under the served model, lower is better, as `curation.select: score` ranks), the head
    and the classifier (overall score, higher is better). Printed: AUC of good vs each degradation kind and vs all,
    and the precision of the top `--budget` share of the buffer.
-3. Rounds: the trainer job (the round's, run directly) on the head's top overall within the budget, and on a
-   random pick of the same size, for `--seeds` seeds each; held-out loss on clean prose (never in either buffer),
-   with the run-to-run spread.
+3. Rounds: the trainer job (the round's, run directly) on the top of each rater in `--picks` (the head's overall by
+   default; perplexity's lowest NLL) within the budget, and on a random pick of the same size, for `--seeds` seeds
+   each; held-out loss on clean prose (never in either buffer), with the run-to-run spread.
 4. `--splits K` repeats 1 and 2 on K pairs of buffers (split k: seeds 2k + 1 for the test buffer, drawn first,
    and 2k for the training one) and prints each figure's mean and lowest over them: one 120-document test buffer
    moves a rater's AUC by a few hundredths. The rounds use split 0.
@@ -118,6 +118,9 @@ def main() -> None:
     ap.add_argument("--classifier-epochs", type=int, default=3)
     ap.add_argument("--splits", type=int, default=1, help="train/test buffer pairs the raters are fitted and measured on")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--picks", default="head", help="raters whose top the rounds train on, each against the random pick: head,perplexity,classifier"
+    )
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps of each round")
     ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches (8 x 128 tokens) per step of each round")
     ap.add_argument("--skip-rounds", action="store_true")
@@ -125,6 +128,9 @@ def main() -> None:
     ap.add_argument("--no-classifier", action="store_true", help="rate with the head and perplexity only")
     ap.add_argument("--workdir", type=Path, help="keep the model, raters, ratings and rounds here (default: a temporary dir)")
     args = ap.parse_args()
+    raters = {"head", "perplexity"} | (set() if args.no_classifier else {"classifier"})
+    if not set(args.picks.split(",")) <= raters:
+        ap.error(f"--picks {args.picks}: each of {sorted(raters)}")
     with contextlib.ExitStack() as stack:
         tmp = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cptd-rater-bench-")))
         tmp.mkdir(parents=True, exist_ok=True)
@@ -147,7 +153,7 @@ def main() -> None:
             train = degraded_buffer(args.train_docs, args.train_docs, seed=2 * split, exclude=pretrain + clean + [t for t, _ in test])
             texts, labels = [t for t, _ in test], [lab for _, lab in test]
             if args.head_ratings:
-                rounds(args, tmp, texts, [r["overall"] for r in json.loads(args.head_ratings.read_text())["rows"]], clean)
+                rounds(args, tmp, texts, {"head": [r["overall"] for r in json.loads(args.head_ratings.read_text())["rows"]]}, clean)
                 return
             d = tmp if split == 0 else tmp / f"split-{split}"
             d.mkdir(exist_ok=True)
@@ -159,14 +165,14 @@ def main() -> None:
                 print(row(name, runs[name][-1]))
             print(seconds, flush=True)
             if split == 0:
-                head0 = (texts, scores["head"])
+                picked = (texts, {name: scores[name] for name in args.picks.split(",")})
         if args.splits > 1:
             print(f"over {args.splits} splits: mean, then the lowest")
             for name, per in runs.items():
                 print(row(f"{name} mean", [statistics.mean(c) for c in zip(*per, strict=True)]))
                 print(row(f"{name} min", [min(c) for c in zip(*per, strict=True)]))
         if not args.skip_rounds:
-            rounds(args, tmp, *head0, clean)
+            rounds(args, tmp, *picked, clean)
 
 
 def rate_split(args: argparse.Namespace, tmp: Path, train: list[tuple[str, str]], texts: list[str]) -> tuple[dict[str, list[float]], str]:
@@ -190,25 +196,30 @@ def rate_split(args: argparse.Namespace, tmp: Path, train: list[tuple[str, str]]
     )  # fmt: skip
 
 
-def rounds(args: argparse.Namespace, tmp: Path, texts: list[str], head: list[float], clean: list[str]) -> None:
-    """The trainer job on the head's top overall within the budget vs a random pick of the same size, per seed."""
+def rounds(args: argparse.Namespace, tmp: Path, texts: list[str], scores: dict[str, list[float]], clean: list[str]) -> None:
+    """The trainer job on each rater's top within the budget vs a random pick of the same size, per seed."""
     n = int(args.budget * len(texts))
-    chosen = [texts[i] for i in sorted(range(len(texts)), key=lambda i: -head[i])[:n]]
     base = heldout_loss(args.model, clean)
-    sel, rnd = [], []
+    loss: dict[str, list[float]] = {name: [] for name in [*scores, "random"]}
     for seed in range(args.seeds):
-        sel.append(heldout_loss(train_on(tmp, args.model, chosen, f"head-{seed}", seed, args.steps, args.grad_accum), clean))
-        pick = random.Random(100 + seed).sample(texts, n)
-        rnd.append(heldout_loss(train_on(tmp, args.model, pick, f"random-{seed}", seed, args.steps, args.grad_accum), clean))
-        print(f"seed {seed}: held-out loss, head's selection {sel[-1]:.4f}, random pick {rnd[-1]:.4f}", flush=True)
-    spread = max(statistics.pstdev(sel), statistics.pstdev(rnd))
-    margin = statistics.mean(rnd) - statistics.mean(sel)
+        picks = {name: [texts[i] for i in sorted(range(len(texts)), key=lambda i: -score[i])[:n]] for name, score in scores.items()}
+        picks["random"] = random.Random(100 + seed).sample(texts, n)
+        for name, chosen in picks.items():
+            loss[name].append(heldout_loss(train_on(tmp, args.model, chosen, f"{name}-{seed}", seed, args.steps, args.grad_accum), clean))
+        print(f"seed {seed}: held-out loss, " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in loss.items()), flush=True)
+    rnd = loss.pop("random")
     print(
         f"held-out loss on {len(clean)} clean documents (base {base:.4f}), {n} documents, {args.steps} steps, {args.seeds} seeds: "
-        f"head {statistics.mean(sel):.4f} ± {statistics.pstdev(sel):.4f}, random {statistics.mean(rnd):.4f} ± "
-        f"{statistics.pstdev(rnd):.4f}; margin {margin:.4f} nats = {margin / (spread or 1e-9):.1f}x the larger spread; "
-        f"head lower in {sum(a < b for a, b in zip(sel, rnd, strict=True))}/{args.seeds} paired seeds"
+        f"random pick {statistics.mean(rnd):.4f} ± {statistics.pstdev(rnd):.4f}"
     )
+    for name, sel in loss.items():
+        spread = max(statistics.pstdev(sel), statistics.pstdev(rnd))
+        margin = statistics.mean(rnd) - statistics.mean(sel)
+        lower = sum(a < b for a, b in zip(sel, rnd, strict=True))
+        print(
+            f"  {name}'s pick {statistics.mean(sel):.4f} ± {statistics.pstdev(sel):.4f}; margin {margin:.4f} nats = "
+            f"{margin / (spread or 1e-9):.1f}x the larger spread; lower in {lower}/{args.seeds} paired seeds"
+        )
 
 
 if __name__ == "__main__":
