@@ -150,11 +150,11 @@ def main() -> None:
             # The test buffer first, so that it keeps the pool's variety: the rounds train on it. The training buffer,
             # drawn from what is left, reuses paragraphs between its documents; it shares none with the test buffer.
             test = degraded_buffer(args.test_docs, args.test_docs, seed=2 * split + 1, exclude=pretrain + clean)
-            train = degraded_buffer(args.train_docs, args.train_docs, seed=2 * split, exclude=pretrain + clean + [t for t, _ in test])
             texts, labels = [t for t, _ in test], [lab for _, lab in test]
             if args.head_ratings:
                 rounds(args, tmp, texts, {"head": [r["overall"] for r in json.loads(args.head_ratings.read_text())["rows"]]}, clean)
                 return
+            train = degraded_buffer(args.train_docs, args.train_docs, seed=2 * split, exclude=pretrain + clean + [t for t, _ in test])
             d = tmp if split == 0 else tmp / f"split-{split}"
             d.mkdir(exist_ok=True)
             scores, seconds = rate_split(args, d, train, texts)
@@ -200,11 +200,10 @@ def rounds(args: argparse.Namespace, tmp: Path, texts: list[str], scores: dict[s
     """The trainer job on each rater's top within the budget vs a random pick of the same size, per seed."""
     n = int(args.budget * len(texts))
     base = heldout_loss(args.model, clean)
+    tops = {name: [texts[i] for i in sorted(range(len(texts)), key=lambda i: -score[i])[:n]] for name, score in scores.items()}
     loss: dict[str, list[float]] = {name: [] for name in [*scores, "random"]}
     for seed in range(args.seeds):
-        picks = {name: [texts[i] for i in sorted(range(len(texts)), key=lambda i: -score[i])[:n]] for name, score in scores.items()}
-        picks["random"] = random.Random(100 + seed).sample(texts, n)
-        for name, chosen in picks.items():
+        for name, chosen in {**tops, "random": random.Random(100 + seed).sample(texts, n)}.items():
             loss[name].append(heldout_loss(train_on(tmp, args.model, chosen, f"{name}-{seed}", seed, args.steps, args.grad_accum), clean))
         print(f"seed {seed}: held-out loss, " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in loss.items()), flush=True)
     rnd = loss.pop("random")
