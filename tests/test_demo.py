@@ -85,10 +85,20 @@ def test_demo_deploys_a_round_and_stops_everything(tmp_path: Path):
         assert len(shown) >= 2, (label, out[-3000:])
     assert any(re.match(r"\s+pre-train\s+100%\s+step 150/150", ln) for ln in lines), out[-3000:]
     # The swap line counts the completions the demo sent to vLLM while the round was swapped in: some, none failed.
-    m = re.search(r"(\d+) requests during the swap \([\d.]+ s\), (\d+) failed.*; (\d+) in the \d+ s around it, (\d+) failed", out)
+    m = re.search(r"(\d+) requests during the swap \(([\d.]+) s\), (\d+) failed.*; (\d+) in the \d+ s around it, (\d+) failed", out)
     assert m, out[-3000:]
-    during, failed, sent, sent_failed = map(int, m.groups())
-    assert during > 0 and failed == 0 and sent >= during and sent_failed == 0, m.group(0)
+    during, swap_s, failed, sent, sent_failed = int(m[1]), float(m[2]), int(m[3]), int(m[4]), int(m[5])
+    assert during > 0 and failed == 0 and sent >= during, m.group(0)
+    # Away from the swap and its 3 s watch the daemon does not touch vLLM, yet the demo keeps it busy for as long as the
+    # evaluator and the gate take: 14017 requests over 144 s on a loaded CI machine (stop 33), one of which failed, its
+    # cause not recorded then. The report now prints each failure's time and error; none may fall near the swap, and
+    # away from it at most one in a thousand.
+    near = [
+        ln
+        for ln in lines
+        if (f := re.match(r"\s+sent ([-+][\d.]+) s, failed ([-+][\d.]+) s: ", ln)) and float(f[1]) <= swap_s + 5 and float(f[2]) >= -1
+    ]
+    assert not near and sent_failed <= sent // 1000, m.group(0) + "\n" + "\n".join(near)
     assert "no dropped request" not in out  # the report states measurements, not promises
     # Nothing it started is left running: the pid files/ports are gone with their processes.
     leftovers = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout.split()

@@ -210,6 +210,12 @@ class RequestLoop:
         errors = [r[2] for r in rs if r[2] is not None]
         return len(rs), len(errors), errors[0] if errors else None
 
+    def failures(self, since: float, limit: int = 3) -> list[str]:
+        """The first failed requests, each with when it was sent and answered in seconds from `since` (the swap's start)."""
+        with self._lock:
+            bad = [r for r in self.results if r[2] is not None][:limit]
+        return [f"sent {s - since:+.2f} s, failed {e - since:+.2f} s: {err}" for s, e, err in bad]
+
 
 def _spark(values: list[float], width: int = 48) -> str:
     if not values:
@@ -703,6 +709,8 @@ def _report(
                 + (f" (first: {err})" if err else "")
                 + f"; {total} in the {around:.0f} s around it, {total_failed} failed"
             )
+            for line in requests.failures(t0):  # when, relative to the swap, and why: a failure away from it has another cause
+                print(f"                 {line}")
     w = rec.get("watch") or {}
     if w:
         print(
