@@ -77,7 +77,7 @@ lint: install-test
 
 # install -> preflight (before the test extras could hide a missing demo dependency) -> install-test -> lint -> the suite.
 test: preflight install-test lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # Rewrite both locks: the CPU one from this venv (make it fresh first: rm -rf .venv && make install-test LOCK=), and
 # the image's (Linux x86_64, Python 3.12, PyPI's CUDA torch) resolved by uv with the CPU lock's versions wherever

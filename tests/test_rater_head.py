@@ -44,7 +44,9 @@ def rate(tmp: Path, backend: str, served: Path, path: Path, texts: list[str], **
 def test_head_trained_from_labels_selects_good_documents_it_never_saw(tmp_path, english_model):
     pretrain = english_docs(400, 2048, seed=1)  # the English model's pre-training text: kept out of both sets
     train = degraded_buffer(300, 300, seed=0, exclude=pretrain)  # 600 annotations: the head's AUC needs them
-    test = degraded_buffer(60, 60, seed=1, exclude=pretrain + [t for t, _ in train])
+    # 150 + 150 held-out documents: at 30% of 120 one degraded document moved precision by 2.8 points, and the bar
+    # fell on one build of the model (0.944) and not the next (0.972) on the same code.
+    test = degraded_buffer(150, 150, seed=1, exclude=pretrain + [t for t, _ in train])
     lines = [json.dumps(a) for a in annotation_lines(train)]
     lines[3:3] = ["{not json", json.dumps({"text": "no overall", "ratings": {"coherence": 3}}), json.dumps({"text": "x", "overall": 9})]
     ann = tmp_path / "annotations.jsonl"
@@ -82,10 +84,9 @@ def test_head_trained_from_labels_selects_good_documents_it_never_saw(tmp_path, 
     # draws, bench/README.md), not from 200 (0.918-0.945).
     assert overall_auc is not None and overall_auc >= 0.95
     assert (per_kind["shuffled"] or 0) >= 0.90
-    # Precision at 30% of 120 moves in steps of 1/36: the same code chose 35 good of 36 (0.972) on one run and 34
-    # (0.944) on the next machine's English model (fresh-clone CI, stop 34). The test holds at most 2 degraded of 36;
-    # issue 26's 0.95 is not met on every build of the model, and the issue stays open for it.
-    assert precision >= 34 / 36
+    # At most 4 degraded documents in the top 90. Over six splits on each of two builds of the English model (its
+    # init seed 0, and 7 standing in for another CPU's last bits) the head let in 0-3 (precision 0.967-1.000).
+    assert precision >= 0.95
     assert {row["domain"] for row in rows[:-1]} == {"technology"}
 
 
