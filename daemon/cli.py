@@ -495,6 +495,18 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(workdir=a.workdir, docs=a.docs, pretrain_steps=a.pretrain_steps, round_steps=a.round_steps)
 
 
+def declared_gib(name: str) -> float | None:
+    """The daemon's declaration from the environment, so that `cptd plan` run beside the daemon gives PENDING's verdict
+    without the operator repeating it as a flag."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: not a number of GiB") from None
+
+
 def plan_spec(a: argparse.Namespace, out: str) -> Any:
     """The PlanSpec of `cptd plan`'s flags, or a refusal (ValueError) that names the bad input."""
     from pydantic import ValidationError
@@ -517,6 +529,8 @@ def plan_spec(a: argparse.Namespace, out: str) -> Any:
         raise ValueError(f"--gpus {a.gpus} --nodes {a.nodes}: both must be at least 1")
     if a.nodes > a.gpus or a.gpus % a.nodes:
         raise ValueError(f"--gpus {a.gpus} over --nodes {a.nodes}: every node needs the same number of GPUs, at least one")
+    gpu_memory_gb = a.gpu_memory_gb if a.gpu_memory_gb is not None else declared_gib("CPTD_TRAIN_GPU_MEMORY_GB")
+    host_memory_gb = a.host_memory_gb if a.host_memory_gb is not None else declared_gib("CPTD_TRAIN_HOST_MEMORY_GB")
     train = policy.train if policy else None
     if train is not None and train.mode == "qlora":
         raise ValueError("train.mode qlora: the 4-bit base cannot be built on fake tensors; plan the round as lora")
@@ -527,8 +541,8 @@ def plan_spec(a: argparse.Namespace, out: str) -> Any:
             schedule_kind=policy.schedule.kind if policy else "constant",
             gpus=a.gpus,
             nodes=a.nodes,
-            gpu_memory_gb=a.gpu_memory_gb,
-            host_memory_gb=a.host_memory_gb,
+            gpu_memory_gb=gpu_memory_gb,
+            host_memory_gb=host_memory_gb,
             volume_gb=a.volume_gb,
             steps=a.steps,
             out=out,
@@ -699,8 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the model's Hugging Face config.json (no weights needed)")
     p.add_argument("--gpus", type=int, required=True, help="ranks in all")
     p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpu-memory-gb", type=float, default=None, help="per GPU, GiB")
-    p.add_argument("--host-memory-gb", type=float, default=None, help="per node, GiB")
+    p.add_argument("--gpu-memory-gb", type=float, default=None, help="per GPU, GiB (default: $CPTD_TRAIN_GPU_MEMORY_GB)")
+    p.add_argument("--host-memory-gb", type=float, default=None, help="per node, GiB (default: $CPTD_TRAIN_HOST_MEMORY_GB)")
     p.add_argument("--volume-gb", type=float, default=None, help="the checkpoint volume, GiB")
     p.add_argument("--steps", type=int, default=None, help="a round's optimizer steps (default: max_steps, else one checkpoint interval)")
     p.set_defaults(fn=cmd_plan)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.cli import build_parser, plan_spec
 from daemon.cli import main as cli_main
 from daemon.jobs.specs import PlanResult, PlanSpec
 
@@ -144,6 +145,22 @@ def test_cli_refuses_bad_input_with_the_cause(tmp_path, capsys, args, cause):
         cli_main(["plan", *(a.format(**files) for a in args)])
     assert exit_.value.code == 2
     assert cause in capsys.readouterr().err
+
+
+def test_cli_plans_against_the_daemons_declaration_unless_a_flag_overrides_it(monkeypatch, capsys):
+    """`cptd plan` beside the daemon reads what PENDING reads; a flag wins; a bad value is named before any job."""
+    model = ["plan", "--model", str(SHAPES / "llama-3-8b.json"), "--gpus", "1"]
+    monkeypatch.setenv("CPTD_TRAIN_GPU_MEMORY_GB", "24")
+    monkeypatch.setenv("CPTD_TRAIN_HOST_MEMORY_GB", "")
+    spec = plan_spec(build_parser().parse_args(model), "plan.json")
+    assert (spec.gpu_memory_gb, spec.host_memory_gb) == (24.0, None)
+    spec = plan_spec(build_parser().parse_args([*model, "--gpu-memory-gb", "80", "--host-memory-gb", "256"]), "plan.json")
+    assert (spec.gpu_memory_gb, spec.host_memory_gb) == (80.0, 256.0)
+    monkeypatch.setenv("CPTD_TRAIN_GPU_MEMORY_GB", "24GB")
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(model)
+    assert exit_.value.code == 2
+    assert "CPTD_TRAIN_GPU_MEMORY_GB='24GB': not a number of GiB" in capsys.readouterr().err
 
 
 def test_cli_does_not_import_torch():
