@@ -495,23 +495,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(workdir=a.workdir, docs=a.docs, pretrain_steps=a.pretrain_steps, round_steps=a.round_steps)
 
 
-def declared_gib(name: str) -> float | None:
-    """The daemon's declaration from the environment, so that `cptd plan` run beside the daemon gives PENDING's verdict
-    without the operator repeating it as a flag."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: not a number of GiB") from None
-
-
 def plan_spec(a: argparse.Namespace, out: str) -> Any:
     """The PlanSpec of `cptd plan`'s flags, or a refusal (ValueError) that names the bad input."""
     from pydantic import ValidationError
 
     from daemon.jobs.specs import PlanSpec
+    from daemon.settings import Settings
     from policies.config import PolicyError, load_policy
 
     try:
@@ -529,8 +518,11 @@ def plan_spec(a: argparse.Namespace, out: str) -> Any:
         raise ValueError(f"--gpus {a.gpus} --nodes {a.nodes}: both must be at least 1")
     if a.nodes > a.gpus or a.gpus % a.nodes:
         raise ValueError(f"--gpus {a.gpus} over --nodes {a.nodes}: every node needs the same number of GPUs, at least one")
-    gpu_memory_gb = a.gpu_memory_gb if a.gpu_memory_gb is not None else declared_gib("CPTD_TRAIN_GPU_MEMORY_GB")
-    host_memory_gb = a.host_memory_gb if a.host_memory_gb is not None else declared_gib("CPTD_TRAIN_HOST_MEMORY_GB")
+    gpu_memory_gb, host_memory_gb = a.gpu_memory_gb, a.host_memory_gb
+    if gpu_memory_gb is None or host_memory_gb is None:  # the daemon's declaration, read and checked as PENDING reads it
+        declared = Settings()
+        gpu_memory_gb = declared.train_gpu_memory_gb if gpu_memory_gb is None else gpu_memory_gb
+        host_memory_gb = declared.train_host_memory_gb if host_memory_gb is None else host_memory_gb
     train = policy.train if policy else None
     if train is not None and train.mode == "qlora":
         raise ValueError("train.mode qlora: the 4-bit base cannot be built on fake tensors; plan the round as lora")
@@ -558,9 +550,13 @@ def cmd_plan(a: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
+    from pydantic import ValidationError
+
     with tempfile.TemporaryDirectory(prefix="cptd-plan-") as d:
         try:
             spec = plan_spec(a, str(Path(d) / "plan.json"))
+        except ValidationError:  # the daemon's settings from the environment: main() names each field, as for any command
+            raise
         except ValueError as e:
             raise CliError(f"plan: {e}") from None
         spec_path = spec.write(Path(d) / "spec.json")

@@ -151,7 +151,7 @@ def test_cli_plans_against_the_daemons_declaration_unless_a_flag_overrides_it(mo
     """`cptd plan` beside the daemon reads what PENDING reads; a flag wins; a bad value is named before any job."""
     model = ["plan", "--model", str(SHAPES / "llama-3-8b.json"), "--gpus", "1"]
     monkeypatch.setenv("CPTD_TRAIN_GPU_MEMORY_GB", "24")
-    monkeypatch.setenv("CPTD_TRAIN_HOST_MEMORY_GB", "")
+    monkeypatch.delenv("CPTD_TRAIN_HOST_MEMORY_GB", raising=False)
     spec = plan_spec(build_parser().parse_args(model), "plan.json")
     assert (spec.gpu_memory_gb, spec.host_memory_gb) == (24.0, None)
     spec = plan_spec(build_parser().parse_args([*model, "--gpu-memory-gb", "80", "--host-memory-gb", "256"]), "plan.json")
@@ -160,7 +160,12 @@ def test_cli_plans_against_the_daemons_declaration_unless_a_flag_overrides_it(mo
     with pytest.raises(SystemExit) as exit_:
         cli_main(model)
     assert exit_.value.code == 2
-    assert "CPTD_TRAIN_GPU_MEMORY_GB='24GB': not a number of GiB" in capsys.readouterr().err
+    assert "invalid Settings: train_gpu_memory_gb: Input should be a valid number" in capsys.readouterr().err
+    monkeypatch.setenv("CPTD_TRAIN_GPU_MEMORY_GB", "-3")  # checked as the daemon checks it, not only parsed
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(model)
+    assert exit_.value.code == 2
+    assert "invalid Settings: train_gpu_memory_gb: Input should be greater than 0" in capsys.readouterr().err
 
 
 def test_cli_does_not_import_torch():
